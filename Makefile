@@ -1,0 +1,70 @@
+# xenkvm: the two commands are `make run` (build everything, boot the default
+# guest, show its console) and `make test` (the whole test suite).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CACHE := .cache
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages: Xen public headers (cffi builds), Xen's own xenstore clients
+# (integration tests), busybox and cpio (Linux initramfs), gcc/make for guests.
+DEB_PKGS := gcc make libxen-dev xenstore-utils busybox-static cpio python3-venv
+GUEST ?= guests/hello.yaml
+PYTEST := $(PY) -m pytest -p no:cacheprovider
+
+.PHONY: all build deps venv guests run test check test-linux linux-image bench info clean distclean
+
+all: build
+
+build: deps venv guests
+
+deps: $(CACHE)/deps.stamp
+$(CACHE)/deps.stamp: Makefile
+	@mkdir -p $(CACHE)
+	@missing=$$(for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages: $$missing"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@touch $@
+
+venv: $(VENV)/stamp
+$(VENV)/stamp: pyproject.toml setup.py xenkvm/kvm/_build.py xenkvm/machine/boot/_abi_build.py $(CACHE)/deps.stamp
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+guests: deps
+	$(MAKE) -C guests
+
+run: build
+	$(VENV)/bin/xenkvm run $(GUEST)
+
+info: build
+	$(VENV)/bin/xenkvm info
+
+# The whole suite except the minutes-long Debian kernel boots (see test-linux).
+test: build
+	$(PYTEST) -m "not linux" tests
+
+# The fast inner loop: unit tests only, stop at the first failure.
+check: venv
+	$(PYTEST) -x -q tests/unit tests/xenstore
+
+linux-image: build
+	$(PY) -m xenkvm.images linux --cache $(CACHE)/linux
+
+test-linux: linux-image
+	$(PYTEST) -m linux -s tests
+
+bench: build
+	$(PY) benchmarks/run.py
+
+clean:
+	$(MAKE) -C guests clean
+	rm -rf build
+
+distclean: clean
+	rm -rf $(VENV) $(CACHE) xenkvm/**/*.so

@@ -1,0 +1,101 @@
+"""The ``xenkvm`` command: run a guest, describe the host, run the xenstore daemon.
+
+User mistakes (bad YAML, missing files, a host without /dev/kvm) end with one
+line on stderr and a non-zero status, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from xenkvm.config import BootMode, ConfigError, load_config
+from xenkvm.kvm.errors import KvmError
+
+log = logging.getLogger("xenkvm")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xenkvm", description="Run Xen guests on plain KVM.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="boot a guest and show its console")
+    run.add_argument("guest", nargs="?", help="guest definition (YAML)")
+    run.add_argument("--kernel", help="kernel image (PVH ELF or bzImage)")
+    run.add_argument("--initrd", help="initial ramdisk")
+    run.add_argument("--cmdline", help="kernel command line")
+    run.add_argument("--memory", help="guest RAM, e.g. 256M or 1G")
+    run.add_argument("--vcpus", type=int, help="number of vCPUs")
+    run.add_argument("--boot", choices=[m.value for m in BootMode], help="boot protocol")
+    run.add_argument("--console", help="stdio, none or file:PATH")
+    run.add_argument("--trace", action="store_true", help="print every VM exit as one line")
+
+    sub.add_parser("info", help="describe this host's KVM, capabilities and hypercall traps")
+
+    xs = sub.add_parser("xenstored", help="run the xenstore daemon standalone", add_help=False)
+    xs.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def _setup_logging(verbose: int, trace: bool = False) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr, format="xenkvm: %(levelname)s: %(name)s: %(message)s")
+    if trace:
+        logging.getLogger("xenkvm.trace").setLevel(logging.INFO)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from xenkvm.machine.machine import ExitStatus, Machine
+
+    overrides = {"kernel": args.kernel, "initrd": args.initrd, "cmdline": args.cmdline,
+                 "memory": args.memory, "vcpus": args.vcpus, "boot": args.boot, "console": args.console}
+    if args.guest is None and args.kernel is None:
+        raise ConfigError("run: give a guest definition (YAML) or --kernel")
+    cfg = load_config(args.guest, overrides)
+    machine = Machine(cfg, trace=args.trace)
+    try:
+        result = machine.run()
+    finally:
+        machine.close()
+    if result.status is ExitStatus.POWEROFF:
+        log.info("%s", result.message)
+    else:
+        print(f"xenkvm: {cfg.name}: {result.message}", file=sys.stderr)
+        if result.status is ExitStatus.GUEST_CRASH and result.console_tail:
+            print("last console lines:\n  " + "\n  ".join(result.console_tail), file=sys.stderr)
+    return int(result.status)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from xenkvm.kvm.system import Kvm
+    from xenkvm.machine.host import Host
+
+    with Kvm() as kvm:
+        print("\n".join(Host.probe(kvm).describe()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["xenstored"]:
+        from xenkvm.xenstore.daemon import main as xenstored_main
+        return xenstored_main(argv[1:])
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose, getattr(args, "trace", False))
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        return cmd_info(args)
+    except ConfigError as e:
+        print(f"xenkvm: {e}", file=sys.stderr)
+        return 2
+    except KvmError as e:
+        print(f"xenkvm: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Guest definitions: YAML files (and command-line overrides) loaded into dataclasses.
+
+Every problem is a :class:`ConfigError` with a one-line message naming the
+file and the key; the CLI prints it and exits non-zero, never a traceback.
+
+    name: hello
+    kernel: out/hello.elf      # relative paths are relative to the YAML file
+    initrd: out/initrd.cpio    # optional
+    cmdline: "console=ttyS0"
+    memory: 64M                # K/M/G suffixes (binary); a bare number means MiB
+    vcpus: 1
+    boot: auto                 # auto | pvh | linux
+    console: stdio             # stdio | none | file:PATH
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MIN_MEMORY = 2 << 20
+MAX_VCPUS = 255
+MAX_CMDLINE = 4096
+
+
+class ConfigError(ValueError):
+    """A guest definition that cannot be used; the message is one line for the user."""
+
+
+class BootMode(str, Enum):
+    AUTO = "auto"    #: PVH if the ELF has the PVH note, else the Linux boot protocol
+    PVH = "pvh"      #: Xen PVH entry (ELF, or the vmlinux extracted from a bzImage)
+    LINUX = "linux"  #: Linux x86 boot protocol, 64-bit entry (bzImage)
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    name: str
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = ""
+    memory: int = 128 << 20
+    vcpus: int = 1
+    boot: BootMode = BootMode.AUTO
+    console: str = "stdio"
+
+
+FIELDS = {f.name for f in dataclasses.fields(GuestConfig)}
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: Any, what: str = "memory") -> int:
+    """'64M', '1G', '512MiB' or a bare number of MiB -> bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a size like 256M, got {value!r}")
+    if isinstance(value, int):
+        return value << 20
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ConfigError(f"{what}: expected a size like 256M or 1G, got {value!r}")
+    n, unit = int(m.group(1)), (m.group(2) or "M").upper()
+    return n << {"K": 10, "M": 20, "G": 30, "T": 40}[unit]
+
+
+def _host_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 1 << 40
+
+
+def _path(value: Any, key: str, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a file path, got {value!r}")
+    p = Path(value).expanduser()
+    p = p if p.is_absolute() else base / p
+    if not p.is_file():
+        raise ConfigError(f"{key}: no such file: {p}")
+    return p
+
+
+def _validate(raw: dict[str, Any], base: Path, origin: str) -> GuestConfig:
+    unknown = sorted(set(raw) - FIELDS)
+    if unknown:
+        raise ConfigError(f"{origin}: unknown key {unknown[0]!r} (known: {', '.join(sorted(FIELDS))})")
+    if "kernel" not in raw or raw["kernel"] is None:
+        raise ConfigError(f"{origin}: 'kernel' is required")
+    kw: dict[str, Any] = {"name": str(raw.get("name") or Path(str(raw["kernel"])).stem)}
+    kw["kernel"] = _path(raw["kernel"], "kernel", base)
+    if raw.get("initrd") is not None:
+        kw["initrd"] = _path(raw["initrd"], "initrd", base)
+    cmdline = raw.get("cmdline", "")
+    if not isinstance(cmdline, str) or len(cmdline) > MAX_CMDLINE or "\0" in cmdline:
+        raise ConfigError(f"cmdline: expected a string of at most {MAX_CMDLINE} characters")
+    kw["cmdline"] = cmdline
+    memory = parse_size(raw.get("memory", "128M"))
+    if memory < MIN_MEMORY or memory % 4096:
+        raise ConfigError(f"memory: {memory} bytes is too small or not page-aligned (minimum 2M)")
+    if memory > _host_memory():
+        raise ConfigError(f"memory: {memory >> 20} MiB is more than this host has ({_host_memory() >> 20} MiB)")
+    kw["memory"] = memory
+    vcpus = raw.get("vcpus", 1)
+    if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
+        raise ConfigError(f"vcpus: expected an integer from 1 to {MAX_VCPUS}, got {vcpus!r}")
+    kw["vcpus"] = vcpus
+    try:
+        kw["boot"] = BootMode(raw.get("boot", "auto"))
+    except ValueError:
+        raise ConfigError(f"boot: expected one of auto, pvh, linux, got {raw.get('boot')!r}") from None
+    console = raw.get("console", "stdio")
+    if not isinstance(console, str) or not (console in ("stdio", "none") or console.startswith("file:")):
+        raise ConfigError(f"console: expected stdio, none or file:PATH, got {console!r}")
+    kw["console"] = console
+    return GuestConfig(**kw)
+
+
+def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> GuestConfig:
+    """Read a YAML guest definition (or none), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    origin = "command line"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"{p}: {e.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}:{where} not valid YAML") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of keys to values")
+        raw = loaded
+        base = p.resolve().parent
+    raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    for key in ("kernel", "initrd"):  # paths given on the command line are relative to the cwd
+        if overrides and overrides.get(key) is not None:
+            raw[key] = str(Path(overrides[key]).expanduser().resolve())
+    return _validate(raw, base, origin)

@@ -1,0 +1,98 @@
+"""Choose a boot protocol for the guest's kernel, load it, and set the BSP at its entry.
+
+* ``pvh``: an ELF with ``XEN_ELFNOTE_PHYS32_ENTRY`` (a bzImage is first
+  unpacked to its ELF vmlinux); 32-bit protected mode, EBX = hvm_start_info.
+* ``linux``: a bzImage through the Linux x86 boot protocol, 64-bit entry.
+* ``auto``: PVH for an ELF, the Linux protocol for a bzImage.
+
+A Linux kernel also gets the command-line parameters this host needs
+(``machine.host``), appended before the user's so the user's win.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from xenkvm.config import BootMode
+from xenkvm.machine.acpi import build_acpi
+from xenkvm.machine.boot import BootError
+from xenkvm.machine.boot.bzimage import load_bzimage
+from xenkvm.machine.boot.elf import XenElfNote, parse_elf
+from xenkvm.machine.boot.extract import extract_vmlinux
+from xenkvm.machine.boot.pvh import load_pvh
+from xenkvm.machine.cpu import set_entry_state
+
+if TYPE_CHECKING:
+    from xenkvm.machine.machine import Machine
+
+log = logging.getLogger(__name__)
+
+ELF_MAGIC = b"\x7fELF"
+BZIMAGE_MAGIC_OFFSET = 0x202
+
+
+@dataclass(frozen=True)
+class Entry:
+    """How the BSP starts: mode, RIP and the register carrying the boot-info pointer."""
+
+    mode: BootMode
+    rip: int
+    rbx: int = 0
+    rsi: int = 0
+    is_linux: bool = False
+
+
+def is_bzimage(data: bytes) -> bool:
+    return data[BZIMAGE_MAGIC_OFFSET:BZIMAGE_MAGIC_OFFSET + 4] == b"HdrS"
+
+
+def resolve_mode(mode: BootMode, kernel: bytes) -> BootMode:
+    if mode is not BootMode.AUTO:
+        return mode
+    if kernel[:4] == ELF_MAGIC:
+        return BootMode.PVH
+    if is_bzimage(kernel):
+        return BootMode.LINUX
+    raise BootError("kernel is neither an ELF image nor a bzImage")
+
+
+def kernel_cmdline(user: str, is_linux: bool, host_params: tuple[str, ...]) -> str:
+    if not is_linux or not host_params:
+        return user
+    return " ".join((*host_params, user)).strip()
+
+
+def _elf_is_linux(elf: bytes) -> bool:
+    image = parse_elf(elf)
+    guest_os = image.xen_notes.get(XenElfNote.GUEST_OS)
+    return isinstance(guest_os, str) and guest_os.lower() == "linux"
+
+
+def prepare(machine: "Machine") -> Entry:
+    """Load the kernel (and initrd, ACPI tables) into guest memory; return the entry."""
+    cfg, mem = machine.cfg, machine.mem
+    kernel = cfg.kernel.read_bytes()
+    initrd = cfg.initrd.read_bytes() if cfg.initrd else None
+    mode = resolve_mode(cfg.boot, kernel)
+    rsdp = build_acpi(mem, len(machine.vcpus)).rsdp_gpa
+    params = machine.host.kernel_params
+    if mode is BootMode.LINUX:
+        if not is_bzimage(kernel):
+            raise BootError("boot: linux needs a bzImage")
+        boot = load_bzimage(mem, kernel, kernel_cmdline(cfg.cmdline, True, params), initrd, rsdp)
+        return Entry(mode, boot.entry64, rsi=boot.boot_params_gpa, is_linux=True)
+    if is_bzimage(kernel):
+        kernel = extract_vmlinux(kernel)
+    linux = _elf_is_linux(kernel)
+    _, boot = load_pvh(mem, kernel, kernel_cmdline(cfg.cmdline, linux, params), initrd, rsdp_gpa=rsdp)
+    return Entry(mode, boot.entry, rbx=boot.start_info_gpa, is_linux=linux)
+
+
+def load_guest(machine: "Machine") -> Entry:
+    entry = prepare(machine)
+    bsp = machine.vcpus[0]
+    set_entry_state(bsp, machine.mem, long_mode=entry.mode is BootMode.LINUX,
+                    rip=entry.rip, rsi=entry.rsi, rbx=entry.rbx)
+    log.info("booting %s via %s at %#x", machine.cfg.kernel.name, entry.mode.value, entry.rip)
+    return entry

@@ -1,0 +1,269 @@
+"""The Machine: owns the VM, its memory, vCPUs and devices, and runs them to a stop.
+
+Everything mutable about one guest lives here (no module-level state).  One
+thread per vCPU sits in KVM_RUN; the calling thread waits for a stop request
+(guest power-off or reset, a fatal vCPU state, Ctrl-C) and then kicks every
+vCPU out of KVM_RUN with ``immediate_exit`` plus a signal.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Callable
+
+from xenkvm.config import GuestConfig
+from xenkvm.kvm._kvm_cffi import lib
+from xenkvm.kvm.errors import KvmError
+from xenkvm.kvm.system import Kvm
+from xenkvm.kvm.vcpu import Vcpu
+from xenkvm.kvm.vm import Vm
+from xenkvm.machine import layout
+from xenkvm.machine.cpu import build_cpuid
+from xenkvm.machine.devices.bus import PortBus
+from xenkvm.machine.devices.console import ConsoleSink, open_sink
+from xenkvm.machine.devices.debugcon import DebugCon
+from xenkvm.machine.devices.power import AcpiPm, I8042Reset, ResetControl
+from xenkvm.machine.devices.rtc import CmosRtc
+from xenkvm.machine.devices.serial import Serial16550
+from xenkvm.machine.host import Host
+from xenkvm.machine.memory import GuestMemory
+from xenkvm.machine.vcpu_loop import ExitHandler, describe_exit, run_vcpu, traced
+
+log = logging.getLogger(__name__)
+
+KICK_SIGNAL = signal.SIGUSR1
+COM1_IRQ = 4
+TSS_ADDR = 0xFFFB_D000         #: three pages KVM needs on VMX, just below the BIOS area
+IDENTITY_MAP_ADDR = 0xFFFB_C000
+
+
+class ExitStatus(IntEnum):
+    """The process exit status of a run, one per way a guest can end."""
+
+    POWEROFF = 0
+    VMM_ERROR = 1
+    CONFIG_ERROR = 2
+    RESET = 3
+    TRIPLE_FAULT = 4
+    EMULATION_FAILURE = 5
+    GUEST_CRASH = 6
+    INTERRUPTED = 130
+
+
+@dataclass
+class RunResult:
+    status: ExitStatus
+    message: str
+    console_tail: list[str] = field(default_factory=list)
+
+
+class Machine:
+    """One guest.  ``Machine(cfg).run()`` boots it and returns a RunResult."""
+
+    def __init__(self, cfg: GuestConfig, *, sink: ConsoleSink | None = None, trace: bool = False,
+                 kvm: Kvm | None = None):
+        self.cfg = cfg
+        self.trace = trace
+        self.kvm = kvm or Kvm()
+        self.host = Host.probe(self.kvm)
+        self.console = sink or open_sink(cfg.console)
+        self.vm = Vm(self.kvm)
+        self.mem = GuestMemory(cfg.memory)
+        self.mem.on_region_added(lambda r: self.vm.set_memory_region(r.gpa, r.size, r.host_addr))
+        self._setup_platform()
+        self.bus = PortBus()
+        self._setup_devices()
+        self.vcpus = [Vcpu(self.vm, i) for i in range(cfg.vcpus)]
+        self._setup_cpuid()
+        self.exit_handlers: dict[int, ExitHandler] = self._default_handlers()
+        self._stop_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.result: RunResult | None = None
+        self._mmio_seen: set[int] = set()
+        self.gaps = None
+        if self.host.emulates_ring0:
+            from xenkvm.machine.gaps import Gaps
+            self.gaps = Gaps(self)
+
+    # -- construction ---------------------------------------------------------
+    def _setup_platform(self) -> None:
+        for call, arg in ((self.vm.set_tss_addr, TSS_ADDR), (self.vm.set_identity_map_addr, IDENTITY_MAP_ADDR)):
+            try:
+                call(arg)
+            except KvmError as e:  # only VMX needs these; PVM and SVM may refuse
+                log.debug("%s", e)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+
+    def _setup_devices(self) -> None:
+        self.serial = Serial16550(self.console, lambda level: self.vm.irq_line(COM1_IRQ, level))
+        self.bus.register(layout.COM1, 8, self.serial)
+        self.bus.register(layout.DEBUG_PORT, 1, DebugCon(self.console))
+        self.bus.register(layout.PM_BASE, 12, AcpiPm(self.power_off))
+        self.bus.register(layout.RESET_PORT, 1, ResetControl(self.reset))
+        i8042 = I8042Reset(self.reset)
+        self.bus.register(0x60, 1, i8042)
+        self.bus.register(layout.I8042_CMD, 1, i8042)
+        self.bus.register(0x70, 2, CmosRtc())
+
+    def _setup_cpuid(self, hypervisor_leaves=None) -> None:
+        supported = self.kvm.supported_cpuid()
+        for v in self.vcpus:
+            v.set_cpuid(build_cpuid(supported, v.id, len(self.vcpus), self.host.cpu_profile, hypervisor_leaves))
+
+    def _default_handlers(self) -> dict[int, ExitHandler]:
+        return {
+            lib.KVM_EXIT_IO: self._on_io,
+            lib.KVM_EXIT_MMIO: self._on_mmio,
+            lib.KVM_EXIT_HLT: self._on_hlt,
+            lib.KVM_EXIT_SHUTDOWN: self._on_shutdown,
+            lib.KVM_EXIT_SYSTEM_EVENT: self._on_system_event,
+            lib.KVM_EXIT_INTERNAL_ERROR: self._on_internal_error,
+            lib.KVM_EXIT_FAIL_ENTRY: self._on_fail_entry,
+        }
+
+    # -- exits -------------------------------------------------------------------
+    def _on_io(self, vcpu: Vcpu) -> None:
+        io = vcpu.exit_io
+        port, size, count = io.port, io.size, io.count
+        data = vcpu.io_data()
+        if io.direction == lib.KVM_EXIT_IO_OUT:
+            if size == 1:
+                for b in data:
+                    self.bus.write(port, 1, b)
+            else:
+                for i in range(0, size * count, size):
+                    self.bus.write(port, size, int.from_bytes(data[i:i + size], "little"))
+        else:
+            for i in range(0, size * count, size):
+                data[i:i + size] = self.bus.read(port, size).to_bytes(size, "little")
+
+    def _on_mmio(self, vcpu: Vcpu) -> None:
+        """Unbacked guest-physical addresses: reads float high, writes are dropped."""
+        m = vcpu.exit_mmio
+        page = m.phys_addr >> 12
+        if page not in self._mmio_seen:
+            self._mmio_seen.add(page)
+            log.debug("vcpu%d: unclaimed MMIO %s at %#x", vcpu.id, "write" if m.is_write else "read", m.phys_addr)
+        if not m.is_write:
+            for i in range(min(m.len, 8)):
+                m.data[i] = 0xFF
+
+    def _on_hlt(self, vcpu: Vcpu) -> None:  # only without an in-kernel LAPIC
+        self.stop(ExitStatus.POWEROFF, f"vcpu{vcpu.id} halted")
+
+    def _on_shutdown(self, vcpu: Vcpu) -> None:
+        self.stop(ExitStatus.TRIPLE_FAULT, f"vcpu{vcpu.id}: triple fault\n{self.dump_registers(vcpu)}")
+
+    def _on_system_event(self, vcpu: Vcpu) -> None:
+        kind = vcpu.exit_system_event.type
+        if kind == lib.KVM_SYSTEM_EVENT_RESET:
+            self.reset(f"vcpu{vcpu.id}: reset event")
+        elif kind == lib.KVM_SYSTEM_EVENT_CRASH:
+            self.stop(ExitStatus.GUEST_CRASH, f"vcpu{vcpu.id}: guest crash event")
+        else:
+            self.power_off()
+
+    def _on_internal_error(self, vcpu: Vcpu) -> None:
+        suberror = vcpu.exit_internal.suberror
+        if suberror == lib.KVM_INTERNAL_ERROR_EMULATION and self.gaps is not None and self.gaps.complete(vcpu):
+            return
+        self.stop(ExitStatus.EMULATION_FAILURE,
+                  f"vcpu{vcpu.id}: KVM internal error (suberror {suberror})\n{self.dump_registers(vcpu)}")
+
+    def _on_fail_entry(self, vcpu: Vcpu) -> None:
+        reason = vcpu.exit_fail_entry.hardware_entry_failure_reason
+        self.stop(ExitStatus.VMM_ERROR, f"vcpu{vcpu.id}: VM entry failed (reason {reason:#x})\n"
+                  f"{self.dump_registers(vcpu)}")
+
+    def _on_unhandled(self, vcpu: Vcpu, reason: int) -> None:
+        self.stop(ExitStatus.VMM_ERROR, f"unexpected exit: {describe_exit(vcpu, reason)}\n"
+                  f"{self.dump_registers(vcpu)}")
+
+    # -- stopping ----------------------------------------------------------------
+    def power_off(self) -> None:
+        self.stop(ExitStatus.POWEROFF, "guest powered off")
+
+    def reset(self, why: str = "guest reset") -> None:
+        self.stop(ExitStatus.RESET, why)
+
+    def stop(self, status: ExitStatus, message: str) -> None:
+        """Ask every vCPU to leave KVM_RUN; the first reason given wins."""
+        with self._stop_lock:
+            if self.result is not None:
+                return
+            self.result = RunResult(status, message)
+        for v in self.vcpus:
+            v.set_immediate_exit(True)
+            if v.thread_id is not None and v.thread_id != threading.get_ident():
+                try:
+                    signal.pthread_kill(v.thread_id, KICK_SIGNAL)
+                except (ProcessLookupError, OSError):
+                    pass
+        self._stopped.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self.result is not None
+
+    def dump_registers(self, vcpu: Vcpu) -> str:
+        try:
+            r, s = vcpu.get_regs(), vcpu.get_sregs()
+        except KvmError as e:
+            return f"(registers unavailable: {e})"
+        names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+                 "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+        cells = [f"{n}={getattr(r, n):#018x}" for n in names]
+        cells += [f"cr0={s.cr0:#x}", f"cr2={s.cr2:#x}", f"cr3={s.cr3:#x}", f"cr4={s.cr4:#x}",
+                  f"efer={s.efer:#x}", f"cs={s.cs.selector:#x}"]
+        return "\n".join("  " + " ".join(cells[i:i + 4]) for i in range(0, len(cells), 4))
+
+    # -- running -------------------------------------------------------------------
+    def boot(self) -> None:
+        """Load the guest and put the BSP at its entry point."""
+        from xenkvm.machine.loader import load_guest
+        load_guest(self)
+
+    def run(self, on_started: Callable[["Machine"], None] | None = None) -> RunResult:
+        """Boot, run every vCPU in its own thread, and wait for a stop."""
+        self.boot()
+        handlers = self.exit_handlers
+        if self.trace:
+            handlers = {reason: traced(h, reason) for reason, h in handlers.items()}
+        check = lib.xk_install_kick_signal(KICK_SIGNAL)
+        if check < 0:
+            raise KvmError("sigaction", -check)
+        threads = [threading.Thread(target=self._vcpu_thread, args=(v, handlers), name=f"vcpu{v.id}", daemon=True)
+                   for v in self.vcpus]
+        for t in threads:
+            t.start()
+        if on_started is not None:
+            on_started(self)
+        try:
+            while not self._stopped.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            self.stop(ExitStatus.INTERRUPTED, "interrupted (Ctrl-C)")
+        for t in threads:
+            t.join(timeout=5)
+        self.console.flush()
+        assert self.result is not None
+        self.result.console_tail = self.console.last_lines(20)
+        return self.result
+
+    def _vcpu_thread(self, vcpu: Vcpu, handlers: dict[int, ExitHandler]) -> None:
+        vcpu.thread_id = threading.get_ident()
+        try:
+            run_vcpu(vcpu, handlers, lambda: self.result is not None, self._on_unhandled)
+        except Exception as e:  # a VMM bug must still end the run cleanly
+            log.exception("vcpu%d thread failed", vcpu.id)
+            self.stop(ExitStatus.VMM_ERROR, f"vcpu{vcpu.id}: {e}")
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        self.vm.close()
+        self.kvm.close()

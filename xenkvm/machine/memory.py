@@ -1,0 +1,219 @@
+"""Guest physical memory: anonymous mmaps exposed as zero-copy views.
+
+Every access names a guest-physical address (GPA) and a length; both usually
+come from the guest and are hostile.  An access that is not wholly inside one
+region raises :class:`GuestMemoryError` (callers turn it into the ABI's error,
+e.g. -EFAULT); nothing here ever touches host memory outside a region.
+
+Layout (x86, like QEMU's pc machines): RAM from 0 up to ``LOW_RAM_TOP``
+(3 GiB), the rest above 4 GiB; the hole in between holds MMIO (IOAPIC, LAPIC)
+and the extra regions added at run time (grant frames, special pages).
+"""
+from __future__ import annotations
+
+import bisect
+import mmap
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Callable
+
+import numpy as np
+
+from xenkvm.kvm._kvm_cffi import ffi
+
+PAGE_SIZE = 4096
+LOW_RAM_TOP = 0xC000_0000
+HIGH_RAM_BASE = 0x1_0000_0000
+MMIO_HOLE_END = 0xFEC0_0000  # IOAPIC at 0xfec00000, LAPIC at 0xfee00000
+#: Legacy BIOS area kept out of e820 RAM: EBDA, VGA hole and option ROMs.
+LEGACY_HOLE = (0x9_FC00, 0x10_0000)
+
+
+class GuestMemoryError(ValueError):
+    """A guest-physical range that is not backed by one memory region."""
+
+    def __init__(self, gpa: int, length: int, why: str = "not in guest memory"):
+        super().__init__(f"GPA {gpa:#x}+{length:#x}: {why}")
+        self.gpa = gpa
+        self.length = length
+
+
+class E820Type(IntEnum):
+    """e820 / hvm_memmap_table_entry types (Linux and Xen share the values)."""
+
+    RAM = 1
+    RESERVED = 2
+    ACPI = 3
+    NVS = 4
+    UNUSABLE = 5
+
+
+@dataclass(frozen=True)
+class E820Entry:
+    addr: int
+    size: int
+    type: E820Type
+
+
+@dataclass(eq=False)
+class Region:
+    """One contiguous, host-backed range of guest-physical memory (one memslot)."""
+
+    gpa: int
+    size: int
+    name: str
+    ram: bool = True
+    slot: int = -1
+    mm: mmap.mmap = field(init=False, repr=False)
+    view: memoryview = field(init=False, repr=False)
+    host_addr: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or self.size % PAGE_SIZE or self.gpa % PAGE_SIZE:
+            raise ValueError(f"region {self.name}: {self.gpa:#x}+{self.size:#x} is not page aligned")
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        self.mm = mmap.mmap(-1, self.size, flags=flags)
+        self.view = memoryview(self.mm)
+        self.host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.mm)))
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class GuestMemory:
+    """The guest's physical address space: RAM plus regions added at run time."""
+
+    def __init__(self, ram_size: int):
+        if ram_size < 2 * 1024 * 1024 or ram_size % PAGE_SIZE:
+            raise ValueError(f"guest RAM of {ram_size} bytes: need a page multiple of at least 2 MiB")
+        self.ram_size = ram_size
+        self._regions: list[Region] = []
+        self._starts: list[int] = []
+        self._listeners: list[Callable[[Region], None]] = []
+        low = min(ram_size, LOW_RAM_TOP)
+        self._insert(Region(0, low, "ram-low"))
+        if ram_size > low:
+            self._insert(Region(HIGH_RAM_BASE, ram_size - low, "ram-high"))
+
+    # -- regions -----------------------------------------------------------
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        return tuple(self._regions)
+
+    def on_region_added(self, listener: Callable[[Region], None]) -> None:
+        """Call ``listener`` for every existing and future region (the VM maps memslots)."""
+        self._listeners.append(listener)
+        for region in self._regions:
+            listener(region)
+
+    def add_region(self, gpa: int, size: int, name: str) -> Region:
+        """Back a new range in the MMIO hole (grant frames, special pages)."""
+        if gpa < LOW_RAM_TOP or gpa + size > MMIO_HOLE_END:
+            raise GuestMemoryError(gpa, size, "extra regions must lie in the MMIO hole")
+        for r in self._regions:
+            if gpa < r.end and r.gpa < gpa + size:
+                raise GuestMemoryError(gpa, size, f"overlaps region {r.name}")
+        region = Region(gpa, size, name, ram=False)
+        self._insert(region)
+        for listener in self._listeners:
+            listener(region)
+        return region
+
+    def _insert(self, region: Region) -> None:
+        i = bisect.bisect(self._starts, region.gpa)
+        self._starts.insert(i, region.gpa)
+        self._regions.insert(i, region)
+
+    def _find(self, gpa: int, length: int) -> tuple[Region, int]:
+        """Return (region, offset) for a range wholly inside one region."""
+        if gpa < 0 or length < 0:
+            raise GuestMemoryError(gpa, length, "negative address or length")
+        i = bisect.bisect(self._starts, gpa) - 1
+        if i >= 0:
+            r = self._regions[i]
+            off = gpa - r.gpa
+            if off + length <= r.size:
+                return r, off
+        raise GuestMemoryError(gpa, length)
+
+    # -- access ------------------------------------------------------------
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self._find(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy, writable view of ``length`` bytes at ``gpa``."""
+        r, off = self._find(gpa, length)
+        return r.view[off:off + length]
+
+    def array(self, gpa: int, count: int, dtype: np.dtype | str) -> np.ndarray:
+        """A zero-copy numpy view of ``count`` items of ``dtype`` at ``gpa``."""
+        dt = np.dtype(dtype)
+        r, off = self._find(gpa, count * dt.itemsize)
+        return np.frombuffer(r.mm, dtype=dt, count=count, offset=off)
+
+    def host_address(self, gpa: int, length: int = 1) -> int:
+        """The host virtual address of ``gpa`` (for the C atomic helpers)."""
+        r, off = self._find(gpa, length)
+        return r.host_addr + off
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def fill(self, gpa: int, length: int, value: int = 0) -> None:
+        self.array(gpa, length, np.uint8)[:] = value
+
+    def read_cstr(self, gpa: int, max_len: int) -> bytes:
+        """A NUL-terminated string of at most ``max_len`` bytes (NUL excluded)."""
+        r, off = self._find(gpa, 1)
+        avail = min(max_len + 1, r.size - off)
+        chunk = r.view[off:off + avail]
+        end = bytes(chunk).find(b"\0")
+        if end < 0:
+            raise GuestMemoryError(gpa, avail, "string not terminated")
+        return bytes(chunk[:end])
+
+    def unpack(self, fmt: struct.Struct, gpa: int) -> tuple:
+        r, off = self._find(gpa, fmt.size)
+        return fmt.unpack_from(r.view, off)
+
+    def pack(self, fmt: struct.Struct, gpa: int, *values: int) -> None:
+        r, off = self._find(gpa, fmt.size)
+        fmt.pack_into(r.view, off, *values)
+
+    def read_u32(self, gpa: int) -> int:
+        return self.unpack(_U32, gpa)[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return self.unpack(_U64, gpa)[0]
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.pack(_U32, gpa, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.pack(_U64, gpa, value)
+
+    # -- map ---------------------------------------------------------------
+    def e820(self) -> list[E820Entry]:
+        """The RAM map a guest is told about (the legacy BIOS hole reserved)."""
+        entries = [
+            E820Entry(0, LEGACY_HOLE[0], E820Type.RAM),
+            E820Entry(LEGACY_HOLE[0], LEGACY_HOLE[1] - LEGACY_HOLE[0], E820Type.RESERVED),
+        ]
+        low = min(self.ram_size, LOW_RAM_TOP)
+        entries.append(E820Entry(LEGACY_HOLE[1], low - LEGACY_HOLE[1], E820Type.RAM))
+        if self.ram_size > low:
+            entries.append(E820Entry(HIGH_RAM_BASE, self.ram_size - low, E820Type.RAM))
+        return entries
+
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
