@@ -76,7 +76,7 @@ def test_no_pvh_note_gives_none(build_elf):
 def test_below_1mib_allowed_only_clear_of_boot_areas(mem, build_elf):
     load_elf(mem, build_elf([(0x30000, CODE, len(CODE))], entry=0x30000))
     for where in (layout.BOOT_PARAMS, layout.PVH_START_INFO, layout.BOOT_PML4 + 0x1000,
-                  layout.BOOT_CMDLINE, 0x100, layout.ACPI_BASE, 0x9F800):
+                  layout.BOOT_CMDLINE, 0x100, layout.ACPI_BASE, 0x9FA00):
         with pytest.raises(BootError):
             load_elf(mem, build_elf([(where, CODE, len(CODE))], entry=where))
 
