@@ -1,0 +1,224 @@
+"""Guest-ring transport: the ``xenstore_domain_interface`` page.
+
+KVM-agnostic: the VMM hands over one writable 4096-byte page (memoryview,
+bytearray or numpy uint8 array) and a ``notify()`` callable that raises the
+domain's event channel; it calls :meth:`RingConnection.kick` whenever the
+guest signals.  Indices are free-running u32s; everything the guest controls is
+treated as hostile: every access is masked into the page, and impossible
+indices ("prod - cons > ring size") break the ring for that domain only.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .protocol import (RING_PAGE_SIZE, RING_SIZE, SERVER_FEATURE_ERROR,
+                       SERVER_FEATURE_RECONNECTION, XENSTORE_CONNECTED, XENSTORE_RECONNECT,
+                       FrameDecoder, ProtocolError, RingError)
+
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .dispatch import Xenstored
+
+log = logging.getLogger(__name__)
+
+# Offsets in struct xenstore_domain_interface (xs_wire.h; checked against the
+# C header by tests/xenstore/test_ring.py).
+REQ_OFFSET = 0
+RSP_OFFSET = 1024
+REQ_CONS = 2048
+REQ_PROD = 2052
+RSP_CONS = 2056
+RSP_PROD = 2060
+SERVER_FEATURES = 2064
+CONNECTION = 2068
+ERROR = 2072
+
+_U32 = struct.Struct("<I")
+_PAIR = struct.Struct("<II")
+_MASK = 0xFFFFFFFF
+_RING_MASK = RING_SIZE - 1
+FEATURES = SERVER_FEATURE_RECONNECTION | SERVER_FEATURE_ERROR
+
+
+def as_page(page: object) -> memoryview:
+    """A flat, writable, byte-format view of exactly one 4096-byte page."""
+    view = memoryview(page)
+    if view.readonly:
+        raise ValueError("ring page must be writable")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    if view.nbytes != RING_PAGE_SIZE:
+        raise ValueError(f"ring page must be {RING_PAGE_SIZE} bytes, got {view.nbytes}")
+    return view
+
+
+class RingConnection:
+    """A domain's xenstore connection over its shared ring page."""
+
+    def __init__(self, core: Xenstored, conn: Connection, page: object,
+                 notify: Callable[[], None]) -> None:
+        self.core = core
+        self.conn = conn
+        self.domid = conn.domid
+        self.page = as_page(page)
+        self.notify = notify
+        self.broken: RingError | None = None
+        self._decoder = FrameDecoder()
+        self._batch = False          # inside process(): notify once at the end
+        self._notify_pending = False
+        conn.transport = self
+        # "guarantee to advertise the feature before producing or consuming any data"
+        features = _U32.unpack_from(self.page, SERVER_FEATURES)[0] | FEATURES
+        _U32.pack_into(self.page, SERVER_FEATURES, features)
+
+    def __repr__(self) -> str:
+        return f"<RingConnection dom{self.domid}{' broken' if self.broken else ''}>"
+
+    # ------------------------------------------------------------ VMM entry points
+    def kick(self) -> None:
+        """The guest signalled the event channel: process requests, push replies."""
+        with self.core.lock:
+            self.process()
+
+    def process(self) -> None:
+        """Consume complete requests, dispatch them and write replies (lock held)."""
+        self._batch = True
+        try:
+            if _U32.unpack_from(self.page, CONNECTION)[0] == XENSTORE_RECONNECT:
+                self._reconnect()
+                return
+            while self.broken is None and not self.conn.closed:
+                consumed = self._read_requests()
+                self.core.flush()
+                # Replies may have been held back by a full ring; freeing them
+                # can also lift the outstanding-requests throttle.
+                written = self._write_responses()
+                if written:
+                    self._signal()
+                if not consumed and not written:
+                    break
+        finally:
+            self._batch = False
+        if self._notify_pending:
+            self._notify_pending = False
+            self.notify()
+
+    def flush(self) -> None:
+        """Transport API: copy queued output into the response ring."""
+        if self.broken is not None or self.conn.closed:
+            return
+        if self._write_responses():
+            self._signal()
+
+    def reset(self) -> None:
+        """Forget connection state and empty both queues (re-INTRODUCE)."""
+        with self.core.lock:
+            self.core.reset_connection(self.conn)
+            self._decoder.reset()
+            _PAIR.pack_into(self.page, REQ_CONS, 0, 0)
+            _PAIR.pack_into(self.page, RSP_CONS, 0, 0)
+            _U32.pack_into(self.page, ERROR, RingError.NONE)
+            self.broken = None
+
+    # ------------------------------------------------------------ input
+    def _read_requests(self) -> bool:
+        """Dispatch requests until the ring is empty or the domain is throttled."""
+        core, conn, decoder = self.core, self.conn, self._decoder
+        limit = None if conn.privileged else core.quotas.outstanding
+        progress = False
+        while self.broken is None and not conn.closed:
+            # Outstanding-requests quota: stop reading while replies pile up.
+            if limit is not None and conn.out.replies >= limit:
+                break
+            try:
+                msg = decoder.next()
+                if msg is None:
+                    want = decoder.need()
+            except ProtocolError as exc:
+                self._fail(RingError.PROTO, str(exc))
+                break
+            if msg is not None:
+                core.handle(conn, msg)
+                progress = True
+            elif not self._pull(want):
+                break
+            else:
+                progress = True
+        return progress
+
+    def _pull(self, want: int) -> int:
+        """Move up to ``want`` request bytes from the ring into the decoder."""
+        page = self.page
+        cons, prod = _PAIR.unpack_from(page, REQ_CONS)
+        avail = (prod - cons) & _MASK
+        if avail > RING_SIZE:
+            self._fail(RingError.RINGIDX, f"req cons={cons} prod={prod}")
+            return 0
+        count = min(avail, want)
+        if not count:
+            return 0
+        start = cons & _RING_MASK
+        first = min(count, RING_SIZE - start)
+        self._decoder.feed(page[REQ_OFFSET + start:REQ_OFFSET + start + first])
+        if count > first:
+            self._decoder.feed(page[REQ_OFFSET:REQ_OFFSET + count - first])
+        _U32.pack_into(page, REQ_CONS, (cons + count) & _MASK)
+        self._signal()
+        return count
+
+    # ------------------------------------------------------------ output
+    def _write_responses(self) -> int:
+        """Copy as much queued output as fits; returns bytes written."""
+        page, out = self.page, self.conn.out
+        written = 0
+        while out:
+            cons, prod = _PAIR.unpack_from(page, RSP_CONS)
+            used = (prod - cons) & _MASK
+            if used > RING_SIZE:
+                self._fail(RingError.RINGIDX, f"rsp cons={cons} prod={prod}")
+                return written
+            data = out.chunk(RING_SIZE - used)
+            if not data:
+                break
+            start = prod & _RING_MASK
+            first = min(len(data), RING_SIZE - start)
+            page[RSP_OFFSET + start:RSP_OFFSET + start + first] = data[:first]
+            if len(data) > first:
+                page[RSP_OFFSET:RSP_OFFSET + len(data) - first] = data[first:]
+            # Data before index: the guest reads rsp_prod, then the bytes.
+            _U32.pack_into(page, RSP_PROD, (prod + len(data)) & _MASK)
+            out.advance(len(data))
+            written += len(data)
+        return written
+
+    def _signal(self) -> None:
+        if self._batch:
+            self._notify_pending = True
+        else:
+            self.notify()
+
+    # ------------------------------------------------------------ errors
+    def _fail(self, error: RingError, detail: str) -> None:
+        """Stop talking to this ring: record the error in the page, drop state."""
+        log.error("dom%d: xenstore ring broken (%s): %s", self.domid, error.name, detail)
+        self.broken = error
+        _U32.pack_into(self.page, ERROR, error)
+        self.core.reset_connection(self.conn)
+        self._decoder.reset()
+
+    def _reconnect(self) -> None:
+        """Ring reconnection: discard packets, queues, watches and transactions,
+        empty both queues, "set the Connection state to 0" and signal."""
+        log.info("dom%d: xenstore ring reconnect", self.domid)
+        self.core.reset_connection(self.conn)
+        self._decoder.reset()
+        _PAIR.pack_into(self.page, REQ_CONS, 0, 0)
+        _PAIR.pack_into(self.page, RSP_CONS, 0, 0)
+        _U32.pack_into(self.page, ERROR, RingError.NONE)
+        self.broken = None
+        _U32.pack_into(self.page, CONNECTION, XENSTORE_CONNECTED)
+        self._notify_pending = True
