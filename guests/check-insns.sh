@@ -1,0 +1,17 @@
+#!/bin/sh
+# check-insns.sh ELF... - fail if a guest image contains instructions that the
+# CI host's ring-0 emulator refuses: SSE/AVX/x87 register use, int3, xsave*,
+# cmpxchg16b. Only code sections are disassembled (the AP trampoline is data).
+set -eu
+status=0
+for elf in "$@"; do
+    bad=$(objdump -d --no-show-raw-insn "$elf" \
+        | grep -Ei '%[xyz]mm[0-9]|%st(\(|\b)|%mm[0-9]|\bint3\b|\bxsave|\bxrstor|cmpxchg16b|\bf(ld|st|x?save|x?rstor)' \
+        || true)
+    if [ -n "$bad" ]; then
+        echo "$elf: forbidden instructions:" >&2
+        echo "$bad" >&2
+        status=1
+    fi
+done
+exit $status
