@@ -111,7 +111,7 @@ class Vm:
             raise ValueError(f"at most {len(filt.ranges)} MSR filter ranges")
         bitmaps = []
         for i, r in enumerate(ranges):
-            bitmap = ffi.new("uint8_t[]", (r.count + 7) // 8)  # zero bits = deny = exit
+            bitmap = ffi.new("unsigned char[]", (r.count + 7) // 8)  # zero bits = deny = exit
             bitmaps.append(bitmap)
             fr = filt.ranges[i]
             fr.flags = (lib.KVM_MSR_FILTER_READ if r.read else 0) | (lib.KVM_MSR_FILTER_WRITE if r.write else 0)

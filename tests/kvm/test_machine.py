@@ -1,0 +1,119 @@
+"""Whole machines under /dev/kvm: test guests, stop paths and their exit statuses."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import guestgen
+from xenkvm.config import GuestConfig
+from xenkvm.machine.devices.console import ConsoleSink
+from xenkvm.machine.machine import ExitStatus, Machine
+
+pytestmark = pytest.mark.kvm
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def built_guests() -> Path:
+    subprocess.run(["make", "-s", "-C", str(ROOT / "guests")], check=True)
+    return ROOT / "guests"
+
+
+def xenkvm(*args: str, timeout: int = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xenkvm", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, **kw)
+
+
+def raw_guest(tmp_path: Path, code: bytes, name: str = "raw") -> Path:
+    p = tmp_path / f"{name}.elf"
+    p.write_bytes(guestgen.pvh_elf(code))
+    return p
+
+
+def run_machine(kernel: Path, vcpus: int = 1) -> tuple[Machine, object, bytes]:
+    sink = ConsoleSink(None)
+    m = Machine(GuestConfig(name="t", kernel=kernel, memory=32 << 20, vcpus=vcpus, console="none"), sink=sink)
+    try:
+        result = m.run()
+    finally:
+        m.close()
+    return m, result, sink.tail()
+
+
+def test_hello_guest_passes(built_guests):
+    r = xenkvm("run", "guests/hello.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "Hello from xenkvm guest" in r.stdout
+    assert "FAIL" not in r.stdout
+    assert "SUMMARY:" in r.stdout and ", 0 failed" in r.stdout
+
+
+def test_smp_guest_two_vcpus(built_guests):
+    r = xenkvm("run", "guests/smp.yaml")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "FAIL" not in r.stdout and ", 0 failed" in r.stdout
+
+
+def test_power_off_and_console(tmp_path):
+    k = raw_guest(tmp_path, guestgen.print_debugcon(b"bye\n") + guestgen.POWER_OFF + guestgen.SPIN)
+    _, result, out = run_machine(k)
+    assert result.status is ExitStatus.POWEROFF and out == b"bye\n"
+
+
+def test_unknown_ports_read_all_ones(tmp_path):
+    # in al,0x99; out 0xe9,al; in ax,0x99 ... then power off
+    code = b"\xe4\x99\xe6\xe9" + guestgen.POWER_OFF
+    _, result, out = run_machine(raw_guest(tmp_path, code))
+    assert result.status is ExitStatus.POWEROFF and out == b"\xff"
+
+
+def test_triple_fault_reports_registers(tmp_path):
+    r = xenkvm("run", "--kernel", str(raw_guest(tmp_path, guestgen.TRIPLE_FAULT)), "--memory", "32M")
+    assert r.returncode == ExitStatus.TRIPLE_FAULT
+    assert "triple fault" in r.stderr and "rip=" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_reset_exit_status(tmp_path):
+    _, result, _ = run_machine(raw_guest(tmp_path, guestgen.RESET_CF9 + guestgen.SPIN))
+    assert result.status is ExitStatus.RESET
+
+
+def test_ctrl_c_stops_cleanly(tmp_path):
+    k = raw_guest(tmp_path, guestgen.print_debugcon(b"up\n") + guestgen.SPIN)
+    p = subprocess.Popen([sys.executable, "-m", "xenkvm", "run", "--kernel", str(k), "--memory", "32M"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert p.stdout.readline() == b"up\n"
+    time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == ExitStatus.INTERRUPTED, err
+    assert b"Traceback" not in err
+
+
+def test_trace_prints_each_exit(tmp_path):
+    k = raw_guest(tmp_path, guestgen.print_debugcon(b"ab") + guestgen.POWER_OFF)
+    r = xenkvm("run", "--trace", "--kernel", str(k), "--memory", "32M")
+    assert r.returncode == 0
+    lines = [x for x in r.stderr.splitlines() if "IO out port=0xe9" in x]
+    assert len(lines) == 2
+
+
+def test_info_describes_host():
+    r = xenkvm("info")
+    assert r.returncode == 0
+    assert "KVM flavour:" in r.stdout and "hypercall traps possible:" in r.stdout
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        assert "PVM" in r.stdout and "noxsave" in r.stdout
+
+
+def test_missing_kvm_device_is_one_line(tmp_path, monkeypatch):
+    from xenkvm.kvm.errors import KvmError
+    from xenkvm.kvm.system import Kvm
+    with pytest.raises(KvmError, match="open"):
+        Kvm(str(tmp_path / "nokvm"))

@@ -1,0 +1,106 @@
+"""Guest memory: every guest-supplied address is bounds-checked, views are zero-copy."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xenkvm.machine.memory import (HIGH_RAM_BASE, LOW_RAM_TOP, E820Type, GuestMemory,
+                                   GuestMemoryError)
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def mem() -> GuestMemory:
+    return GuestMemory(16 * MiB)
+
+
+def test_read_write_roundtrip(mem):
+    mem.write(0x1234, b"hello")
+    assert mem.read(0x1234, 5) == b"hello"
+    mem.write_u64(0x2000, 0x1122334455667788)
+    assert mem.read_u32(0x2000) == 0x55667788
+    assert mem.read_u64(0x2000) == 0x1122334455667788
+
+
+def test_views_are_zero_copy(mem):
+    view = mem.view(0x3000, 16)
+    view[0] = 0xAB
+    assert mem.read(0x3000, 1) == b"\xab"
+    arr = mem.array(0x3000, 2, np.uint64)
+    arr[1] = 7
+    assert mem.read_u64(0x3008) == 7
+
+
+@pytest.mark.parametrize("gpa,length", [
+    (16 * MiB, 1),            # first byte past RAM
+    (16 * MiB - 4, 8),        # straddles the end
+    (-1, 4),                  # negative address
+    (0, -1),                  # negative length
+    (2**64 - 1, 2),           # wraps around
+    (LOW_RAM_TOP + 0x1000, 4),  # in the MMIO hole
+])
+def test_out_of_bounds_is_an_error_value(mem, gpa, length):
+    with pytest.raises(GuestMemoryError):
+        mem.view(gpa, length)
+    assert not mem.contains(gpa, length)
+
+
+def test_read_cstr_bounded(mem):
+    mem.write(0x5000, b"abc\0")
+    assert mem.read_cstr(0x5000, 16) == b"abc"
+    mem.fill(0x6000, 64, 0x41)
+    with pytest.raises(GuestMemoryError):
+        mem.read_cstr(0x6000, 32)
+    mem.fill(16 * MiB - 8, 8, 0x41)  # runs into the end of RAM: an error, not an overrun
+    with pytest.raises(GuestMemoryError):
+        mem.read_cstr(16 * MiB - 8, 4096)
+
+
+def test_high_ram_above_4g():
+    mem = GuestMemory(LOW_RAM_TOP + 8 * MiB)
+    assert [r.gpa for r in mem.regions] == [0, HIGH_RAM_BASE]
+    mem.write(HIGH_RAM_BASE + 5, b"x")
+    assert mem.read(HIGH_RAM_BASE + 5, 1) == b"x"
+    assert mem.e820()[-1].addr == HIGH_RAM_BASE
+
+
+def test_e820_keeps_low_memory_and_reserves_bios_area(mem):
+    e = mem.e820()
+    assert e[0].addr == 0 and e[0].type is E820Type.RAM
+    assert e[1].type is E820Type.RESERVED and e[1].addr + e[1].size == 0x100000
+    assert sum(x.size for x in e if x.type is E820Type.RAM) + e[1].size == 16 * MiB
+
+
+def test_add_region_at_run_time(mem):
+    seen = []
+    mem.on_region_added(seen.append)
+    r = mem.add_region(0xF000_0000, 0x2000, "grant-frames")
+    assert seen[-1] is r
+    mem.write(0xF000_1000, b"g")
+    assert mem.read(0xF000_1000, 1) == b"g"
+    with pytest.raises(GuestMemoryError):
+        mem.add_region(0xF000_1000, 0x1000, "overlap")
+    with pytest.raises(GuestMemoryError):
+        mem.add_region(0x1000, 0x1000, "inside RAM")
+
+
+def test_rejects_bad_sizes():
+    with pytest.raises(ValueError):
+        GuestMemory(4096)
+    with pytest.raises(ValueError):
+        GuestMemory(16 * MiB + 1)
+
+
+def test_atomic_bit_helpers(mem):
+    from xenkvm.kvm._kvm_cffi import ffi, lib
+    addr = ffi.cast("void *", mem.host_address(0x8000, 16))
+    assert lib.xk_test_and_set_bit(addr, 70) == 0
+    assert lib.xk_test_and_set_bit(addr, 70) == 1
+    assert mem.read_u64(0x8008) == 1 << 6
+    assert lib.xk_test_bit(addr, 70) == 1
+    assert lib.xk_test_and_clear_bit(addr, 70) == 1
+    assert mem.read_u64(0x8008) == 0
+    expected = ffi.new("uint32_t *", 0)
+    assert lib.xk_cmpxchg32(addr, expected, 5) and mem.read_u32(0x8000) == 5
+    assert not lib.xk_cmpxchg32(addr, expected, 9) and expected[0] == 5
