@@ -14,6 +14,29 @@
 
 static volatile uint32_t console_lock;
 
+/* Once a CPU starts the final report (exception or SUMMARY), it owns the
+ * console: any other CPU that tries to print is parked, so nothing appears
+ * after the SUMMARY line while the power-off takes effect. */
+#define NO_OWNER 0xFFFFFFFFu
+static volatile uint32_t final_owner = NO_OWNER;
+
+bool console_claim_final(void)
+{
+    uint32_t me = cpuid_apic_id();
+    uint32_t expected = NO_OWNER;
+    if (__atomic_compare_exchange_n(&final_owner, &expected, me, false,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return true;
+    return expected == me;
+}
+
+static void park_if_not_owner(void)
+{
+    if (__atomic_load_n(&final_owner, __ATOMIC_ACQUIRE) != NO_OWNER
+        && final_owner != cpuid_apic_id())
+        xk_halt_forever();
+}
+
 void putchar_raw(char c)
 {
     for (unsigned i = 0; i < 100000; i++)
@@ -46,6 +69,7 @@ static void unlock_console(bool held)
 
 void console_write(const char *s, size_t n)
 {
+    park_if_not_owner();
     bool held = lock_console();
     for (size_t i = 0; i < n; i++)
         emit(s[i]);
@@ -54,6 +78,7 @@ void console_write(const char *s, size_t n)
 
 void puts(const char *s)
 {
+    park_if_not_owner();
     bool held = lock_console();
     while (*s)
         emit(*s++);

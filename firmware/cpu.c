@@ -117,6 +117,8 @@ void xk_exception(struct xk_frame *f)
         exc_owner = prev;               /* another CPU reports; park this one */
         xk_halt_forever();
     }
+    if (!console_claim_final())         /* another CPU is already finishing */
+        xk_halt_forever();
 
     const char *what = f->vector < 32 ? exc_names[f->vector] : "unexpected interrupt";
     fail("exception", "vector %lu (%s) rip=%016lx err=%lx cr2=%016lx rsp=%016lx apic=%u",
@@ -183,6 +185,56 @@ bool xk_cmdline_has(const char *word)
         s = e;
     }
     return false;
+}
+
+bool xk_cmdline_value(const char *key, char *buf, size_t size)
+{
+    const char *s = xk_cmdline();
+    size_t n = strlen(key);
+    while (*s) {
+        while (*s == ' ' || *s == '\t')
+            s++;
+        const char *e = s;
+        while (*e && *e != ' ' && *e != '\t')
+            e++;
+        if ((size_t)(e - s) > n && s[n] == '=' && !memcmp(s, key, n)) {
+            size_t len = (size_t)(e - s) - n - 1;
+            if (size) {
+                if (len >= size)
+                    len = size - 1;
+                memcpy(buf, s + n + 1, len);
+                buf[len] = '\0';
+            }
+            return true;
+        }
+        s = e;
+    }
+    return false;
+}
+
+/* ---- deliberate faults (to test the exception path) ------------------------ */
+bool xk_inject_fault(const char *kind)
+{
+    if (!strcmp(kind, "ud")) {
+        __asm__ volatile("ud2");
+    } else if (!strcmp(kind, "pf")) {
+        /* canonical but above the 4 GiB identity map: not present */
+        (void)*(volatile uint64_t *)(uintptr_t)0x0000100000000000ULL;
+    } else if (!strcmp(kind, "gp")) {
+        /* non-canonical address */
+        (void)*(volatile uint64_t *)(uintptr_t)0x8000000000000000ULL;
+    } else if (!strcmp(kind, "de")) {
+        volatile uint32_t zero = 0;
+        uint32_t q;
+        __asm__ volatile("divl %2" : "=a"(q) : "a"(1u), "r"(zero), "d"(0u));
+        (void)q;
+    } else if (!strcmp(kind, "df")) {
+        /* a stack the #PF cannot be delivered on: #DF, handled on IST1 */
+        __asm__ volatile("mov %0, %%rsp; pushq $0" :: "r"(0x0000100000000000ULL) : "memory");
+    } else {
+        return false;
+    }
+    return true;    /* not reached when the fault fired */
 }
 
 /* ---- BSP entry (from start.S) -------------------------------------------------- */

@@ -85,6 +85,8 @@ void skip(const char *name, const char *fmt, ...)
 
 void xk_finish(void)
 {
+    if (!console_claim_final())
+        xk_halt_forever();              /* another CPU is reporting */
     printf("SUMMARY: %u passed, %u failed\n", (unsigned)n_passed, (unsigned)n_failed);
     xk_poweroff();
 }

@@ -8,6 +8,9 @@
  *                provide; the XSDT checks are then SKIPped, not failed.
  *                Without it, an RSDP revision < 2 is a failure: our VMM
  *                builds ACPI 2.0+ tables.
+ *   xk.fault=K   after the tests, raise exception K (ud, pf, gp, de, df) to
+ *                check the exception path: expect "FAIL exception: ..." and
+ *                the SUMMARY line.
  */
 #include "xk.h"
 
@@ -231,5 +234,14 @@ int main(const struct hvm_start_info *si)
     test_memmap(si);
     test_acpi(si);
     test_cpu();
+
+    char kind[8];
+    if (xk_cmdline_value("xk.fault", kind, sizeof(kind))) {
+        printf("raising a deliberate \"%s\" exception\n", kind);
+        if (!xk_inject_fault(kind))
+            fail("xk.fault", "unknown fault kind \"%s\"", kind);
+        else
+            fail("xk.fault", "exception \"%s\" did not fire", kind);
+    }
     return 0;
 }

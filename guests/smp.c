@@ -5,6 +5,9 @@
  *
  * The ACPI root may be the XSDT or (QEMU/SeaBIOS) the RSDT here: table
  * validation proper is hello's job; this guest only needs the CPU list.
+ *
+ * Command line: xk.ap_fault=K makes every AP raise exception K (ud, pf, gp,
+ * de, df) in its callback, to check that a fault on an AP is reported.
  */
 #include "xk.h"
 
@@ -14,12 +17,15 @@
 static volatile uint32_t go;
 static volatile uint32_t shared_counter;
 static volatile uint32_t in_callback;
+static char ap_fault[8];
 
 static void ap_work(unsigned cpu, uint32_t apic_id)
 {
     (void)cpu;
     (void)apic_id;
     xk_fetch_add(&in_callback, 1);
+    if (ap_fault[0])
+        xk_inject_fault(ap_fault);
     while (!__atomic_load_n(&go, __ATOMIC_ACQUIRE))
         cpu_relax();                    /* the BSP's waits are the bounded ones */
     for (uint32_t i = 0; i < INCREMENTS; i++)
@@ -37,6 +43,7 @@ static bool in_list(uint32_t id, const uint32_t *ids, int n)
 int main(const struct hvm_start_info *si)
 {
     puts("xenkvm smp guest");
+    xk_cmdline_value("xk.ap_fault", ap_fault, sizeof(ap_fault));
     if (!check(si->magic == XEN_HVM_START_MAGIC_VALUE, "start_info.magic", "magic %#x", si->magic))
         return 1;
 

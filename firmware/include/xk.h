@@ -82,6 +82,9 @@ char *strstr(const char *hay, const char *needle);
 void console_write(const char *s, size_t n);  /* whole buffer, under the console lock */
 void putchar_raw(char c);                      /* one byte, no lock */
 void puts(const char *s);                      /* s plus "\n" */
+/* Claim the console for the final report: true for the first CPU to ask (and
+ * again for it); every other CPU is parked on its next console write. */
+bool console_claim_final(void);
 
 /* ---- printf.c ------------------------------------------------------------- */
 int vsnprintf(char *buf, size_t size, const char *fmt, va_list ap);
@@ -109,6 +112,11 @@ XK_NORETURN void xk_halt_forever(void);
 /* cmdline helpers: the boot command line (or "" if none) */
 const char *xk_cmdline(void);
 bool xk_cmdline_has(const char *word);        /* whitespace-separated token */
+/* Value of a "key=value" token, copied (NUL-terminated) into buf. */
+bool xk_cmdline_value(const char *key, char *buf, size_t size);
+/* Raise a deliberate exception: "ud", "pf", "gp", "de" or "df" (#DF via an
+ * unusable stack). Returns false for an unknown kind. */
+bool xk_inject_fault(const char *kind);
 extern const struct hvm_start_info *xk_start_info;
 /* A bounded busy wait: about `iterations` pause loops; no clocks involved. */
 void xk_spin(uint32_t iterations);
