@@ -4,6 +4,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import pathlib
 import shutil
 import struct
 import subprocess
@@ -13,7 +14,8 @@ import pytest
 import zstandard
 
 from xenkvm.machine.boot import BootError
-from xenkvm.machine.boot.elf import parse_elf
+from xenkvm.machine.boot.bzimage import parse_setup_header
+from xenkvm.machine.boot.elf import XenElfNote, parse_elf
 from xenkvm.machine.boot.extract import (Compression, decompress_payload, detect_compression,
                                          extract_vmlinux)
 
@@ -137,3 +139,17 @@ def test_payload_that_is_not_elf(build_bzimage):
 def test_no_payload(build_bzimage):
     with pytest.raises(BootError, match="no payload"):
         extract_vmlinux(build_bzimage(b""))
+
+
+REAL_KERNEL = pathlib.Path(__file__).resolve().parents[2] / ".cache" / "linux" / "vmlinuz"
+
+
+@pytest.mark.skipif(not REAL_KERNEL.is_file(), reason="no downloaded kernel in .cache/linux")
+def test_real_debian_kernel():
+    """The kernel `make` downloads for the Linux boot tests: payload -> vmlinux -> PVH entry."""
+    image = REAL_KERNEL.read_bytes()
+    hdr = parse_setup_header(image)
+    assert hdr.version >= 0x020C and hdr.relocatable
+    elf = parse_elf(extract_vmlinux(image))
+    assert elf.pvh_entry is not None and elf.lowest_paddr <= elf.pvh_entry < elf.end_paddr
+    assert elf.xen_notes[XenElfNote.GUEST_OS] == "linux"
