@@ -131,6 +131,10 @@ class Xenstored:
             log.debug("%r: %s -> %s", conn, _type_name(msg.type), exc)
             frame = encode_error(exc.err, msg.req_id, msg.tx_id)
             self._deferred.clear()
+        except Exception:  # a bug must not take the daemon down
+            log.exception("%r: %s failed", conn, _type_name(msg.type))
+            frame = encode_error(XsError.EIO, msg.req_id, msg.tx_id)
+            self._deferred.clear()
         conn.queue_reply(frame)
         while self._deferred:
             self._deferred.pop(0)()
@@ -388,7 +392,7 @@ class Xenstored:
                     port: int = 0, gfn: int = 0) -> RingConnection:
         """VMM: connect domain ``domid``'s xenstore ring page (introduces the domain)."""
         with self.lock:
-            ring = self._introduce(domid, gfn, port, (page, notify))
+            ring = self._do_introduce(domid, gfn, port, (page, notify))
             assert ring is not None
             return ring
 
@@ -399,9 +403,9 @@ class Xenstored:
         attached (as C xenstored maps the grant on INTRODUCE).
         """
         with self.lock:
-            self._introduce(domid, gfn, port, None)
+            self._do_introduce(domid, gfn, port, None)
 
-    def _introduce(self, domid: int, gfn: int, port: int,
+    def _do_introduce(self, domid: int, gfn: int, port: int,
                    ring: tuple[object, Callable[[], None]] | None) -> RingConnection | None:
         dom, new = self.domains.introduce(domid, gfn, port)
         if ring is None and self.ring_mapper is not None and dom.conn is None:
