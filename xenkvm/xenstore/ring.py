@@ -90,7 +90,6 @@ class RingConnection:
         try:
             if _U32.unpack_from(self.page, CONNECTION)[0] == XENSTORE_RECONNECT:
                 self._reconnect()
-                return
             while self.broken is None and not self.conn.closed:
                 consumed = self._read_requests()
                 self.core.flush()
