@@ -20,7 +20,7 @@ from .control import run_control
 from .domain import Domain, DomainTable
 from .paths import canonicalize, check_node, check_special, domain_path
 from .perms import OWNER, READ, WRITE, Perms, format_perms, parse_perms, perm_for, without_domain
-from .protocol import (PAYLOAD_MAX, XS_TYPE_COUNT, Message, XenstoreError, XsError, XsType,
+from .protocol import (PAYLOAD_MAX, Message, XenstoreError, XsError, XsType,
                        c_atoi, count_strings, encode, encode_error, one_arg, split_args)
 from .quota import Quotas
 from .ring import RingConnection
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 _PRIV = 1    # XS_FLAG_PRIV: privileged connections only (else EACCES)
 _NOTID = 2   # XS_FLAG_NOTID: tx_id is ignored
 OK = b"OK\0"
+_PATH_CACHE_SIZE = 4096
 
 Handler = Callable[[Connection, "Transaction | None", Message], bytes]
 # ring_mapper(domid, gfn, port) -> (page, notify) for rings introduced over the wire.
@@ -54,6 +55,7 @@ class Xenstored:
         self._dirty: set[Connection] = set()
         self._next_conn_id = 1
         self._deferred: list[Callable[[], None]] = []
+        self._path_cache: dict[tuple[str, str], str] = {}   # valid paths only
         self._handlers: dict[int, tuple[Handler, int]] = self._handler_table()
 
     def _handler_table(self) -> dict[int, tuple[Handler, int]]:
@@ -115,7 +117,7 @@ class Xenstored:
 
         Call with ``lock`` held, then :meth:`flush`.
         """
-        entry = self._handlers.get(msg.type) if msg.type < XS_TYPE_COUNT else None
+        entry = self._handlers.get(msg.type)
         try:
             if entry is None:
                 raise XenstoreError(XsError.ENOSYS, f"type {msg.type}")
@@ -162,7 +164,13 @@ class Xenstored:
 
     def _path(self, conn: Connection, raw: str) -> str:
         """Canonical, validated node path; unprivileged callers also face path-max."""
-        path = check_node(canonicalize(raw, conn.base))
+        cache = self._path_cache
+        path = cache.get((raw, conn.base))
+        if path is None:
+            path = check_node(canonicalize(raw, conn.base))
+            if len(cache) >= _PATH_CACHE_SIZE:
+                cache.clear()
+            cache[(raw, conn.base)] = path
         if not conn.privileged and paths.quota_path_len(path) > self.quotas.path_max:
             raise XenstoreError(XsError.EINVAL, "path too long")
         return path
