@@ -9,7 +9,10 @@ import argparse
 import logging
 import sys
 
-from xenkvm.config import BootMode, ConfigError, load_config
+import dataclasses
+
+from xenkvm.config import BootMode, ConfigError, HypercallTrap, XenConfig, load_config
+from xenkvm.machine.boot import BootError
 from xenkvm.kvm.errors import KvmError
 
 log = logging.getLogger("xenkvm")
@@ -29,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--vcpus", type=int, help="number of vCPUs")
     run.add_argument("--boot", choices=[m.value for m in BootMode], help="boot protocol")
     run.add_argument("--console", help="stdio, none or file:PATH")
-    run.add_argument("--trace", action="store_true", help="print every VM exit as one line")
+    run.add_argument("--trace", action="store_true", help="print every VM exit (and hypercall) as one line")
+    run.add_argument("--xen", action="store_true", help="give the guest the Xen ABI (as a `xen:` section would)")
+    run.add_argument("--hypercall-trap", choices=[t.value for t in HypercallTrap],
+                     help="force how hypercalls are trapped (implies --xen)")
 
     sub.add_parser("info", help="describe this host's KVM, capabilities and hypercall traps")
 
@@ -53,6 +59,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.guest is None and args.kernel is None:
         raise ConfigError("run: give a guest definition (YAML) or --kernel")
     cfg = load_config(args.guest, overrides)
+    if args.xen or args.hypercall_trap:
+        xen = cfg.xen or XenConfig()
+        if args.hypercall_trap:
+            xen = dataclasses.replace(xen, hypercall_trap=HypercallTrap(args.hypercall_trap))
+        cfg = dataclasses.replace(cfg, xen=xen)
     machine = Machine(cfg, trace=args.trace)
     try:
         result = machine.run()
@@ -87,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(args)
         return cmd_info(args)
-    except ConfigError as e:
+    except (ConfigError, BootError) as e:
         print(f"xenkvm: {e}", file=sys.stderr)
         return 2
     except KvmError as e:

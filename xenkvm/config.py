@@ -11,6 +11,10 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
     vcpus: 1
     boot: auto                 # auto | pvh | linux
     console: stdio             # stdio | none | file:PATH
+    xen:                       # optional: present = the guest sees a Xen hypervisor
+      version: "4.17"
+      domid: 1
+      hypercall_trap: auto     # auto | kvm-xen | hypercall-page | breakpoint
 """
 from __future__ import annotations
 
@@ -39,6 +43,27 @@ class BootMode(str, Enum):
     LINUX = "linux"  #: Linux x86 boot protocol, 64-bit entry (bzImage)
 
 
+class HypercallTrap(str, Enum):
+    AUTO = "auto"
+    KVM_XEN = "kvm-xen"
+    HYPERCALL_PAGE = "hypercall-page"
+    BREAKPOINT = "breakpoint"
+
+
+@dataclass(frozen=True)
+class XenConfig:
+    """The Xen personality: which version the guest is told, its domid, how hypercalls trap."""
+
+    version: tuple[int, int] = (4, 17)
+    domid: int = 1
+    hypercall_trap: HypercallTrap = HypercallTrap.AUTO
+    #: expose the test backend (xen/testdev.py) that test guests drive to check grant copies
+    test_device: bool = False
+
+
+XEN_FIELDS = {f.name for f in dataclasses.fields(XenConfig)}
+
+
 @dataclass(frozen=True)
 class GuestConfig:
     name: str
@@ -49,6 +74,7 @@ class GuestConfig:
     vcpus: int = 1
     boot: BootMode = BootMode.AUTO
     console: str = "stdio"
+    xen: XenConfig | None = None
 
 
 FIELDS = {f.name for f in dataclasses.fields(GuestConfig)}
@@ -117,7 +143,41 @@ def _validate(raw: dict[str, Any], base: Path, origin: str) -> GuestConfig:
     if not isinstance(console, str) or not (console in ("stdio", "none") or console.startswith("file:")):
         raise ConfigError(f"console: expected stdio, none or file:PATH, got {console!r}")
     kw["console"] = console
+    if raw.get("xen") is not None:
+        kw["xen"] = _xen(raw["xen"])
     return GuestConfig(**kw)
+
+
+def _xen(raw: Any) -> XenConfig:
+    if raw is True:
+        return XenConfig()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"xen: expected a mapping (version, domid, hypercall_trap), got {raw!r}")
+    unknown = sorted(set(raw) - XEN_FIELDS)
+    if unknown:
+        raise ConfigError(f"xen: unknown key {unknown[0]!r} (known: {', '.join(sorted(XEN_FIELDS))})")
+    kw: dict[str, Any] = {}
+    if "version" in raw:
+        m = re.fullmatch(r"(\d{1,3})\.(\d{1,3})", str(raw["version"]))
+        if not m:
+            raise ConfigError(f"xen.version: expected MAJOR.MINOR like 4.17, got {raw['version']!r}")
+        kw["version"] = (int(m.group(1)), int(m.group(2)))
+    if "domid" in raw:
+        domid = raw["domid"]
+        if isinstance(domid, bool) or not isinstance(domid, int) or not 1 <= domid < 0x7FF0:
+            raise ConfigError(f"xen.domid: expected an integer from 1 to 32751, got {domid!r}")
+        kw["domid"] = domid
+    if "hypercall_trap" in raw:
+        try:
+            kw["hypercall_trap"] = HypercallTrap(raw["hypercall_trap"])
+        except ValueError:
+            choices = ", ".join(t.value for t in HypercallTrap)
+            raise ConfigError(f"xen.hypercall_trap: expected one of {choices}, got {raw['hypercall_trap']!r}") from None
+    if "test_device" in raw:
+        if not isinstance(raw["test_device"], bool):
+            raise ConfigError(f"xen.test_device: expected true or false, got {raw['test_device']!r}")
+        kw["test_device"] = raw["test_device"]
+    return XenConfig(**kw)
 
 
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> GuestConfig:

@@ -262,6 +262,7 @@ int xk_cmpxchg32(void *addr, uint32_t *expected, uint32_t desired);
 uint8_t xk_xchg8(void *addr, uint8_t val);
 void xk_mb(void);
 long xk_pio_floor(int vcpu_fd, struct kvm_run *run, long n, uint16_t port);
+uint64_t xk_rdtsc(void);
 """
 
 SOURCE = r"""
@@ -374,6 +375,14 @@ uint8_t xk_xchg8(void *addr, uint8_t val)
 }
 
 void xk_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+/* The host TSC: guest TSC = host TSC + KVM's per-VM offset (no TSC scaling here). */
+uint64_t xk_rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
 
 /* The benchmark floor: n KVM_RUN round trips on port-I/O exits with no
    Python work between them.  Returns n, -errno, or -1000-exit_reason. */

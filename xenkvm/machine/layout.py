@@ -30,6 +30,8 @@ SLP_TYP_S5 = 5
 RESET_PORT = 0xCF9           #: write 0x06 (or 0x0e) to reset; also the FADT reset register
 RESET_VALUE = 0x06
 I8042_CMD = 0x64             #: write 0xfe to pulse the reset line
+HYPERCALL_PORT = 0xEA        #: hypercall-page stubs: `mov eax, nr; out HYPERCALL_PORT, eax; ret`
+XEN_TESTDEV_PORT = 0xEC      #: the test backend (xen.test_device: true), 32-bit writes only
 
 # --- MMIO ----------------------------------------------------------------------
 IOAPIC_BASE = 0xFEC0_0000

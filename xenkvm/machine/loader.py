@@ -41,6 +41,7 @@ class Entry:
     rbx: int = 0
     rsi: int = 0
     is_linux: bool = False
+    image: bytes | None = None  #: the ELF that was loaded (None for a bzImage boot)
 
 
 def is_bzimage(data: bytes) -> bool:
@@ -86,7 +87,7 @@ def prepare(machine: "Machine") -> Entry:
         kernel = extract_vmlinux(kernel)
     linux = _elf_is_linux(kernel)
     _, boot = load_pvh(mem, kernel, kernel_cmdline(cfg.cmdline, linux, params), initrd, rsdp_gpa=rsdp)
-    return Entry(mode, boot.entry, rbx=boot.start_info_gpa, is_linux=linux)
+    return Entry(mode, boot.entry, rbx=boot.start_info_gpa, is_linux=linux, image=kernel)
 
 
 def load_guest(machine: "Machine") -> Entry:

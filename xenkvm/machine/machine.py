@@ -7,6 +7,7 @@ vCPU out of KVM_RUN with ``immediate_exit`` plus a signal.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import signal
 import threading
@@ -29,6 +30,7 @@ from xenkvm.machine.devices.power import AcpiPm, I8042Reset, ResetControl
 from xenkvm.machine.devices.rtc import CmosRtc
 from xenkvm.machine.devices.serial import Serial16550
 from xenkvm.machine.host import Host
+from xenkvm.machine.ioloop import IoLoop
 from xenkvm.machine.memory import GuestMemory
 from xenkvm.machine.vcpu_loop import ExitHandler, describe_exit, run_vcpu, traced
 
@@ -74,11 +76,21 @@ class Machine:
         self.mem = GuestMemory(cfg.memory)
         self.mem.on_region_added(lambda r: self.vm.set_memory_region(r.gpa, r.size, r.host_addr))
         self._setup_platform()
+        self.io = IoLoop()
         self.bus = PortBus()
+        #: ports whose exits need the vCPU (e.g. the hypercall-page port), checked before the bus
+        self.port_hooks: dict[int, ExitHandler] = {}
         self._setup_devices()
         self.vcpus = [Vcpu(self.vm, i) for i in range(cfg.vcpus)]
-        self._setup_cpuid()
+        for v in self.vcpus:
+            v.work = collections.deque()  # callables run on the vCPU's own thread (run_on_vcpu)
+            v.long_mode = False
         self.exit_handlers: dict[int, ExitHandler] = self._default_handlers()
+        self.xen = None
+        if cfg.xen is not None:
+            from xenkvm.xen.domain import XenDomain
+            self.xen = XenDomain(self, cfg.xen, trace=trace)
+        self._setup_cpuid()
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
         self.result: RunResult | None = None
@@ -109,10 +121,11 @@ class Machine:
         self.bus.register(layout.I8042_CMD, 1, i8042)
         self.bus.register(0x70, 2, CmosRtc())
 
-    def _setup_cpuid(self, hypervisor_leaves=None) -> None:
+    def _setup_cpuid(self) -> None:
         supported = self.kvm.supported_cpuid()
         for v in self.vcpus:
-            v.set_cpuid(build_cpuid(supported, v.id, len(self.vcpus), self.host.cpu_profile, hypervisor_leaves))
+            leaves = self.xen.cpuid_leaves(v.id) if self.xen is not None else None
+            v.set_cpuid(build_cpuid(supported, v.id, len(self.vcpus), self.host.cpu_profile, leaves))
 
     def _default_handlers(self) -> dict[int, ExitHandler]:
         return {
@@ -129,6 +142,10 @@ class Machine:
     def _on_io(self, vcpu: Vcpu) -> None:
         io = vcpu.exit_io
         port, size, count = io.port, io.size, io.count
+        hook = self.port_hooks.get(port)
+        if hook is not None:
+            hook(vcpu)
+            return
         data = vcpu.io_data()
         if io.direction == lib.KVM_EXIT_IO_OUT:
             if size == 1:
@@ -184,6 +201,25 @@ class Machine:
                   f"{self.dump_registers(vcpu)}")
 
     # -- stopping ----------------------------------------------------------------
+    def stop_vmm_error(self, vcpu: Vcpu, message: str) -> None:
+        self.stop(ExitStatus.VMM_ERROR, f"vcpu{vcpu.id}: {message}\n{self.dump_registers(vcpu)}")
+
+    def run_on_vcpu(self, vcpu_id: int, fn: Callable[[Vcpu], None]) -> None:
+        """Run ``fn(vcpu)`` on that vCPU's own thread at its next exit (vCPU ioctls must)."""
+        vcpu = self.vcpus[vcpu_id]
+        vcpu.work.append(fn)
+        if vcpu.thread_id is not None and vcpu.thread_id != threading.get_ident():
+            try:
+                signal.pthread_kill(vcpu.thread_id, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def long_mode(self, vcpu: Vcpu) -> bool:
+        """Whether the vCPU runs in long mode (cached once seen: guests do not leave it)."""
+        if not vcpu.long_mode:
+            vcpu.long_mode = bool(vcpu.get_sregs().efer & (1 << 10))
+        return vcpu.long_mode
+
     def power_off(self) -> None:
         self.stop(ExitStatus.POWEROFF, "guest powered off")
 
@@ -225,7 +261,9 @@ class Machine:
     def boot(self) -> None:
         """Load the guest and put the BSP at its entry point."""
         from xenkvm.machine.loader import load_guest
-        load_guest(self)
+        entry = load_guest(self)
+        if self.xen is not None:
+            self.xen.install(entry.image)
 
     def run(self, on_started: Callable[["Machine"], None] | None = None) -> RunResult:
         """Boot, run every vCPU in its own thread, and wait for a stop."""
@@ -236,6 +274,7 @@ class Machine:
         check = lib.xk_install_kick_signal(KICK_SIGNAL)
         if check < 0:
             raise KvmError("sigaction", -check)
+        self.io.start()
         threads = [threading.Thread(target=self._vcpu_thread, args=(v, handlers), name=f"vcpu{v.id}", daemon=True)
                    for v in self.vcpus]
         for t in threads:
@@ -257,12 +296,13 @@ class Machine:
     def _vcpu_thread(self, vcpu: Vcpu, handlers: dict[int, ExitHandler]) -> None:
         vcpu.thread_id = threading.get_ident()
         try:
-            run_vcpu(vcpu, handlers, lambda: self.result is not None, self._on_unhandled)
+            run_vcpu(vcpu, handlers, lambda: self.result is not None, self._on_unhandled, vcpu.work)
         except Exception as e:  # a VMM bug must still end the run cleanly
             log.exception("vcpu%d thread failed", vcpu.id)
             self.stop(ExitStatus.VMM_ERROR, f"vcpu{vcpu.id}: {e}")
 
     def close(self) -> None:
+        self.io.stop()
         for v in self.vcpus:
             v.close()
         self.vm.close()

@@ -7,6 +7,7 @@ hot path has no tracing cost.
 """
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Callable
 
@@ -50,13 +51,19 @@ def traced(handler: ExitHandler, reason: int) -> ExitHandler:
 
 
 def run_vcpu(vcpu: Vcpu, handlers: dict[int, ExitHandler], stopping: Callable[[], bool],
-             on_unhandled: Callable[[Vcpu, int], None]) -> None:
-    """Run ``vcpu`` until ``stopping()`` (handlers end a run by asking the machine to stop)."""
+             on_unhandled: Callable[[Vcpu, int], None], work: collections.deque) -> None:
+    """Run ``vcpu`` until ``stopping()`` (handlers end a run by asking the machine to stop).
+
+    ``work`` holds callables other threads queued for this vCPU (they are kicked
+    out of KVM_RUN with a signal); they run between exits, on this thread.
+    """
     run = vcpu.run
     get = handlers.get
     intr = lib.KVM_EXIT_INTR
     while not stopping():
         reason = run()
+        while work:
+            work.popleft()(vcpu)
         if reason == intr:
             continue
         handler = get(reason)

@@ -1,0 +1,133 @@
+"""The machine's I/O thread: timers, file readers and cross-thread calls in one selector loop.
+
+vCPU threads never block on I/O; they hand work to this loop with
+``call_soon`` (thread-safe) and device timers run here with ``call_at``.
+Deadlines are ``time.monotonic_ns()`` values.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import threading
+import time
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+class TimerHandle:
+    __slots__ = ("deadline", "fn", "cancelled")
+
+    def __init__(self, deadline: int, fn: Callable[[], None]):
+        self.deadline = deadline
+        self.fn = fn
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class IoLoop:
+    def __init__(self, name: str = "io"):
+        self._sel = selectors.DefaultSelector()
+        self._timers: list[tuple[int, int, TimerHandle]] = []
+        self._seq = itertools.count()
+        self._soon: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    # -- any thread ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+        self._sel.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._soon.append(fn)
+        self._wake()
+
+    def call_at(self, deadline_ns: int, fn: Callable[[], None]) -> TimerHandle:
+        handle = TimerHandle(deadline_ns, fn)
+        with self._lock:
+            heapq.heappush(self._timers, (deadline_ns, next(self._seq), handle))
+        self._wake()
+        return handle
+
+    def call_later(self, delay_ns: int, fn: Callable[[], None]) -> TimerHandle:
+        return self.call_at(time.monotonic_ns() + delay_ns, fn)
+
+    def add_reader(self, fd: int, fn: Callable[[], None]) -> None:
+        self.call_soon(lambda: self._sel.register(fd, selectors.EVENT_READ, fn))
+
+    def remove_reader(self, fd: int) -> None:
+        def remove() -> None:
+            try:
+                self._sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+        self.call_soon(remove)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- the loop thread ----------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop:
+            for key, _ in self._sel.select(self._timeout()):
+                if key.data is None:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                else:
+                    self._safe(key.data)
+            self._run_soon()
+            self._run_timers()
+
+    def _timeout(self) -> float | None:
+        with self._lock:
+            if self._soon:
+                return 0
+            if not self._timers:
+                return None
+            return max(0.0, (self._timers[0][0] - time.monotonic_ns()) / 1e9)
+
+    def _run_soon(self) -> None:
+        with self._lock:
+            soon, self._soon = self._soon, []
+        for fn in soon:
+            self._safe(fn)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic_ns()
+        while True:
+            with self._lock:
+                if not self._timers or self._timers[0][0] > now:
+                    return
+                _, _, handle = heapq.heappop(self._timers)
+            if not handle.cancelled:
+                self._safe(handle.fn)
+
+    @staticmethod
+    def _safe(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("I/O thread callback failed")

@@ -1,0 +1,135 @@
+"""One hypercall dispatcher fed by every trap kind: ``dispatch(vcpu, nr, args) -> rax``.
+
+Handlers are registered per hypercall number; most hypercalls are
+``(cmd, arg)`` pairs and use :func:`subops` to dispatch on ``cmd``.  A handler
+returns a non-negative result or raises :class:`HypercallError`; anything else
+it raises is a VMM bug, logged with its traceback, and the guest gets
+``-EINVAL``: the VMM never dies from a hypercall.  Unknown numbers and
+sub-ops get ``-ENOSYS`` and one log line each.  All Xen state is changed
+under the domain's big lock.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from xenkvm.xen.abi import Errno, Hypercall
+from xenkvm.xen.errors import HypercallError
+from xenkvm.xen.guestmem import GuestVirtual
+
+if TYPE_CHECKING:
+    from xenkvm.kvm.vcpu import Vcpu
+    from xenkvm.xen.domain import XenDomain
+
+log = logging.getLogger(__name__)
+trace_log = logging.getLogger("xenkvm.trace")
+
+MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class Call:
+    """One hypercall in flight."""
+
+    domain: "XenDomain"
+    vcpu: "Vcpu"
+    nr: int
+    args: tuple[int, ...]
+    long_mode: bool
+    guest: GuestVirtual
+
+    @property
+    def vcpu_id(self) -> int:
+        return self.vcpu.id
+
+
+Handler = Callable[[Call], int]
+SubHandler = Callable[[Call, int], int]
+
+
+@dataclass
+class Stat:
+    count: int = 0
+    seconds: float = 0.0
+
+
+def _name(nr: int) -> str:
+    try:
+        return Hypercall(nr).name
+    except ValueError:
+        return f"hypercall#{nr}"
+
+
+@dataclass
+class Dispatcher:
+    domain: "XenDomain"
+    trace: bool = False
+    handlers: dict[int, Handler] = field(default_factory=dict)
+    stats: dict[int, Stat] = field(default_factory=dict)
+    _unknown_seen: set[tuple[int, int | None]] = field(default_factory=set)
+
+    subop_tables: dict[int, dict[int, SubHandler]] = field(default_factory=dict)
+
+    def register(self, nr: int, handler: Handler) -> None:
+        self.handlers[int(nr)] = handler
+
+    def register_subop(self, nr: int, cmd: int, handler: SubHandler) -> None:
+        """Add ``cmd`` to the ``(cmd, arg)`` table of hypercall ``nr`` (modules share tables)."""
+        table = self.subop_tables.get(int(nr))
+        if table is None:
+            table = self.subop_tables[int(nr)] = {}
+            self.register(nr, subops(table))
+        table[int(cmd)] = handler
+
+    def dispatch(self, vcpu: "Vcpu", nr: int, args: tuple[int, ...], long_mode: bool = True) -> int:
+        """Run hypercall ``nr``; returns the value for RAX (negative errors as 64-bit)."""
+        t0 = time.perf_counter()
+        self.domain.vcpus[vcpu.id].up = True
+        handler = self.handlers.get(nr)
+        if handler is None:
+            self.unknown(nr, None)
+            result = -Errno.ENOSYS
+        else:
+            call = Call(self.domain, vcpu, nr, args, long_mode, GuestVirtual(vcpu, self.domain.mem))
+            result = self._invoke(handler, call)
+        stat = self.stats.get(nr)
+        if stat is None:
+            stat = self.stats[nr] = Stat()
+        stat.count += 1
+        stat.seconds += time.perf_counter() - t0
+        if self.trace:
+            trace_log.info("vcpu%d hypercall %s(%s) = %d", vcpu.id, _name(nr),
+                           ", ".join(f"{a:#x}" for a in args[:5]), result)
+        return result & MASK64
+
+    def _invoke(self, handler: Handler, call: Call) -> int:
+        try:
+            with self.domain.lock:
+                return int(handler(call))
+        except HypercallError as e:
+            log.debug("vcpu%d %s: -%s (%s)", call.vcpu_id, _name(call.nr), Errno(e.errno).name, e)
+            return -e.errno
+        except Exception:
+            log.exception("vcpu%d %s%s failed inside the VMM", call.vcpu_id, _name(call.nr), call.args[:2])
+            return -Errno.EINVAL
+
+    def unknown(self, nr: int, cmd: int | None) -> None:
+        key = (nr, cmd)
+        if key not in self._unknown_seen:
+            self._unknown_seen.add(key)
+            what = _name(nr) if cmd is None else f"{_name(nr)} sub-op {cmd}"
+            log.warning("unimplemented %s: -ENOSYS (further calls not logged)", what)
+
+
+def subops(table: dict[int, SubHandler]) -> Handler:
+    """A handler for ``hypercall(cmd, arg)``: dispatch on cmd (args[0]) with arg (args[1])."""
+    def handler(call: Call) -> int:
+        cmd = call.args[0] & 0xFFFFFFFF
+        sub = table.get(cmd)
+        if sub is None:
+            call.domain.dispatcher.unknown(call.nr, cmd)
+            raise HypercallError(Errno.ENOSYS)
+        return sub(call, call.args[1])
+    return handler

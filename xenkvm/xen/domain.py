@@ -1,0 +1,161 @@
+"""The Xen personality of one Machine: the domain's state and the services that own it.
+
+``XenDomain`` is the single owner of Xen state for a guest (no globals): HVM
+params, per-vCPU registrations, the shared-info page, event channels, grant
+tables, timers, the console and xenstore rings.  Every change happens under
+``lock`` (the big lock, as QEMU's), held by the dispatcher around each
+hypercall and taken by I/O-thread callbacks.
+
+Special pages (xenstore ring, console ring) live outside e820 RAM, in a
+region added in the MMIO hole, so the guest never hands them out as memory.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from xenkvm.config import XenConfig
+from xenkvm.xen.abi import HvmParam
+from xenkvm.xen.dispatch import Dispatcher
+
+if TYPE_CHECKING:
+    from xenkvm.machine.machine import Machine
+
+log = logging.getLogger(__name__)
+
+#: Guest-physical base of the special pages (below the IOAPIC, outside RAM).
+SPECIAL_PAGES_GPA = 0xFEB0_0000
+SPECIAL_PAGES = 16
+STORE_PAGE = 0       #: index of the xenstore ring page in the special region
+CONSOLE_PAGE = 1     #: index of the console ring page
+
+
+class InputQueue:
+    """Host keystrokes waiting for the guest (console_io read, the console ring)."""
+
+    def __init__(self, limit: int = 64 * 1024):
+        self._data: collections.deque[int] = collections.deque()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def push(self, data: bytes) -> int:
+        with self._lock:
+            room = self._limit - len(self._data)
+            self._data.extend(data[:room])
+            return min(room, len(data))
+
+    def take(self, n: int) -> bytes:
+        with self._lock:
+            n = min(n, len(self._data))
+            return bytes(self._data.popleft() for _ in range(n))
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+@dataclass
+class VcpuState:
+    """What one vCPU registered with the hypervisor."""
+
+    id: int
+    vcpu_info_gpa: int | None = None   #: VCPUOP_register_vcpu_info (None: shared_info slot)
+    upcall_vector: int = 0              #: HVMOP_set_evtchn_upcall_vector (0: none)
+    #: VCPUOP_register_runstate_memory_area / _vcpu_time_memory_area: the guest passes
+    #: virtual addresses; they are translated once, at registration, by the vCPU itself.
+    runstate_gpa: int | None = None
+    time_area_gpa: int | None = None
+    runstate: int = 0                   #: RUNSTATE_running
+    runstate_entry_ns: int = 0
+    runstate_times: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    up: bool = False
+
+
+class XenDomain:
+    """Xen state and services for one guest; attached to a Machine by ``attach``."""
+
+    def __init__(self, machine: "Machine", cfg: XenConfig, *, trace: bool = False):
+        self.machine = machine
+        self.cfg = cfg
+        self.mem = machine.mem
+        self.vm = machine.vm
+        self.domid = cfg.domid
+        self.lock = threading.RLock()
+        self.vcpus = [VcpuState(i) for i in range(len(machine.vcpus))]
+        self.vcpus[0].up = True
+        self.params: dict[int, int] = {}
+        self.vm_assists = 0
+        self.shutdown_code: int | None = None
+        self.boot_ns = time.monotonic_ns()
+        self.console_input = InputQueue()
+        self.traps: list = []
+        self.dispatcher = Dispatcher(self, trace=trace)
+        self.special = self.mem.add_region(SPECIAL_PAGES_GPA, SPECIAL_PAGES * 4096, "xen-special-pages")
+        self.params[HvmParam.STORE_PFN] = self.special_pfn(STORE_PAGE)
+        self.params[HvmParam.CONSOLE_PFN] = self.special_pfn(CONSOLE_PAGE)
+        self._build_services()
+
+    def special_pfn(self, index: int) -> int:
+        return (SPECIAL_PAGES_GPA >> 12) + index
+
+    def _build_services(self) -> None:
+        # Imports here: each service module registers its hypercalls on the dispatcher.
+        from xenkvm.xen import hypercalls
+        from xenkvm.xen.evtchn import EventChannels
+        from xenkvm.xen.gnttab import GrantTable
+        from xenkvm.xen.shinfo import SharedInfo
+        from xenkvm.xen.timers import VcpuTimers
+        from xenkvm.xen.upcall import Upcalls
+
+        self.shinfo = SharedInfo(self)
+        self.upcalls = Upcalls(self)
+        self.evtchn = EventChannels(self)
+        self.timers = VcpuTimers(self)
+        self.gnttab = GrantTable(self)
+        for service in (self.evtchn, self.timers, self.gnttab):
+            service.register_hypercalls(self.dispatcher)
+        hypercalls.register_all(self)
+
+    def cpuid_leaves(self, vcpu_id: int):
+        from xenkvm.xen.cpuid import xen_leaves
+        return xen_leaves(vcpu_id, self.cfg.version, self.domid)
+
+    def install(self, image: bytes | None) -> None:
+        """Choose and install the hypercall traps for the loaded image (before vCPUs run)."""
+        from xenkvm.xen.traps import choose
+        self.traps = choose(self, self.cfg.hypercall_trap, image)
+        for trap in self.traps:
+            trap.install()
+        log.info("hypercall traps: %s", ", ".join(t.name for t in self.traps))
+        if self.cfg.test_device:
+            from xenkvm.machine import layout
+            from xenkvm.xen.testdev import TestDevice
+            self.machine.bus.register(layout.XEN_TESTDEV_PORT, 4, TestDevice(self))
+
+    @property
+    def io(self):
+        """The machine's I/O thread (timers, sockets, deferred work)."""
+        return self.machine.io
+
+    def now_ns(self) -> int:
+        """Xen system time: nanoseconds since the domain started (what pvclock reports)."""
+        return time.monotonic_ns() - self.boot_ns
+
+    def vcpu_state(self, vcpu_id: int) -> VcpuState:
+        """The state of a guest-named vCPU; guest-supplied ids are checked by callers."""
+        return self.vcpus[vcpu_id]
+
+    def vcpu_info_gpa(self, vcpu_id: int) -> int | None:
+        """Where ``vcpu_id``'s vcpu_info lives: registered, else its shared_info slot, else None."""
+        return self.shinfo.vcpu_info_gpa(vcpu_id)
+
+    def memory_map(self):
+        """The e820 map this guest was booted with (XENMEM_memory_map answers it)."""
+        from xenkvm.machine.boot.common import boot_memmap
+        return boot_memmap(self.mem)
+
+    def valid_vcpu(self, vcpu_id: int) -> bool:
+        return 0 <= vcpu_id < len(self.vcpus)

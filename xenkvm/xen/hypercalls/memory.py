@@ -1,0 +1,109 @@
+"""memory_op: placing shared_info and grant frames, the memory map, reservation queries.
+
+An HVM/PVH guest's physmap is fixed here (no ballooning): the calls that would
+change it fail cleanly with -ENOSYS, the queries answer from the RAM size.
+"""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from xenkvm.xen.abi import DOMID_SELF, Errno, Hypercall, MemOp, XenStruct, handle_offset, lib
+from xenkvm.xen.dispatch import Call
+from xenkvm.xen.errors import HypercallError, einval
+
+if TYPE_CHECKING:
+    from xenkvm.xen.domain import XenDomain
+
+ADD_TO_PHYSMAP = XenStruct("struct xen_add_to_physmap")
+ADD_BATCH = XenStruct("struct xen_add_to_physmap_batch")
+MEMORY_MAP = XenStruct("struct xen_memory_map")
+E820_ENTRY = struct.Struct("<QQI")
+MAX_BATCH = 1024
+
+
+def _check_domid(call: Call, domid: int) -> None:
+    if domid not in (DOMID_SELF, call.domain.domid):
+        raise HypercallError(Errno.ESRCH, f"domid {domid} is not this domain")
+
+
+def map_space(call: Call, space: int, idx: int, gpfn: int) -> None:
+    """Make item ``idx`` of ``space`` visible at guest frame ``gpfn``."""
+    if gpfn >= 1 << 40:
+        raise einval(f"gpfn {gpfn:#x} beyond the physical address width")
+    if space == lib.XENMAPSPACE_shared_info:
+        if idx != 0:
+            raise einval("shared_info has one frame")
+        call.domain.shinfo.map(gpfn)
+    elif space == lib.XENMAPSPACE_grant_table:
+        call.domain.gnttab.map_frame(idx, gpfn)
+    else:
+        raise HypercallError(Errno.EOPNOTSUPP, f"map space {space} not supported")
+
+
+def add_to_physmap(call: Call, arg: int) -> int:
+    req = call.guest.read_struct(ADD_TO_PHYSMAP, arg)
+    _check_domid(call, req.domid)
+    if req.space == lib.XENMAPSPACE_gmfn_range:
+        raise HypercallError(Errno.EOPNOTSUPP, "gmfn_range")
+    map_space(call, req.space, req.idx, req.gpfn)
+    return 0
+
+
+def add_to_physmap_batch(call: Call, arg: int) -> int:
+    req = call.guest.read_struct(ADD_BATCH, arg)
+    _check_domid(call, req.domid)
+    if req.size > MAX_BATCH:
+        raise einval(f"batch of {req.size}")
+    base = arg
+    idxs = call.guest.read_u64(base + handle_offset("xen_add_to_physmap_batch", "idxs"))
+    gpfns = call.guest.read_u64(base + handle_offset("xen_add_to_physmap_batch", "gpfns"))
+    errs = call.guest.read_u64(base + handle_offset("xen_add_to_physmap_batch", "errs"))
+    for i in range(req.size):
+        idx = call.guest.read_u64(idxs + 8 * i)
+        gpfn = call.guest.read_u64(gpfns + 8 * i)
+        try:
+            map_space(call, req.space, idx, gpfn)
+            err = 0
+        except HypercallError as e:
+            err = -e.errno
+        call.guest.write_u32(errs + 4 * i, err & 0xFFFFFFFF)
+    return 0
+
+
+def memory_map(call: Call, arg: int) -> int:
+    """The guest's e820 map; nr_entries in = buffer capacity, out = entries written."""
+    req = call.guest.read_struct(MEMORY_MAP, arg)
+    entries = call.domain.memory_map()
+    if req.nr_entries < len(entries):
+        raise HypercallError(Errno.ENOBUFS, f"{req.nr_entries} entries, need {len(entries)}")
+    buf = call.guest.read_u64(arg + handle_offset("xen_memory_map", "buffer"))
+    call.guest.write(buf, b"".join(E820_ENTRY.pack(e.addr, e.size, int(e.type)) for e in entries))
+    req.nr_entries = len(entries)
+    call.guest.write_struct(MEMORY_MAP, arg, req)
+    return 0
+
+
+def register(domain: "XenDomain") -> None:
+    pages = domain.mem.ram_size >> 12
+
+    def reservation(call: Call, arg: int) -> int:
+        _check_domid(call, call.guest.read_u32(arg) & 0xFFFF)
+        return pages
+
+    def maximum_gpfn(call: Call, arg: int) -> int:
+        _check_domid(call, call.guest.read_u32(arg) & 0xFFFF)
+        return max(r.end for r in domain.mem.regions) // 4096 - 1
+
+    def unsupported(call: Call, arg: int) -> int:
+        raise HypercallError(Errno.ENOSYS, "this domain's physmap is fixed (no ballooning)")
+
+    table = {
+        MemOp.add_to_physmap: add_to_physmap, MemOp.add_to_physmap_batch: add_to_physmap_batch,
+        MemOp.memory_map: memory_map, MemOp.current_reservation: reservation,
+        MemOp.maximum_reservation: reservation, MemOp.maximum_gpfn: maximum_gpfn,
+        MemOp.increase_reservation: unsupported, MemOp.decrease_reservation: unsupported,
+        MemOp.populate_physmap: unsupported, MemOp.remove_from_physmap: unsupported,
+    }
+    for cmd, fn in table.items():
+        domain.dispatcher.register_subop(Hypercall.memory_op, cmd, fn)

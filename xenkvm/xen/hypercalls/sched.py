@@ -1,0 +1,60 @@
+"""sched_op: yield, block, and shutdown with every reason (SCHEDOP_poll is xen.evtchn's)."""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from xenkvm.xen.abi import DOMID_SELF, Errno, Hypercall, SchedOp, Shutdown, XenStruct
+from xenkvm.xen.dispatch import Call
+from xenkvm.xen.errors import HypercallError, einval
+
+if TYPE_CHECKING:
+    from xenkvm.xen.domain import XenDomain
+
+log = logging.getLogger(__name__)
+SHUTDOWN = XenStruct("struct sched_shutdown")
+REMOTE_SHUTDOWN = XenStruct("struct sched_remote_shutdown")
+
+
+def shutdown_domain(call: Call, reason: int) -> int:
+    """End the run with the status that matches ``reason``; the vCPUs stop at once."""
+    from xenkvm.machine.machine import ExitStatus
+
+    try:
+        why = Shutdown(reason)
+    except ValueError:
+        raise einval(f"shutdown reason {reason}") from None
+    machine = call.domain.machine
+    status = {Shutdown.poweroff: ExitStatus.POWEROFF, Shutdown.reboot: ExitStatus.RESET,
+              Shutdown.soft_reset: ExitStatus.RESET, Shutdown.crash: ExitStatus.GUEST_CRASH,
+              Shutdown.watchdog: ExitStatus.GUEST_CRASH, Shutdown.suspend: ExitStatus.POWEROFF}[why]
+    log.info("vcpu%d: SCHEDOP_shutdown(%s)", call.vcpu_id, why.name)
+    machine.stop(status, f"guest shut down ({why.name}) via SCHEDOP_shutdown")
+    return 0
+
+
+def register(domain: "XenDomain") -> None:
+    def yield_(call: Call, arg: int) -> int:
+        return 0
+
+    def block(call: Call, arg: int) -> int:
+        return 0  # returning is a spurious wake-up, which the ABI allows
+
+    def shutdown(call: Call, arg: int) -> int:
+        return shutdown_domain(call, call.guest.read_struct(SHUTDOWN, arg).reason)
+
+    def remote_shutdown(call: Call, arg: int) -> int:
+        req = call.guest.read_struct(REMOTE_SHUTDOWN, arg)
+        if req.domain_id not in (DOMID_SELF, call.domain.domid):
+            raise HypercallError(Errno.EPERM, "only the toolstack shuts down other domains")
+        return shutdown_domain(call, req.reason)
+
+    def shutdown_code(call: Call, arg: int) -> int:
+        call.domain.shutdown_code = call.guest.read_struct(SHUTDOWN, arg).reason
+        return 0
+
+    table = {SchedOp["yield"]: yield_, SchedOp.block: block,
+             SchedOp.shutdown: shutdown, SchedOp.remote_shutdown: remote_shutdown,
+             SchedOp.shutdown_code: shutdown_code}
+    for cmd, fn in table.items():
+        domain.dispatcher.register_subop(Hypercall.sched_op, cmd, fn)

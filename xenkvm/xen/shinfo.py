@@ -1,0 +1,185 @@
+"""shared_info, vcpu_info, pvclock, wallclock and runstate areas in guest memory.
+
+The guest chooses where each lives (XENMEM_add_to_physmap for shared_info,
+VCPUOP_register_vcpu_info, VCPUOP_register_*_memory_area); this module keeps
+the locations and writes the time data with Xen's version protocol (odd
+while updating).  pvclock describes the *guest* TSC: guest TSC = host TSC +
+KVM's offset, measured once on vCPU 0 before it first runs, and mul/shift come
+from the real TSC rate (a zero mul crashes Linux: linux.md 2.3 step 5).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from xenkvm.kvm._kvm_cffi import ffi as kffi
+from xenkvm.kvm._kvm_cffi import lib as klib
+from xenkvm.machine.memory import GuestMemoryError
+from xenkvm.xen.abi import XenStruct, ffi, lib
+from xenkvm.xen.errors import einval
+
+if TYPE_CHECKING:
+    from xenkvm.xen.domain import XenDomain
+
+log = logging.getLogger(__name__)
+
+SHARED_INFO = XenStruct("struct shared_info")
+VCPU_INFO = XenStruct("struct vcpu_info")
+TIME_INFO = XenStruct("struct vcpu_time_info")
+RUNSTATE = XenStruct("struct vcpu_runstate_info")
+PVCLOCK_TSC_STABLE = 1 << 0
+MSR_IA32_TSC = 0x10
+VCPU_INFO_TIME = VCPU_INFO.offset("time")
+LEGACY_VCPUS = lib.XEN_LEGACY_MAX_VCPUS
+
+
+@dataclass(frozen=True)
+class TscScale:
+    """ns = ((tsc << shift) or (tsc >> -shift)) * mul >> 32."""
+
+    mul: int
+    shift: int
+
+    @classmethod
+    def for_hz(cls, tsc_hz: int) -> "TscScale":
+        if tsc_hz <= 0:
+            raise ValueError("TSC frequency must be positive")
+        shift, tps = 0, tsc_hz
+        while tps > 2_000_000_000:
+            tps >>= 1
+            shift -= 1
+        while tps <= 1_000_000_000:
+            tps <<= 1
+            shift += 1
+        return cls((1_000_000_000 << 32) // tps, shift)
+
+    def ns(self, ticks: int) -> int:
+        t = ticks << self.shift if self.shift >= 0 else ticks >> -self.shift
+        return (t * self.mul) >> 32
+
+
+class SharedInfo:
+    """Locations of the per-domain and per-vCPU shared areas, and their time data."""
+
+    def __init__(self, domain: "XenDomain"):
+        self.domain = domain
+        self.gpa: int | None = None
+        vcpu0 = domain.machine.vcpus[0]
+        self.tsc_khz = vcpu0.get_tsc_khz()
+        self.scale = TscScale.for_hz(self.tsc_khz * 1000)
+        guest_tsc = vcpu0.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+        self.tsc_offset = guest_tsc - klib.xk_rdtsc()
+
+    # -- placement -------------------------------------------------------------
+    def map(self, gpfn: int) -> None:
+        """XENMEM_add_to_physmap(shared_info): the guest's page at ``gpfn`` becomes shared_info."""
+        gpa = gpfn << 12
+        if not self.domain.mem.contains(gpa, 4096):
+            raise einval(f"shared_info gpfn {gpfn:#x} is not guest RAM")
+        self.domain.mem.fill(gpa, 4096)
+        self.gpa = gpa
+        self._write_wallclock()
+        for state in self.domain.vcpus:
+            self.update_time(state.id)
+        log.info("shared_info mapped at %#x", gpa)
+
+    def vcpu_info_gpa(self, vcpu_id: int) -> int | None:
+        state = self.domain.vcpu_state(vcpu_id)
+        if state.vcpu_info_gpa is not None:
+            return state.vcpu_info_gpa
+        if self.gpa is not None and vcpu_id < LEGACY_VCPUS:
+            return self.gpa + vcpu_id * VCPU_INFO.size
+        return None
+
+    def register_vcpu_info(self, vcpu_id: int, gpa: int) -> None:
+        """VCPUOP_register_vcpu_info: the 64-byte area must sit inside one guest RAM page."""
+        if (gpa & 0xFFF) + VCPU_INFO.size > 4096 or gpa % 8 or not self.domain.mem.contains(gpa, VCPU_INFO.size):
+            raise einval(f"vcpu_info at {gpa:#x} crosses a page or is not guest RAM")
+        old = self.vcpu_info_gpa(vcpu_id)
+        area = self.domain.mem.view(gpa, VCPU_INFO.size)
+        if old is not None:  # Xen copies the current contents (pending bits) to the new area
+            area[:] = self.domain.mem.view(old, VCPU_INFO.size)
+        else:
+            area[:] = bytes(VCPU_INFO.size)
+        self.domain.vcpu_state(vcpu_id).vcpu_info_gpa = gpa
+        self.update_time(vcpu_id)
+
+    def upcall_pending(self, vcpu_id: int) -> bool:
+        gpa = self.vcpu_info_gpa(vcpu_id)
+        return gpa is not None and self.domain.mem.view(gpa, 1)[0] != 0
+
+    # -- time --------------------------------------------------------------------
+    def guest_tsc(self) -> int:
+        return klib.xk_rdtsc() + self.tsc_offset
+
+    def time_info(self) -> bytes:
+        """A vcpu_time_info snapshot (version left 0: the writer sets it)."""
+        info = ffi.new("struct vcpu_time_info *")
+        info.tsc_timestamp = self.guest_tsc()
+        info.system_time = self.domain.now_ns()
+        info.tsc_to_system_mul = self.scale.mul
+        info.tsc_shift = self.scale.shift
+        info.flags = PVCLOCK_TSC_STABLE
+        return TIME_INFO.to_bytes(info)
+
+    def _publish(self, gpa: int, data: bytes) -> None:
+        """Write a version-protected struct: version odd, body, version even."""
+        view = self.domain.mem.view(gpa, len(data))
+        version = int.from_bytes(view[0:4], "little")
+        view[0:4] = ((version | 1) + 0).to_bytes(4, "little")
+        klib.xk_mb()
+        view[4:] = data[4:]
+        klib.xk_mb()
+        view[0:4] = ((version | 1) + 1).to_bytes(4, "little")
+
+    def update_time(self, vcpu_id: int) -> None:
+        """Refresh vCPU ``vcpu_id``'s pvclock in its vcpu_info and its registered time area."""
+        gpa = self.vcpu_info_gpa(vcpu_id)
+        data = self.time_info()
+        if gpa is not None:
+            self._publish(gpa + VCPU_INFO_TIME, data)
+        state = self.domain.vcpu_state(vcpu_id)
+        if state.time_area_gpa is not None:
+            try:
+                self._publish(state.time_area_gpa, data)
+            except GuestMemoryError:
+                state.time_area_gpa = None
+
+    def _write_wallclock(self) -> None:
+        """wc_* = the wall time at system time 0."""
+        boot_wall = time.time_ns() - self.domain.now_ns()
+        sec, nsec = divmod(boot_wall, 1_000_000_000)
+        base = self.gpa
+        view = self.domain.mem.view(base + SHARED_INFO.offset("wc_version"), 16)
+        version = int.from_bytes(view[0:4], "little")
+        view[0:4] = (version | 1).to_bytes(4, "little")
+        klib.xk_mb()
+        view[4:8] = (sec & 0xFFFFFFFF).to_bytes(4, "little")
+        view[8:12] = nsec.to_bytes(4, "little")
+        view[12:16] = (sec >> 32).to_bytes(4, "little")
+        klib.xk_mb()
+        view[0:4] = ((version | 1) + 1).to_bytes(4, "little")
+
+    def write_runstate(self, vcpu_id: int) -> None:
+        """Publish the vCPU's runstate (always running here: no steal time to report)."""
+        state = self.domain.vcpu_state(vcpu_id)
+        if state.runstate_gpa is None:
+            return
+        info = ffi.new("struct vcpu_runstate_info *")
+        info.state = state.runstate
+        now = self.domain.now_ns()
+        info.state_entry_time = state.runstate_entry_ns
+        for i in range(4):
+            info.time[i] = state.runstate_times[i]
+        info.time[0] = now  # time spent running since boot
+        try:
+            self.domain.mem.write(state.runstate_gpa, RUNSTATE.to_bytes(info))
+        except GuestMemoryError:
+            state.runstate_gpa = None
+
+
+def host_pointer(domain: "XenDomain", gpa: int, length: int):
+    """A ``void *`` to guest memory for the C atomic helpers (bounds-checked)."""
+    return kffi.cast("void *", domain.mem.host_address(gpa, length))

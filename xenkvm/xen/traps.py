@@ -1,0 +1,275 @@
+"""How a guest's hypercall reaches the dispatcher (ARCHITECTURE.md, "Hypercall traps").
+
+* ``kvm-xen``: the host KVM has KVM_CAP_XEN_HVM with INTERCEPT_HCALL; KVM fills
+  the hypercall page and exits with KVM_EXIT_XEN for every vmcall/vmmcall.
+* ``hypercall-page``: the guest writes the hypercall MSR (CPUID base+2); the
+  write exits to userspace and we fill the page with 32-byte stubs
+  ``mov eax, nr; out HYPERCALL_PORT, eax; ret``, so a hypercall is one port
+  exit with the arguments in registers.
+* ``breakpoint``: Linux since XSA-466 calls ``xen_hypercall_intel``/``_amd``
+  (a bare vmcall/vmmcall) and never uses a page.  We find those instructions
+  in the image (ELF symbols, else byte patterns) and put hardware execute
+  breakpoints on them; the debug exit is emulated and RIP stepped past.
+
+All three end in ``Dispatcher.dispatch``.  With KVM_CAP_SYNC_REGS the
+registers are read and written through kvm_run, so a trap costs no extra
+ioctl.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from xenkvm.config import HypercallTrap
+from xenkvm.kvm._kvm_cffi import lib as klib
+from xenkvm.kvm.vm import MsrRange
+from xenkvm.machine import layout
+from xenkvm.machine.boot import BootError
+from xenkvm.machine.memory import GuestMemoryError
+from xenkvm.xen.cpuid import HYPERCALL_MSR
+
+if TYPE_CHECKING:
+    from xenkvm.kvm.vcpu import Vcpu
+    from xenkvm.xen.domain import XenDomain
+
+log = logging.getLogger(__name__)
+
+VMCALL = b"\x0f\x01\xc1"
+VMMCALL = b"\x0f\x01\xd9"
+INSN_LEN = 3
+STUB_SIZE = 32
+STUBS = 4096 // STUB_SIZE
+SYMBOLS = ("xen_hypercall_intel", "xen_hypercall_amd")
+EFER_LMA = 1 << 10
+
+
+class TrapError(BootError):
+    """The guest cannot be run safely with the chosen trap (reported before it starts)."""
+
+
+# --- finding the hypercall instructions in an image --------------------------------
+@dataclass(frozen=True)
+class Site:
+    name: str
+    vaddr: int
+
+
+def _sections(elf: bytes):
+    """(sh_type, sh_offset, sh_size, sh_link, sh_entsize) of each section of an ELF64, bounds-checked."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or len(elf) < 64:
+        return []
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", elf, 0x3A)
+    if shentsize < 64 or shoff + shnum * shentsize > len(elf):
+        return []
+    out = []
+    for i in range(shnum):
+        _, sh_type, _, _, off, size, link, _, _, entsize = struct.unpack_from("<IIQQQQIIQQ", elf, shoff + i * shentsize)
+        if off + size <= len(elf):
+            out.append((sh_type, off, size, link, entsize))
+    return out
+
+
+def symbol_sites(elf: bytes) -> list[Site]:
+    """Hypercall functions named in the ELF symbol table, if it has one."""
+    secs = _sections(elf)
+    found = []
+    for sh_type, off, size, link, entsize in secs:
+        if sh_type != 2 or entsize != 24 or link >= len(secs):  # SHT_SYMTAB
+            continue
+        _, str_off, str_size, _, _ = secs[link]
+        strtab = elf[str_off:str_off + str_size]
+        for i in range(size // 24):
+            name_off, _, _, _, value, _ = struct.unpack_from("<IBBHQQ", elf, off + i * 24)
+            end = strtab.find(b"\0", name_off)
+            name = strtab[name_off:end].decode("ascii", "replace") if end >= 0 else ""
+            if name in SYMBOLS and value:
+                found.append(Site(name, value))
+    return found
+
+
+def _exec_segments(elf: bytes):
+    """(vaddr, bytes) of each executable PT_LOAD."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2:
+        return
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(phnum):
+        base = phoff + i * phentsize
+        if base + 56 > len(elf):
+            return
+        p_type, p_flags, off, vaddr, _, filesz, _, _ = struct.unpack_from("<IIQQQQQQ", elf, base)
+        if p_type == 1 and p_flags & 1 and off + filesz <= len(elf):
+            yield vaddr, elf[off:off + filesz]
+
+
+def pattern_sites(elf: bytes) -> list[Site]:
+    """Hypercall stubs found by shape (linux.md 0.2): a 16-byte-aligned vmmcall stub
+    followed 16 bytes later by the vmcall stub (Linux), or a lone ``vmcall; ret``."""
+    found: list[Site] = []
+    for vaddr, code in _exec_segments(elf):
+        start = 0
+        while (i := code.find(VMMCALL, start)) >= 0:
+            start = i + 1
+            if (vaddr + i) % 16 == 0 and code[i + 16:i + 19] == VMCALL:
+                return [Site("xen_hypercall_amd", vaddr + i), Site("xen_hypercall_intel", vaddr + i + 16)]
+        for insn, name in ((VMCALL, "xen_hypercall_intel"), (VMMCALL, "xen_hypercall_amd")):
+            i = code.find(insn + b"\xc3")
+            if i >= 0:
+                found.append(Site(name, vaddr + i))
+    return found
+
+
+def find_sites(elf: bytes) -> list[Site]:
+    sites = symbol_sites(elf) or pattern_sites(elf)
+    return sorted(set(sites), key=lambda s: s.vaddr)[:4]
+
+
+# --- the traps ------------------------------------------------------------------------
+def _args64(regs) -> tuple[int, ...]:
+    return (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9)
+
+
+def _args32(regs) -> tuple[int, ...]:
+    return tuple(r & 0xFFFFFFFF for r in (regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rbp))
+
+
+class HypercallPageTrap:
+    """Fill the page the guest names through the hypercall MSR with port-I/O stubs."""
+
+    name = "hypercall-page"
+
+    def __init__(self, domain: "XenDomain"):
+        self.domain = domain
+        self.pages = 0
+
+    def install(self) -> None:
+        vm = self.domain.vm
+        vm.enable_user_space_msr(klib.KVM_MSR_EXIT_REASON_FILTER | klib.KVM_MSR_EXIT_REASON_UNKNOWN)
+        vm.set_msr_filter([MsrRange(HYPERCALL_MSR, 1)])
+        m = self.domain.machine
+        m.exit_handlers[klib.KVM_EXIT_X86_WRMSR] = self.on_wrmsr
+        m.exit_handlers[klib.KVM_EXIT_X86_RDMSR] = self.on_rdmsr
+        m.port_hooks[layout.HYPERCALL_PORT] = self.on_port
+
+    @staticmethod
+    def stubs(long_mode_only: bool = True) -> bytes:
+        page = bytearray(b"\xcc" * 4096)  # int3 padding: a stray jump into the page traps
+        for nr in range(STUBS):
+            stub = b"\xb8" + nr.to_bytes(4, "little") + bytes([0xE7, layout.HYPERCALL_PORT]) + b"\xc3"
+            page[nr * STUB_SIZE:nr * STUB_SIZE + len(stub)] = stub
+        return bytes(page)
+
+    def on_wrmsr(self, vcpu: "Vcpu") -> None:
+        msr = vcpu.exit_msr
+        if msr.index != HYPERCALL_MSR or msr.data & 0xFFF:  # only page index 0 exists
+            msr.error = 1  # #GP, as Xen does for an unknown MSR or page index
+            return
+        try:
+            self.domain.mem.write(msr.data & ~0xFFF, self.stubs())
+        except GuestMemoryError:
+            msr.error = 1
+            return
+        msr.error = 0
+        self.pages += 1
+        log.info("vcpu%d: hypercall page at %#x", vcpu.id, msr.data)
+
+    def on_rdmsr(self, vcpu: "Vcpu") -> None:
+        vcpu.exit_msr.error = 1
+
+    def on_port(self, vcpu: "Vcpu") -> None:
+        io = vcpu.exit_io
+        if io.direction != klib.KVM_EXIT_IO_OUT or io.size != 4:
+            return
+        regs = vcpu.sync_regs()
+        long_mode = self.domain.machine.long_mode(vcpu)
+        args = _args64(regs) if long_mode else _args32(regs)
+        regs.rax = self.domain.dispatcher.dispatch(vcpu, regs.rax & 0xFFFFFFFF, args, long_mode)
+        vcpu.mark_regs_dirty(regs)
+
+
+class BreakpointTrap:
+    """Hardware execute breakpoints on the guest's own vmcall/vmmcall instructions."""
+
+    name = "breakpoint"
+
+    def __init__(self, domain: "XenDomain", sites: list[Site]):
+        self.domain = domain
+        self.sites = sites
+        self.addresses = {s.vaddr for s in sites}
+
+    def install(self) -> None:
+        for vcpu in self.domain.machine.vcpus:
+            vcpu.set_guest_debug(sorted(self.addresses))
+        self.domain.machine.exit_handlers[klib.KVM_EXIT_DEBUG] = self.on_debug
+        for s in self.sites:
+            log.info("breakpoint trap on %s at %#x", s.name, s.vaddr)
+
+    def on_debug(self, vcpu: "Vcpu") -> None:
+        pc = vcpu.exit_debug.pc
+        if pc not in self.addresses:
+            self.domain.machine.stop_vmm_error(vcpu, f"debug exit at {pc:#x}, not a hypercall site")
+            return
+        regs = vcpu.sync_regs()
+        long_mode = self.domain.machine.long_mode(vcpu)
+        args = _args64(regs) if long_mode else _args32(regs)
+        regs.rax = self.domain.dispatcher.dispatch(vcpu, regs.rax & 0xFFFFFFFF, args, long_mode)
+        regs.rip += INSN_LEN
+        vcpu.mark_regs_dirty(regs)
+
+
+class KvmXenTrap:
+    """KVM intercepts vmcall/vmmcall itself and exits with KVM_EXIT_XEN (hosts with KVM_XEN)."""
+
+    name = "kvm-xen"
+
+    def __init__(self, domain: "XenDomain"):
+        self.domain = domain
+
+    def install(self) -> None:
+        flags = klib.KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL
+        # KVM only enables its Xen paths with a non-zero MSR (linux.md 2.1).
+        self.domain.vm.xen_hvm_config(flags, HYPERCALL_MSR)
+        self.domain.machine.exit_handlers[klib.KVM_EXIT_XEN] = self.on_xen
+
+    def on_xen(self, vcpu: "Vcpu") -> None:
+        if vcpu.exit_xen.type != klib.KVM_EXIT_XEN_HCALL:
+            return
+        h = vcpu.exit_xen_hcall
+        args = tuple(h.params[i] for i in range(6))
+        h.result = self.domain.dispatcher.dispatch(vcpu, h.input & 0xFFFFFFFF, args, bool(h.longmode))
+
+
+# --- choosing ---------------------------------------------------------------------------
+def choose(domain: "XenDomain", requested: HypercallTrap, image: bytes | None) -> list:
+    """The traps for this guest and host; raises TrapError for a guest that would hang."""
+    available = domain.machine.host.hypercall_traps()
+    sites = find_sites(image) if image is not None else []
+    if requested is HypercallTrap.AUTO:
+        if "kvm-xen" in available:
+            return [KvmXenTrap(domain)]
+        traps: list = [HypercallPageTrap(domain)] if "hypercall-page" in available else []
+        if sites and "breakpoint" in available:
+            traps.append(BreakpointTrap(domain, sites))
+        if sites and not any(isinstance(t, BreakpointTrap) for t in traps):
+            raise TrapError("the guest calls vmcall/vmmcall directly and this host can trap neither "
+                            "with KVM_XEN nor with breakpoints")
+        if not traps:
+            raise TrapError("this host offers no way to trap Xen hypercalls")
+        return traps
+    if requested.value not in available:
+        raise TrapError(f"hypercall trap {requested.value} is not available on this host "
+                        f"(available: {', '.join(available) or 'none'})")
+    if requested is HypercallTrap.KVM_XEN:
+        return [KvmXenTrap(domain)]
+    if requested is HypercallTrap.HYPERCALL_PAGE:
+        if sites:
+            raise TrapError("the guest issues vmcall/vmmcall directly ("
+                            + ", ".join(f"{s.name} at {s.vaddr:#x}" for s in sites)
+                            + "), which the hypercall-page trap cannot catch; use breakpoint or auto")
+        return [HypercallPageTrap(domain)]
+    if not sites:
+        raise TrapError("breakpoint trap: no xen_hypercall_intel/_amd instruction found in the guest image")
+    return [BreakpointTrap(domain, sites)]
