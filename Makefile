@@ -8,7 +8,7 @@ CACHE := .cache
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages: Xen public headers (cffi builds), Xen's own xenstore clients
 # (integration tests), busybox and cpio (Linux initramfs), gcc/make for guests.
-DEB_PKGS := gcc make libxen-dev xenstore-utils busybox-static cpio python3-venv
+DEB_PKGS := gcc make libxen-dev xenstore-utils busybox-static cpio acpica-tools python3-venv
 GUEST ?= guests/hello.yaml
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
