@@ -1,0 +1,166 @@
+"""Boot time of Debian's cloud kernel to the initramfs marker: xenkvm vs QEMU/KVM.
+
+    python benchmarks/bench_boot.py [--guest guests/linux.yaml] [--ours-timeout 1800]
+                                    [--qemu-timeout 300] [--skip-ours] [--skip-qemu]
+
+Both boot the same bzImage, initramfs, memory size and kernel command line
+(including the parameters xenkvm appends on this host, see xenkvm/machine/host.py)
+through the Linux boot protocol with the console on ttyS0.  Each run is timed from
+process start to the marker line and to process exit, with a time limit; a run
+that ends without the marker is reported with how it ended (e.g. QEMU 7.2 on a PVM
+host stops at the first instruction KVM's emulator refuses: "KVM internal error.
+Suberror: 1 / emulation failure").  The ratio is printed when both reach the marker.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from xenkvm.config import load_config  # noqa: E402
+
+MARKER = b"XENKVM-LINUX-BOOT-OK"
+QEMU_FAIL = re.compile(rb"KVM internal error\.? Suberror: (\d+)|emulation failure|"
+                       rb"Kernel panic[^\n]*|KVM: entry failed[^\n]*")
+
+
+@dataclass
+class Outcome:
+    name: str
+    marker_s: float | None
+    exit_s: float | None
+    how: str
+
+    def cell(self, v: float | None) -> str:
+        return f"{v:8.1f}" if v is not None else "       -"
+
+
+def host_kernel_params() -> tuple[str, ...]:
+    from xenkvm.kvm.system import Kvm
+    from xenkvm.machine.host import Host
+    with Kvm() as kvm:
+        return Host.probe(kvm).kernel_params
+
+
+def _watch(proc: subprocess.Popen, stream, buf: bytearray, seen: dict, t0: float, fail_re=None) -> None:
+    for chunk in iter(lambda: stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096), b""):
+        buf += chunk
+        if "marker" not in seen and MARKER in buf:
+            seen["marker"] = time.monotonic() - t0
+        if fail_re is not None and "fail" not in seen:
+            m = fail_re.search(buf)
+            if m:
+                seen["fail"] = (time.monotonic() - t0, m.group(0).decode(errors="replace"))
+
+
+def _run(name: str, cmd: list[str], timeout: float, console: Path | None = None,
+         fail_re=None) -> tuple[Outcome, bytes]:
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    buf = bytearray()
+    seen: dict = {}
+    reader = threading.Thread(target=_watch, args=(proc, proc.stdout, buf, seen, t0, fail_re), daemon=True)
+    reader.start()
+    how = ""
+    while True:
+        if console is not None and "marker" not in seen and console.exists():
+            if MARKER in console.read_bytes()[-65536:]:
+                seen["marker"] = time.monotonic() - t0
+        if proc.poll() is not None:
+            break
+        if "fail" in seen:  # QEMU pauses the VM after an internal error; nothing more will happen
+            time.sleep(0.5)
+            proc.kill()
+            how = f"{seen['fail'][1]} at {seen['fail'][0]:.1f}s"
+            break
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            how = f"timed out after {timeout:.0f}s"
+            break
+        time.sleep(0.2)
+    proc.wait()
+    exit_s = time.monotonic() - t0
+    reader.join(timeout=2)
+    out = bytes(buf) + (console.read_bytes() if console is not None and console.exists() else b"")
+    if console is not None and "marker" not in seen and MARKER in out:
+        seen["marker"] = exit_s
+    if not how:
+        how = f"exit status {proc.returncode}" + (" (power-off)" if proc.returncode == 0 else "")
+    return Outcome(name, seen.get("marker"), exit_s, how), out
+
+
+def run_ours(guest: Path, timeout: float) -> Outcome:
+    with tempfile.TemporaryDirectory() as d:
+        console = Path(d) / "console.log"
+        cmd = [sys.executable, "-m", "xenkvm", "run", str(guest), "--console", f"file:{console}"]
+        out, _ = _run("xenkvm", cmd, timeout, console=console)
+        return out
+
+
+def run_qemu(guest: Path, timeout: float, params: tuple[str, ...]) -> Outcome:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        return Outcome("qemu", None, None, "qemu-system-x86_64 not installed "
+                       "(apt-get install -y qemu-system-x86)")
+    cfg = load_config(guest)
+    cmdline = " ".join((*params, cfg.cmdline)).strip()
+    cmd = [qemu, "-accel", "kvm", "-kernel", str(cfg.kernel), "-m", f"{cfg.memory >> 20}",
+           "-smp", str(cfg.vcpus), "-append", cmdline, "-nographic", "-no-reboot"]
+    if cfg.initrd is not None:
+        cmd[cmd.index("-m"):cmd.index("-m")] = ["-initrd", str(cfg.initrd)]
+    out, text = _run("qemu", cmd, timeout, fail_re=QEMU_FAIL)
+    m = re.search(rb"RIP: [0-9a-f]+:([0-9a-f]+)|RIP=([0-9a-f]+)", text)
+    if out.marker_s is None and m:
+        out.how += f", RIP={(m.group(1) or m.group(2)).decode()}"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--guest", default=str(ROOT / "guests" / "linux.yaml"))
+    p.add_argument("--ours-timeout", type=float, default=float(os.environ.get("BENCH_OURS_TIMEOUT", 1800)))
+    p.add_argument("--qemu-timeout", type=float, default=float(os.environ.get("BENCH_QEMU_TIMEOUT", 300)))
+    p.add_argument("--skip-ours", action="store_true")
+    p.add_argument("--skip-qemu", action="store_true")
+    a = p.parse_args(argv)
+    guest = Path(a.guest)
+    if not guest.is_file():
+        print(f"bench_boot: {guest} missing: run `make linux-image` first", file=sys.stderr)
+        return 2
+    params = host_kernel_params()
+    print(f"kernel parameters added on this host: {' '.join(params) or '(none)'}", flush=True)
+    rows: list[Outcome] = []
+    if not a.skip_qemu:
+        rows.append(run_qemu(guest, a.qemu_timeout, params))
+        print(f"qemu done: {rows[-1].how}", flush=True)
+    if not a.skip_ours:
+        rows.append(run_ours(guest, a.ours_timeout))
+        print(f"xenkvm done: {rows[-1].how}", flush=True)
+    print()
+    print(f"{'VMM':<8} {'marker s':>8} {'exit s':>8}  how it ended")
+    for r in rows:
+        print(f"{r.name:<8} {r.cell(r.marker_s)} {r.cell(r.exit_s)}  {r.how}")
+    both = [r for r in rows if r.marker_s is not None]
+    if len(both) == 2:
+        ours = next(r for r in rows if r.name == "xenkvm")
+        qemu = next(r for r in rows if r.name == "qemu")
+        print(f"\nratio xenkvm/qemu (time to marker): {ours.marker_s / qemu.marker_s:.2f}")
+    else:
+        print("\nratio: n/a (only " + (", ".join(r.name for r in both) or "neither") + " reached the marker)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
