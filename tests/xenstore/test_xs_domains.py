@@ -199,3 +199,23 @@ def test_quota_names_roundtrip():
         quotas.set("nope", 1)
     with pytest.raises(ValueError):
         quotas.set("nodes", -1)
+
+
+# ---------------------------------------------------------------- initial layout
+def test_create_domain_home(core, dom0, make_client):
+    from xenkvm.xenstore.layout import create_domain_home
+    home = create_domain_home(core, 4, "guest4", values={"memory/target": "524288"})
+    guest = make_client(4)
+    assert home == "/local/domain/4"
+    assert guest.read("name") == b"guest4"
+    assert guest.read("memory/target") == b"524288"
+    assert guest.err(XsType.WRITE, b"name\0x") == "EACCES"
+    assert guest.err(XsType.WRITE, b"memory/target\0x") == "EACCES"
+    guest.write("data/foo", "bar")
+    guest.write("control/shutdown", "poweroff")
+    guest.write("device/suspend/event-channel", "5")
+    assert guest.err(XsType.WRITE, b"device/vbd\0x") == "EACCES"
+    assert dom0.perms("/local/domain/4") == ["n0", "r4"]
+    assert dom0.perms("/local/domain/4/data") == ["n4"]
+    other = make_client(9)
+    assert other.err(XsType.READ, b"/local/domain/4/name\0") == "EACCES"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import struct
 import threading
 
 import pytest
@@ -159,3 +160,26 @@ def test_client_reset_connection(server):
     raw.close()
     with XsClient(server.socket_path) as c:
         assert c.read("/tool") == b""
+
+
+def test_embedded_vmm_flow(server, client):
+    """What the VMM does: build the guest's home, attach its ring, kick on notify."""
+    from xenkvm.xenstore.layout import create_domain_home
+    from xenkvm.xenstore.protocol import FrameDecoder
+    create_domain_home(server.core, 1, "guest")
+    client.watch("/local/domain/1/data", "backend")
+    assert client.wait_event() == ("/local/domain/1/data", "backend")
+    page = bytearray(4096)
+    notified = threading.Event()
+    ring = server.add_ring(1, page, notified.set)
+    frame = encode(XsType.WRITE, 1, 0, b"data/ip\x0010.0.0.2")
+    page[:len(frame)] = frame
+    struct.pack_into("<I", page, 2052, len(frame))        # req_prod
+    ring.kick()                                            # from the "vCPU" thread
+    assert notified.is_set()
+    decoder = FrameDecoder()
+    decoder.feed(bytes(page[1024:1024 + struct.unpack_from("<I", page, 2060)[0]]))
+    assert decoder.next().payload == b"OK\0"
+    assert client.wait_event() == ("/local/domain/1/data/ip", "backend")
+    assert client.read("/local/domain/1/data/ip") == b"10.0.0.2"
+    assert client.call(XsType.IS_DOMAIN_INTRODUCED, b"1\0") == b"T\0"

@@ -49,8 +49,9 @@ class DomainTable:
         return self._domains.get(domid)
 
     def is_introduced(self, domid: int) -> bool:
-        """IS_DOMAIN_INTRODUCED: "DOMID_SELF always gives T"."""
-        return domid == DOMID_SELF or domid in self._domains
+        """IS_DOMAIN_INTRODUCED: "DOMID_SELF always gives T"; so does dom0, whose
+        daemon this is (C introduces it at start-up)."""
+        return domid in (0, DOMID_SELF) or domid in self._domains
 
     def introduce(self, domid: int, gfn: int = 0, port: int = 0) -> tuple[Domain, bool]:
         """Add or refresh a domain; returns (domain, newly_introduced)."""

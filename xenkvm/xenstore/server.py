@@ -110,10 +110,18 @@ class XenstoreServer:
             os.unlink(path)
         except FileNotFoundError:
             pass
+        # Bind under a temporary name and rename into place once listening, so a
+        # client never finds a socket file that refuses connections.
+        tmp = os.path.join(os.path.dirname(path), f".xs{os.getpid()}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-        os.chmod(path, 0o600)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        sock.bind(tmp)
+        os.chmod(tmp, 0o600)
         sock.listen(self._backlog)
+        os.rename(tmp, path)
         sock.setblocking(False)
         self._listener = sock
         self._sel.register(sock, selectors.EVENT_READ, self._on_accept)
