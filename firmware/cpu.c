@@ -102,7 +102,7 @@ static const char *const exc_names[32] = {
 
 static volatile uint32_t exc_owner = 0xFFFFFFFFu;
 
-void xk_exception(struct xk_frame *f);
+XK_NORETURN void xk_exception(struct xk_frame *f);
 void xk_exception(struct xk_frame *f)
 {
     uint32_t me = cpuid_apic_id();
@@ -128,6 +128,24 @@ void xk_exception(struct xk_frame *f)
     printf("  r9 =%016lx r10=%016lx r11=%016lx r12=%016lx\n", f->r9, f->r10, f->r11, f->r12);
     printf("  r13=%016lx r14=%016lx r15=%016lx rflags=%lx cs=%lx\n", f->r13, f->r14, f->r15, f->rflags, f->cs);
     xk_finish();
+}
+
+/* ---- interrupt handlers ------------------------------------------------------ */
+static xk_irq_fn volatile irq_handlers[256];
+
+void xk_set_irq_handler(unsigned vector, xk_irq_fn fn)
+{
+    if (vector >= 32 && vector < 256)
+        irq_handlers[vector] = fn;
+}
+
+void xk_interrupt(struct xk_frame *f);
+void xk_interrupt(struct xk_frame *f)
+{
+    xk_irq_fn fn = f->vector >= 32 && f->vector < 256 ? irq_handlers[f->vector] : NULL;
+    if (!fn)
+        xk_exception(f);                /* does not return */
+    fn((unsigned)f->vector);
 }
 
 /* ---- power ------------------------------------------------------------------ */

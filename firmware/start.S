@@ -142,7 +142,9 @@ xk_ap_entry64:
 /* ---- exception / interrupt stubs ---------------------------------------------
  * 256 stubs, each XK_STUB_SIZE bytes apart starting at xk_isr_stubs. Vectors
  * where the CPU pushes an error code skip the dummy push. All end in
- * xk_isr_common which saves the GPRs and calls xk_exception(frame). */
+ * xk_isr_common which saves the GPRs and calls xk_interrupt(frame): a
+ * vector >= 32 with a registered handler returns here and irets, anything
+ * else goes to the exception reporter (which does not return). */
         .text
         .p2align 4
         .globl  xk_isr_stubs
@@ -178,11 +180,27 @@ xk_isr_common:
         pushq   %r15
         cld
         mov     %rsp, %rdi
+        mov     %rsp, %rbx              /* callee-saved: the frame */
         and     $~15, %rsp
-        call    xk_exception            /* does not return */
-7:      cli
-        hlt
-        jmp     7b
+        call    xk_interrupt            /* returns only for a handled interrupt */
+        mov     %rbx, %rsp
+        popq    %r15
+        popq    %r14
+        popq    %r13
+        popq    %r12
+        popq    %r11
+        popq    %r10
+        popq    %r9
+        popq    %r8
+        popq    %rbp
+        popq    %rdi
+        popq    %rsi
+        popq    %rdx
+        popq    %rcx
+        popq    %rbx
+        popq    %rax
+        add     $16, %rsp               /* vector, error code */
+        iretq
 
 /* ---- GDT ----------------------------------------------------------------------
  * 0x00 null, 0x08 code32, 0x10 data, 0x18 code64, then one 16-byte TSS

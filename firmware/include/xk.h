@@ -120,6 +120,13 @@ bool xk_inject_fault(const char *kind);
 extern const struct hvm_start_info *xk_start_info;
 /* A bounded busy wait: about `iterations` pause loops; no clocks involved. */
 void xk_spin(uint32_t iterations);
+/* Interrupt handlers: vectors 32..255 with a handler run it (with IF clear)
+ * and return to the interrupted code; any other vector is reported as a
+ * FAIL exception. The handler must EOI its LAPIC itself where needed. */
+typedef void (*xk_irq_fn)(unsigned vector);
+void xk_set_irq_handler(unsigned vector, xk_irq_fn fn);
+static inline void xk_irq_enable(void) { __asm__ volatile("sti" ::: "memory"); }
+static inline void xk_irq_disable(void) { __asm__ volatile("cli" ::: "memory"); }
 
 /* ---- acpi.c --------------------------------------------------------------- */
 struct acpi_rsdp {
@@ -181,6 +188,7 @@ uint32_t lapic_read(uint32_t reg);
 void lapic_write(uint32_t reg, uint32_t v);
 void lapic_enable(void);                   /* SVR bit 8, spurious vector 0xFF */
 uint32_t lapic_id(void);                   /* LAPIC ID register [31:24] */
+static inline void lapic_eoi(void) { *(volatile uint32_t *)(uintptr_t)(XK_LAPIC_BASE + LAPIC_EOI) = 0; }
 uint32_t cpuid_apic_id(void);              /* CPUID.1:EBX[31:24] */
 /* Send an IPI; returns false when the delivery-status bit never cleared. */
 bool lapic_send_ipi(uint32_t dest_apic_id, uint32_t icr_low);
