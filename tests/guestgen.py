@@ -57,3 +57,54 @@ RESET_CF9 = b"\xb0\x06\x66\xba\xf9\x0c\xee"  # mov al,6; mov dx,0xcf9; out dx,al
 def pio_loop(port: int = 0x10) -> bytes:
     """out port, al forever (the exit round-trip benchmark)."""
     return bytes([0xE6, port, 0xEB, 0xFC])
+
+
+# --- Xen hypercalls from raw 32-bit guests ------------------------------------------
+HYPERCALL_PAGE = 0x200000
+STACK = b"\xbc\x00\x00\x09\x00"                     # mov esp, 0x90000
+
+
+def install_hypercall_page(page: int = HYPERCALL_PAGE) -> bytes:
+    """wrmsr(0x40000000, page)."""
+    return (b"\xb9\x00\x00\x00\x40" + b"\xb8" + struct.pack("<I", page) + b"\x31\xd2" + b"\x0f\x30")
+
+
+def xen_version_via_page(page: int = HYPERCALL_PAGE) -> bytes:
+    """eax = xen_version(XENVER_version, 0) through the hypercall page."""
+    return b"\x31\xdb\x31\xc9" + b"\xb8" + struct.pack("<I", page + 17 * 32) + b"\xff\xd0"
+
+
+def print_version_eax() -> bytes:
+    """Print the minor (low byte) and major (byte 2) of EAX on the debug port."""
+    return b"\xe6\xe9\xc1\xe8\x10\xe6\xe9"
+
+
+def xen_version_via_vmcall_program(loops: int = 1, marker_port: int | None = None) -> bytes:
+    """A guest that calls a `vmcall; ret` stub ``loops`` times with eax=17 (xen_version) and ebx=0.
+
+    With ``marker_port`` it writes that port once before and once after the loop
+    (for timing); then prints the result and powers off.
+    """
+    marker = bytes([0xE6, marker_port]) if marker_port is not None else b""
+    head = STACK + marker + b"\xbe" + struct.pack("<I", loops)        # mov esi, loops
+    loop = b"\x31\xdb\x31\xc9\xb8\x11\x00\x00\x00" + b"\xe8"            # xor ebx; xor ecx; mov eax,17; call rel32
+    after_call = b"\x4e" + b"\x75"                                     # dec esi; jnz loop
+    tail = marker + print_version_eax() + POWER_OFF + SPIN
+    stub = b"\x0f\x01\xc1\xc3"                                         # vmcall; ret
+    # layout: head | loop(+rel32) | dec/jnz(+rel8) | tail | stub
+    loop_start = len(head)
+    call_end = loop_start + len(loop) + 4
+    jnz_end = call_end + len(after_call) + 1
+    stub_at = jnz_end + len(tail)
+    code = (head + loop + struct.pack("<i", stub_at - call_end) + after_call
+            + struct.pack("<b", loop_start - jnz_end) + tail + stub)
+    return code
+
+
+def xen_version_via_page_program(loops: int = 1, marker_port: int | None = None) -> bytes:
+    """Like xen_version_via_vmcall_program, through the hypercall page."""
+    marker = bytes([0xE6, marker_port]) if marker_port is not None else b""
+    head = STACK + install_hypercall_page() + marker + b"\xbe" + struct.pack("<I", loops)
+    loop = xen_version_via_page() + b"\x4e\x75"
+    code = head + loop + struct.pack("<b", -(len(loop) + 1)) + marker + print_version_eax() + POWER_OFF + SPIN
+    return code

@@ -56,6 +56,7 @@ class Vcpu:
                                   & lib.KVM_SYNC_X86_REGS)
         if self.has_sync_regs:
             self.run_struct.kvm_valid_regs = lib.KVM_SYNC_X86_REGS
+        self.has_sync_sregs = False
         self.thread_id: int | None = None
 
     def close(self) -> None:
@@ -101,6 +102,25 @@ class Vcpu:
         if self.has_sync_regs:
             return self._sync.regs
         return self.get_regs()
+
+    def enable_sync_sregs(self) -> bool:
+        """Have KVM also publish the special registers in kvm_run at every exit.
+
+        Hypercall traps need the CPU mode per call; reading it from kvm_run
+        saves a KVM_GET_SREGS ioctl each time.  Never marked dirty: set_sregs()
+        remains the only way to change them.
+        """
+        caps = self.vm.kvm.check_extension(lib.KVM_CAP_SYNC_REGS)
+        if self.has_sync_regs and caps & lib.KVM_SYNC_X86_SREGS:
+            self.run_struct.kvm_valid_regs |= lib.KVM_SYNC_X86_SREGS
+            self.has_sync_sregs = True
+        return self.has_sync_sregs
+
+    def efer(self) -> int:
+        """EFER after the last exit (from kvm_run when synced, else KVM_GET_SREGS)."""
+        if self.has_sync_sregs:
+            return self._sync.sregs.efer
+        return self.get_sregs().efer
 
     def mark_regs_dirty(self, regs=None) -> None:
         """Hand register changes back: via kvm_run's dirty bit, or KVM_SET_REGS."""

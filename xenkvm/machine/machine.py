@@ -84,7 +84,6 @@ class Machine:
         self.vcpus = [Vcpu(self.vm, i) for i in range(cfg.vcpus)]
         for v in self.vcpus:
             v.work = collections.deque()  # callables run on the vCPU's own thread (run_on_vcpu)
-            v.long_mode = False
         self.exit_handlers: dict[int, ExitHandler] = self._default_handlers()
         self.xen = None
         if cfg.xen is not None:
@@ -215,10 +214,8 @@ class Machine:
                 pass
 
     def long_mode(self, vcpu: Vcpu) -> bool:
-        """Whether the vCPU runs in long mode (cached once seen: guests do not leave it)."""
-        if not vcpu.long_mode:
-            vcpu.long_mode = bool(vcpu.get_sregs().efer & (1 << 10))
-        return vcpu.long_mode
+        """Whether the vCPU was in long mode at its last exit (EFER.LMA)."""
+        return bool(vcpu.efer() & (1 << 10))
 
     def power_off(self) -> None:
         self.stop(ExitStatus.POWEROFF, "guest powered off")

@@ -127,6 +127,8 @@ class XenDomain:
         """Choose and install the hypercall traps for the loaded image (before vCPUs run)."""
         from xenkvm.xen.traps import choose
         self.traps = choose(self, self.cfg.hypercall_trap, image)
+        for vcpu in self.machine.vcpus:
+            vcpu.enable_sync_sregs()  # the CPU mode of each hypercall without an ioctl
         for trap in self.traps:
             trap.install()
         log.info("hypercall traps: %s", ", ".join(t.name for t in self.traps))

@@ -133,7 +133,8 @@ def _args64(regs) -> tuple[int, ...]:
 
 
 def _args32(regs) -> tuple[int, ...]:
-    return tuple(r & 0xFFFFFFFF for r in (regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rbp))
+    m = 0xFFFFFFFF
+    return (regs.rbx & m, regs.rcx & m, regs.rdx & m, regs.rsi & m, regs.rdi & m, regs.rbp & m)
 
 
 class HypercallPageTrap:

@@ -1,0 +1,174 @@
+"""The dispatcher and the core hypercalls, called as a guest would (real domain, real RAM)."""
+from __future__ import annotations
+
+import struct
+import time
+
+import pytest
+
+from xenkvm.machine.machine import ExitStatus
+from xenkvm.xen.abi import Errno, HvmOp, HvmParam, Hypercall, MemOp, SchedOp, VcpuOp, XenVer, ffi, lib
+from xenkvm.xen.shinfo import TscScale
+
+pytestmark = pytest.mark.kvm
+BUF = 0x10_0000        # scratch guest memory for hypercall arguments
+SHINFO_PFN = 0x200     # guest page the tests map shared_info at
+
+
+def test_version_and_features(hcall, xen_machine):
+    assert hcall(Hypercall.xen_version, XenVer.version, 0) == 4 << 16 | 17
+    mem = xen_machine.mem
+    assert hcall(Hypercall.xen_version, XenVer.extraversion, BUF) == 0
+    assert mem.read_cstr(BUF, 16).startswith(b".")
+    mem.write(BUF, struct.pack("<II", 0, 0))
+    assert hcall(Hypercall.xen_version, XenVer.get_features, BUF) == 0
+    submap = struct.unpack_from("<I", mem.read(BUF + 4, 4))[0]
+    for bit in (lib.XENFEAT_auto_translated_physmap, lib.XENFEAT_hvm_callback_vector, lib.XENFEAT_hvm_safe_pvclock):
+        assert submap >> bit & 1
+    mem.write(BUF, struct.pack("<II", 7, 0xFFFF))
+    hcall(Hypercall.xen_version, XenVer.get_features, BUF)
+    assert mem.read_u32(BUF + 4) == 0  # submaps beyond the first are empty
+
+
+def test_errors_are_the_abi_ones(hcall):
+    assert hcall(63) == -Errno.ENOSYS                       # unknown hypercall
+    assert hcall(Hypercall.xen_version, 999, 0) == -Errno.ENOSYS  # unknown sub-op
+    assert hcall(Hypercall.xen_version, XenVer.extraversion, 1 << 50) == -Errno.EFAULT
+    assert hcall(Hypercall.xen_version, XenVer.extraversion, 0x7FF_FFFF_F000) == -Errno.EFAULT
+    assert hcall(Hypercall.sysctl, 0, 0) == -Errno.EPERM
+    assert hcall(Hypercall.hvm_op, HvmOp.pagetable_dying, BUF) == -Errno.ENOSYS
+
+
+def test_dispatcher_survives_handler_bugs(xen_machine, hcall):
+    def broken(call):
+        raise RuntimeError("bug")
+    xen_machine.xen.dispatcher.register(60, broken)
+    assert hcall(60) == -Errno.EINVAL
+    assert hcall(Hypercall.xen_version, XenVer.version, 0) > 0
+
+
+def map_shinfo(hcall, mem) -> int:
+    req = ffi.new("struct xen_add_to_physmap *")
+    req.domid, req.space, req.idx, req.gpfn = lib.DOMID_SELF, lib.XENMAPSPACE_shared_info, 0, SHINFO_PFN
+    mem.write(BUF, bytes(ffi.buffer(req)))
+    return hcall(Hypercall.memory_op, MemOp.add_to_physmap, BUF)
+
+
+def test_shared_info_and_pvclock(hcall, xen_machine):
+    mem = xen_machine.mem
+    assert map_shinfo(hcall, mem) == 0
+    base = SHINFO_PFN << 12
+    t = base + ffi.offsetof("struct vcpu_info", "time")
+    version, = struct.unpack_from("<I", mem.read(t, 4))
+    mul, shift, flags = struct.unpack_from("<Ibb", mem.read(t + ffi.offsetof("struct vcpu_time_info", "tsc_to_system_mul"), 6))
+    assert version % 2 == 0 and mul != 0 and flags & 1
+    scale = TscScale(mul, shift)
+    khz = xen_machine.xen.shinfo.tsc_khz
+    assert abs(scale.ns(khz * 1000) - 1_000_000_000) < 1_000_000  # one second of ticks
+    wc_sec = mem.read_u32(base + ffi.offsetof("struct shared_info", "wc_sec"))
+    boot = time.time() - xen_machine.xen.now_ns() / 1e9
+    assert abs(wc_sec - boot) < 2
+    # the same clock the guest computes from its TSC
+    st = xen_machine.xen.shinfo
+    tsc_ts, sys_time = struct.unpack_from("<QQ", mem.read(t + 8, 16))
+    now = sys_time + scale.ns(st.guest_tsc() - tsc_ts)
+    assert abs(now - xen_machine.xen.now_ns()) < 5_000_000
+
+
+def test_shared_info_refuses_bad_frames(hcall, xen_machine):
+    req = ffi.new("struct xen_add_to_physmap *")
+    req.domid, req.space, req.idx, req.gpfn = lib.DOMID_SELF, lib.XENMAPSPACE_shared_info, 0, 0xFFFFFF
+    xen_machine.mem.write(BUF, bytes(ffi.buffer(req)))
+    assert hcall(Hypercall.memory_op, MemOp.add_to_physmap, BUF) == -Errno.EINVAL
+    req.domid, req.gpfn = 7, SHINFO_PFN
+    xen_machine.mem.write(BUF, bytes(ffi.buffer(req)))
+    assert hcall(Hypercall.memory_op, MemOp.add_to_physmap, BUF) == -Errno.ESRCH
+    req.domid, req.space = lib.DOMID_SELF, 99
+    xen_machine.mem.write(BUF, bytes(ffi.buffer(req)))
+    assert hcall(Hypercall.memory_op, MemOp.add_to_physmap, BUF) == -Errno.EOPNOTSUPP
+
+
+def test_memory_map(hcall, xen_machine):
+    mem = xen_machine.mem
+    mem.write(BUF, struct.pack("<IIQ", 1, 0, BUF + 0x100))  # room for one entry: too small
+    assert hcall(Hypercall.memory_op, MemOp.memory_map, BUF) == -Errno.ENOBUFS
+    mem.write(BUF, struct.pack("<IIQ", 16, 0, BUF + 0x100))
+    assert hcall(Hypercall.memory_op, MemOp.memory_map, BUF) == 0
+    n = mem.read_u32(BUF)
+    entries = [struct.unpack_from("<QQI", mem.read(BUF + 0x100 + 20 * i, 20)) for i in range(n)]
+    assert sum(size for _, size, kind in entries if kind == 1) <= 32 << 20
+    assert any(addr == 0x100000 and kind == 1 for addr, _, kind in entries)
+    assert hcall(Hypercall.memory_op, MemOp.decrease_reservation, BUF) == -Errno.ENOSYS
+
+
+def hvm_param(mem, index: int, value: int = 0) -> None:
+    mem.write(BUF, struct.pack("<HxxIQ", lib.DOMID_SELF, index, value))
+
+
+def test_hvm_params(hcall, xen_machine):
+    mem = xen_machine.mem
+    hvm_param(mem, HvmParam.STORE_PFN)
+    assert hcall(Hypercall.hvm_op, HvmOp.get_param, BUF) == 0
+    assert mem.read_u64(BUF + 8) == 0xFEB00
+    hvm_param(mem, HvmParam.STORE_PFN, 5)
+    assert hcall(Hypercall.hvm_op, HvmOp.set_param, BUF) == -Errno.EPERM
+    hvm_param(mem, 4096)
+    assert hcall(Hypercall.hvm_op, HvmOp.get_param, BUF) == -Errno.EINVAL
+    hvm_param(mem, HvmParam.CALLBACK_IRQ, (2 << 56) | 0xF3)
+    assert hcall(Hypercall.hvm_op, HvmOp.set_param, BUF) == 0
+    hvm_param(mem, HvmParam.CALLBACK_IRQ, (9 << 56) | 0xF3)
+    assert hcall(Hypercall.hvm_op, HvmOp.set_param, BUF) == -Errno.EINVAL
+    mem.write(BUF, struct.pack("<IB", 1, 0xF3))
+    assert hcall(Hypercall.hvm_op, HvmOp.set_evtchn_upcall_vector, BUF) == 0
+    assert xen_machine.xen.vcpu_state(1).upcall_vector == 0xF3
+    mem.write(BUF, struct.pack("<IB", 5, 0xF3))
+    assert hcall(Hypercall.hvm_op, HvmOp.set_evtchn_upcall_vector, BUF) == -Errno.ENOENT
+    mem.write(BUF, struct.pack("<IB", 0, 0x05))
+    assert hcall(Hypercall.hvm_op, HvmOp.set_evtchn_upcall_vector, BUF) == -Errno.EINVAL
+
+
+def test_vcpu_registrations(hcall, xen_machine):
+    mem = xen_machine.mem
+    mem.write(BUF, struct.pack("<QII", 0x300, 0x40, 0))
+    assert hcall(Hypercall.vcpu_op, VcpuOp.register_vcpu_info, 1, BUF) == 0
+    assert xen_machine.xen.vcpu_info_gpa(1) == 0x300040
+    mem.write(BUF, struct.pack("<QII", 0x300, 0xFF0, 0))  # crosses the page
+    assert hcall(Hypercall.vcpu_op, VcpuOp.register_vcpu_info, 1, BUF) == -Errno.EINVAL
+    assert hcall(Hypercall.vcpu_op, VcpuOp.register_vcpu_info, 9, BUF) == -Errno.ENOENT
+    mem.write(BUF, struct.pack("<Q", 0x301000))
+    assert hcall(Hypercall.vcpu_op, VcpuOp.register_runstate_memory_area, 0, BUF) == 0
+    assert xen_machine.xen.vcpu_state(0).runstate_gpa == 0x301000
+    assert hcall(Hypercall.vcpu_op, VcpuOp.is_up, 0) == 1
+    assert hcall(Hypercall.vcpu_op, VcpuOp.initialise, 1, BUF) == -Errno.EINVAL
+
+
+def test_vm_assist_and_console_io(hcall, xen_machine):
+    assert hcall(Hypercall.vm_assist, lib.VMASST_CMD_enable, lib.VMASST_TYPE_runstate_update_flag) == 0
+    assert hcall(Hypercall.vm_assist, lib.VMASST_CMD_enable, lib.VMASST_TYPE_writable_pagetables) == -Errno.EINVAL
+    xen_machine.mem.write(BUF, b"hello hvc\n")
+    assert hcall(Hypercall.console_io, lib.CONSOLEIO_write, 10, BUF) == 0
+    assert xen_machine.sink.tail() == b"hello hvc\n"
+    assert hcall(Hypercall.console_io, lib.CONSOLEIO_write, 1 << 30, BUF) == -Errno.EINVAL
+    xen_machine.xen.console_input.push(b"ab")
+    assert hcall(Hypercall.console_io, lib.CONSOLEIO_read, 16, BUF) == 2
+    assert xen_machine.mem.read(BUF, 2) == b"ab"
+
+
+@pytest.mark.parametrize("reason,status", [(0, ExitStatus.POWEROFF), (1, ExitStatus.RESET),
+                                           (3, ExitStatus.GUEST_CRASH)])
+def test_shutdown_reasons(hcall, xen_machine, reason, status):
+    xen_machine.mem.write_u32(BUF, reason)
+    assert hcall(Hypercall.sched_op, SchedOp.shutdown, BUF) == 0
+    assert xen_machine.result.status is status
+
+
+def test_bad_shutdown_reason(hcall, xen_machine):
+    xen_machine.mem.write_u32(BUF, 77)
+    assert hcall(Hypercall.sched_op, SchedOp.shutdown, BUF) == -Errno.EINVAL
+    assert xen_machine.result is None
+
+
+def test_stats_count_calls(hcall, xen_machine):
+    for _ in range(3):
+        hcall(Hypercall.xen_version, XenVer.version, 0)
+    assert xen_machine.xen.dispatcher.stats[Hypercall.xen_version].count >= 3
