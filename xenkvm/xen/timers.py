@@ -1,0 +1,212 @@
+"""Per-vCPU Xen timers: the single-shot timer, the periodic timer and set_timer_op.
+
+Both timers raise the vCPU's VIRQ_TIMER.  Deadlines are Xen system time
+(``domain.now_ns()``, the clock pvclock shows the guest); they run on the
+machine's I/O thread at ``domain.boot_ns + deadline`` (monotonic).
+
+Xen behaviour reproduced (``common/domain.c`` VCPUOP_*, ``common/sched/core.c``):
+
+* a bad vCPU id is -ENOENT; the single-shot sub-ops act on the calling vCPU
+  only (-EINVAL for another one);
+* ``set_singleshot_timer`` with a deadline already past fires at once, or
+  returns -ETIME when the guest asked for ``VCPU_SSHOTTMR_future``;
+* ``set_periodic_timer`` needs 1 ms <= period <= 2^62-1 ns (-EINVAL), may name
+  any vCPU, and always restarts: first tick one period from now; each
+  expiry re-arms at expiry time + period; ``stop_periodic_timer`` returns 0
+  (which is what makes Linux choose the vcpuop clockevent);
+* ``set_timer_op(0)`` stops the single-shot timer; a deadline more than 2^50 ns
+  ahead (wrapped guest arithmetic) is replaced by now + 100 ms; otherwise it
+  is the single-shot timer with flags 0.  It never fails.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from xenkvm.xen.abi import Errno, Hypercall, VcpuOp, XenStruct, lib
+from xenkvm.xen.errors import HypercallError
+
+if TYPE_CHECKING:
+    from xenkvm.xen.dispatch import Call, Dispatcher
+
+log = logging.getLogger(__name__)
+
+PERIOD_MIN_NS = 1_000_000               #: Xen: MILLISECS(1)
+PERIOD_MAX_NS = (1 << 62) - 1           #: Xen: STIME_DELTA_MAX
+HUGE_TIMEOUT_NS = 1 << 50               #: set_timer_op "Linux workaround" threshold
+HUGE_TIMEOUT_REPLACEMENT_NS = 100_000_000
+SSHOT = XenStruct("struct vcpu_set_singleshot_timer")
+PERIODIC = XenStruct("struct vcpu_set_periodic_timer")
+
+
+class _Arm:
+    """One armed timer; stale I/O-thread callbacks see they are no longer current."""
+
+    __slots__ = ("deadline", "handle", "period")
+
+    def __init__(self, deadline: int, period: int = 0):
+        self.deadline = deadline
+        self.period = period
+        self.handle = None
+
+
+class VcpuTimers:
+    """Xen timers of one domain (``domain.timers``)."""
+
+    def __init__(self, domain):
+        self.d = domain
+        n = len(domain.vcpus)
+        self._oneshot: list[_Arm | None] = [None] * n
+        self._periodic: list[_Arm | None] = [None] * n
+        self.fired = [0] * n        #: VIRQ_TIMER raises per vCPU (statistics)
+
+    def register_hypercalls(self, dispatcher: "Dispatcher") -> None:
+        for op, fn in ((VcpuOp.set_singleshot_timer, self._op_set_singleshot),
+                       (VcpuOp.stop_singleshot_timer, self._op_stop_singleshot),
+                       (VcpuOp.set_periodic_timer, self._op_set_periodic),
+                       (VcpuOp.stop_periodic_timer, self._op_stop_periodic)):
+            dispatcher.register_subop(Hypercall.vcpu_op, op, fn)
+        dispatcher.register(Hypercall.set_timer_op, self._op_set_timer_op)
+
+    # -- hypercalls ------------------------------------------------------------
+    def _vcpu(self, call: "Call", vcpuid: int, own_only: bool) -> int:
+        if not self.d.valid_vcpu(vcpuid):
+            raise HypercallError(Errno.ENOENT, f"no vcpu {vcpuid}")
+        if own_only and vcpuid != call.vcpu_id:
+            raise HypercallError(Errno.EINVAL, f"vcpu{call.vcpu_id} cannot set vcpu{vcpuid}'s single-shot timer")
+        return vcpuid
+
+    def _op_set_singleshot(self, call: "Call", vcpuid: int) -> int:
+        v = self._vcpu(call, vcpuid, True)
+        req = call.guest.read_struct(SSHOT, call.args[2])
+        deadline, flags = int(req.timeout_abs_ns), int(req.flags)
+        if deadline < self.d.now_ns() and flags & lib.VCPU_SSHOTTMR_future:
+            raise HypercallError(Errno.ETIME, "single-shot deadline already past")
+        self.set_singleshot(v, deadline)
+        return 0
+
+    def _op_stop_singleshot(self, call: "Call", vcpuid: int) -> int:
+        self.stop_singleshot(self._vcpu(call, vcpuid, True))
+        return 0
+
+    def _op_set_periodic(self, call: "Call", vcpuid: int) -> int:
+        v = self._vcpu(call, vcpuid, False)
+        period = int(call.guest.read_struct(PERIODIC, call.args[2]).period_ns)
+        if not PERIOD_MIN_NS <= period <= PERIOD_MAX_NS:
+            raise HypercallError(Errno.EINVAL, f"periodic timer of {period} ns")
+        self.set_periodic(v, period)
+        return 0
+
+    def _op_stop_periodic(self, call: "Call", vcpuid: int) -> int:
+        self.stop_periodic(self._vcpu(call, vcpuid, False))
+        return 0
+
+    def _op_set_timer_op(self, call: "Call") -> int:
+        if call.long_mode:
+            timeout = call.args[0] & ((1 << 64) - 1)
+        else:
+            timeout = (call.args[0] & 0xFFFFFFFF) | (call.args[1] & 0xFFFFFFFF) << 32
+        v = call.vcpu_id
+        if timeout == 0:
+            self.stop_singleshot(v)
+            return 0
+        if timeout >= 1 << 63:
+            timeout -= 1 << 64          # s_time_t: a wrapped-negative deadline is in the past
+        now = self.d.now_ns()
+        if timeout - now >= HUGE_TIMEOUT_NS:
+            log.debug("vcpu%d: huge set_timer_op timeout %#x, using 100 ms", v, timeout)
+            timeout = now + HUGE_TIMEOUT_REPLACEMENT_NS
+        self.set_singleshot(v, timeout)
+        return 0
+
+    # -- VMM API -------------------------------------------------------------------
+    def set_singleshot(self, vcpu: int, deadline_ns: int) -> None:
+        """Arm vCPU ``vcpu``'s single-shot timer (system time); a past deadline fires now."""
+        with self.d.lock:
+            self._cancel(self._oneshot, vcpu)
+            if deadline_ns <= self.d.now_ns():
+                self._fire(vcpu)
+                return
+            arm = self._oneshot[vcpu] = _Arm(deadline_ns)
+            arm.handle = self.d.io.call_at(self.d.boot_ns + deadline_ns, lambda: self._expire_oneshot(vcpu, arm))
+
+    def stop_singleshot(self, vcpu: int) -> None:
+        with self.d.lock:
+            self._cancel(self._oneshot, vcpu)
+
+    def set_periodic(self, vcpu: int, period_ns: int) -> None:
+        """Start (or restart) vCPU ``vcpu``'s periodic timer; the first tick is one period away."""
+        with self.d.lock:
+            self._cancel(self._periodic, vcpu)
+            self._arm_periodic(vcpu, self.d.now_ns() + period_ns, period_ns)
+
+    def stop_periodic(self, vcpu: int) -> None:
+        with self.d.lock:
+            self._cancel(self._periodic, vcpu)
+
+    def stop_vcpu(self, vcpu: int) -> None:
+        """Stop both timers of a vCPU (VCPUOP_down, reset)."""
+        with self.d.lock:
+            self._cancel(self._oneshot, vcpu)
+            self._cancel(self._periodic, vcpu)
+
+    def reset(self) -> None:
+        with self.d.lock:
+            for v in range(len(self._oneshot)):
+                self.stop_vcpu(v)
+
+    def singleshot_deadline(self, vcpu: int) -> int | None:
+        arm = self._oneshot[vcpu]
+        return arm.deadline if arm else None
+
+    def periodic_period(self, vcpu: int) -> int:
+        arm = self._periodic[vcpu]
+        return arm.period if arm else 0
+
+    def to_state(self) -> dict:
+        with self.d.lock:
+            return {"singleshot": [a.deadline if a else None for a in self._oneshot],
+                    "periodic": [[a.period, a.deadline] if a else None for a in self._periodic]}
+
+    def from_state(self, state: dict) -> None:
+        """Re-arm saved timers (deadlines in system time; past ones fire at once)."""
+        with self.d.lock:
+            self.reset()
+            for v, dl in enumerate(state.get("singleshot", [])[:len(self._oneshot)]):
+                if dl is not None:
+                    self.set_singleshot(v, int(dl))
+            for v, pd in enumerate(state.get("periodic", [])[:len(self._periodic)]):
+                if pd:
+                    self._arm_periodic(v, int(pd[1]), int(pd[0]))
+
+    # -- internals -------------------------------------------------------------------
+    @staticmethod
+    def _cancel(table: list, vcpu: int) -> None:
+        arm = table[vcpu]
+        if arm is not None:
+            table[vcpu] = None
+            if arm.handle is not None:
+                arm.handle.cancel()
+
+    def _arm_periodic(self, vcpu: int, deadline: int, period: int) -> None:
+        arm = self._periodic[vcpu] = _Arm(deadline, period)
+        arm.handle = self.d.io.call_at(self.d.boot_ns + deadline, lambda: self._expire_periodic(vcpu, arm))
+
+    def _fire(self, vcpu: int) -> None:
+        self.fired[vcpu] += 1
+        self.d.evtchn.raise_virq(lib.VIRQ_TIMER, vcpu)
+
+    def _expire_oneshot(self, vcpu: int, arm: _Arm) -> None:
+        with self.d.lock:
+            if self._oneshot[vcpu] is not arm:
+                return              # stopped or re-armed meanwhile
+            self._oneshot[vcpu] = None
+            self._fire(vcpu)
+
+    def _expire_periodic(self, vcpu: int, arm: _Arm) -> None:
+        with self.d.lock:
+            if self._periodic[vcpu] is not arm:
+                return
+            self._fire(vcpu)
+            # Xen re-anchors at the expiry time: no burst of catch-up ticks.
+            self._arm_periodic(vcpu, self.d.now_ns() + arm.period, arm.period)
