@@ -117,3 +117,14 @@ def test_daemon_quota_option(tmp_path):
     from xenkvm.xenstore.daemon import build_core, parse_args
     core = build_core(parse_args(["--quota", "nodes=12", "--quota", "watches=0x10"]))
     assert (core.quotas.nodes, core.quotas.watches) == (12, 16)
+
+
+def test_malformed_state_document(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"format": state.FORMAT, "version": state.VERSION}))
+    with pytest.raises(state.StateError):
+        state.load(str(path))
+    path.write_text(json.dumps({"format": state.FORMAT, "version": state.VERSION,
+                                "generation": 1, "nodes": [{"path": "/x"}]}))
+    with pytest.raises(state.StateError):
+        state.load(str(path))

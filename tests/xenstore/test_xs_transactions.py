@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from conftest import Direct
+from xsdirect import Direct
 from xenkvm.xenstore.dispatch import Xenstored
 from xenkvm.xenstore.protocol import XsType
 

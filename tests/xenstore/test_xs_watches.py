@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
-from conftest import Direct
+from xsdirect import Direct
 from xenkvm.xenstore.dispatch import Xenstored
 from xenkvm.xenstore.paths import is_child
 from xenkvm.xenstore.protocol import Message, XsType

@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log.error("cannot listen on %s: %s", server.socket_path, exc)
         return 1
+    _serve(server, core, args)
+    return 0
+
+
+def _serve(server: XenstoreServer, core: Xenstored, args: argparse.Namespace) -> None:
+    """Run until SIGINT/SIGTERM, then save ``--state`` and remove the pid file."""
     if args.pid_file:
         with open(args.pid_file, "w", encoding="ascii") as fh:
             fh.write(f"{os.getpid()}\n")
@@ -87,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
                 os.unlink(args.pid_file)
             except OSError:
                 pass
-    return 0
 
 
 if __name__ == "__main__":

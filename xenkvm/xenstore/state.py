@@ -108,7 +108,10 @@ def load(path: str) -> Xenstored:
             doc = json.loads(fh.read())
         except ValueError as exc:
             raise StateError(f"{path}: {exc}") from exc
-    core = restore(doc)
+    try:
+        core = restore(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise StateError(f"{path}: malformed state ({exc!r})") from exc
     log.info("loaded %d nodes from %s", len(core.store.nodes), path)
     return core
 

@@ -158,7 +158,7 @@ class Store:
         return problems
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class _Dom0:
     domid: int = 0
     privileged: bool = True
