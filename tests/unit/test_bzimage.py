@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import BZ
+from bootimages import BZ
 from xenkvm.machine import layout
 from xenkvm.machine.boot import BootError
 from xenkvm.machine.boot._abi_cffi import ffi

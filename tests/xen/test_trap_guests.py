@@ -14,10 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 VERSION_417 = bytes([17, 4])  # minor, major as the guest prints them
 
 
-def run(tmp_path, code: bytes, *flags: str) -> subprocess.CompletedProcess:
+def run(tmp_path, code: bytes, *flags: str, verbose: bool = False) -> subprocess.CompletedProcess:
     k = tmp_path / "g.elf"
     k.write_bytes(guestgen.pvh_elf(code))
-    return subprocess.run([sys.executable, "-m", "xenkvm", "run", "--kernel", str(k), "--memory", "32M", *flags],
+    pre = ["-v"] if verbose else []
+    return subprocess.run([sys.executable, "-m", "xenkvm", *pre, "run", "--kernel", str(k), "--memory", "32M", *flags],
                           capture_output=True, timeout=120, cwd=ROOT)
 
 
@@ -34,7 +35,7 @@ def test_breakpoint_trap(tmp_path):
 
 
 def test_auto_uses_breakpoints_for_direct_vmcall(tmp_path):
-    r = run(tmp_path, guestgen.xen_version_via_vmcall_program(2), "--xen", "-v")
+    r = run(tmp_path, guestgen.xen_version_via_vmcall_program(2), "--xen", verbose=True)
     assert r.returncode == 0 and r.stdout == VERSION_417
     assert b"hypercall traps: hypercall-page, breakpoint" in r.stderr
 

@@ -9,7 +9,6 @@ import pytest
 
 from xenkvm.xenstore.client import XsClient
 from xenkvm.xenstore.dispatch import Xenstored
-from xenkvm.xenstore.protocol import FrameDecoder, Message, XenstoreError, XsError, XsType
 from xenkvm.xenstore.server import XenstoreServer
 
 
