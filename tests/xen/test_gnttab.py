@@ -734,3 +734,14 @@ def test_restore_reuses_recreated_hole_pages():
     d2.gnttab.from_state(state)
     assert d2.gnttab.entry(9)["frame"] == DATA
     assert bytes(region.view[72:80]) == struct.pack("<HHI", PERMIT, 0, DATA)
+
+
+def test_unmap_gpfn(dom):
+    dom.gnttab.map_frame(0, F0)
+    v1(dom, 9, PERMIT, 0, DATA)
+    assert dom.gnttab.unmap_gpfn(F0) and not dom.gnttab.unmap_gpfn(F0)
+    assert dom.gnttab.frame_gfn(0) == gt.INVALID_GFN
+    v1(dom, 9, 0)                                    # no longer the table
+    assert dom.gnttab.entry(9)["frame"] == DATA
+    dom.gnttab.map_frame(0, F0 + 1)
+    assert struct.unpack_from("<HHI", dom.mem.read(((F0 + 1) << 12) + 72, 8)) == (PERMIT, 0, DATA)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -136,7 +137,7 @@ class GrantError(Exception):
 class _Frame:
     """One 4 KiB frame of the table: VMM memory until mapped, then the guest page at ``gpfn``."""
 
-    __slots__ = ("buf", "addr", "gpfn", "_own")
+    __slots__ = ("buf", "addr", "ptr", "gpfn", "_own")
 
     def __init__(self) -> None:
         self.gpfn: int | None = None
@@ -147,11 +148,13 @@ class _Frame:
         self._own = (data, cdata)
         self.buf = memoryview(data)
         self.addr = int(kffi.cast("uintptr_t", cdata))
+        self.ptr = kffi.cast("char *", self.addr)
 
     def attach(self, gpfn: int, view: memoryview, addr: int, copy: bool = True) -> None:
         if copy:
             view[:] = bytes(self.buf)
         self.buf, self.addr, self.gpfn, self._own = view, addr, gpfn, None
+        self.ptr = kffi.cast("char *", addr)
 
     def detach(self) -> None:
         """Keep the content in VMM memory; the guest page stays as it is."""
@@ -172,6 +175,7 @@ class _Pin:
     page_off: int
     length: int
     inner: int | None = None   #: the ref a transitive grant points to (pinned too)
+    page: memoryview | None = None  #: the granted page (set when first pinned)
 
 
 class GrantMapping:
@@ -207,14 +211,21 @@ class GrantMapping:
         return f"GrantMapping(ref={self.ref}, gfn={self.gfn:#x}, {'rw' if self.writable else 'ro'}, mapped={self.mapped})"
 
 
-def _cas32(addr: int, expected: int, desired: int) -> tuple[bool, int]:
-    exp = kffi.new("uint32_t *", expected)
-    ok = klib.xk_cmpxchg32(kffi.cast("void *", addr), exp, desired)
+_expected = threading.local()
+
+
+def _cas32(ptr, expected: int, desired: int) -> tuple[bool, int]:
+    """Compare-and-swap the 32-bit word at ``ptr`` (a cffi char pointer)."""
+    exp = getattr(_expected, "cell", None)
+    if exp is None:
+        exp = _expected.cell = kffi.new("uint32_t *")
+    exp[0] = expected
+    ok = klib.xk_cmpxchg32(ptr, exp, desired)
     return bool(ok), exp[0]
 
 
-def _load32(addr: int) -> int:
-    return kffi.cast("uint32_t *", addr)[0]
+def _load32(ptr) -> int:
+    return kffi.cast("uint32_t *", ptr)[0]
 
 
 class GrantTable:
@@ -247,16 +258,18 @@ class GrantTable:
         return len(self.frames)
 
     @property
-    def per_frame(self) -> int:
-        return V1_PER_FRAME if self.version == 1 else V2_PER_FRAME
+    def version(self) -> int:
+        return self._version
 
-    @property
-    def entry_size(self) -> int:
-        return V1_SIZE if self.version == 1 else V2_SIZE
+    @version.setter
+    def version(self, version: int) -> None:
+        self._version = version
+        self.per_frame = V1_PER_FRAME if version == 1 else V2_PER_FRAME
+        self.entry_size = V1_SIZE if version == 1 else V2_SIZE
 
     @property
     def nr_entries(self) -> int:
-        return self.nr_frames * self.per_frame
+        return len(self.frames) * self.per_frame
 
     @staticmethod
     def status_frames_for(nr_frames: int) -> int:
@@ -270,7 +283,7 @@ class GrantTable:
         """(host address of the aligned 32-bit word, shift of ref's uint16 in it)."""
         frame = self.status[ref // STATUS_PER_FRAME]
         off = (ref % STATUS_PER_FRAME) * STATUS_SIZE
-        return frame.addr + (off & ~3), (off & 2) * 8
+        return frame.ptr + (off & ~3), (off & 2) * 8
 
     def _grow(self, nr_frames: int) -> None:
         while len(self.frames) < nr_frames:
@@ -378,6 +391,16 @@ class GrantTable:
             self._holes[gpfn] = region
         return region.view[:PAGE_SIZE], region.host_addr
 
+    def unmap_gpfn(self, gpfn: int) -> bool:
+        """XENMEM_remove_from_physmap of a gpfn holding a grant frame: the frame goes back to
+        VMM memory (content kept).  False if no frame is mapped there."""
+        with self.domain.lock:
+            where = self._at.pop(gpfn, None)
+            if where is None:
+                return False
+            (self.status if where[0] else self.frames)[where[1]].detach()
+            return True
+
     def frame_gfn(self, idx: int, status: bool = False) -> int:
         frames = self.status if status else self.frames
         gpfn = frames[idx].gpfn
@@ -391,11 +414,13 @@ class GrantTable:
             raise GrantError(Gntst.bad_gntref, f"ref {ref} of {self.nr_entries}")
         act = self._active.get(ref)
         pinned = act is not None
-        frame, off = self._entry(ref)
-        word_addr = frame.addr + off
+        per = self.per_frame
+        frame = self.frames[ref // per]
+        off = (ref % per) * self.entry_size
         mask = GTF_type_mask | (GTF_sub_page if mapping else 0)
-        if self.version == 1:
-            word = _load32(word_addr)
+        if self._version == 1:
+            word_addr = frame.ptr + off
+            word = _U32.unpack_from(frame.buf, off)[0]
             for attempt in range(_CAS_RETRIES):
                 flags, dom = word & 0xFFFF, word >> 16
                 if not pinned and (flags & mask != GTF_permit_access or dom != ldomid):
@@ -421,9 +446,12 @@ class GrantTable:
                     self._clear_flags(ref, GTF_writing)
                 raise
         if not pinned:
-            if act.inner is None and not self.mem.contains(act.gfn << PAGE_SHIFT, PAGE_SIZE):
-                self._clear_flags(ref, GTF_reading | GTF_writing)
-                raise GrantError(Gntst.bad_page, f"ref {ref}: gfn {act.gfn:#x} is not guest memory")
+            if act.page is None:
+                try:
+                    act.page = self.mem.view(act.gfn << PAGE_SHIFT, PAGE_SIZE)
+                except GuestMemoryError:
+                    self._clear_flags(ref, GTF_reading | GTF_writing)
+                    raise GrantError(Gntst.bad_page, f"ref {ref}: gfn {act.gfn:#x} is not guest memory") from None
             self._active[ref] = act
         act.pins += 1
         if not readonly:
@@ -444,7 +472,7 @@ class GrantTable:
             raise GrantError(Gntst.general_error, f"ref {ref}: write access to a read-only grant")
         set_bits = GTF_reading | (0 if readonly else GTF_writing)
         addr, shift = self._status_word(ref)
-        klib.xk_fetch_or32(kffi.cast("void *", addr), set_bits << shift)
+        klib.xk_fetch_or32(addr, set_bits << shift)
         klib.xk_mb()
         # The guest may have revoked the entry between our check and the status update.
         flags, dom = struct.unpack_from("<HH", frame.buf, off)
@@ -478,7 +506,7 @@ class GrantTable:
         except GrantError:
             self._clear_flags(ref, GTF_reading | GTF_writing)
             raise
-        return _Pin(0, 0, inner.gfn, inner.page_off, inner.length, inner=gref)
+        return _Pin(0, 0, inner.gfn, inner.page_off, inner.length, inner=gref, page=inner.page)
 
     def _release(self, ref: int, readonly: bool) -> None:
         act = self._active.get(ref)
@@ -499,12 +527,12 @@ class GrantTable:
             self._release(act.inner, readonly)
 
     def _clear_flags(self, ref: int, bits: int) -> None:
-        if self.version == 1:
+        if self._version == 1:
             frame, off = self._entry(ref)
-            klib.xk_fetch_and32(kffi.cast("void *", frame.addr + off), ~bits & _MASK32)
+            klib.xk_fetch_and32(frame.ptr + off, ~bits & _MASK32)
         else:
             addr, shift = self._status_word(ref)
-            klib.xk_fetch_and32(kffi.cast("void *", addr), ~(bits << shift) & _MASK32)
+            klib.xk_fetch_and32(addr, ~(bits << shift) & _MASK32)
 
     @property
     def pinned(self) -> dict[int, tuple[int, int]]:
@@ -530,7 +558,7 @@ class GrantTable:
             act = self._acquire(ref, backend, True, False)
             try:
                 self._check_range(act, offset, length, ref)
-                return bytes(self.mem.view((act.gfn << PAGE_SHIFT) + offset, length))
+                return bytes(act.page[offset:offset + length])
             finally:
                 self._release(ref, True)
 
@@ -545,7 +573,7 @@ class GrantTable:
             act = self._acquire(ref, backend, False, False)
             try:
                 self._check_range(act, offset, length, ref)
-                self.mem.view((act.gfn << PAGE_SHIFT) + offset, length)[:] = data
+                act.page[offset:offset + length] = data
             finally:
                 self._release(ref, False)
 
@@ -554,8 +582,7 @@ class GrantTable:
         with self.domain.lock:
             self._check_granter(domid)
             act = self._acquire(ref, backend, not writable, True)
-            view = self.mem.view(act.gfn << PAGE_SHIFT, PAGE_SIZE)
-            return GrantMapping(self, ref, writable, act.gfn, view)
+            return GrantMapping(self, ref, writable, act.gfn, act.page[:])
 
     def map_refs(self, domid: int, refs: list[int], writable: bool, *, backend: int = 0) -> list[GrantMapping]:
         """Map several refs (multi-page rings): all or none."""
@@ -701,7 +728,7 @@ class GrantTable:
                 struct.pack_into("<HHI", frame.buf, off, flags, dom, gfn)
             else:
                 addr, shift = self._status_word(ref)
-                klib.xk_fetch_or32(kffi.cast("void *", addr), (flags & (GTF_reading | GTF_writing)) << shift)
+                klib.xk_fetch_or32(addr, (flags & (GTF_reading | GTF_writing)) << shift)
                 _U64.pack_into(frame.buf, off + V2_FULL_FRAME, gfn)
                 struct.pack_into("<HH", frame.buf, off, flags & ~(GTF_reading | GTF_writing), dom)
         log.info("grant table version %d", version)
