@@ -1,0 +1,210 @@
+"""The Xen primary console: ``struct xencons_interface`` in a special page.
+
+The guest (Linux ``hvc_xen``) finds the page and its event channel in
+``HVM_PARAM_CONSOLE_PFN`` / ``HVM_PARAM_CONSOLE_EVTCHN``.  Output: it copies
+bytes into ``out[]``, advances ``out_prod`` and sends on the port; we copy
+``out[out_cons..out_prod)`` to the machine's console sink, advance ``out_cons``
+and notify back (a guest with a full ring waits for that).  Input: host
+keystrokes go into ``in[]`` up to the free space, ``in_prod`` advances and the
+guest is notified; what does not fit waits here until the guest consumes.
+
+Indices are free-running u32s written by the guest and therefore hostile: a
+ring whose ``prod - cons`` exceeds its size is marked broken (logged once) and
+ignored from then on; every access is masked into the page.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from xenkvm.xen.abi import HvmParam, ffi
+
+if TYPE_CHECKING:
+    from xenkvm.xen.domain import XenDomain
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 4096
+_U32 = struct.Struct("<I")
+_MASK = 0xFFFFFFFF
+#: Host input held back while the guest's in[] is full; beyond it, input is dropped.
+PENDING_MAX = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ConsLayout:
+    """Offsets and sizes of ``struct xencons_interface`` (from the compiled header)."""
+
+    in_off: int
+    in_size: int
+    out_off: int
+    out_size: int
+    in_cons: int
+    in_prod: int
+    out_cons: int
+    out_prod: int
+
+    @classmethod
+    def from_abi(cls) -> "ConsLayout":
+        ctype = "struct xencons_interface"
+        fields = dict(ffi.typeof(ctype).fields)
+        off = lambda name: ffi.offsetof(ctype, name)  # noqa: E731
+        return cls(off("in"), fields["in"].type.length, off("out"), fields["out"].type.length,
+                   off("in_cons"), off("in_prod"), off("out_cons"), off("out_prod"))
+
+
+LAYOUT = ConsLayout.from_abi()
+
+
+class RingBroken(Exception):
+    """The guest put impossible indices in the ring."""
+
+
+class ConsoleRing:
+    """Host side of one ``xencons_interface`` page (no locking, no event channels)."""
+
+    def __init__(self, page: memoryview, layout: ConsLayout = LAYOUT):
+        page = memoryview(page)
+        if page.format != "B" or page.ndim != 1:
+            page = page.cast("B")
+        if page.readonly or page.nbytes < PAGE_SIZE or layout.out_prod + 4 > PAGE_SIZE:
+            raise ValueError("console ring needs one writable 4096-byte page")
+        self.page = page
+        self.lay = layout
+
+    def _u32(self, off: int) -> int:
+        return _U32.unpack_from(self.page, off)[0]
+
+    def _set_u32(self, off: int, value: int) -> None:
+        _U32.pack_into(self.page, off, value & _MASK)
+
+    @property
+    def out_used(self) -> int:
+        return (self._u32(self.lay.out_prod) - self._u32(self.lay.out_cons)) & _MASK
+
+    def take_output(self) -> bytes:
+        """Everything the guest produced since the last call; advances ``out_cons``."""
+        lay = self.lay
+        cons, prod = self._u32(lay.out_cons), self._u32(lay.out_prod)
+        used = (prod - cons) & _MASK
+        if used > lay.out_size:
+            raise RingBroken(f"out_cons={cons:#x} out_prod={prod:#x}")
+        if not used:
+            return b""
+        data = _read_wrapped(self.page, lay.out_off, lay.out_size, cons, used)
+        self._set_u32(lay.out_cons, cons + used)
+        return data
+
+    def put_input(self, data: bytes) -> int:
+        """Copy as much of ``data`` into ``in[]`` as fits; returns the count written."""
+        lay = self.lay
+        cons, prod = self._u32(lay.in_cons), self._u32(lay.in_prod)
+        used = (prod - cons) & _MASK
+        if used > lay.in_size:
+            raise RingBroken(f"in_cons={cons:#x} in_prod={prod:#x}")
+        count = min(len(data), lay.in_size - used)
+        if count:
+            _write_wrapped(self.page, lay.in_off, lay.in_size, prod, data[:count])
+            # Data before index: the guest reads in_prod, then the bytes.
+            self._set_u32(lay.in_prod, prod + count)
+        return count
+
+
+def _read_wrapped(page: memoryview, base: int, size: int, index: int, count: int) -> bytes:
+    start = index % size
+    first = min(count, size - start)
+    data = bytes(page[base + start:base + start + first])
+    if count > first:
+        data += bytes(page[base:base + count - first])
+    return data
+
+
+def _write_wrapped(page: memoryview, base: int, size: int, index: int, data: bytes) -> None:
+    start = index % size
+    first = min(len(data), size - start)
+    page[base + start:base + start + first] = data[:first]
+    if len(data) > first:
+        page[base:base + len(data) - first] = data[first:]
+
+
+class PrimaryConsole:
+    """The domain's primary console ring, wired to the machine console and host input."""
+
+    def __init__(self, domain: "XenDomain"):
+        self.domain = domain
+        self.sink = domain.machine.console
+        gpa = domain.params[HvmParam.CONSOLE_PFN] << 12
+        self.gfn = gpa >> 12
+        self.ring = ConsoleRing(domain.mem.view(gpa, PAGE_SIZE))
+        self._lock = threading.Lock()
+        self._pending = bytearray()
+        self.broken: str | None = None
+        #: the guest has written to this console: host keystrokes go here, not to the UART
+        self.connected = False
+        self.port = domain.evtchn.alloc_vmm_port(self.on_guest_notify)
+        domain.params[HvmParam.CONSOLE_EVTCHN] = self.port
+        log.debug("primary console: gfn %#x, port %d", self.gfn, self.port)
+
+    @classmethod
+    def attach(cls, domain: "XenDomain") -> "PrimaryConsole":
+        """Create the console for ``domain`` (call from ``XenDomain._build_services``)."""
+        return cls(domain)
+
+    # -- guest -> host ---------------------------------------------------------
+    def on_guest_notify(self) -> None:
+        """The guest sent on the console port (I/O thread): drain out[], refill in[]."""
+        with self._lock:
+            out = self._guarded(self.ring.take_output)
+            wrote = self._fill_input_locked()
+        if out:
+            self.connected = True
+            self.sink.write(out)
+        if out or wrote:
+            self._notify()
+
+    # -- host -> guest ----------------------------------------------------------
+    def push_input(self, data: bytes) -> int:
+        """Queue host keystrokes for the guest; returns how many were accepted."""
+        with self._lock:
+            room = PENDING_MAX - len(self._pending)
+            accepted = min(room, len(data))
+            self._pending += data[:accepted]
+            wrote = self._fill_input_locked()
+        if wrote:
+            self._notify()
+        return accepted
+
+    @property
+    def pending_input(self) -> int:
+        """Bytes of host input waiting for room in the guest's in[]."""
+        return len(self._pending)
+
+    def _fill_input_locked(self) -> int:
+        if not self._pending or self.broken:
+            return 0
+        chunk = bytes(self._pending[:self.ring.lay.in_size])
+        count = self._guarded(lambda: self.ring.put_input(chunk)) or 0
+        del self._pending[:count]
+        return count
+
+    def _guarded(self, fn):
+        """Run a ring access; a hostile index marks the ring broken (logged once)."""
+        if self.broken:
+            return None
+        try:
+            return fn()
+        except RingBroken as e:
+            self.broken = str(e)
+            self._pending.clear()
+            log.error("dom%d: primary console ring broken (%s); ignoring it from now on",
+                      self.domain.domid, e)
+            return None
+
+    def _notify(self) -> None:
+        self.domain.evtchn.notify(self.port)
+
+    def close(self) -> None:
+        """Nothing to release: the page belongs to the domain's special region."""
