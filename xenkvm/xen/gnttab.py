@@ -343,6 +343,8 @@ class GrantTable:
         HypercallError(EINVAL) for an index past the maximum or a gpfn that
         cannot hold the frame.
         """
+        if not 0 <= gpfn < 1 << (52 - PAGE_SHIFT):
+            raise einval(f"gpfn {gpfn:#x} out of range")
         with self.domain.lock:
             status = self.version == 2 and bool(idx & STATUS_IDX)
             if status:
@@ -359,8 +361,6 @@ class GrantTable:
                     raise einval(f"grant frame {idx:#x} beyond the maximum {self.max_frames}")
                 self._grow(idx + 1)
                 frames = self.frames
-            if not 0 <= gpfn < 1 << (52 - PAGE_SHIFT):
-                raise einval(f"gpfn {gpfn:#x} out of range")
             frame = frames[idx]
             if frame.gpfn == gpfn:
                 return
