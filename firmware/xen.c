@@ -289,6 +289,7 @@ static void deliver(evtchn_port_t port, unsigned cpu)
     }
     struct xen_port_stat *p = &xen_ports[port];
     p->cpu = cpu;
+    p->last_ns = xen_system_time();
     xk_fetch_add(&p->count, 1);
     if (p->fn)
         p->fn(port, cpu);
@@ -541,6 +542,39 @@ bool xen_wait_count(volatile uint32_t *counter, uint32_t target, uint32_t polls)
     }
     xk_irq_disable();
     return ok || __atomic_load_n(counter, __ATOMIC_ACQUIRE) >= target;
+}
+
+bool xen_wait_port(evtchn_port_t port, uint32_t target, uint64_t max_ns)
+{
+    if (port >= XEN_MAX_PORTS)
+        return false;
+    volatile uint32_t *counter = &xen_ports[port].count;
+    uint64_t end = xen_system_time() + max_ns;
+    bool ok = false;
+    xk_irq_enable();
+    for (uint32_t i = 0; i < XEN_WAIT_POLLS; i++) {
+        if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) >= target) {
+            ok = true;
+            break;
+        }
+        if ((i & 63) == 0 && xen_system_time() > end)
+            break;
+        cpu_relax();
+    }
+    xk_irq_disable();
+    return ok || __atomic_load_n(counter, __ATOMIC_ACQUIRE) >= target;
+}
+
+void xen_delay_ns(uint64_t ns)
+{
+    uint64_t end = xen_system_time() + ns;
+    xk_irq_enable();
+    for (uint32_t i = 0; i < XEN_WAIT_POLLS; i++) {
+        if ((i & 63) == 0 && xen_system_time() > end)
+            break;
+        cpu_relax();
+    }
+    xk_irq_disable();
 }
 
 void xen_irq_window(uint32_t polls)

@@ -162,6 +162,7 @@ typedef void (*xen_port_fn)(evtchn_port_t port, unsigned cpu);
 struct xen_port_stat {
     volatile uint32_t count;    /* events delivered to the handler */
     volatile uint32_t cpu;      /* toolkit CPU that handled the last one */
+    volatile uint64_t last_ns;  /* pvclock time of the last one */
     xen_port_fn fn;             /* optional, runs in the upcall (IF clear) */
 };
 extern struct xen_port_stat xen_ports[XEN_MAX_PORTS];
@@ -192,6 +193,10 @@ long xen_evtchn_bind_ipi(uint32_t vcpu, evtchn_port_t *port);
 /* Enable interrupts and poll (bounded) until *counter >= target; IF is
  * restored to clear. Returns whether it got there. */
 bool xen_wait_count(volatile uint32_t *counter, uint32_t target, uint32_t polls);
+/* Same for a port's counter, also giving up after max_ns of pvclock time. */
+bool xen_wait_port(evtchn_port_t port, uint32_t target, uint64_t max_ns);
+/* Spin with interrupts enabled for `ns` of pvclock time (bounded polls). */
+void xen_delay_ns(uint64_t ns);
 /* Let pending interrupts in for a short while (a few thousand polls). */
 void xen_irq_window(uint32_t polls);
 /* Handle pending events on this CPU without an interrupt (tests, polling). */
