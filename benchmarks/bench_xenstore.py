@@ -211,8 +211,10 @@ def prepare(path: str, max_clients: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=1.0, help="seconds per measurement")
-    parser.add_argument("--warmup", type=float, default=0.25)
+    parser.add_argument("--duration", type=float, default=0.6, help="seconds per measurement")
+    parser.add_argument("--warmup", type=float, default=0.2)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measurements per point; the median is reported")
     parser.add_argument("--clients", default="1,8,64")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="client processes (default: CPUs - 1, the server gets one)")
@@ -230,15 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare(xs_path, max(client_counts))
         print(f"xenstore benchmark: {os.cpu_count()} CPUs, {args.workers} client processes, "
-              f"{args.duration:.1f} s per point, Python {sys.version.split()[0]}")
+              f"median of {args.repeats} x {args.duration:.1f} s per point, "
+              f"Python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.2f}")
         print()
         header = f"{'op':<12}" + "".join(f"{f'{n} client' + ('s' if n > 1 else ''):>14}"
                                          for n in client_counts)
         print(header + "   (ops/s; transaction = START+READ+WRITE+END)")
         print("-" * len(header))
         for op in OPS:
-            row = [measure(xs_path, op, n, args.workers, args.warmup, args.duration)
-                   for n in client_counts]
+            row = [statistics.median(
+                measure(xs_path, op, n, args.workers, args.warmup, args.duration)
+                for _ in range(args.repeats)) for n in client_counts]
             print(f"{op:<12}" + "".join(f"{r:>14,.0f}" for r in row))
         print()
         read_frame = encode(XsType.READ, 0, 0, b"/bench/key\0")

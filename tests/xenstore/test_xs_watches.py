@@ -363,3 +363,17 @@ WatchMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestWatchModel = WatchMachine.TestCase
+
+
+def test_guest_event_queue_is_capped(core, dom0, make_client):
+    guest = make_client(5)
+    core.quotas.watch_events = 3
+    dom0.write("/pub", "")
+    dom0.chmod("/pub", "r0")
+    guest.watch("/pub", "t")
+    guest.take_events()
+    for i in range(10):
+        dom0.write(f"/pub/{i}", "")
+    assert len(guest.take_events()) == 3
+    dom0.write("/pub/again", "")
+    assert guest.take_events() == [("/pub/again", "t")]

@@ -124,6 +124,7 @@ class Connection:
         self.transport: Transport | None = None
         self.closed = False
         self._dirty = dirty
+        self._overflowing = False
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.kind} dom{self.domid}>"
@@ -136,8 +137,11 @@ class Connection:
     def queue_event(self, payload: bytes, special: bool, limit: int | None) -> None:
         """Queue a WATCH_EVENT (``path\\0token\\0``), req_id = tx_id = 0."""
         if limit is not None and self.out.events >= limit:
-            log.warning("%r: watch event queue full, dropping event", self)
+            if not self._overflowing:
+                log.warning("%r: watch event queue full (%d), dropping events", self, limit)
+                self._overflowing = True
             return
+        self._overflowing = False
         frame = HEADER.pack(XsType.WATCH_EVENT, 0, 0, len(payload)) + payload
         if self.out.push_event(frame, None if special else payload):
             self._dirty.add(self)

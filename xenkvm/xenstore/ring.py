@@ -86,6 +86,8 @@ class RingConnection:
 
     def process(self) -> None:
         """Consume complete requests, dispatch them and write replies (lock held)."""
+        if self.conn.closed:
+            return          # released: the page is no longer ours to touch
         self._batch = True
         try:
             if _U32.unpack_from(self.page, CONNECTION)[0] == XENSTORE_RECONNECT:
