@@ -29,12 +29,13 @@ enum xk_testdev_op {
     XK_TESTDEV_OP_COPY_TO = 2,      /* buffer -> grant [offset, +length) */
     XK_TESTDEV_OP_MAP_SUM = 3,      /* map; value = FNV-1a 32 of [offset, +length);
                                      * with FLAG_WRITE also copy buffer into the mapping */
-    XK_TESTDEV_OP_ALLOC_ECHO = 4,   /* value = new VMM port (unbound, for the guest's
-                                     * bind_interdomain(0, value)); it echoes notifies */
-    XK_TESTDEV_OP_BIND_ECHO = 5,    /* bind a VMM port to guest port `port` (the guest's
-                                     * alloc_unbound(remote 0)); value = VMM port; echoes */
-    XK_TESTDEV_OP_NOTIFY = 6,       /* notify VMM port `port` (-> the guest's bound port) */
-    XK_TESTDEV_OP_ECHO_COUNT = 7,   /* value = notifies received on VMM port `port` */
+    XK_TESTDEV_OP_ALLOC_ECHO = 4,   /* value = a new guest port already bound to the
+                                     * backend (interdomain, dom0), like the store port;
+                                     * every notify the guest sends on it is echoed back */
+    XK_TESTDEV_OP_BIND_ECHO = 5,    /* bind the backend to guest port `port` (from the
+                                     * guest's alloc_unbound(remote 0)); value = port; echoes */
+    XK_TESTDEV_OP_NOTIFY = 6,       /* the backend notifies guest port `port` (one of its own) */
+    XK_TESTDEV_OP_ECHO_COUNT = 7,   /* value = notifies the backend received on `port` */
 };
 
 #define XK_TESTDEV_FLAG_WRITE   0x1     /* MAP_SUM: writable mapping + write buffer */
@@ -61,9 +62,9 @@ struct xk_testdev_cmd {
     uint32_t offset;        /* 16 byte offset in the granted page */
     uint32_t length;        /* 20 bytes, 1..4096, offset + length <= 4096 */
     uint64_t buffer;        /* 24 guest-physical address of the data buffer */
-    uint32_t port;          /* 32 event channel port (BIND_ECHO, NOTIFY, ECHO_COUNT) */
+    uint32_t port;          /* 32 guest event channel port (BIND_ECHO, NOTIFY, ECHO_COUNT) */
     int32_t result;         /* 36 out: 0 or a negative code */
-    uint64_t value;         /* 40 out: checksum, VMM port or count */
+    uint64_t value;         /* 40 out: checksum, port or count */
     uint64_t reserved[2];   /* 48 must be zero */
 } __attribute__((aligned(8)));
 

@@ -72,7 +72,13 @@ class FakeMapping:
         self.table.unmapped += 1
 
 
+class EvtchnError(Exception):
+    pass
+
+
 class FakeEvtchn:
+    """Like evtchn.EventChannels' VMM API: ports are guest port numbers."""
+
     def __init__(self):
         self.next_port = 10
         self.callbacks: dict[int, object] = {}
@@ -87,14 +93,16 @@ class FakeEvtchn:
 
     def bind_vmm_to_guest_port(self, port: int, on_notify) -> int:
         if port not in self.guest_unbound:
-            raise ValueError(f"guest port {port} is not unbound for dom0")
-        return self.alloc_vmm_port(on_notify)
+            raise EvtchnError(f"guest port {port} is not unbound to domain 0")
+        self.guest_unbound.discard(port)
+        self.callbacks[port] = on_notify
+        return port
 
     def notify(self, port: int) -> None:
         self.notified.append(port)
 
-    def guest_sends(self, vmm_port: int) -> None:
-        self.callbacks[vmm_port](vmm_port)
+    def guest_sends(self, port: int) -> None:
+        self.callbacks[port]()
 
 
 class Broken:
@@ -257,9 +265,12 @@ def test_echo_ports(dom):
     dom.mem.write(BLOCK_GPA, block(Op.BIND_ECHO, port=5))
     dev.pio_write(0, 4, BLOCK_GPA)
     r, vport = struct.unpack_from("<iQ", dom.mem.read(BLOCK_GPA + 36, 12))
-    assert r == 0 and vport == 11
-    dom.evtchn.guest_sends(vport)
-    assert dom.evtchn.notified[-1] == 11
+    assert r == 0 and vport == 5
+    dom.evtchn.guest_sends(5)
+    assert dom.evtchn.notified[-1] == 5
+    dom.mem.write(BLOCK_GPA, block(Op.BIND_ECHO, port=5))     # already bound: refused
+    dev.pio_write(0, 4, BLOCK_GPA)
+    assert dev.pio_read(0, 4) == Result.EEVTCHN & 0xFFFFFFFF
 
 
 @pytest.mark.parametrize("op, port", [(Op.BIND_ECHO, 6), (Op.NOTIFY, 99), (Op.ECHO_COUNT, 3)])

@@ -52,10 +52,10 @@ class Op(IntEnum):
     COPY_FROM = 1       #: grant [offset, +length) -> buffer
     COPY_TO = 2         #: buffer -> grant [offset, +length)
     MAP_SUM = 3         #: map; value = FNV-1a 32 of [offset, +length); FLAG_WRITE: buffer -> mapping first
-    ALLOC_ECHO = 4      #: value = a new unbound VMM port that echoes every notify back
-    BIND_ECHO = 5       #: bind a VMM port to the guest's unbound ``port``; value = VMM port; echoes
-    NOTIFY = 6          #: notify VMM port ``port`` (raises the guest's bound port)
-    ECHO_COUNT = 7      #: value = notifies received on VMM port ``port``
+    ALLOC_ECHO = 4      #: value = a new guest port bound to this backend (interdomain, dom0); echoes
+    BIND_ECHO = 5       #: bind to the guest's ``port`` (alloc_unbound, remote dom0); value = port; echoes
+    NOTIFY = 6          #: notify guest ``port`` (one bound to this backend)
+    ECHO_COUNT = 7      #: value = notifies this backend received on guest ``port``
 
 
 class Result(IntEnum):
@@ -134,7 +134,7 @@ class TestDevice:
     def __init__(self, domain: "XenDomain"):
         self.domain = domain
         self.last = Result.OK.value
-        #: VMM port -> notifies received (echo ports created by this device)
+        #: guest port -> notifies received (ports bound to this device)
         self.echo_counts: dict[int, int] = {}
         self._handlers: dict[Op, Callable[[Command], int]] = {
             Op.COPY_FROM: self._copy_from,
@@ -259,15 +259,15 @@ class TestDevice:
             _unmap(self.domain.gnttab, mapping)
 
     # -- event-channel ops ------------------------------------------------------------------
-    def _echo(self, vmm_port: int) -> None:
+    def _echo(self, port: int) -> None:
         """A notify from the guest on one of our ports: count it and notify straight back."""
-        self.echo_counts[vmm_port] = self.echo_counts.get(vmm_port, 0) + 1
-        self.domain.evtchn.notify(vmm_port)
+        self.echo_counts[port] = self.echo_counts.get(port, 0) + 1
+        self.domain.evtchn.notify(port)
 
     def _evtchn_call(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
             return fn(*args)
-        except (ValueError, KeyError, LookupError) as e:
+        except (ValueError, KeyError, LookupError, TypeError) as e:
             raise CommandError(Result.EEVTCHN, str(e)) from None
         except Exception as e:
             if type(e).__name__ in ("HypercallError", "EvtchnError"):
@@ -276,18 +276,16 @@ class TestDevice:
 
     def _alloc_echo(self, cmd: Command) -> int:
         holder: list[int] = []
-        port = self._evtchn_call(self.domain.evtchn.alloc_vmm_port, lambda *_: self._echo(holder[0]))
-        holder.append(int(port))
-        self.echo_counts[int(port)] = 0
-        return int(port)
+        port = int(self._evtchn_call(self.domain.evtchn.alloc_vmm_port, lambda *_: self._echo(holder[0])))
+        holder.append(port)
+        self.echo_counts[port] = 0
+        return port
 
     def _bind_echo(self, cmd: Command) -> int:
-        holder: list[int] = []
-        port = self._evtchn_call(self.domain.evtchn.bind_vmm_to_guest_port, cmd.port,
-                                 lambda *_: self._echo(holder[0]))
-        holder.append(int(port))
-        self.echo_counts[int(port)] = 0
-        return int(port)
+        port = cmd.port
+        self._evtchn_call(self.domain.evtchn.bind_vmm_to_guest_port, port, lambda *_: self._echo(port))
+        self.echo_counts[port] = 0
+        return port
 
     def _notify(self, cmd: Command) -> int:
         if cmd.port not in self.echo_counts:
