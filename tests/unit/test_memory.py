@@ -83,6 +83,19 @@ def test_add_region_at_run_time(mem):
         mem.add_region(0xF000_1000, 0x1000, "overlap")
     with pytest.raises(GuestMemoryError):
         mem.add_region(0x1000, 0x1000, "inside RAM")
+    with pytest.raises(GuestMemoryError):
+        mem.add_region(0xFEE0_0000, 0x1000, "over the LAPIC")
+    with pytest.raises(GuestMemoryError):
+        mem.add_region(1 << 50, 0x1000, "too high")
+    above_ram = mem.add_region(16 * MiB, 0x1000, "grant frame above RAM")  # where Linux puts them
+    assert above_ram.gpa == 16 * MiB
+
+
+def test_reserved_regions_appear_in_e820(mem):
+    mem.add_region(0xFEB0_0000, 0x4000, "special", reserved=True)
+    e = mem.e820()
+    assert E820Type.RESERVED in {x.type for x in e if x.addr == 0xFEB0_0000}
+    assert [x.addr for x in e] == sorted(x.addr for x in e)
 
 
 def test_rejects_bad_sizes():

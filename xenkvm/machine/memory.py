@@ -26,6 +26,7 @@ PAGE_SIZE = 4096
 LOW_RAM_TOP = 0xC000_0000
 HIGH_RAM_BASE = 0x1_0000_0000
 MMIO_HOLE_END = 0xFEC0_0000  # IOAPIC at 0xfec00000, LAPIC at 0xfee00000
+MAX_GPA = 1 << 46            # guest physical address width we allow
 #: Legacy BIOS area kept out of e820 RAM: EBDA, VGA hole and option ROMs.
 LEGACY_HOLE = (0x9_FC00, 0x10_0000)
 
@@ -64,6 +65,7 @@ class Region:
     size: int
     name: str
     ram: bool = True
+    reserved: bool = False  #: listed as e820 reserved so the guest never reuses the range
     slot: int = -1
     mm: mmap.mmap = field(init=False, repr=False)
     view: memoryview = field(init=False, repr=False)
@@ -108,14 +110,21 @@ class GuestMemory:
         for region in self._regions:
             listener(region)
 
-    def add_region(self, gpa: int, size: int, name: str) -> Region:
-        """Back a new range in the MMIO hole (grant frames, special pages)."""
-        if gpa < LOW_RAM_TOP or gpa + size > MMIO_HOLE_END:
-            raise GuestMemoryError(gpa, size, "extra regions must lie in the MMIO hole")
+    def add_region(self, gpa: int, size: int, name: str, *, reserved: bool = False) -> Region:
+        """Back a new range outside RAM (grant frames, special pages) with a memslot.
+
+        The guest may name any free frame (Linux puts grant frames just above
+        RAM), so anything not overlapping an existing region, the IOAPIC/LAPIC
+        window or the physical-address limit is accepted.
+        """
+        if gpa < 0 or size <= 0 or gpa + size > MAX_GPA:
+            raise GuestMemoryError(gpa, size, "beyond the guest physical address width")
+        if gpa < MMIO_HOLE_END + 0x40_0000 and MMIO_HOLE_END < gpa + size:
+            raise GuestMemoryError(gpa, size, "overlaps the IOAPIC/LAPIC window")
         for r in self._regions:
             if gpa < r.end and r.gpa < gpa + size:
                 raise GuestMemoryError(gpa, size, f"overlaps region {r.name}")
-        region = Region(gpa, size, name, ram=False)
+        region = Region(gpa, size, name, ram=False, reserved=reserved)
         self._insert(region)
         for listener in self._listeners:
             listener(region)
@@ -212,7 +221,8 @@ class GuestMemory:
         entries.append(E820Entry(LEGACY_HOLE[1], low - LEGACY_HOLE[1], E820Type.RAM))
         if self.ram_size > low:
             entries.append(E820Entry(HIGH_RAM_BASE, self.ram_size - low, E820Type.RAM))
-        return entries
+        entries += [E820Entry(r.gpa, r.size, E820Type.RESERVED) for r in self._regions if r.reserved]
+        return sorted(entries, key=lambda e: e.addr)
 
 
 _U32 = struct.Struct("<I")

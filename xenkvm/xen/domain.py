@@ -93,7 +93,8 @@ class XenDomain:
         self.console_input = InputQueue()
         self.traps: list = []
         self.dispatcher = Dispatcher(self, trace=trace)
-        self.special = self.mem.add_region(SPECIAL_PAGES_GPA, SPECIAL_PAGES * 4096, "xen-special-pages")
+        self.special = self.mem.add_region(SPECIAL_PAGES_GPA, SPECIAL_PAGES * 4096, "xen-special-pages",
+                                            reserved=True)
         self.params[HvmParam.STORE_PFN] = self.special_pfn(STORE_PAGE)
         self.params[HvmParam.CONSOLE_PFN] = self.special_pfn(CONSOLE_PAGE)
         self._build_services()

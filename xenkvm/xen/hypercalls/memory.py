@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from xenkvm.xen.abi import DOMID_SELF, Errno, Hypercall, MemOp, XenStruct, handle_offset, lib
+from xenkvm.xen.abi import DOMID_SELF, Errno, Hypercall, MemOp, XenStruct, ffi, handle_offset, lib
 from xenkvm.xen.dispatch import Call
 from xenkvm.xen.errors import HypercallError, einval
 
@@ -84,6 +84,16 @@ def memory_map(call: Call, arg: int) -> int:
     return 0
 
 
+def remove_from_physmap(call: Call, arg: int) -> int:
+    """Only grant frames can leave the physmap (RAM is fixed: no ballooning)."""
+    domid = call.guest.read_u32(arg) & 0xFFFF
+    _check_domid(call, domid)
+    gpfn = call.guest.read_u64(arg + ffi.offsetof("struct xen_remove_from_physmap", "gpfn"))
+    if call.domain.gnttab.unmap_gpfn(gpfn):
+        return 0
+    raise HypercallError(Errno.ENOSYS, f"gpfn {gpfn:#x} is not a grant frame; RAM stays mapped")
+
+
 def register(domain: "XenDomain") -> None:
     pages = domain.mem.ram_size >> 12
 
@@ -103,7 +113,7 @@ def register(domain: "XenDomain") -> None:
         MemOp.memory_map: memory_map, MemOp.current_reservation: reservation,
         MemOp.maximum_reservation: reservation, MemOp.maximum_gpfn: maximum_gpfn,
         MemOp.increase_reservation: unsupported, MemOp.decrease_reservation: unsupported,
-        MemOp.populate_physmap: unsupported, MemOp.remove_from_physmap: unsupported,
+        MemOp.populate_physmap: unsupported, MemOp.remove_from_physmap: remove_from_physmap,
     }
     for cmd, fn in table.items():
         domain.dispatcher.register_subop(Hypercall.memory_op, cmd, fn)
