@@ -310,3 +310,38 @@ def test_xenstore_utils_read_the_initial_tree(service, sock_path):
     assert "platform-feature-xs_reset_watches" in lines
     assert "(n1)" in lines["shutdown"] and "(n0,r1)" in lines["name"]
     assert "target" not in lines
+
+
+# -- with the real XenDomain and event channels (guest sends via EVTCHNOP_send) ----------
+def test_real_domain_console_and_store(xen_machine, hcall, sock_path):
+    from xenkvm.xen.abi import EvtchnOp, Hypercall, ffi
+
+    d = xen_machine.xen
+    con = getattr(d, "console", None) or PrimaryConsole.attach(d)
+    svc = getattr(d, "store", None) or StoreService.attach(d)
+    svc.start()
+    arg = 0x20000
+
+    def guest_send(port):
+        obj = ffi.new("struct evtchn_send *", {"port": port})
+        d.mem.write(arg, bytes(ffi.buffer(obj)))
+        assert hcall(Hypercall.event_channel_op, EvtchnOp.send, arg) == 0
+
+    try:
+        assert d.evtchn.status(con.port)["vmm"] and d.evtchn.status(svc.port)["vmm"]
+        # console: out[] -> sink, then the guest's port is raised
+        cgpa = d.params[HvmParam.CONSOLE_PFN] << 12
+        d.mem.write(cgpa + 0x400, b"hvc0 says hi\n")
+        d.mem.write_u32(cgpa + 0xC0C, 13)
+        guest_send(con.port)
+        wait_for(lambda: xen_machine.console.tail() == b"hvc0 says hi\n")
+        wait_for(lambda: d.evtchn.is_pending(con.port))
+        # store: a READ over the ring, reply and event back
+        g = GuestRing(d)
+        g.send(XsType.READ, b"domid\0")
+        guest_send(svc.port)
+        assert g.reply() == (XsType.READ, str(d.domid).encode())
+        wait_for(lambda: d.evtchn.is_pending(svc.port))
+        assert svc.socket_path == sock_path
+    finally:
+        svc.close()
