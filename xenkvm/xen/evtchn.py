@@ -147,6 +147,7 @@ class EventChannels:
         self._poll = threading.Condition(domain.lock)
         self._pollers = 0
         self._kicks = [0] * len(domain.vcpus)
+        self.raised = 0          #: upcalls raised (statistics; resend_pending avoids doubles)
         self._status_u = lib.XK_OFF_evtchn_status__u
         self._ido_port = ffi.offsetof("xk_evtchn_interdomain_status", "port")
 
@@ -192,12 +193,17 @@ class EventChannels:
         limit = self.nr_channels()
         fifo = self.fifo
         port = max(1, self._free_hint)
+        busy = 0        # the first free port still LINKED on a FIFO queue: the hint stays there
         while port < limit:
-            if port not in self.ports and not (fifo is not None and fifo.is_busy(port)):
-                p = self.ports[port] = Port(port, state, vcpu)
-                self._free_hint = port + 1
-                return p
+            if port not in self.ports:
+                if fifo is None or not fifo.is_busy(port):
+                    p = self.ports[port] = Port(port, state, vcpu)
+                    self._free_hint = busy or port + 1
+                    return p
+                busy = busy or port
             port += 1
+        if busy:
+            self._free_hint = busy
         raise HypercallError(Errno.ENOSPC, "no free event channel")
 
     def _free(self, p: Port) -> None:
@@ -270,6 +276,7 @@ class EventChannels:
         if vi is None:
             return              # resend_pending() delivers it once the vCPU has a vcpu_info
         if not klib.xk_xchg8(vi, 1):
+            self.raised += 1
             self.d.upcalls.raise_(vcpu)
 
     def _kick_poller(self, vcpu: int) -> None:
@@ -357,32 +364,36 @@ class EventChannels:
         with self.d.lock:
             if not self.d.valid_vcpu(vcpu_id):
                 return
+            raised = self.raised
             if self.fifo is not None:
-                ready = self.fifo.requeue(vcpu_id)
-                vi = self._vcpu_info(vcpu_id)
-                if vi is not None and (ready or vi[0]):
-                    klib.xk_xchg8(vi, 1)
-                    self.d.upcalls.raise_(vcpu_id)
-                return
-            sh = self._shinfo()
+                want = self.fifo.requeue(vcpu_id)
+            else:
+                want = self._resend_2l(vcpu_id)
             vi = self._vcpu_info(vcpu_id)
-            if sh is None or vi is None:
-                return
-            pending, mask = sh
-            sel = kffi.cast("uint64_t *", vi + _VI_SEL)
-            for i in range(NR_2L_CHANNELS // 64):
-                bits = pending[i] & ~mask[i] & 0xFFFFFFFFFFFFFFFF
-                while bits:
-                    low = bits & -bits
-                    port = i * 64 + low.bit_length() - 1
-                    bits ^= low
-                    p = self.ports.get(port)
-                    if p is not None and p.vcpu == vcpu_id:
-                        klib.xk_test_and_set_bit(sel, i)
-                        break
-            if sel[0] or vi[0]:
+            if vi is not None and (want or vi[0]) and self.raised == raised:
                 klib.xk_xchg8(vi, 1)
+                self.raised += 1
                 self.d.upcalls.raise_(vcpu_id)
+
+    def _resend_2l(self, vcpu_id: int) -> bool:
+        """Set sel bits for pending, unmasked ports of ``vcpu_id``; True if its sel is non-zero."""
+        sh = self._shinfo()             # (flushes events remembered while it was unmapped)
+        vi = self._vcpu_info(vcpu_id)
+        if sh is None or vi is None:
+            return False
+        pending, mask = sh
+        sel = kffi.cast("uint64_t *", vi + _VI_SEL)
+        for i in range(NR_2L_CHANNELS // 64):
+            bits = pending[i] & ~mask[i] & 0xFFFFFFFFFFFFFFFF
+            while bits:
+                low = bits & -bits
+                port = i * 64 + low.bit_length() - 1
+                bits ^= low
+                p = self.ports.get(port)
+                if p is not None and p.vcpu == vcpu_id:
+                    klib.xk_test_and_set_bit(sel, i)
+                    break
+        return sel[0] != 0
 
     # ======================================================================
     # VMM-side API

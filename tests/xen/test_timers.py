@@ -1,0 +1,242 @@
+"""vCPU timers (VCPUOP_*_timer, set_timer_op) through the real Dispatcher with a small fake domain.
+
+Expiry runs on a real IoLoop and raises VIRQ_TIMER through real EventChannels;
+the upcall is observed on the fake domain's recorder.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from xenkvm.machine.ioloop import IoLoop
+from xenkvm.machine.memory import GuestMemory
+from xenkvm.xen.abi import Errno, EvtchnOp, Hypercall, VcpuOp, ffi, lib
+from xenkvm.xen.dispatch import Dispatcher
+from xenkvm.xen.evtchn import EventChannels
+from xenkvm.xen.timers import HUGE_TIMEOUT_REPLACEMENT_NS, VcpuTimers
+
+RAM = 4 << 20
+SHINFO = 0x10000
+ARG = 0x20000
+SH_PENDING = ffi.offsetof("struct shared_info", "evtchn_pending")
+MS = 1_000_000
+
+
+class Caller:
+    def __init__(self, vcpu_id: int = 0):
+        self.id = vcpu_id
+
+    def translate(self, gva: int):
+        return gva if gva < 1 << 40 else None
+
+
+class Upcalls:
+    def __init__(self):
+        self.calls: list[tuple[int, int]] = []     # (vcpu, monotonic ns)
+        self.cond = threading.Condition()
+
+    def raise_(self, vcpu: int) -> None:
+        with self.cond:
+            self.calls.append((vcpu, time.monotonic_ns()))
+            self.cond.notify_all()
+
+    def wait(self, n: int, timeout: float = 2.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.calls) >= n, timeout)
+
+
+class FakeDomain:
+    def __init__(self, nvcpus: int = 2):
+        self.mem = GuestMemory(RAM)
+        self.lock = threading.RLock()
+        self.domid = 1
+        self.vcpus = [SimpleNamespace(id=i, vcpu_info_gpa=None) for i in range(nvcpus)]
+        self.io = IoLoop("timer-io")
+        self.io.start()
+        self.boot_ns = time.monotonic_ns()
+        self.shinfo = SimpleNamespace(gpa=SHINFO)
+        self.upcalls = Upcalls()
+        self.dispatcher = Dispatcher(self)
+        self.evtchn = EventChannels(self)
+        self.timers = VcpuTimers(self)
+        self.evtchn.register_hypercalls(self.dispatcher)
+        self.timers.register_hypercalls(self.dispatcher)
+
+    def now_ns(self) -> int:
+        return time.monotonic_ns() - self.boot_ns
+
+    def valid_vcpu(self, v: int) -> bool:
+        return 0 <= v < len(self.vcpus)
+
+    def vcpu_info_gpa(self, v: int):
+        return self.shinfo.gpa + 64 * v if self.shinfo.gpa is not None and v < 32 else None
+
+
+@pytest.fixture
+def d():
+    dom = FakeDomain()
+    # Linux binds VIRQ_TIMER on every vCPU before arming its clockevent.
+    dom.ports = {}
+    for v in range(2):
+        obj = ffi.new("struct evtchn_bind_virq *", {"virq": lib.VIRQ_TIMER, "vcpu": v})
+        dom.mem.write(ARG, bytes(ffi.buffer(obj)))
+        assert hc(dom, Hypercall.event_channel_op, EvtchnOp.bind_virq, ARG) == 0
+        dom.ports[v] = dom.mem.read_u32(ARG + ffi.offsetof("struct evtchn_bind_virq", "port"))
+    yield dom
+    dom.io.stop()
+
+
+def hc(d, nr, *args, vcpu=0, long_mode=True) -> int:
+    padded = tuple(args) + (0,) * (6 - len(args))
+    r = d.dispatcher.dispatch(Caller(vcpu), int(nr), padded, long_mode)
+    return r - (1 << 64) if r >> 63 else r
+
+
+def singleshot(d, deadline, flags=0, vcpu=0, target=None):
+    obj = ffi.new("struct vcpu_set_singleshot_timer *", {"timeout_abs_ns": deadline, "flags": flags})
+    d.mem.write(ARG, bytes(ffi.buffer(obj)))
+    return hc(d, Hypercall.vcpu_op, VcpuOp.set_singleshot_timer, vcpu if target is None else target, ARG, vcpu=vcpu)
+
+
+def periodic(d, period, vcpu=0, target=None):
+    obj = ffi.new("struct vcpu_set_periodic_timer *", {"period_ns": period})
+    d.mem.write(ARG, bytes(ffi.buffer(obj)))
+    return hc(d, Hypercall.vcpu_op, VcpuOp.set_periodic_timer, vcpu if target is None else target, ARG, vcpu=vcpu)
+
+
+def timer_pending(d, v):
+    port = d.ports[v]
+    return bool(d.mem.read(SHINFO + SH_PENDING + port // 8, 1)[0] >> (port % 8) & 1)
+
+
+def ack(d, v):
+    """The guest handles the event: clear pending, sel and upcall_pending."""
+    port = d.ports[v]
+    b = d.mem.read(SHINFO + SH_PENDING + port // 8, 1)[0]
+    d.mem.write(SHINFO + SH_PENDING + port // 8, bytes([b & ~(1 << (port % 8))]))
+    d.mem.write(SHINFO + 64 * v, b"\0" * 16)
+
+
+def test_singleshot_fires_at_its_deadline(d):
+    armed = time.monotonic_ns()
+    assert singleshot(d, d.now_ns() + 20 * MS) == 0
+    assert not timer_pending(d, 0) and d.upcalls.calls == []
+    assert d.timers.singleshot_deadline(0) is not None
+    assert d.upcalls.wait(1)
+    vcpu, when = d.upcalls.calls[0]
+    assert vcpu == 0 and when - armed >= 19 * MS
+    assert timer_pending(d, 0) and not timer_pending(d, 1)
+    assert d.timers.singleshot_deadline(0) is None and d.timers.fired == [1, 0]
+
+
+def test_singleshot_on_vcpu1_raises_vcpu1(d):
+    assert singleshot(d, d.now_ns() + 2 * MS, vcpu=1) == 0
+    assert d.upcalls.wait(1)
+    assert d.upcalls.calls[0][0] == 1 and timer_pending(d, 1)
+
+
+def test_past_deadline_fires_at_once_unless_future_flag(d):
+    assert singleshot(d, 1, flags=lib.VCPU_SSHOTTMR_future) == -Errno.ETIME
+    assert d.upcalls.calls == [] and not timer_pending(d, 0)
+    assert singleshot(d, 1) == 0               # flags 0 (what Linux uses): fires now
+    assert timer_pending(d, 0) and [c[0] for c in d.upcalls.calls] == [0]
+    assert d.timers.singleshot_deadline(0) is None
+    assert singleshot(d, d.now_ns() + 50 * MS, flags=lib.VCPU_SSHOTTMR_future) == 0
+
+
+def test_stop_and_rearm_singleshot(d):
+    assert singleshot(d, d.now_ns() + 15 * MS) == 0
+    assert hc(d, Hypercall.vcpu_op, VcpuOp.stop_singleshot_timer, 0, 0) == 0
+    assert hc(d, Hypercall.vcpu_op, VcpuOp.stop_singleshot_timer, 0, 0) == 0     # idempotent
+    # Re-arming replaces the earlier deadline.
+    assert singleshot(d, d.now_ns() + 5 * MS) == 0
+    assert singleshot(d, d.now_ns() + 40 * MS) == 0
+    time.sleep(0.03)
+    assert d.upcalls.calls == []
+    assert d.upcalls.wait(1)
+    time.sleep(0.03)
+    assert len(d.upcalls.calls) == 1
+
+
+def test_singleshot_vcpu_checks(d):
+    assert singleshot(d, d.now_ns() + MS, vcpu=0, target=1) == -Errno.EINVAL   # only on itself
+    assert singleshot(d, d.now_ns() + MS, vcpu=0, target=2) == -Errno.ENOENT
+    assert singleshot(d, d.now_ns() + MS, vcpu=0, target=(1 << 64) - 1) == -Errno.ENOENT
+    assert hc(d, Hypercall.vcpu_op, VcpuOp.stop_singleshot_timer, 1, 0, vcpu=0) == -Errno.EINVAL
+    assert hc(d, Hypercall.vcpu_op, VcpuOp.set_singleshot_timer, 0, 1 << 45) == -Errno.EFAULT
+    assert hc(d, Hypercall.vcpu_op, VcpuOp.set_periodic_timer, 0, RAM - 4) == -Errno.EFAULT
+
+
+def test_periodic_timer_ticks_and_stops(d):
+    assert periodic(d, MS - 1) == -Errno.EINVAL
+    assert periodic(d, 1 << 62) == -Errno.EINVAL
+    assert periodic(d, 5 * MS, target=3) == -Errno.ENOENT
+    assert periodic(d, 5 * MS, vcpu=0, target=1) == 0          # any vCPU may set another's
+    assert d.timers.periodic_period(1) == 5 * MS
+    assert d.upcalls.wait(1)
+    for _ in range(3):
+        n = len(d.upcalls.calls)
+        ack(d, 1)
+        assert d.upcalls.wait(n + 1)
+    assert {c[0] for c in d.upcalls.calls} == {1}
+    assert d.timers.fired[1] >= 4
+    assert hc(d, Hypercall.vcpu_op, VcpuOp.stop_periodic_timer, 1, 0) == 0
+    assert d.timers.periodic_period(1) == 0
+    fired = d.timers.fired[1]
+    time.sleep(0.03)
+    assert d.timers.fired[1] == fired
+
+
+def test_stop_periodic_succeeds_without_a_timer(d):
+    # Linux picks the vcpuop clockevent only if this returns 0 (and BUGs otherwise later).
+    assert hc(d, Hypercall.vcpu_op, VcpuOp.stop_periodic_timer, 0, 0) == 0
+    assert hc(d, Hypercall.vcpu_op, VcpuOp.stop_periodic_timer, 9, 0) == -Errno.ENOENT
+
+
+def test_set_timer_op(d):
+    now = d.now_ns()
+    assert hc(d, Hypercall.set_timer_op, now + 30 * MS) == 0
+    assert d.timers.singleshot_deadline(0) == now + 30 * MS
+    assert hc(d, Hypercall.set_timer_op, 0) == 0                 # 0 stops it
+    assert d.timers.singleshot_deadline(0) is None
+    # More than 2^50 ns ahead (wrapped guest arithmetic): 100 ms from now instead.
+    before = d.now_ns()
+    assert hc(d, Hypercall.set_timer_op, before + (1 << 51)) == 0
+    dl = d.timers.singleshot_deadline(0)
+    assert before + HUGE_TIMEOUT_REPLACEMENT_NS <= dl <= d.now_ns() + HUGE_TIMEOUT_REPLACEMENT_NS
+    # A negative (wrapped) deadline is in the past: fires at once.
+    assert hc(d, Hypercall.set_timer_op, (1 << 64) - 5) == 0
+    assert timer_pending(d, 0) and d.timers.singleshot_deadline(0) is None
+    # 32-bit guests pass the deadline in two registers.
+    target = d.now_ns() + 40 * MS
+    assert hc(d, Hypercall.set_timer_op, target & 0xFFFFFFFF, target >> 32, vcpu=1, long_mode=False) == 0
+    assert d.timers.singleshot_deadline(1) == target
+
+
+def test_timer_without_bound_virq_is_harmless():
+    d = FakeDomain()
+    try:
+        assert singleshot(d, 1) == 0
+        assert d.timers.fired == [1, 0] and d.upcalls.calls == []
+    finally:
+        d.io.stop()
+
+
+def test_state_round_trip_and_reset(d):
+    base = d.now_ns()
+    assert singleshot(d, base + 10_000 * MS) == 0
+    assert periodic(d, 7 * MS, target=1) == 0
+    state = json.loads(json.dumps(d.timers.to_state()))
+    d.timers.reset()
+    assert d.timers.singleshot_deadline(0) is None and d.timers.periodic_period(1) == 0
+    d.timers.from_state(state)
+    assert d.timers.singleshot_deadline(0) == base + 10_000 * MS
+    assert d.timers.periodic_period(1) == 7 * MS
+    assert d.upcalls.wait(1)
+    d.timers.stop_vcpu(1)
+    d.timers.stop_vcpu(0)
+    assert d.timers.singleshot_deadline(0) is None
