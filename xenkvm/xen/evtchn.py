@@ -75,6 +75,12 @@ _SHINFO_MASK = ffi.offsetof("struct shared_info", "evtchn_mask")
 _VI_SEL = ffi.offsetof("struct vcpu_info", "evtchn_pending_sel")
 _VI_SIZE = ffi.sizeof("struct vcpu_info")
 
+# Hot-path C helpers, bound once.
+_test_and_set = klib.xk_test_and_set_bit
+_test_and_clear = klib.xk_test_and_clear_bit
+_test = klib.xk_test_bit
+_xchg8 = klib.xk_xchg8
+
 
 def _off(st: str, field: str) -> int:
     return ffi.offsetof(f"struct {st}", field)
@@ -252,12 +258,12 @@ class EventChannels:
             self._set_pending(p)
 
     def _vcpu_info(self, vcpu: int):
-        """``uint8_t *`` to the vCPU's vcpu_info, or None if it has none usable yet."""
+        """(``uint8_t *`` vcpu_info, ``void *`` evtchn_pending_sel), or None if it has none usable yet."""
         gpa = self.d.vcpu_info_gpa(vcpu)
         if gpa is None:
             return None
-        ptr = self._vi_cache.get(gpa)
-        if ptr is None:
+        ptrs = self._vi_cache.get(gpa)
+        if ptrs is None:
             if gpa & 7:
                 return None
             try:
@@ -266,50 +272,56 @@ class EventChannels:
                 return None
             if len(self._vi_cache) > 1024:
                 self._vi_cache.clear()
-            ptr = self._vi_cache[gpa] = kffi.cast("uint8_t *", host)
-        return ptr
+            ptrs = self._vi_cache[gpa] = (kffi.cast("uint8_t *", host), kffi.cast("void *", host + _VI_SEL))
+        return ptrs
 
     def _mark_upcall(self, vcpu: int) -> None:
         """Set the vCPU's evtchn_upcall_pending; raise the upcall on a 0 -> 1 change."""
-        self._kick_poller(vcpu)
-        vi = self._vcpu_info(vcpu)
-        if vi is None:
+        ptrs = self._vcpu_info(vcpu)
+        if ptrs is None:
+            if self._pollers:
+                self._kick_poller(vcpu)
             return              # resend_pending() delivers it once the vCPU has a vcpu_info
-        if not klib.xk_xchg8(vi, 1):
+        self._upcall(vcpu, ptrs[0])
+
+    def _upcall(self, vcpu: int, vi) -> None:
+        if self._pollers:
+            self._kick_poller(vcpu)
+        if not _xchg8(vi, 1):
             self.raised += 1
             self.d.upcalls.raise_(vcpu)
 
     def _kick_poller(self, vcpu: int) -> None:
         if 0 <= vcpu < len(self._kicks):
             self._kicks[vcpu] += 1
-        if self._pollers:
-            self._poll.notify_all()
+        self._poll.notify_all()
 
     def _set_pending(self, p: Port) -> None:
         """Make ``p`` pending and deliver it to its vCPU if unmasked."""
         if self.fifo is not None:
-            newly = self.fifo.set_pending(p)
-        else:
-            sh = self._shinfo()
-            if sh is None:
-                p.saved_pending = True
-                return
-            pending, mask = sh
-            if klib.xk_test_and_set_bit(pending, p.port):
-                return
-            newly = True
-            if not klib.xk_test_bit(mask, p.port):
-                self._set_sel(p.vcpu, p.port >> 6)
-        if newly and self._pollers:
+            if self.fifo.set_pending(p) and self._pollers:
+                self._poll.notify_all()
+            return
+        sh = self._sh if self.d.shinfo.gpa == self._sh_gpa else self._shinfo()
+        if sh is None:
+            p.saved_pending = True
+            return
+        port = p.port
+        if _test_and_set(sh[0], port):
+            return
+        if not _test(sh[1], port):
+            self._set_sel(p.vcpu, port >> 6)
+        if self._pollers:
             self._poll.notify_all()
 
     def _set_sel(self, vcpu: int, word: int) -> None:
-        vi = self._vcpu_info(vcpu)
-        if vi is None:
-            self._kick_poller(vcpu)
+        ptrs = self._vcpu_info(vcpu)
+        if ptrs is None:
+            if self._pollers:
+                self._kick_poller(vcpu)
             return              # bits stay pending; resend_pending() sets sel later
-        if not klib.xk_test_and_set_bit(vi + _VI_SEL, word):
-            self._mark_upcall(vcpu)
+        if not _test_and_set(ptrs[1], word):
+            self._upcall(vcpu, ptrs[0])
 
     def _clear_pending(self, p: Port) -> None:
         p.saved_pending = False
@@ -369,20 +381,21 @@ class EventChannels:
                 want = self.fifo.requeue(vcpu_id)
             else:
                 want = self._resend_2l(vcpu_id)
-            vi = self._vcpu_info(vcpu_id)
+            ptrs = self._vcpu_info(vcpu_id)
+            vi = ptrs[0] if ptrs is not None else None
             if vi is not None and (want or vi[0]) and self.raised == raised:
-                klib.xk_xchg8(vi, 1)
+                _xchg8(vi, 1)
                 self.raised += 1
                 self.d.upcalls.raise_(vcpu_id)
 
     def _resend_2l(self, vcpu_id: int) -> bool:
         """Set sel bits for pending, unmasked ports of ``vcpu_id``; True if its sel is non-zero."""
         sh = self._shinfo()             # (flushes events remembered while it was unmapped)
-        vi = self._vcpu_info(vcpu_id)
-        if sh is None or vi is None:
+        ptrs = self._vcpu_info(vcpu_id)
+        if sh is None or ptrs is None:
             return False
         pending, mask = sh
-        sel = kffi.cast("uint64_t *", vi + _VI_SEL)
+        sel = kffi.cast("uint64_t *", ptrs[1])
         for i in range(NR_2L_CHANNELS // 64):
             bits = pending[i] & ~mask[i] & 0xFFFFFFFFFFFFFFFF
             while bits:
