@@ -1,7 +1,8 @@
 #!/bin/sh
 # check-insns.sh ELF... - fail if a guest image contains instructions that the
 # CI host's ring-0 emulator refuses: SSE/AVX/x87 register use, int3, xsave*,
-# cmpxchg16b. Only code sections are disassembled (the AP trampoline is data).
+# cmpxchg16b; and vmcall/vmmcall anywhere but the two direct-trap functions.
+# Only code sections are disassembled (the AP trampoline is data).
 set -eu
 status=0
 for elf in "$@"; do
@@ -11,6 +12,16 @@ for elf in "$@"; do
     if [ -n "$bad" ]; then
         echo "$elf: forbidden instructions:" >&2
         echo "$bad" >&2
+        status=1
+    fi
+    # vmcall/vmmcall only as the whole of xen_hypercall_intel/_amd (the VMM traps
+    # exactly those; anywhere else an untrapped one hangs the vCPU or raises #UD)
+    stray=$(objdump -d --no-show-raw-insn "$elf" | awk '
+        /^[0-9a-f]+ <.*>:$/ { fn = $2 }
+        /\tvmm?call/ && fn != "<xen_hypercall_intel>:" && fn != "<xen_hypercall_amd>:" { print fn, $0 }')
+    if [ -n "$stray" ]; then
+        echo "$elf: vmcall/vmmcall outside xen_hypercall_intel/_amd:" >&2
+        echo "$stray" >&2
         status=1
     fi
 done
