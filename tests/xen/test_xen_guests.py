@@ -116,8 +116,12 @@ def test_xenstore_key_visible_to_host(built_guests, xs_socket):
     t = threading.Thread(target=reader, daemon=True)
     t.start()
     try:
-        if not waiting.wait(TIMEOUT / 2):
+        deadline = time.monotonic() + TIMEOUT / 2
+        while not waiting.wait(0.2) and proc.poll() is None and time.monotonic() < deadline:
+            pass
+        if not waiting.is_set():
             proc.kill()
+            t.join(5)
             pytest.fail("guest never reached the host check:\n" + "".join(out) + proc.stderr.read())
         sock = xs_socket["XENSTORED_PATH"]
         if not os.path.exists(sock):
