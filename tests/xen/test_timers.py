@@ -217,6 +217,21 @@ def test_set_timer_op(d):
     assert d.timers.singleshot_deadline(1) == target
 
 
+def test_far_deadlines_are_chained_through_a_short_horizon(d, monkeypatch):
+    monkeypatch.setattr("xenkvm.xen.timers.HORIZON_NS", 5 * MS)
+    armed = time.monotonic_ns()
+    assert singleshot(d, d.now_ns() + 30 * MS) == 0
+    assert d.upcalls.wait(1)
+    assert d.upcalls.calls[0][1] - armed >= 29 * MS and d.timers.fired == [1, 0]
+    # A deadline >= 2^63 is a negative system time for Xen's timer: it fires at once.
+    assert singleshot(d, (1 << 64) - 1, flags=lib.VCPU_SSHOTTMR_future) == 0
+    assert d.timers.fired == [2, 0]
+    # Re-arming far ahead again and again leaves only horizon-bounded entries behind.
+    for _ in range(200):
+        assert hc(d, Hypercall.set_timer_op, d.now_ns() + (1 << 49)) == 0
+    assert all(h[0] <= time.monotonic_ns() + 10 * MS for h in getattr(d.io, "_timers", []))
+
+
 def test_timer_without_bound_virq_is_harmless():
     d = FakeDomain()
     try:

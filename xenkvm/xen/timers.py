@@ -4,12 +4,17 @@ Both timers raise the vCPU's VIRQ_TIMER.  Deadlines are Xen system time
 (``domain.now_ns()``, the clock pvclock shows the guest); they run on the
 machine's I/O thread at ``domain.boot_ns + deadline`` (monotonic).
 
+Each armed timer is an ``_Arm``; the I/O-thread callback checks it is still
+the current one (stop and re-arm just replace it), so a stale callback is a
+no-op.
+
 Xen behaviour reproduced (``common/domain.c`` VCPUOP_*, ``common/sched/core.c``):
 
 * a bad vCPU id is -ENOENT; the single-shot sub-ops act on the calling vCPU
   only (-EINVAL for another one);
 * ``set_singleshot_timer`` with a deadline already past fires at once, or
-  returns -ETIME when the guest asked for ``VCPU_SSHOTTMR_future``;
+  returns -ETIME when the guest asked for ``VCPU_SSHOTTMR_future`` (compared
+  unsigned; a deadline >= 2^63 is then a negative system time: fires at once);
 * ``set_periodic_timer`` needs 1 ms <= period <= 2^62-1 ns (-EINVAL), may name
   any vCPU, and always restarts: first tick one period from now; each
   expiry re-arms at expiry time + period; ``stop_periodic_timer`` returns 0
@@ -35,6 +40,10 @@ PERIOD_MIN_NS = 1_000_000               #: Xen: MILLISECS(1)
 PERIOD_MAX_NS = (1 << 62) - 1           #: Xen: STIME_DELTA_MAX
 HUGE_TIMEOUT_NS = 1 << 50               #: set_timer_op "Linux workaround" threshold
 HUGE_TIMEOUT_REPLACEMENT_NS = 100_000_000
+#: I/O-thread timers are armed at most this far ahead and chained on: a cancelled
+#: entry stays in the I/O loop's heap until its time, so a guest re-arming
+#: far-future deadlines must not pile them up.
+HORIZON_NS = 1_000_000_000
 SSHOT = XenStruct("struct vcpu_set_singleshot_timer")
 PERIODIC = XenStruct("struct vcpu_set_periodic_timer")
 
@@ -82,6 +91,8 @@ class VcpuTimers:
         deadline, flags = int(req.timeout_abs_ns), int(req.flags)
         if deadline < self.d.now_ns() and flags & lib.VCPU_SSHOTTMR_future:
             raise HypercallError(Errno.ETIME, "single-shot deadline already past")
+        if deadline >= 1 << 63:
+            deadline -= 1 << 64         # s_time_t: in the past
         self.set_singleshot(v, deadline)
         return 0
 
@@ -128,7 +139,7 @@ class VcpuTimers:
                 self._fire(vcpu)
                 return
             arm = self._oneshot[vcpu] = _Arm(deadline_ns)
-            arm.handle = self.d.io.call_at(self.d.boot_ns + deadline_ns, lambda: self._expire_oneshot(vcpu, arm))
+            self._schedule(arm, lambda: self._expire_oneshot(vcpu, arm))
 
     def stop_singleshot(self, vcpu: int) -> None:
         with self.d.lock:
@@ -190,7 +201,11 @@ class VcpuTimers:
 
     def _arm_periodic(self, vcpu: int, deadline: int, period: int) -> None:
         arm = self._periodic[vcpu] = _Arm(deadline, period)
-        arm.handle = self.d.io.call_at(self.d.boot_ns + deadline, lambda: self._expire_periodic(vcpu, arm))
+        self._schedule(arm, lambda: self._expire_periodic(vcpu, arm))
+
+    def _schedule(self, arm: _Arm, fn) -> None:
+        at = min(arm.deadline, self.d.now_ns() + HORIZON_NS)
+        arm.handle = self.d.io.call_at(self.d.boot_ns + at, fn)
 
     def _fire(self, vcpu: int) -> None:
         self.fired[vcpu] += 1
@@ -200,12 +215,18 @@ class VcpuTimers:
         with self.d.lock:
             if self._oneshot[vcpu] is not arm:
                 return              # stopped or re-armed meanwhile
+            if arm.deadline > self.d.now_ns():
+                self._schedule(arm, lambda: self._expire_oneshot(vcpu, arm))
+                return              # a horizon step: not due yet
             self._oneshot[vcpu] = None
             self._fire(vcpu)
 
     def _expire_periodic(self, vcpu: int, arm: _Arm) -> None:
         with self.d.lock:
             if self._periodic[vcpu] is not arm:
+                return
+            if arm.deadline > self.d.now_ns():
+                self._schedule(arm, lambda: self._expire_periodic(vcpu, arm))
                 return
             self._fire(vcpu)
             # Xen re-anchors at the expiry time: no burst of catch-up ticks.
