@@ -11,6 +11,7 @@
 #include "xen_guest.h"
 
 evtchn_port_t xs_port;
+const struct xs_reply *xs_last;
 struct xenstore_domain_interface *xs_ring;
 static uint32_t next_req_id = 1;
 
@@ -159,6 +160,7 @@ long xs_request(uint32_t type, uint32_t tx, const void *payload, uint32_t len, s
             printf("xenstore: reply id %u to request %u (type %u)\n", r->req_id, h.req_id, r->type);
             return -XEN_EINVAL;
         }
+        xs_last = r;
         return r->type == XS_ERROR ? -5 /* EIO */ : 0;
     }
     return -XEN_EBUSY;

@@ -28,6 +28,17 @@ static void test_console_io(void)
     check(rc == -XEN_ENOSYS || rc == -XEN_EINVAL, "console_io.bad_cmd", "rc %ld", rc);
 }
 
+static bool wait_drained(volatile struct xencons_interface *ring)
+{
+    bool drained = false;
+    for (uint32_t i = 0; i < XEN_WAIT_POLLS && !drained; i++) {
+        drained = ring->out_cons == ring->out_prod;
+        cpu_relax();
+    }
+    xen_delay_ns(20000000ULL);
+    return drained;
+}
+
 static void test_ring(void)
 {
     uint64_t pfn = 0, port = 0;
@@ -46,8 +57,11 @@ static void test_ring(void)
     check(ring->out_prod - ring->out_cons <= sizeof(ring->out), "console.ring_sane", "indexes %u/%u",
           ring->out_cons, ring->out_prod);
 
-    static const char line[] = RING_MARKER " written through the console ring\n";
+    static const char line[] = "\n" RING_MARKER " written through the console ring\n";
     rc = xen_console_ring_write(line, sizeof(line) - 1);
+    /* the VMM prints ring output from its I/O thread: let it drain before the
+     * next UART line so the two streams do not interleave mid-line on stdout */
+    wait_drained(ring);
     check(rc == (long)(sizeof(line) - 1), "console.ring_write", "rc %ld", rc);
     /* more than the ring holds: the writer must wait for the VMM to consume */
     static char big[5000];
@@ -59,11 +73,7 @@ static void test_ring(void)
     static const char tail[] = "\n" RING_MARKER "-AFTER-WRAP\n";
     rc = xen_console_ring_write(tail, sizeof(tail) - 1);
     check(rc == (long)(sizeof(tail) - 1), "console.ring_write_after_wrap", "rc %ld", rc);
-    bool drained = false;
-    for (uint32_t i = 0; i < XEN_WAIT_POLLS && !drained; i++) {
-        drained = ring->out_cons == ring->out_prod;
-        cpu_relax();
-    }
+    bool drained = wait_drained(ring);
     check(drained, "console.ring_consumed", "out_cons %u out_prod %u", ring->out_cons, ring->out_prod);
 }
 

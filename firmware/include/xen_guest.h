@@ -231,6 +231,8 @@ long xs_rm(uint32_t tx, const char *path);
 /* Next queued or arriving XS_WATCH_EVENT (bounded wait): path and token. */
 bool xs_next_watch_event(char *path, size_t psize, char *token, size_t tsize);
 extern evtchn_port_t xs_port;
+/* The reply to the last request (also for helpers without a reply argument). */
+extern const struct xs_reply *xs_last;
 extern struct xenstore_domain_interface *xs_ring;
 
 #endif /* XEN_GUEST_H */
