@@ -313,7 +313,7 @@ def test_xenstore_utils_read_the_initial_tree(service, sock_path):
 
 
 # -- with the real XenDomain and event channels (guest sends via EVTCHNOP_send) ----------
-def test_real_domain_console_and_store(xen_machine, hcall, sock_path):
+def test_real_domain_console_and_store(sock_path, xen_machine, hcall):
     from xenkvm.xen.abi import EvtchnOp, Hypercall, ffi
 
     d = xen_machine.xen

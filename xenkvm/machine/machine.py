@@ -29,6 +29,7 @@ from xenkvm.machine.devices.debugcon import DebugCon
 from xenkvm.machine.devices.power import AcpiPm, I8042Reset, ResetControl
 from xenkvm.machine.devices.rtc import CmosRtc
 from xenkvm.machine.devices.serial import Serial16550
+from xenkvm.machine.devices.stdin import StdinReader
 from xenkvm.machine.host import Host
 from xenkvm.machine.ioloop import IoLoop
 from xenkvm.machine.memory import GuestMemory
@@ -272,6 +273,9 @@ class Machine:
         if check < 0:
             raise KvmError("sigaction", -check)
         self.io.start()
+        if self.xen is not None:
+            self.xen.store.start()  # embedded xenstored: socket + thread (ConfigError if the socket is taken)
+        stdin = StdinReader.attach(self)  # host keystrokes (console: stdio only)
         threads = [threading.Thread(target=self._vcpu_thread, args=(v, handlers), name=f"vcpu{v.id}", daemon=True)
                    for v in self.vcpus]
         for t in threads:
@@ -283,6 +287,9 @@ class Machine:
                 pass
         except KeyboardInterrupt:
             self.stop(ExitStatus.INTERRUPTED, "interrupted (Ctrl-C)")
+        finally:
+            if stdin is not None:
+                stdin.close()  # the terminal back to cooked mode before anything is printed
         for t in threads:
             t.join(timeout=5)
         self.console.flush()
@@ -299,6 +306,8 @@ class Machine:
             self.stop(ExitStatus.VMM_ERROR, f"vcpu{vcpu.id}: {e}")
 
     def close(self) -> None:
+        if self.xen is not None:
+            self.xen.store.close()  # stop the embedded xenstored, remove its socket
         self.io.stop()
         for v in self.vcpus:
             v.close()

@@ -119,6 +119,10 @@ class XenDomain:
         for service in (self.evtchn, self.timers, self.gnttab):
             service.register_hypercalls(self.dispatcher)
         hypercalls.register_all(self)
+        from xenkvm.xen.console import PrimaryConsole
+        from xenkvm.xen.store import StoreService
+        self.console = PrimaryConsole.attach(self)  # CONSOLE_EVTCHN; ring -> machine console
+        self.store = StoreService.attach(self)      # STORE_EVTCHN, initial tree; Machine.run starts its socket
 
     def cpuid_leaves(self, vcpu_id: int):
         from xenkvm.xen.cpuid import xen_leaves
