@@ -24,7 +24,7 @@ from xenkvm.xen.abi import HvmParam
 from xenkvm.xen.console import PrimaryConsole
 from xenkvm.xen.store import (DomainInfo, StoreService, XenstoreSocketBusy, initial_tree, vm_uuid,
                               write_tree)
-from xenkvm.xenstore import Perm, PermFlag, XenstoreError, XenstoreServer, Xenstored, XsType
+from xenkvm.xenstore import Perm, PermFlag, Xenstored, XsType
 from xenkvm.xenstore.protocol import Message
 
 R, N = PermFlag.READ, PermFlag.NONE
