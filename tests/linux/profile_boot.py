@@ -51,6 +51,39 @@ class StampedFile:
         pass
 
 
+def walk(mem, cr3: int, va: int) -> int | None:
+    """Guest-virtual to guest-physical through 4-level page tables (None if unmapped)."""
+    table = cr3 & 0x000F_FFFF_FFFF_F000
+    for level, shift in enumerate((39, 30, 21, 12)):
+        try:
+            e = int.from_bytes(mem.read(table + ((va >> shift) & 0x1FF) * 8, 8), "little")
+        except ValueError:
+            return None
+        if not e & 1:
+            return None
+        if level in (1, 2) and e & 0x80:
+            return (e & 0x000F_FFFF_FFFF_F000 & ~((1 << shift) - 1)) | (va & ((1 << shift) - 1))
+        table = e & 0x000F_FFFF_FFFF_F000
+    return table | (va & 0xFFF)
+
+
+def stack_text(machine: Machine, v, rsp: int, depth: int = 512) -> str:
+    """Kernel-text addresses on the stack (likely return addresses), innermost first."""
+    cr3 = v._sync.sregs.cr3
+    found = []
+    for off in range(0, depth * 8, 8):
+        pa = walk(machine.mem, cr3, rsp + off)
+        if pa is None:
+            break
+        try:
+            w = int.from_bytes(machine.mem.read(pa, 8), "little")
+        except ValueError:
+            break
+        if 0xFFFF_FFFF_8100_0000 <= w < 0xFFFF_FFFF_8300_0000:
+            found.append(w)
+    return " stack: " + " ".join(f"{w:#x}" for w in found[:12])
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("guest")
@@ -61,6 +94,8 @@ def main() -> int:
     p.add_argument("--cmdline")
     p.add_argument("--marker", default="XENKVM-LINUX-BOOT-OK")
     p.add_argument("-v", action="store_true")
+    p.add_argument("--deadline", action="store_true", help="sample the TSC-deadline MSR too")
+    p.add_argument("--stack", action="store_true", help="also list kernel-text words on the stack")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO if a.v else logging.WARNING, stream=sys.stderr,
                         format="%(relativeCreated)9.0f ms %(name)s: %(message)s")
@@ -78,6 +113,10 @@ def main() -> int:
 
     sink.add_listener(watch)
     m = Machine(cfg, sink=sink)
+    if a.stack:  # the sampler walks page tables from CR3: have KVM store sregs on every exit too
+        from xenkvm.kvm._kvm_cffi import lib
+        for v in m.vcpus:
+            v.run_struct.kvm_valid_regs |= lib.KVM_SYNC_X86_SREGS
     samples: list[tuple[float, int, int]] = []
     out = open(a.samples, "w")
 
@@ -90,11 +129,16 @@ def main() -> int:
             signal.pthread_kill(v.thread_id, KICK_SIGNAL)
             time.sleep(0.002)
             r = v._sync.regs
-            cs = v._sync.sregs.cs.selector if hasattr(v._sync, "sregs") else 0
+            cs = v._sync.sregs.cs.selector if a.stack else 0
             t = time.monotonic() - t0
             samples.append((t, r.rip, cs))
             gaps = machine.gaps.counts if machine.gaps else {}
-            out.write(f"{t:8.1f} {r.rip:#018x} rsp={r.rsp:#x} gaps={sum(gaps.values())}\n")
+            if a.deadline:  # remaining TSC cycles to the LAPIC TSC deadline (0: none armed)
+                msrs = v.get_msrs([0x10, 0x6E0])
+                dl = msrs.get(0x6E0, 0)
+                out.write(f"   deadline-in={dl - msrs[0x10] if dl else 0}\n")
+            out.write(f"{t:8.1f} {r.rip:#018x} rsp={r.rsp:#x} gaps={sum(gaps.values())}"
+                      f"{stack_text(machine, v, r.rsp) if a.stack else ''}\n")
             out.flush()
             if t > a.limit:
                 machine.stop(ExitStatus.INTERRUPTED, f"time limit {a.limit}s")

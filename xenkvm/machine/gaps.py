@@ -12,11 +12,21 @@ completed here, then the vCPU resumes:
   bases, general and SSE registers loaded, one instruction stepped through the
   guest's page tables, results written back.
 
+One more gap is not a refused instruction: on PVM a ``syscall`` from guest
+ring 3 lands on LSTAR with the *user* CS still loaded (CPL 3), so fetching the
+kernel's entry code page-faults in user mode and init dies with SIGSEGV.  The
+page-fault entry starts with ``clac``, which is refused, so the fault reaches
+us: :class:`SyscallFix` recognises its frame (RIP = LSTAR, CS.RPL = 3), drops
+it and completes the ``syscall`` instead: kernel CS/SS from STAR, the user RSP
+and RFLAGS (already masked) from the frame, and the ``swapgs`` that begins
+Linux's entry code.  A hardware breakpoint on LSTAR does not fire there.
+
 Every distinct instruction is logged once, so a boot's gaps are visible.
 """
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,6 +42,8 @@ log = logging.getLogger(__name__)
 RFLAGS_AC = 1 << 18
 BP_VECTOR = 3
 MAX_INSN = 15
+KERNEL_TEXT = 0xFFFF_FFFF_8000_0000  #: the x86-64 kernel image mapping (-2 GiB) ...
+MODULES = 0xFFFF_FFFF_C000_0000      #: ... up to the module area (whose pages get reused)
 
 
 @dataclass(frozen=True)
@@ -70,34 +82,144 @@ def match_rule(code: bytes) -> Rule | None:
     return None
 
 
+MSR_STAR, MSR_LSTAR, MSR_KERNEL_GS_BASE = 0xC0000081, 0xC0000082, 0xC0000102
+SWAPGS = b"\x0f\x01\xf8"
+SYSRETQ = b"\x48\x0f\x07"
+
+
+def kernel_segments(star: int) -> tuple[dict, dict]:
+    """The CS and SS a 64-bit ``syscall`` loads: selectors STAR[47:32] and +8, DPL 0."""
+    cs_sel = (star >> 32) & 0xFFFC
+    cs = dict(selector=cs_sel, base=0, limit=0xFFFF_FFFF, type=0xB, s=1, dpl=0, present=1,
+              l=1, db=0, g=1, avl=0, unusable=0)
+    ss = dict(selector=cs_sel + 8, base=0, limit=0xFFFF_FFFF, type=0x3, s=1, dpl=0, present=1,
+              l=0, db=1, g=1, avl=0, unusable=0)
+    return cs, ss
+
+
+class SyscallFix:
+    """Completes ring-3 ``syscall``s that PVM delivers to LSTAR without leaving CPL 3."""
+
+    def __init__(self, machine: "Machine"):
+        self.machine = machine
+        self.lstar: dict[int, int] = {}   # vcpu id -> LSTAR, once the guest has set it
+        self.count = 0
+
+    def _lstar(self, vcpu: "Vcpu") -> int:
+        lstar = self.lstar.get(vcpu.id)
+        if lstar is None:
+            lstar = vcpu.get_msrs([MSR_LSTAR]).get(MSR_LSTAR, 0)
+            if lstar >= KERNEL_TEXT:
+                self.lstar[vcpu.id] = lstar
+        return lstar
+
+    def complete(self, vcpu: "Vcpu", regs, read) -> bool:
+        """At a refused ``clac`` on exception entry: is this a #PF frame of a lost syscall?
+
+        ``read(vcpu, gva, n)`` reads guest-virtual memory.  The #PF frame is
+        error code, RIP, CS, RFLAGS, RSP, SS from RSP up.
+        """
+        lstar = self._lstar(vcpu)
+        if lstar < KERNEL_TEXT:
+            return False
+        frame = read(vcpu, regs.rsp, 48)
+        if len(frame) < 48:
+            return False
+        _err, rip, cs, rflags, rsp, _ss = struct.unpack("<6Q", frame)
+        if rip != lstar or cs & 3 != 3:
+            return False
+        sregs = vcpu.get_sregs()
+        msrs = vcpu.get_msrs([MSR_STAR, MSR_KERNEL_GS_BASE])
+        kcs, kss = kernel_segments(msrs[MSR_STAR])
+        for seg, values in ((sregs.cs, kcs), (sregs.ss, kss)):
+            for k, v in values.items():
+                setattr(seg, k, v)
+        regs.rsp, regs.rflags, regs.rip = rsp, rflags, lstar
+        if read(vcpu, lstar, 3) == SWAPGS:  # do the entry's swapgs too (GS is still the user's)
+            sregs.gs.base, kgs = msrs[MSR_KERNEL_GS_BASE], sregs.gs.base
+            vcpu.set_msrs({MSR_KERNEL_GS_BASE: kgs})
+            regs.rip += len(SWAPGS)
+        vcpu.set_sregs(sregs)
+        vcpu.set_regs(regs)
+        self.count += 1
+        if self.count == 1:
+            log.info("vcpu%d: completing ring-3 syscalls that PVM leaves at CPL 3 (LSTAR %#x)",
+                     vcpu.id, lstar)
+        return True
+
+
+def sysret(vcpu: "Vcpu", regs) -> None:
+    """``sysretq``: RIP = RCX, RFLAGS = R11, user CS/SS from STAR[63:48] (+16, +8), RPL 3."""
+    star = vcpu.get_msrs([MSR_STAR])[MSR_STAR]
+    base = (star >> 48) & 0xFFFC
+    sregs = vcpu.get_sregs()
+    for seg, sel, typ, l, db in ((sregs.cs, base + 16, 0xB, 1, 0), (sregs.ss, base + 8, 0x3, 0, 1)):
+        seg.selector, seg.base, seg.limit, seg.type, seg.s, seg.dpl = sel | 3, 0, 0xFFFF_FFFF, typ, 1, 3
+        seg.present, seg.l, seg.db, seg.g, seg.avl, seg.unusable = 1, l, db, 1, 0, 0
+    regs.rip = regs.rcx
+    regs.rflags = (regs.r11 & 0x3C7FD7) | 0x2
+    vcpu.set_sregs(sregs)
+    vcpu.set_regs(regs)
+
+
 class Gaps:
     """Per-machine completion of refused instructions (one unicorn per vCPU thread)."""
 
     def __init__(self, machine: "Machine"):
         self.machine = machine
+        self.syscalls = SyscallFix(machine)
         self._seen: set[str] = set()
         self._local = threading.local()
         self.counts: dict[str, int] = {}
+        #: kernel RIP -> guest-physical address of its page offset (the kernel's text mapping
+        #: is fixed once paging is up; the bytes themselves are re-read every time).
+        self._code_gpa: dict[int, int] = {}
 
     def complete(self, vcpu: "Vcpu") -> bool:
-        """Complete the instruction at RIP; False when it cannot be (the run then stops)."""
-        regs = vcpu.get_regs()
-        code = self._fetch(vcpu, regs.rip)
+        """Complete the instruction at RIP; False when it cannot be (the run then stops).
+
+        The common case (``clac`` at every interrupt and exception entry, a few
+        hundred times a second) costs no ioctl: the registers come from kvm_run's
+        sync area and the code bytes from a per-RIP cache of kernel addresses.
+        """
+        regs = vcpu.sync_regs()
+        rip = regs.rip
+        code = self._cached_code(rip)
+        if code is None:
+            code = self._fetch(vcpu, rip)
         if not code:
-            log.error("vcpu%d: refused instruction at %#x is not readable", vcpu.id, regs.rip)
+            log.error("vcpu%d: refused instruction at %#x is not readable", vcpu.id, rip)
             return False
         rule = match_rule(code)
+        if rule is not None and rule.name == "clac" and self.syscalls.complete(vcpu, regs, self.read_virt):
+            self._note("syscall-at-cpl3", rip, code)
+            return True
+        if code.startswith(SYSRETQ):
+            sysret(vcpu, vcpu.get_regs())
+            self._note("sysretq", rip, code)
+            return True
         if rule is not None:
             self._apply(vcpu, regs, rule.completion)
-            self._note(rule.name, regs.rip, code)
+            self._note(rule.name, rip, code)
             return True
-        return self._emulate(vcpu, regs, code)
+        return self._emulate(vcpu, vcpu.get_regs(), code)
+
+    def _cached_code(self, rip: int) -> bytes | None:
+        """Code bytes at a kernel RIP seen before, re-read from its cached guest-physical address."""
+        gpa = self._code_gpa.get(rip)
+        if gpa is None:
+            return None
+        try:
+            return self.machine.mem.read(gpa, min(MAX_INSN, 0x1000 - (rip & 0xFFF)))
+        except ValueError:
+            return None
 
     # -- helpers ---------------------------------------------------------------
     def _fetch(self, vcpu: "Vcpu", rip: int) -> bytes:
         """Up to 15 instruction bytes at RIP, through the guest's paging (may cross a page)."""
         out = b""
         addr = rip
+        first_gpa = None
         while len(out) < MAX_INSN:
             try:
                 gpa = vcpu.translate(addr)
@@ -105,18 +227,40 @@ class Gaps:
                 gpa = None
             if gpa is None:
                 break
+            if first_gpa is None:
+                first_gpa = gpa
             n = min(MAX_INSN - len(out), 0x1000 - (addr & 0xFFF))
             try:
                 out += self.machine.mem.read(gpa, n)
             except ValueError:
                 break
             addr += n
+        if first_gpa is not None and KERNEL_TEXT <= rip < MODULES:
+            self._code_gpa[rip] = first_gpa
+        return out
+
+    def read_virt(self, vcpu: "Vcpu", gva: int, n: int) -> bytes:
+        """Up to ``n`` bytes of guest-virtual memory (short where it stops being mapped)."""
+        out = b""
+        while len(out) < n:
+            try:
+                gpa = vcpu.translate(gva)
+            except KvmError:
+                gpa = None
+            if gpa is None:
+                break
+            k = min(n - len(out), 0x1000 - (gva & 0xFFF))
+            try:
+                out += self.machine.mem.read(gpa, k)
+            except ValueError:
+                break
+            gva += k
         return out
 
     def _apply(self, vcpu: "Vcpu", regs, c: Completion) -> None:
         regs.rip += c.length
         regs.rflags = (regs.rflags | c.set_flags) & ~c.clear_flags
-        vcpu.set_regs(regs)
+        vcpu.mark_regs_dirty(regs)
         if c.inject is not None:
             vcpu.inject_exception(c.inject)
 
