@@ -33,15 +33,28 @@ REPORTED_CAPS = {
         "VCPU_EVENTS", "ADJUST_CLOCK", "SPLIT_IRQCHIP", "X2APIC_API")
 }
 
+#: Guest TSC frequency the kernel is told on PVM (``tsc_early_khz``): ~15x the real one of
+#: today's hosts, so guest time runs ~15x slower than wall time (see PVM_PROFILE).
+PVM_DILATED_TSC_KHZ = 39_000_000
+
 #: PVM's emulator refuses cmpxchg16b (SLUB uses it when CPUID says CX16); hiding CX16 works there.
 PVM_PROFILE = CpuProfile(
     "pvm",
     masks=(FeatureMask(1, Reg.ECX, 1 << 13, why="cmpxchg16b is refused by the PVM emulator"),),
-    # CPUID cannot hide XSAVE/SSSE3/... on PVM (KVM forces them back), so the kernel is told:
-    # noxsave (xsaves/xrstor refused), clearcpuid= PCLMULQDQ(129) SSSE3(137) SSE4.1(147)
-    # SSE4.2(148) AES(153) so the kernel picks generic code over SIMD at CPL0, and no
-    # soft-lockup watchdog (emulated ring 0 is ~1.5 M instructions/s).
-    kernel_params=("noxsave", "clearcpuid=129,137,147,148,153", "nosoftlockup"),
+    kernel_params=(
+        # CPUID cannot hide XSAVE/SSSE3/... on PVM (KVM forces them back), so the kernel is told:
+        # noxsave (xsaves/xrstor refused), clearcpuid= PCLMULQDQ(129) SSSE3(137) SSE4.1(147)
+        # SSE4.2(148) AES(153) so the kernel picks generic code over SIMD at CPL0, and no
+        # soft-lockup watchdog (emulated ring 0 is ~1.5 M instructions/s).
+        "noxsave", "clearcpuid=129,137,147,148,153", "nosoftlockup",
+        # Time dilation.  A timer tick costs ~5-15 ms of emulated ring 0, so at HZ=250 the
+        # guest livelocks in its tick handler.  With kvmclock off the kernel's clock is the
+        # TSC at the frequency it is told, ~15x the real one: the TSC-deadline LAPIC timer
+        # then ticks every ~60 ms of wall time and the boot makes progress between ticks.
+        # pmtmr= points the ACPI PM timer at an unclaimed port, so the TSC is never
+        # "refined" back to its real frequency; tsc=reliable skips the clocksource watchdog.
+        "no-kvmclock", f"tsc_early_khz={PVM_DILATED_TSC_KHZ}", "tsc=reliable", "pmtmr=0x6f0",
+    ),
 )
 
 
