@@ -35,6 +35,7 @@ def test_errors_are_the_abi_ones(hcall):
     assert hcall(Hypercall.xen_version, 999, 0) == -Errno.ENOSYS  # unknown sub-op
     assert hcall(Hypercall.xen_version, XenVer.extraversion, 1 << 50) == -Errno.EFAULT
     assert hcall(Hypercall.xen_version, XenVer.extraversion, 0x7FF_FFFF_F000) == -Errno.EFAULT
+    assert hcall(Hypercall.xen_version, XenVer.extraversion, 0x8000_0000_0000) == -Errno.EFAULT  # non-canonical
     assert hcall(Hypercall.sysctl, 0, 0) == -Errno.EPERM
     assert hcall(Hypercall.hvm_op, HvmOp.pagetable_dying, BUF) == -Errno.ENOSYS
 
@@ -132,8 +133,9 @@ def test_vcpu_registrations(hcall, xen_machine):
     mem.write(BUF, struct.pack("<QII", 0x300, 0x40, 0))
     assert hcall(Hypercall.vcpu_op, VcpuOp.register_vcpu_info, 1, BUF) == 0
     assert xen_machine.xen.vcpu_info_gpa(1) == 0x300040
+    assert hcall(Hypercall.vcpu_op, VcpuOp.register_vcpu_info, 1, BUF) == -Errno.EINVAL  # only once
     mem.write(BUF, struct.pack("<QII", 0x300, 0xFF0, 0))  # crosses the page
-    assert hcall(Hypercall.vcpu_op, VcpuOp.register_vcpu_info, 1, BUF) == -Errno.EINVAL
+    assert hcall(Hypercall.vcpu_op, VcpuOp.register_vcpu_info, 0, BUF) == -Errno.EINVAL
     assert hcall(Hypercall.vcpu_op, VcpuOp.register_vcpu_info, 9, BUF) == -Errno.ENOENT
     mem.write(BUF, struct.pack("<Q", 0x301000))
     assert hcall(Hypercall.vcpu_op, VcpuOp.register_runstate_memory_area, 0, BUF) == 0

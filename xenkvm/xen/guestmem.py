@@ -21,6 +21,12 @@ PAGE = 4096
 MAX_ACCESS = 1 << 20  #: no single hypercall argument is larger than this
 
 
+def is_canonical(gva: int) -> bool:
+    """48-bit canonical: bits 63..47 all equal (a 32-bit guest's addresses always are)."""
+    top = gva >> 47
+    return top == 0 or top == (1 << 17) - 1
+
+
 class GuestVirtual:
     """Reads and writes through one vCPU's current address space (one per hypercall)."""
 
@@ -33,8 +39,8 @@ class GuestVirtual:
         page = gva & ~(PAGE - 1)
         gpa_page = self._pages.get(page)
         if gpa_page is None:
-            if not 0 <= gva < 1 << 64:
-                raise efault(f"GVA {gva:#x} out of range")
+            if not 0 <= gva < 1 << 64 or not is_canonical(gva):
+                raise efault(f"GVA {gva:#x} is not a canonical address")
             try:
                 gpa = self.vcpu.translate(page)
             except KvmError:

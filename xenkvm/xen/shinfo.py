@@ -95,6 +95,8 @@ class SharedInfo:
 
     def register_vcpu_info(self, vcpu_id: int, gpa: int) -> None:
         """VCPUOP_register_vcpu_info: the 64-byte area must sit inside one guest RAM page."""
+        if self.domain.vcpu_state(vcpu_id).vcpu_info_gpa is not None:
+            raise einval(f"vcpu{vcpu_id} already registered its vcpu_info (Xen allows it once)")
         if (gpa & 0xFFF) + VCPU_INFO.size > 4096 or gpa % 8 or not self.domain.mem.contains(gpa, VCPU_INFO.size):
             raise einval(f"vcpu_info at {gpa:#x} crosses a page or is not guest RAM")
         old = self.vcpu_info_gpa(vcpu_id)
