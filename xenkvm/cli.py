@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--xen", action="store_true", help="give the guest the Xen ABI (as a `xen:` section would)")
     run.add_argument("--hypercall-trap", choices=[t.value for t in HypercallTrap],
                      help="force how hypercalls are trapped (implies --xen)")
+    run.add_argument("--xenstore-socket", metavar="PATH",
+                     help="socket of the embedded xenstored (implies --xen; default $XENSTORED_PATH "
+                          "or ${XENSTORED_RUNDIR:-/run/xenstored}/socket)")
 
     sub.add_parser("info", help="describe this host's KVM, capabilities and hypercall traps")
 
@@ -59,10 +62,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.guest is None and args.kernel is None:
         raise ConfigError("run: give a guest definition (YAML) or --kernel")
     cfg = load_config(args.guest, overrides)
-    if args.xen or args.hypercall_trap:
+    if args.xen or args.hypercall_trap or args.xenstore_socket:
         xen = cfg.xen or XenConfig()
         if args.hypercall_trap:
             xen = dataclasses.replace(xen, hypercall_trap=HypercallTrap(args.hypercall_trap))
+        if args.xenstore_socket:
+            xen = dataclasses.replace(xen, xenstore_socket=args.xenstore_socket)
         cfg = dataclasses.replace(cfg, xen=xen)
     machine = Machine(cfg, trace=args.trace)
     try:

@@ -15,6 +15,7 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
       version: "4.17"
       domid: 1
       hypercall_trap: auto     # auto | kvm-xen | hypercall-page | breakpoint
+      xenstore_socket: /run/xenstored/socket   # optional; default $XENSTORED_PATH or that
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ class XenConfig:
     hypercall_trap: HypercallTrap = HypercallTrap.AUTO
     #: expose the test backend (xen/testdev.py) that test guests drive to check grant copies
     test_device: bool = False
+    #: the embedded xenstored's socket (None: $XENSTORED_PATH, else ${XENSTORED_RUNDIR:-/run/xenstored}/socket)
+    xenstore_socket: str | None = None
 
 
 XEN_FIELDS = {f.name for f in dataclasses.fields(XenConfig)}
@@ -173,6 +176,11 @@ def _xen(raw: Any) -> XenConfig:
         except ValueError:
             choices = ", ".join(t.value for t in HypercallTrap)
             raise ConfigError(f"xen.hypercall_trap: expected one of {choices}, got {raw['hypercall_trap']!r}") from None
+    if raw.get("xenstore_socket") is not None:
+        path = raw["xenstore_socket"]
+        if not isinstance(path, str) or not path or len(path.encode()) > 107:
+            raise ConfigError(f"xen.xenstore_socket: expected a socket path of at most 107 bytes, got {path!r}")
+        kw["xenstore_socket"] = path
     if "test_device" in raw:
         if not isinstance(raw["test_device"], bool):
             raise ConfigError(f"xen.test_device: expected true or false, got {raw['test_device']!r}")

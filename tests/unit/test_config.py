@@ -73,3 +73,22 @@ def test_cli_missing_yaml(tmp_path):
     r = subprocess.run([sys.executable, "-m", "xenkvm", "run", str(tmp_path / "none.yaml")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_xen_section(tmp_path, kernel):
+    from xenkvm.config import HypercallTrap
+    cfg = load_config(write(tmp_path, "kernel: k.elf\nxen:\n  version: '4.13'\n  hypercall_trap: breakpoint\n"
+                                      "  xenstore_socket: /tmp/xs.sock\n"))
+    assert cfg.xen.version == (4, 13) and cfg.xen.hypercall_trap is HypercallTrap.BREAKPOINT
+    assert cfg.xen.xenstore_socket == "/tmp/xs.sock" and cfg.xen.domid == 1
+    assert load_config(write(tmp_path, "kernel: k.elf\n")).xen is None
+
+
+@pytest.mark.parametrize("xen,needle", [
+    ("  version: four\n", "xen.version"), ("  domid: 0\n", "xen.domid"), ("  domid: 40000\n", "xen.domid"),
+    ("  hypercall_trap: vmcall\n", "xen.hypercall_trap"), ("  colour: blue\n", "unknown key 'colour'"),
+    ("  xenstore_socket: ''\n", "xen.xenstore_socket"), ("  test_device: 1\n", "xen.test_device"),
+])
+def test_bad_xen_sections(tmp_path, kernel, xen, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(write(tmp_path, "kernel: k.elf\nxen:\n" + xen))

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from xenkvm.config import XenConfig
 from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.machine.memory import GuestMemory
 from xenkvm.xen.abi import HvmParam
@@ -54,7 +55,7 @@ def fake_domain(domid: int = 1, io=None):
     cfg = SimpleNamespace(name="guest1", console="none")
     machine = SimpleNamespace(console=sink, cfg=cfg, io=io)
     pfn = lambda i: (SPECIAL_PAGES_GPA >> 12) + i  # noqa: E731
-    dom = SimpleNamespace(machine=machine, mem=mem, domid=domid, params={}, evtchn=FakeEvtchn(),
+    dom = SimpleNamespace(machine=machine, mem=mem, domid=domid, params={}, evtchn=FakeEvtchn(), cfg=XenConfig(),
                           lock=threading.RLock(), io=io, console_input=InputQueue(),
                           vcpus=[SimpleNamespace(id=0), SimpleNamespace(id=1)], special_pfn=pfn)
     dom.params[HvmParam.STORE_PFN] = pfn(0)

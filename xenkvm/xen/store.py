@@ -175,7 +175,8 @@ class StoreService:
         self.domain = domain
         self.domid = domain.domid
         self.owns_server = server is None
-        self.server = server if server is not None else XenstoreServer(Xenstored(), default_socket_path())
+        path = domain.cfg.xenstore_socket or default_socket_path()
+        self.server = server if server is not None else XenstoreServer(Xenstored(), path)
         self.core = self.server.core
         self.gfn = domain.params[HvmParam.STORE_PFN]
         self.port = domain.evtchn.alloc_vmm_port(self.on_guest_notify)
