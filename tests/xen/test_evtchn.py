@@ -20,7 +20,7 @@ from xenkvm.machine.ioloop import IoLoop
 from xenkvm.machine.memory import GuestMemory
 from xenkvm.xen.abi import DOMID_SELF, Errno, EvtchnOp, EvtchnStat, Hypercall, SchedOp, ffi, handle_offset, lib
 from xenkvm.xen.dispatch import Dispatcher
-from xenkvm.xen.evtchn import POLL_MAX_BLOCK_NS, EventChannels, EvtchnError
+from xenkvm.xen.evtchn import EventChannels, EvtchnError
 from xenkvm.xen.evtchn_fifo import BUSY, LINK_MASK, LINKED, MASKED, PENDING, FifoEvents
 from xenkvm.xen.timers import VcpuTimers
 
