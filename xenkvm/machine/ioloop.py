@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 log = logging.getLogger(__name__)
+COMPACT_MIN = 1024
 
 
 class TimerHandle:
@@ -34,6 +35,7 @@ class IoLoop:
     def __init__(self, name: str = "io"):
         self._sel = selectors.DefaultSelector()
         self._timers: list[tuple[int, int, TimerHandle]] = []
+        self._compact_at = COMPACT_MIN
         self._seq = itertools.count()
         self._soon: list[Callable[[], None]] = []
         self._lock = threading.Lock()
@@ -63,9 +65,17 @@ class IoLoop:
     def call_at(self, deadline_ns: int, fn: Callable[[], None]) -> TimerHandle:
         handle = TimerHandle(deadline_ns, fn)
         with self._lock:
+            if len(self._timers) >= self._compact_at:
+                self._compact()
             heapq.heappush(self._timers, (deadline_ns, next(self._seq), handle))
         self._wake()
         return handle
+
+    def _compact(self) -> None:
+        """Drop cancelled timers (a guest re-arming far deadlines must not grow the heap)."""
+        self._timers = [t for t in self._timers if not t[2].cancelled]
+        heapq.heapify(self._timers)
+        self._compact_at = max(COMPACT_MIN, 2 * len(self._timers))
 
     def call_later(self, delay_ns: int, fn: Callable[[], None]) -> TimerHandle:
         return self.call_at(time.monotonic_ns() + delay_ns, fn)

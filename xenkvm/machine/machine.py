@@ -230,6 +230,8 @@ class Machine:
             if self.result is not None:
                 return
             self.result = RunResult(status, message)
+        if self.xen is not None:
+            self.xen.on_stop()
         for v in self.vcpus:
             v.set_immediate_exit(True)
             if v.thread_id is not None and v.thread_id != threading.get_ident():

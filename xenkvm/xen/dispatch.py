@@ -109,7 +109,8 @@ class Dispatcher:
             with self.domain.lock:
                 return int(handler(call))
         except HypercallError as e:
-            log.debug("vcpu%d %s: -%s (%s)", call.vcpu_id, _name(call.nr), Errno(e.errno).name, e)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("vcpu%d %s: -%s (%s)", call.vcpu_id, _name(call.nr), Errno(e.errno).name, e)
             return -e.errno
         except Exception:
             log.exception("vcpu%d %s%s failed inside the VMM", call.vcpu_id, _name(call.nr), call.args[:2])

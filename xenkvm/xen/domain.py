@@ -142,6 +142,10 @@ class XenDomain:
             from xenkvm.xen.testdev import TestDevice
             self.machine.bus.register(layout.XEN_TESTDEV_PORT, 4, TestDevice(self))
 
+    def on_stop(self) -> None:
+        """The machine is stopping: wake vCPUs blocked in SCHEDOP_poll so they can leave."""
+        self.evtchn.kick_pollers()
+
     @property
     def io(self):
         """The machine's I/O thread (timers, sockets, deferred work)."""

@@ -61,6 +61,11 @@ class GuestVirtual:
             done += n
 
     def read(self, gva: int, length: int) -> bytes:
+        if 0 < length and (gva & (PAGE - 1)) + length <= PAGE:  # the common case: one page
+            try:
+                return bytes(self.mem.view(self.translate(gva), length))
+            except GuestMemoryError:
+                raise efault(f"GVA {gva:#x}+{length} is outside guest RAM") from None
         out = bytearray(length)
         try:
             for gpa, off, n in self._chunks(gva, length):

@@ -78,7 +78,10 @@ class SharedInfo:
         gpa = gpfn << 12
         if not self.domain.mem.contains(gpa, 4096):
             raise einval(f"shared_info gpfn {gpfn:#x} is not guest RAM")
-        self.domain.mem.fill(gpa, 4096)
+        if self.gpa is None:
+            self.domain.mem.fill(gpa, 4096)
+        elif self.gpa != gpa:  # moving it keeps pending/mask bits and vcpu_info slots, as in Xen
+            self.domain.mem.view(gpa, 4096)[:] = self.domain.mem.view(self.gpa, 4096)
         self.gpa = gpa
         self._write_wallclock()
         for state in self.domain.vcpus:
