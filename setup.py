@@ -1,7 +1,9 @@
 """setuptools shim: only here so cffi's API-mode extensions are compiled at install time."""
+import sys
+
 from setuptools import setup
 
-setup(cffi_modules=[
-    "xenkvm/kvm/_build.py:ffibuilder",
-    "xenkvm/machine/boot/_abi_build.py:ffibuilder",
-])
+sys.path.insert(0, ".")
+from xenkvm._cffi_modules import CFFI_MODULES  # noqa: E402
+
+setup(cffi_modules=CFFI_MODULES)

@@ -6,12 +6,10 @@ field types against them.  Nested anonymous unions of ``struct kvm_run`` are
 reached through ``typedef __typeof__`` aliases so that their layouts, too, come
 from the header rather than from hand-counted offsets.
 
-Build in place with ``python -m xenkvm.kvm._build`` (the Makefile does this), or
-through setuptools' ``cffi_modules`` when the package is installed.
+Built by setuptools' ``cffi_modules`` at install time (the Makefile's ``pip install -e``), or in
+place with ``python -m xenkvm._cffi_modules``.
 """
 from __future__ import annotations
-
-import pathlib
 
 from cffi import FFI
 
@@ -403,17 +401,7 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source("xenkvm.kvm._kvm_cffi", SOURCE, extra_compile_args=["-O2", "-Wall"])
 
 
-def build_inplace() -> pathlib.Path:
-    """Compile the extension next to this file (for a source checkout)."""
-    root = pathlib.Path(__file__).resolve().parents[2]
-    tmp = root / "build" / "cffi"
-    tmp.mkdir(parents=True, exist_ok=True)
-    out = ffibuilder.compile(tmpdir=str(tmp), verbose=False)
-    target = pathlib.Path(out)
-    dest = root / "xenkvm" / "kvm" / target.name
-    dest.write_bytes(target.read_bytes())
-    return dest
-
-
 if __name__ == "__main__":
-    print(build_inplace())
+    from xenkvm._cffi_modules import build_inplace
+
+    print(build_inplace(ffibuilder))

@@ -9,8 +9,6 @@ addresses.
 """
 from __future__ import annotations
 
-import pathlib
-
 from cffi import FFI
 
 # (struct, handle field) pairs whose offsets are exported.
@@ -282,16 +280,7 @@ ffibuilder.cdef(_cdef())
 ffibuilder.set_source("xenkvm.xen._xen_cffi", _source(), extra_compile_args=["-Wall"])
 
 
-def build_inplace() -> pathlib.Path:
-    """Compile the extension next to this file (for a source checkout)."""
-    root = pathlib.Path(__file__).resolve().parents[2]
-    tmp = root / "build" / "cffi-xen"
-    tmp.mkdir(parents=True, exist_ok=True)
-    out = pathlib.Path(ffibuilder.compile(tmpdir=str(tmp), verbose=False))
-    dest = root / "xenkvm" / "xen" / out.name
-    dest.write_bytes(out.read_bytes())
-    return dest
-
-
 if __name__ == "__main__":
-    print(build_inplace())
+    from xenkvm._cffi_modules import build_inplace
+
+    print(build_inplace(ffibuilder))

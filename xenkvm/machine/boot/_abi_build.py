@@ -12,8 +12,6 @@ setuptools' ``cffi_modules`` when the package is installed.
 """
 from __future__ import annotations
 
-import pathlib
-
 from cffi import FFI
 
 CDEF = r"""
@@ -148,17 +146,7 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source("xenkvm.machine.boot._abi_cffi", SOURCE, extra_compile_args=["-O2", "-Wall"])
 
 
-def build_inplace() -> pathlib.Path:
-    """Compile the extension next to this file (for a source checkout)."""
-    root = pathlib.Path(__file__).resolve().parents[3]
-    tmp = root / "build" / "cffi-boot"
-    tmp.mkdir(parents=True, exist_ok=True)
-    out = ffibuilder.compile(tmpdir=str(tmp), verbose=False)
-    target = pathlib.Path(out)
-    dest = root / "xenkvm" / "machine" / "boot" / target.name
-    dest.write_bytes(target.read_bytes())
-    return dest
-
-
 if __name__ == "__main__":
-    print(build_inplace())
+    from xenkvm._cffi_modules import build_inplace
+
+    print(build_inplace(ffibuilder))
