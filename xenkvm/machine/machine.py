@@ -26,6 +26,7 @@ from xenkvm.machine.cpu import build_cpuid
 from xenkvm.machine.devices.bus import PortBus
 from xenkvm.machine.devices.console import ConsoleSink, open_sink
 from xenkvm.machine.devices.debugcon import DebugCon
+from xenkvm.machine.devices.pci import PciBus
 from xenkvm.machine.devices.power import AcpiPm, I8042Reset, ResetControl
 from xenkvm.machine.devices.rtc import CmosRtc
 from xenkvm.machine.devices.serial import Serial16550
@@ -120,6 +121,7 @@ class Machine:
         self.bus.register(0x60, 1, i8042)
         self.bus.register(layout.I8042_CMD, 1, i8042)
         self.bus.register(0x70, 2, CmosRtc())
+        self.pci = PciBus(self.bus)  # mechanism #1 at 0xcf8/0xcfc, host bridge at 00:00.0 (DSDT: \\_SB.PCI0)
 
     def _setup_cpuid(self) -> None:
         supported = self.kvm.supported_cpuid()
@@ -263,7 +265,7 @@ class Machine:
         from xenkvm.machine.loader import load_guest
         entry = load_guest(self)
         if self.xen is not None:
-            self.xen.install(entry.image)
+            self.xen.install(entry.image, entry.mode)
 
     def run(self, on_started: Callable[["Machine"], None] | None = None) -> RunResult:
         """Boot, run every vCPU in its own thread, and wait for a stop."""
