@@ -16,6 +16,7 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
       domid: 1
       hypercall_trap: auto     # auto | kvm-xen | hypercall-page | breakpoint
       xenstore_socket: /run/xenstored/socket   # optional; default $XENSTORED_PATH or that
+      platform_pci: false      # Xen platform PCI device + unplug ports (always on for boot: linux)
 """
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ class XenConfig:
     test_device: bool = False
     #: the embedded xenstored's socket (None: $XENSTORED_PATH, else ${XENSTORED_RUNDIR:-/run/xenstored}/socket)
     xenstore_socket: str | None = None
+    #: the Xen platform PCI device (5853:0001) and the unplug ports at 0x10, as an HVM guest
+    #: sees them (always on for the Linux boot protocol; off by default for PVH)
+    platform_pci: bool = False
 
 
 XEN_FIELDS = {f.name for f in dataclasses.fields(XenConfig)}
@@ -185,6 +189,10 @@ def _xen(raw: Any) -> XenConfig:
         if not isinstance(raw["test_device"], bool):
             raise ConfigError(f"xen.test_device: expected true or false, got {raw['test_device']!r}")
         kw["test_device"] = raw["test_device"]
+    if "platform_pci" in raw:
+        if not isinstance(raw["platform_pci"], bool):
+            raise ConfigError(f"xen.platform_pci: expected true or false, got {raw['platform_pci']!r}")
+        kw["platform_pci"] = raw["platform_pci"]
     return XenConfig(**kw)
 
 
