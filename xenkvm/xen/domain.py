@@ -92,6 +92,7 @@ class XenDomain:
         self.boot_ns = time.monotonic_ns()
         self.console_input = InputQueue()
         self.traps: list = []
+        self.platform = None    #: xen.platform_pci.XenPlatform once attached (HVM mode)
         self.dispatcher = Dispatcher(self, trace=trace)
         self.special = self.mem.add_region(SPECIAL_PAGES_GPA, SPECIAL_PAGES * 4096, "xen-special-pages",
                                             reserved=True)
@@ -128,8 +129,13 @@ class XenDomain:
         from xenkvm.xen.cpuid import xen_leaves
         return xen_leaves(vcpu_id, self.cfg.version, self.domid)
 
-    def install(self, image: bytes | None) -> None:
-        """Choose and install the hypercall traps for the loaded image (before vCPUs run)."""
+    def install(self, image: bytes | None, mode=None) -> None:
+        """Choose and install the hypercall traps for the loaded image (before vCPUs run).
+
+        ``mode`` is the boot protocol used (a BootMode; None: a bzImage boot if ``image``
+        is None).  HVM-mode guests (the Linux boot protocol) and ``xen.platform_pci``
+        get the Xen platform PCI device and the unplug ports (xen/platform_pci.py).
+        """
         from xenkvm.xen.traps import choose
         self.traps = choose(self, self.cfg.hypercall_trap, image)
         for vcpu in self.machine.vcpus:
@@ -141,6 +147,11 @@ class XenDomain:
             from xenkvm.machine import layout
             from xenkvm.xen.testdev import TestDevice
             self.machine.bus.register(layout.XEN_TESTDEV_PORT, 4, TestDevice(self))
+        from xenkvm.config import BootMode
+        linux = mode is BootMode.LINUX if mode is not None else image is None
+        if self.platform is None and (self.cfg.platform_pci or linux):
+            from xenkvm.xen import platform_pci
+            platform_pci.attach(self)   # sets self.platform
 
     def on_stop(self) -> None:
         """The machine is stopping: wake vCPUs blocked in SCHEDOP_poll so they can leave."""
