@@ -42,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="describe this host's KVM, capabilities and hypercall traps")
 
+    sd = sub.add_parser("shutdown", help="ask a running Xen guest to power off or reboot (as xl shutdown)")
+    sd.add_argument("action", choices=SHUTDOWN_ACTIONS, help="written to control/shutdown")
+    sd.add_argument("--socket", metavar="PATH", help="the guest's xenstored socket (default $XENSTORED_PATH "
+                    "or ${XENSTORED_RUNDIR:-/run/xenstored}/socket)")
+    sd.add_argument("--domid", type=int, default=1, help="the guest's domid (default 1)")
+    sd.add_argument("--timeout", type=float, default=30.0,
+                    help="seconds to wait for the guest to react (0: do not wait; default 30)")
+    sd.add_argument("--wait", action="store_true", help="also wait until the domain is gone")
+
     xs = sub.add_parser("xenstored", help="run the xenstore daemon standalone", add_help=False)
     xs.add_argument("args", nargs=argparse.REMAINDER)
     return p
@@ -83,6 +92,62 @@ def cmd_run(args: argparse.Namespace) -> int:
     return int(result.status)
 
 
+SHUTDOWN_ACTIONS = ("poweroff", "reboot", "halt")
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    """Write ``control/shutdown``; then wait for the guest to clear it (Linux's acknowledgement),
+    to stop (its VMM, and so the embedded xenstored, goes away), or, with ``--wait``, to be gone."""
+    import time
+
+    from xenkvm.xenstore import XenstoreError, XsError, default_socket_path
+    from xenkvm.xenstore.client import XsClient
+
+    path = args.socket or default_socket_path()
+    home, node = f"/local/domain/{args.domid}", f"/local/domain/{args.domid}/control/shutdown"
+    try:
+        client = XsClient(path, timeout=5.0)
+    except OSError as e:
+        raise ConfigError(f"shutdown: no xenstored at {path} ({e.strerror or e}): is the guest running?") from None
+    deadline = time.monotonic() + args.timeout
+    acked = False
+    with client:
+        try:
+            try:
+                client.read(f"{home}/domid")
+            except XenstoreError as e:
+                if e.err is XsError.ENOENT:
+                    raise ConfigError(f"shutdown: no domain {args.domid} in the xenstore at {path}") from None
+                raise
+            client.watch(node, "xenkvm-shutdown")
+            client.watch("@releaseDomain", "xenkvm-release")
+            client.write(node, args.action)
+            while args.timeout > 0:
+                if not acked:
+                    acked = client.read(node).decode(errors="replace") != args.action
+                    if acked and not args.wait:
+                        break
+                client.read(f"{home}/domid")            # ENOENT once the domain is released
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    what = "stop" if acked else f"react to {args.action!r}"
+                    print(f"xenkvm: shutdown: dom{args.domid} did not {what} within {args.timeout:g} s",
+                          file=sys.stderr)
+                    return 1
+                client.sock.settimeout(remaining)
+                try:
+                    client.wait_event()
+                except TimeoutError:
+                    pass
+        except XenstoreError as e:
+            if e.err is not XsError.ENOENT:
+                print(f"xenkvm: shutdown: dom{args.domid}: xenstore error {e}", file=sys.stderr)
+                return 1
+        except (ConnectionError, OSError):
+            pass                                         # the VMM (and its xenstored) exited: the guest stopped
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from xenkvm.kvm.system import Kvm
     from xenkvm.machine.host import Host
@@ -102,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "shutdown":
+            return cmd_shutdown(args)
         return cmd_info(args)
     except (ConfigError, BootError) as e:
         print(f"xenkvm: {e}", file=sys.stderr)
