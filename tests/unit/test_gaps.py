@@ -123,3 +123,52 @@ def test_clac_is_not_taken_for_a_lost_syscall_without_lstar() -> None:
     g = _gaps(b"\x0f\x01\xca")
     v = FakeVcpu(0xFFFFFFFF81C00E00)
     assert g.complete(v) and g.counts.get("syscall-at-cpl3") is None
+
+
+class SyscallVcpu(FakeVcpu):
+    """A vCPU whose page-fault entry holds the frame of a syscall PVM left at CPL 3."""
+
+    LSTAR = 0xFFFFFFFF81C00080
+
+    def __init__(self):
+        super().__init__(0xFFFFFFFF81C00E00)
+        seg = lambda: SimpleNamespace(selector=0, base=0, limit=0, type=0, s=0, dpl=3, present=1,  # noqa: E731
+                                      l=0, db=0, g=0, avl=0, unusable=0)
+        self.sregs = SimpleNamespace(cs=seg(), ss=seg(), gs=seg())
+        self.sregs.gs.base = 0x7F00_0000_1000
+        self.msrs = {gaps.MSR_LSTAR: self.LSTAR, gaps.MSR_STAR: 0x0023_0010_0000_0000,
+                     gaps.MSR_KERNEL_GS_BASE: 0xFFFF_8880_0F60_0000}
+
+    def get_sregs(self):
+        return self.sregs
+
+    def set_sregs(self, sregs) -> None:
+        self.sregs = sregs
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        self.msrs.update(values)
+
+    def set_regs(self, regs) -> None:
+        self.regs = regs
+
+
+def test_lost_syscall_is_completed_from_the_page_fault_frame() -> None:
+    import struct
+    g = _gaps(b"\x0f\x01\xca")
+    v = SyscallVcpu()
+    frame = struct.pack("<6Q", 0x15, v.LSTAR, 0x33, 0x10002, 0x7FFF_0000_1000, 0x2B)
+    mem = {v.regs.rsp: frame, v.LSTAR: gaps.SWAPGS}
+    read = lambda vcpu, gva, n: mem.get(gva, b"")[:n]  # noqa: E731
+    assert g.syscalls.complete(v, v.regs, read)
+    assert v.regs.rip == v.LSTAR + 3 and v.regs.rsp == 0x7FFF_0000_1000 and v.regs.rflags == 0x10002
+    assert v.sregs.cs.selector == 0x10 and v.sregs.cs.dpl == 0 and v.sregs.ss.selector == 0x18
+    assert v.sregs.gs.base == 0xFFFF_8880_0F60_0000 and v.msrs[gaps.MSR_KERNEL_GS_BASE] == 0x7F00_0000_1000
+
+
+def test_ordinary_page_fault_is_left_to_the_guest() -> None:
+    import struct
+    g = _gaps(b"\x0f\x01\xca")
+    v = SyscallVcpu()
+    frame = struct.pack("<6Q", 0x4, 0x401000, 0x33, 0x246, 0x7FFF_0000_1000, 0x2B)
+    read = lambda vcpu, gva, n: frame[:n] if gva == v.regs.rsp else b""  # noqa: E731
+    assert not g.syscalls.complete(v, v.regs, read)

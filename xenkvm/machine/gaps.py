@@ -128,6 +128,7 @@ class SyscallFix:
         _err, rip, cs, rflags, rsp, _ss = struct.unpack("<6Q", frame)
         if rip != lstar or cs & 3 != 3:
             return False
+        regs = vcpu.get_regs()  # a pointer KVM_SET_REGS can take (the sync copy is not)
         sregs = vcpu.get_sregs()
         msrs = vcpu.get_msrs([MSR_STAR, MSR_KERNEL_GS_BASE])
         kcs, kss = kernel_segments(msrs[MSR_STAR])
