@@ -93,10 +93,25 @@ def test_facs(built):
     assert gpa % 64 == 0 and raw[:4] == b"FACS" and struct.unpack_from("<I", raw, 4)[0] == 64
 
 
-def test_dsdt_is_exactly_the_s5_package(built):
+def test_dsdt_is_the_s5_package_and_pci0(built):
     mem, t = built
     body = _table(mem, t, "DSDT")[36:]
-    assert body == bytes.fromhex("08 5F53355F 12 08 04 0A05 0A05 00 00")
+    assert body[:14] == bytes.fromhex("08 5F53355F 12 08 04 0A05 0A05 00 00")
+    assert body[14:] == acpi.pci0_aml()
+    assert body[14:23] == bytes.fromhex("10 4C07 5F53425F 5B82")       # Scope (_SB_) { Device (
+
+
+def test_aml_encodings():
+    assert acpi.aml_pkg_length(0) == b"\x01" and acpi.aml_pkg_length(62) == b"\x3f"
+    assert acpi.aml_pkg_length(63) == bytes.fromhex("4104")             # 65 = 0x41: nibble 1, then 4
+    assert acpi.aml_pkg_length(5000) == bytes.fromhex("8b3801")
+    assert acpi.aml_pkg_length((1 << 28) - 5) == bytes.fromhex("cfffffff")
+    with pytest.raises(AcpiError):
+        acpi.aml_pkg_length(1 << 28)
+    assert [acpi.aml_integer(v) for v in (0, 1, 2, 0x100, 0x10000, 1 << 32)] == [
+        b"\x00", b"\x01", b"\x0a\x02", b"\x0b\x00\x01", b"\x0c\x00\x00\x01\x00", b"\x0e" + (1 << 32).to_bytes(8, "little")]
+    assert acpi.aml_eisa_id("PNP0A03") == bytes.fromhex("0c 41d0 0a03")
+    assert len(acpi.res_word_address(1, 3, 0, 0xCF7)) == 16 and len(acpi.res_dword_memory(0, 1)) == 26
 
 
 def test_madt(built):
@@ -137,6 +152,9 @@ def test_iasl_decompiles_the_tables(built, tmp_path):
         subprocess.run(["iasl", "-d", str(dat)], cwd=tmp_path, capture_output=True, check=True)
     dsdt = (tmp_path / "dsdt.dsl").read_text()
     assert "Name (_S5, Package (0x04)" in dsdt
+    assert "Device (PCI0)" in dsdt and 'EisaId ("PNP0A03")' in dsdt
+    assert "0xE0000000,         // Range Minimum" in dsdt and "0xFEAFFFFF,         // Range Maximum" in dsdt
+    assert "0xD000,             // Range Minimum" in dsdt and "0xDFFF,             // Range Maximum" in dsdt
     fadt = (tmp_path / "facp.dsl").read_text()
     assert "PM1A Event Block Address : 00000600" in fadt
     assert "Reset Register Supported (V2) : 1" in fadt and "Hardware Reduced (V5) : 0" in fadt
@@ -154,3 +172,35 @@ def test_hand_assembled_aml_matches_iasl(tmp_path):
                    capture_output=True, check=True)
     aml = (tmp_path / "s5.aml").read_bytes()
     assert aml[36:] == acpi.S5_AML
+
+
+@NEEDS_IASL
+def test_pci0_aml_matches_iasl(tmp_path):
+    """\\_SB.PCI0 written in ASL and compiled by iasl: the same bytes as pci0_aml()."""
+    src = tmp_path / "pci.asl"
+    src.write_text('''DefinitionBlock ("", "DSDT", 2, "XENKVM", "XENKVM  ", 1)
+{
+    Scope (\\_SB)
+    {
+        Device (PCI0)
+        {
+            Name (_HID, EisaId ("PNP0A03"))
+            Name (_UID, Zero)
+            Name (_CRS, ResourceTemplate ()
+            {
+                WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode,
+                    0x0000, 0x0000, 0x00FF, 0x0000, 0x0100)
+                IO (Decode16, 0x0CF8, 0x0CF8, 0x01, 0x08)
+                WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange,
+                    0x0000, 0x0000, 0x0CF7, 0x0000, 0x0CF8)
+                WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange,
+                    0x0000, 0xD000, 0xDFFF, 0x0000, 0x1000)
+                DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, Cacheable, ReadWrite,
+                    0x00000000, 0xE0000000, 0xFEAFFFFF, 0x00000000, 0x1EB00000)
+            })
+        }
+    }
+}
+''')
+    subprocess.run(["iasl", "-p", str(tmp_path / "pci"), str(src)], cwd=tmp_path, capture_output=True, check=True)
+    assert (tmp_path / "pci.aml").read_bytes()[36:] == acpi.pci0_aml()

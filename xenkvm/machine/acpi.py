@@ -1,4 +1,4 @@
-"""ACPI tables for the guest: RSDP, XSDT/RSDT, FADT, FACS, DSDT (just \\_S5) and MADT.
+"""ACPI tables for the guest: RSDP, XSDT/RSDT, FADT, FACS, DSDT (\\_S5, \\_SB.PCI0) and MADT.
 
 Written into guest memory at ``layout.ACPI_BASE`` (inside the reserved legacy
 hole, so the RSDP is also found by the 0xE0000..0xFFFFF scan).  There is no
@@ -154,6 +154,104 @@ class AcpiError(ValueError):
     """ACPI tables that cannot be built as asked (bad vCPU count, no room)."""
 
 
+# ---- AML for \_SB.PCI0 (ACPI 6.x, section 20.2 grammar; 6.4 resource descriptors) ----------
+def aml_pkg_length(content: int) -> bytes:
+    """PkgLength (20.2.4) of a package whose bytes after the PkgLength number ``content``.
+
+    The encoded value counts the PkgLength bytes too: one byte up to 63, else a lead
+    byte (count of following bytes in bits 7:6, low nibble) and 1..3 more bytes.
+    """
+    if content + 1 < 0x40:
+        return bytes([content + 1])
+    for extra in (1, 2, 3):
+        total = content + 1 + extra
+        if total < 1 << (4 + 8 * extra):
+            return bytes([extra << 6 | (total & 0xF)]) + (total >> 4).to_bytes(extra, "little")
+    raise AcpiError(f"AML package of {content} bytes is too long")
+
+
+def aml_integer(value: int) -> bytes:
+    """ZeroOp, OneOp or the smallest of Byte/Word/DWord/QWordConst."""
+    if value in (0, 1):
+        return bytes([value])
+    for prefix, size in ((0x0A, 1), (0x0B, 2), (0x0C, 4), (0x0E, 8)):
+        if value < 1 << 8 * size:
+            return bytes([prefix]) + value.to_bytes(size, "little")
+    raise AcpiError(f"AML integer {value:#x} does not fit in 64 bits")
+
+
+def aml_eisa_id(text: str) -> bytes:
+    """EisaId("PNP0A03"): DWordConst of three 5-bit letters and a 16-bit product, big-endian."""
+    letters = [ord(c) - 0x40 for c in text[:3]]
+    vendor = letters[0] << 10 | letters[1] << 5 | letters[2]
+    return b"\x0C" + vendor.to_bytes(2, "big") + int(text[3:], 16).to_bytes(2, "big")
+
+
+def aml_name(seg: bytes, data: bytes) -> bytes:
+    return b"\x08" + seg + data                                     # NameOp NameSeg DataRefObject
+
+
+def aml_scope(path: bytes, body: bytes) -> bytes:
+    return b"\x10" + aml_pkg_length(len(path) + len(body)) + path + body          # ScopeOp
+
+
+def aml_device(seg: bytes, body: bytes) -> bytes:
+    return b"\x5B\x82" + aml_pkg_length(len(seg) + len(body)) + seg + body       # ExtOpPrefix DeviceOp
+
+
+def aml_buffer(data: bytes) -> bytes:
+    size = aml_integer(len(data))
+    return b"\x11" + aml_pkg_length(len(size) + len(data)) + size + data         # BufferOp
+
+
+#: Address space descriptor general flags: producer, MinFixed | MaxFixed, positive decode
+_PRODUCER_FIXED = 0x0C
+
+
+def res_word_address(kind: int, type_flags: int, minimum: int, maximum: int) -> bytes:
+    """Word Address Space Descriptor (6.4.3.5.3): kind 1 = I/O, 2 = bus numbers."""
+    length = maximum - minimum + 1
+    return b"\x88" + struct.pack("<HBBBHHHHH", 13, kind, _PRODUCER_FIXED, type_flags, 0, minimum, maximum, 0, length)
+
+
+def res_dword_memory(minimum: int, maximum: int) -> bytes:
+    """DWord Address Space Descriptor (6.4.3.5.2), memory, cacheable, read-write."""
+    length = maximum - minimum + 1
+    return b"\x87" + struct.pack("<HBBBIIIII", 23, 0, _PRODUCER_FIXED, 0x03, 0, minimum, maximum, 0, length)
+
+
+def res_io(minimum: int, maximum: int, align: int, length: int) -> bytes:
+    """I/O Port Descriptor (6.4.2.5), 16-bit decode."""
+    return b"\x47\x01" + struct.pack("<HHBB", minimum, maximum, align, length)
+
+
+RES_END = b"\x79\x00"                 #: End Tag, checksum 0 ("treated as correct")
+
+
+def pci0_aml() -> bytes:
+    """``Scope (\\_SB) { Device (PCI0) { _HID PNP0A03, _UID 0, _CRS } }``: the PCI root bridge.
+
+    Linux with ACPI enumerates PCI only through PNP0A03/PNP0A08 devices (its
+    ``pci_acpi_init`` replaces the legacy bus scan unless ``pci=noacpi``/``acpi=noirq``),
+    and claims BARs only inside the root bridge's _CRS windows: bus 0-255, the
+    config ports 0xCF8-0xCFF consumed, I/O 0-0xCF7 (legacy, as QEMU's pc) and the
+    bus's I/O window, the 32-bit memory window (``devices/pci.py``).  No _PRT: INTx
+    routing falls back to the interrupt line register (Xen guests use the event-channel
+    vector callback, not the platform device's INTx).
+    """
+    from xenkvm.machine.devices.pci import CONFIG_ADDRESS, IO_WINDOW, MEM_WINDOW
+    crs = (res_word_address(2, 0, 0, 0xFF)
+           + res_io(CONFIG_ADDRESS, CONFIG_ADDRESS, 1, 8)
+           + res_word_address(1, 0x03, 0, CONFIG_ADDRESS - 1)
+           + res_word_address(1, 0x03, IO_WINDOW[0], IO_WINDOW[0] + IO_WINDOW[1] - 1)
+           + res_dword_memory(MEM_WINDOW[0], MEM_WINDOW[0] + MEM_WINDOW[1] - 1)
+           + RES_END)
+    body = (aml_name(b"_HID", aml_eisa_id("PNP0A03"))
+            + aml_name(b"_UID", aml_integer(0))
+            + aml_name(b"_CRS", aml_buffer(crs)))
+    return aml_scope(b"_SB_", aml_device(b"PCI0", body))    # at the root: _SB_ is \\_SB_ (as iasl writes it)
+
+
 @dataclass(frozen=True)
 class AcpiTables:
     """Where the tables went: RSDP address and, per signature, (gpa, length)."""
@@ -195,7 +293,8 @@ def rsdp(rsdt_gpa: int, xsdt_gpa: int) -> bytes:
 
 
 def dsdt() -> bytes:
-    return sdt(b"DSDT", 2, S5_AML)
+    """\\_S5 and the PCI root bridge \\_SB.PCI0 (every machine has the bus: devices/pci.py)."""
+    return sdt(b"DSDT", 2, S5_AML + pci0_aml())
 
 
 def facs() -> bytes:
