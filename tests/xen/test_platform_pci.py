@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -135,15 +139,11 @@ def test_config_field():
 @pytest.mark.kvm
 def test_hvm_platform_guest_host_side(tmp_path):
     """guests/xen_hvm_platform.c end to end: the host logs what the guest's unplug protocol said."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[2]
     subprocess.run(["make", "-s", "-C", str(root / "guests")], check=True)
     r = subprocess.run([sys.executable, "-m", "xenkvm", "-v", "run", "guests/xen_hvm_platform.yaml"], cwd=root,
                        capture_output=True, text=True, errors="replace", timeout=120,
-                       env={**__import__("os").environ, "XENSTORED_PATH": str(tmp_path / "xs.sock")})
+                       env={**os.environ, "XENSTORED_PATH": str(tmp_path / "xs.sock")})
     assert r.returncode == 0 and "FAIL" not in r.stdout and ", 0 failed" in r.stdout, r.stdout + r.stderr
     assert "pci 00:02.0 5853:0001 class ff8000" in r.stdout
     assert "unplug emulated devices 0x7" in r.stderr and "product 3 (Linux)" in r.stderr
