@@ -124,6 +124,9 @@ def run_qemu(guest: Path, timeout: float, params: tuple[str, ...]) -> Outcome:
     m = re.search(rb"RIP: [0-9a-f]+:([0-9a-f]+)|RIP=([0-9a-f]+)", text)
     if out.marker_s is None and m:
         out.how += f", RIP={(m.group(1) or m.group(2)).decode()}"
+    code = re.search(rb"Code=((?:[0-9a-f]{2} )*)<([0-9a-f]{2})>((?: [0-9a-f]{2}){0,5})", text)
+    if out.marker_s is None and code:  # the bytes at RIP: which instruction the emulator refused
+        out.how += f" (code at RIP: {(code.group(2) + code.group(3)).decode()})"
     return out
 
 
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         qemu = next(r for r in rows if r.name == "qemu")
         print(f"\nratio xenkvm/qemu (time to marker): {ours.marker_s / qemu.marker_s:.2f}")
     else:
-        print("\nratio: n/a (only " + (", ".join(r.name for r in both) or "neither") + " reached the marker)")
+        reached = ", ".join(r.name for r in both)
+        print(f"\nratio: n/a ({'only ' + reached if reached else 'no run'} reached the marker)")
     return 0
 
 
