@@ -69,6 +69,9 @@ class FakeDomain:
     def now_ns(self) -> int:
         return time.monotonic_ns() - self.boot_ns
 
+    def monotonic_at(self, system_ns: int) -> int:
+        return self.boot_ns + system_ns
+
     def valid_vcpu(self, v: int) -> bool:
         return 0 <= v < len(self.vcpus)
 

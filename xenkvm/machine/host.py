@@ -86,6 +86,11 @@ class Host:
         return PVM_PROFILE if self.flavour is Flavour.PVM else HARDWARE
 
     @property
+    def dilated_tsc_khz(self) -> int | None:
+        """The TSC rate guests are told on this host (time dilation), or None for the real one."""
+        return PVM_DILATED_TSC_KHZ if self.flavour is Flavour.PVM else None
+
+    @property
     def kernel_params(self) -> tuple[str, ...]:
         return self.cpu_profile.kernel_params
 

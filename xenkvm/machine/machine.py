@@ -22,6 +22,7 @@ from xenkvm.kvm.system import Kvm
 from xenkvm.kvm.vcpu import Vcpu
 from xenkvm.kvm.vm import Vm
 from xenkvm.machine import layout
+from xenkvm.machine.clock import GuestClock
 from xenkvm.machine.cpu import build_cpuid
 from xenkvm.machine.devices.bus import PortBus
 from xenkvm.machine.devices.console import ConsoleSink, open_sink
@@ -84,6 +85,9 @@ class Machine:
         self.port_hooks: dict[int, ExitHandler] = {}
         self._setup_devices()
         self.vcpus = [Vcpu(self.vm, i) for i in range(cfg.vcpus)]
+        self.tsc_khz = self.vcpus[0].get_tsc_khz()
+        self.clock = GuestClock.for_tsc(self.tsc_khz, self.host.dilated_tsc_khz)
+        self.pm.clock = self.clock
         for v in self.vcpus:
             v.work = collections.deque()  # callables run on the vCPU's own thread (run_on_vcpu)
         self.exit_handlers: dict[int, ExitHandler] = self._default_handlers()
@@ -115,7 +119,8 @@ class Machine:
         self.serial = Serial16550(self.console, lambda level: self.vm.irq_line(COM1_IRQ, level))
         self.bus.register(layout.COM1, 8, self.serial)
         self.bus.register(layout.DEBUG_PORT, 1, DebugCon(self.console))
-        self.bus.register(layout.PM_BASE, 12, AcpiPm(self.power_off))
+        self.pm = AcpiPm(self.power_off)
+        self.bus.register(layout.PM_BASE, 12, self.pm)
         self.bus.register(layout.RESET_PORT, 1, ResetControl(self.reset))
         i8042 = I8042Reset(self.reset)
         self.bus.register(0x60, 1, i8042)

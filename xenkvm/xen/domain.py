@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -89,7 +88,8 @@ class XenDomain:
         self.params: dict[int, int] = {}
         self.vm_assists = 0
         self.shutdown_code: int | None = None
-        self.boot_ns = time.monotonic_ns()
+        self.clock = machine.clock
+        self.boot_ns = self.clock.boot_ns
         self.console_input = InputQueue()
         self.traps: list = []
         self.platform = None    #: xen.platform_pci.XenPlatform once attached (HVM mode)
@@ -163,8 +163,16 @@ class XenDomain:
         return self.machine.io
 
     def now_ns(self) -> int:
-        """Xen system time: nanoseconds since the domain started (what pvclock reports)."""
-        return time.monotonic_ns() - self.boot_ns
+        """Xen system time: guest ns since the machine started (what pvclock reports).
+
+        It follows the machine's GuestClock, dilated on PVM hosts so the guest's
+        timer ticks come rarely enough for its emulated ring 0.
+        """
+        return self.clock.ns()
+
+    def monotonic_at(self, system_ns: int) -> int:
+        """The host monotonic time at which Xen system time reaches ``system_ns``."""
+        return self.clock.monotonic_at(system_ns)
 
     def vcpu_state(self, vcpu_id: int) -> VcpuState:
         """The state of a guest-named vCPU; guest-supplied ids are checked by callers."""

@@ -834,7 +834,7 @@ class EventChannels:
         now_mono = time.monotonic_ns()
         deadline = now_mono + POLL_MAX_BLOCK_NS
         if timeout_abs_ns:
-            deadline = min(deadline, self.d.boot_ns + timeout_abs_ns)
+            deadline = min(deadline, self.d.monotonic_at(timeout_abs_ns))
         kicks = self._kicks[vcpu] if 0 <= vcpu < len(self._kicks) else 0
         self._pollers += 1
         try:

@@ -67,7 +67,9 @@ class SharedInfo:
         self.domain = domain
         self.gpa: int | None = None
         vcpu0 = domain.machine.vcpus[0]
-        self.tsc_khz = vcpu0.get_tsc_khz()
+        clock = domain.machine.clock
+        #: the TSC rate pvclock describes: the real one, or the dilated one the guest is told
+        self.tsc_khz = domain.machine.tsc_khz * clock.den // clock.num
         self.scale = TscScale.for_hz(self.tsc_khz * 1000)
         guest_tsc = vcpu0.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
         self.tsc_offset = guest_tsc - klib.xk_rdtsc()

@@ -2,7 +2,7 @@
 
 Both timers raise the vCPU's VIRQ_TIMER.  Deadlines are Xen system time
 (``domain.now_ns()``, the clock pvclock shows the guest); they run on the
-machine's I/O thread at ``domain.boot_ns + deadline`` (monotonic).
+machine's I/O thread at ``domain.monotonic_at(deadline)``.
 
 Each armed timer is an ``_Arm``; the I/O-thread callback checks it is still
 the current one (stop and re-arm just replace it), so a stale callback is a
@@ -205,7 +205,7 @@ class VcpuTimers:
 
     def _schedule(self, arm: _Arm, fn) -> None:
         at = min(arm.deadline, self.d.now_ns() + HORIZON_NS)
-        arm.handle = self.d.io.call_at(self.d.boot_ns + at, fn)
+        arm.handle = self.d.io.call_at(self.d.monotonic_at(at), fn)
 
     def _fire(self, vcpu: int) -> None:
         self.fired[vcpu] += 1

@@ -7,10 +7,10 @@ Each request calls back into the machine, which stops the run with its status.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable
 
 from xenkvm.machine import layout
+from xenkvm.machine.clock import GuestClock
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +21,12 @@ SCI_EN = 1
 class AcpiPm:
     """PM1a_EVT (status+enable), PM1a_CNT and PM_TMR at layout.PM_BASE (12 ports)."""
 
-    def __init__(self, power_off: Callable[[], None]):
+    def __init__(self, power_off: Callable[[], None], clock: GuestClock | None = None):
         self._power_off = power_off
         self.pm1_sts = 0
         self.pm1_en = 0
         self.pm1_cnt = SCI_EN  # no SMM: the OS owns ACPI from the start
-        self._t0 = time.monotonic_ns()
+        self.clock = clock or GuestClock()  #: guest time, dilated like every guest clock
 
     def pio_read(self, offset: int, size: int) -> int:
         if offset < 2:
@@ -36,7 +36,7 @@ class AcpiPm:
         if offset < 6:
             return (self.pm1_cnt >> (8 * (offset - 4))) & _mask(size)
         if 8 <= offset < 12:
-            ticks = (time.monotonic_ns() - self._t0) * PM_TIMER_HZ // 1_000_000_000
+            ticks = self.clock.ns() * PM_TIMER_HZ // 1_000_000_000
             return (ticks & 0xFFFFFF) >> (8 * (offset - 8)) & _mask(size)
         return _mask(size)
 
