@@ -41,7 +41,7 @@ class Entry:
     rbx: int = 0
     rsi: int = 0
     is_linux: bool = False
-    image: bytes | None = None  #: the ELF that was loaded (None for a bzImage boot)
+    image: bytes | None = None  #: the kernel's ELF (loaded, or extracted for a Xen bzImage boot)
 
 
 def is_bzimage(data: bytes) -> bool:
@@ -82,7 +82,9 @@ def prepare(machine: "Machine") -> Entry:
         if not is_bzimage(kernel):
             raise BootError("boot: linux needs a bzImage")
         boot = load_bzimage(mem, kernel, kernel_cmdline(cfg.cmdline, True, params), initrd, rsdp)
-        return Entry(mode, boot.entry64, rsi=boot.boot_params_gpa, is_linux=True)
+        # A Xen HVM guest's hypercall instructions are found in its vmlinux (trap sites).
+        image = extract_vmlinux(kernel) if cfg.xen is not None else None
+        return Entry(mode, boot.entry64, rsi=boot.boot_params_gpa, is_linux=True, image=image)
     if is_bzimage(kernel):
         kernel = extract_vmlinux(kernel)
     linux = _elf_is_linux(kernel)
