@@ -12,7 +12,7 @@ DEB_PKGS := gcc make libxen-dev xenstore-utils busybox-static cpio acpica-tools 
 GUEST ?= guests/hello.yaml
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: all build deps venv guests run test check test-linux linux-image bench info clean distclean
+.PHONY: all build deps venv guests run test check test-linux linux-image linux-xen-image bench info clean distclean
 
 all: build
 
@@ -56,7 +56,12 @@ check: venv
 linux-image: build
 	$(PY) -m xenkvm.images linux --cache $(CACHE)/linux
 
-test-linux: linux-image
+# The same kernel as a Xen guest: an initramfs with Debian's xenstore-utils, and
+# guests/linux-pvh.yaml + guests/linux-hvm.yaml (docs/linux-xen.md).
+linux-xen-image: build
+	$(PY) -m xenkvm.images linux-xen --cache $(CACHE)/linux
+
+test-linux: linux-image linux-xen-image
 	$(PYTEST) -m linux -s tests
 
 bench: build

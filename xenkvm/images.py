@@ -13,11 +13,23 @@ cache:
 
 and ``guests/linux.yaml`` pointing at them.  Everything already in the cache is
 reused; ``apt-get update`` runs only when a download fails for want of lists.
+
+``python -m xenkvm.images linux-xen`` (``make linux-xen-image``) builds the Xen
+guest's initramfs from the same kernel and busybox plus Debian's
+``xenstore-utils`` (with ``libxenstore4``, ``libxentoolcore1`` and the C library
+and ELF interpreter they need, found by reading each ELF's ``DT_NEEDED``) and
+the kernel's ``xenfs.ko``: ``initramfs-xen.cpio.gz``, whose ``/init``
+(:data:`XEN_INIT_SCRIPT`) prints what the guest sees of Xen, does a xenstore
+round trip with the host, prints :data:`XEN_MARKER`, dumps ``dmesg`` between
+markers and powers off.  It also writes ``guests/linux-pvh.yaml`` and
+``guests/linux-hvm.yaml`` (docs/linux-xen.md).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import struct
 import re
 import subprocess
 import sys
@@ -63,6 +75,84 @@ memory: {memory}
 vcpus: 1
 console: stdio
 cmdline: "{cmdline}"
+"""
+
+
+#: The Xen guest's marker: printed with the host's xenstore reply after the round trip.
+XEN_MARKER = "XENKVM-XEN-BOOT-OK"
+DMESG_BEGIN = "XENKVM-DMESG-BEGIN"
+DMESG_END = "XENKVM-DMESG-END"
+#: xenstore keys of the round trip, relative to /local/domain/<domid>.
+GUEST_KEY = "data/guest-hello"
+HOST_KEY = "data/host-reply"
+#: Debian packages of the xenstore command-line tools (the C library comes from the host).
+XENSTORE_PKGS = ("xenstore-utils", "libxenstore4", "libxentoolcore1")
+XENSTORE_TOOLS = ("xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-list", "xenstore-rm",
+                  "xenstore-exists", "xenstore-watch", "xenstore-chmod")
+#: Kernel modules copied into the Xen initramfs (paths below lib/modules/<abi>/kernel), in
+#: load order: xenfs (/proc/xen, the classic xenstore device path) needs xen-privcmd.
+XEN_MODULES = ("drivers/xen/xen-privcmd.ko", "drivers/xen/xenfs/xenfs.ko")
+XEN_APPLETS = APPLETS + ("insmod", "lsmod", "usleep", "setsid", "cttyhack", "tr", "head", "tail",
+                         "timeout", "seq", "wc", "sed", "env", "stty")
+
+#: The Xen guest's /init.  Guest time runs ~15x slower than wall time on PVM hosts
+#: (docs/linux-boot.md, time dilation), so the polling sleeps are short.  With
+#: ``xenkvm.shell`` on the kernel command line it ends in an interactive shell on hvc0
+#: instead of powering off; ``xenkvm.end=reboot|crash|wait`` picks another ending for
+#: the lifecycle tests (``wait``: stay up until the host asks through control/shutdown).
+XEN_INIT_SCRIPT = f"""#!/bin/sh
+# xenkvm Xen guest: show what the guest sees of Xen, xenstore round trip, marker, dmesg, power off.
+export PATH=/bin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+insmod /lib/modules/xen-privcmd.ko && insmod /lib/modules/xenfs.ko && mount -t xenfs xenfs /proc/xen
+echo "xenkvm: hypervisor $(cat /sys/hypervisor/type 2>&1)"
+echo "xenkvm: clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>&1)"
+echo "xenkvm: /dev/xen: $(ls /dev/xen 2>&1 | tr '\\n' ' ')/proc/xen: $(ls /proc/xen 2>&1 | tr '\\n' ' ')"
+xenstore-write {GUEST_KEY} "hello from $(uname -r)" || echo "xenkvm: xenstore-write failed"
+reply=""
+i=0
+while [ $i -lt 3000 ]; do
+    reply=$(xenstore-read {HOST_KEY} 2>/dev/null) && break
+    usleep 20000
+    i=$((i+1))
+done
+echo "{XEN_MARKER} $reply"
+echo {DMESG_BEGIN}
+dmesg
+echo {DMESG_END}
+case "$(cat /proc/cmdline)" in
+*xenkvm.shell*) exec setsid cttyhack sh ;;
+*xenkvm.end=reboot*) reboot -f ;;
+*xenkvm.end=crash*) echo c > /proc/sysrq-trigger ;;
+*xenkvm.end=wait*) while true; do sleep 1; done ;;
+esac
+poweroff -f
+"""
+
+#: Kernel parameters of the Xen guests (the host-specific ones are added by the VMM).
+#: docs/linux-xen.md explains each; pci=off only for PVH (HVM needs the platform device).
+XEN_CMDLINE = ("console=hvc0 earlyprintk=xen rdinit=/init panic=-1 quiet loglevel=4 nokaslr "
+               "mitigations=off nowatchdog nmi_watchdog=0 no_timer_check cryptomgr.notests "
+               "random.trust_cpu=on printk.devkmsg=off")
+
+XEN_GUEST_YAML = """\
+# Written by `make linux-xen-image` (python -m xenkvm.images linux-xen): Debian bookworm's
+# cloud kernel as a Xen {mode_upper} guest; its /init does a xenstore round trip with the host,
+# prints {marker} and powers off (docs/linux-xen.md).
+name: debian-xen-{mode}
+kernel: {kernel}
+initrd: {initrd}
+boot: {boot}
+memory: {memory}
+vcpus: {vcpus}
+console: stdio
+cmdline: "{cmdline}"
+xen:
+  version: "4.17"
+  domid: 1
+  hypercall_trap: auto
 """
 
 
@@ -168,6 +258,80 @@ def build_initramfs(busybox: bytes, init: str = INIT_SCRIPT, applets: tuple[str,
     return cpio
 
 
+# --- ELF dependencies -----------------------------------------------------------------
+def elf_dependencies(elf: bytes) -> tuple[str | None, list[str]]:
+    """(PT_INTERP path or None, DT_NEEDED sonames) of an ELF64 executable or library."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2:
+        raise ImageError("not an ELF64 file")
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    interp, dynamic, loads = None, None, []
+    for i in range(phnum):
+        p_type, _, off, vaddr, _, filesz, _, _ = struct.unpack_from("<IIQQQQQQ", elf, phoff + i * phentsize)
+        if p_type == 3:  # PT_INTERP
+            interp = elf[off:off + filesz].split(b"\0")[0].decode()
+        elif p_type == 2:  # PT_DYNAMIC
+            dynamic = (off, filesz)
+        elif p_type == 1:
+            loads.append((vaddr, off, filesz))
+    if dynamic is None:
+        return interp, []
+    entries, strtab = [], None
+    off, size = dynamic
+    for i in range(size // 16):
+        tag, val = struct.unpack_from("<qQ", elf, off + i * 16)
+        if tag == 0:
+            break
+        if tag == 1:
+            entries.append(val)
+        elif tag == 5:
+            strtab = val
+    if strtab is None:
+        raise ImageError("ELF has DT_NEEDED entries but no DT_STRTAB")
+    for vaddr, foff, filesz in loads:  # DT_STRTAB is a virtual address
+        if vaddr <= strtab < vaddr + filesz:
+            strtab = strtab - vaddr + foff
+            break
+    names = [elf[strtab + o:elf.index(b"\0", strtab + o)].decode() for o in entries]
+    return interp, names
+
+
+#: Where libraries are looked for: the unpacked packages first, then the host.
+LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib")
+
+
+def find_library(soname: str, roots: list[Path]) -> Path:
+    for root in roots:
+        for d in LIB_DIRS:
+            cand = root / d / soname
+            if cand.exists():
+                return cand
+    raise ImageError(f"library {soname} not found in {', '.join(map(str, roots))}")
+
+
+def collect_libraries(binary: bytes, roots: list[Path]) -> dict[str, bytes]:
+    """Archive path -> contents of the ELF interpreter and every library ``binary`` needs
+    (transitively), symlinks resolved; libraries go to lib/x86_64-linux-gnu/<soname>."""
+    out: dict[str, bytes] = {}
+    interp, todo = elf_dependencies(binary)
+    if interp:
+        path = Path(interp)
+        src = next((r / path.relative_to("/") for r in roots if (r / path.relative_to("/")).exists()), None)
+        if src is None:
+            raise ImageError(f"ELF interpreter {interp} not found")
+        out[interp.lstrip("/")] = src.resolve().read_bytes()
+    seen: set[str] = set()
+    while todo:
+        soname = todo.pop()
+        if soname in seen:
+            continue
+        seen.add(soname)
+        data = find_library(soname, roots).resolve().read_bytes()
+        out[f"lib/x86_64-linux-gnu/{soname}"] = data
+        todo.extend(elf_dependencies(data)[1])
+    return out
+
+
 def write_guest_yaml(path: Path, vmlinuz: Path, initramfs: Path, *, memory: str = "256M",
                      cmdline: str = CMDLINE) -> Path:
     """``guests/linux.yaml`` with paths relative to the YAML's directory."""
@@ -199,6 +363,61 @@ def build_linux(cache: Path, guest_yaml: Path | None) -> LinuxImage:
     return LinuxImage(vmlinuz, initramfs, guest_yaml)
 
 
+def build_xen_initramfs(busybox: bytes, xenstore: bytes, libs: dict[str, bytes],
+                        modules: dict[str, bytes], init: str = XEN_INIT_SCRIPT) -> Cpio:
+    """The Xen guest's initramfs: busybox, the xenstore tools and their libraries, modules."""
+    cpio = build_initramfs(busybox, init, XEN_APPLETS)
+    cpio.add_device("dev/hvc0", "c", 229, 0, mode=0o600)
+    cpio.add_file("usr/bin/xenstore", xenstore, mode=0o755)
+    for tool in XENSTORE_TOOLS:
+        cpio.add_symlink(f"usr/bin/{tool}", "xenstore")
+    for path, data in sorted(libs.items()):
+        cpio.add_file(path, data, mode=0o755)
+    for name, data in sorted(modules.items()):
+        cpio.add_file(f"lib/modules/{name}", data)
+    return cpio
+
+
+def write_xen_guest_yaml(path: Path, mode: str, vmlinuz: Path, initramfs: Path, *,
+                         vcpus: int = 2, memory: str = "256M") -> Path:
+    base = path.resolve().parent
+    rel = lambda p: os.path.relpath(p.resolve(), base)  # noqa: E731
+    cmdline = XEN_CMDLINE + (" pci=off" if mode == "pvh" else "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(XEN_GUEST_YAML.format(
+        mode=mode, mode_upper=mode.upper(), marker=XEN_MARKER, kernel=rel(vmlinuz), initrd=rel(initramfs),
+        boot="pvh" if mode == "pvh" else "linux", memory=memory, vcpus=vcpus, cmdline=cmdline))
+    return path
+
+
+def build_linux_xen(cache: Path, guest_dir: Path | None) -> LinuxImage:
+    """The Xen guest's initramfs (and guests/linux-pvh.yaml, linux-hvm.yaml)."""
+    img = build_linux(cache, None)
+    kroot = cache / "kernel"
+    broot = cache / "busybox"
+    xroots = [unpack(download(cache, pkg), cache / pkg) for pkg in XENSTORE_PKGS]
+    xenstore = (xroots[0] / "usr" / "bin" / "xenstore").read_bytes()
+    libs = collect_libraries(xenstore, [*xroots, Path("/")])
+    moddirs = sorted((kroot / "lib" / "modules").iterdir())
+    if not moddirs:
+        raise ImageError(f"no lib/modules in {kroot}")
+    modules = {}
+    for rel in XEN_MODULES:
+        src = moddirs[-1] / "kernel" / rel
+        if not src.is_file():
+            raise ImageError(f"kernel module {rel} missing from {moddirs[-1]}")
+        modules[src.name] = src.read_bytes()
+    busybox = (broot / "bin" / "busybox").read_bytes()
+    data = build_xen_initramfs(busybox, xenstore, libs, modules).to_bytes(compress="gzip")
+    initramfs = cache / "initramfs-xen.cpio.gz"
+    if not initramfs.is_file() or initramfs.read_bytes() != data:
+        initramfs.write_bytes(data)
+    if guest_dir is not None:
+        for mode in ("pvh", "hvm"):
+            write_xen_guest_yaml(guest_dir / f"linux-{mode}.yaml", mode, img.vmlinuz, initramfs)
+    return LinuxImage(img.vmlinuz, initramfs, guest_dir / "linux-pvh.yaml" if guest_dir else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xenkvm.images", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="image", required=True)
@@ -206,10 +425,17 @@ def main(argv: list[str] | None = None) -> int:
     lx.add_argument("--cache", default=".cache/linux", help="download/unpack directory")
     lx.add_argument("--guest", default=str(REPO_ROOT / "guests" / "linux.yaml"),
                     help="guest definition to write ('' for none)")
+    xx = sub.add_parser("linux-xen", help="the same kernel as a Xen guest: initramfs with xenstore-utils")
+    xx.add_argument("--cache", default=".cache/linux", help="download/unpack directory")
+    xx.add_argument("--guests", default=str(REPO_ROOT / "guests"),
+                    help="where to write linux-pvh.yaml and linux-hvm.yaml ('' for none)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="images: %(message)s")
     try:
-        img = build_linux(Path(args.cache), Path(args.guest) if args.guest else None)
+        if args.image == "linux-xen":
+            img = build_linux_xen(Path(args.cache), Path(args.guests) if args.guests else None)
+        else:
+            img = build_linux(Path(args.cache), Path(args.guest) if args.guest else None)
     except ImageError as e:
         print(f"images: {e}", file=sys.stderr)
         return 1

@@ -95,3 +95,44 @@ def test_guest_yaml_paths_are_relative(tmp_path: Path) -> None:
     assert cfg.boot.value == "linux"
     assert cfg.kernel == (cache / "vmlinuz").resolve() or cfg.kernel.resolve() == (cache / "vmlinuz").resolve()
     assert "console=ttyS0" in cfg.cmdline
+
+
+# --- the Xen guest's initramfs ----------------------------------------------------------
+def test_elf_dependencies_of_a_host_binary() -> None:
+    ls = Path("/bin/ls").resolve()
+    interp, needed = images.elf_dependencies(ls.read_bytes())
+    assert interp and interp.startswith("/lib")
+    assert "libc.so.6" in needed
+
+
+def test_collect_libraries_resolves_transitively() -> None:
+    libs = images.collect_libraries(Path("/bin/ls").resolve().read_bytes(), [Path("/")])
+    assert "lib/x86_64-linux-gnu/libc.so.6" in libs
+    assert any(p.startswith("lib64/") or "ld-linux" in p for p in libs)
+    assert all(data[:4] == b"\x7fELF" for data in libs.values())
+
+
+def test_xen_initramfs_content(tmp_path: Path) -> None:
+    if shutil.which("cpio") is None:
+        pytest.skip("the system cpio is not installed")
+    cpio = images.build_xen_initramfs(FAKE_BUSYBOX, b"\x7fELF xenstore", {"lib/x86_64-linux-gnu/libx.so": b"L"},
+                                      {"xenfs.ko": b"KO"})
+    _extract(gzip.decompress(cpio.to_bytes(compress="gzip")), tmp_path)
+    assert os.readlink(tmp_path / "usr/bin/xenstore-read") == "xenstore"
+    assert (tmp_path / "lib/modules/xenfs.ko").read_bytes() == b"KO"
+    init = (tmp_path / "init").read_text()
+    for needle in (images.XEN_MARKER, images.GUEST_KEY, images.HOST_KEY, images.DMESG_BEGIN,
+                   "/sys/hypervisor/type", "poweroff -f"):
+        assert needle in init
+
+
+def test_xen_guest_yamls(tmp_path: Path) -> None:
+    from xenkvm.config import BootMode, load_config
+    k, i = tmp_path / "vmlinuz", tmp_path / "initrd"
+    k.write_bytes(b"k")
+    i.write_bytes(b"i")
+    pvh = load_config(images.write_xen_guest_yaml(tmp_path / "g" / "pvh.yaml", "pvh", k, i))
+    hvm = load_config(images.write_xen_guest_yaml(tmp_path / "g" / "hvm.yaml", "hvm", k, i))
+    assert pvh.boot is BootMode.PVH and hvm.boot is BootMode.LINUX
+    assert pvh.xen is not None and hvm.xen is not None and pvh.vcpus == 2
+    assert "console=hvc0" in pvh.cmdline and "pci=off" in pvh.cmdline and "pci=off" not in hvm.cmdline
