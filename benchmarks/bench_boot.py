@@ -1,7 +1,8 @@
-"""Boot time of Debian's cloud kernel to the initramfs marker: xenkvm vs QEMU/KVM.
+"""Boot time of Debian's cloud kernel to the initramfs marker: xenkvm vs QEMU/KVM, plain and as Xen guest.
 
     python benchmarks/bench_boot.py [--guest guests/linux.yaml] [--ours-timeout 1800]
                                     [--qemu-timeout 300] [--skip-ours] [--skip-qemu]
+                                    [--skip-xen] [--pvh-guest ...] [--hvm-guest ...]
 
 Both boot the same bzImage, initramfs, memory size and kernel command line
 (including the parameters xenkvm appends on this host, see xenkvm/machine/host.py)
@@ -10,6 +11,12 @@ process start to the marker line and to process exit, with a time limit; a run
 that ends without the marker is reported with how it ended (e.g. QEMU 7.2 on a PVM
 host stops at the first instruction KVM's emulator refuses: "KVM internal error.
 Suberror: 1 / emulation failure").  The ratio is printed when both reach the marker.
+
+The Xen rows boot the same kernel as a Xen guest (guests/linux-pvh.yaml, 2 vCPUs,
+and guests/linux-hvm.yaml, from ``make linux-xen-image``) to their marker, which
+comes after a xenstore round trip with this process (tests/linux/xenboot.py), and
+print the hypercalls of each boot by number: count and total host time in the
+handlers (the dispatcher's statistics, dumped by benchmarks/run_guest.py).
 """
 from __future__ import annotations
 
@@ -130,6 +137,29 @@ def run_qemu(guest: Path, timeout: float, params: tuple[str, ...]) -> Outcome:
     return out
 
 
+def run_xen(name: str, guest: Path, timeout: float) -> tuple[Outcome, dict | None]:
+    sys.path.insert(0, str(ROOT / "tests" / "linux"))
+    from xenboot import boot  # noqa: E402 - tests/linux/xenboot.py
+    with tempfile.TemporaryDirectory() as d:
+        r = boot(guest, Path(d), timeout=timeout, stats=True)
+    how = f"exit status {r.returncode}" + (" (power-off)" if r.returncode == 0 else "")
+    if r.marker_s is None and r.elapsed >= timeout:
+        how = f"timed out after {timeout:.0f}s"
+    if r.marker_s is not None and r.returncode == 0 and r.dmesg_problems():
+        how += "; dmesg: " + "; ".join(r.dmesg_problems()[:3])
+    return Outcome(name, r.marker_s, r.elapsed, how), (r.stats or {}).get("hypercalls")
+
+
+def print_hypercalls(name: str, table: dict) -> None:
+    total_n = sum(v["count"] for v in table.values())
+    total_s = sum(v["seconds"] for v in table.values())
+    print(f"\nhypercalls of the {name} boot: {total_n} calls, {total_s * 1e3:.1f} ms host time in handlers")
+    print(f"{'nr':>4} {'name':<22} {'count':>8} {'total ms':>10} {'us/call':>8}")
+    for nr, v in sorted(table.items(), key=lambda kv: int(kv[0])):
+        per = v["seconds"] / v["count"] * 1e6 if v["count"] else 0.0
+        print(f"{int(nr):>4} {v['name']:<22} {v['count']:>8} {v['seconds'] * 1e3:>10.1f} {per:>8.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--guest", default=str(ROOT / "guests" / "linux.yaml"))
@@ -137,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qemu-timeout", type=float, default=float(os.environ.get("BENCH_QEMU_TIMEOUT", 300)))
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--skip-qemu", action="store_true")
+    p.add_argument("--skip-xen", action="store_true", help="skip the PVH and HVM Xen-guest boots")
+    p.add_argument("--pvh-guest", default=str(ROOT / "guests" / "linux-pvh.yaml"))
+    p.add_argument("--hvm-guest", default=str(ROOT / "guests" / "linux-hvm.yaml"))
     a = p.parse_args(argv)
     guest = Path(a.guest)
     if not guest.is_file():
@@ -151,11 +184,28 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_ours:
         rows.append(run_ours(guest, a.ours_timeout))
         print(f"xenkvm done: {rows[-1].how}", flush=True)
+    hypercalls: list[tuple[str, dict]] = []
+    if not a.skip_xen:
+        for name, g in (("xen-pvh", Path(a.pvh_guest)), ("xen-hvm", Path(a.hvm_guest))):
+            if not g.is_file():
+                rows.append(Outcome(name, None, None, f"{g} missing: run `make linux-xen-image`"))
+                continue
+            row, table = run_xen(name, g, a.ours_timeout)
+            rows.append(row)
+            if table:
+                hypercalls.append((name, table))
+            print(f"{name} done: {row.how}", flush=True)
     print()
     print(f"{'VMM':<8} {'marker s':>8} {'exit s':>8}  how it ended")
     for r in rows:
         print(f"{r.name:<8} {r.cell(r.marker_s)} {r.cell(r.exit_s)}  {r.how}")
-    both = [r for r in rows if r.marker_s is not None]
+    plain = next((r for r in rows if r.name == "xenkvm" and r.marker_s is not None), None)
+    for r in rows:
+        if r.name.startswith("xen-") and r.marker_s is not None and plain is not None:
+            print(f"ratio {r.name}/plain xenkvm (time to marker): {r.marker_s / plain.marker_s:.2f}")
+    for name, table in hypercalls:
+        print_hypercalls(name, table)
+    both = [r for r in rows if r.name in ("xenkvm", "qemu") and r.marker_s is not None]
     if len(both) == 2:
         ours = next(r for r in rows if r.name == "xenkvm")
         qemu = next(r for r in rows if r.name == "qemu")

@@ -126,10 +126,19 @@ case "$(cat /proc/cmdline)" in
 *xenkvm.shell*) exec setsid cttyhack sh ;;
 *xenkvm.end=reboot*) reboot -f ;;
 *xenkvm.end=crash*) echo c > /proc/sysrq-trigger ;;
-*xenkvm.end=wait*) while true; do sleep 1; done ;;
+*xenkvm.end=wait*) echo "xenkvm: waiting for control/shutdown"; while true; do sleep 1; done ;;
 esac
 poweroff -f
 """
+
+#: /sbin/poweroff and /sbin/reboot: what the kernel runs for an orderly power-off or reboot
+#: (``poweroff_cmd``/``reboot_cmd``), e.g. when the host writes control/shutdown.  busybox's own
+#: applets would signal init, which is our script, so these do it at once.
+SBIN_SCRIPTS = {
+    "sbin/poweroff": "#!/bin/sh\nsync\nexec /bin/busybox poweroff -f\n",
+    "sbin/reboot": "#!/bin/sh\nsync\nexec /bin/busybox reboot -f\n",
+    "sbin/halt": "#!/bin/sh\nsync\nexec /bin/busybox poweroff -f\n",
+}
 
 #: Kernel parameters of the Xen guests (the host-specific ones are added by the VMM).
 #: docs/linux-xen.md explains each; pci=off only for PVH (HVM needs the platform device).
@@ -375,6 +384,8 @@ def build_xen_initramfs(busybox: bytes, xenstore: bytes, libs: dict[str, bytes],
         cpio.add_file(path, data, mode=0o755)
     for name, data in sorted(modules.items()):
         cpio.add_file(f"lib/modules/{name}", data)
+    for path, script in SBIN_SCRIPTS.items():
+        cpio.add_file(path, script, mode=0o755)
     return cpio
 
 

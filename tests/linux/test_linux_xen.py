@@ -75,3 +75,17 @@ def test_pvh_host_shutdown_request(tmp_path: Path) -> None:
              shutdown="poweroff")
     _report("PVH, 1 vCPU, host shutdown request", r)
     _check(r)
+
+
+@pytest.mark.parametrize("end,status,check", [
+    ("reboot", 3, "reset"),
+    ("crash", 6, "Kernel panic"),
+])
+def test_pvh_guest_ends(tmp_path: Path, end: str, status: int, check: str) -> None:
+    """One vCPU; after the marker the guest reboots or panics: distinct exit statuses, and a
+    crash reports the guest's last console lines."""
+    r = boot(_need(PVH), tmp_path, vcpus=1, timeout=TIMEOUT, cmdline_extra=f"xenkvm.end={end}")
+    _report(f"PVH, 1 vCPU, guest {end}", r)
+    assert r.marker_line is not None, r.console[-3000:]
+    assert r.returncode == status, f"exit status {r.returncode}, expected {status}\n{r.stderr[-2000:]}"
+    assert check in (r.stderr if end == "crash" else r.stderr + r.console), r.stderr[-2000:]

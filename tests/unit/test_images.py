@@ -120,6 +120,7 @@ def test_xen_initramfs_content(tmp_path: Path) -> None:
     _extract(gzip.decompress(cpio.to_bytes(compress="gzip")), tmp_path)
     assert os.readlink(tmp_path / "usr/bin/xenstore-read") == "xenstore"
     assert (tmp_path / "lib/modules/xenfs.ko").read_bytes() == b"KO"
+    assert "poweroff -f" in (tmp_path / "sbin/poweroff").read_text()  # the kernel's poweroff_cmd
     init = (tmp_path / "init").read_text()
     for needle in (images.XEN_MARKER, images.GUEST_KEY, images.HOST_KEY, images.DMESG_BEGIN,
                    "/sys/hypervisor/type", "poweroff -f"):
