@@ -147,6 +147,9 @@ def run_xen(name: str, guest: Path, timeout: float) -> tuple[Outcome, dict | Non
         how = f"timed out after {timeout:.0f}s"
     if r.marker_s is not None and r.returncode == 0 and r.dmesg_problems():
         how += "; dmesg: " + "; ".join(r.dmesg_problems()[:3])
+    refused = sorted(set(re.findall(r"completing refused instruction (\S+)", r.stderr)))
+    if refused:
+        print(f"{name}: refused instructions completed: {', '.join(refused)}", flush=True)
     return Outcome(name, r.marker_s, r.elapsed, how), (r.stats or {}).get("hypercalls")
 
 

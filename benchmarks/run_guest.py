@@ -5,7 +5,8 @@
 
 Writes ``{"status": int, "message": str, "hypercalls": {nr: {"name", "count", "seconds"}}}``
 (host time spent in each hypercall's handler, per number) when the guest stops, and exits
-with the run's status like ``xenkvm run``.
+with the run's status like ``xenkvm run``.  The first refused instruction of each kind that
+``machine.gaps`` completes is logged on stderr.
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cmdline")
     p.add_argument("--stats", required=True)
     a = p.parse_args(argv)
+    import logging
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="xenkvm: %(levelname)s: %(name)s: %(message)s")
+    logging.getLogger("xenkvm.machine.gaps").setLevel(logging.INFO)  # each refused instruction kind, once
     from xenkvm.machine.machine import Machine
     from xenkvm.xen.dispatch import _name
 

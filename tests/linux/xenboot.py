@@ -74,7 +74,8 @@ class XenBoot:
 
 def _responder(sock: Path, stop: threading.Event, result: XenBoot, shutdown: str | None,
                marker_seen: threading.Event) -> None:
-    """Wait for the guest's key, answer it; optionally request a shutdown after the marker."""
+    """Wait for the guest's key, answer it; optionally request a shutdown once the guest has
+    printed the marker and its dmesg (``marker_seen``)."""
     from xenkvm.xenstore import XenstoreError
     from xenkvm.xenstore.client import XsClient
 
@@ -140,9 +141,12 @@ def boot(guest: Path, workdir: Path, *, vcpus: int | None = None, timeout: float
     reader.start()
     try:
         while proc.poll() is None:
-            if result.marker_s is None and console.exists() and XEN_MARKER.encode() in console.read_bytes():
-                result.marker_s = time.monotonic() - t0
-                marker_seen.set()
+            if not marker_seen.is_set() and console.exists():
+                text = console.read_bytes()
+                if result.marker_s is None and XEN_MARKER.encode() in text:
+                    result.marker_s = time.monotonic() - t0
+                if DMESG_END.encode() in text:  # the guest has dumped its dmesg: it may be stopped
+                    marker_seen.set()
             if time.monotonic() - t0 > timeout:
                 proc.kill()
                 break
