@@ -12,88 +12,24 @@ import random
 import struct
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
-from xenkvm.machine.ioloop import IoLoop
-from xenkvm.machine.memory import GuestMemory
 from xenkvm.xen.abi import DOMID_SELF, Errno, EvtchnOp, EvtchnStat, Hypercall, SchedOp, ffi, handle_offset, lib
-from xenkvm.xen.dispatch import Dispatcher
+from evtchnfakes import DOMID, SHINFO, FakeDomain, hc
 from xenkvm.xen.evtchn import EventChannels, EvtchnError
 from xenkvm.xen.evtchn_fifo import BUSY, LINK_MASK, LINKED, MASKED, PENDING, FifoEvents
-from xenkvm.xen.timers import VcpuTimers
 
 RAM = 16 << 20
-SHINFO = 0x10000
 ARG = 0x20000
 PORTS_BUF = 0x21000
 VINFO = 0x22000          # registered vcpu_info areas (64 bytes each)
 CB = 0x30000             # FIFO control block of vCPU v at CB + v * 0x1000
 ARR = 0x40000            # FIFO event array page i at ARR + i * 0x1000
-DOMID = 1
 SH_PENDING = ffi.offsetof("struct shared_info", "evtchn_pending")
 SH_MASK = ffi.offsetof("struct shared_info", "evtchn_mask")
 VI_SEL = ffi.offsetof("struct vcpu_info", "evtchn_pending_sel")
 ST_U = lib.XK_OFF_evtchn_status__u
-
-
-class Caller:
-    def __init__(self, vcpu_id: int = 0):
-        self.id = vcpu_id
-
-    def translate(self, gva: int):
-        return gva if gva < 1 << 40 else None
-
-
-class Upcalls:
-    def __init__(self):
-        self.calls: list[int] = []
-        self.cond = threading.Condition()
-
-    def raise_(self, vcpu: int) -> None:
-        with self.cond:
-            self.calls.append(vcpu)
-            self.cond.notify_all()
-
-    def wait(self, n: int, timeout: float = 2.0) -> bool:
-        with self.cond:
-            return self.cond.wait_for(lambda: len(self.calls) >= n, timeout)
-
-
-class FakeDomain:
-    def __init__(self, nvcpus: int = 2, shinfo: bool = True):
-        self.mem = GuestMemory(RAM)
-        self.lock = threading.RLock()
-        self.domid = DOMID
-        self.vcpus = [SimpleNamespace(id=i, vcpu_info_gpa=None) for i in range(nvcpus)]
-        self.io = IoLoop("test-io")
-        self.io.start()
-        self.boot_ns = time.monotonic_ns()
-        self.shinfo = SimpleNamespace(gpa=SHINFO if shinfo else None)
-        self.upcalls = Upcalls()
-        self.dispatcher = Dispatcher(self)
-        self.evtchn = EventChannels(self)
-        self.timers = VcpuTimers(self)
-        self.evtchn.register_hypercalls(self.dispatcher)
-        self.timers.register_hypercalls(self.dispatcher)
-
-    def now_ns(self) -> int:
-        return time.monotonic_ns() - self.boot_ns
-
-    def monotonic_at(self, system_ns: int) -> int:
-        return self.boot_ns + system_ns
-
-    def valid_vcpu(self, v: int) -> bool:
-        return 0 <= v < len(self.vcpus)
-
-    def vcpu_info_gpa(self, v: int):
-        st = self.vcpus[v]
-        if st.vcpu_info_gpa is not None:
-            return st.vcpu_info_gpa
-        if self.shinfo.gpa is not None and v < 32:
-            return self.shinfo.gpa + 64 * v
-        return None
 
 
 @pytest.fixture
@@ -104,10 +40,6 @@ def d():
 
 
 # -- helpers ---------------------------------------------------------------------------
-def hc(d, nr, *args, vcpu=0, long_mode=True) -> int:
-    padded = tuple(args) + (0,) * (6 - len(args))
-    r = d.dispatcher.dispatch(Caller(vcpu), int(nr), padded, long_mode)
-    return r - (1 << 64) if r >> 63 else r
 
 
 def op(d, cmd, ctype, *, caller=0, **fields):

@@ -6,82 +6,23 @@ the upcall is observed on the fake domain's recorder.
 from __future__ import annotations
 
 import json
-import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
-from xenkvm.machine.ioloop import IoLoop
-from xenkvm.machine.memory import GuestMemory
 from xenkvm.xen.abi import Errno, EvtchnOp, Hypercall, VcpuOp, ffi, lib
-from xenkvm.xen.dispatch import Dispatcher
-from xenkvm.xen.evtchn import EventChannels
-from xenkvm.xen.timers import HUGE_TIMEOUT_REPLACEMENT_NS, VcpuTimers
+from evtchnfakes import SHINFO, FakeDomain, hc
+from xenkvm.xen.timers import HUGE_TIMEOUT_REPLACEMENT_NS
 
 RAM = 4 << 20
-SHINFO = 0x10000
 ARG = 0x20000
 SH_PENDING = ffi.offsetof("struct shared_info", "evtchn_pending")
 MS = 1_000_000
 
 
-class Caller:
-    def __init__(self, vcpu_id: int = 0):
-        self.id = vcpu_id
-
-    def translate(self, gva: int):
-        return gva if gva < 1 << 40 else None
-
-
-class Upcalls:
-    def __init__(self):
-        self.calls: list[tuple[int, int]] = []     # (vcpu, monotonic ns)
-        self.cond = threading.Condition()
-
-    def raise_(self, vcpu: int) -> None:
-        with self.cond:
-            self.calls.append((vcpu, time.monotonic_ns()))
-            self.cond.notify_all()
-
-    def wait(self, n: int, timeout: float = 2.0) -> bool:
-        with self.cond:
-            return self.cond.wait_for(lambda: len(self.calls) >= n, timeout)
-
-
-class FakeDomain:
-    def __init__(self, nvcpus: int = 2):
-        self.mem = GuestMemory(RAM)
-        self.lock = threading.RLock()
-        self.domid = 1
-        self.vcpus = [SimpleNamespace(id=i, vcpu_info_gpa=None) for i in range(nvcpus)]
-        self.io = IoLoop("timer-io")
-        self.io.start()
-        self.boot_ns = time.monotonic_ns()
-        self.shinfo = SimpleNamespace(gpa=SHINFO)
-        self.upcalls = Upcalls()
-        self.dispatcher = Dispatcher(self)
-        self.evtchn = EventChannels(self)
-        self.timers = VcpuTimers(self)
-        self.evtchn.register_hypercalls(self.dispatcher)
-        self.timers.register_hypercalls(self.dispatcher)
-
-    def now_ns(self) -> int:
-        return time.monotonic_ns() - self.boot_ns
-
-    def monotonic_at(self, system_ns: int) -> int:
-        return self.boot_ns + system_ns
-
-    def valid_vcpu(self, v: int) -> bool:
-        return 0 <= v < len(self.vcpus)
-
-    def vcpu_info_gpa(self, v: int):
-        return self.shinfo.gpa + 64 * v if self.shinfo.gpa is not None and v < 32 else None
-
-
 @pytest.fixture
 def d():
-    dom = FakeDomain()
+    dom = FakeDomain(ram=RAM)
     # Linux binds VIRQ_TIMER on every vCPU before arming its clockevent.
     dom.ports = {}
     for v in range(2):
@@ -93,10 +34,6 @@ def d():
     dom.io.stop()
 
 
-def hc(d, nr, *args, vcpu=0, long_mode=True) -> int:
-    padded = tuple(args) + (0,) * (6 - len(args))
-    r = d.dispatcher.dispatch(Caller(vcpu), int(nr), padded, long_mode)
-    return r - (1 << 64) if r >> 63 else r
 
 
 def singleshot(d, deadline, flags=0, vcpu=0, target=None):
@@ -130,7 +67,7 @@ def test_singleshot_fires_at_its_deadline(d):
     assert not timer_pending(d, 0) and d.upcalls.calls == []
     assert d.timers.singleshot_deadline(0) is not None
     assert d.upcalls.wait(1)
-    vcpu, when = d.upcalls.calls[0]
+    vcpu, when = d.upcalls.events[0]
     assert vcpu == 0 and when - armed >= 19 * MS
     assert timer_pending(d, 0) and not timer_pending(d, 1)
     assert d.timers.singleshot_deadline(0) is None and d.timers.fired == [1, 0]
@@ -139,14 +76,14 @@ def test_singleshot_fires_at_its_deadline(d):
 def test_singleshot_on_vcpu1_raises_vcpu1(d):
     assert singleshot(d, d.now_ns() + 2 * MS, vcpu=1) == 0
     assert d.upcalls.wait(1)
-    assert d.upcalls.calls[0][0] == 1 and timer_pending(d, 1)
+    assert d.upcalls.calls[0] == 1 and timer_pending(d, 1)
 
 
 def test_past_deadline_fires_at_once_unless_future_flag(d):
     assert singleshot(d, 1, flags=lib.VCPU_SSHOTTMR_future) == -Errno.ETIME
     assert d.upcalls.calls == [] and not timer_pending(d, 0)
     assert singleshot(d, 1) == 0               # flags 0 (what Linux uses): fires now
-    assert timer_pending(d, 0) and [c[0] for c in d.upcalls.calls] == [0]
+    assert timer_pending(d, 0) and d.upcalls.calls == [0]
     assert d.timers.singleshot_deadline(0) is None
     assert singleshot(d, d.now_ns() + 50 * MS, flags=lib.VCPU_SSHOTTMR_future) == 0
 
@@ -185,7 +122,7 @@ def test_periodic_timer_ticks_and_stops(d):
         n = len(d.upcalls.calls)
         ack(d, 1)
         assert d.upcalls.wait(n + 1)
-    assert {c[0] for c in d.upcalls.calls} == {1}
+    assert set(d.upcalls.calls) == {1}
     assert d.timers.fired[1] >= 4
     assert hc(d, Hypercall.vcpu_op, VcpuOp.stop_periodic_timer, 1, 0) == 0
     assert d.timers.periodic_period(1) == 0
@@ -225,7 +162,7 @@ def test_far_deadlines_are_chained_through_a_short_horizon(d, monkeypatch):
     armed = time.monotonic_ns()
     assert singleshot(d, d.now_ns() + 30 * MS) == 0
     assert d.upcalls.wait(1)
-    assert d.upcalls.calls[0][1] - armed >= 29 * MS and d.timers.fired == [1, 0]
+    assert d.upcalls.events[0][1] - armed >= 29 * MS and d.timers.fired == [1, 0]
     # A deadline >= 2^63 is a negative system time for Xen's timer: it fires at once.
     assert singleshot(d, (1 << 64) - 1, flags=lib.VCPU_SSHOTTMR_future) == 0
     assert d.timers.fired == [2, 0]
@@ -236,7 +173,7 @@ def test_far_deadlines_are_chained_through_a_short_horizon(d, monkeypatch):
 
 
 def test_timer_without_bound_virq_is_harmless():
-    d = FakeDomain()
+    d = FakeDomain(ram=RAM)
     try:
         assert singleshot(d, 1) == 0
         assert d.timers.fired == [1, 0] and d.upcalls.calls == []
