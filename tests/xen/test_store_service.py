@@ -22,8 +22,8 @@ from xenkvm.config import ConfigError
 from xenkvm.machine.ioloop import IoLoop
 from xenkvm.xen.abi import HvmParam
 from xenkvm.xen.console import PrimaryConsole
-from xenkvm.xen.store import (DomainInfo, StoreService, XenstoreSocketBusy, initial_tree, vm_uuid,
-                              write_tree)
+from xenkvm.xen.store import StoreService, XenstoreSocketBusy
+from xenkvm.xenstore.layout import DomainInfo, initial_tree, vm_uuid, write_tree
 from xenkvm.xenstore import Perm, PermFlag, Xenstored, XsType
 from xenkvm.xenstore.protocol import Message
 

@@ -202,15 +202,20 @@ def test_quota_names_roundtrip():
 
 
 # ---------------------------------------------------------------- initial layout
-def test_create_domain_home(core, dom0, make_client):
-    from xenkvm.xenstore.layout import create_domain_home
-    home = create_domain_home(core, 4, "guest4", values={"memory/target": "524288"})
+def test_initial_tree_permissions(core, dom0, make_client):
+    from xenkvm.xenstore.layout import DomainInfo, initial_tree, vm_uuid, write_tree
+    write_tree(core, initial_tree(DomainInfo(4, "guest4", vm_uuid("guest4", 4), vcpus=2, memory_kib=524288,
+                                             store_port=3, store_gfn=0xFEB00, console_port=2,
+                                             console_gfn=0xFEB01)))
     guest = make_client(4)
-    assert home == "/local/domain/4"
     assert guest.read("name") == b"guest4"
-    assert guest.read("memory/target") == b"524288"
+    assert guest.read("memory/static-max") == b"524288"
+    assert guest.err(XsType.READ, b"memory/target\0") == "ENOENT"  # the balloon driver would act on it
+    assert guest.read("cpu/1/availability") == b"online"
+    assert guest.read("console/port") == b"2"
     assert guest.err(XsType.WRITE, b"name\0x") == "EACCES"
-    assert guest.err(XsType.WRITE, b"memory/target\0x") == "EACCES"
+    assert guest.err(XsType.WRITE, b"memory/static-max\0x") == "EACCES"
+    assert guest.err(XsType.WRITE, b"control/platform-feature-xs_reset_watches\0x") == "EACCES"
     guest.write("data/foo", "bar")
     guest.write("control/shutdown", "poweroff")
     guest.write("device/suspend/event-channel", "5")

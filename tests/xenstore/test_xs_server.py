@@ -164,9 +164,10 @@ def test_client_reset_connection(server):
 
 def test_embedded_vmm_flow(server, client):
     """What the VMM does: build the guest's home, attach its ring, kick on notify."""
-    from xenkvm.xenstore.layout import create_domain_home
+    from xenkvm.xenstore.layout import DomainInfo, initial_tree, vm_uuid, write_tree
     from xenkvm.xenstore.protocol import FrameDecoder
-    create_domain_home(server.core, 1, "guest")
+    write_tree(server.core, initial_tree(DomainInfo(1, "guest", vm_uuid("guest", 1), vcpus=1, memory_kib=65536,
+                                                    store_port=1, store_gfn=0xFEB00)))
     client.watch("/local/domain/1/data", "backend")
     assert client.wait_event() == ("/local/domain/1/data", "backend")
     page = bytearray(4096)

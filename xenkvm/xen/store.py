@@ -22,13 +22,12 @@ import logging
 import os
 import socket
 import stat
-import uuid as uuidlib
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from xenkvm.config import ConfigError
 from xenkvm.xen.abi import HvmParam
-from xenkvm.xenstore import Perm, PermFlag, XenstoreServer, Xenstored, default_socket_path
+from xenkvm.xenstore import Perm, XenstoreServer, Xenstored, default_socket_path
+from xenkvm.xenstore.layout import DomainInfo, initial_tree, vm_uuid, write_tree
 
 if TYPE_CHECKING:
     from xenkvm.xen.domain import XenDomain
@@ -41,106 +40,6 @@ Perms = tuple[Perm, ...]
 
 class XenstoreSocketBusy(ConfigError):
     """The socket path belongs to a live xenstored (or is not a socket at all)."""
-
-
-def read_only(domid: int) -> Perms:
-    """libxl ``roperm``: owned by dom0, nobody else by default, the guest may read."""
-    return (Perm(PermFlag.NONE, 0), Perm(PermFlag.READ, domid))
-
-
-def read_write(domid: int) -> Perms:
-    """libxl ``rwperm``: owned by the guest (full access), nobody else by default."""
-    return (Perm(PermFlag.NONE, domid),)
-
-
-DOM0_ONLY: Perms = (Perm(PermFlag.NONE, 0),)
-
-
-@dataclass(frozen=True)
-class TreeEntry:
-    """One node to create: ``perms`` None means "inherit the parent's" (a plain write)."""
-
-    path: str
-    value: str = ""
-    perms: Perms | None = None
-
-
-@dataclass(frozen=True)
-class DomainInfo:
-    """What the initial tree says about one domU."""
-
-    domid: int
-    name: str
-    uuid: str
-    vcpus: int
-    memory_kib: int
-    store_port: int
-    store_gfn: int
-    console_port: int | None = None
-    console_gfn: int | None = None
-    hvm: bool = False   #: HVM (not PVH): libxl adds feature-s3/s4 and hvmloader/
-
-
-def vm_uuid(name: str, domid: int) -> str:
-    """A stable UUID for a guest without one (xl would pick a random one each run)."""
-    return str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"xenkvm:{name}:{domid}"))
-
-
-def initial_tree(info: DomainInfo) -> list[TreeEntry]:
-    """The nodes libxl creates for a domU, parents first (no ``memory/target``).
-
-    ``libxl__domain_make``: the home and ``/vm/<uuid>`` are ``roperm``; ``cpu``,
-    ``memory``, ``device`` and ``control`` too; the guest owns ``control/shutdown``,
-    ``control/feature-*``, ``control/sysrq``, ``device/suspend/event-channel``,
-    ``data``, ``drivers``, ``feature``, ``attr`` and ``error``; the
-    ``platform-feature-*`` flags, ``name``, ``vm`` are plain writes (inherit roperm).
-    ``libxl__build_post``: ``domid``, ``store/*``, ``cpu/N/availability``,
-    ``memory/static-max`` (``memory/target`` is left out: Linux's balloon driver
-    would act on it; ``static-max`` alone is only read once a target appears).
-    ``libxl__device_console_add``: ``console/port`` and ``console/ring-ref``.
-    """
-    d = info.domid
-    home, vm = f"/local/domain/{d}", f"/vm/{info.uuid}"
-    ro, rw = read_only(d), read_write(d)
-    entries = [
-        TreeEntry("/local/domain/0/name", "Domain-0", DOM0_ONLY),
-        TreeEntry("/local/domain/0/domid", "0", DOM0_ONLY),
-        TreeEntry(home, "", ro),
-        TreeEntry(vm, "", ro),
-        TreeEntry(f"{vm}/uuid", info.uuid),
-        TreeEntry(f"{vm}/name", info.name),
-        TreeEntry(f"{home}/vm", vm),
-        TreeEntry(f"{home}/name", info.name),
-    ]
-    entries += [TreeEntry(f"{home}/{sub}", "", ro) for sub in ("cpu", "memory", "device", "control")]
-    if info.hvm:
-        entries.append(TreeEntry(f"{home}/hvmloader", "", ro))
-    control = ["shutdown", "feature-poweroff", "feature-reboot", "feature-suspend"]
-    if info.hvm:
-        control += ["feature-s3", "feature-s4"]
-    control.append("sysrq")
-    entries += [TreeEntry(f"{home}/control/{c}", "", rw) for c in control]
-    entries += [TreeEntry(f"{home}/{sub}", "", rw)
-                for sub in ("device/suspend/event-channel", "data", "drivers", "feature", "attr", "error")]
-    entries += [
-        TreeEntry(f"{home}/control/platform-feature-multiprocessor-suspend", "1"),
-        TreeEntry(f"{home}/control/platform-feature-xs_reset_watches", "1"),
-        TreeEntry(f"{home}/memory/static-max", str(info.memory_kib)),
-        TreeEntry(f"{home}/domid", str(d)),
-        TreeEntry(f"{home}/store/port", str(info.store_port)),
-        TreeEntry(f"{home}/store/ring-ref", str(info.store_gfn)),
-    ]
-    entries += [TreeEntry(f"{home}/cpu/{i}/availability", "online") for i in range(info.vcpus)]
-    if info.console_port is not None:
-        entries += [TreeEntry(f"{home}/console/port", str(info.console_port)),
-                    TreeEntry(f"{home}/console/ring-ref", str(info.console_gfn))]
-    return entries
-
-
-def write_tree(core: Xenstored, entries: list[TreeEntry]) -> None:
-    """Create ``entries`` in ``core`` as dom0 (privileged writes, then SET_PERMS)."""
-    for e in entries:
-        core.write_path(e.path, e.value, e.perms)
 
 
 def check_socket_free(path: str) -> None:

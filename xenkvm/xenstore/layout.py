@@ -1,54 +1,117 @@
-"""Initial per-domain tree, laid out and permissioned as libxl does.
+"""The nodes a toolstack writes for a new domU: a guest's home in the store.
 
-A guest owns its writable subdirectories (``data``, ``device``, ``control/...``)
-and can only read the rest of its home; dom0 owns everything else.  The VMM
-calls :func:`create_domain_home` before starting the guest, then adds device
-front/back-end nodes with :meth:`Xenstored.write_path`.
+What libxl creates for a PVH/HVM domU (``libxl__domain_make``,
+``libxl__build_post``, ``libxl__device_console_add``), as data:
+:func:`initial_tree` is a pure function of :class:`DomainInfo`, and
+:func:`write_tree` creates the entries as dom0.  The VMM's store service
+(``xenkvm.xen.store``) uses it for every Xen guest; nothing here knows KVM.
 """
-
 from __future__ import annotations
 
-from collections.abc import Mapping
+import uuid as uuidlib
+from dataclasses import dataclass
 
 from .dispatch import Xenstored
-from .paths import domain_path
-from .perms import READ, Perm, Perms
+from .perms import Perm, PermFlag
 
-# libxl__domain_make: directories the guest may only read, and nodes it owns.
-GUEST_READONLY = ("device", "control", "memory")
-GUEST_WRITABLE = ("data", "drivers", "feature", "attr", "error",
-                  "control/shutdown", "control/feature-poweroff", "control/feature-reboot",
-                  "control/feature-suspend", "control/sysrq",
-                  "control/platform-feature-multiprocessor-suspend",
-                  "control/platform-feature-xs_reset_watches",
-                  "device/suspend/event-channel")
+Perms = tuple[Perm, ...]
 
 
 def read_only(domid: int) -> Perms:
-    """Owned by dom0, readable by the guest (libxl ``roperm``)."""
-    return (Perm(0, 0), Perm(READ, domid))
+    """libxl ``roperm``: owned by dom0, nobody else by default, the guest may read."""
+    return (Perm(PermFlag.NONE, 0), Perm(PermFlag.READ, domid))
 
 
 def read_write(domid: int) -> Perms:
-    """Owned by the guest, hidden from other domains (libxl ``rwperm``)."""
-    return (Perm(0, domid),)
+    """libxl ``rwperm``: owned by the guest (full access), nobody else by default."""
+    return (Perm(PermFlag.NONE, domid),)
 
 
-def create_domain_home(core: Xenstored, domid: int, name: str, *,
-                       values: Mapping[str, str | bytes] | None = None) -> str:
-    """Create ``/local/domain/<domid>`` with libxl's basic layout; returns its path.
+DOM0_ONLY: Perms = (Perm(PermFlag.NONE, 0),)
 
-    ``values`` adds read-only entries relative to the home (e.g.
-    ``{"memory/target": "524288", "store/port": "1"}``).
+
+@dataclass(frozen=True)
+class TreeEntry:
+    """One node to create: ``perms`` None means "inherit the parent's" (a plain write)."""
+
+    path: str
+    value: str = ""
+    perms: Perms | None = None
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """What the initial tree says about one domU."""
+
+    domid: int
+    name: str
+    uuid: str
+    vcpus: int
+    memory_kib: int
+    store_port: int
+    store_gfn: int
+    console_port: int | None = None
+    console_gfn: int | None = None
+    hvm: bool = False   #: HVM (not PVH): libxl adds feature-s3/s4 and hvmloader/
+
+
+def vm_uuid(name: str, domid: int) -> str:
+    """A stable UUID for a guest without one (xl would pick a random one each run)."""
+    return str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"xenkvm:{name}:{domid}"))
+
+
+def initial_tree(info: DomainInfo) -> list[TreeEntry]:
+    """The nodes libxl creates for a domU, parents first (no ``memory/target``).
+
+    ``libxl__domain_make``: the home and ``/vm/<uuid>`` are ``roperm``; ``cpu``,
+    ``memory``, ``device`` and ``control`` too; the guest owns ``control/shutdown``,
+    ``control/feature-*``, ``control/sysrq``, ``device/suspend/event-channel``,
+    ``data``, ``drivers``, ``feature``, ``attr`` and ``error``; the
+    ``platform-feature-*`` flags, ``name``, ``vm`` are plain writes (inherit roperm).
+    ``libxl__build_post``: ``domid``, ``store/*``, ``cpu/N/availability``,
+    ``memory/static-max`` (``memory/target`` is left out: Linux's balloon driver
+    would act on it; ``static-max`` alone is only read once a target appears).
+    ``libxl__device_console_add``: ``console/port`` and ``console/ring-ref``.
     """
-    home = domain_path(domid)
-    core.write_path(home, "", read_only(domid))
-    core.write_path(f"{home}/domid", str(domid), read_only(domid))
-    core.write_path(f"{home}/name", name, read_only(domid))
-    for sub in GUEST_READONLY:
-        core.write_path(f"{home}/{sub}", "", read_only(domid))
-    for sub in GUEST_WRITABLE:
-        core.write_path(f"{home}/{sub}", "", read_write(domid))
-    for rel, value in (values or {}).items():
-        core.write_path(f"{home}/{rel}", value, read_only(domid))
-    return home
+    d = info.domid
+    home, vm = f"/local/domain/{d}", f"/vm/{info.uuid}"
+    ro, rw = read_only(d), read_write(d)
+    entries = [
+        TreeEntry("/local/domain/0/name", "Domain-0", DOM0_ONLY),
+        TreeEntry("/local/domain/0/domid", "0", DOM0_ONLY),
+        TreeEntry(home, "", ro),
+        TreeEntry(vm, "", ro),
+        TreeEntry(f"{vm}/uuid", info.uuid),
+        TreeEntry(f"{vm}/name", info.name),
+        TreeEntry(f"{home}/vm", vm),
+        TreeEntry(f"{home}/name", info.name),
+    ]
+    entries += [TreeEntry(f"{home}/{sub}", "", ro) for sub in ("cpu", "memory", "device", "control")]
+    if info.hvm:
+        entries.append(TreeEntry(f"{home}/hvmloader", "", ro))
+    control = ["shutdown", "feature-poweroff", "feature-reboot", "feature-suspend"]
+    if info.hvm:
+        control += ["feature-s3", "feature-s4"]
+    control.append("sysrq")
+    entries += [TreeEntry(f"{home}/control/{c}", "", rw) for c in control]
+    entries += [TreeEntry(f"{home}/{sub}", "", rw)
+                for sub in ("device/suspend/event-channel", "data", "drivers", "feature", "attr", "error")]
+    entries += [
+        TreeEntry(f"{home}/control/platform-feature-multiprocessor-suspend", "1"),
+        TreeEntry(f"{home}/control/platform-feature-xs_reset_watches", "1"),
+        TreeEntry(f"{home}/memory/static-max", str(info.memory_kib)),
+        TreeEntry(f"{home}/domid", str(d)),
+        TreeEntry(f"{home}/store/port", str(info.store_port)),
+        TreeEntry(f"{home}/store/ring-ref", str(info.store_gfn)),
+    ]
+    entries += [TreeEntry(f"{home}/cpu/{i}/availability", "online") for i in range(info.vcpus)]
+    if info.console_port is not None:
+        entries += [TreeEntry(f"{home}/console/port", str(info.console_port)),
+                    TreeEntry(f"{home}/console/ring-ref", str(info.console_gfn))]
+    return entries
+
+
+def write_tree(core: Xenstored, entries: list[TreeEntry]) -> None:
+    """Create ``entries`` in ``core`` as dom0 (privileged writes, then SET_PERMS)."""
+    for e in entries:
+        core.write_path(e.path, e.value, e.perms)
