@@ -5,7 +5,7 @@ import logging
 import os
 from functools import cached_property
 
-from xenkvm.kvm._kvm_cffi import ffi, lib
+from xenkvm.kvm._kvm_cffi import lib
 from xenkvm.kvm.errors import KvmError, check, new_varstruct
 
 log = logging.getLogger(__name__)

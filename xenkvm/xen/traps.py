@@ -137,6 +137,28 @@ def _args32(regs) -> tuple[int, ...]:
     return (regs.rbx & m, regs.rcx & m, regs.rdx & m, regs.rsi & m, regs.rdi & m, regs.rbp & m)
 
 
+def dispatch_from_registers(domain: "XenDomain", vcpu: "Vcpu", rip_advance: int = 0) -> None:
+    """Take number and arguments from the vCPU's registers, dispatch, put the result in RAX."""
+    regs = vcpu.sync_regs()
+    long_mode = domain.machine.long_mode(vcpu)
+    args = _args64(regs) if long_mode else _args32(regs)
+    regs.rax = domain.dispatcher.dispatch(vcpu, regs.rax & 0xFFFFFFFF, args, long_mode)
+    regs.rip += rip_advance
+    vcpu.mark_regs_dirty(regs)
+
+
+def _stub_page() -> bytes:
+    """128 stubs `mov eax, nr; out HYPERCALL_PORT, eax; ret`, int3 padding between them."""
+    page = bytearray(b"\xcc" * 4096)  # a stray jump into the padding traps
+    for nr in range(STUBS):
+        stub = b"\xb8" + nr.to_bytes(4, "little") + bytes([0xE7, layout.HYPERCALL_PORT]) + b"\xc3"
+        page[nr * STUB_SIZE:nr * STUB_SIZE + len(stub)] = stub
+    return bytes(page)
+
+
+STUB_PAGE = _stub_page()
+
+
 class HypercallPageTrap:
     """Fill the page the guest names through the hypercall MSR with port-I/O stubs."""
 
@@ -156,12 +178,8 @@ class HypercallPageTrap:
         m.port_hooks[layout.HYPERCALL_PORT] = self.on_port
 
     @staticmethod
-    def stubs(long_mode_only: bool = True) -> bytes:
-        page = bytearray(b"\xcc" * 4096)  # int3 padding: a stray jump into the page traps
-        for nr in range(STUBS):
-            stub = b"\xb8" + nr.to_bytes(4, "little") + bytes([0xE7, layout.HYPERCALL_PORT]) + b"\xc3"
-            page[nr * STUB_SIZE:nr * STUB_SIZE + len(stub)] = stub
-        return bytes(page)
+    def stubs() -> bytes:
+        return STUB_PAGE
 
     def on_wrmsr(self, vcpu: "Vcpu") -> None:
         msr = vcpu.exit_msr
@@ -184,11 +202,7 @@ class HypercallPageTrap:
         io = vcpu.exit_io
         if io.direction != klib.KVM_EXIT_IO_OUT or io.size != 4:
             return
-        regs = vcpu.sync_regs()
-        long_mode = self.domain.machine.long_mode(vcpu)
-        args = _args64(regs) if long_mode else _args32(regs)
-        regs.rax = self.domain.dispatcher.dispatch(vcpu, regs.rax & 0xFFFFFFFF, args, long_mode)
-        vcpu.mark_regs_dirty(regs)
+        dispatch_from_registers(self.domain, vcpu)
 
 
 class BreakpointTrap:
@@ -213,12 +227,7 @@ class BreakpointTrap:
         if pc not in self.addresses:
             self.domain.machine.stop_vmm_error(vcpu, f"debug exit at {pc:#x}, not a hypercall site")
             return
-        regs = vcpu.sync_regs()
-        long_mode = self.domain.machine.long_mode(vcpu)
-        args = _args64(regs) if long_mode else _args32(regs)
-        regs.rax = self.domain.dispatcher.dispatch(vcpu, regs.rax & 0xFFFFFFFF, args, long_mode)
-        regs.rip += INSN_LEN
-        vcpu.mark_regs_dirty(regs)
+        dispatch_from_registers(self.domain, vcpu, rip_advance=INSN_LEN)
 
 
 class KvmXenTrap:
