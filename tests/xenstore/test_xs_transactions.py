@@ -105,6 +105,89 @@ def test_read_of_missing_node_conflicts_with_its_creation(dom0, make_client):
     assert dom0.err(XsType.TRANSACTION_END, b"T\0", tx) == "EAGAIN"
 
 
+def test_read_keeps_first_value_after_outside_write(dom0, make_client):
+    # C xenstored: "Read type accesses will copy the node to the transaction
+    # specific data base part" -- a second read sees that copy.
+    other = make_client(0)
+    dom0.write("/a", "1")
+    tx = dom0.start()
+    assert dom0.read("/a", tx=tx) == b"1"
+    other.write("/a", "2")
+    assert dom0.read("/a", tx=tx) == b"1"
+    dom0.write("/a", "mine", tx=tx)
+    assert dom0.read("/a", tx=tx) == b"mine"
+    assert other.read("/a") == b"2"
+    assert dom0.err(XsType.TRANSACTION_END, b"T\0", tx) == "EAGAIN"
+    assert other.read("/a") == b"2"
+
+
+def test_directory_keeps_first_listing_after_outside_change(dom0, make_client):
+    other = make_client(0)
+    dom0.write("/d/a", "")
+    tx = dom0.start()
+    assert dom0.ls("/d", tx=tx) == ["a"]
+    other.write("/d/b", "")
+    other.rm("/d/a")
+    assert dom0.ls("/d", tx=tx) == ["a"]
+    gen = dom0.call(XsType.DIRECTORY_PART, b"/d\x000\0", tx).split(b"\0")[0]
+    assert dom0.call(XsType.DIRECTORY_PART, b"/d\x000\0", tx).split(b"\0")[0] == gen
+    dom0.write("/d/c", "", tx=tx)
+    assert dom0.ls("/d", tx=tx) == ["a", "c"]
+    assert dom0.ls("/d") == ["b"]
+    assert dom0.err(XsType.TRANSACTION_END, b"T\0", tx) == "EAGAIN"
+    assert dom0.ls("/d") == ["b"]
+
+
+def test_get_perms_keeps_first_value_after_outside_chmod(dom0, make_client):
+    other = make_client(0)
+    dom0.write("/p", "")
+    tx = dom0.start()
+    assert dom0.perms("/p", tx=tx) == ["n0"]
+    other.chmod("/p", "r0", "b5")
+    assert dom0.perms("/p", tx=tx) == ["n0"]
+    dom0.chmod("/p", "b0", tx=tx)
+    assert dom0.perms("/p", tx=tx) == ["b0"]
+    assert other.perms("/p") == ["r0", "b5"]
+    assert dom0.err(XsType.TRANSACTION_END, b"T\0", tx) == "EAGAIN"
+    assert other.perms("/p") == ["r0", "b5"]
+
+
+def test_missing_node_stays_missing_after_outside_create(dom0, make_client):
+    other = make_client(0)
+    dom0.write("/d", "")
+    tx = dom0.start()
+    assert dom0.err(XsType.READ, b"/d/n\0", tx) == "ENOENT"
+    other.write("/d/n", "now")
+    assert dom0.err(XsType.READ, b"/d/n\0", tx) == "ENOENT"
+    assert dom0.err(XsType.GET_PERMS, b"/d/n\0", tx) == "ENOENT"
+    assert dom0.err(XsType.TRANSACTION_END, b"T\0", tx) == "EAGAIN"
+
+
+def test_existing_node_stays_after_outside_rm(dom0, make_client):
+    other = make_client(0)
+    dom0.write("/d/n", "v")
+    tx = dom0.start()
+    assert dom0.read("/d/n", tx=tx) == b"v"
+    other.rm("/d/n")
+    assert dom0.read("/d/n", tx=tx) == b"v"
+    assert dom0.perms("/d/n", tx=tx) == ["n0"]
+    assert dom0.err(XsType.TRANSACTION_END, b"T\0", tx) == "EAGAIN"
+    assert dom0.err(XsType.READ, b"/d/n\0") == "ENOENT"
+
+
+def test_create_under_stale_listing_adds_no_duplicate(dom0, make_client):
+    # The transaction's copy of /d still lists "n", which was removed outside;
+    # recreating "n" inside the transaction must not list it twice.
+    other = make_client(0)
+    dom0.write("/d/n", "v")
+    tx = dom0.start()
+    assert dom0.ls("/d", tx=tx) == ["n"]
+    other.rm("/d/n")
+    dom0.write("/d/n", "again", tx=tx)
+    assert dom0.ls("/d", tx=tx) == ["n"]
+    assert dom0.err(XsType.TRANSACTION_END, b"T\0", tx) == "EAGAIN"
+
+
 def test_nested_start_is_ebusy(dom0):
     tx = dom0.start()
     assert dom0.err(XsType.TRANSACTION_START, b"\0", tx) == "EBUSY"
@@ -209,14 +292,18 @@ def test_tx_id_wraps_and_skips_zero(dom0):
 # ---------------------------------------------------------------- reference model
 KEYS = [f"/k/{i}" for i in range(4)]
 PARENT = "/k"
+PERM_LISTS = [("n0",), ("r0",), ("n0", "r5"), ("n5",), ("b0", "w5", "r7")]
+MISSING = -1                                # the version of a missing node (C NO_GENERATION)
+
+ModelNode = tuple[bytes, tuple[str, ...]]   # (value, perms in wire form)
 
 
 class TxModel:
-    """Reference semantics: per-node versions; a transaction records the version
-    of every node it touches first; commit fails iff any of them changed."""
+    """The committed tree under /k: key -> (value, perms), and a version per
+    path that changes exactly when the real node gets a new generation."""
 
     def __init__(self) -> None:
-        self.values: dict[str, bytes] = {k: b"init" for k in KEYS}
+        self.nodes: dict[str, ModelNode] = {k: (b"init", ("n0",)) for k in KEYS}
         self.versions: dict[str, int] = {k: 0 for k in KEYS + [PARENT]}
         self.clock = 0
 
@@ -224,17 +311,46 @@ class TxModel:
         self.clock += 1
         self.versions[path] = self.clock
 
+    def set(self, key: str, node: ModelNode | None) -> None:
+        """Store or remove ``key`` (outside any transaction, or at commit)."""
+        existed = key in self.nodes
+        if node is None:
+            if existed:
+                del self.nodes[key]
+                self.versions[key] = MISSING
+                self.bump(PARENT)
+            return
+        self.nodes[key] = node
+        self.bump(key)
+        if not existed:
+            self.bump(PARENT)
+
+    def children(self) -> set[str]:
+        return {k.rsplit("/", 1)[1] for k in self.nodes}
+
 
 class ClientState:
-    def __init__(self) -> None:
-        self.tx: int | None = None
-        self.overlay: dict[str, bytes | None] = {}
-        self.seen: dict[str, int] = {}
-        self.parent_changed = False
+    """One client's open transaction: what C calls the accessed nodes."""
+
+    def __init__(self, tx: int | None = None) -> None:
+        self.tx = tx
+        self.copy: dict[str, ModelNode | None] = {}   # key as first seen / as we changed it
+        self.children: set[str] | None = None          # our copy of PARENT's child list
+        self.seen: dict[str, int] = {}                 # version at first read
+        self.dirty: dict[str, None] = {}               # keys we changed
+        self.parent_dirty = False
 
 
 class TransactionMachine(RuleBasedStateMachine):
-    """Two dom0 clients interleave plain and transactional ops on /k/0../k/3."""
+    """Two dom0 clients interleave plain and transactional ops on /k/0../k/3.
+
+    The model follows C xenstored: the first access to a node inside a
+    transaction copies it in and records its version; later accesses see the
+    copy (or the transaction's own change), never outside changes; commit
+    fails with EAGAIN iff a recorded version changed.  Nodes are copied lazily,
+    so a doomed transaction may combine copies taken at different times --
+    the model tracks each copy, so even those reads are checked exactly.
+    """
 
     @initialize()
     def setup(self) -> None:
@@ -246,84 +362,105 @@ class TransactionMachine(RuleBasedStateMachine):
             self.clients[0].write(key, "init")
         self.model.versions = {k: 0 for k in KEYS + [PARENT]}
 
-    # -- model helpers -------------------------------------------------------
-    def _view(self, c: int, key: str) -> bytes | None:
+    # -- the model's transaction view ---------------------------------------------
+    def _key(self, c: int, key: str) -> ModelNode | None:
+        """``key`` as client ``c`` sees it; the first access in a tx copies it."""
         st_ = self.state[c]
-        if st_.tx is not None and key in st_.overlay:
-            return st_.overlay[key]
-        return self.model.values.get(key)
+        if st_.tx is None:
+            return self.model.nodes.get(key)
+        if key not in st_.copy:
+            st_.copy[key] = self.model.nodes.get(key)
+            st_.seen[key] = self.model.versions[key]
+        return st_.copy[key]
 
-    def _touch(self, c: int, path: str) -> None:
+    def _children(self, c: int) -> set[str]:
+        """PARENT's child names as client ``c`` sees them (copied on first access)."""
         st_ = self.state[c]
-        if st_.tx is not None and path not in st_.seen:
-            st_.seen[path] = self.model.versions[path]
+        if st_.tx is None:
+            return self.model.children()
+        if st_.children is None:
+            st_.children = self.model.children()
+            st_.seen[PARENT] = self.model.versions[PARENT]
+        return st_.children
 
-    def _global_write(self, key: str, value: bytes | None) -> None:
-        existed = key in self.model.values
-        if value is None:
-            if existed:
-                del self.model.values[key]
-                self.model.bump(key)
-                self.model.bump(PARENT)
-            return
-        self.model.values[key] = value
-        self.model.bump(key)
-        if not existed:
-            self.model.bump(PARENT)
+    def _change(self, c: int, key: str, node: ModelNode | None) -> None:
+        st_ = self.state[c]
+        if st_.tx is None:
+            self.model.set(key, node)
+        else:
+            st_.copy[key] = node
+            st_.dirty[key] = None
 
-    # -- rules -----------------------------------------------------------------
+    # -- rules ---------------------------------------------------------------------
     @rule(c=st.integers(0, 1))
     def start(self, c: int) -> None:
         if self.state[c].tx is None:
-            self.state[c] = ClientState()
-            self.state[c].tx = self.clients[c].start()
+            self.state[c] = ClientState(self.clients[c].start())
 
     @rule(c=st.integers(0, 1), key=st.sampled_from(KEYS))
     def read(self, c: int, key: str) -> None:
-        st_ = self.state[c]
-        self._touch(c, key)
-        expected = self._view(c, key)
-        if expected is None:
-            self._touch(c, PARENT)
-            assert self.clients[c].err(XsType.READ, key.encode() + b"\0", st_.tx or 0) == "ENOENT"
+        tx = self.state[c].tx or 0
+        node = self._key(c, key)
+        if node is None:
+            self._children(c)                   # ENOENT is checked against the parent
+            assert self.clients[c].err(XsType.READ, key.encode() + b"\0", tx) == "ENOENT"
         else:
-            assert self.clients[c].read(key, tx=st_.tx or 0) == expected
+            assert self.clients[c].read(key, tx=tx) == node[0]
+
+    @rule(c=st.integers(0, 1), key=st.sampled_from(KEYS))
+    def get_perms(self, c: int, key: str) -> None:
+        tx = self.state[c].tx or 0
+        node = self._key(c, key)
+        if node is None:
+            self._children(c)
+            assert self.clients[c].err(XsType.GET_PERMS, key.encode() + b"\0", tx) == "ENOENT"
+        else:
+            assert tuple(self.clients[c].perms(key, tx=tx)) == node[1]
 
     @rule(c=st.integers(0, 1), key=st.sampled_from(KEYS), value=st.binary(max_size=4))
     def write(self, c: int, key: str, value: bytes) -> None:
         st_ = self.state[c]
         self.clients[c].write(key, value, tx=st_.tx or 0)
-        if st_.tx is None:
-            self._global_write(key, value)
+        node = self._key(c, key)
+        if node is not None:
+            self._change(c, key, (value, node[1]))
             return
-        self._touch(c, key)
-        if self._view(c, key) is None:
-            self._touch(c, PARENT)
-        st_.overlay[key] = value
+        children = self._children(c)            # created: PARENT lists it (once)
+        if st_.tx is not None:
+            children.add(key.rsplit("/", 1)[1])
+            st_.parent_dirty = True
+        self._change(c, key, (value, ("n0",)))  # inherits PARENT's n0
 
     @rule(c=st.integers(0, 1), key=st.sampled_from(KEYS))
     def rm(self, c: int, key: str) -> None:
         st_ = self.state[c]
         self.clients[c].rm(key, tx=st_.tx or 0)
-        if st_.tx is None:
-            self._global_write(key, None)
+        node = self._key(c, key)
+        children = self._children(c)            # looked up either way
+        if node is None:
+            return                              # missing, parent exists: no change
+        if st_.tx is not None:
+            children.discard(key.rsplit("/", 1)[1])
+            st_.parent_dirty = True
+        self._change(c, key, None)
+
+    @rule(c=st.integers(0, 1), key=st.sampled_from(KEYS), perms=st.sampled_from(PERM_LISTS))
+    def set_perms(self, c: int, key: str, perms: tuple[str, ...]) -> None:
+        tx = self.state[c].tx or 0
+        node = self._key(c, key)
+        if node is None:
+            self._children(c)
+            payload = key.encode() + b"\0" + b"".join(p.encode() + b"\0" for p in perms)
+            assert self.clients[c].err(XsType.SET_PERMS, payload, tx) == "ENOENT"
             return
-        self._touch(c, key)
-        self._touch(c, PARENT)
-        st_.overlay[key] = None
+        self.clients[c].chmod(key, *perms, tx=tx)
+        self._change(c, key, (node[0], perms))
 
     @rule(c=st.integers(0, 1))
     def directory(self, c: int) -> None:
         st_ = self.state[c]
-        self._touch(c, PARENT)
         listing = sorted(self.clients[c].ls(PARENT, tx=st_.tx or 0))
-        # Nodes are read lazily (as in C): once something the transaction saw
-        # has changed, its view may mix old and new state -- but it is then
-        # doomed to EAGAIN, which the end rule checks.
-        if any(self.model.versions[p] != v for p, v in st_.seen.items()):
-            return
-        names = sorted(k for k in KEYS if self._view(c, k) is not None)
-        assert listing == [n.rsplit("/", 1)[1] for n in names]
+        assert listing == sorted(self._children(c))
 
     @rule(c=st.integers(0, 1), commit=st.booleans())
     def end(self, c: int, commit: bool) -> None:
@@ -335,8 +472,10 @@ class TransactionMachine(RuleBasedStateMachine):
             self.clients[c].end(st_.tx, commit=False)
         elif ok:
             self.clients[c].end(st_.tx)
-            for key, value in st_.overlay.items():
-                self._global_write(key, value)
+            for key in st_.dirty:
+                self.model.set(key, st_.copy[key])
+            if st_.parent_dirty:
+                self.model.bump(PARENT)
         else:
             assert self.clients[c].err(XsType.TRANSACTION_END, b"T\0", st_.tx) == "EAGAIN"
         self.state[c] = ClientState()
@@ -345,12 +484,15 @@ class TransactionMachine(RuleBasedStateMachine):
     def committed_state_matches(self) -> None:
         if not hasattr(self, "core"):
             return
-        nodes = self.core.store.nodes
-        actual = {k: nodes[k].value for k in KEYS if k in nodes}
-        assert actual == self.model.values
+        store = self.core.store
+        actual = {k: (n.value, tuple(p.wire() for p in n.perms))
+                  for k in KEYS if (n := store.nodes.get(k)) is not None}
+        assert actual == self.model.nodes
+        assert set(store.nodes[PARENT].children) == self.model.children()
+        assert len(store.nodes[PARENT].children) == len(self.model.children())
 
 
 TransactionMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=30, deadline=None,
+    max_examples=300, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestTransactionModel = TransactionMachine.TestCase

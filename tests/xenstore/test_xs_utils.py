@@ -160,6 +160,40 @@ def test_binary_and_multi_key_transactional_write(daemon):
     assert daemon.run("xenstore-read", "/m/a", "/m/b", "/m/c").stdout.split() == ["1", "2", "3"]
 
 
+def test_open_transaction_keeps_its_view_while_tools_change_the_store(daemon):
+    # The shell tools cannot hold a transaction across commands, so our client
+    # holds one while the tools (each in its own libxenstore transaction)
+    # change what it has read.
+    from xenkvm.xenstore.client import XsClient
+    from xenkvm.xenstore.protocol import XenstoreError, XsError
+    daemon.run("xenstore-write", "/t/a", "1", "/t/gone", "x")
+    with XsClient(daemon.socket) as c:
+        tx = c.transaction_start()
+        assert c.read("/t/a", tx) == b"1"
+        assert c.directory("/t", tx) == ["a", "gone"]
+        assert c.get_perms("/t/a", tx) == ["n0"]
+        with pytest.raises(XenstoreError) as missing:
+            c.read("/t/new", tx)
+        assert missing.value.err == XsError.ENOENT
+        daemon.run("xenstore-write", "/t/a", "2", "/t/new", "n")
+        daemon.run("xenstore-chmod", "/t/a", "r0", "b3")
+        daemon.run("xenstore-rm", "/t/gone")
+        assert c.read("/t/a", tx) == b"1"
+        assert c.directory("/t", tx) == ["a", "gone"]
+        assert c.get_perms("/t/a", tx) == ["n0"]
+        with pytest.raises(XenstoreError) as missing:
+            c.read("/t/new", tx)
+        assert missing.value.err == XsError.ENOENT
+        c.write("/t/a", "mine", tx)
+        assert c.read("/t/a", tx) == b"mine"
+        assert daemon.run("xenstore-read", "/t/a").stdout == "2\n"
+        with pytest.raises(XenstoreError) as exc:
+            c.transaction_end(tx)
+        assert exc.value.err == XsError.EAGAIN
+    assert daemon.run("xenstore-read", "/t/a").stdout == "2\n"
+    assert daemon.run("xenstore-list", "/t").stdout.split() == ["a", "new"]
+
+
 def test_state_survives_restart(tmp_path):
     state = str(tmp_path / "state.json")
     first = Daemon(str(tmp_path), state)

@@ -2,8 +2,10 @@
 
 Data model (as C xenstored's tdb records): every node has a value (bytes), a
 permission list, an ordered child-name list and a generation count.  The
-committed tree is a flat ``path -> Node`` dict; nodes are never mutated once
-stored, so a transaction can read them without copying.
+committed tree is a flat ``path -> Node`` dict.  Nodes are never mutated once
+stored: every change stores a new node, which :meth:`Store.put` gives a new
+generation.  That is what lets a transaction "copy" a node it reads by keeping
+a reference, and what makes every change visible to its conflict check.
 
 Every operation runs against a *view* -- the :class:`Store` itself, or a
 :class:`~xenkvm.xenstore.transaction.Transaction` overlaying it -- on behalf of
@@ -297,7 +299,12 @@ class Access:
             perms = (Perm(perms[0].flags, self.caller.domid),) + perms[1:]
             if self.view.owned(self.caller.domid) + len(missing) > self.quotas.nodes:
                 raise XenstoreError(XsError.ENOSPC, "node quota exceeded")
-        top = Node(anc.value, anc.perms, anc.children + (basename(missing[-1]),))
+        # A transaction's copy of the ancestor may still list a child that was
+        # removed outside it (the transaction is then doomed to EAGAIN); never
+        # list a name twice.
+        name = basename(missing[-1])
+        kids = anc.children if name in anc.children else anc.children + (name,)
+        top = Node(anc.value, anc.perms, kids)
         leaf = Node(value, perms)
         self._check_size(anc_path, top)
         self._check_size(path, leaf)

@@ -1,11 +1,23 @@
 """Transactions with per-node conflict detection (C xenstored since 2017).
 
-A transaction is a private overlay on the committed :class:`Store`.  The first
-time it *reads* a node from the store it records that node's generation
-(NO_GENERATION if missing).  At commit, "if any recorded generation differs
-from the global one ... the reply is EAGAIN"; otherwise the overlay replaces the
-committed nodes and the queued watch events fire.  Nodes only written are not
-checked, and unrelated changes elsewhere in the tree never cause EAGAIN.
+A transaction holds its own copy of every node it has accessed, as C
+xenstored does: "Read type accesses will copy the node to the transaction
+specific data base part, write type accesses go there anyway"
+(tools/xenstored/transaction.c, ``access_node``).  So once a transaction has
+seen a node -- its value, its children, its perms, or that it does not exist
+-- it keeps seeing exactly that until it changes the node itself, whatever
+happens to the committed tree meanwhile.  Committed nodes are immutable, so
+the "copy" is a reference to the node object: a transaction costs one dict
+entry per node it touches, never a copy of the tree.
+
+Nodes not yet accessed are read from the committed tree when first needed
+(lazily, as in C).  The generation of every node whose first access was a
+read is recorded; at commit, "if any recorded generation differs from the
+global one ... the reply is EAGAIN" ("Transaction conflicts are detected by
+checking the generation count of all nodes read in the transaction").
+Otherwise the written nodes replace the committed ones and the queued watch
+events fire.  Nodes only written are not checked, and unrelated changes
+elsewhere in the tree never cause EAGAIN.
 """
 
 from __future__ import annotations
@@ -17,47 +29,54 @@ from .store import NO_GENERATION, Event, Node, Store
 
 log = logging.getLogger(__name__)
 
+_UNSEEN = object()   # get() sentinel: not yet accessed by this transaction
+
 
 class Transaction:
     """One open transaction of one connection; implements the store View protocol."""
 
-    __slots__ = ("id", "store", "overlay", "reads", "owned_delta", "events", "node_limit",
-                 "touched")
+    __slots__ = ("id", "store", "nodes", "written", "reads", "owned_delta", "events",
+                 "node_limit")
 
     def __init__(self, tx_id: int, store: Store, node_limit: int | None) -> None:
         self.id = tx_id
         self.store = store
-        self.overlay: dict[str, Node | None] = {}   # None marks a deleted node
-        self.reads: dict[str, int] = {}             # path -> generation first seen
+        # Every node accessed: the committed node as first read, or our own
+        # version; None for a node seen missing or deleted by us.
+        self.nodes: dict[str, Node | None] = {}
+        self.written: dict[str, None] = {}          # paths changed by us, in order
+        self.reads: dict[str, int] = {}             # path -> generation first read
         self.owned_delta: dict[int, int] = {}
         self.events: list[Event] = []
         self.node_limit = node_limit                # transaction-nodes quota, None = unlimited
-        self.touched = 0                            # distinct nodes read or written
 
     # -- View protocol ------------------------------------------------------
     def get(self, path: str) -> Node | None:
-        """Our own version of ``path`` if we changed it, else the committed one (recorded)."""
-        overlay = self.overlay
-        if path in overlay:
-            return overlay[path]
+        """Our copy of ``path``; the first access copies the committed node in
+        and records its generation for the commit check."""
+        node = self.nodes.get(path, _UNSEEN)
+        if node is not _UNSEEN:
+            return node  # type: ignore[return-value]
+        self._touch()
         node = self.store.nodes.get(path)
-        if path not in self.reads:
-            self._touch()
-            self.reads[path] = node.generation if node is not None else NO_GENERATION
+        self.nodes[path] = node
+        self.reads[path] = node.generation if node is not None else NO_GENERATION
         return node
 
     def put(self, path: str, node: Node) -> None:
         """Write privately; the node gets a fresh generation again at commit."""
-        if path not in self.overlay and path not in self.reads:
+        if path not in self.nodes:
             self._touch()
         node.generation = self.store.next_generation()
-        self.overlay[path] = node
+        self.nodes[path] = node
+        self.written[path] = None
 
     def delete(self, path: str) -> None:
         """Delete privately."""
-        if path not in self.overlay and path not in self.reads:
+        if path not in self.nodes:
             self._touch()
-        self.overlay[path] = None
+        self.nodes[path] = None
+        self.written[path] = None
 
     def owned(self, domid: int) -> int:
         """Committed ownership count plus our own changes."""
@@ -79,13 +98,14 @@ class Transaction:
         return out
 
     def commit(self) -> list[Event]:
-        """Apply the overlay atomically or raise EAGAIN; return the events to fire."""
+        """Apply our changes atomically or raise EAGAIN; return the events to fire."""
         changed = self.conflicts()
         if changed:
             log.debug("tx %d conflicts on %s", self.id, changed[:4])
             raise XenstoreError(XsError.EAGAIN, f"conflict on {changed[0]}")
-        store = self.store
-        for path, node in self.overlay.items():
+        store, nodes = self.store, self.nodes
+        for path in self.written:
+            node = nodes[path]
             if node is None:
                 store.delete(path)
             else:
@@ -95,7 +115,6 @@ class Transaction:
         return self.events
 
     def _touch(self) -> None:
-        """Count a newly touched node against the transaction-nodes quota."""
-        if self.node_limit is not None and self.touched >= self.node_limit:
+        """Count a newly accessed node against the transaction-nodes quota."""
+        if self.node_limit is not None and len(self.nodes) >= self.node_limit:
             raise XenstoreError(XsError.ENOSPC, "too many nodes in transaction")
-        self.touched += 1
