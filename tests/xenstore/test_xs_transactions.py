@@ -188,6 +188,35 @@ def test_create_under_stale_listing_adds_no_duplicate(dom0, make_client):
     assert dom0.err(XsType.TRANSACTION_END, b"T\0", tx) == "EAGAIN"
 
 
+def test_release_strips_perms_with_new_generation(core, dom0, make_client):
+    # Committed nodes are immutable: dropping a released domain's entry is a
+    # new node version, so a transaction that read the old one keeps seeing it
+    # and fails with EAGAIN.
+    make_client(6)
+    dom0.write("/shared", "")
+    dom0.chmod("/shared", "n0", "r6")
+    old_gen = core.store.nodes["/shared"].generation
+    tx = dom0.start()
+    assert dom0.perms("/shared", tx=tx) == ["n0", "r6"]
+    core.release_domain(6)
+    assert dom0.perms("/shared") == ["n0"]
+    assert core.store.nodes["/shared"].generation > old_gen
+    assert dom0.perms("/shared", tx=tx) == ["n0", "r6"]
+    assert dom0.err(XsType.TRANSACTION_END, b"T\0", tx) == "EAGAIN"
+
+
+def test_release_removing_owned_node_conflicts(core, dom0, make_client):
+    make_client(6)
+    dom0.write("/local/domain/6/x", "1")
+    dom0.chmod("/local/domain/6/x", "n6")
+    tx = dom0.start()
+    assert dom0.read("/local/domain/6/x", tx=tx) == b"1"
+    core.release_domain(6)
+    assert dom0.err(XsType.READ, b"/local/domain/6/x\0") == "ENOENT"
+    assert dom0.read("/local/domain/6/x", tx=tx) == b"1"
+    assert dom0.err(XsType.TRANSACTION_END, b"T\0", tx) == "EAGAIN"
+
+
 def test_nested_start_is_ebusy(dom0):
     tx = dom0.start()
     assert dom0.err(XsType.TRANSACTION_START, b"\0", tx) == "EBUSY"
@@ -292,6 +321,7 @@ def test_tx_id_wraps_and_skips_zero(dom0):
 # ---------------------------------------------------------------- reference model
 KEYS = [f"/k/{i}" for i in range(4)]
 PARENT = "/k"
+GUEST = 5                                   # the domain the release rule releases
 PERM_LISTS = [("n0",), ("r0",), ("n0", "r5"), ("n5",), ("b0", "w5", "r7")]
 MISSING = -1                                # the version of a missing node (C NO_GENERATION)
 
@@ -342,7 +372,8 @@ class ClientState:
 
 
 class TransactionMachine(RuleBasedStateMachine):
-    """Two dom0 clients interleave plain and transactional ops on /k/0../k/3.
+    """Two dom0 clients interleave plain and transactional ops on /k/0../k/3,
+    while perms change and domain 5 comes and goes.
 
     The model follows C xenstored: the first access to a node inside a
     transaction copies it in and records its version; later accesses see the
@@ -461,6 +492,18 @@ class TransactionMachine(RuleBasedStateMachine):
         st_ = self.state[c]
         listing = sorted(self.clients[c].ls(PARENT, tx=st_.tx or 0))
         assert listing == sorted(self._children(c))
+
+    @rule()
+    def release_guest(self) -> None:
+        """Domain 5 goes away: nodes it owns are removed, its entries dropped --
+        each a new node version, so transactions that read them must fail."""
+        self.core.introduce_domain(GUEST)
+        self.core.release_domain(GUEST)
+        for key, (value, perms) in list(self.model.nodes.items()):
+            if perms[0][1:] == str(GUEST):
+                self.model.set(key, None)
+            elif any(p[1:] == str(GUEST) for p in perms[1:]):
+                self.model.set(key, (value, tuple(p for p in perms if p[1:] != str(GUEST))))
 
     @rule(c=st.integers(0, 1), commit=st.booleans())
     def end(self, c: int, commit: bool) -> None:

@@ -24,7 +24,7 @@ from .protocol import (PAYLOAD_MAX, Message, XenstoreError, XsError, XsType,
                        c_atoi, count_strings, encode, encode_error, one_arg, split_args)
 from .quota import Quotas
 from .ring import RingConnection
-from .store import Access, Event, Store
+from .store import Access, Event, Node, Store
 from .transaction import Transaction
 from .watch import Watch, WatchRegistry
 
@@ -462,16 +462,23 @@ class Xenstored:
                 self.flush()
 
     def _remove_domain_nodes(self, domid: int) -> None:
-        """Delete subtrees owned by a dead domain; drop its entries elsewhere."""
-        acc = Access(self.store, _Privileged(), self.quotas, [])
-        for path in sorted(self.store.nodes, key=len):
-            node = self.store.nodes.get(path)
+        """Delete subtrees owned by a dead domain; drop its entries elsewhere.
+
+        Committed nodes are immutable: a stripped permission list is stored
+        as a new node with a new generation, so an open transaction that read
+        the old node keeps its copy and gets EAGAIN at commit.
+        """
+        store = self.store
+        acc = Access(store, _Privileged(), self.quotas, [])
+        for path in sorted(store.nodes, key=len):
+            node = store.nodes.get(path)
             if node is None or path == paths.ROOT:
                 continue
             if node.perms[0].domid == domid:
                 acc.rm(path)
             elif any(p.domid == domid for p in node.perms[1:]):
-                node.perms = without_domain(node.perms, domid)
+                store.put(path, Node(node.value, without_domain(node.perms, domid),
+                                     node.children))
         self.fire(acc.events)
 
     def write_path(self, path: str, value: bytes | str = b"", perms: Perms | None = None) -> None:
