@@ -52,8 +52,9 @@ class Transaction:
 
     # -- View protocol ------------------------------------------------------
     def get(self, path: str) -> Node | None:
-        """Our copy of ``path``; the first access copies the committed node in
-        and records its generation for the commit check."""
+        """Our copy of ``path``.  "Read type accesses will copy the node to the
+        transaction": the first access takes the committed node (or its
+        absence) and records its generation for the commit check."""
         node = self.nodes.get(path, _UNSEEN)
         if node is not _UNSEEN:
             return node  # type: ignore[return-value]
