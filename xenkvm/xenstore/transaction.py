@@ -12,12 +12,12 @@ entry per node it touches, never a copy of the tree.
 
 Nodes not yet accessed are read from the committed tree when first needed
 (lazily, as in C).  The generation of every node whose first access was a
-read is recorded; at commit, "if any recorded generation differs from the
-global one ... the reply is EAGAIN" ("Transaction conflicts are detected by
-checking the generation count of all nodes read in the transaction").
-Otherwise the written nodes replace the committed ones and the queued watch
-events fire.  Nodes only written are not checked, and unrelated changes
-elsewhere in the tree never cause EAGAIN.
+read is recorded: "Transaction conflicts are detected by checking the
+generation count of all nodes read in the transaction".  If one differs from
+the committed node's at commit, the reply is EAGAIN; otherwise the written
+nodes replace the committed ones and the queued watch events fire.  Nodes
+only written are not checked, and unrelated changes elsewhere in the tree
+never cause EAGAIN.
 """
 
 from __future__ import annotations
