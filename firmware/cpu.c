@@ -85,13 +85,14 @@ void xk_cpu_init(unsigned cpu)
     __asm__ volatile("ltr %0" :: "r"(sel) : "memory");
 }
 
+void xk_set_rsp0(unsigned cpu, uint64_t rsp0)
+{
+    if (cpu < XK_MAX_CPUS)
+        tss[cpu].rsp[0] = rsp0;
+}
+
 /* ---- exceptions ------------------------------------------------------------ */
-struct xk_frame {
-    uint64_t r15, r14, r13, r12, r11, r10, r9, r8;
-    uint64_t rbp, rdi, rsi, rdx, rcx, rbx, rax;
-    uint64_t vector, error;
-    uint64_t rip, cs, rflags, rsp, ss;
-};
+_Static_assert((SEL_USER_DATA & ~3) == SEL_TSS0 + 16 * XK_MAX_CPUS, "user segments follow the TSS descriptors");
 
 static const char *const exc_names[32] = {
     "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM",
@@ -132,6 +133,12 @@ void xk_exception(struct xk_frame *f)
 
 /* ---- interrupt handlers ------------------------------------------------------ */
 static xk_irq_fn volatile irq_handlers[256];
+static xk_user_trap_fn volatile user_trap;
+
+void xk_set_user_trap(xk_user_trap_fn fn)
+{
+    user_trap = fn;
+}
 
 void xk_set_irq_handler(unsigned vector, xk_irq_fn fn)
 {
@@ -142,6 +149,9 @@ void xk_set_irq_handler(unsigned vector, xk_irq_fn fn)
 void xk_interrupt(struct xk_frame *f);
 void xk_interrupt(struct xk_frame *f)
 {
+    xk_user_trap_fn ut = user_trap;
+    if ((f->cs & 3) && ut)
+        ut(f);                          /* does not return */
     xk_irq_fn fn = f->vector >= 32 && f->vector < 256 ? irq_handlers[f->vector] : NULL;
     if (!fn)
         xk_exception(f);                /* does not return */

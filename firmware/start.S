@@ -204,7 +204,8 @@ xk_isr_common:
 
 /* ---- GDT ----------------------------------------------------------------------
  * 0x00 null, 0x08 code32, 0x10 data, 0x18 code64, then one 16-byte TSS
- * descriptor per CPU from 0x20 (filled in by cpu.c). */
+ * descriptor per CPU from 0x20 (filled in by cpu.c), then data and 64-bit
+ * code segments for ring 3 and for ring 1 (used by user.c). */
         .data
         .p2align 4
         .globl  xk_gdt, xk_gdt_desc
@@ -214,6 +215,10 @@ xk_gdt:
         .quad   0x00cf92000000ffff      /* 0x10: data, flat */
         .quad   0x00af9a000000ffff      /* 0x18: code, 64-bit */
         .fill   XK_MAX_CPUS_ASM * 2, 8, 0 /* 0x20..: TSS descriptors */
+        .quad   0x00cff2000000ffff      /* SEL_USER_DATA: data, flat, DPL 3 */
+        .quad   0x00affa000000ffff      /* SEL_USER_CODE64: code, 64-bit, DPL 3 */
+        .quad   0x00cfb2000000ffff      /* SEL_RING1_DATA: data, flat, DPL 1 */
+        .quad   0x00afba000000ffff      /* SEL_RING1_CODE64: code, 64-bit, DPL 1 */
 xk_gdt_end:
         .p2align 4
         /* 32-bit lgdt reads limit + the low 4 bytes of base; 64-bit reads all 8 */

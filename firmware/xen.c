@@ -111,9 +111,14 @@ static void *hcall_target(uint64_t nr)
     return xen.amd ? (void *)xen_hypercall_amd : (void *)xen_hypercall_intel;
 }
 
+void *xen_hypercall_target(uint64_t nr)
+{
+    return xen.ready ? hcall_target(nr) : NULL;
+}
+
 long xen_hypercall(uint64_t nr, uint64_t a1, uint64_t a2, uint64_t a3, uint64_t a4, uint64_t a5)
 {
-    void *target = xen.ready ? hcall_target(nr) : NULL;
+    void *target = xen_hypercall_target(nr);
     if (!target)
         return -XEN_ENOSYS;
     register uint64_t r10 __asm__("r10") = a4;

@@ -10,7 +10,8 @@
  * untrapped one hangs the vCPU (vmcall) or raises #UD (vmmcall) on KVM
  * without Xen support.
  */
-        .text
+        /* a page of their own (guest.ld), so tests can change its U/P bits */
+        .section .text.hcall, "ax"
         .p2align 5
         .globl  xen_hypercall_intel
         .type   xen_hypercall_intel, @function

@@ -101,6 +101,9 @@ uint32_t xen_find_base(void);
  * style cannot express (page style: nr >= 128) return -ENOSYS untrapped. */
 long xen_hypercall(uint64_t nr, uint64_t a1, uint64_t a2, uint64_t a3, uint64_t a4, uint64_t a5);
 const char *xen_trap_name(void);
+/* Where xen_hypercall() calls for `nr` (page stub or direct function); NULL
+ * when the trap style cannot express it or Xen is not ready. */
+void *xen_hypercall_target(uint64_t nr);
 
 /* The two direct-trap functions (xen_hcall.S). */
 void xen_hypercall_intel(void);

@@ -125,6 +125,19 @@ void xk_spin(uint32_t iterations);
  * FAIL exception. The handler must EOI its LAPIC itself where needed. */
 typedef void (*xk_irq_fn)(unsigned vector);
 void xk_set_irq_handler(unsigned vector, xk_irq_fn fn);
+/* The frame xk_isr_common builds (start.S): saved GPRs, vector, error code,
+ * then what the CPU pushed. */
+struct xk_frame {
+    uint64_t r15, r14, r13, r12, r11, r10, r9, r8;
+    uint64_t rbp, rdi, rsi, rdx, rcx, rbx, rax;
+    uint64_t vector, error;
+    uint64_t rip, cs, rflags, rsp, ss;
+};
+/* Outer rings (user.c): every exception or interrupt taken at CPL > 0 goes
+ * to this hook, which must not return; TSS.RSP0 for the way in. */
+typedef XK_NORETURN void (*xk_user_trap_fn)(struct xk_frame *f);
+void xk_set_user_trap(xk_user_trap_fn fn);
+void xk_set_rsp0(unsigned cpu, uint64_t rsp0);
 static inline void xk_irq_enable(void) { __asm__ volatile("sti" ::: "memory"); }
 static inline void xk_irq_disable(void) { __asm__ volatile("cli" ::: "memory"); }
 

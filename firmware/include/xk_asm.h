@@ -6,9 +6,16 @@
 #define SEL_DATA        0x10
 #define SEL_CODE64      0x18
 #define SEL_TSS0        0x20    /* + 16 * cpu index */
+/* ring-3 and ring-1 segments (user.c), after the TSS descriptors; the RPL
+ * is in the selector */
+#define SEL_USER_DATA   0x123   /* GDT slot 36: data, DPL 3 */
+#define SEL_USER_CODE64 0x12B   /* GDT slot 37: code, 64-bit, DPL 3 */
+#define SEL_RING1_DATA  0x131   /* GDT slot 38: data, DPL 1 */
+#define SEL_RING1_CODE64 0x139  /* GDT slot 39: code, 64-bit, DPL 1 */
 
 #define PTE_P           0x001
 #define PTE_W           0x002
+#define PTE_U           0x004
 #define PTE_PWT         0x008
 #define PTE_PCD         0x010
 #define PTE_PS          0x080

@@ -61,7 +61,7 @@ def xs_socket(tmp_path) -> dict:
 def test_every_guest_has_a_yaml_pair():
     sources = {p.stem for p in GUESTS.glob("xen_*.c")}
     assert sources >= {"xen_version", "xen_shinfo", "xen_evtchn", "xen_gnttab", "xen_console",
-                       "xen_xenstore", "xen_hostile", "xen_shutdown", "xen_hvm_platform"}
+                       "xen_xenstore", "xen_hostile", "xen_shutdown", "xen_hvm_platform", "xen_userpriv"}
     for s in sources:
         assert f"{s}.yaml" in YAMLS and f"{s}_direct.yaml" in YAMLS, s
 

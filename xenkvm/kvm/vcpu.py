@@ -116,6 +116,12 @@ class Vcpu:
             self.has_sync_sregs = True
         return self.has_sync_sregs
 
+    def sync_sregs(self):
+        """The special registers after an exit (in kvm_run once enable_sync_sregs() succeeded); read-only."""
+        if self.has_sync_sregs:
+            return self._sync.sregs
+        return self.get_sregs()
+
     def efer(self) -> int:
         """EFER after the last exit (from kvm_run when synced, else KVM_GET_SREGS)."""
         if self.has_sync_sregs:

@@ -11,9 +11,10 @@
   in the image (ELF symbols, else byte patterns) and put hardware execute
   breakpoints on them; the debug exit is emulated and RIP stepped past.
 
-All three end in ``Dispatcher.dispatch``.  With KVM_CAP_SYNC_REGS the
-registers are read and written through kvm_run, so a trap costs no extra
-ioctl.
+All three end in :func:`hypercall_result`, which applies Xen's privilege
+rule (only CPL 0 may make hypercalls; privilege.py) before
+``Dispatcher.dispatch``.  With KVM_CAP_SYNC_REGS the registers are read and
+written through kvm_run, so a trap costs no extra ioctl.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ from xenkvm.kvm.vm import MsrRange
 from xenkvm.machine import layout
 from xenkvm.machine.boot import BootError
 from xenkvm.machine.memory import GuestMemoryError
+from xenkvm.xen.abi import Errno
 from xenkvm.xen.cpuid import HYPERCALL_MSR
+from xenkvm.xen.privilege import DEFAULT_PHYS_BITS, PF_VECTOR, Paging, caller_cpl, fetch_fault
 
 if TYPE_CHECKING:
     from xenkvm.kvm.vcpu import Vcpu
@@ -43,6 +46,8 @@ STUB_SIZE = 32
 STUBS = 4096 // STUB_SIZE
 SYMBOLS = ("xen_hypercall_intel", "xen_hypercall_amd")
 EFER_LMA = 1 << 10
+MASK64 = (1 << 64) - 1
+EPERM_RESULT = -Errno.EPERM & MASK64
 
 
 class TrapError(BootError):
@@ -137,12 +142,33 @@ def _args32(regs) -> tuple[int, ...]:
     return (regs.rbx & m, regs.rcx & m, regs.rdx & m, regs.rsi & m, regs.rdi & m, regs.rbp & m)
 
 
+def hypercall_result(domain: "XenDomain", vcpu: "Vcpu", cpl: int, nr: int, args: tuple[int, ...],
+                     long_mode: bool) -> int:
+    """RAX for a hypercall made at ``cpl``: every trap's calls come through here.
+
+    Xen's rule (xen/arch/x86/hvm/hypercall.c, hvm_hypercall): a call made
+    with ``hvm_get_cpl(curr)`` non-zero gets ``regs->rax = -EPERM`` and
+    nothing else happens -- no handler runs, no state changes.  A guest
+    user process that reaches a trap (a stub page it can execute, a
+    breakpointed vmcall, IOPL 3) must not shut the domain down or remap its
+    memory.
+    """
+    if cpl:
+        log.debug("vcpu%d: hypercall %d at CPL %d refused: -EPERM", vcpu.id, nr, cpl)
+        return EPERM_RESULT
+    return domain.dispatcher.dispatch(vcpu, nr, args, long_mode)
+
+
 def dispatch_from_registers(domain: "XenDomain", vcpu: "Vcpu", rip_advance: int = 0) -> None:
-    """Take number and arguments from the vCPU's registers, dispatch, put the result in RAX."""
+    """Take number and arguments from the vCPU's registers, dispatch, put the result in RAX.
+
+    The CPL comes from the segment state KVM saved at the exit (sync sregs).
+    """
     regs = vcpu.sync_regs()
+    cpl = caller_cpl(vcpu.sync_sregs(), regs.rflags)
     long_mode = domain.machine.long_mode(vcpu)
     args = _args64(regs) if long_mode else _args32(regs)
-    regs.rax = domain.dispatcher.dispatch(vcpu, regs.rax & 0xFFFFFFFF, args, long_mode)
+    regs.rax = hypercall_result(domain, vcpu, cpl, regs.rax & 0xFFFFFFFF, args, long_mode)
     regs.rip += rip_advance
     vcpu.mark_regs_dirty(regs)
 
@@ -199,6 +225,9 @@ class HypercallPageTrap:
         vcpu.exit_msr.error = 1
 
     def on_port(self, vcpu: "Vcpu") -> None:
+        """The stub's `out`.  At CPL 3 hardware #GPs it unless IOPL or the TSS I/O bitmap allow it
+        (PVM #GPs it always: its outer rings run with IOPL 0); when one does reach us, the CPL
+        check in :func:`hypercall_result` refuses it."""
         io = vcpu.exit_io
         if io.direction != klib.KVM_EXIT_IO_OUT or io.size != 4:
             return
@@ -227,7 +256,43 @@ class BreakpointTrap:
         if pc not in self.addresses:
             self.domain.machine.stop_vmm_error(vcpu, f"debug exit at {pc:#x}, not a hypercall site")
             return
+        cpl = caller_cpl(vcpu.sync_sregs(), vcpu.sync_regs().rflags)
+        if cpl and self._fetch_faulted(vcpu, pc, cpl):
+            return
         dispatch_from_registers(self.domain, vcpu, rip_advance=INSN_LEN)
+
+    def _fetch_faulted(self, vcpu: "Vcpu", pc: int, cpl: int) -> bool:
+        """Give the guest the #PF that fetching ``pc`` at ``cpl`` takes, if it does.
+
+        The breakpoint fired before the fetch; without it a user process
+        jumping to a kernel site gets an instruction-fetch #PF (CR2 = the
+        address, error code from the page tables), which is what the guest
+        must see.  Only walked at CPL > 0: the kernel runs its own text.
+        """
+        sregs = vcpu.get_sregs()  # a copy KVM_SET_SREGS takes (the sync area is read-only)
+        paging = Paging.from_sregs(sregs, self._phys_bits(vcpu))
+        error = fetch_fault(paging, pc, cpl, self._read_entry)
+        if error is None:
+            return False
+        sregs.cr2 = pc  # no exception payload: CR2 is set directly, then the #PF injected
+        vcpu.set_sregs(sregs)
+        vcpu.inject_exception(PF_VECTOR, error)
+        log.debug("vcpu%d: CPL %d fetch at hypercall site %#x faults: #PF error %#x", vcpu.id, cpl, pc, error)
+        return True
+
+    def _read_entry(self, gpa: int, size: int) -> int | None:
+        try:
+            return int.from_bytes(self.domain.mem.read(gpa, size), "little")
+        except GuestMemoryError:
+            return None
+
+    @staticmethod
+    def _phys_bits(vcpu: "Vcpu") -> int:
+        """MAXPHYADDR as the guest's CPUID 0x80000008 EAX[7:0] says."""
+        for fn, _idx, _flags, eax, _ebx, _ecx, _edx in vcpu.get_cpuid():
+            if fn == 0x80000008 and eax & 0xFF:
+                return eax & 0xFF
+        return DEFAULT_PHYS_BITS
 
 
 class KvmXenTrap:
@@ -249,7 +314,8 @@ class KvmXenTrap:
             return
         h = vcpu.exit_xen_hcall
         args = tuple(h.params[i] for i in range(6))
-        h.result = self.domain.dispatcher.dispatch(vcpu, h.input & 0xFFFFFFFF, args, bool(h.longmode))
+        # the exit carries the caller's CPL (KVM itself accelerates CPL-0 calls only)
+        h.result = hypercall_result(self.domain, vcpu, h.cpl, h.input & 0xFFFFFFFF, args, bool(h.longmode))
 
 
 # --- choosing ---------------------------------------------------------------------------
