@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from xenkvm.machine.memory import (HIGH_RAM_BASE, LOW_RAM_TOP, E820Type, GuestMemory,
-                                   GuestMemoryError)
+                                   GuestMemoryError, RegionRefused)
 
 MiB = 1 << 20
 
@@ -117,3 +117,38 @@ def test_atomic_bit_helpers(mem):
     expected = ffi.new("uint32_t *", 0)
     assert lib.xk_cmpxchg32(addr, expected, 5) and mem.read_u32(0x8000) == 5
     assert not lib.xk_cmpxchg32(addr, expected, 9) and expected[0] == 5
+
+
+def test_refused_region_is_not_added_and_earlier_listeners_are_undone(mem):
+    """A listener that cannot back a region (no memslot left) leaves nothing behind."""
+    backed, dropped = [], []
+
+    def refuse(region):
+        if not region.ram:
+            raise OSError(28, "no memslot left")
+
+    mem.on_region_added(backed.append, dropped.append)
+    mem.on_region_added(lambda r: None)
+    mem.on_region_added(refuse)
+    before = mem.regions
+    with pytest.raises(RegionRefused) as e:
+        mem.add_region(0xF000_0000, 0x1000, "grant-frame")
+    assert isinstance(e.value, GuestMemoryError) and e.value.cause.errno == 28
+    assert mem.regions == before and not mem.contains(0xF000_0000)
+    assert dropped == [backed[-1]] and backed[-1].gpa == 0xF000_0000
+
+
+def test_remove_region_tells_listeners_and_frees_the_range(mem):
+    removed = []
+    mem.on_region_added(lambda r: None, removed.append)
+    r = mem.add_region(0xF000_0000, 0x1000, "grant-frame")
+    view = mem.view(0xF000_0000, 16)          # a backend may still hold a view
+    mem.remove_region(r)
+    assert removed == [r] and not mem.contains(0xF000_0000)
+    view[:2] = b"ok"                          # the host page lives on while viewed
+    again = mem.add_region(0xF000_0000, 0x1000, "grant-frame")
+    assert again is not r and mem.read(0xF000_0000, 2) == bytes(2)
+    with pytest.raises(ValueError):
+        mem.remove_region(r)                  # not in the address space any more
+    with pytest.raises(ValueError):
+        mem.remove_region(mem.regions[0])     # RAM never leaves

@@ -19,6 +19,8 @@ from xenkvm.xen.abi import DOMID_SELF, Errno, EvtchnOp, EvtchnStat, Hypercall, S
 from evtchnfakes import DOMID, SHINFO, FakeDomain, hc
 from xenkvm.xen.evtchn import EventChannels, EvtchnError
 from xenkvm.xen.evtchn_fifo import BUSY, LINK_MASK, LINKED, MASKED, PENDING, FifoEvents
+from xenkvm.xen.limits import DEFAULT_MAX_EVTCHN_PORT as MAX_PORT
+from xenkvm.xen.limits import Limits
 
 RAM = 16 << 20
 ARG = 0x20000
@@ -177,8 +179,8 @@ def test_masked_port_is_delivered_on_unmask(d):
     p2 = ipi(d)
     set_bit(d, SHINFO + SH_MASK, p2)
     assert unmask(d, p2) == 0 and d.upcalls.calls == [0]
-    assert unmask(d, 4096) == -Errno.EINVAL
-    assert unmask(d, 4095) == 0                   # valid port number, even if free
+    assert unmask(d, MAX_PORT + 1) == -Errno.EINVAL   # past the domain's limit (Xen: port_is_valid)
+    assert unmask(d, MAX_PORT) == 0               # valid port number, even if free
 
 
 def test_ipi_to_vcpu1(d):
@@ -329,9 +331,9 @@ def test_status_checks(d):
     assert status(d, port, dom=DOMID)[0] == 0
     assert status(d, port, dom=0)[0] == -Errno.EPERM
     assert status(d, port, dom=5)[0] == -Errno.ESRCH
-    assert status(d, 4096)[0] == -Errno.EINVAL
-    assert status(d, 4095)[1].status == EvtchnStat.closed
-    assert d.evtchn.status(4095) is None
+    assert status(d, MAX_PORT + 1)[0] == -Errno.EINVAL
+    assert status(d, MAX_PORT)[1].status == EvtchnStat.closed
+    assert d.evtchn.status(MAX_PORT) is None
     assert hc(d, Hypercall.event_channel_op, EvtchnOp.status, 1 << 45) == -Errno.EFAULT
     assert hc(d, Hypercall.event_channel_op, EvtchnOp.status, RAM - 4) == -Errno.EFAULT
 
@@ -418,6 +420,27 @@ def test_port_exhaustion(d):
     assert unbound(d) == 17
 
 
+def test_default_port_limit_is_xens_domu_default(d):
+    """libxl gives a domU 1023 event channels: port 1024 is -ENOSPC in both ABIs, and the
+    guest can go on (close one, allocate again) afterwards."""
+    alloc = lambda: op(d, EvtchnOp.alloc_unbound, "evtchn_alloc_unbound", dom=DOMID_SELF, remote_dom=0)
+    ports = [unbound(d) for _ in range(MAX_PORT)]
+    assert ports[-1] == MAX_PORT == 1023
+    assert alloc()[0] == -Errno.ENOSPC
+    assert len(d.evtchn.ports) == MAX_PORT
+    assert close(d, 500) == 0 and unbound(d) == 500
+    assert alloc()[0] == -Errno.ENOSPC
+    fifo(d)
+    assert alloc()[0] == -Errno.ENOSPC       # FIFO's 2^17 ports do not lift the domain's limit
+
+
+def test_port_limit_comes_from_the_domains_limits():
+    dom = FakeDomain.__new__(FakeDomain)
+    dom.mem, dom.lock, dom.vcpus = None, threading.RLock(), [None]
+    dom.limits = Limits(max_evtchn_port=63)
+    assert EventChannels(dom).max_port == 63 and EventChannels(dom).nr_channels() == 64
+
+
 def test_alloc_unbound_checks(d):
     assert op(d, EvtchnOp.alloc_unbound, "evtchn_alloc_unbound", dom=3, remote_dom=0)[0] == -Errno.ESRCH
     assert op(d, EvtchnOp.alloc_unbound, "evtchn_alloc_unbound", dom=0, remote_dom=0)[0] == -Errno.EPERM
@@ -447,10 +470,10 @@ def test_poll_returns_at_once_for_pending_and_checks_input(d, monkeypatch):
     assert send(d, port) == 0
     t0 = time.monotonic()
     assert poll(d, [port]) == 0
-    assert poll(d, [4095, port]) == 0
+    assert poll(d, [MAX_PORT, port]) == 0
     assert time.monotonic() - t0 < 1
     assert poll(d, [port] * 129) == -Errno.EINVAL
-    assert poll(d, [4096]) == -Errno.EINVAL
+    assert poll(d, [MAX_PORT + 1]) == -Errno.EINVAL
     assert poll(d, [1], nr=1 << 20) == -Errno.EINVAL
     buf = bytearray(24)
     struct.pack_into("<Q", buf, handle_offset("sched_poll", "ports"), 1 << 45)
@@ -650,6 +673,7 @@ def test_switch_to_fifo_keeps_ports_and_pending_events(d):
 
 
 def test_fifo_ports_beyond_the_array_wait_for_their_page(d):
+    d.evtchn.max_port = 4095   # more than the default limit: ports past the first array page
     fifo(d, pages=1)
     ports = [unbound(d) for _ in range(1100)]
     p = ports[-1]

@@ -17,9 +17,11 @@ import pytest
 
 from xenkvm.machine.memory import GuestMemory
 from xenkvm.xen import gnttab as gt
-from xenkvm.xen.abi import DOMID_SELF, Errno, GnttabOp, Gntst, Hypercall, XenStruct, ffi, lib
+from xenkvm.xen.abi import DOMID_SELF, Errno, GnttabOp, Gntst, Hypercall, XenStruct, ffi, handle_offset, lib
 from xenkvm.xen.dispatch import Dispatcher
 from xenkvm.xen.gnttab import GrantError, GrantTable
+from xenkvm.xen.hypercalls import memory
+from xenkvm.xen.limits import Limits
 
 DOMID = 1
 RAM = 64 << 20
@@ -42,8 +44,9 @@ class FakeVcpu:
 
 
 class FakeDomain:
-    def __init__(self, mem: GuestMemory | None = None, params: dict | None = None):
+    def __init__(self, mem: GuestMemory | None = None, params: dict | None = None, limits: Limits | None = None):
         self.mem = mem or GuestMemory(RAM)
+        self.limits = limits or Limits()
         self.lock = threading.RLock()
         self.domid = DOMID
         self.params = params or {}
@@ -51,6 +54,7 @@ class FakeDomain:
         self.dispatcher = Dispatcher(self)
         self.gnttab = GrantTable(self)
         self.gnttab.register_hypercalls(self.dispatcher)
+        memory.register(self)    # XENMEM_add_to_physmap / remove_from_physmap reach the table
 
 
 @pytest.fixture(autouse=True)
@@ -745,3 +749,121 @@ def test_unmap_gpfn(dom):
     assert dom.gnttab.entry(9)["frame"] == DATA
     dom.gnttab.map_frame(0, F0 + 1)
     assert struct.unpack_from("<HHI", dom.mem.read(((F0 + 1) << 12) + 72, 8)) == (PERMIT, 0, DATA)
+
+
+# == bounds: what a guest can make the VMM allocate ==================================================
+def hole_regions(d: FakeDomain) -> list:
+    return [r for r in d.mem.regions if not r.ram and r.name.startswith("grant")]
+
+
+def physmap(d: FakeDomain, idx: int, gpfn: int) -> int:
+    put(d, "struct xen_add_to_physmap", domid=DOMID_SELF, space=lib.XENMAPSPACE_grant_table, idx=idx, gpfn=gpfn)
+    r = d.dispatcher.dispatch(FakeVcpu(), Hypercall.memory_op, (lib.XENMEM_add_to_physmap, SCRATCH, 0, 0, 0, 0))
+    return r - (1 << 64) if r >> 63 else r
+
+
+def test_moving_a_frame_releases_the_old_hole_page():
+    """add_to_physmap of a grant frame onto a new gfn unmaps it from the old one (Xen): the
+    memslot we added for the old gfn goes, so a guest walking a frame over many gfns holds one."""
+    d = FakeDomain()
+    d.mem.add_region = add_counter(d.mem.add_region)
+    for i in range(300):
+        assert physmap(d, 0, HOLE + i) == 0
+        v1(d, 9, PERMIT, 0, DATA + i % 7, base=HOLE + i)
+        assert len(hole_regions(d)) == 1 and not d.mem.contains((HOLE + i - 1) << 12)
+    assert d.gnttab.entry(9)["frame"] == DATA + 299 % 7      # the content moved each time
+    assert physmap(d, 0, F0) == 0 and hole_regions(d) == []  # into RAM: no region left at all
+    assert d.mem.add_region.calls == 300
+
+
+def add_counter(fn):
+    def add(*a, **kw):
+        add.calls += 1
+        return fn(*a, **kw)
+    add.calls = 0
+    return add
+
+
+def test_batch_onto_many_hole_gfns_stays_bounded(dom):
+    """1024 (idx, gpfn) pairs per batch, repeatedly: at most one region per frame remains."""
+    base = 0x30000
+    idxs, gpfns, errs = base, base + 0x2000, base + 0x4000
+    for rnd in range(3):
+        dom.mem.write(idxs, struct.pack("<1024Q", *(i % 64 for i in range(1024))))
+        dom.mem.write(gpfns, struct.pack("<1024Q", *(HOLE + rnd * 1024 + i for i in range(1024))))
+        batch = ffi.new("struct xen_add_to_physmap_batch *")
+        batch.domid, batch.space, batch.size = DOMID_SELF, lib.XENMAPSPACE_grant_table, 1024
+        raw = bytearray(XenStruct("struct xen_add_to_physmap_batch").to_bytes(batch))
+        for name, gva in (("idxs", idxs), ("gpfns", gpfns), ("errs", errs)):
+            struct.pack_into("<Q", raw, handle_offset("xen_add_to_physmap_batch", name), gva)
+        dom.mem.write(SCRATCH, bytes(raw))
+        r = dom.dispatcher.dispatch(FakeVcpu(), Hypercall.memory_op,
+                                    (lib.XENMEM_add_to_physmap_batch, SCRATCH, 0, 0, 0, 0))
+        assert r == 0 and set(struct.unpack("<1024i", dom.mem.read(errs, 4096))) == {0}
+        assert len(hole_regions(dom)) == 64
+    assert {dom.gnttab.frame_gfn(i) for i in range(64)} == {HOLE + 2 * 1024 + 960 + i for i in range(64)}
+
+
+def test_hole_memslot_cap_is_enomem_and_recovers():
+    d = FakeDomain(limits=Limits(max_guest_memslots=4))
+    for i in range(4):
+        assert physmap(d, i, HOLE + i) == 0
+    assert physmap(d, 4, HOLE + 4) == -Errno.ENOMEM          # Xen: the p2m cannot grow
+    assert not d.mem.contains((HOLE + 4) << 12) and d.gnttab.frame_gfn(4) == gt.INVALID_GFN
+    assert physmap(d, 4, F0) == 0                            # RAM gfns cost no memslot
+    assert physmap(d, 0, HOLE + 3) == 0                      # replaces frame 3 there, frees HOLE
+    assert d.gnttab.frame_gfn(3) == gt.INVALID_GFN
+    assert physmap(d, 5, HOLE + 5) == 0 and len(hole_regions(d)) == 4
+    assert physmap(d, 6, HOLE + 6) == -Errno.ENOMEM
+    assert physmap(d, 5, HOLE + 7) == 0                      # a move needs no extra slot, even when full
+    assert d.gnttab.frame_gfn(5) == HOLE + 7 and len(hole_regions(d)) == 4
+    ref = 4 * 512 + 8                                        # the table still works: a grant copy
+    v1(d, ref, PERMIT, 0, DATA, base=F0)                     # through frame 4, at F0
+    d.mem.write(DATA << 12, b"still")
+    assert d.gnttab.copy_from(DOMID, ref, 0, 5) == b"still"
+
+
+def test_remove_from_physmap_and_v1_release_hole_pages(dom):
+    dom.gnttab.map_frame(0, HOLE)
+    assert physmap_remove(dom, HOLE) == 0
+    assert hole_regions(dom) == [] and not dom.mem.contains(HOLE << 12)
+    assert set_version(dom, 2)[0] == 0
+    dom.gnttab.map_frame(gt.STATUS_IDX | 0, HOLE + 1)
+    dom.gnttab.map_frame(0, HOLE + 2)
+    assert len(hole_regions(dom)) == 2
+    assert set_version(dom, 1)[0] == 0                       # status frames leave the physmap
+    assert [r.gpa for r in hole_regions(dom)] == [(HOLE + 2) << 12]
+
+
+def physmap_remove(d: FakeDomain, gpfn: int) -> int:
+    put(d, "struct xen_remove_from_physmap", domid=DOMID_SELF, gpfn=gpfn)
+    r = d.dispatcher.dispatch(FakeVcpu(), Hypercall.memory_op, (lib.XENMEM_remove_from_physmap, SCRATCH, 0, 0, 0, 0))
+    return r - (1 << 64) if r >> 63 else r
+
+
+def test_setup_table_past_max_frames_is_general_error_then_works():
+    """Xen's setup_table: growing past max_grant_frames fails the op with GNTST_general_error."""
+    d = FakeDomain(limits=Limits(max_grant_frames=4))
+    assert d.gnttab.max_frames == 4
+    assert frame_list(d, "setup", 5)[:2] == (0, Gntst.general_error)
+    assert physmap(d, 4, HOLE) == -Errno.EINVAL and hole_regions(d) == []
+    assert frame_list(d, "setup", 4)[:2] == (0, Gntst.okay) and query(d).nr_frames == 4
+
+
+def test_maptrack_limit_is_no_space_and_frees_on_unmap():
+    d = FakeDomain(limits=Limits(max_maptrack_frames=1))
+    d.gnttab.map_frame(0, F0)
+    v1(d, 10, PERMIT, 0, DATA)
+    maps = [d.gnttab.map(DOMID, 10, False) for _ in range(256)]     # one 4 KiB maptrack frame
+    with pytest.raises(GrantError) as e:
+        d.gnttab.map(DOMID, 10, False)
+    assert e.value.status == Gntst.no_space
+    maps.pop().unmap()
+    maps[0].unmap()
+    maps[0].unmap()                                                 # a repeated unmap frees nothing twice
+    maps += [d.gnttab.map(DOMID, 10, False) for _ in range(2)]    # 254 + 2: full again
+    with pytest.raises(GrantError):
+        d.gnttab.map(DOMID, 10, False)
+    for m in maps[1:]:
+        m.unmap()
+    assert d.gnttab.mappings == 0 and v1_flags(d, 10) == PERMIT

@@ -1,15 +1,29 @@
 """A KVM virtual machine fd: memory slots, in-kernel irqchip/PIT, MSI, MSR filters, KVM_XEN."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 from xenkvm.kvm._kvm_cffi import ffi, lib
-from xenkvm.kvm.errors import check
+from xenkvm.kvm.errors import KvmError, check
 from xenkvm.kvm.system import Kvm
 
 log = logging.getLogger(__name__)
+
+#: KVM's documented minimum when KVM_CAP_NR_MEMSLOTS is not reported (api.rst: "assume 32").
+MIN_MEMSLOTS = 32
+
+
+class MappedRegion(Protocol):
+    """What :meth:`Vm.map_region` needs of a memory region (machine.memory.Region)."""
+
+    gpa: int
+    size: int
+    host_addr: int
+    slot: int
 
 
 @dataclass(frozen=True)
@@ -29,6 +43,8 @@ class Vm:
         self.kvm = kvm
         self.fd = kvm.create_vm()
         self._next_slot = 0
+        self._free_slots: list[int] = []   #: slot numbers deleted and free for reuse
+        self.nr_memslots = self.check_extension(lib.KVM_CAP_NR_MEMSLOTS) or MIN_MEMSLOTS
         self._keepalive: list[object] = []  # cffi buffers the kernel keeps pointers to
 
     def close(self) -> None:
@@ -44,11 +60,53 @@ class Vm:
         return check("KVM_CHECK_EXTENSION", lib.xk_ioctl_val(self.fd, lib.KVM_CHECK_EXTENSION, cap))
 
     # -- memory --------------------------------------------------------------
+    @property
+    def slots_used(self) -> int:
+        """Memory slots in use now (each one costs KVM a memslot and the VMM its mapping)."""
+        return self._next_slot - len(self._free_slots)
+
+    def _take_slot(self) -> int:
+        if self._free_slots:
+            return self._free_slots.pop()
+        if self._next_slot >= self.nr_memslots:
+            raise KvmError("KVM_SET_USER_MEMORY_REGION", errno.ENOSPC,
+                           f"all {self.nr_memslots} memory slots in use")
+        self._next_slot += 1
+        return self._next_slot - 1
+
     def set_memory_region(self, gpa: int, size: int, host_addr: int, slot: int | None = None) -> int:
-        """Map ``size`` bytes at host address ``host_addr`` to guest-physical ``gpa``."""
+        """Map ``size`` bytes at host address ``host_addr`` to guest-physical ``gpa``.
+
+        Without ``slot`` a free slot is taken, and given back if KVM refuses the
+        region, so a failed call leaves the VM as it was.
+        """
         if slot is None:
-            slot = self._next_slot
-            self._next_slot += 1
+            slot = self._take_slot()
+            try:
+                return self._set_region(slot, gpa, size, host_addr)
+            except KvmError:
+                self._free_slots.append(slot)
+                raise
+        return self._set_region(slot, gpa, size, host_addr)
+
+    def delete_memory_region(self, slot: int) -> None:
+        """Remove memslot ``slot`` (size 0, as KVM's API defines) and free its number."""
+        if not 0 <= slot < self._next_slot or slot in self._free_slots:
+            raise ValueError(f"memslot {slot} is not in use")
+        self._set_region(slot, 0, 0, 0)
+        self._free_slots.append(slot)
+
+    def map_region(self, region: MappedRegion) -> None:
+        """GuestMemory listener: back ``region`` with a new memslot (recorded in ``region.slot``)."""
+        region.slot = self.set_memory_region(region.gpa, region.size, region.host_addr)
+
+    def unmap_region(self, region: MappedRegion) -> None:
+        """GuestMemory listener: drop ``region``'s memslot (the guest no longer reaches it)."""
+        if region.slot >= 0:
+            self.delete_memory_region(region.slot)
+            region.slot = -1
+
+    def _set_region(self, slot: int, gpa: int, size: int, host_addr: int) -> int:
         region = ffi.new("struct kvm_userspace_memory_region *")
         region.slot = slot
         region.flags = 0

@@ -77,7 +77,7 @@ class Machine:
         self.console = sink or open_sink(cfg.console)
         self.vm = Vm(self.kvm)
         self.mem = GuestMemory(cfg.memory)
-        self.mem.on_region_added(lambda r: self.vm.set_memory_region(r.gpa, r.size, r.host_addr))
+        self.mem.on_region_added(self.vm.map_region, self.vm.unmap_region)
         self._setup_platform()
         self.io = IoLoop()
         self.bus = PortBus()

@@ -40,6 +40,17 @@ class GuestMemoryError(ValueError):
         self.length = length
 
 
+class RegionRefused(GuestMemoryError):
+    """A listener (the VM: no memslot left, KVM said no) could not back a new region.
+
+    Nothing was added: GuestMemory and every listener are as before the call.
+    """
+
+    def __init__(self, gpa: int, length: int, why: str, cause: BaseException):
+        super().__init__(gpa, length, why)
+        self.cause = cause
+
+
 class E820Type(IntEnum):
     """e820 / hvm_memmap_table_entry types (Linux and Xen share the values)."""
 
@@ -93,7 +104,8 @@ class GuestMemory:
         self.ram_size = ram_size
         self._regions: list[Region] = []
         self._starts: list[int] = []
-        self._listeners: list[Callable[[Region], None]] = []
+        #: (added, removed) pairs; ``removed`` undoes ``added`` (None: nothing to undo)
+        self._listeners: list[tuple[Callable[[Region], None], Callable[[Region], None] | None]] = []
         low = min(ram_size, LOW_RAM_TOP)
         self._insert(Region(0, low, "ram-low"))
         if ram_size > low:
@@ -104,9 +116,15 @@ class GuestMemory:
     def regions(self) -> tuple[Region, ...]:
         return tuple(self._regions)
 
-    def on_region_added(self, listener: Callable[[Region], None]) -> None:
-        """Call ``listener`` for every existing and future region (the VM maps memslots)."""
-        self._listeners.append(listener)
+    def on_region_added(self, listener: Callable[[Region], None],
+                        removed: Callable[[Region], None] | None = None) -> None:
+        """Call ``listener`` for every existing and future region (the VM maps memslots).
+
+        ``removed`` is called when a region leaves (:meth:`remove_region`) and to
+        undo ``listener`` when a later listener refuses a new region; a listener
+        that maps regions somewhere (a memslot) must give it.
+        """
+        self._listeners.append((listener, removed))
         for region in self._regions:
             listener(region)
 
@@ -125,10 +143,38 @@ class GuestMemory:
             if gpa < r.end and r.gpa < gpa + size:
                 raise GuestMemoryError(gpa, size, f"overlaps region {r.name}")
         region = Region(gpa, size, name, ram=False, reserved=reserved)
+        self._announce(region)
         self._insert(region)
-        for listener in self._listeners:
-            listener(region)
         return region
+
+    def _announce(self, region: Region) -> None:
+        """Run the listeners on a new region; if one fails, undo the others and raise RegionRefused."""
+        done: list[Callable[[Region], None] | None] = []
+        try:
+            for added, removed in self._listeners:
+                added(region)
+                done.append(removed)
+        except (OSError, ValueError) as e:
+            for removed in reversed(done):
+                if removed is not None:
+                    removed(region)
+            raise RegionRefused(region.gpa, region.size, f"cannot back region {region.name}: {e}", e) from e
+
+    def remove_region(self, region: Region) -> None:
+        """Take a run-time region out of the address space (grant frames moved away).
+
+        The listeners drop its memslot first, so the guest no longer reaches it;
+        the host pages go when the last view of them does (a backend may still
+        hold one).  RAM never leaves.
+        """
+        i = bisect.bisect(self._starts, region.gpa) - 1
+        if region.ram or i < 0 or self._regions[i] is not region:
+            raise ValueError(f"region {region.name} at {region.gpa:#x} is not a run-time region here")
+        for _, removed in reversed(self._listeners):
+            if removed is not None:
+                removed(region)
+        del self._starts[i]
+        del self._regions[i]
 
     def _insert(self, region: Region) -> None:
         i = bisect.bisect(self._starts, region.gpa)

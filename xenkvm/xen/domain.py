@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from xenkvm.config import XenConfig
 from xenkvm.xen.abi import HvmParam
 from xenkvm.xen.dispatch import Dispatcher
+from xenkvm.xen.limits import Limits
 
 if TYPE_CHECKING:
     from xenkvm.machine.machine import Machine
@@ -94,6 +95,8 @@ class XenDomain:
         self.traps: list = []
         self.platform = None    #: xen.platform_pci.XenPlatform once attached (HVM mode)
         self.dispatcher = Dispatcher(self, trace=trace)
+        #: what this guest may make us allocate (xen/limits.py: Xen's domU defaults)
+        self.limits = Limits().for_vm(machine.vm)
         self.special = self.mem.add_region(SPECIAL_PAGES_GPA, SPECIAL_PAGES * 4096, "xen-special-pages",
                                             reserved=True)
         self.params[HvmParam.STORE_PFN] = self.special_pfn(STORE_PAGE)

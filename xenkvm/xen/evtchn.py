@@ -51,6 +51,7 @@ from xenkvm.xen.abi import DOMID_SELF, Errno, EvtchnOp, EvtchnStat, Hypercall, S
 from xenkvm.xen.errors import HypercallError
 from xenkvm.xen.evtchn_fifo import NR_CHANNELS as FIFO_NR_CHANNELS
 from xenkvm.xen.evtchn_fifo import NR_PRIORITIES, PRIORITY_DEFAULT, FifoEvents
+from xenkvm.xen.limits import of as limits_of
 
 if TYPE_CHECKING:
     from xenkvm.xen.dispatch import Call, Dispatcher
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NR_2L_CHANNELS = 64 * 64        #: 2-level ports for a 64-bit guest
-DEFAULT_MAX_PORT = NR_2L_CHANNELS - 1
 NR_VIRQS = lib.NR_VIRQS
 PER_VCPU_VIRQS = frozenset({lib.VIRQ_TIMER, lib.VIRQ_DEBUG, lib.VIRQ_XENOPROF, lib.VIRQ_XENPMU})
 POLL_MAX_PORTS = 128            #: Xen's limit for SCHEDOP_poll
@@ -137,8 +137,8 @@ class EventChannels:
     def __init__(self, domain, *, max_port: int | None = None):
         self.d = domain
         self.mem = domain.mem
-        if max_port is None:
-            max_port = getattr(getattr(domain, "cfg", None), "max_evtchn_port", None) or DEFAULT_MAX_PORT
+        if max_port is None:   # Xen's get_free_port: -ENOSPC for a port past the domain's max
+            max_port = limits_of(domain).max_evtchn_port
         self.max_port = max(1, min(int(max_port), FIFO_NR_CHANNELS - 1))
         self.ports: dict[int, Port] = {}
         #: (vcpu, virq) -> port; global VIRQs are kept under vCPU 0.

@@ -37,6 +37,15 @@ Xen facts followed (xen/common/grant_table.c, Xen 4.17, re-stated):
   by-gmfn only for ``DOMID_SELF`` (else ``GNTST_permission_denied``),
   sub-page v2 grants bound the copy (``GNTST_general_error``), transitive
   grants are followed one level and never for maps;
+* a frame moved to another gfn leaves its old gfn (add_to_physmap unmaps a
+  grant frame from its old location before mapping it at the new one); a
+  frame's page outside RAM is a one-page memslot that goes with it, so the
+  guest holds at most one slot per frame, and at most
+  ``Limits.max_guest_memslots`` (-ENOMEM past it, as Xen when the p2m
+  cannot grow);
+* backends (the VMM is the mapping domain) hold at most
+  ``Limits.max_maptrack_entries`` mappings; one more is ``GNTST_no_space``
+  (Xen: no maptrack handle);
 * a HVM guest mapping a grant into its own physmap is not supported here:
   map gives ``GNTST_general_error``, unmap ``GNTST_bad_handle`` (no handle
   is ever issued).
@@ -51,10 +60,12 @@ from typing import TYPE_CHECKING
 
 from xenkvm.kvm._kvm_cffi import ffi as kffi
 from xenkvm.kvm._kvm_cffi import lib as klib
-from xenkvm.machine.memory import GuestMemoryError
+from xenkvm.machine.memory import GuestMemoryError, RegionRefused
 from xenkvm.xen.abi import (DOMID_SELF, PAGE_SHIFT, PAGE_SIZE, Errno, GnttabOp, Gntst, Hypercall,
                             HvmParam, XenStruct, ffi, handle_offset, lib)
 from xenkvm.xen.errors import HypercallError, einval
+from xenkvm.xen.limits import DEFAULT_MAX_GRANT_FRAMES as DEFAULT_MAX_FRAMES
+from xenkvm.xen.limits import of as limits_of
 
 if TYPE_CHECKING:
     from xenkvm.xen.dispatch import Call, Dispatcher
@@ -62,7 +73,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_FRAMES = 64
 #: Entries 0-7 belong to the toolstack (0: console, 1: xenstore) and survive set_version.
 RESERVED_ENTRIES = 8
 RESERVED_CONSOLE = 0
@@ -195,6 +205,7 @@ class GrantMapping:
             if not self.mapped:
                 return
             self.mapped = False
+            self.table.mappings -= 1
             try:
                 self.view.release()
             except BufferError:   # someone still holds an export of it; it stays readable
@@ -231,18 +242,25 @@ def _load32(ptr) -> int:
 class GrantTable:
     """The domain's grant table (owned by XenDomain; all changes under ``domain.lock``)."""
 
-    def __init__(self, domain: "XenDomain", max_frames: int = DEFAULT_MAX_FRAMES, max_version: int = 2):
+    def __init__(self, domain: "XenDomain", max_frames: int | None = None, max_version: int = 2):
+        limits = limits_of(domain)
+        if max_frames is None:
+            max_frames = limits.max_grant_frames
         if not 1 <= max_frames <= 1024:
             raise ValueError(f"grant table max_frames {max_frames}: need 1..1024")
         self.domain = domain
         self.mem = domain.mem
         self.max_frames = max_frames
         self.max_version = max_version
+        self.max_hole_slots = limits.max_guest_memslots
+        self.max_mappings = limits.max_maptrack_entries
+        self.mappings = 0   #: live GrantMappings (Xen's maptrack entries of the mapping domain)
         self.version = 1
         self.frames: list[_Frame] = [_Frame()]
         self.status: list[_Frame] = []
         self._active: dict[int, _Pin] = {}
-        #: one-page regions this table added outside RAM, by gpfn (reused; regions are never removed)
+        #: one-page regions this table added outside RAM, by gpfn: one per mapped frame, removed
+        #: when the frame leaves that gpfn
         self._holes: dict[int, object] = {}
         #: gpfn -> (is_status, idx) for every frame mapped in the guest
         self._at: dict[int, tuple[bool, int]] = {}
@@ -364,15 +382,35 @@ class GrantTable:
             frame = frames[idx]
             if frame.gpfn == gpfn:
                 return
-            view, addr = self._page_for(gpfn, f"grant-{'status' if status else 'frame'}-{idx}")
+            view, addr = self._page_for_moving(frame, gpfn, f"grant-{'status' if status else 'frame'}-{idx}")
             other = self._at.pop(gpfn, None)
             if other is not None:   # the gpfn held another frame: Xen unmaps that one
                 (self.status if other[0] else self.frames)[other[1]].detach()
-            if frame.gpfn is not None:
-                del self._at[frame.gpfn]
+            old = frame.gpfn
+            if old is not None:
+                del self._at[old]
             frame.attach(gpfn, view, addr)
             self._at[gpfn] = (status, idx)
+            if old is not None:
+                # Xen unmaps a grant frame from its old gfn before mapping it at the new
+                # one: the old gfn is a hole again, and its memslot (if we added one) goes.
+                self._release_hole(old)
             log.debug("grant %s frame %d at gpfn %#x", "status" if status else "shared", idx, gpfn)
+
+    def _page_for_moving(self, frame: _Frame, gpfn: int, name: str) -> tuple[memoryview, int]:
+        """The page at ``gpfn`` for ``frame``; when no memslot is left and the frame holds one
+        outside RAM, that one is freed first (Xen unmaps the old gfn before mapping the new: if
+        the new one then fails too, the frame stays unmapped, as there)."""
+        try:
+            return self._page_for(gpfn, name)
+        except HypercallError as e:
+            old = frame.gpfn
+            if e.errno != Errno.ENOMEM or old is None or old not in self._holes:
+                raise
+            del self._at[old]
+            frame.detach()
+            self._release_hole(old)
+            return self._page_for(gpfn, name)
 
     def _page_for(self, gpfn: int, name: str) -> tuple[memoryview, int]:
         gpa = gpfn << PAGE_SHIFT
@@ -383,13 +421,29 @@ class GrantTable:
                     if not r.ram:
                         raise einval(f"gpfn {gpfn:#x} is in region {r.name}")
                     return self.mem.view(gpa, PAGE_SIZE), self.mem.host_address(gpa, PAGE_SIZE)
+            if len(self._holes) >= self.max_hole_slots:
+                # Xen: -ENOMEM when the p2m cannot take another entry.
+                raise HypercallError(Errno.ENOMEM, f"grant frame at gpfn {gpfn:#x}: all "
+                                     f"{self.max_hole_slots} memslots for grant frames in use")
             try:
                 region = self.mem.add_region(gpa, PAGE_SIZE, name)
+            except RegionRefused as e:
+                log.warning("grant frame at gpfn %#x: %s", gpfn, e)
+                raise HypercallError(Errno.ENOMEM, str(e)) from None
             except GuestMemoryError as e:
                 log.warning("grant frame at gpfn %#x: %s", gpfn, e)
                 raise einval(str(e)) from None
             self._holes[gpfn] = region
         return region.view[:PAGE_SIZE], region.host_addr
+
+    def _release_hole(self, gpfn: int) -> None:
+        """Remove the region this table added at ``gpfn`` once no frame is mapped there."""
+        if gpfn in self._at:
+            return
+        region = self._holes.pop(gpfn, None)
+        if region is not None:
+            self.mem.remove_region(region)
+            log.debug("grant frame region at gpfn %#x removed", gpfn)
 
     def unmap_gpfn(self, gpfn: int) -> bool:
         """XENMEM_remove_from_physmap of a gpfn holding a grant frame: the frame goes back to
@@ -399,6 +453,7 @@ class GrantTable:
             if where is None:
                 return False
             (self.status if where[0] else self.frames)[where[1]].detach()
+            self._release_hole(gpfn)
             return True
 
     def frame_gfn(self, idx: int, status: bool = False) -> int:
@@ -578,10 +633,17 @@ class GrantTable:
                 self._release(ref, False)
 
     def map(self, domid: int, ref: int, writable: bool, *, backend: int = 0) -> GrantMapping:
-        """Map the whole granted page; the entry stays pinned (flags set) until ``unmap()``."""
+        """Map the whole granted page; the entry stays pinned (flags set) until ``unmap()``.
+
+        At most ``max_mappings`` live at once (Xen's maptrack limit of the mapping
+        domain: past it, map_grant_ref reports GNTST_no_space).
+        """
         with self.domain.lock:
             self._check_granter(domid)
+            if self.mappings >= self.max_mappings:
+                raise GrantError(Gntst.no_space, f"all {self.max_mappings} maptrack entries in use")
             act = self._acquire(ref, backend, not writable, True)
+            self.mappings += 1
             return GrantMapping(self, ref, writable, act.gfn, act.page[:])
 
     def map_refs(self, domid: int, refs: list[int], writable: bool, *, backend: int = 0) -> list[GrantMapping]:
@@ -735,11 +797,14 @@ class GrantTable:
         return 0
 
     def status_to_vmm(self) -> None:
-        """Unmap every status frame from the guest (Xen makes their gfns holes; we leave the pages)."""
+        """Unmap every status frame from the guest (Xen makes their gfns holes: RAM pages stay
+        here, the one-page regions we added outside RAM go)."""
         for frame in self.status:
             if frame.gpfn is not None:
-                self._at.pop(frame.gpfn, None)
+                gpfn = frame.gpfn
+                self._at.pop(gpfn, None)
                 frame.detach()
+                self._release_hole(gpfn)
 
     def op_get_status_frames(self, call: "Call", uop: int) -> int:
         self._single(call)

@@ -22,6 +22,11 @@ Xen behaviour reproduced (``common/domain.c`` VCPUOP_*, ``common/sched/core.c``)
 * ``set_timer_op(0)`` stops the single-shot timer; a deadline more than 2^50 ns
   ahead (wrapped guest arithmetic) is replaced by now + 100 ms; otherwise it
   is the single-shot timer with flags 0.  It never fails.
+
+What a guest can make us hold is bounded by its vCPU count: each vCPU has one
+single-shot and one periodic timer (as in Xen), arming replaces the armed one,
+and each armed timer has at most one live I/O-loop entry (cancelled ones are
+compacted away by the loop), however often the guest re-arms.
 """
 from __future__ import annotations
 
