@@ -86,12 +86,6 @@ void xk_cpu_init(unsigned cpu)
 }
 
 /* ---- exceptions ------------------------------------------------------------ */
-struct xk_frame {
-    uint64_t r15, r14, r13, r12, r11, r10, r9, r8;
-    uint64_t rbp, rdi, rsi, rdx, rcx, rbx, rax;
-    uint64_t vector, error;
-    uint64_t rip, cs, rflags, rsp, ss;
-};
 
 static const char *const exc_names[32] = {
     "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM",
@@ -132,6 +126,13 @@ void xk_exception(struct xk_frame *f)
 
 /* ---- interrupt handlers ------------------------------------------------------ */
 static xk_irq_fn volatile irq_handlers[256];
+static xk_exc_fn volatile exc_handlers[32];
+
+void xk_set_exception_handler(unsigned vector, xk_exc_fn fn)
+{
+    if (vector < 32)
+        exc_handlers[vector] = fn;
+}
 
 void xk_set_irq_handler(unsigned vector, xk_irq_fn fn)
 {
@@ -142,7 +143,13 @@ void xk_set_irq_handler(unsigned vector, xk_irq_fn fn)
 void xk_interrupt(struct xk_frame *f);
 void xk_interrupt(struct xk_frame *f)
 {
-    xk_irq_fn fn = f->vector >= 32 && f->vector < 256 ? irq_handlers[f->vector] : NULL;
+    if (f->vector < 32) {
+        xk_exc_fn handler = exc_handlers[f->vector];
+        if (!handler || !handler(f))
+            xk_exception(f);            /* does not return */
+        return;                         /* resume at f->rip (the handler may have moved it) */
+    }
+    xk_irq_fn fn = f->vector < 256 ? irq_handlers[f->vector] : NULL;
     if (!fn)
         xk_exception(f);                /* does not return */
     fn((unsigned)f->vector);

@@ -125,6 +125,18 @@ void xk_spin(uint32_t iterations);
  * FAIL exception. The handler must EOI its LAPIC itself where needed. */
 typedef void (*xk_irq_fn)(unsigned vector);
 void xk_set_irq_handler(unsigned vector, xk_irq_fn fn);
+/* The stack frame an exception or interrupt stub builds (start.S). */
+struct xk_frame {
+    uint64_t r15, r14, r13, r12, r11, r10, r9, r8;
+    uint64_t rbp, rdi, rsi, rdx, rcx, rbx, rax;
+    uint64_t vector, error;             /* error: 0 for vectors without one */
+    uint64_t rip, cs, rflags, rsp, ss;
+};
+/* Exception handlers (vectors 0..31): return true to resume at f->rip (change
+ * it to skip the faulting instruction; registers are restored from f), false
+ * to report the exception as a FAIL as without a handler. */
+typedef bool (*xk_exc_fn)(struct xk_frame *f);
+void xk_set_exception_handler(unsigned vector, xk_exc_fn fn);
 static inline void xk_irq_enable(void) { __asm__ volatile("sti" ::: "memory"); }
 static inline void xk_irq_disable(void) { __asm__ volatile("cli" ::: "memory"); }
 

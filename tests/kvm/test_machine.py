@@ -117,3 +117,14 @@ def test_missing_kvm_device_is_one_line(tmp_path, monkeypatch):
     from xenkvm.kvm.system import Kvm
     with pytest.raises(KvmError, match="open"):
         Kvm(str(tmp_path / "nokvm"))
+
+
+def test_faults_of_refused_instructions_reach_the_guest(built_guests):
+    """#NM, #UD, #GP(0) and #PF (error code, CR2) from instructions PVM refuses reach the
+    guest's own handlers, which resume after them (on hardware KVM the CPU raises them)."""
+    r = xenkvm("run", "guests/faults.yaml", timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("nm-fnop-ts", "ud-sse-no-osfxsr", "gp-noncanonical", "pf-read-not-present", "pf-read-cr2",
+                 "pf-write-not-present", "pf-write-cr2", "continues"):
+        assert f"PASS {name}\n" in r.stdout, r.stdout
+    assert "SUMMARY: 8 passed, 0 failed" in r.stdout
