@@ -87,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("%s", result.message)
     else:
         print(f"xenkvm: {cfg.name}: {result.message}", file=sys.stderr)
-        if result.status is ExitStatus.GUEST_CRASH and result.console_tail:
+        if result.status in (ExitStatus.GUEST_CRASH, ExitStatus.GUEST_HALTED) and result.console_tail:
             print("last console lines:\n  " + "\n  ".join(result.console_tail), file=sys.stderr)
     return int(result.status)
 
