@@ -134,10 +134,17 @@ void xk_exception(struct xk_frame *f)
 /* ---- interrupt handlers ------------------------------------------------------ */
 static xk_irq_fn volatile irq_handlers[256];
 static xk_user_trap_fn volatile user_trap;
+static xk_exc_fn volatile exc_handlers[32];
 
 void xk_set_user_trap(xk_user_trap_fn fn)
 {
     user_trap = fn;
+}
+
+void xk_set_exception_handler(unsigned vector, xk_exc_fn fn)
+{
+    if (vector < 32)
+        exc_handlers[vector] = fn;
 }
 
 void xk_set_irq_handler(unsigned vector, xk_irq_fn fn)
@@ -152,7 +159,13 @@ void xk_interrupt(struct xk_frame *f)
     xk_user_trap_fn ut = user_trap;
     if ((f->cs & 3) && ut)
         ut(f);                          /* does not return */
-    xk_irq_fn fn = f->vector >= 32 && f->vector < 256 ? irq_handlers[f->vector] : NULL;
+    if (f->vector < 32) {
+        xk_exc_fn handler = exc_handlers[f->vector];
+        if (!handler || !handler(f))
+            xk_exception(f);            /* does not return */
+        return;                         /* resume at f->rip (the handler may have moved it) */
+    }
+    xk_irq_fn fn = f->vector < 256 ? irq_handlers[f->vector] : NULL;
     if (!fn)
         xk_exception(f);                /* does not return */
     fn((unsigned)f->vector);

@@ -78,6 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.xenstore_socket:
             xen = dataclasses.replace(xen, xenstore_socket=args.xenstore_socket)
         cfg = dataclasses.replace(cfg, xen=xen)
+    _refuse_xen_console_without_xen(cfg)
     machine = Machine(cfg, trace=args.trace)
     try:
         result = machine.run()
@@ -87,9 +88,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("%s", result.message)
     else:
         print(f"xenkvm: {cfg.name}: {result.message}", file=sys.stderr)
-        if result.status is ExitStatus.GUEST_CRASH and result.console_tail:
+        if result.status in (ExitStatus.GUEST_CRASH, ExitStatus.GUEST_HALTED) and result.console_tail:
             print("last console lines:\n  " + "\n  ".join(result.console_tail), file=sys.stderr)
     return int(result.status)
+
+
+#: Kernel parameters whose console exists only under Xen (hvc0 is the Xen console ring,
+#: earlyprintk=xen the console_io hypercall): without the Xen ABI such a guest prints nothing.
+XEN_ONLY_CONSOLES = ("console=hvc0", "earlyprintk=xen")
+
+
+def _refuse_xen_console_without_xen(cfg) -> None:
+    """A guest told to use Xen's console, run without Xen, would run silently: say so and stop."""
+    if cfg.xen is not None:
+        return
+    words = [w for w in (cfg.cmdline or "").split() if w in XEN_ONLY_CONSOLES]
+    if words:
+        raise ConfigError(f"{cfg.name}: its command line ({' '.join(words)}) uses the Xen console, which "
+                          "needs the Xen ABI: run it with --xen (or a `xen:` section)")
 
 
 SHUTDOWN_ACTIONS = ("poweroff", "reboot", "halt")

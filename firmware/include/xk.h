@@ -138,6 +138,11 @@ struct xk_frame {
 typedef XK_NORETURN void (*xk_user_trap_fn)(struct xk_frame *f);
 void xk_set_user_trap(xk_user_trap_fn fn);
 void xk_set_rsp0(unsigned cpu, uint64_t rsp0);
+/* Exception handlers (vectors 0..31): return true to resume at f->rip (change
+ * it to skip the faulting instruction; registers are restored from f), false
+ * to report the exception as a FAIL as without a handler. */
+typedef bool (*xk_exc_fn)(struct xk_frame *f);
+void xk_set_exception_handler(unsigned vector, xk_exc_fn fn);
 static inline void xk_irq_enable(void) { __asm__ volatile("sti" ::: "memory"); }
 static inline void xk_irq_disable(void) { __asm__ volatile("cli" ::: "memory"); }
 

@@ -117,3 +117,29 @@ def test_missing_kvm_device_is_one_line(tmp_path, monkeypatch):
     from xenkvm.kvm.system import Kvm
     with pytest.raises(KvmError, match="open"):
         Kvm(str(tmp_path / "nokvm"))
+
+
+def test_faults_of_refused_instructions_reach_the_guest(built_guests):
+    """#NM, #UD, #GP(0) and #PF (error code, CR2) from instructions PVM refuses reach the
+    guest's own handlers, which resume after them (on hardware KVM the CPU raises them)."""
+    r = xenkvm("run", "guests/faults.yaml", timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("nm-fnop-ts", "ud-sse-no-osfxsr", "gp-noncanonical", "pf-read-not-present", "pf-read-cr2",
+                 "pf-write-not-present", "pf-write-cr2", "continues"):
+        assert f"PASS {name}\n" in r.stdout, r.stdout
+    assert "SUMMARY: 8 passed, 0 failed" in r.stdout
+
+
+def test_guest_halted_for_good_ends_the_run(built_guests):
+    """cli; hlt on every vCPU is noticed (within a second or two: the timeout is only a bound)."""
+    r = xenkvm("run", "guests/faults.yaml", "--cmdline", "faults xk.halt=cli", timeout=30)
+    assert r.returncode == ExitStatus.GUEST_HALTED, r.stdout + r.stderr
+    assert "halted with interrupts disabled" in r.stderr and "halting with interrupts off" in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("xenkvm: faults:")]) == 1
+
+
+def test_halt_with_a_timer_pending_is_not_dead(built_guests):
+    """sti; hlt with a LAPIC timer due in ~2 s: the guest is waited for, then powers off itself."""
+    r = xenkvm("run", "guests/faults.yaml", "--cmdline", "faults xk.halt=sti", timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "timer fired" in r.stdout

@@ -92,3 +92,25 @@ def test_xen_section(tmp_path, kernel):
 def test_bad_xen_sections(tmp_path, kernel, xen, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(write(tmp_path, "kernel: k.elf\nxen:\n" + xen))
+
+
+def test_xen_console_without_xen_is_refused_before_start(tmp_path, kernel, monkeypatch):
+    """console=hvc0 / earlyprintk=xen need the Xen ABI: without it the guest would print nothing."""
+    from xenkvm import cli
+    from xenkvm.machine import machine
+
+    def no_machine(*a, **kw):
+        raise AssertionError("the guest must not start")
+    monkeypatch.setattr(machine, "Machine", no_machine)
+    p = write(tmp_path, "kernel: k.elf\ncmdline: 'console=hvc0 earlyprintk=xen rdinit=/init'\n")
+    assert cli.main(["run", str(p)]) == 2
+    with pytest.raises(AssertionError, match="must not start"):
+        cli.main(["run", str(p), "--xen"])
+    with pytest.raises(AssertionError, match="must not start"):
+        cli.main(["run", str(p), "--cmdline", "console=ttyS0"])
+
+
+def test_xen_console_message_says_use_xen(tmp_path, kernel):
+    p = write(tmp_path, "kernel: k.elf\ncmdline: 'console=hvc0'\n")
+    r = subprocess.run([sys.executable, "-m", "xenkvm", "run", str(p)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--xen" in r.stderr

@@ -226,8 +226,17 @@ class Vcpu:
     def set_events(self, ev) -> None:
         self._ioctl("KVM_SET_VCPU_EVENTS", lib.KVM_SET_VCPU_EVENTS, ev)
 
-    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
-        """Queue an exception for delivery on the next entry (e.g. #BP, #UD, #GP)."""
+    def inject_exception(self, vector: int, error_code: int | None = None, cr2: int | None = None) -> None:
+        """Queue an exception for delivery on the next entry (e.g. #BP, #UD, #GP).
+
+        ``cr2`` (a #PF's faulting address) is written with KVM_SET_SREGS first:
+        the fault is delivered at the next entry, before the guest runs, so the
+        handler reads it exactly as after a hardware page fault.
+        """
+        if cr2 is not None:
+            sregs = self.get_sregs()
+            sregs.cr2 = cr2
+            self.set_sregs(sregs)
         ev = self.get_events()
         ev.exception.injected = 0
         ev.exception.pending = 0

@@ -21,6 +21,11 @@ it and completes the ``syscall`` instead: kernel CS/SS from STAR, the user RSP
 and RFLAGS (already masked) from the frame, and the ``swapgs`` that begins
 Linux's entry code.  A hardware breakpoint on LSTAR does not fire there.
 
+An instruction that faults when unicorn completes it (``fnop`` with CR0.TS set,
+an operand on an unmapped page...) is the guest's fault, not the VMM's end: the
+exception that ``machine/faults.py`` decides (vector, error code, CR2) is
+injected and the vCPU resumes at the faulting instruction's handler.
+
 Every distinct instruction is logged once, so a boot's gaps are visible.
 """
 from __future__ import annotations
@@ -32,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from xenkvm.kvm.errors import KvmError
+from xenkvm.machine.faults import CpuState, FailedAccess, Fault, Paging, decide_fault, walk
 
 if TYPE_CHECKING:
     from xenkvm.kvm.vcpu import Vcpu
@@ -280,10 +286,17 @@ class Gaps:
             except ImportError:
                 log.error("unicorn is not installed: cannot complete %s", code[:8].hex(" "))
                 return False
-        name = emu.step(vcpu, regs, code)
-        if name is None:
+        rip = regs.rip
+        outcome = emu.step(vcpu, regs, code)
+        if outcome is None:
             return False
-        self._note(name, regs.rip, code)
+        if isinstance(outcome, Fault):
+            vcpu.inject_exception(outcome.vector, outcome.error_code, cr2=outcome.cr2)
+            self._note(f"fault:{outcome.describe().split('(')[0]}:{code[:4].hex()}", rip, code)
+            log.debug("vcpu%d: %s at %#x delivered to the guest (rule %s)", vcpu.id, outcome.describe(),
+                      rip, outcome.rule)
+            return True
+        self._note(outcome, rip, code)
         return True
 
 
@@ -295,15 +308,20 @@ class UnicornStep:
         from unicorn import x86_const as x
 
         self.uc_mod, self.x = unicorn, x
-        self.uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
-        for r in mem.regions:
-            self.uc.mem_map_ptr(r.gpa, r.size, unicorn.UC_PROT_ALL, r.host_addr)
-        self._mapped = {r.gpa for r in mem.regions}
         self.mem = mem
+        self._new_uc()
         self.gpr: list[tuple[str, int]] = [
             (n, getattr(x, f"UC_X86_REG_{n.upper()}")) for n in (
                 "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
                 "r11", "r12", "r13", "r14", "r15")]
+
+    def _new_uc(self) -> None:
+        """A fresh unicorn over guest RAM (after a fault: its exception delivery changed its CPU state)."""
+        u = self.uc_mod
+        self.uc = u.Uc(u.UC_ARCH_X86, u.UC_MODE_64)
+        for r in self.mem.regions:
+            self.uc.mem_map_ptr(r.gpa, r.size, u.UC_PROT_ALL, r.host_addr)
+        self._mapped = {r.gpa for r in self.mem.regions}
 
     def _sync_regions(self) -> None:
         for r in self.mem.regions:
@@ -311,20 +329,13 @@ class UnicornStep:
                 self.uc.mem_map_ptr(r.gpa, r.size, self.uc_mod.UC_PROT_ALL, r.host_addr)
                 self._mapped.add(r.gpa)
 
-    def step(self, vcpu: "Vcpu", regs, code: bytes) -> str | None:
-        """Run the instruction at regs.rip; returns a name for the log, None on failure."""
-        x, uc = self.x, self.uc
-        sregs = vcpu.get_sregs()
-        if not sregs.efer & (1 << 10):
-            log.error("vcpu%d: refused instruction outside long mode at %#x: %s",
-                      vcpu.id, regs.rip, code[:8].hex(" "))
-            return None
-        self._sync_regions()
-        fpu = vcpu.get_fpu()
-        uc.reg_write(x.UC_X86_REG_CR0, sregs.cr0)
+    def _load(self, uc, sregs, regs, fpu) -> None:
+        """The vCPU's state into ``uc``: control registers, EFER, segment bases, GPRs, SSE."""
+        x = self.x
         uc.reg_write(x.UC_X86_REG_CR3, sregs.cr3)
         uc.reg_write(x.UC_X86_REG_CR4, sregs.cr4)
         uc.reg_write(x.UC_X86_REG_MSR, (0xC0000080, sregs.efer))
+        uc.reg_write(x.UC_X86_REG_CR0, sregs.cr0)   # last: its MP/EM/TS flags stay as written
         uc.reg_write(x.UC_X86_REG_FS_BASE, sregs.fs.base)
         uc.reg_write(x.UC_X86_REG_GS_BASE, sregs.gs.base)
         for name, reg in self.gpr:
@@ -333,12 +344,33 @@ class UnicornStep:
         uc.reg_write(x.UC_X86_REG_MXCSR, fpu.mxcsr)
         for i in range(16):
             uc.reg_write(x.UC_X86_REG_XMM0 + i, int.from_bytes(bytes(fpu.xmm[i]), "little"))
+
+    def step(self, vcpu: "Vcpu", regs, code: bytes) -> "str | Fault | None":
+        """Run the instruction at regs.rip: a name for the log, the guest's Fault, or None on failure."""
+        x, uc = self.x, self.uc
+        sregs = vcpu.get_sregs()
+        if not sregs.efer & (1 << 10):
+            log.error("vcpu%d: refused instruction outside long mode at %#x: %s",
+                      vcpu.id, regs.rip, code[:8].hex(" "))
+            return None
+        self._sync_regions()
+        fpu = vcpu.get_fpu()
+        self._load(uc, sregs, regs, fpu)
+        raised: list[int] = []
+        hook = uc.hook_add(self.uc_mod.UC_HOOK_INTR, lambda u, intno, _d: (raised.append(intno), u.emu_stop()))
         try:
             uc.emu_start(regs.rip, 0xFFFF_FFFF_FFFF_FFFF, count=1)
         except self.uc_mod.UcError as e:
-            log.error("vcpu%d: unicorn could not complete %s at %#x: %s",
-                      vcpu.id, code[:8].hex(" "), regs.rip, e)
-            return None
+            self._new_uc()
+            if e.errno != self.uc_mod.UC_ERR_INSN_INVALID:
+                log.error("vcpu%d: unicorn could not complete %s at %#x: %s",
+                          vcpu.id, code[:8].hex(" "), regs.rip, e)
+                return None
+            return self._fault(vcpu, sregs, regs, fpu, code, None)
+        uc.hook_del(hook)
+        if raised:
+            self._new_uc()
+            return self._fault(vcpu, sregs, regs, fpu, code, raised[0])
         for name, reg in self.gpr:
             setattr(regs, name, uc.reg_read(reg))
         regs.rflags = uc.reg_read(x.UC_X86_REG_RFLAGS)
@@ -351,3 +383,123 @@ class UnicornStep:
         vcpu.set_fpu(fpu)
         return "emulated:" + code[:4].hex()
 
+    def _fault(self, vcpu: "Vcpu", sregs, regs, fpu, code: bytes, raised: int | None) -> Fault | None:
+        """The instruction faulted in unicorn (``raised``: its vector, None: invalid opcode).
+
+        The guest's registers are left as they were (faults are precise); the
+        rules of ``machine/faults.py`` decide what the guest sees.
+        """
+        cpl = sregs.cs.selector & 3
+        paging = Paging(sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer, cpl)
+        access = None
+        if raised is not None:
+            access = FaultProbe(self).first_failed_access(sregs, regs, fpu, paging)
+        fault = decide_fault(code, CpuState(sregs.cr0, sregs.cr4, sregs.efer, cpl), raised, access)
+        if fault is None:
+            log.error("vcpu%d: unicorn does not know %s at %#x (not a #UD the guest's CPU would raise)",
+                      vcpu.id, code[:8].hex(" "), regs.rip)
+        elif raised is not None and fault.vector != raised:
+            log.warning("vcpu%d: %s at %#x: unicorn raised vector %d, the rules chose %s",
+                        vcpu.id, code[:8].hex(" "), regs.rip, raised, fault.describe())
+        return fault
+
+
+class FaultProbe:
+    """Re-runs a faulting instruction to find the first memory access that cannot be translated.
+
+    A second unicorn in virtual-TLB mode: every page the instruction touches is
+    translated by :func:`faults.walk` over the guest's page tables and backed by
+    a private copy (a failing page by zeros), so the probe never writes guest
+    memory and every access completes; the memory hooks then give the exact
+    address and kind of each access, in order.  The first that touches a failing
+    page is the fault: CR2 is its address (or the start of that page when the
+    access began on the page before), the error code the walk's.
+    """
+
+    SCRATCH = 0x1_0000_0000_0000   #: private "physical" pages, far above any guest RAM
+    PAGES = 32
+
+    def __init__(self, step: UnicornStep):
+        u = step.uc_mod
+        self.step, self.uc_mod = step, u
+        self.uc = u.Uc(u.UC_ARCH_X86, u.UC_MODE_64)
+        self.uc.ctl_set_tlb_mode(u.UC_TLB_VIRTUAL)
+        self.uc.mem_map(self.SCRATCH, self.PAGES << 12)
+        self.uc.hook_add(u.UC_HOOK_TLB_FILL, self._fill)
+        self.uc.hook_add(u.UC_HOOK_MEM_READ | u.UC_HOOK_MEM_WRITE, self._access)
+        self.uc.hook_add(u.UC_HOOK_INTR, lambda uc, _intno, _d: uc.emu_stop())
+        self._reset(None)
+
+    def _reset(self, paging: Paging | None) -> None:
+        """Forget the last probe (one FaultProbe is made per fault: faults are rare)."""
+        self.paging = paging
+        self.pages: dict[tuple[int, bool], int] = {}   # (page, write) -> scratch page
+        self.slot_page: dict[int, int] = {}            # scratch page -> virtual page
+        self.failed: dict[int, int | None] = {}        # page -> #PF error code (None: non-canonical)
+        self.accesses: list[tuple[int, int, bool]] = []
+
+    def _read_u64(self, gpa: int) -> int | None:
+        try:
+            return int.from_bytes(self.step.mem.read(gpa, 8), "little")
+        except ValueError:
+            return None
+
+    def _fill(self, uc, vaddr: int, access: int, entry, _data) -> bool:
+        from xenkvm.machine.faults import canonical
+        u = self.uc_mod
+        page = vaddr & ~0xFFF
+        write, fetch = access == u.UC_MEM_WRITE, access == u.UC_MEM_FETCH
+        slot = self.pages.get((page, write))
+        if slot is None:
+            if len(self.pages) >= self.PAGES:
+                return False
+            slot = self.SCRATCH + (len(self.pages) << 12)
+            self.pages[(page, write)] = slot
+            self.slot_page[slot] = page
+            gpa, err = (None, None) if not canonical(page) else walk(self._read_u64, self.paging, page, write, fetch)
+            data = bytes(0x1000)
+            if gpa is None:
+                self.failed.setdefault(page, err)
+            else:
+                try:
+                    data = self.step.mem.read(gpa & ~0xFFF, 0x1000)
+                except ValueError:
+                    return False   # MMIO: not a page fault, and nothing the probe can read
+            uc.mem_write(slot, data)
+        entry.paddr = slot
+        entry.perms = u.UC_PROT_ALL if write else u.UC_PROT_READ | u.UC_PROT_EXEC
+        return True
+
+    def _access(self, _uc, access: int, addr: int, size: int, _value: int, _data) -> None:
+        """Record an access by its virtual address (unicorn may report the scratch page's)."""
+        slot = addr & ~0xFFF
+        if self.SCRATCH <= slot < self.SCRATCH + (self.PAGES << 12):
+            addr = self.slot_page[slot] | (addr & 0xFFF)
+        self.accesses.append((addr, size, access == self.uc_mod.UC_MEM_WRITE))
+
+    def _error_code(self, page: int, paging: Paging) -> int | None:
+        """The walk's error code for ``page``, as a write if the instruction writes it at all.
+
+        A read-modify-write instruction (``add [m], r``, ``cmpxchg16b``) is
+        checked for write access when it reads (SDM 4.7: W reflects the access
+        type), though unicorn performs its read first.
+        """
+        if self.failed[page] is None:
+            return None
+        write = any(w for a, n, w in self.accesses if a & ~0xFFF <= page <= (a + n - 1) & ~0xFFF)
+        return walk(self._read_u64, paging, page, write)[1]
+
+    def first_failed_access(self, sregs, regs, fpu, paging: Paging) -> FailedAccess | None:
+        self._reset(paging)
+        self.step._load(self.uc, sregs, regs, fpu)
+        try:
+            self.uc.emu_start(regs.rip, regs.rip + 16, count=1)
+        except self.uc_mod.UcError:
+            pass
+        for addr, size, _write in self.accesses:
+            for page in sorted({addr & ~0xFFF, (addr + size - 1) & ~0xFFF}):
+                if page in self.failed:
+                    return FailedAccess(max(addr, page), self._error_code(page, paging))
+        for page, err in self.failed.items():  # an instruction fetch (no memory hook fires for those)
+            return FailedAccess(max(page, regs.rip), err)
+        return None

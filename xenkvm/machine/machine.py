@@ -35,7 +35,7 @@ from xenkvm.machine.devices.stdin import StdinReader
 from xenkvm.machine.host import Host
 from xenkvm.machine.ioloop import IoLoop
 from xenkvm.machine.memory import GuestMemory
-from xenkvm.machine.vcpu_loop import ExitHandler, describe_exit, run_vcpu, traced
+from xenkvm.machine.vcpu_loop import ExitHandler, HaltWatch, describe_exit, run_vcpu, traced
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class ExitStatus(IntEnum):
     TRIPLE_FAULT = 4
     EMULATION_FAILURE = 5
     GUEST_CRASH = 6
+    GUEST_HALTED = 7
     INTERRUPTED = 130
 
 
@@ -291,9 +292,12 @@ class Machine:
             t.start()
         if on_started is not None:
             on_started(self)
+        watch = HaltWatch(self.vcpus, self.run_on_vcpu)
         try:
-            while not self._stopped.wait(0.5):
-                pass
+            while not self._stopped.wait(watch.PERIOD):
+                verdict = watch.tick()
+                if verdict is not None:
+                    self.stop(ExitStatus.GUEST_HALTED, verdict)
         except KeyboardInterrupt:
             self.stop(ExitStatus.INTERRUPTED, "interrupted (Ctrl-C)")
         finally:

@@ -4,11 +4,17 @@ Exit handlers are plain callables ``handler(vcpu) -> None`` registered by exit
 reason; the Xen layer adds its own (debug traps, MSR exits) to the same table.
 ``--trace`` wraps every handler so each exit prints one line; without it the
 hot path has no tracing cost.
+
+:class:`HaltWatch` notices a guest that has stopped for good (every vCPU halted
+with interrupts disabled and nothing pending that could wake it), which with an
+in-kernel LAPIC never shows as an exit: the vCPU just sleeps inside KVM_RUN.
 """
 from __future__ import annotations
 
 import collections
 import logging
+import threading
+from dataclasses import dataclass
 from typing import Callable
 
 from xenkvm.kvm._kvm_cffi import lib
@@ -71,3 +77,89 @@ def run_vcpu(vcpu: Vcpu, handlers: dict[int, ExitHandler], stopping: Callable[[]
             on_unhandled(vcpu, reason)
             return
         handler(vcpu)
+
+
+RFLAGS_IF = 1 << 9
+
+
+@dataclass(frozen=True)
+class VcpuState:
+    """What decides whether a vCPU can ever run again by itself."""
+
+    mp_state: int
+    interrupts_enabled: bool
+    pending_event: bool   #: an exception, NMI or interrupt KVM has queued or is injecting
+
+    @property
+    def stopped_for_good(self) -> bool:
+        """Halted with IF=0 (only an NMI, INIT or SMI wakes it: SDM, HLT), or waiting for an
+        INIT/SIPI that only another vCPU can send; and no event queued."""
+        if self.pending_event:
+            return False
+        if self.mp_state == lib.KVM_MP_STATE_HALTED:
+            return not self.interrupts_enabled
+        return self.mp_state in (lib.KVM_MP_STATE_UNINITIALIZED, lib.KVM_MP_STATE_INIT_RECEIVED)
+
+
+def read_state(vcpu: Vcpu) -> VcpuState:
+    """The vCPU's state, read on its own thread while it is out of KVM_RUN."""
+    ev = vcpu.get_events()
+    pending = bool(ev.exception.injected or ev.exception.pending or ev.nmi.injected or ev.nmi.pending
+                   or ev.interrupt.injected)
+    return VcpuState(vcpu.get_mp_state(), bool(vcpu.get_regs().rflags & RFLAGS_IF), pending)
+
+
+class HaltWatch:
+    """Detects a guest whose every vCPU has stopped for good, from the machine's waiting thread.
+
+    Every ``PERIOD`` seconds :meth:`tick` looks at the answers to the previous
+    round and starts a new one: each vCPU is kicked out of KVM_RUN (a halted
+    vCPU sleeps in it) and reads its own state (:func:`read_state`).  A round
+    where every vCPU answers "stopped for good" is confirmed by a *synchronized*
+    round: each vCPU first waits at a barrier, so all are out of KVM_RUN at once
+    when they read their state; a vCPU that still runs afterwards either was
+    not stopped (the verdict is "alive") or cannot wake anyone.  Only then is
+    the guest declared dead.  A vCPU busy in an exit handler, or with other
+    work queued, does not answer in time and keeps the guest alive.  Cost on a
+    live guest: one kick and three ioctls per vCPU per period.
+    """
+
+    PERIOD = 0.25
+    SYNC_TIMEOUT = 0.2
+
+    def __init__(self, vcpus: list[Vcpu], run_on_vcpu: Callable[[int, Callable[[Vcpu], None]], None]):
+        self.vcpus = vcpus
+        self.run_on_vcpu = run_on_vcpu
+        self._answers: dict[int, VcpuState | None] | None = None
+        self._synced = False
+
+    def _all_stopped(self) -> bool:
+        a = self._answers
+        return a is not None and len(a) == len(self.vcpus) and all(s is not None and s.stopped_for_good
+                                                                 for s in a.values())
+
+    def tick(self) -> str | None:
+        """A one-line verdict once the guest is known to have stopped for good, else None."""
+        stopped = self._all_stopped()
+        if stopped and self._synced:
+            return ("every vCPU is halted with interrupts disabled and nothing can wake it: "
+                    "the guest stopped for good")
+        self._start_round(synced=stopped)
+        return None
+
+    def _start_round(self, synced: bool) -> None:
+        answers: dict[int, VcpuState | None] = {}   # a new dict per round: late answers land in the old one
+        barrier = threading.Barrier(len(self.vcpus), timeout=self.SYNC_TIMEOUT) if synced else None
+
+        def query(vcpu: Vcpu) -> None:
+            if barrier is not None:
+                try:
+                    barrier.wait()
+                except threading.BrokenBarrierError:
+                    answers[vcpu.id] = None
+                    return
+            answers[vcpu.id] = None if vcpu.work else read_state(vcpu)
+
+        self._answers, self._synced = answers, synced
+        for v in self.vcpus:
+            self.run_on_vcpu(v.id, query)
