@@ -26,7 +26,8 @@ class FakeVcpus:
 
     def __init__(self, states: list[VcpuState]):
         self.states = states
-        self.vcpus = [SimpleNamespace(id=i, work=collections.deque()) for i in range(len(states))]
+        self.vcpus = [SimpleNamespace(id=i, work=collections.deque(), run_struct=SimpleNamespace(
+            exit_reason=lib.KVM_EXIT_INTR)) for i in range(len(states))]
         self.queues = [queue.Queue() for _ in states]
         self.threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(len(states))]
         for t in self.threads:
@@ -91,6 +92,18 @@ def test_a_vcpu_that_does_not_answer_keeps_the_guest_alive(monkeypatch) -> None:
     monkeypatch.setattr(HaltWatch, "SYNC_TIMEOUT", 0.05)
     answered = []
     watch = HaltWatch(fakes.vcpus, lambda i, fn: fakes.run_on_vcpu(i, fn) if i == 0 else answered.append(i))
+    for _ in range(4):
+        assert watch.tick() is None
+        fakes.settle()
+    fakes.close()
+
+
+def test_a_vcpu_that_made_a_real_exit_is_running(monkeypatch) -> None:
+    dead = VcpuState(HALTED, False, False)
+    fakes = FakeVcpus([dead])
+    monkeypatch.setattr(vcpu_loop, "read_state", lambda v: dead)
+    fakes.vcpus[0].run_struct.exit_reason = lib.KVM_EXIT_IO
+    watch = HaltWatch(fakes.vcpus, fakes.run_on_vcpu)
     for _ in range(4):
         assert watch.tick() is None
         fakes.settle()

@@ -158,7 +158,10 @@ class HaltWatch:
                 except threading.BrokenBarrierError:
                     answers[vcpu.id] = None
                     return
-            answers[vcpu.id] = None if vcpu.work else read_state(vcpu)
+            # Only a vCPU kicked out of KVM_RUN (KVM_EXIT_INTR) may be asleep; one that made a real
+            # exit is running, and its exit (pending I/O completion...) is left alone.
+            asleep = vcpu.run_struct.exit_reason == lib.KVM_EXIT_INTR and not vcpu.work
+            answers[vcpu.id] = read_state(vcpu) if asleep else None
 
         self._answers, self._synced = answers, synced
         for v in self.vcpus:
