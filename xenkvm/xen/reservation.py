@@ -44,7 +44,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from xenkvm.machine.memory import PAGE_SIZE, GuestMemory, Region
+from xenkvm.machine.memory import GuestMemory, Region
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +207,3 @@ def gfns_of(areas: Iterable[tuple[int | None, int]]) -> set[int]:
         if gpa is not None:
             out.update(range(gpa >> PAGE_SHIFT, ((gpa + max(size, 1) - 1) >> PAGE_SHIFT) + 1))
     return out
-
-
-__all__ = ["Reservation", "gfns_of", "PAGE_SIZE"]

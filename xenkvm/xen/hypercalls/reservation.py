@@ -25,6 +25,7 @@ to its end (its work is bounded by the guest's RAM and its max_pages).
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
@@ -38,6 +39,7 @@ from xenkvm.xen.shinfo import RUNSTATE, TIME_INFO, VCPU_INFO
 if TYPE_CHECKING:
     from xenkvm.xen.domain import XenDomain
 
+log = logging.getLogger(__name__)
 RESERVATION = XenStruct("struct xen_memory_reservation")
 EXTENT_START = handle_offset("xen_memory_reservation", "extent_start")
 #: xen/include/xen/hypercall.h: memory_op's cmd carries the start extent above the op.
@@ -109,6 +111,9 @@ def _extents_done(call: Call, arg: int, req, start: int,
         if n < len(chunk):
             break
         frames = grant_frame_gfns(domain) if frames else frames
+    if done < req.nr_extents:
+        log.debug("memory_op %s: %d of %d extents (order %d) done", MemOp(call.args[0] & MEMOP_CMD_MASK).name,
+                  done, req.nr_extents, req.extent_order)
     return done
 
 
