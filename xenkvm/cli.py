@@ -1,4 +1,4 @@
-"""The ``xenkvm`` command: run a guest, describe the host, run the xenstore daemon.
+"""The ``xenkvm`` command: run a guest, describe the host, run the xenstore daemon, drive a guest.
 
 User mistakes (bad YAML, missing files, a host without /dev/kvm) end with one
 line on stderr and a non-zero status, never a traceback.
@@ -50,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     sd.add_argument("--timeout", type=float, default=30.0,
                     help="seconds to wait for the guest to react (0: do not wait; default 30)")
     sd.add_argument("--wait", action="store_true", help="also wait until the domain is gone")
+
+    ms = sub.add_parser("mem-set", help="set a running Xen guest's memory target (as xl mem-set)")
+    ms.add_argument("size", help="the new target, e.g. 256M or 1G (a bare number is MiB); at most "
+                    "the guest's memory/static-max")
+    ms.add_argument("--socket", metavar="PATH", help="the guest's xenstored socket (default $XENSTORED_PATH "
+                    "or ${XENSTORED_RUNDIR:-/run/xenstored}/socket)")
+    ms.add_argument("--domid", type=int, default=1, help="the guest's domid (default 1)")
 
     xs = sub.add_parser("xenstored", help="run the xenstore daemon standalone", add_help=False)
     xs.add_argument("args", nargs=argparse.REMAINDER)
@@ -164,6 +171,47 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mem_set(args: argparse.Namespace) -> int:
+    """Write ``memory/target`` (KiB), which the guest's balloon driver follows.
+
+    Like ``xl mem-set``: the target may not exceed ``memory/static-max`` (libxl
+    refuses it); it must be a whole number of 4 KiB pages and not zero.
+    """
+    from xenkvm.config import parse_size
+    from xenkvm.xenstore import XenstoreError, XsError, default_socket_path
+    from xenkvm.xenstore.client import XsClient
+
+    size = parse_size(args.size, "mem-set")
+    if size <= 0 or size % 4096:
+        raise ConfigError(f"mem-set: {args.size!r} is not a positive whole number of 4 KiB pages")
+    path = args.socket or default_socket_path()
+    home = f"/local/domain/{args.domid}"
+    try:
+        client = XsClient(path, timeout=5.0)
+    except OSError as e:
+        raise ConfigError(f"mem-set: no xenstored at {path} ({e.strerror or e}): is the guest running?") from None
+    with client:
+        try:
+            raw = client.read(f"{home}/memory/static-max")
+            if not raw.isdigit():
+                print(f"xenkvm: mem-set: dom{args.domid}'s memory/static-max is {raw!r}", file=sys.stderr)
+                return 1
+            if size >> 10 > int(raw):
+                raise ConfigError(f"mem-set: {size >> 20} MiB is above dom{args.domid}'s static maximum "
+                                  f"of {int(raw) >> 10} MiB")
+            client.write(f"{home}/memory/target", str(size >> 10))
+        except XenstoreError as e:
+            if e.err is XsError.ENOENT:
+                raise ConfigError(f"mem-set: no domain {args.domid} in the xenstore at {path}") from None
+            print(f"xenkvm: mem-set: dom{args.domid}: xenstore error {e}", file=sys.stderr)
+            return 1
+        except (ConnectionError, OSError) as e:
+            print(f"xenkvm: mem-set: lost the xenstored at {path}: {e}", file=sys.stderr)
+            return 1
+    log.info("dom%d: memory/target = %d KiB", args.domid, size >> 10)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from xenkvm.kvm.system import Kvm
     from xenkvm.machine.host import Host
@@ -185,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "shutdown":
             return cmd_shutdown(args)
+        if args.command == "mem-set":
+            return cmd_mem_set(args)
         return cmd_info(args)
     except (ConfigError, BootError) as e:
         print(f"xenkvm: {e}", file=sys.stderr)

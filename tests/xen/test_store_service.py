@@ -57,7 +57,7 @@ def test_tree_values():
     assert values[f"{home}/console/port"] == "2"
     assert values[f"{home}/memory/static-max"] == "131072"
     assert values["/local/domain/0/name"] == "Domain-0"
-    assert f"{home}/memory/target" not in t          # the balloon driver would act on it
+    assert values[f"{home}/memory/target"] == "131072"   # the guest starts at its target
     assert f"{home}/control/feature-s3" not in t     # PVH, not HVM
 
 
@@ -309,7 +309,7 @@ def test_xenstore_utils_read_the_initial_tree(service, sock_path):
     lines = {line.split("=")[0].strip(): line for line in ls.stdout.splitlines()}
     assert "platform-feature-xs_reset_watches" in lines
     assert "(n1)" in lines["shutdown"] and "(n0,r1)" in lines["name"]
-    assert "target" not in lines
+    assert "(n0,r1)" in lines["target"] and '"4096"' in lines["target"]   # libxl's memory/target: 4 MiB, in KiB
 
 
 # -- with the real XenDomain and event channels (guest sends via EVTCHNOP_send) ----------

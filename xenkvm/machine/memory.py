@@ -226,6 +226,16 @@ class GuestMemory:
     def fill(self, gpa: int, length: int, value: int = 0) -> None:
         self.array(gpa, length, np.uint8)[:] = value
 
+    def discard(self, gpa: int, length: int) -> None:
+        """Return whole pages to the host (``MADV_DONTNEED``): their next access reads zeros.
+
+        The memslot stays; KVM's MMU notifier drops the guest's mappings of them.
+        """
+        if gpa % PAGE_SIZE or length % PAGE_SIZE:
+            raise GuestMemoryError(gpa, length, "not page aligned")
+        r, off = self._find(gpa, length)
+        r.mm.madvise(mmap.MADV_DONTNEED, off, length)
+
     def read_cstr(self, gpa: int, max_len: int) -> bytes:
         """A NUL-terminated string of at most ``max_len`` bytes (NUL excluded)."""
         r, off = self._find(gpa, 1)

@@ -111,6 +111,7 @@ class XenDomain:
         from xenkvm.xen import hypercalls
         from xenkvm.xen.evtchn import EventChannels
         from xenkvm.xen.gnttab import GrantTable
+        from xenkvm.xen.reservation import Reservation
         from xenkvm.xen.shinfo import SharedInfo
         from xenkvm.xen.timers import VcpuTimers
         from xenkvm.xen.upcall import Upcalls
@@ -120,6 +121,7 @@ class XenDomain:
         self.evtchn = EventChannels(self)
         self.timers = VcpuTimers(self)
         self.gnttab = GrantTable(self)
+        self.reservation = Reservation(self.mem)   # tot/max pages, populated RAM frames
         for service in (self.evtchn, self.timers, self.gnttab):
             service.register_hypercalls(self.dispatcher)
         hypercalls.register_all(self)

@@ -61,7 +61,7 @@ def vm_uuid(name: str, domid: int) -> str:
 
 
 def initial_tree(info: DomainInfo) -> list[TreeEntry]:
-    """The nodes libxl creates for a domU, parents first (no ``memory/target``).
+    """The nodes libxl creates for a domU, parents first.
 
     ``libxl__domain_make``: the home and ``/vm/<uuid>`` are ``roperm``; ``cpu``,
     ``memory``, ``device`` and ``control`` too; the guest owns ``control/shutdown``,
@@ -69,8 +69,9 @@ def initial_tree(info: DomainInfo) -> list[TreeEntry]:
     ``data``, ``drivers``, ``feature``, ``attr`` and ``error``; the
     ``platform-feature-*`` flags, ``name``, ``vm`` are plain writes (inherit roperm).
     ``libxl__build_post``: ``domid``, ``store/*``, ``cpu/N/availability``,
-    ``memory/static-max`` (``memory/target`` is left out: Linux's balloon driver
-    would act on it; ``static-max`` alone is only read once a target appears).
+    ``memory/static-max`` and ``memory/target`` (both the RAM size in KiB: the
+    guest starts at its target; ``xenkvm mem-set`` moves the target and Linux's
+    balloon driver follows it through XENMEM_decrease_reservation/populate_physmap).
     ``libxl__device_console_add``: ``console/port`` and ``console/ring-ref``.
     """
     d = info.domid
@@ -100,6 +101,7 @@ def initial_tree(info: DomainInfo) -> list[TreeEntry]:
         TreeEntry(f"{home}/control/platform-feature-multiprocessor-suspend", "1"),
         TreeEntry(f"{home}/control/platform-feature-xs_reset_watches", "1"),
         TreeEntry(f"{home}/memory/static-max", str(info.memory_kib)),
+        TreeEntry(f"{home}/memory/target", str(info.memory_kib)),
         TreeEntry(f"{home}/domid", str(d)),
         TreeEntry(f"{home}/store/port", str(info.store_port)),
         TreeEntry(f"{home}/store/ring-ref", str(info.store_gfn)),

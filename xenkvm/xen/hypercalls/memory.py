@@ -1,7 +1,7 @@
-"""memory_op: placing shared_info and grant frames, the memory map, reservation queries.
+"""memory_op: placing shared_info and grant frames, the memory map, maximum_gpfn.
 
-An HVM/PVH guest's physmap is fixed here (no ballooning): the calls that would
-change it fail cleanly with -ENOSYS, the queries answer from the RAM size.
+The reservation calls (ballooning: increase/decrease_reservation,
+populate_physmap, current/maximum_reservation) are in ``reservation.py``.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from xenkvm.xen.abi import DOMID_SELF, Errno, Hypercall, MemOp, XenStruct, ffi, handle_offset, lib
 from xenkvm.xen.dispatch import Call
 from xenkvm.xen.errors import HypercallError, einval
+from xenkvm.xen.hypercalls import reservation
 
 if TYPE_CHECKING:
     from xenkvm.xen.domain import XenDomain
@@ -85,7 +86,7 @@ def memory_map(call: Call, arg: int) -> int:
 
 
 def remove_from_physmap(call: Call, arg: int) -> int:
-    """Only grant frames can leave the physmap (RAM is fixed: no ballooning)."""
+    """Only grant frames can leave the physmap (RAM leaves by decrease_reservation)."""
     domid = call.guest.read_u32(arg) & 0xFFFF
     _check_domid(call, domid)
     gpfn = call.guest.read_u64(arg + ffi.offsetof("struct xen_remove_from_physmap", "gpfn"))
@@ -95,25 +96,15 @@ def remove_from_physmap(call: Call, arg: int) -> int:
 
 
 def register(domain: "XenDomain") -> None:
-    pages = domain.mem.ram_size >> 12
-
-    def reservation(call: Call, arg: int) -> int:
-        _check_domid(call, call.guest.read_u32(arg) & 0xFFFF)
-        return pages
-
     def maximum_gpfn(call: Call, arg: int) -> int:
         _check_domid(call, call.guest.read_u32(arg) & 0xFFFF)
         return max(r.end for r in domain.mem.regions) // 4096 - 1
 
-    def unsupported(call: Call, arg: int) -> int:
-        raise HypercallError(Errno.ENOSYS, "this domain's physmap is fixed (no ballooning)")
-
     table = {
         MemOp.add_to_physmap: add_to_physmap, MemOp.add_to_physmap_batch: add_to_physmap_batch,
-        MemOp.memory_map: memory_map, MemOp.current_reservation: reservation,
-        MemOp.maximum_reservation: reservation, MemOp.maximum_gpfn: maximum_gpfn,
-        MemOp.increase_reservation: unsupported, MemOp.decrease_reservation: unsupported,
-        MemOp.populate_physmap: unsupported, MemOp.remove_from_physmap: remove_from_physmap,
+        MemOp.memory_map: memory_map, MemOp.maximum_gpfn: maximum_gpfn,
+        MemOp.remove_from_physmap: remove_from_physmap,
     }
     for cmd, fn in table.items():
         domain.dispatcher.register_subop(Hypercall.memory_op, cmd, fn)
+    reservation.register(domain)
