@@ -10,17 +10,18 @@ independently of the cffi layout the console uses.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 from types import SimpleNamespace
 
 import pytest
 
-from xenkvm.config import XenConfig
+from xenkvm.config import ConfigError, XenConfig
 from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.machine.memory import GuestMemory
 from xenkvm.xen.abi import HvmParam
-from xenkvm.xen.console import LAYOUT, PENDING_MAX, PrimaryConsole
+from xenkvm.xen.console import LAYOUT, PENDING_MAX, XEN_PREFIX, HypervisorLog, PrimaryConsole
 from xenkvm.xen.domain import CONSOLE_PAGE, SPECIAL_PAGES, SPECIAL_PAGES_GPA, InputQueue
 
 IN, OUT, IN_CONS, IN_PROD, OUT_CONS, OUT_PROD = 0, 0x400, 0xC00, 0xC04, 0xC08, 0xC0C
@@ -214,3 +215,28 @@ def test_pending_input_is_bounded(dom, con):
     assert con.push_input(b"a" * (PENDING_MAX + 10)) == PENDING_MAX
     assert con.pending_input == PENDING_MAX - IN_SIZE
     assert con.push_input(b"b") == 1        # the ring took IN_SIZE: there is room again
+
+
+# -- the hypervisor console (console_io output) --------------------------------------------
+def test_hypervisor_log_prefixes_every_line_across_writes():
+    r, w = os.pipe()
+    log_ = HypervisorLog(os.fdopen(w, "wb", buffering=0), XEN_PREFIX)
+    for chunk in (b"first line\nsec", b"ond line\n", b"\n", b"third"):
+        log_.write(chunk)
+    log_.close()
+    with os.fdopen(r, "rb") as f:
+        assert f.read() == b"(XEN) first line\n(XEN) second line\n(XEN) \n(XEN) third"
+    assert log_.sink.tail() == b"first line\nsecond line\n\nthird"     # the tail is unprefixed
+
+
+def test_hypervisor_log_file_and_none(tmp_path):
+    path = tmp_path / "xen.log"
+    log_ = HypervisorLog.open(f"file:{path}")
+    log_.write(b"to the file\n")
+    log_.close()
+    assert path.read_bytes() == b"to the file\n"
+    quiet = HypervisorLog.open("none")
+    quiet.write(b"dropped\n")
+    assert quiet.sink.tail() == b"dropped\n"
+    with pytest.raises(ConfigError, match="xen.hypervisor_log: cannot open"):
+        HypervisorLog.open(f"file:{tmp_path}/no/such/dir/log")
