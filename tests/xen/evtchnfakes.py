@@ -100,11 +100,12 @@ class FakeDomain:
 
     def __init__(self, nvcpus: int = 2, shinfo: bool = True, ram: int = 16 << 20, *,
                  clock: HostClock = MONOTONIC, mem: GuestMemory | None = None, params: dict | None = None,
-                 gnttab: bool = False, console: bool = False, store: bool = False, name: str = "guest1"):
+                 gnttab: bool = False, console: bool = False, store: bool = False, name: str = "guest1",
+                 domid: int = DOMID):
         self.mem = mem or GuestMemory(ram)
         self.lock = threading.RLock()
-        self.domid = DOMID
-        self.cfg = XenConfig(domid=DOMID, hypervisor_log="none")
+        self.domid = domid
+        self.cfg = XenConfig(domid=domid, hypervisor_log="none")
         self.vcpus = [SimpleNamespace(id=i, vcpu_info_gpa=None, up=i == 0) for i in range(nvcpus)]
         self.params: dict[int, int] = dict(params or {})
         self.clock = GuestClock(host=clock)
