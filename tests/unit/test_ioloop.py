@@ -104,7 +104,7 @@ def test_call_soon_from_other_threads_and_readers():
     r, w = os.pipe()
     loop.add_reader(r, lambda: (got.append(os.read(r, 10)), ev.set()))
     threading.Thread(target=lambda: loop.call_soon(lambda: os.write(w, b"x"))).start()
-    assert ev.wait(2)
+    assert ev.wait(10)
     loop.stop()
     os.close(r)
     os.close(w)
