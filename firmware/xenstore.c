@@ -247,6 +247,11 @@ long xs_transaction_end(uint32_t tx, bool commit)
     return xs_request(XS_TRANSACTION_END, tx, what, 2, &scratch);
 }
 
+bool xs_watch_event_ready(void)
+{
+    return wq_count || ring()->rsp_prod != ring()->rsp_cons;
+}
+
 bool xs_next_watch_event(char *path, size_t psize, char *token, size_t tsize)
 {
     if (!wq_count) {

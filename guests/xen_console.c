@@ -4,15 +4,79 @@
  *   the primary console ring (HVM_PARAM_CONSOLE_PFN / CONSOLE_EVTCHN, struct
  *   xencons_interface): the guest writes out[], bumps out_prod and notifies;
  *   the VMM must consume it (out_cons catches up) and print it.
- * The host-side test checks that the marker lines, written only through
- * those paths (never the UART), appear on the host's stdout.
+ * The host-side test checks that the ring's marker lines appear once on the
+ * host's stdout (the guest console) and the console_io ones in the
+ * hypervisor log (stderr, "(XEN) " lines), never the other way round.
  *
- * Command line: xk.trap=page|direct.
+ * With xk.input the guest also reads host keystrokes, twice: first through
+ * CONSOLEIO_read before its ring is in use (after printing IO_WAIT on
+ * console_io), then through the ring's in[] (after printing RING_WAIT on the
+ * ring).  The host types one byte after each marker; each must arrive on that
+ * console only: not on the other one, not on the UART.
+ *
+ * Command line: xk.trap=page|direct [xk.input].
  */
 #include "xen_guest.h"
 
 #define RING_MARKER   "XENKVM-CONSOLE-RING-OK"
 #define IO_MARKER     "XENKVM-CONSOLE-IO-OK"
+#define IO_WAIT       "XENKVM-CONSOLE-WAIT-IO"      /* host: type 'i' now */
+#define RING_WAIT     "XENKVM-CONSOLE-WAIT-RING"    /* host: type 'r' now */
+#define INPUT_POLLS   2000u                         /* x 5 ms of guest time */
+#define UART_LSR      (0x3F8 + 5)
+
+static bool uart_has_data(void)
+{
+    return inb(UART_LSR) & 1;
+}
+
+static long console_io_read_wait(char *c)
+{
+    for (uint32_t i = 0; i < INPUT_POLLS; i++) {
+        long rc = HYPERVISOR_console_io(CONSOLEIO_read, 1, c);
+        if (rc)
+            return rc;
+        xen_delay_ns(5000000ULL);
+    }
+    return 0;
+}
+
+/* Before the ring is used: the guest has read console_io, so input comes there. */
+static void test_input_console_io(volatile struct xencons_interface *ring)
+{
+    static const char wait[] = IO_WAIT " (type a byte)\n";
+    long rc = HYPERVISOR_console_io(CONSOLEIO_write, sizeof(wait) - 1, wait);
+    check(rc == 0, "console.input_io_prompt", "rc %ld", rc);
+    char c = 0;
+    rc = console_io_read_wait(&c);
+    check(rc == 1 && c == 'i', "console.input_console_io", "rc %ld byte %#x", rc, (unsigned)c);
+    char more[8];
+    rc = HYPERVISOR_console_io(CONSOLEIO_read, sizeof(more), more);
+    check(rc == 0, "console.input_console_io_once", "%ld more bytes", rc);
+    check(ring->in_prod == ring->in_cons, "console.input_io_not_in_ring", "in_cons %u in_prod %u",
+          ring->in_cons, ring->in_prod);
+    check(!uart_has_data(), "console.input_io_not_on_uart", "the UART has data");
+}
+
+/* Once the ring is in use, input comes through its in[]. */
+static void test_input_ring(volatile struct xencons_interface *ring, evtchn_port_t port)
+{
+    static const char wait[] = "\n" RING_WAIT " (type a byte)\n";
+    long rc = xen_console_ring_write(wait, sizeof(wait) - 1);
+    check(rc == (long)(sizeof(wait) - 1), "console.input_ring_prompt", "rc %ld", rc);
+    for (uint32_t i = 0; i < INPUT_POLLS && ring->in_prod == ring->in_cons; i++)
+        xen_delay_ns(5000000ULL);
+    XENCONS_RING_IDX cons = ring->in_cons, prod = ring->in_prod;
+    __asm__ volatile("" ::: "memory");      /* index before data (x86: loads are ordered) */
+    char c = ring->in[MASK_XENCONS_IDX(cons, ring->in)];
+    ring->in_cons = prod;
+    xen_evtchn_send(port);
+    check(prod - cons == 1 && c == 'r', "console.input_ring", "%u bytes, first %#x", prod - cons, (unsigned)c);
+    char more[8];
+    rc = HYPERVISOR_console_io(CONSOLEIO_read, sizeof(more), more);
+    check(rc == 0, "console.input_ring_not_on_console_io", "%ld bytes", rc);
+    check(!uart_has_data(), "console.input_ring_not_on_uart", "the UART has data");
+}
 
 static void test_console_io(void)
 {
@@ -39,7 +103,7 @@ static bool wait_drained(volatile struct xencons_interface *ring)
     return drained;
 }
 
-static void test_ring(void)
+static void test_ring(bool input)
 {
     uint64_t pfn = 0, port = 0;
     long rc = xen_get_param(HVM_PARAM_CONSOLE_PFN, &pfn);
@@ -52,6 +116,8 @@ static void test_ring(void)
     if (xen_console_ring_init())
         return;
     volatile struct xencons_interface *ring = (volatile struct xencons_interface *)(uintptr_t)(pfn << 12);
+    if (input)
+        test_input_console_io(ring);
     printf("  out_cons %u out_prod %u in_cons %u in_prod %u\n", ring->out_cons, ring->out_prod,
            ring->in_cons, ring->in_prod);
     check(ring->out_prod - ring->out_cons <= sizeof(ring->out), "console.ring_sane", "indexes %u/%u",
@@ -75,6 +141,8 @@ static void test_ring(void)
     check(rc == (long)(sizeof(tail) - 1), "console.ring_write_after_wrap", "rc %ld", rc);
     bool drained = wait_drained(ring);
     check(drained, "console.ring_consumed", "out_cons %u out_prod %u", ring->out_cons, ring->out_prod);
+    if (input)
+        test_input_ring(ring, (evtchn_port_t)port);
 }
 
 int main(const struct hvm_start_info *si)
@@ -86,6 +154,6 @@ int main(const struct hvm_start_info *si)
     long rc = xen_map_shared_info();
     check(rc == 0, "shinfo.map", "rc %ld", rc);
     test_console_io();
-    test_ring();
+    test_ring(xk_cmdline_has("xk.input"));
     return 0;
 }

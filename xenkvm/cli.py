@@ -11,7 +11,7 @@ import sys
 
 import dataclasses
 
-from xenkvm.config import BootMode, ConfigError, HypercallTrap, XenConfig, load_config
+from xenkvm.config import BootMode, ConfigError, HypercallTrap, XenConfig, load_config, parse_hypervisor_log
 from xenkvm.machine.boot import BootError
 from xenkvm.kvm.errors import KvmError
 
@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--xenstore-socket", metavar="PATH",
                      help="socket of the embedded xenstored (implies --xen; default $XENSTORED_PATH "
                           "or ${XENSTORED_RUNDIR:-/run/xenstored}/socket)")
+    run.add_argument("--hypervisor-log", metavar="SINK",
+                     help="where console_io output (Xen's own console) goes: stderr, none or file:PATH "
+                          "(implies --xen; default stderr, each line prefixed \"(XEN) \")")
 
     sub.add_parser("info", help="describe this host's KVM, capabilities and hypercall traps")
 
@@ -78,12 +81,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.guest is None and args.kernel is None:
         raise ConfigError("run: give a guest definition (YAML) or --kernel")
     cfg = load_config(args.guest, overrides)
-    if args.xen or args.hypercall_trap or args.xenstore_socket:
+    if args.xen or args.hypercall_trap or args.xenstore_socket or args.hypervisor_log:
         xen = cfg.xen or XenConfig()
         if args.hypercall_trap:
             xen = dataclasses.replace(xen, hypercall_trap=HypercallTrap(args.hypercall_trap))
         if args.xenstore_socket:
             xen = dataclasses.replace(xen, xenstore_socket=args.xenstore_socket)
+        if args.hypervisor_log:
+            xen = dataclasses.replace(xen, hypervisor_log=parse_hypervisor_log(args.hypervisor_log))
         cfg = dataclasses.replace(cfg, xen=xen)
     _refuse_xen_console_without_xen(cfg)
     machine = Machine(cfg, trace=args.trace)

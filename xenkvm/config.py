@@ -17,6 +17,7 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
       hypercall_trap: auto     # auto | kvm-xen | hypercall-page | breakpoint
       xenstore_socket: /run/xenstored/socket   # optional; default $XENSTORED_PATH or that
       platform_pci: false      # Xen platform PCI device + unplug ports (always on for boot: linux)
+      hypervisor_log: stderr   # console_io output: stderr ("(XEN) " lines) | file:PATH | none
 """
 from __future__ import annotations
 
@@ -66,6 +67,10 @@ class XenConfig:
     #: the Xen platform PCI device (5853:0001) and the unplug ports at 0x10, as an HVM guest
     #: sees them (always on for the Linux boot protocol; off by default for PVH)
     platform_pci: bool = False
+    #: where the guest's console_io writes go (Xen's own console, what ``xl dmesg`` shows):
+    #: ``stderr`` (each line prefixed "(XEN) "), ``file:PATH`` (appended, unprefixed) or ``none``;
+    #: the guest's PV console stays on ``console:``
+    hypervisor_log: str = "stderr"
 
 
 XEN_FIELDS = {f.name for f in dataclasses.fields(XenConfig)}
@@ -155,6 +160,14 @@ def _validate(raw: dict[str, Any], base: Path, origin: str) -> GuestConfig:
     return GuestConfig(**kw)
 
 
+def parse_hypervisor_log(value: Any) -> str:
+    """Check a ``hypervisor_log`` setting: ``stderr``, ``none`` or ``file:PATH``."""
+    if isinstance(value, str) and (value in ("stderr", "none") or (value.startswith("file:") and value[5:]
+                                                                       and "\0" not in value)):
+        return value
+    raise ConfigError(f"xen.hypervisor_log: expected stderr, none or file:PATH, got {value!r}")
+
+
 def _xen(raw: Any) -> XenConfig:
     if raw is True:
         return XenConfig()
@@ -193,6 +206,8 @@ def _xen(raw: Any) -> XenConfig:
         if not isinstance(raw["platform_pci"], bool):
             raise ConfigError(f"xen.platform_pci: expected true or false, got {raw['platform_pci']!r}")
         kw["platform_pci"] = raw["platform_pci"]
+    if "hypervisor_log" in raw:
+        kw["hypervisor_log"] = parse_hypervisor_log(raw["hypervisor_log"])
     return XenConfig(**kw)
 
 

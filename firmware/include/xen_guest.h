@@ -233,6 +233,9 @@ long xs_transaction_end(uint32_t tx, bool commit);
 long xs_rm(uint32_t tx, const char *path);
 /* Next queued or arriving XS_WATCH_EVENT (bounded wait): path and token. */
 bool xs_next_watch_event(char *path, size_t psize, char *token, size_t tsize);
+/* Whether a watch event is queued or message bytes wait on the ring, now: no
+ * waiting.  After a request's reply, an event the request caused is there. */
+bool xs_watch_event_ready(void);
 extern evtchn_port_t xs_port;
 /* The reply to the last request (also for helpers without a reply argument). */
 extern const struct xs_reply *xs_last;

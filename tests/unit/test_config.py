@@ -81,13 +81,29 @@ def test_xen_section(tmp_path, kernel):
                                       "  xenstore_socket: /tmp/xs.sock\n"))
     assert cfg.xen.version == (4, 13) and cfg.xen.hypercall_trap is HypercallTrap.BREAKPOINT
     assert cfg.xen.xenstore_socket == "/tmp/xs.sock" and cfg.xen.domid == 1
+    assert cfg.xen.hypervisor_log == "stderr"
     assert load_config(write(tmp_path, "kernel: k.elf\n")).xen is None
+
+
+@pytest.mark.parametrize("value", ["stderr", "none", "file:/tmp/xen.log"])
+def test_hypervisor_log_settings(tmp_path, kernel, value):
+    cfg = load_config(write(tmp_path, f"kernel: k.elf\nxen:\n  hypervisor_log: '{value}'\n"))
+    assert cfg.xen.hypervisor_log == value
+
+
+def test_cli_hypervisor_log_is_checked_in_one_line(tmp_path, kernel):
+    r = subprocess.run([sys.executable, "-m", "xenkvm", "run", "--kernel", str(kernel), "--hypervisor-log", "tty"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "xenkvm: xen.hypervisor_log: expected stderr, none or file:PATH, got 'tty'"
 
 
 @pytest.mark.parametrize("xen,needle", [
     ("  version: four\n", "xen.version"), ("  domid: 0\n", "xen.domid"), ("  domid: 40000\n", "xen.domid"),
     ("  hypercall_trap: vmcall\n", "xen.hypercall_trap"), ("  colour: blue\n", "unknown key 'colour'"),
     ("  xenstore_socket: ''\n", "xen.xenstore_socket"), ("  test_device: 1\n", "xen.test_device"),
+    ("  hypervisor_log: stdout\n", "xen.hypervisor_log"), ("  hypervisor_log: 'file:'\n", "xen.hypervisor_log"),
+    ("  hypervisor_log: 2\n", "xen.hypervisor_log"),
 ])
 def test_bad_xen_sections(tmp_path, kernel, xen, needle):
     with pytest.raises(ConfigError, match=needle):

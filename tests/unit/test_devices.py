@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import time
 
+from fakeclock import FakeClock
 from xenkvm.machine import layout
+from xenkvm.machine.clock import GuestClock
 from xenkvm.machine.devices.bus import PortBus
 from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.machine.devices.power import AcpiPm, I8042Reset, ResetControl
@@ -72,11 +74,16 @@ def test_acpi_pm_s5_powers_off():
 
 
 def test_acpi_pm_timer_advances():
-    pm = AcpiPm(lambda: None)
-    a = pm.pio_read(8, 4)
-    time.sleep(0.01)
-    b = pm.pio_read(8, 4)
-    assert (b - a) & 0xFFFFFF > 10000  # 3.58 MHz * 10 ms
+    clock = FakeClock()
+    pm = AcpiPm(lambda: None, GuestClock(host=clock))
+    assert pm.pio_read(8, 4) == 0
+    clock.advance(10_000_000)
+    assert pm.pio_read(8, 4) == 35795         # 3.579545 MHz x 10 ms
+    clock.advance(5 * 1_000_000_000)          # 24 bits wrap every ~4.7 s
+    assert pm.pio_read(8, 4) == (3_579_545 * 5 + 35795) & 0xFFFFFF
+    dilated = AcpiPm(lambda: None, GuestClock(1, 15, host=clock))
+    clock.advance(150_000_000)                # 150 host ms are 10 guest ms at 15x dilation
+    assert dilated.pio_read(8, 4) == 35795
 
 
 def test_reset_paths():

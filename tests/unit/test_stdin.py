@@ -1,5 +1,5 @@
-"""Host keystrokes: raw mode on a pty (and its restoration), routing to the UART
-or the Xen primary console plus console_io, the Ctrl-] escape, pipes and EOF.
+"""Host keystrokes: raw mode on a pty (and its restoration), routing to exactly one
+of the UART, the Xen primary console and console_io, the Ctrl-] escape, pipes and EOF.
 
 The machine is a stand-in with a real IoLoop and a real 16550; ``stop`` records.
 """
@@ -18,6 +18,7 @@ from xenkvm.machine.devices.serial import Serial16550
 from xenkvm.machine.devices.stdin import ESCAPE, StdinReader, raw_attrs
 from xenkvm.machine.ioloop import IoLoop
 from xenkvm.machine.machine import ExitStatus
+from xenkvm.xen.console import ConsoleIo, HypervisorLog
 from xenkvm.xen.domain import InputQueue
 
 
@@ -73,7 +74,9 @@ def machine():
 
 
 def xen_machine(connected):
-    xen = SimpleNamespace(console=FakeConsole(connected), console_input=InputQueue())
+    queue = InputQueue()
+    xen = SimpleNamespace(console=FakeConsole(connected), console_input=queue,
+                          console_io=ConsoleIo(HypervisorLog(None), queue))
     return FakeMachine(xen=xen)
 
 
@@ -144,20 +147,26 @@ def test_signal_restores_terminal_and_stops(machine, pty):
         reader.close()
 
 
-@pytest.mark.parametrize("connected", [False, True])
-def test_xen_routing(pty, connected):
+@pytest.mark.parametrize("ring,reading,target", [
+    (False, False, "uart"),       # the guest uses neither Xen console yet
+    (False, True, "console_io"),  # it has issued CONSOLEIO_read
+    (True, True, "ring"),         # its ring is connected: that wins
+    (True, False, "ring"),
+])
+def test_xen_routing_delivers_each_byte_once(pty, ring, reading, target):
     master, slave = pty
-    m = xen_machine(connected)
+    m = xen_machine(ring)
+    m.xen.console_io.reading = reading
     reader = StdinReader(m, slave)
     reader.start()
     try:
         os.write(master, b"hello")
-        wait_for(lambda: len(m.xen.console_input) == 5)
-        assert m.xen.console_input.take(5) == b"hello"       # console_io reads see it too
-        if connected:
-            assert bytes(m.xen.console.got) == b"hello" and m.serial_rx() == b""
-        else:
-            assert m.serial_rx() == b"hello" and m.xen.console.got == b""
+        got = {"uart": m.serial_rx, "ring": lambda: bytes(m.xen.console.got),
+               "console_io": lambda: bytes(m.xen.console_input._data)}
+        wait_for(lambda: got[target]() == b"hello")
+        m.io.wait_idle()
+        assert {name: fn() for name, fn in got.items()} == {
+            name: b"hello" if name == target else b"" for name in got}
     finally:
         reader.close()
         m.io.stop()

@@ -1,24 +1,64 @@
-"""A small fake domain for event-channel and timer tests: ``from evtchnfakes import ...``.
+"""The one fake domain of the Xen service tests: ``from evtchnfakes import FakeDomain, hc``.
 
-It has what ``EventChannels`` and ``VcpuTimers`` use: guest memory, the big
-lock, a started ``IoLoop``, shared_info / vcpu_info locations, the guest
-clock and an upcall recorder; hypercalls go through the real Dispatcher with
-identity address translation (guest structs are written straight into RAM).
+The Xen services (``EventChannels``, ``VcpuTimers``, ``GrantTable``,
+``PrimaryConsole``, ``StoreService``) take their domain as an argument; what
+they use of it is :class:`XenServiceDomain`.  ``XenDomain`` is the real one;
+:class:`FakeDomain` is a small stand-in built from real parts (guest memory,
+the big lock, an ``IoLoop``, the real Dispatcher and the real services) minus
+the machine's vCPUs: upcalls are recorded instead of injected, and hypercalls
+are issued from the test thread with identity address translation (guest
+structs are written straight into RAM).  ``test_fakes.py`` checks that both
+satisfy the Protocol, so the fake cannot drift from the real domain.
+
+Timer tests pass a ``FakeClock`` (tests/fakeclock.py): the guest clock, the
+I/O loop's waits and the upcall record then all follow the test's clock.
 """
 from __future__ import annotations
 
 import threading
-import time
 from types import SimpleNamespace
+from typing import Any, Protocol, runtime_checkable
 
+from xenkvm.config import XenConfig
+from xenkvm.machine.clock import MONOTONIC, GuestClock, HostClock
+from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.machine.ioloop import IoLoop
 from xenkvm.machine.memory import GuestMemory
+from xenkvm.xen.abi import HvmParam
 from xenkvm.xen.dispatch import Dispatcher
+from xenkvm.xen.domain import CONSOLE_PAGE, SPECIAL_PAGES, SPECIAL_PAGES_GPA, STORE_PAGE, InputQueue
 from xenkvm.xen.evtchn import EventChannels
+from xenkvm.xen.limits import Limits
 from xenkvm.xen.timers import VcpuTimers
 
 SHINFO = 0x10000
 DOMID = 1
+
+
+@runtime_checkable
+class XenServiceDomain(Protocol):
+    """What the Xen services use of their domain (``XenDomain`` and ``FakeDomain`` alike)."""
+
+    mem: GuestMemory
+    lock: Any               #: the big lock (an RLock)
+    domid: int
+    vcpus: list
+    params: dict
+    cfg: XenConfig
+    machine: Any            #: .console (the guest console sink), .cfg (name, console), .io
+    io: IoLoop
+    dispatcher: Dispatcher
+    evtchn: EventChannels
+    timers: VcpuTimers
+    shinfo: Any             #: .gpa: where shared_info is mapped (None: not yet)
+    upcalls: Any            #: .raise_(vcpu)
+    console_input: InputQueue
+
+    def now_ns(self) -> int: ...
+    def monotonic_at(self, system_ns: int) -> int: ...
+    def valid_vcpu(self, vcpu_id: int) -> bool: ...
+    def vcpu_info_gpa(self, vcpu_id: int) -> int | None: ...
+    def special_pfn(self, index: int) -> int: ...
 
 
 class Caller:
@@ -32,9 +72,10 @@ class Caller:
 
 
 class Upcalls:
-    """Records each upcall: ``calls`` the vCPU ids, ``events`` (vcpu, monotonic ns)."""
+    """Records each upcall: ``calls`` the vCPU ids, ``events`` (vcpu, host-clock ns)."""
 
-    def __init__(self):
+    def __init__(self, clock: HostClock = MONOTONIC):
+        self.clock = clock
         self.calls: list[int] = []
         self.events: list[tuple[int, int]] = []
         self.cond = threading.Condition()
@@ -42,36 +83,74 @@ class Upcalls:
     def raise_(self, vcpu: int) -> None:
         with self.cond:
             self.calls.append(vcpu)
-            self.events.append((vcpu, time.monotonic_ns()))
+            self.events.append((vcpu, self.clock.now_ns()))
             self.cond.notify_all()
 
-    def wait(self, n: int, timeout: float = 2.0) -> bool:
+    def wait(self, n: int, timeout: float = 10.0) -> bool:
         with self.cond:
             return self.cond.wait_for(lambda: len(self.calls) >= n, timeout)
 
 
 class FakeDomain:
-    def __init__(self, nvcpus: int = 2, shinfo: bool = True, ram: int = 16 << 20):
-        self.mem = GuestMemory(ram)
+    """A domain with real memory, lock, I/O loop, dispatcher, event channels and timers.
+
+    ``gnttab``, ``console`` and ``store`` add those real services (the console
+    and the store also get the special pages and their HVM params, as
+    ``XenDomain`` sets them up); ``clock`` is the host clock of everything.
+    """
+
+    def __init__(self, nvcpus: int = 2, shinfo: bool = True, ram: int = 16 << 20, *,
+                 clock: HostClock = MONOTONIC, mem: GuestMemory | None = None, params: dict | None = None,
+                 gnttab: bool = False, console: bool = False, store: bool = False, name: str = "guest1",
+                 domid: int = DOMID, limits: Limits | None = None):
+        self.mem = mem or GuestMemory(ram)
+        self.limits = limits or Limits()
         self.lock = threading.RLock()
-        self.domid = DOMID
-        self.vcpus = [SimpleNamespace(id=i, vcpu_info_gpa=None) for i in range(nvcpus)]
-        self.io = IoLoop("test-io")
+        self.domid = domid
+        self.cfg = XenConfig(domid=domid, hypervisor_log="none")
+        self.vcpus = [SimpleNamespace(id=i, vcpu_info_gpa=None, up=i == 0) for i in range(nvcpus)]
+        self.params: dict[int, int] = dict(params or {})
+        self.clock = GuestClock(host=clock)
+        self.io = IoLoop("test-io", clock=clock)
         self.io.start()
-        self.boot_ns = time.monotonic_ns()
+        self.machine = SimpleNamespace(console=ConsoleSink(None), cfg=SimpleNamespace(name=name, console="none"),
+                                       io=self.io)
+        self.console_input = InputQueue()
         self.shinfo = SimpleNamespace(gpa=SHINFO if shinfo else None)
-        self.upcalls = Upcalls()
+        self.upcalls = Upcalls(clock)
         self.dispatcher = Dispatcher(self)
         self.evtchn = EventChannels(self)
         self.timers = VcpuTimers(self)
         self.evtchn.register_hypercalls(self.dispatcher)
         self.timers.register_hypercalls(self.dispatcher)
+        if console or store:
+            self.mem.add_region(SPECIAL_PAGES_GPA, SPECIAL_PAGES * 4096, "xen-special-pages", reserved=True)
+            self.params[HvmParam.STORE_PFN] = self.special_pfn(STORE_PAGE)
+            self.params[HvmParam.CONSOLE_PFN] = self.special_pfn(CONSOLE_PAGE)
+        if gnttab:
+            from xenkvm.xen.gnttab import GrantTable
+            self.gnttab = GrantTable(self)
+            self.gnttab.register_hypercalls(self.dispatcher)
+            from xenkvm.xen.hypercalls import memory
+            memory.register(self)    # XENMEM_add_to_physmap / remove_from_physmap reach the table
+        if console:
+            from xenkvm.xen.console import PrimaryConsole
+            self.console = PrimaryConsole.attach(self)
+        if store:
+            from xenkvm.xen.store import StoreService
+            self.store = StoreService.attach(self)
+
+    def close(self) -> None:
+        store = getattr(self, "store", None)
+        if store is not None:
+            store.close()
+        self.io.stop()
 
     def now_ns(self) -> int:
-        return time.monotonic_ns() - self.boot_ns
+        return self.clock.ns()
 
     def monotonic_at(self, system_ns: int) -> int:
-        return self.boot_ns + system_ns
+        return self.clock.monotonic_at(system_ns)
 
     def valid_vcpu(self, v: int) -> bool:
         return 0 <= v < len(self.vcpus)
@@ -83,6 +162,9 @@ class FakeDomain:
         if self.shinfo.gpa is not None and v < 32:
             return self.shinfo.gpa + 64 * v
         return None
+
+    def special_pfn(self, index: int) -> int:
+        return (SPECIAL_PAGES_GPA >> 12) + index
 
 
 def hc(d, nr, *args, vcpu=0, long_mode=True) -> int:

@@ -148,11 +148,15 @@ def test_vm_assist_and_console_io(hcall, xen_machine):
     assert hcall(Hypercall.vm_assist, lib.VMASST_CMD_enable, lib.VMASST_TYPE_writable_pagetables) == -Errno.EINVAL
     xen_machine.mem.write(BUF, b"hello hvc\n")
     assert hcall(Hypercall.console_io, lib.CONSOLEIO_write, 10, BUF) == 0
-    assert xen_machine.sink.tail() == b"hello hvc\n"
+    # Xen's own console: the hypervisor log, never the guest console
+    assert xen_machine.xen.console_io.log.sink.tail() == b"hello hvc\n"
+    assert xen_machine.sink.tail() == b""
     assert hcall(Hypercall.console_io, lib.CONSOLEIO_write, 1 << 30, BUF) == -Errno.EINVAL
+    assert not xen_machine.xen.console_io.reading
     xen_machine.xen.console_input.push(b"ab")
     assert hcall(Hypercall.console_io, lib.CONSOLEIO_read, 16, BUF) == 2
     assert xen_machine.mem.read(BUF, 2) == b"ab"
+    assert xen_machine.xen.console_io.reading      # host keystrokes now come here
 
 
 @pytest.mark.parametrize("reason,status", [(0, ExitStatus.POWEROFF), (1, ExitStatus.RESET),

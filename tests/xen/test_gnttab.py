@@ -10,18 +10,15 @@ import json
 import logging
 import random
 import struct
-import threading
-from types import SimpleNamespace
 
 import pytest
 
 from xenkvm.machine.memory import GuestMemory
 from xenkvm.xen import gnttab as gt
 from xenkvm.xen.abi import DOMID_SELF, Errno, GnttabOp, Gntst, Hypercall, XenStruct, ffi, handle_offset, lib
-from xenkvm.xen.dispatch import Dispatcher
-from xenkvm.xen.gnttab import GrantError, GrantTable
-from xenkvm.xen.hypercalls import memory
+from xenkvm.xen.gnttab import GrantError
 from xenkvm.xen.limits import Limits
+from evtchnfakes import FakeDomain as SharedFakeDomain
 
 DOMID = 1
 RAM = 64 << 20
@@ -43,18 +40,22 @@ class FakeVcpu:
         return gva if gva < 1 << 40 else None
 
 
-class FakeDomain:
-    def __init__(self, mem: GuestMemory | None = None, params: dict | None = None, limits: Limits | None = None):
-        self.mem = mem or GuestMemory(RAM)
-        self.limits = limits or Limits()
-        self.lock = threading.RLock()
-        self.domid = DOMID
-        self.params = params or {}
-        self.vcpus = [SimpleNamespace(id=0, up=True)]
-        self.dispatcher = Dispatcher(self)
-        self.gnttab = GrantTable(self)
-        self.gnttab.register_hypercalls(self.dispatcher)
-        memory.register(self)    # XENMEM_add_to_physmap / remove_from_physmap reach the table
+_DOMAINS: list[SharedFakeDomain] = []
+
+
+def FakeDomain(mem: GuestMemory | None = None, params: dict | None = None,
+               limits: Limits | None = None) -> SharedFakeDomain:  # noqa: N802
+    """The shared fake domain (evtchnfakes) with one vCPU and the real grant table."""
+    d = SharedFakeDomain(nvcpus=1, ram=RAM, mem=mem, params=params, gnttab=True, limits=limits)
+    _DOMAINS.append(d)
+    return d
+
+
+@pytest.fixture(autouse=True)
+def close_domains():
+    yield
+    while _DOMAINS:
+        _DOMAINS.pop().close()
 
 
 @pytest.fixture(autouse=True)

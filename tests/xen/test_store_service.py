@@ -2,9 +2,10 @@
 the real embedded server, and the server's lifecycle on its UNIX socket
 (Debian's xenstore-utils read the tree through ``XENSTORED_PATH``).
 
-The domain is a stand-in with real guest memory, a real I/O loop and a
-recording event channel; the guest side of the ring is written here with the
-``xs_wire.h`` offsets.
+The domain is the shared fake (evtchnfakes) with real guest memory, a real I/O
+loop and the real ``EventChannels``: the guest's send is a hypercall and the
+store's handler runs on the I/O thread, the hop its locking depends on.  The
+guest side of the ring is written here with the ``xs_wire.h`` offsets.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import time
 
 import pytest
 
-from test_console import fake_domain
+from evtchnfakes import FakeDomain
+from test_console import guest_send
 from xenkvm.config import ConfigError
-from xenkvm.machine.ioloop import IoLoop
 from xenkvm.xen.abi import HvmParam
 from xenkvm.xen.console import PrimaryConsole
 from xenkvm.xen.store import StoreService, XenstoreSocketBusy
@@ -149,7 +150,7 @@ class GuestRing:
             self.mem.write(self.gpa + REQ + (prod + i) % 1024, bytes([b]))
         self.u32(REQ_PROD, prod + len(msg))
 
-    def reply(self, timeout=5.0):
+    def reply(self, timeout=10.0):
         deadline = time.monotonic() + timeout
         while True:
             cons, prod = self.u32(RSP_CONS), self.u32(RSP_PROD)
@@ -166,11 +167,11 @@ class GuestRing:
 
 
 @pytest.fixture
-def io():
-    loop = IoLoop()
-    loop.start()
-    yield loop
-    loop.stop()
+def domains():
+    made: list[FakeDomain] = []
+    yield made
+    for d in made:
+        d.close()
 
 
 @pytest.fixture
@@ -180,21 +181,24 @@ def sock_path(tmp_path, monkeypatch):
     return path
 
 
-def make_service(io, domid=1):
-    dom = fake_domain(domid, io=io)
-    dom.console = PrimaryConsole.attach(dom)
-    return dom, StoreService.attach(dom)
+@pytest.fixture
+def make_service(domains):
+    """make_service(domid=1) -> (domain, its StoreService), the console built first as in XenDomain."""
+    def make(domid=1):
+        dom = FakeDomain(console=True, store=True, domid=domid)
+        domains.append(dom)
+        return dom, dom.store
+    return make
 
 
 @pytest.fixture
-def service(io, sock_path):
-    dom, svc = make_service(io)
+def service(make_service, sock_path):
+    dom, svc = make_service()
     svc.start()
     yield dom, svc
-    svc.close()
 
 
-def wait_for(cond, timeout=5.0):
+def wait_for(cond, timeout=10.0):
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline
@@ -215,29 +219,26 @@ def test_guest_ring_round_trip(service):
     g = GuestRing(dom)
     assert g.u32(2064) & 1          # server_features: reconnection advertised
     g.send(XsType.READ, b"name\0")
-    dom.evtchn.send(svc.port)
+    guest_send(dom, svc.port)
     assert g.reply() == (XsType.READ, b"guest1")
-    wait_for(lambda: svc.port in dom.evtchn.notified)
+    wait_for(lambda: dom.evtchn.is_pending(svc.port))
     g.send(XsType.WRITE, b"control/feature-poweroff\x001")
-    dom.evtchn.send(svc.port)
+    guest_send(dom, svc.port)
     assert g.reply() == (XsType.WRITE, b"OK\0")
     assert svc.core.read_path("/local/domain/1/control/feature-poweroff") == b"1"
 
 
-def test_ring_works_before_start(io, sock_path):
-    dom, svc = make_service(io)
-    try:
-        g = GuestRing(dom)
-        g.send(XsType.READ, b"domid\0")
-        dom.evtchn.send(svc.port)
-        assert g.reply() == (XsType.READ, b"1")
-        assert not os.path.exists(sock_path)
-    finally:
-        svc.close()
+def test_ring_works_before_start(make_service, sock_path):
+    dom, svc = make_service()
+    g = GuestRing(dom)
+    g.send(XsType.READ, b"domid\0")
+    guest_send(dom, svc.port)
+    assert g.reply() == (XsType.READ, b"1")
+    assert not os.path.exists(sock_path)
 
 
-def test_socket_removed_on_close(io, sock_path):
-    dom, svc = make_service(io)
+def test_socket_removed_on_close(make_service, sock_path):
+    dom, svc = make_service()
     svc.start()
     assert os.path.exists(sock_path)
     svc.close()
@@ -245,52 +246,46 @@ def test_socket_removed_on_close(io, sock_path):
     assert svc.socket_path is None
 
 
-def test_busy_socket_is_refused(service, io, sock_path):
+def test_busy_socket_is_refused(service, make_service, sock_path):
     with pytest.raises(XenstoreSocketBusy) as err:
-        make_service(io, domid=2)[1].start()
+        make_service(domid=2)[1].start()
     msg = str(err.value)
     assert sock_path in msg and "XENSTORED_PATH" in msg and "XENSTORED_RUNDIR" in msg
     assert "\n" not in msg and isinstance(err.value, ConfigError)
     assert os.path.exists(sock_path)        # the live server keeps its socket
 
 
-def test_stale_socket_is_replaced(io, sock_path):
+def test_stale_socket_is_replaced(make_service, sock_path):
     os.makedirs(os.path.dirname(sock_path))
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(sock_path)
     stale.close()                            # bound, nobody listening
-    dom, svc = make_service(io)
+    dom, svc = make_service()
     svc.start()
-    try:
-        assert svc.socket_path == sock_path
-    finally:
-        svc.close()
+    assert svc.socket_path == sock_path
 
 
-def test_non_socket_path_is_refused(io, sock_path):
+def test_non_socket_path_is_refused(make_service, sock_path):
     os.makedirs(os.path.dirname(sock_path))
     open(sock_path, "w").close()
-    dom, svc = make_service(io)
+    dom, svc = make_service()
     with pytest.raises(XenstoreSocketBusy):
         svc.start()
     svc.close()
     assert os.path.exists(sock_path)         # not ours: left alone
 
 
-def test_unusable_path_degrades_to_ring_only(io, tmp_path, monkeypatch, caplog):
+def test_unusable_path_degrades_to_ring_only(make_service, tmp_path, monkeypatch, caplog):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("XENSTORED_PATH", str(tmp_path / "file" / "socket"))
-    dom, svc = make_service(io)
+    dom, svc = make_service()
     svc.start()
-    try:
-        assert svc.socket_path is None
-        assert "XENSTORED_PATH" in caplog.text
-        g = GuestRing(dom)
-        g.send(XsType.READ, b"name\0")
-        dom.evtchn.send(svc.port)
-        assert g.reply() == (XsType.READ, b"guest1")
-    finally:
-        svc.close()
+    assert svc.socket_path is None
+    assert "XENSTORED_PATH" in caplog.text
+    g = GuestRing(dom)
+    g.send(XsType.READ, b"name\0")
+    guest_send(dom, svc.port)
+    assert g.reply() == (XsType.READ, b"guest1")
 
 
 @pytest.mark.skipif(not XS_TOOLS, reason="Debian xenstore-utils not installed")

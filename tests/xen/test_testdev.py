@@ -1,129 +1,67 @@
-"""xenkvm/xen/testdev.py: the test backend's command blocks, good and bad, against fake backends.
+"""xenkvm/xen/testdev.py: the test backend's command blocks, good and bad, against the real
+grant table and event channels of the shared fake domain (evtchnfakes).
 
 The guest side of the protocol is firmware/include/xen_testdev.h; the block
-layout is checked against the header's _Static_assert offsets here too.
+layout is checked against the header's _Static_assert offsets here too.  The
+granted pages are guest RAM, granted with the grant table's own ``seed`` (a
+full-page permit_access entry, as a guest or the toolstack writes it).
 """
 from __future__ import annotations
 
 import re
 import struct
-import threading
 from pathlib import Path
 
 import pytest
 
-from xenkvm.machine.memory import GuestMemory
+from evtchnfakes import SHINFO, FakeDomain, hc
+from xenkvm.xen.abi import DOMID_SELF, EvtchnOp, Gntst, Hypercall, ffi
 from xenkvm.xen.testdev import (BLOCK, MAGIC, PAGE, Command, Op, Result, TestDevice, fnv1a32)
 
 HEADER = Path(__file__).resolve().parents[2] / "firmware" / "include" / "xen_testdev.h"
-BLOCK_GPA = 0x10000
-BUF_GPA = 0x20000
-GNTST_BAD_GNTREF = -4
-GNTST_PERMISSION_DENIED = -8
+BLOCK_GPA = 0x30000
+BUF_GPA = 0x40000
+ARG = 0x50000
+RAM = 4 << 20
+RW_GFN, RO_GFN = 0x100, 0x101          #: the pages granted by refs 8 (writable) and 9 (read-only)
 
 
-class GrantError(Exception):
-    def __init__(self, status: int, why: str = ""):
-        super().__init__(why)
-        self.status = status
+def page(d, gfn: int) -> bytes:
+    return d.mem.read(gfn << 12, PAGE)
 
 
-class FakeGnttab:
-    """One granted page per ref: {ref: (domid, bytearray, readonly)}."""
-
-    def __init__(self):
-        self.grants: dict[int, tuple[int, bytearray, bool]] = {}
-        self.unmapped = 0
-
-    def _get(self, domid: int, ref: int) -> tuple[bytearray, bool]:
-        if ref not in self.grants:
-            raise GrantError(GNTST_BAD_GNTREF)
-        gdom, page, ro = self.grants[ref]
-        if gdom != domid:
-            raise GrantError(GNTST_PERMISSION_DENIED)
-        return page, ro
-
-    def copy_from(self, domid: int, ref: int, offset: int, length: int) -> bytes:
-        page, _ = self._get(domid, ref)
-        return bytes(page[offset:offset + length])
-
-    def copy_to(self, domid: int, ref: int, offset: int, data: bytes) -> None:
-        page, ro = self._get(domid, ref)
-        if ro:
-            raise GrantError(GNTST_PERMISSION_DENIED)
-        page[offset:offset + len(data)] = data
-
-    def map(self, domid: int, ref: int, writable: bool):
-        page, ro = self._get(domid, ref)
-        if writable and ro:
-            raise GrantError(GNTST_PERMISSION_DENIED)
-        return FakeMapping(self, memoryview(page) if writable else memoryview(page).toreadonly())
+def guest_unbound_port(d) -> int:
+    """EVTCHNOP_alloc_unbound(DOMID_SELF, remote 0): a port a backend in dom0 may bind."""
+    obj = ffi.new("struct evtchn_alloc_unbound *", {"dom": DOMID_SELF, "remote_dom": 0})
+    d.mem.write(ARG, bytes(ffi.buffer(obj)))
+    assert hc(d, Hypercall.event_channel_op, EvtchnOp.alloc_unbound, ARG) == 0
+    return d.mem.read_u32(ARG + ffi.offsetof("struct evtchn_alloc_unbound", "port"))
 
 
-class FakeMapping:
-    """Like gnttab.GrantMapping: a ``view`` and ``unmap()``, which fails if the view is still exported."""
-
-    def __init__(self, table: FakeGnttab, view: memoryview):
-        self.table = table
-        self.view = view
-
-    def unmap(self) -> None:
-        self.view.release()     # BufferError if the device leaked an export of it
-        self.table.unmapped += 1
+def guest_send(d, port: int) -> None:
+    obj = ffi.new("struct evtchn_send *", {"port": port})
+    d.mem.write(ARG, bytes(ffi.buffer(obj)))
+    assert hc(d, Hypercall.event_channel_op, EvtchnOp.send, ARG) == 0
+    assert d.io.wait_idle()
 
 
-class EvtchnError(Exception):
-    pass
-
-
-class FakeEvtchn:
-    """Like evtchn.EventChannels' VMM API: ports are guest port numbers."""
-
-    def __init__(self):
-        self.next_port = 10
-        self.callbacks: dict[int, object] = {}
-        self.notified: list[int] = []
-        self.guest_unbound = {5}
-
-    def alloc_vmm_port(self, on_notify) -> int:
-        port = self.next_port
-        self.next_port += 1
-        self.callbacks[port] = on_notify
-        return port
-
-    def bind_vmm_to_guest_port(self, port: int, on_notify) -> int:
-        if port not in self.guest_unbound:
-            raise EvtchnError(f"guest port {port} is not unbound to domain 0")
-        self.guest_unbound.discard(port)
-        self.callbacks[port] = on_notify
-        return port
-
-    def notify(self, port: int) -> None:
-        self.notified.append(port)
-
-    def guest_sends(self, port: int) -> None:
-        self.callbacks[port]()
-
-
-class Broken:
-    def copy_from(self, *a):
-        raise RuntimeError("backend bug")
-
-
-class FakeDomain:
-    def __init__(self):
-        self.mem = GuestMemory(4 << 20)
-        self.gnttab = FakeGnttab()
-        self.evtchn = FakeEvtchn()
-        self.lock = threading.RLock()
+def take_pending(d, port: int) -> bool:
+    """Whether ``port`` was notified since the last call (the guest clears its pending bit)."""
+    at = SHINFO + ffi.offsetof("struct shared_info", "evtchn_pending") + port // 8
+    byte, bit = d.mem.read(at, 1)[0], 1 << port % 8
+    d.mem.write(at, bytes([byte & ~bit]))
+    return bool(byte & bit)
 
 
 @pytest.fixture
-def dom() -> FakeDomain:
-    d = FakeDomain()
-    d.gnttab.grants[8] = (1, bytearray(range(256)) * 16, False)
-    d.gnttab.grants[9] = (1, bytearray(b"R" * PAGE), True)
-    return d
+def dom():
+    d = FakeDomain(ram=RAM, gnttab=True)
+    d.mem.write(RW_GFN << 12, bytes(range(256)) * 16)
+    d.mem.write(RO_GFN << 12, b"R" * PAGE)
+    d.gnttab.seed(8, 0, RW_GFN)
+    d.gnttab.seed(9, 0, RO_GFN, readonly=True)
+    yield d
+    d.close()
 
 
 def block(op: int, *, magic: int = MAGIC, domid: int = 1, flags: int = 0, ref: int = 8, offset: int = 0,
@@ -131,7 +69,7 @@ def block(op: int, *, magic: int = MAGIC, domid: int = 1, flags: int = 0, ref: i
     return Command(magic, op, domid, flags, ref, offset, length, buffer, port, 1, 0).pack()
 
 
-def run(dom: FakeDomain, data: bytes, gpa: int = BLOCK_GPA) -> tuple[int, int, int]:
+def run(dom, data: bytes, gpa: int = BLOCK_GPA) -> tuple[int, int, int]:
     """Write the block, OUT its address; returns (result in block, value, IN status)."""
     dev = TestDevice(dom)
     dom.mem.write(gpa, data)
@@ -171,24 +109,27 @@ def test_copy_from_and_to(dom):
     dom.mem.write(BUF_GPA, b"hello, backend!!")
     r, _, _ = run(dom, block(Op.COPY_TO, offset=100, length=16))
     assert r == 0
-    assert bytes(dom.gnttab.grants[8][1][100:116]) == b"hello, backend!!"
+    assert page(dom, RW_GFN)[100:116] == b"hello, backend!!"
+    assert dom.gnttab.pinned == {}             # the copies released their pins
 
 
 def test_map_sum_readonly_and_write(dom):
     r, value, _ = run(dom, block(Op.MAP_SUM, ref=9, length=PAGE))
     assert r == 0 and value == fnv1a32(b"R" * PAGE)
-    assert dom.gnttab.unmapped == 1
+    assert dom.gnttab.pinned == {}             # mapped, summed, unmapped
     r, _, _ = run(dom, block(Op.MAP_SUM, ref=9, flags=1, length=4))
-    assert r == GNTST_PERMISSION_DENIED
+    assert r == Gntst.general_error              # Xen: write-pin of a read-only grant
     dom.mem.write(BUF_GPA, b"WXYZ")
     r, value, _ = run(dom, block(Op.MAP_SUM, ref=8, flags=1, offset=PAGE - 4, length=4))
     assert r == 0 and value == fnv1a32(b"WXYZ")
-    assert bytes(dom.gnttab.grants[8][1][-4:]) == b"WXYZ"
+    assert page(dom, RW_GFN)[-4:] == b"WXYZ"
+    assert dom.gnttab.pinned == {}
 
 
 @pytest.mark.parametrize("kw, expect", [
-    ({"ref": 1234}, GNTST_BAD_GNTREF),
-    ({"domid": 7}, GNTST_PERMISSION_DENIED),
+    ({"ref": 1 << 20}, Gntst.bad_gntref),
+    ({"ref": 10}, Gntst.general_error),          # in the table, never granted
+    ({"domid": 7}, Gntst.bad_domain),
     ({"magic": 0}, Result.EMAGIC),
     ({"length": 0}, Result.ERANGE),
     ({"length": PAGE + 1}, Result.ERANGE),
@@ -198,7 +139,7 @@ def test_map_sum_readonly_and_write(dom):
     ({"length": 0xFFFFFFFF}, Result.ERANGE),
     ({"flags": 0x80}, Result.ERANGE),
     ({"buffer": 0xFFFF_FFFF_FFFF_F000}, Result.EBUFFER),
-    ({"buffer": (4 << 20) - 8}, Result.EBUFFER),
+    ({"buffer": RAM - 8}, Result.EBUFFER),
 ])
 def test_bad_copy_from_fields(dom, kw, expect):
     before = dom.mem.read(BUF_GPA, 64)
@@ -209,8 +150,8 @@ def test_bad_copy_from_fields(dom, kw, expect):
 
 def test_readonly_grant_refuses_copy_to(dom):
     r, _, _ = run(dom, block(Op.COPY_TO, ref=9))
-    assert r == GNTST_PERMISSION_DENIED
-    assert bytes(dom.gnttab.grants[9][1]) == b"R" * PAGE
+    assert r == Gntst.general_error
+    assert page(dom, RO_GFN) == b"R" * PAGE
 
 
 def test_bad_buffer_for_copy_to(dom):
@@ -223,7 +164,7 @@ def test_unknown_op(dom):
         assert run(dom, block(op))[0] == Result.EOP
 
 
-@pytest.mark.parametrize("gpa", [BLOCK_GPA + 4, PAGE - 8, (4 << 20) - 8, 0xFFFFF000, 0xFFFFFFF8])
+@pytest.mark.parametrize("gpa", [BLOCK_GPA + 4, PAGE - 8, RAM - 8, 0xFFFFF000, 0xFFFFFFF8])
 def test_bad_block_address_only_in_status(dom, gpa):
     dev = TestDevice(dom)
     dev.pio_write(0, 4, gpa)
@@ -241,8 +182,10 @@ def test_wrong_access_sizes(dom):
     assert dev.pio_read(0, 2) == 0xFFFF
 
 
-def test_backend_bug_is_an_error_code(dom):
-    dom.gnttab = Broken()
+def test_backend_bug_is_an_error_code(dom, monkeypatch):
+    def broken(*args, **kw):
+        raise RuntimeError("backend bug")
+    monkeypatch.setattr(dom.gnttab, "copy_from", broken)
     assert run(dom, block(Op.COPY_FROM))[0] == Result.EINTERNAL
 
 
@@ -251,28 +194,34 @@ def test_echo_ports(dom):
     dom.mem.write(BLOCK_GPA, block(Op.ALLOC_ECHO))
     dev.pio_write(0, 4, BLOCK_GPA)
     r, port = struct.unpack_from("<iQ", dom.mem.read(BLOCK_GPA + 36, 12))
-    assert r == 0 and port == 10
-    dom.evtchn.guest_sends(port)
-    dom.evtchn.guest_sends(port)
-    assert dom.evtchn.notified == [10, 10]
+    assert r == 0 and dom.evtchn.status(port)["vmm"]
+    # The guest sends twice (the device's handler runs on the I/O thread); each is echoed.
+    guest_send(dom, port)
+    assert take_pending(dom, port)
+    guest_send(dom, port)
+    assert take_pending(dom, port)
     dom.mem.write(BLOCK_GPA, block(Op.ECHO_COUNT, port=port))
     dev.pio_write(0, 4, BLOCK_GPA)
     assert struct.unpack_from("<iQ", dom.mem.read(BLOCK_GPA + 36, 12)) == (0, 2)
     dom.mem.write(BLOCK_GPA, block(Op.NOTIFY, port=port))
     dev.pio_write(0, 4, BLOCK_GPA)
-    assert dev.pio_read(0, 4) == 0 and dom.evtchn.notified == [10, 10, 10]
+    assert dev.pio_read(0, 4) == 0 and take_pending(dom, port)
 
-    dom.mem.write(BLOCK_GPA, block(Op.BIND_ECHO, port=5))
+    unbound = guest_unbound_port(dom)
+    dom.mem.write(BLOCK_GPA, block(Op.BIND_ECHO, port=unbound))
     dev.pio_write(0, 4, BLOCK_GPA)
     r, vport = struct.unpack_from("<iQ", dom.mem.read(BLOCK_GPA + 36, 12))
-    assert r == 0 and vport == 5
-    dom.evtchn.guest_sends(5)
-    assert dom.evtchn.notified[-1] == 5
-    dom.mem.write(BLOCK_GPA, block(Op.BIND_ECHO, port=5))     # already bound: refused
+    assert r == 0 and vport == unbound
+    assert dom.io.wait_idle()
+    take_pending(dom, unbound)                   # Xen notifies the binder's end once
+    guest_send(dom, unbound)
+    assert take_pending(dom, unbound)
+    dom.mem.write(BLOCK_GPA, block(Op.BIND_ECHO, port=unbound))     # already bound: refused
     dev.pio_write(0, 4, BLOCK_GPA)
     assert dev.pio_read(0, 4) == Result.EEVTCHN & 0xFFFFFFFF
 
 
-@pytest.mark.parametrize("op, port", [(Op.BIND_ECHO, 6), (Op.NOTIFY, 99), (Op.ECHO_COUNT, 3)])
+@pytest.mark.parametrize("op, port", [(Op.BIND_ECHO, 6), (Op.BIND_ECHO, 99999), (Op.NOTIFY, 99),
+                                      (Op.ECHO_COUNT, 3)])
 def test_bad_ports(dom, op, port):
     assert run(dom, block(op, port=port))[0] == Result.EEVTCHN

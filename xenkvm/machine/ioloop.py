@@ -2,7 +2,9 @@
 
 vCPU threads never block on I/O; they hand work to this loop with
 ``call_soon`` (thread-safe) and device timers run here with ``call_at``.
-Deadlines are ``time.monotonic_ns()`` values.
+Deadlines are nanoseconds of the loop's ``HostClock`` (``time.monotonic_ns``
+unless another is injected); how long the selector waits comes from that
+clock too, so a test can run the loop on a clock it advances.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import logging
 import os
 import selectors
 import threading
-import time
 from typing import Callable
+
+from xenkvm.machine.clock import MONOTONIC, HostClock
 
 log = logging.getLogger(__name__)
 COMPACT_MIN = 1024
@@ -32,7 +35,8 @@ class TimerHandle:
 
 
 class IoLoop:
-    def __init__(self, name: str = "io"):
+    def __init__(self, name: str = "io", clock: HostClock = MONOTONIC):
+        self.clock = clock
         self._sel = selectors.DefaultSelector()
         self._timers: list[tuple[int, int, TimerHandle]] = []
         self._compact_at = COMPACT_MIN
@@ -41,8 +45,10 @@ class IoLoop:
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._idle_waiters: list[threading.Event] = []
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        clock.on_jump(self._wake)
 
     # -- any thread ------------------------------------------------------------
     def start(self) -> None:
@@ -78,7 +84,16 @@ class IoLoop:
         self._compact_at = max(COMPACT_MIN, 2 * len(self._timers))
 
     def call_later(self, delay_ns: int, fn: Callable[[], None]) -> TimerHandle:
-        return self.call_at(time.monotonic_ns() + delay_ns, fn)
+        return self.call_at(self.clock.now_ns() + delay_ns, fn)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until the loop has run everything due: no call_soon work left and no
+        timer at or before the clock's now (so a test knows what has, and has not, fired)."""
+        ev = threading.Event()
+        with self._lock:
+            self._idle_waiters.append(ev)
+        self._wake()
+        return ev.wait(timeout)
 
     def add_reader(self, fd: int, fn: Callable[[], None]) -> None:
         self.call_soon(lambda: self._sel.register(fd, selectors.EVENT_READ, fn))
@@ -110,6 +125,7 @@ class IoLoop:
                     self._safe(key.data)
             self._run_soon()
             self._run_timers()
+            self._release_idle_waiters()
 
     def _timeout(self) -> float | None:
         with self._lock:
@@ -117,7 +133,16 @@ class IoLoop:
                 return 0
             if not self._timers:
                 return None
-            return max(0.0, (self._timers[0][0] - time.monotonic_ns()) / 1e9)
+            return self.clock.wait_s(self._timers[0][0] - self.clock.now_ns())
+
+    def _release_idle_waiters(self) -> None:
+        now = self.clock.now_ns()
+        with self._lock:
+            if not self._idle_waiters or self._soon or (self._timers and self._timers[0][0] <= now):
+                return
+            waiters, self._idle_waiters = self._idle_waiters, []
+        for ev in waiters:
+            ev.set()
 
     def _run_soon(self) -> None:
         with self._lock:
@@ -126,7 +151,7 @@ class IoLoop:
             self._safe(fn)
 
     def _run_timers(self) -> None:
-        now = time.monotonic_ns()
+        now = self.clock.now_ns()
         while True:
             with self._lock:
                 if not self._timers or self._timers[0][0] > now:

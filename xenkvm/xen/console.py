@@ -1,4 +1,16 @@
-"""The Xen primary console: ``struct xencons_interface`` in a special page.
+"""The guest's two Xen consoles: the primary console ring and the hypervisor console.
+
+The primary console ring (the guest's PV console, Linux ``hvc0``) goes to the
+machine's console sink (``console:``).  The hypervisor console is what the
+guest writes with ``console_io`` (Linux ``earlyprintk=xen``): in Xen it is
+Xen's own console, what ``xl dmesg`` shows, so here it goes to a sink of its
+own (``xen.hypervisor_log``), never mixed into the guest console.
+
+Host keystrokes go to one console only; the rule is in ``devices/stdin.py``
+(``StdinReader.route``): the ring once the guest has used it, else the
+console_io read queue once the guest has read it, else the UART.
+
+The primary console: ``struct xencons_interface`` in a special page.
 
 The guest (Linux ``hvc_xen``) finds the page and its event channel in
 ``HVM_PARAM_CONSOLE_PFN`` / ``HVM_PARAM_CONSOLE_EVTCHN``.  Output: it copies
@@ -15,11 +27,14 @@ ignored from then on; every access is masked into the page.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
+from xenkvm.config import ConfigError
+from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.xen.abi import HvmParam, ffi
 
 if TYPE_CHECKING:
@@ -142,7 +157,7 @@ class PrimaryConsole:
         self._lock = threading.Lock()
         self._pending = bytearray()
         self.broken: str | None = None
-        #: the guest has written to this console: host keystrokes go here, not to the UART
+        #: the guest has used this ring (sent on its port): host keystrokes go here
         self.connected = False
         self.port = domain.evtchn.alloc_vmm_port(self.on_guest_notify)
         domain.params[HvmParam.CONSOLE_EVTCHN] = self.port
@@ -155,12 +170,16 @@ class PrimaryConsole:
 
     # -- guest -> host ---------------------------------------------------------
     def on_guest_notify(self) -> None:
-        """The guest sent on the console port (I/O thread): drain out[], refill in[]."""
+        """The guest sent on the console port (I/O thread): drain out[], refill in[].
+
+        Any send marks the ring connected, a guest that only reads (hvc_xen
+        notifies after consuming in[]) included.
+        """
+        self.connected = True
         with self._lock:
             out = self._guarded(self.ring.take_output)
             wrote = self._fill_input_locked()
         if out:
-            self.connected = True
             self.sink.write(out)
         if out or wrote:
             self._notify()
@@ -208,3 +227,102 @@ class PrimaryConsole:
 
     def close(self) -> None:
         """Nothing to release: the page belongs to the domain's special region."""
+
+
+#: Xen prints its console lines with this prefix (``(XEN) ``), as on a Xen host's serial line.
+XEN_PREFIX = b"(XEN) "
+
+
+class _FdWriter:
+    """Unbuffered writes to a descriptor we do not own (stderr): nothing to close, nothing held back."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except InterruptedError:
+                continue
+            except OSError:
+                return              # stderr closed: the log has nowhere to go
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+    def close(self) -> None:
+        """The descriptor is not ours."""
+
+
+class HypervisorLog:
+    """Where console_io output goes: stderr with each line prefixed, a file, or nowhere.
+
+    ``sink`` keeps the recent (unprefixed) output, as the guest console's sink
+    does, for tests and reports.
+    """
+
+    def __init__(self, out: BinaryIO | None, prefix: bytes = b""):
+        self._out = out
+        self.prefix = prefix
+        self.sink = ConsoleSink(out if not prefix else None)
+        self._line_start = True
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, spec: str) -> "HypervisorLog":
+        """``stderr``, ``none`` or ``file:PATH`` (validated by ``config.parse_hypervisor_log``)."""
+        if spec == "stderr":
+            return cls(_FdWriter(2), XEN_PREFIX)
+        if spec == "none":
+            return cls(None)
+        if spec.startswith("file:"):
+            try:
+                return cls(open(spec[5:], "ab", buffering=0))
+            except OSError as e:
+                raise ConfigError(f"xen.hypervisor_log: cannot open {spec[5:]}: {e.strerror}") from None
+        raise ConfigError(f"xen.hypervisor_log: expected stderr, none or file:PATH, got {spec!r}")
+
+    def write(self, data: bytes) -> None:
+        """Log what the guest wrote; with a prefix, every line starts with it."""
+        if not data:
+            return
+        if not self.prefix:
+            self.sink.write(data)
+            return
+        with self._lock:
+            body = data[:-1].replace(b"\n", b"\n" + self.prefix) + data[-1:]
+            out = (self.prefix if self._line_start else b"") + body
+            self._line_start = data.endswith(b"\n")
+            self.sink.write(data)
+            if self._out is not None:
+                self._out.write(out)
+
+    def close(self) -> None:
+        out, self._out = self._out, None
+        if out is not None:
+            out.close()
+
+
+class ConsoleIo:
+    """The guest's hypervisor console: console_io writes to ``log``, reads from ``input``.
+
+    ``reading`` records that the guest has issued CONSOLEIO_read: until its
+    ring is connected, host keystrokes go to this queue.
+    """
+
+    def __init__(self, log_: HypervisorLog, input_queue):
+        self.log = log_
+        self.input = input_queue
+        self.reading = False
+
+    def write(self, data: bytes) -> None:
+        self.log.write(data)
+
+    def read(self, count: int) -> bytes:
+        self.reading = True
+        return self.input.take(count)
+
+    def push_input(self, data: bytes) -> int:
+        return self.input.push(data)

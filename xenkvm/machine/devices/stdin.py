@@ -6,9 +6,10 @@ output post-processing kept, as QEMU's stdio chardev does; it is restored on
 close, at interpreter exit and on SIGTERM/SIGHUP.  Ctrl-] (0x1d) ends the run
 with ``ExitStatus.INTERRUPTED``, like ``virsh console``.
 
-Bytes go to the Xen primary console once the guest has written to it (its ring
-is in use), else to the 16550 UART; with a Xen guest they are also queued for
-``console_io`` reads.  When stdin is not a terminal (a pipe, a file, a test) it
+Each byte goes to exactly one console, the one the guest takes input from
+(``StdinReader.route``): the Xen primary console ring once the guest has used
+it (sent on its event channel), else the ``console_io`` read queue once the
+guest has issued CONSOLEIO_read, else the 16550 UART.  When stdin is not a terminal (a pipe, a file, a test) it
 is read the same way without raw mode and without the escape byte; EOF stops
 reading, not the VM.  The descriptor's O_NONBLOCK flag is never changed (it is
 shared with whoever else holds stdin): the I/O thread reads only when the
@@ -187,15 +188,26 @@ class StdinReader:
         self.route(data)
 
     def route(self, data: bytes) -> None:
-        """The Xen primary console if the guest uses it, else the UART; plus console_io input."""
-        machine = self.machine
-        xen = machine.xen
-        console = getattr(xen, "console", None) if xen is not None else None
-        if console is not None and console.connected:
-            accepted = console.push_input(data)
-        else:
-            accepted = machine.serial.push_input(data)
+        """Deliver ``data`` once, to the console the guest reads input from.
+
+        1. the Xen primary console ring, once the guest has used it (Linux
+           hvc_xen sends on its port as soon as it writes or consumes);
+        2. else console_io's CONSOLEIO_read queue, once the guest has read it;
+        3. else the 16550 UART (every guest, Xen or not, that uses neither).
+        """
+        target = self.input_target()
+        accepted = target.push_input(data)
         if accepted < len(data):
             log.debug("stdin: guest input full, %d bytes dropped", len(data) - accepted)
+
+    def input_target(self):
+        """The console that gets host input now (see ``route``)."""
+        xen = self.machine.xen
         if xen is not None:
-            xen.console_input.push(data)
+            console = getattr(xen, "console", None)
+            if console is not None and console.connected:
+                return console
+            console_io = getattr(xen, "console_io", None)
+            if console_io is not None and console_io.reading:
+                return console_io
+        return self.machine.serial
