@@ -35,25 +35,37 @@ static inline void invlpg(uint64_t addr)
 
 static XK_NORETURN void on_user_trap(struct xk_frame *f)
 {
-    if (result) {
-        bool done = f->vector == 6 && f->rip == (uint64_t)(uintptr_t)xk_user_stub_done;
-        result->vector = done ? XK_USER_RETURNED : (unsigned)f->vector;
-        result->error = f->error;
-        result->cr2 = read_cr2();
-        result->rip = f->rip;
-        result->rax = f->rax;
+    if (!result) {          /* not inside xk_user_call: nowhere to go back to */
+        fail("user.trap", "vector %lu at CPL %lu outside xk_user_call, rip=%#lx", f->vector, f->cs & 3, f->rip);
+        xk_finish();
     }
+    bool done = f->vector == 6 && f->rip == (uint64_t)(uintptr_t)xk_user_stub_done;
+    result->vector = done ? XK_USER_RETURNED : (unsigned)f->vector;
+    result->error = f->error;
+    result->cr2 = read_cr2();
+    result->rip = f->rip;
+    result->rax = f->rax;
     xk_user_leave(ctx.kernel_rsp);
 }
 
-bool xk_user_set_page(uint64_t addr, bool user)
+static bool set_pte_bit(uint64_t addr, uint64_t bit, bool on)
 {
     if (addr >= SPLIT_LIMIT || !(xk_pd[0] & PTE_U))
         return false;
     uint64_t *pte = &low_pt[addr / PAGE];
-    *pte = user ? (*pte | PTE_U) : (*pte & ~(uint64_t)PTE_U);
+    *pte = on ? (*pte | bit) : (*pte & ~bit);
     invlpg(addr & ~(uint64_t)(PAGE - 1));
     return true;
+}
+
+bool xk_user_set_page(uint64_t addr, bool user)
+{
+    return set_pte_bit(addr, PTE_U, user);
+}
+
+bool xk_user_set_present(uint64_t addr, bool present)
+{
+    return set_pte_bit(addr, PTE_P, present);
 }
 
 bool xk_user_init(void)

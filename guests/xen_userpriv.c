@@ -28,7 +28,6 @@
  */
 #include "xen_guest.h"
 #include "xk_user.h"
-#include "xk_asm.h"
 
 #define DECOY_BYTE      0xA5
 #define EFER_NXE        (1u << 11)
@@ -91,16 +90,7 @@ static bool decoy_intact(void)
 /* Set the P and U bits of the 4 KiB page `page` (in the split low 2 MiB). */
 static bool set_state(uint64_t page, enum page_state st)
 {
-    extern uint64_t xk_pd[];
-    uint64_t *pt = (uint64_t *)(uintptr_t)(xk_pd[0] & ~0xFFFull);
-    if (!xk_user_set_page(page, st == USER))
-        return false;
-    if (st == NOT_PRESENT)
-        pt[page >> 12] &= ~(uint64_t)PTE_P;
-    else
-        pt[page >> 12] |= PTE_P;
-    __asm__ volatile("invlpg (%0)" :: "r"(page) : "memory");
-    return true;
+    return xk_user_set_page(page, st == USER) && xk_user_set_present(page, st != NOT_PRESENT);
 }
 
 static void expect_refused(const char *what, uint64_t nr, const struct user_case *c, bool nxe,

@@ -46,6 +46,8 @@ bool xk_user_init(void);
 /* Make the 4 KiB page holding `addr` user-accessible or supervisor-only
  * (INVLPG'd). false if it is not in the split low 2 MiB. */
 bool xk_user_set_page(uint64_t addr, bool user);
+/* Same for the present bit (a test's not-present page; mind what runs there). */
+bool xk_user_set_present(uint64_t addr, bool present);
 /* In ring `ring` (1 or 3): `call *target` with `in`'s registers; RFLAGS =
  * 2 | extra (e.g. XK_RFLAGS_IOPL(3)). Fills `out` with how it came back. */
 void xk_user_call(unsigned ring, uint64_t target, const struct xk_user_regs *in, uint64_t rflags_extra,
