@@ -319,10 +319,11 @@ def test_tx_id_wraps_and_skips_zero(dom0):
 
 
 # ---------------------------------------------------------------- reference model
-KEYS = [f"/k/{i}" for i in range(4)]
+KEYS = [f"/k/{i}" for i in range(3)]
 PARENT = "/k"
-GUEST = 5                                   # the domain the release rule releases
+GUEST = 5                                   # the domain the restart rule releases
 PERM_LISTS = [("n0",), ("r0",), ("n0", "r5"), ("n5",), ("b0", "w5", "r7")]
+INITIAL_PERMS = dict(zip(KEYS, [("n0",), ("n0", "r5"), ("n5",)]))   # release hits at once
 MISSING = -1                                # the version of a missing node (C NO_GENERATION)
 
 ModelNode = tuple[bytes, tuple[str, ...]]   # (value, perms in wire form)
@@ -333,7 +334,7 @@ class TxModel:
     path that changes exactly when the real node gets a new generation."""
 
     def __init__(self) -> None:
-        self.nodes: dict[str, ModelNode] = {k: (b"init", ("n0",)) for k in KEYS}
+        self.nodes: dict[str, ModelNode] = {k: (b"init", INITIAL_PERMS[k]) for k in KEYS}
         self.versions: dict[str, int] = {k: 0 for k in KEYS + [PARENT]}
         self.clock = 0
 
@@ -387,10 +388,12 @@ class TransactionMachine(RuleBasedStateMachine):
     def setup(self) -> None:
         self.core = Xenstored()
         self.clients = [Direct(self.core), Direct(self.core)]
+        self.toolstack = Direct(self.core)      # dom0 outside any transaction
         self.model = TxModel()
         self.state = [ClientState(), ClientState()]
         for key in KEYS:
             self.clients[0].write(key, "init")
+            self.clients[0].chmod(key, *INITIAL_PERMS[key])
         self.model.versions = {k: 0 for k in KEYS + [PARENT]}
 
     # -- the model's transaction view ---------------------------------------------
@@ -493,10 +496,11 @@ class TransactionMachine(RuleBasedStateMachine):
         listing = sorted(self.clients[c].ls(PARENT, tx=st_.tx or 0))
         assert listing == sorted(self._children(c))
 
-    @rule()
-    def release_guest(self) -> None:
-        """Domain 5 goes away: nodes it owns are removed, its entries dropped --
-        each a new node version, so transactions that read them must fail."""
+    @rule(grant=st.sampled_from(KEYS))
+    def restart_guest(self, grant: str) -> None:
+        """Domain 5 goes away -- nodes it owns are removed, its entries dropped,
+        each a new node version, so transactions that read them must fail --
+        and a new domain 5 is introduced and granted read access to ``grant``."""
         self.core.introduce_domain(GUEST)
         self.core.release_domain(GUEST)
         for key, (value, perms) in list(self.model.nodes.items()):
@@ -504,6 +508,11 @@ class TransactionMachine(RuleBasedStateMachine):
                 self.model.set(key, None)
             elif any(p[1:] == str(GUEST) for p in perms[1:]):
                 self.model.set(key, (value, tuple(p for p in perms if p[1:] != str(GUEST))))
+        self.core.introduce_domain(GUEST)
+        if grant in self.model.nodes:
+            value, perms = self.model.nodes[grant]
+            self.toolstack.chmod(grant, *perms, f"r{GUEST}")
+            self.model.set(grant, (value, perms + (f"r{GUEST}",)))
 
     @rule(c=st.integers(0, 1), commit=st.booleans())
     def end(self, c: int, commit: bool) -> None:
@@ -524,6 +533,25 @@ class TransactionMachine(RuleBasedStateMachine):
         self.state[c] = ClientState()
 
     @invariant()
+    def transactions_keep_their_copies(self) -> None:
+        """Every node an open transaction has accessed still reads as its copy
+        (re-reading an accessed node copies nothing new, so this changes no state)."""
+        if not hasattr(self, "core"):
+            return
+        for c, st_ in enumerate(self.state):
+            if st_.tx is None:
+                continue
+            client = self.clients[c]
+            for key, node in st_.copy.items():
+                if node is None:
+                    assert client.err(XsType.READ, key.encode() + b"\0", st_.tx) == "ENOENT"
+                else:
+                    assert client.read(key, tx=st_.tx) == node[0]
+                    assert tuple(client.perms(key, tx=st_.tx)) == node[1]
+            if st_.children is not None:
+                assert sorted(client.ls(PARENT, tx=st_.tx)) == sorted(st_.children)
+
+    @invariant()
     def committed_state_matches(self) -> None:
         if not hasattr(self, "core"):
             return
@@ -536,6 +564,6 @@ class TransactionMachine(RuleBasedStateMachine):
 
 
 TransactionMachine.TestCase.settings = settings(
-    max_examples=300, stateful_step_count=40, deadline=None,
+    max_examples=200, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestTransactionModel = TransactionMachine.TestCase
