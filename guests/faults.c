@@ -62,6 +62,18 @@ static void expect(const char *name, uint64_t vector, uint64_t error, uint64_t a
           seen.hits, seen.vector, seen.error, seen.rip, vector, error, at);
 }
 
+/* A 2 MiB page of RAM the guest does not otherwise use, made read-only for one case. */
+#define RO_ADDR 0x3000000ul
+
+/* The page-directory entry mapping `va` in the toolkit's identity map (2 MiB pages). */
+static volatile uint64_t *pd_entry(uint64_t va)
+{
+    uint64_t *pml4 = (uint64_t *)(uintptr_t)(read_cr3() & ~0xFFFul);
+    uint64_t *pdpt = (uint64_t *)(uintptr_t)(pml4[(va >> 39) & 511] & 0x000FFFFFFFFFF000ul);
+    uint64_t *pd = (uint64_t *)(uintptr_t)(pdpt[(va >> 30) & 511] & 0x000FFFFFFFFFF000ul);
+    return &pd[(va >> 21) & 511];
+}
+
 /* noinline: guests/check-insns.sh lets only this function use x87/SSE */
 __attribute__((noinline)) static void fault_cases(void)
 {
@@ -95,6 +107,17 @@ __attribute__((noinline)) static void fault_cases(void)
     TRY(".byte 0xd9, 0x3b", addr, &at);                /* fnstcw (%rbx) */
     expect("pf-write-not-present", 14, 2, at);
     check(seen.cr2 == addr, "pf-write-cr2", "cr2=%#lx want %#lx", seen.cr2, addr);
+
+    /* #PF, write to a present read-only page (CR0.WP is set): P and W in the error code */
+    volatile uint64_t *pd = pd_entry(RO_ADDR);
+    *pd &= ~2ul;
+    __asm__ volatile("invlpg (%0)" :: "r"(RO_ADDR) : "memory");
+    addr = RO_ADDR + 0x10;
+    TRY(".byte 0xd9, 0x3b", addr, &at);                /* fnstcw (%rbx) */
+    *pd |= 2ul;
+    __asm__ volatile("invlpg (%0)" :: "r"(RO_ADDR) : "memory");
+    expect("pf-write-read-only", 14, 3, at);
+    check(seen.cr2 == addr, "pf-read-only-cr2", "cr2=%#lx want %#lx", seen.cr2, addr);
 
     /* and execution goes on normally after all of them */
     uint64_t n;

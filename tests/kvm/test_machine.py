@@ -125,9 +125,9 @@ def test_faults_of_refused_instructions_reach_the_guest(built_guests):
     r = xenkvm("run", "guests/faults.yaml", timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     for name in ("nm-fnop-ts", "ud-sse-no-osfxsr", "gp-noncanonical", "pf-read-not-present", "pf-read-cr2",
-                 "pf-write-not-present", "pf-write-cr2", "continues"):
+                 "pf-write-not-present", "pf-write-cr2", "pf-write-read-only", "pf-read-only-cr2", "continues"):
         assert f"PASS {name}\n" in r.stdout, r.stdout
-    assert "SUMMARY: 8 passed, 0 failed" in r.stdout
+    assert "SUMMARY: 10 passed, 0 failed" in r.stdout
 
 
 def test_guest_halted_for_good_ends_the_run(built_guests):

@@ -17,7 +17,7 @@ x87   x87 escape (D8-DF) and CR0.EM or CR0.TS                #NM
 wait  ``fwait`` and CR0.TS and CR0.MP                        #NM
 mmx   MMX op (0F 60-7F, D0-FE without 66/F2/F3) and CR0.EM   #UD
 sse   SSE op and (CR0.EM or not CR4.OSFXSR)                  #UD
-simd  MMX/SSE op, or fxsave/fxrstor, and CR0.TS              #NM
+simd  MMX/SSE op and CR0.TS; fxsave/fxrstor and CR0.TS/EM    #NM
 priv  privileged instruction and CPL > 0                     #GP(0)
 canon memory operand at a non-canonical linear address       #GP(0)
 page  memory operand whose page-table walk fails             #PF(walk), CR2
@@ -106,11 +106,15 @@ class Fault:
     cr2: int | None = None
     rule: str = ""
 
+    @property
+    def name(self) -> str:
+        """``#PF``, ``#GP``... (the vector number for those without a name here)."""
+        return f"#{Vector(self.vector).name}" if self.vector in Vector._value2member_map_ else f"#{self.vector}"
+
     def describe(self) -> str:
-        name = Vector(self.vector).name if self.vector in Vector._value2member_map_ else str(self.vector)
         err = "" if self.error_code is None else f"({self.error_code:#x})"
         cr2 = "" if self.cr2 is None else f" cr2={self.cr2:#x}"
-        return f"#{name}{err}{cr2}"
+        return f"{self.name}{err}{cr2}"
 
 
 def _opcode(code: bytes) -> tuple[set[int], bytes]:
@@ -188,7 +192,9 @@ def _instruction_rule(cls: InsnClass, s: CpuState) -> Fault | None:
         return Fault(Vector.UD, None, rule="mmx")
     if cls is InsnClass.SSE and (s.cr0 & CR0_EM or not s.cr4 & CR4_OSFXSR):
         return Fault(Vector.UD, None, rule="sse")
-    if cls in (InsnClass.MMX, InsnClass.SSE, InsnClass.FXSR) and s.cr0 & (CR0_TS | (CR0_EM if cls is InsnClass.FXSR else 0)):
+    if cls in (InsnClass.MMX, InsnClass.SSE) and s.cr0 & CR0_TS:
+        return Fault(Vector.NM, None, rule="simd")
+    if cls is InsnClass.FXSR and s.cr0 & (CR0_TS | CR0_EM):
         return Fault(Vector.NM, None, rule="simd")
     if cls is InsnClass.PRIVILEGED and s.cpl > 0:
         return Fault(Vector.GP, 0, rule="priv")

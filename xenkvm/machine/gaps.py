@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from xenkvm.kvm.errors import KvmError
-from xenkvm.machine.faults import CpuState, FailedAccess, Fault, Paging, decide_fault, walk
+from xenkvm.machine.faults import CpuState, FailedAccess, Fault, Paging, canonical, decide_fault, walk
 
 if TYPE_CHECKING:
     from xenkvm.kvm.vcpu import Vcpu
@@ -292,7 +292,7 @@ class Gaps:
             return False
         if isinstance(outcome, Fault):
             vcpu.inject_exception(outcome.vector, outcome.error_code, cr2=outcome.cr2)
-            self._note(f"fault:{outcome.describe().split('(')[0]}:{code[:4].hex()}", rip, code)
+            self._note(f"fault:{outcome.name}:{code[:4].hex()}", rip, code)
             log.debug("vcpu%d: %s at %#x delivered to the guest (rule %s)", vcpu.id, outcome.describe(),
                       rip, outcome.rule)
             return True
@@ -445,7 +445,6 @@ class FaultProbe:
             return None
 
     def _fill(self, uc, vaddr: int, access: int, entry, _data) -> bool:
-        from xenkvm.machine.faults import canonical
         u = self.uc_mod
         page = vaddr & ~0xFFF
         write, fetch = access == u.UC_MEM_WRITE, access == u.UC_MEM_FETCH
