@@ -86,6 +86,7 @@ def test_sync_regs_fixup_without_extra_ioctls(vm):
     assert bytes(vcpu.io_data()) == b"\x77"
 
 
+@pytest.mark.breakpoint
 def test_hardware_breakpoint_exits_before_instruction(vm):
     vcpu, _ = real_mode_vcpu(vm, b"\x90\x90\x90\xe6\xe9\xeb\xfe")
     vcpu.set_guest_debug([CODE + 2])
