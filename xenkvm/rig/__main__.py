@@ -33,12 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600, help="seconds for the whole run")
     p.add_argument("--out", help="results directory (default: a fresh temporary one)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not copy L1's console to stdout")
-    sub = p.add_subparsers(dest="what", required=True)
-    sub.add_parser("image", help="only fetch and build the L1 kernel and initramfs")
-    t = sub.add_parser("test", help="run pytest inside L1 (default: -m hw tests); extra arguments go to pytest")
-    t.add_argument("args", nargs=argparse.REMAINDER)
-    r = sub.add_parser("run", help="run a command inside L1, in the repository")
-    r.add_argument("args", nargs=argparse.REMAINDER)
+    p.add_argument("what", choices=("image", "test", "run"),
+                   help="image: only fetch and build L1's kernel and initramfs; test: pytest inside L1 "
+                        "(default -m hw tests; further arguments go to pytest); run: the command that follows")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="pytest arguments (test) or the command (run)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="rig: %(message)s")
     try:
