@@ -108,8 +108,9 @@ def test_command_script_and_qemu_line(tmp_path):
 
 
 def test_pytest_argv_defaults_to_the_hw_selection():
-    assert pytest_argv([])[-3:] == ["-m", "hw", "tests"]
+    assert pytest_argv([])[-5:] == ["-m", "hw", "tests/kvm", "tests/xen", "tests/linux"]
     assert pytest_argv(["-m", "kvm", "tests/kvm"])[-3:] == ["-m", "kvm", "tests/kvm"]
+    assert pytest_argv(["-k", "trap"])[-6:] == ["hw", "-k", "trap", "tests/kvm", "tests/xen", "tests/linux"]
 
 
 def fake_qemu(tmp_path: Path, body: str) -> None:

@@ -112,7 +112,7 @@ class _Console:
 
 
 def run(image: L1Image, argv: list[str], *, cwd: Path, out_dir: Path, env: dict[str, str] | None = None,
-        memory_mb: int = 4096, cpus: int = 2, boot_timeout: float = 600, timeout: float = 3600,
+        memory_mb: int = 4096, cpus: int = 1, boot_timeout: float = 600, timeout: float = 3600,
         echo: IO[str] | None = None) -> RigResult:
     """Boot L1, run ``argv`` in ``cwd`` inside it, power off; raise :class:`RigError` when the rig fails.
 
