@@ -12,17 +12,16 @@ there and, optionally, to a stream as it arrives.
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 import shutil
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from xenkvm.rig.image import CHROOT_OUT, DONE, ERROR, HOST_TAG, OUT_TAG, READY, L1Image
+from xenkvm.rig.image import CHROOT_OUT, ERROR, HOST_TAG, OUT_TAG, READY, L1Image
 
 log = logging.getLogger("xenkvm.rig")
 
@@ -49,7 +48,6 @@ class RigResult:
     total_s: float
     #: L1's own uptime at ready (guest time, from /proc/uptime).
     l1_uptime_s: float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def qemu_binary() -> str:
