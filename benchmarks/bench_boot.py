@@ -1,7 +1,7 @@
 """Boot time of Debian's cloud kernel to the initramfs marker: xenkvm vs QEMU/KVM, plain and as Xen guest.
 
     python benchmarks/bench_boot.py [--guest guests/linux.yaml] [--ours-timeout 1800]
-                                    [--qemu-timeout 300] [--skip-ours] [--skip-qemu]
+                                    [--qemu-timeout 300] [--qemu-cpu host] [--skip-ours] [--skip-qemu]
                                     [--skip-xen] [--pvh-guest ...] [--hvm-guest ...]
 
 Both boot the same bzImage, initramfs, memory size and kernel command line
@@ -116,15 +116,15 @@ def run_ours(guest: Path, timeout: float) -> Outcome:
         return out
 
 
-def run_qemu(guest: Path, timeout: float, params: tuple[str, ...]) -> Outcome:
+def run_qemu(guest: Path, timeout: float, params: tuple[str, ...], cpu: str | None = None) -> Outcome:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         return Outcome("qemu", None, None, "qemu-system-x86_64 not installed "
                        "(apt-get install -y qemu-system-x86)")
     cfg = load_config(guest)
     cmdline = " ".join((*params, cfg.cmdline)).strip()
-    cmd = [qemu, "-accel", "kvm", "-kernel", str(cfg.kernel), "-m", f"{cfg.memory >> 20}",
-           "-smp", str(cfg.vcpus), "-append", cmdline, "-nographic", "-no-reboot"]
+    cmd = [qemu, "-accel", "kvm", *(["-cpu", cpu] if cpu else []), "-kernel", str(cfg.kernel),
+           "-m", f"{cfg.memory >> 20}", "-smp", str(cfg.vcpus), "-append", cmdline, "-nographic", "-no-reboot"]
     if cfg.initrd is not None:
         cmd[cmd.index("-m"):cmd.index("-m")] = ["-initrd", str(cfg.initrd)]
     out, text = _run("qemu", cmd, timeout, fail_re=QEMU_FAIL)
@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guest", default=str(ROOT / "guests" / "linux.yaml"))
     p.add_argument("--ours-timeout", type=float, default=float(os.environ.get("BENCH_OURS_TIMEOUT", 1800)))
     p.add_argument("--qemu-timeout", type=float, default=float(os.environ.get("BENCH_QEMU_TIMEOUT", 300)))
+    p.add_argument("--qemu-cpu", help="QEMU's -cpu (e.g. host; default: QEMU's own default model)")
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--skip-qemu", action="store_true")
     p.add_argument("--skip-xen", action="store_true", help="skip the PVH and HVM Xen-guest boots")
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kernel parameters added on this host: {' '.join(params) or '(none)'}", flush=True)
     rows: list[Outcome] = []
     if not a.skip_qemu:
-        rows.append(run_qemu(guest, a.qemu_timeout, params))
+        rows.append(run_qemu(guest, a.qemu_timeout, params, a.qemu_cpu))
         print(f"qemu done: {rows[-1].how}", flush=True)
     if not a.skip_ours:
         rows.append(run_ours(guest, a.ours_timeout))

@@ -19,6 +19,7 @@ The issue's target: dispatch overhead (trap row / port-exit row) at most 2x.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     pio.write_bytes(guestgen.pvh_elf(guestgen.pio_loop(PORT)))
     rows: dict[str, list[float]] = {"floor (C loop, no Python)": [], "port exit, Machine loop": [],
                                     "page, no dispatch": [], "hypercall-page trap": [], "breakpoint trap": []}
+    if os.environ.get("XENKVM_RIG"):  # docs/hw-rig.md: QEMU TCG fires no DR breakpoints of a nested guest
+        print("breakpoint trap: skipped in the hardware rig (QEMU TCG does not fire a nested guest's "
+              "debug-register breakpoints)")
+        del rows["breakpoint trap"]
     for _ in range(args.rounds):
         rows["floor (C loop, no Python)"].append(bench_raw(pio, args.n)[0])
         rows["port exit, Machine loop"].append(bench_machine(pio, args.n))
@@ -96,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             guestgen.xen_version_via_page_program(args.n, PORT), HypercallTrap.HYPERCALL_PAGE, args.n, False))
         rows["hypercall-page trap"].append(bench_trap(
             guestgen.xen_version_via_page_program(args.n, PORT), HypercallTrap.HYPERCALL_PAGE, args.n))
-        rows["breakpoint trap"].append(bench_trap(
-            guestgen.xen_version_via_vmcall_program(args.n, PORT), HypercallTrap.BREAKPOINT, args.n))
+        if "breakpoint trap" in rows:
+            rows["breakpoint trap"].append(bench_trap(
+                guestgen.xen_version_via_vmcall_program(args.n, PORT), HypercallTrap.BREAKPOINT, args.n))
     floor = min(rows["floor (C loop, no Python)"])
     port = min(rows["port exit, Machine loop"])
     same = min(rows["page, no dispatch"])

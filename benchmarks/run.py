@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["bench_pio.py", "bench_xenstore.py", "bench_hypercall.py", "bench_boot.py"]
+ORDER = ["bench_pio.py", "bench_xenstore.py", "bench_hypercall.py", "bench_boot.py", "bench_rig.py"]
 
 
 def main() -> int:

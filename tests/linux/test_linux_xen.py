@@ -23,7 +23,7 @@ PVH = ROOT / "guests" / "linux-pvh.yaml"
 HVM = ROOT / "guests" / "linux-hvm.yaml"
 TIMEOUT = float(os.environ.get("XENKVM_LINUX_BOOT_TIMEOUT", "2400"))
 
-pytestmark = [pytest.mark.linux, pytest.mark.timeout(TIMEOUT + 120)]
+pytestmark = [pytest.mark.linux, pytest.mark.breakpoint, pytest.mark.timeout(TIMEOUT + 120)]
 
 
 def _need(guest: Path) -> Path:

@@ -95,6 +95,7 @@ def test_host_shutdown_request(built_guests, sock, action, status):
     assert rc == status, f"exit {rc}\n{out}\n{err}"
 
 
+@pytest.mark.breakpoint
 def test_shutdown_wait_returns_once_the_guest_is_gone(built_guests, sock):
     g = RunningGuest("xen_shutdown_direct.yaml", "xk.trap=direct xk.host_shutdown", sock)
     try:

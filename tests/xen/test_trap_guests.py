@@ -28,12 +28,14 @@ def test_hypercall_page_trap(tmp_path):
     assert r.stdout == VERSION_417
 
 
+@pytest.mark.breakpoint
 def test_breakpoint_trap(tmp_path):
     r = run(tmp_path, guestgen.xen_version_via_vmcall_program(3), "--hypercall-trap", "breakpoint")
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout == VERSION_417
 
 
+@pytest.mark.breakpoint
 def test_auto_uses_breakpoints_for_direct_vmcall(tmp_path):
     r = run(tmp_path, guestgen.xen_version_via_vmcall_program(2), "--xen", verbose=True)
     assert r.returncode == 0 and r.stdout == VERSION_417

@@ -1,0 +1,172 @@
+"""The hardware-KVM rig's parts that need no QEMU run: module dependencies, the L1 image, the
+command and QEMU lines, and how the runner reports a rig that fails (a stand-in QEMU script).
+The rig itself runs for real in ``make test-hw``."""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from xenkvm.rig import image, kmod, runner
+from xenkvm.rig.__main__ import pytest_argv
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def module_elf(**info: str) -> bytes:
+    """A minimal ELF64 relocatable with a .modinfo section of ``key=value`` strings."""
+    modinfo = b"".join(f"{k}={v}".encode() + b"\0" for k, v in info.items())
+    shstr = b"\0.modinfo\0.shstrtab\0"
+    body_off = 64
+    mi_off, st_off = body_off, body_off + len(modinfo)
+    shoff = (st_off + len(shstr) + 7) & ~7
+    hdr = bytearray(64)
+    hdr[:5] = b"\x7fELF\x02"
+    struct.pack_into("<Q", hdr, 0x28, shoff)
+    struct.pack_into("<HHH", hdr, 0x3A, 64, 3, 2)
+    body = modinfo + shstr
+    pad = b"\0" * (shoff - body_off - len(body))
+    sections = bytes(64) + struct.pack("<IIQQQQIIQQ", 1, 1, 0, 0, mi_off, len(modinfo), 0, 0, 1, 0) \
+        + struct.pack("<IIQQQQIIQQ", 10, 3, 0, 0, st_off, len(shstr), 0, 0, 1, 0)
+    return bytes(hdr) + body + pad + sections
+
+
+def tree(tmp_path: Path, mods: dict[str, str], builtin: tuple[str, ...] = ()) -> kmod.ModuleTree:
+    for name, deps in mods.items():
+        p = tmp_path / "kernel" / "sub" / f"{name}.ko"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(module_elf(name=name.replace("-", "_"), depends=deps, license="GPL"))
+    (tmp_path / "modules.builtin").write_text("".join(f"kernel/x/{b}.ko\n" for b in builtin))
+    return kmod.ModuleTree(tmp_path)
+
+
+def test_modinfo_and_depends():
+    elf = module_elf(name="kvm_amd", depends="kvm,ccp", license="GPL")
+    assert kmod.modinfo(elf)["license"] == "GPL"
+    assert kmod.depends(elf) == ["kvm", "ccp"]
+    assert kmod.depends(module_elf(name="virtio", depends="")) == []
+
+
+def test_modinfo_rejects_garbage():
+    with pytest.raises(kmod.ModuleError):
+        kmod.modinfo(b"not an elf" * 10)
+    elf = bytearray(module_elf(name="x"))
+    struct.pack_into("<Q", elf, 0x28, len(elf) + 4096)  # section table past the end
+    with pytest.raises(kmod.ModuleError, match="out of bounds"):
+        kmod.modinfo(bytes(elf))
+
+
+def test_load_order_puts_dependencies_first_once(tmp_path):
+    t = tree(tmp_path, {"kvm-amd": "kvm,ccp", "kvm": "irqbypass", "ccp": "", "irqbypass": "",
+                        "9p": "9pnet,netfs", "9pnet": "", "netfs": ""})
+    names = [m.name for m in t.load_order(["kvm_amd", "9p", "kvm"])]
+    assert names == ["irqbypass", "kvm", "ccp", "kvm_amd", "9pnet", "netfs", "9p"]
+
+
+def test_load_order_skips_builtins_and_refuses_missing_and_cycles(tmp_path):
+    t = tree(tmp_path, {"a": "b,virtio", "b": "", "c": "d", "d": "c"}, builtin=("virtio",))
+    assert [m.name for m in t.load_order(["a"])] == ["b", "a"]
+    with pytest.raises(kmod.ModuleError, match="not found"):
+        t.load_order(["nosuch"])
+    with pytest.raises(kmod.ModuleError, match="cycle"):
+        t.load_order(["c"])
+
+
+def test_generic_kernel_package_matches_the_cloud_abi():
+    assert image.generic_kernel_package("linux-image-6.1.0-57-cloud-amd64") == "linux-image-6.1.0-57-amd64"
+    assert image.generic_kernel_package("linux-image-6.1.0-9-cloud-amd64-unsigned") == "linux-image-6.1.0-9-amd64"
+    with pytest.raises(image.RigImageError):
+        image.generic_kernel_package("linux-image-6.1.0-57-rt-amd64")
+
+
+def test_l1_initramfs_loads_modules_in_order(tmp_path):
+    mods = {"virtio-pci": "virtio", "virtio": "", "9pnet_virtio": "9pnet,virtio", "9pnet": "",
+            "9p": "9pnet", "overlay": "", "kvm-amd": "kvm", "kvm": ""}
+    cpio, order = image.build_initramfs(b"\x7fELF busybox", tree(tmp_path, mods))
+    assert order == ("virtio", "virtio_pci", "9pnet", "9pnet_virtio", "9p", "overlay", "kvm", "kvm_amd")
+    raw = cpio.to_bytes()
+    listed = raw.split(b"lib/modules/load-order\0", 1)[1]
+    assert listed.lstrip(b"\0").startswith("".join(f"{m}.ko\n" for m in order).encode())
+    assert b"init\0" in raw and image.READY.encode() in raw and b"insmod" in raw
+    assert gzip.decompress(cpio.to_bytes(compress="gzip")) == raw
+
+
+def test_command_script_and_qemu_line(tmp_path):
+    script = runner.command_script(["python", "-m", "pytest", "-k", "a and b"], Path("/repo dir"),
+                                   {"XENKVM_RIG": "x", "PATH": "/bin"})
+    assert "cd '/repo dir'" in script and "'a and b'" in script
+    assert f"echo $? > {image.CHROOT_OUT}/status" in script and "XENKVM_RIG=x" in script
+    l1 = image.L1Image(Path("/k"), Path("/i"), "6.1", ())
+    cmd = runner.qemu_command("qemu", l1, tmp_path, memory_mb=1024, cpus=2)
+    assert cmd[cmd.index("-accel") + 1] == "tcg" and cmd[cmd.index("-cpu") + 1] == "max"
+    shares = [cmd[i + 1] for i, c in enumerate(cmd) if c == "-virtfs"]
+    assert any("path=/," in s and "readonly=on" in s for s in shares)
+    assert any(f"path={tmp_path}," in s and "readonly" not in s for s in shares)
+
+
+def test_pytest_argv_defaults_to_the_hw_selection():
+    assert pytest_argv([])[-5:] == ["-m", "hw", "tests/kvm", "tests/xen", "tests/linux"]
+    assert pytest_argv(["-m", "kvm", "tests/kvm"])[-3:] == ["-m", "kvm", "tests/kvm"]
+    assert pytest_argv(["-k", "trap"])[-6:] == ["hw", "-k", "trap", "tests/kvm", "tests/xen", "tests/linux"]
+
+
+def fake_qemu(tmp_path: Path, body: str) -> None:
+    """A stand-in ``qemu-system-x86_64`` on PATH that prints ``body`` as L1's console would."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    q = bindir / "qemu-system-x86_64"
+    q.write_text(f"#!/bin/sh\n{body}\n")
+    q.chmod(0o755)
+    os.environ["PATH"] = f"{bindir}:{os.environ['PATH']}"
+
+
+@pytest.fixture
+def l1(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", os.environ["PATH"])
+    return image.L1Image(tmp_path / "k", tmp_path / "i", "6.1", ())
+
+
+def test_no_qemu_is_one_line(l1, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(runner.RigError, match="qemu-system-x86_64 not found"):
+        runner.run(l1, ["true"], cwd=ROOT, out_dir=tmp_path / "out")
+
+
+def test_l1_error_line_is_reported(l1, tmp_path):
+    fake_qemu(tmp_path, f'echo "{image.ERROR} the emulated CPU has no svm flag"; echo "[ 1.0] dmesg"')
+    with pytest.raises(runner.RigError, match="L1 failed: the emulated CPU has no svm flag"):
+        runner.run(l1, ["true"], cwd=ROOT, out_dir=tmp_path / "out", boot_timeout=30, timeout=60)
+
+
+def test_boot_timeout_kills_qemu(l1, tmp_path):
+    fake_qemu(tmp_path, "echo booting; exec sleep 60")
+    with pytest.raises(runner.RigError, match="not ready after 1s"):
+        runner.run(l1, ["true"], cwd=ROOT, out_dir=tmp_path / "out", boot_timeout=1, timeout=60)
+
+
+def test_status_and_output_come_back(l1, tmp_path):
+    out = tmp_path / "out"
+    # What L1's init does with the results share: run command.sh, then power off.
+    fake_qemu(tmp_path, f'echo "{image.READY} 2.5 6.1"; printf "7\\n" > {out}/status; '
+                        f'echo "from inside" > {out}/output.log; echo "{image.DONE} 3.0"')
+    res = runner.run(l1, ["pytest"], cwd=ROOT, out_dir=out, boot_timeout=30, timeout=60)
+    assert (res.status, res.output, res.l1_uptime_s) == (7, "from inside\n", 2.5)
+    assert image.DONE in res.console and (out / "console.log").read_text() == res.console + "\n"
+
+
+def test_qemu_exit_without_status_is_an_error(l1, tmp_path):
+    fake_qemu(tmp_path, f'echo "{image.READY} 2.5 6.1"; exit 1')
+    with pytest.raises(runner.RigError, match="no exit status"):
+        runner.run(l1, ["true"], cwd=ROOT, out_dir=tmp_path / "out", boot_timeout=30, timeout=60)
+
+
+@pytest.mark.skipif(not (ROOT / ".cache" / "rig" / "kernel" / "lib" / "modules").is_dir(),
+                    reason="the rig's kernel is not downloaded (make test-hw)")
+def test_real_generic_kernel_resolves_kvm_amd():
+    moddir = sorted((ROOT / ".cache" / "rig" / "kernel" / "lib" / "modules").iterdir())[-1]
+    names = [m.name for m in kmod.ModuleTree(moddir).load_order(list(image.WANTED_MODULES))]
+    assert names.index("kvm") < names.index("kvm_amd") and names.index("ccp") < names.index("kvm_amd")
+    assert names.index("9pnet") < names.index("9p") and "overlay" in names

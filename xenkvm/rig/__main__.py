@@ -1,0 +1,73 @@
+"""``python -m xenkvm.rig``: build the L1 system and run tests or a command in it (docs/hw-rig.md)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from xenkvm.images import REPO_ROOT
+from xenkvm.rig import image, runner
+
+#: The tests the rig runs by default: those that pass under hardware KVM (marker ``hw``), from the
+#: folders that hold them (collecting the whole suite costs minutes under TCG).
+HW_SELECTION = "hw"
+HW_PATHS = ["tests/kvm", "tests/xen", "tests/linux"]
+#: Exit status when the rig itself fails (as opposed to the command run inside it).
+RIG_FAILED = 125
+
+
+def pytest_argv(extra: list[str]) -> list[str]:
+    """The pytest command run inside L1: the ``hw`` selection unless ``-m`` is given, in
+    :data:`HW_PATHS` unless paths are given."""
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
+    if "-m" not in extra:
+        argv += ["-m", HW_SELECTION]
+    paths = [x for x in extra if not x.startswith("-") and (REPO_ROOT / x.split("::")[0]).exists()]
+    return argv + extra + ([] if paths else HW_PATHS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m xenkvm.rig", description=__doc__)
+    p.add_argument("--cache", default=str(REPO_ROOT / ".cache" / "rig"), help="download/build directory")
+    p.add_argument("--memory", type=int, default=4096, help="L1 memory in MiB")
+    p.add_argument("--cpus", type=int, default=1,
+                   help="L1 vCPUs (with more, TCG's unsynchronised TSCs make nested guests' time drift)")
+    p.add_argument("--boot-timeout", type=float, default=600, help="seconds until L1 must be ready")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds for the whole run")
+    p.add_argument("--out", help="results directory (default: a fresh temporary one)")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not copy L1's console to stdout")
+    p.add_argument("what", choices=("image", "test", "run"),
+                   help="image: only fetch and build L1's kernel and initramfs; test: pytest inside L1 "
+                        "(default -m hw tests; further arguments go to pytest); run: the command that follows")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="pytest arguments (test) or the command (run)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="rig: %(message)s")
+    try:
+        l1 = image.build(Path(a.cache))
+        if a.what == "image":
+            print(f"kernel    {l1.kernel}\ninitramfs {l1.initramfs}\nmodules   {' '.join(l1.modules)}")
+            return 0
+        args = [x for x in a.args if x != "--"] if a.what == "run" else a.args
+        if a.what == "run" and not args:
+            p.error("run needs a command")
+        cmd = pytest_argv(args) if a.what == "test" else args
+        with tempfile.TemporaryDirectory(prefix="xenkvm-rig-") as tmp:
+            out = Path(a.out) if a.out else Path(tmp)
+            res = runner.run(l1, cmd, cwd=REPO_ROOT, out_dir=out, memory_mb=a.memory, cpus=a.cpus,
+                             boot_timeout=a.boot_timeout, timeout=a.timeout,
+                             echo=None if a.quiet else sys.stdout)
+    except (image.RigImageError, runner.RigError) as e:
+        print(f"rig: {e}", file=sys.stderr)
+        return RIG_FAILED
+    if a.quiet:
+        sys.stdout.write(res.output)
+    uptime = f"{res.l1_uptime_s:.1f}s L1 time, " if res.l1_uptime_s is not None else ""
+    print(f"rig: L1 ready after {res.ready_s:.1f}s ({uptime}QEMU TCG), command exit {res.status}, "
+          f"{res.total_s:.1f}s in all", file=sys.stderr)
+    return res.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
