@@ -6,8 +6,7 @@ thread here, connected to the embedded xenstored's socket like any xenstore
 client, watches that key, reads it and answers in ``data/host-reply``, which the
 guest reads and prints after the marker.  With ``shutdown_after_marker`` the host
 also asks the guest to power off through ``control/shutdown`` (``xenkvm
-shutdown``) instead of letting it power itself off; a ``host`` step can drive the
-running guest further (tests/linux/test_linux_balloon.py).
+shutdown``) instead of letting it power itself off.
 """
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -113,21 +111,8 @@ def _responder(sock: Path, stop: threading.Event, result: XenBoot, shutdown: str
         result.host_errors.append(f"xenstore client: {e!r}")
 
 
-def _run_host(host: "HostStep", proc: subprocess.Popen, console: Path, sock: Path, result: XenBoot) -> None:
-    try:
-        host(proc, console, sock)
-    except Exception as e:  # noqa: BLE001 - reported by the test
-        result.host_errors.append(f"host step: {e!r}")
-
-
-#: A host-side step run (in a thread) once the guest has dumped its dmesg: (VMM process,
-#: console log, xenstore socket).  It ends the guest itself (e.g. ``xenkvm shutdown``).
-HostStep = Callable[[subprocess.Popen, Path, Path], None]
-
-
 def boot(guest: Path, workdir: Path, *, vcpus: int | None = None, timeout: float = 2400,
-         cmdline_extra: str = "", shutdown: str | None = None, stats: bool = False,
-         memory: str | None = None, host: HostStep | None = None) -> XenBoot:
+         cmdline_extra: str = "", shutdown: str | None = None, stats: bool = False) -> XenBoot:
     """Run ``guest`` to its end (or ``timeout``) with the host side of the round trip."""
     console = workdir / "console.log"
     sock = workdir / "xenstored.sock"
@@ -141,8 +126,6 @@ def boot(guest: Path, workdir: Path, *, vcpus: int | None = None, timeout: float
     cmd += [str(guest), "--console", f"file:{console}", "--xenstore-socket", str(sock)]
     if vcpus is not None:
         cmd += ["--vcpus", str(vcpus)]
-    if memory is not None:
-        cmd += ["--memory", memory]
     if cmdline_extra:
         from xenkvm.config import load_config
         cmd += ["--cmdline", f"{load_config(guest).cmdline} {cmdline_extra}"]
@@ -164,9 +147,6 @@ def boot(guest: Path, workdir: Path, *, vcpus: int | None = None, timeout: float
                     result.marker_s = time.monotonic() - t0
                 if DMESG_END.encode() in text:  # the guest has dumped its dmesg: it may be stopped
                     marker_seen.set()
-                    if host is not None:
-                        threading.Thread(target=_run_host, args=(host, proc, console, sock, result),
-                                         daemon=True).start()
             if time.monotonic() - t0 > timeout:
                 proc.kill()
                 break
