@@ -304,7 +304,8 @@ def test_xenstore_utils_read_the_initial_tree(service, sock_path):
     lines = {line.split("=")[0].strip(): line for line in ls.stdout.splitlines()}
     assert "platform-feature-xs_reset_watches" in lines
     assert "(n1)" in lines["shutdown"] and "(n0,r1)" in lines["name"]
-    assert "(n0,r1)" in lines["target"] and '"4096"' in lines["target"]   # libxl's memory/target: 4 MiB, in KiB
+    kib = dom.mem.ram_size // 1024      # libxl's memory/target: the RAM size, in KiB
+    assert "(n0,r1)" in lines["target"] and f'"{kib}"' in lines["target"]
 
 
 # -- with the real XenDomain and event channels (guest sends via EVTCHNOP_send) ----------
