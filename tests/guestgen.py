@@ -49,6 +49,8 @@ def print_debugcon(text: bytes) -> bytes:
 POWER_OFF = out_dx_ax(0x604, (5 << 10) | (1 << 13))
 SPIN = b"\xeb\xfe"                     # jmp $
 HLT_LOOP = b"\xfa\xf4\xeb\xfd"         # cli; hlt; jmp back to hlt
+#: sti; hlt; jmp back to hlt: halted with interrupts on (only an interrupt or a kick ends KVM_RUN)
+IDLE_LOOP = b"\xfb\xf4\xeb\xfd"
 #: lidt with a zero limit, then int3: #GP -> #DF -> triple fault
 TRIPLE_FAULT = b"\x0f\x01\x1d" + struct.pack("<I", 0x100000 + 0x800) + b"\xcc"
 RESET_CF9 = b"\xb0\x06\x66\xba\xf9\x0c\xee"  # mov al,6; mov dx,0xcf9; out dx,al

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -143,3 +144,45 @@ def test_halt_with_a_timer_pending_is_not_dead(built_guests):
     r = xenkvm("run", "guests/faults.yaml", "--cmdline", "faults xk.halt=sti", timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "timer fired" in r.stdout
+
+
+@pytest.mark.parametrize("poster", ["other thread", "own thread"])
+def test_work_posted_at_the_worst_moment_still_runs(tmp_path, poster):
+    """run_on_vcpu between the work-queue drain and KVM_RUN must not be lost.
+
+    The guest halts with interrupts on and nothing armed, so KVM_RUN returns
+    only when kicked.  The work is posted from the ``before_run`` seam, after
+    the drain: from another thread, its signal lands (and is consumed) while
+    the vCPU thread is still outside KVM_RUN; from the vCPU's own thread no
+    signal is sent at all.  Only ``immediate_exit`` gets either out.
+    """
+    k = raw_guest(tmp_path, guestgen.IDLE_LOOP)
+    m = Machine(GuestConfig(name="t", kernel=k, memory=32 << 20, vcpus=1, console="none"), sink=ConsoleSink(None))
+    ran = threading.Event()
+    posted: list[str] = []
+
+    def post() -> None:
+        m.run_on_vcpu(0, lambda vcpu: ran.set())
+
+    def before_run(vcpu) -> None:
+        if posted:
+            return
+        posted.append(threading.current_thread().name)
+        if poster == "own thread":
+            post()
+        else:  # the signal is delivered before join() returns, i.e. before this KVM_RUN
+            t = threading.Thread(target=post)
+            t.start()
+            t.join()
+
+    def on_started(machine: Machine) -> None:
+        ok = ran.wait(20)  # a generous bound: without the fix this would wait forever
+        machine.stop(ExitStatus.POWEROFF if ok else ExitStatus.VMM_ERROR, "work ran" if ok else "work lost")
+
+    m.before_run = before_run
+    try:
+        result = m.run(on_started)
+    finally:
+        m.close()
+    assert posted == ["vcpu0"]
+    assert result.status is ExitStatus.POWEROFF, result.message

@@ -101,6 +101,8 @@ class Machine:
         self._stopped = threading.Event()
         self.result: RunResult | None = None
         self._mmio_seen: set[int] = set()
+        #: test seam: called on each vCPU thread after its work queue is drained, before KVM_RUN
+        self.before_run: Callable[[Vcpu], None] | None = None
         self.gaps = None
         if self.host.emulates_ring0:
             from xenkvm.machine.gaps import Gaps
@@ -213,9 +215,15 @@ class Machine:
         self.stop(ExitStatus.VMM_ERROR, f"vcpu{vcpu.id}: {message}\n{self.dump_registers(vcpu)}")
 
     def run_on_vcpu(self, vcpu_id: int, fn: Callable[[Vcpu], None]) -> None:
-        """Run ``fn(vcpu)`` on that vCPU's own thread at its next exit (vCPU ioctls must)."""
+        """Run ``fn(vcpu)`` on that vCPU's own thread at its next exit (vCPU ioctls must).
+
+        ``immediate_exit`` is set before the signal, as stop() does: a signal that
+        lands while the thread is outside KVM_RUN is consumed there, but the flag
+        makes its next KVM_RUN return at once (run_vcpu clears it, then drains).
+        """
         vcpu = self.vcpus[vcpu_id]
         vcpu.work.append(fn)
+        vcpu.set_immediate_exit(True)
         if vcpu.thread_id is not None and vcpu.thread_id != threading.get_ident():
             try:
                 signal.pthread_kill(vcpu.thread_id, KICK_SIGNAL)
@@ -313,7 +321,8 @@ class Machine:
     def _vcpu_thread(self, vcpu: Vcpu, handlers: dict[int, ExitHandler]) -> None:
         vcpu.thread_id = threading.get_ident()
         try:
-            run_vcpu(vcpu, handlers, lambda: self.result is not None, self._on_unhandled, vcpu.work)
+            run_vcpu(vcpu, handlers, lambda: self.result is not None, self._on_unhandled, vcpu.work,
+                     self.before_run)
         except Exception as e:  # a VMM bug must still end the run cleanly
             log.exception("vcpu%d thread failed", vcpu.id)
             self.stop(ExitStatus.VMM_ERROR, f"vcpu{vcpu.id}: {e}")

@@ -57,17 +57,28 @@ def traced(handler: ExitHandler, reason: int) -> ExitHandler:
 
 
 def run_vcpu(vcpu: Vcpu, handlers: dict[int, ExitHandler], stopping: Callable[[], bool],
-             on_unhandled: Callable[[Vcpu, int], None], work: collections.deque) -> None:
+             on_unhandled: Callable[[Vcpu, int], None], work: collections.deque,
+             before_run: Callable[[Vcpu], None] | None = None) -> None:
     """Run ``vcpu`` until ``stopping()`` (handlers end a run by asking the machine to stop).
 
-    ``work`` holds callables other threads queued for this vCPU (they are kicked
-    out of KVM_RUN with a signal); they run between exits, on this thread.
+    ``work`` holds callables other threads queued for this vCPU.  They kick it
+    with ``immediate_exit`` set before the signal (Machine.run_on_vcpu), so a
+    kick that lands while this thread is outside KVM_RUN is not lost: the next
+    KVM_RUN returns at once.  After such a return the flag is cleared *before*
+    the queue is drained; work queued after the drain sets it again, so a
+    halted guest can never sleep on a non-empty queue.  ``before_run`` (tests
+    only) runs just before each KVM_RUN, after the drain: the worst moment for
+    a kick to arrive.
     """
     run = vcpu.run
     get = handlers.get
     intr = lib.KVM_EXIT_INTR
     while not stopping():
+        if before_run is not None:
+            before_run(vcpu)
         reason = run()
+        if reason == intr:
+            vcpu.set_immediate_exit(False)  # a stop() re-checks stopping() at the loop head
         while work:
             work.popleft()(vcpu)
         if reason == intr:

@@ -8,17 +8,36 @@ Two ways a guest asks for upcalls (linux.md 3.4):
   which Xen injects bypassing the LAPIC so the guest never EOIs; or a GSI
   (type 0), raised as a level on the IOAPIC.
 
-Through an in-kernel LAPIC the global vector would leave its ISR bit set
-forever, so a millisecond after delivering it we clear that bit on the target
-vCPU's own thread (vCPU ioctls must not come from other threads): an
-automatic EOI.  A guest still inside its handler by then could see the same
-vector nested; Linux prefers the per-vCPU vector whenever CPUID offers it.  An MSI the LAPIC refuses (APs register their vector before
-software-enabling the LAPIC) is retried a little later while the upcall is
-still pending, so no event is lost.
+Xen injects the global vector around its virtual LAPIC, so the guest never
+EOIs it (Linux does not).  Through KVM's in-kernel LAPIC the vector enters
+the ISR and would block every vector of its priority class forever, so the
+VMM EOIs it on the guest's behalf, on the target vCPU's own thread while that
+vCPU is out of KVM_RUN (``auto_eoi``), a millisecond after raising it and
+again until it is neither requested (IRR) nor in service (ISR).  That EOI must
+never write the IRR: MSIs from other threads and IPIs from other vCPUs set IRR
+bits at any moment, and a KVM_GET_LAPIC / KVM_SET_LAPIC round trip would
+overwrite the ones that land in between (a lost interrupt).  So:
+
+* x2APIC mode: the EOI goes through KVM_SET_MSRS on the x2APIC EOI register,
+  exactly the guest's own EOI write (KVM's apic_set_eoi: it clears the
+  highest in-service bit and leaves IRR alone).  It is sent only when our
+  vector is that highest bit; the ISR only changes inside this vCPU's
+  KVM_RUN, which cannot run meanwhile, so the check cannot go stale.
+* xAPIC mode: KVM has no register-level write (the x2APIC MSRs are refused,
+  Hyper-V's EOI MSR is optional), so the page round trip stays, under the
+  domain lock that every upcall MSI is sent under.  IPIs that other vCPUs
+  send through their LAPICs and the in-kernel PIT can still race it; guests
+  that take the global vector in xAPIC mode and need those are not covered.
+
+A guest still inside its handler when the EOI comes could see the same vector
+nested, as under Xen.  An MSI the LAPIC refuses (APs register their vector
+before software-enabling the LAPIC) is retried a little later while the
+upcall is still pending, so no event is lost.
 """
 from __future__ import annotations
 
 import logging
+from enum import Enum, IntEnum
 from typing import TYPE_CHECKING
 
 from xenkvm.xen.abi import HVM_CALLBACK_GSI, HVM_CALLBACK_TYPE_SHIFT, HVM_CALLBACK_VECTOR, HvmParam
@@ -30,13 +49,30 @@ log = logging.getLogger(__name__)
 
 RETRY_NS = 5_000_000
 EOI_DELAY_NS = 1_000_000
-LAPIC_ISR = 0x100
+
+
+class Lapic(IntEnum):
+    """Local APIC register offsets (Intel SDM vol. 3, table 11-1) and MSRs."""
+
+    ISR = 0x100                 #: in-service vectors, 8 x 32 bits at a 16-byte stride
+    IRR = 0x200                 #: requested vectors, same layout
+    MSR_APIC_BASE = 0x1B
+    X2APIC_ENABLE = 1 << 10     #: IA32_APIC_BASE.EXTD
+    MSR_X2APIC_EOI = 0x80B      #: writing 0 EOIs the highest in-service vector
+
+
+class Eoi(Enum):
+    """What ``auto_eoi`` found."""
+
+    DONE = "done"               #: the vector is neither requested nor in service
+    AGAIN = "again"             #: still requested, or not yet the highest in service: look again later
 
 
 class Upcalls:
     def __init__(self, domain: "XenDomain"):
         self.domain = domain
         self._retry_armed: set[int] = set()
+        self._eoi_armed: set[int] = set()       #: vCPUs with an auto-EOI round queued
         self.delivered = 0
 
     def callback(self) -> tuple[int, int]:
@@ -64,11 +100,27 @@ class Upcalls:
         self._retry_later(vcpu_id)
 
     def _global_vector(self, vcpu_id: int, vector: int) -> None:
-        """Deliver, then EOI on the guest's behalf once its (short) handler has run."""
+        """Deliver, then EOI on the guest's behalf once its (short) handler has run (caller holds the lock)."""
         self._msi(vcpu_id, vector)
+        self._schedule_eoi(vcpu_id, vector)
+
+    def _schedule_eoi(self, vcpu_id: int, vector: int) -> None:
+        """Arm one auto-EOI round for ``vcpu_id`` (under ``domain.lock``)."""
+        if vcpu_id in self._eoi_armed:
+            return
+        self._eoi_armed.add(vcpu_id)
         machine = self.domain.machine
         self.domain.io.call_later(EOI_DELAY_NS, lambda: machine.run_on_vcpu(
-            vcpu_id, lambda vcpu: clear_isr(vcpu, vector)))
+            vcpu_id, lambda vcpu: self._eoi_round(vcpu, vector)))
+
+    def _eoi_round(self, vcpu, vector: int) -> None:
+        """On the vCPU's thread.  Disarm *before* looking: an MSI sent after our
+        look arms the next round itself; one sent before it is seen here."""
+        with self.domain.lock:
+            self._eoi_armed.discard(vcpu.id)
+        if auto_eoi(vcpu, vector, self.domain.lock) is Eoi.AGAIN:
+            with self.domain.lock:
+                self._schedule_eoi(vcpu.id, vector)
 
     def _retry_later(self, vcpu_id: int) -> None:
         if vcpu_id in self._retry_armed:
@@ -90,12 +142,54 @@ class Upcalls:
                 self.domain.vm.irq_line(gsi, 0)
 
 
-def clear_isr(vcpu, vector: int) -> None:
-    """Clear ``vector``'s in-service bit in ``vcpu``'s LAPIC (runs on that vCPU's thread)."""
-    regs = bytearray(vcpu.get_lapic())
-    off = LAPIC_ISR + (vector // 32) * 0x10
-    bit = 1 << (vector % 32)
-    word = int.from_bytes(regs[off:off + 4], "little")
-    if word & bit:
-        regs[off:off + 4] = (word & ~bit).to_bytes(4, "little")
-        vcpu.set_lapic(bytes(regs))
+def vector_bits(regs: bytes, reg: Lapic) -> int:
+    """The 256-bit vector bitmap of ISR/IRR/TMR in a KVM_GET_LAPIC page, as one int."""
+    bits = 0
+    for i in range(8):
+        off = reg + i * 0x10
+        bits |= int.from_bytes(regs[off:off + 4], "little") << (32 * i)
+    return bits
+
+
+def auto_eoi(vcpu, vector: int, lock) -> Eoi:
+    """EOI ``vector`` in ``vcpu``'s LAPIC if it is the highest vector in service.
+
+    Runs on that vCPU's own thread, out of KVM_RUN, so the ISR cannot change
+    under us; the IRR can (other threads' MSIs, other vCPUs' IPIs), so it is
+    never written in x2APIC mode and only under ``lock`` in xAPIC mode.
+    """
+    if vcpu.get_msrs([Lapic.MSR_APIC_BASE]).get(Lapic.MSR_APIC_BASE, 0) & Lapic.X2APIC_ENABLE:
+        regs = vcpu.get_lapic()
+        outcome = _classify(regs, vector)
+        if outcome is _Slot.TOP:
+            vcpu.set_msrs({Lapic.MSR_X2APIC_EOI: 0})
+        return _after(regs, vector, outcome)
+    with lock:
+        regs = bytearray(vcpu.get_lapic())
+        outcome = _classify(regs, vector)
+        if outcome is _Slot.TOP:
+            off = Lapic.ISR + (vector // 32) * 0x10
+            word = int.from_bytes(regs[off:off + 4], "little") & ~(1 << (vector % 32))
+            regs[off:off + 4] = word.to_bytes(4, "little")
+            vcpu.set_lapic(bytes(regs))
+        return _after(regs, vector, outcome)
+
+
+class _Slot(Enum):
+    TOP = "highest in service"
+    NESTED = "in service below another vector"
+    IDLE = "not in service"
+
+
+def _classify(regs: bytes, vector: int) -> _Slot:
+    isr = vector_bits(regs, Lapic.ISR)
+    if not isr >> vector & 1:
+        return _Slot.IDLE
+    return _Slot.TOP if isr.bit_length() - 1 == vector else _Slot.NESTED
+
+
+def _after(regs: bytes, vector: int, slot: _Slot) -> Eoi:
+    """Another round is needed while the vector is requested, or in service but not EOIed now."""
+    if slot is _Slot.NESTED or vector_bits(regs, Lapic.IRR) >> vector & 1:
+        return Eoi.AGAIN
+    return Eoi.DONE
