@@ -1,8 +1,9 @@
-"""Hypercalls from outside ring 0: the CPL check every trap shares, and the fetch-fault walk.
+"""Hypercalls from outside ring 0: the CPL check every trap shares, and the fetch fault a breakpoint stands for.
 
 The traps run here on fake vCPUs whose registers are real ``struct kvm_regs``
 / ``kvm_sregs`` (cffi), and on real guest memory holding real page tables;
-guests/xen_userpriv.c checks the same end to end under /dev/kvm.
+guests/xen_userpriv.c checks the same end to end under /dev/kvm.  The walk
+itself is tested in tests/unit/test_pagewalk.py.
 """
 from __future__ import annotations
 
@@ -10,129 +11,16 @@ import pytest
 
 from xenkvm.kvm._kvm_cffi import ffi, lib as klib
 from xenkvm.machine.memory import GuestMemory
-from xenkvm.xen.privilege import (Cr0, Cr4, Efer, Paging, PfError, Pte, RFLAGS_VM, caller_cpl, fetch_fault)
+from xenkvm.machine.pagewalk import Cr0, Cr4, Efer, PfError, Pte
+from xenkvm.xen.privilege import RFLAGS_VM, caller_cpl
 from xenkvm.xen.traps import EPERM_RESULT, BreakpointTrap, HypercallPageTrap, KvmXenTrap, Site
 
 PML4, PDPT, PD, PT = 0x10000, 0x11000, 0x12000, 0x13000
 SITE = 0x200000 + 0x2000           # a kernel hypercall site, mapped by PT entry 2
 USER_SITE = SITE + 0x1000          # ... and one in a user page (PT entry 3)
 LONG = dict(cr0=int(Cr0.PE | Cr0.PG), cr3=PML4, cr4=int(Cr4.PAE), efer=int(Efer.LMA) | (1 << 8))
-
-
-# --- the walk -----------------------------------------------------------------------------
-class Tables:
-    """Page-table entries by guest-physical address, for fetch_fault's ``read``."""
-
-    def __init__(self):
-        self.entries: dict[int, int] = {}
-
-    def set(self, table: int, index: int, value: int, size: int = 8) -> None:
-        self.entries[table + index * size] = value
-
-    def read(self, gpa: int, size: int):
-        return self.entries.get(gpa)
-
-
-def four_level(leaf_flags: int, *, upper: int = Pte.P | Pte.RW | Pte.US) -> Tables:
-    t = Tables()
-    t.set(PML4, 0, PDPT | upper)
-    t.set(PDPT, 0, PD | upper)
-    t.set(PD, 1, PT | upper)                     # VA 2 MiB..4 MiB
-    t.set(PT, 2, 0x5000 | leaf_flags)
-    return t
-
-
-def paging(**kw) -> Paging:
-    return Paging(**{**LONG, "phys_bits": 40, **kw})
-
-
 P_RW = Pte.P | Pte.RW
-U, P, I, RSVD = PfError.USER, PfError.PRESENT, PfError.FETCH, PfError.RSVD
-
-
-@pytest.mark.parametrize("leaf, cpl, efer_nxe, want", [
-    (P_RW, 3, False, P | U),                  # a user process fetching a kernel page
-    (P_RW, 3, True, P | U | I),               # I/D is reported with EFER.NXE on 64-bit paging
-    (0, 3, False, U),                         # not present
-    (0, 3, True, U | I),
-    (P_RW | Pte.US, 3, False, None),          # a user page: the fetch succeeds
-    (P_RW | Pte.US | Pte.NX, 3, True, P | U | I),   # ... unless NX
-    (P_RW | Pte.US | Pte.NX, 3, False, P | U | RSVD),  # NX without NXE is a reserved bit
-    (P_RW, 1, False, None),                   # CPL 1 is a supervisor access
-    (0, 1, True, I),                          # ... that still faults on a missing page
-    (P_RW | Pte.NX, 0, True, P | I),
-])
-def test_fetch_fault_4_level(leaf, cpl, efer_nxe, want):
-    efer = LONG["efer"] | (Efer.NXE if efer_nxe else 0)
-    got = fetch_fault(paging(efer=efer), SITE, cpl, four_level(leaf).read)
-    assert got == (None if want is None else int(want))
-
-
-def test_user_bit_must_be_set_at_every_level():
-    t = four_level(P_RW | Pte.US, upper=Pte.P | Pte.RW)  # upper levels supervisor-only
-    assert fetch_fault(paging(), SITE, 3, t.read) == P | U
-    assert fetch_fault(paging(), SITE, 0, t.read) is None
-
-
-def test_smep_faults_supervisor_fetch_from_user_page():
-    t = four_level(P_RW | Pte.US)
-    assert fetch_fault(paging(cr4=Cr4.PAE | Cr4.SMEP), SITE, 1, t.read) == P | I
-    assert fetch_fault(paging(), SITE, 1, t.read) is None
-
-
-def test_large_pages_and_their_reserved_bits():
-    t = Tables()
-    t.set(PML4, 0, PDPT | P_RW | Pte.US)
-    t.set(PDPT, 0, PD | P_RW | Pte.US)
-    t.set(PD, 1, 0x200000 | P_RW | Pte.PS)      # a 2 MiB supervisor page
-    assert fetch_fault(paging(), SITE, 3, t.read) == P | U
-    t.set(PD, 1, 0x200000 | P_RW | Pte.US | Pte.PS)
-    assert fetch_fault(paging(), SITE, 3, t.read) is None
-    t.set(PD, 1, 0x200000 | (1 << 13) | P_RW | Pte.US | Pte.PS)  # bit 13 of a 2 MiB PDE is reserved
-    assert fetch_fault(paging(), SITE, 3, t.read) == P | U | RSVD
-    t.set(PDPT, 0, P_RW | Pte.US | Pte.PS)      # a 1 GiB page
-    assert fetch_fault(paging(), SITE, 3, t.read) is None
-    t.set(PML4, 0, PDPT | P_RW | Pte.US | Pte.PS)  # PS is reserved in a PML4E
-    assert fetch_fault(paging(), SITE, 3, t.read) == P | U | RSVD
-
-
-def test_address_bits_beyond_maxphyaddr_are_reserved():
-    t = four_level(P_RW | Pte.US)
-    t.set(PT, 2, (1 << 45) | 0x5000 | P_RW | Pte.US)
-    assert fetch_fault(paging(phys_bits=40), SITE, 3, t.read) == P | U | RSVD
-    assert fetch_fault(paging(phys_bits=46), SITE, 3, t.read) is None
-
-
-def test_five_level_pae_and_32_bit_paging():
-    pml5 = 0x14000
-    t = four_level(P_RW)
-    t.set(pml5, 0, PML4 | P_RW | Pte.US)
-    assert fetch_fault(paging(cr3=pml5, cr4=Cr4.PAE | Cr4.LA57), SITE, 3, t.read) == P | U
-    t.set(pml5, 0, PML4 | P_RW)                 # supervisor at the top level only
-    t.set(PT, 2, 0x5000 | P_RW | Pte.US)
-    assert fetch_fault(paging(cr3=pml5, cr4=Cr4.PAE | Cr4.LA57), SITE, 3, t.read) == P | U
-    assert fetch_fault(paging(), SITE, 3, t.read) is None  # 4-level: the PML5E is not walked
-
-    pae = Tables()
-    pae.set(PDPT, 0, PD | Pte.P)                 # PDPTEs have no U/S bit
-    pae.set(PD, 1, PT | P_RW | Pte.US)
-    pae.set(PT, 2, 0x5000 | P_RW)
-    regs = dict(cr0=Cr0.PE | Cr0.PG, cr3=PDPT, cr4=Cr4.PAE, efer=Efer.NXE)
-    assert fetch_fault(Paging(**regs), SITE, 3, pae.read) == P | U | I
-    pae.set(PDPT, 0, PD | Pte.P | Pte.RW)        # R/W is reserved in a PAE PDPTE
-    assert fetch_fault(Paging(**regs), SITE, 3, pae.read) == P | U | I | RSVD
-
-    flat = Tables()
-    flat.set(PD, 0, PT | P_RW | Pte.US, size=4)
-    flat.set(PT, 0x202, 0x5000 | P_RW, size=4)
-    regs = dict(cr0=Cr0.PE | Cr0.PG, cr3=PD, cr4=0, efer=Efer.NXE)  # no PAE: no I/D, no NX
-    assert fetch_fault(Paging(**regs), SITE, 3, flat.read) == P | U
-    flat.set(PD, 0, 0x0 | P_RW | Pte.US | Pte.PS, size=4)  # a 4 MiB page, with CR4.PSE
-    assert fetch_fault(Paging(**{**regs, "cr4": Cr4.PSE}), SITE, 3, flat.read) is None
-
-
-def test_no_paging_no_fault():
-    assert fetch_fault(paging(cr0=Cr0.PE), SITE, 3, Tables().read) is None
+U, P = PfError.USER, PfError.PRESENT
 
 
 # --- the CPL ------------------------------------------------------------------------------
@@ -234,9 +122,9 @@ def test_port_trap_serves_ring_0():
 def kernel_memory():
     """4 MiB of guest RAM with a long-mode page table: SITE supervisor-only, USER_SITE a user page."""
     mem = GuestMemory(4 << 20)
-    t = four_level(P_RW)
-    t.set(PT, 3, 0x6000 | P_RW | Pte.US)
-    for gpa, value in t.entries.items():
+    upper = P_RW | Pte.US
+    for gpa, value in [(PML4, PDPT | upper), (PDPT, PD | upper), (PD + 8, PT | upper),  # VA 2 MiB..4 MiB
+                       (PT + 2 * 8, 0x5000 | P_RW), (PT + 3 * 8, 0x6000 | P_RW | Pte.US)]:
         mem.write_u64(gpa, value)
     return mem
 

@@ -28,7 +28,8 @@ cpu   any other exception unicorn raised (alignment, #DE..)  that vector, error
 
 Not modelled: VEX/EVEX-encoded (AVX) instructions (their #UD depends on XCR0,
 which the guest cannot enable on PVM: ``noxsave``); #SS for a non-canonical
-stack reference (reported as #GP(0)); SMAP/SMEP and protection keys in the walk.
+stack reference (reported as #GP(0)); SMAP and protection keys in the walk
+(``machine/pagewalk.py``).
 An instruction unicorn does not know but the guest's CPU might is *not* a #UD:
 that stays an emulation failure (exit status 5).
 """
@@ -36,7 +37,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum, IntEnum
-from typing import Callable
+
+from xenkvm.machine.pagewalk import Cr0, Cr4
 
 
 class Vector(IntEnum):
@@ -50,16 +52,6 @@ class Vector(IntEnum):
 
 #: Exceptions that push an error code (SDM Vol. 3 Table 6-1).
 HAS_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
-
-CR0_MP, CR0_EM, CR0_TS, CR0_WP = 1 << 1, 1 << 2, 1 << 3, 1 << 16
-CR4_PAE, CR4_OSFXSR, CR4_LA57 = 1 << 5, 1 << 9, 1 << 12
-EFER_NXE = 1 << 11
-
-# Page-table entry bits and #PF error-code bits (SDM Vol. 3 4.7).
-PTE_P, PTE_W, PTE_U, PTE_PS = 1 << 0, 1 << 1, 1 << 2, 1 << 7
-PTE_NX = 1 << 63
-PTE_ADDR = 0x000F_FFFF_FFFF_F000
-PF_P, PF_W, PF_U, PF_RSVD, PF_I = 1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 4
 
 LEGACY_PREFIXES = frozenset(b"\x66\xf2\xf3\xf0\x2e\x36\x3e\x26\x64\x65\x67")
 
@@ -184,17 +176,17 @@ def classify(code: bytes) -> InsnClass:
 
 def _instruction_rule(cls: InsnClass, s: CpuState) -> Fault | None:
     """Checks made before any memory access: device-not-available, #UD, privilege."""
-    if cls is InsnClass.X87 and s.cr0 & (CR0_EM | CR0_TS):
+    if cls is InsnClass.X87 and s.cr0 & (Cr0.EM | Cr0.TS):
         return Fault(Vector.NM, None, rule="x87")
-    if cls is InsnClass.FWAIT and s.cr0 & CR0_TS and s.cr0 & CR0_MP:
+    if cls is InsnClass.FWAIT and s.cr0 & Cr0.TS and s.cr0 & Cr0.MP:
         return Fault(Vector.NM, None, rule="wait")
-    if cls is InsnClass.MMX and s.cr0 & CR0_EM:
+    if cls is InsnClass.MMX and s.cr0 & Cr0.EM:
         return Fault(Vector.UD, None, rule="mmx")
-    if cls is InsnClass.SSE and (s.cr0 & CR0_EM or not s.cr4 & CR4_OSFXSR):
+    if cls is InsnClass.SSE and (s.cr0 & Cr0.EM or not s.cr4 & Cr4.OSFXSR):
         return Fault(Vector.UD, None, rule="sse")
-    if cls in (InsnClass.MMX, InsnClass.SSE) and s.cr0 & CR0_TS:
+    if cls in (InsnClass.MMX, InsnClass.SSE) and s.cr0 & Cr0.TS:
         return Fault(Vector.NM, None, rule="simd")
-    if cls is InsnClass.FXSR and s.cr0 & (CR0_TS | CR0_EM):
+    if cls is InsnClass.FXSR and s.cr0 & (Cr0.TS | Cr0.EM):
         return Fault(Vector.NM, None, rule="simd")
     if cls is InsnClass.PRIVILEGED and s.cpl > 0:
         return Fault(Vector.GP, 0, rule="priv")
@@ -218,56 +210,3 @@ def decide_fault(code: bytes, state: CpuState, raised: int | None, access: Faile
     if raised is None:
         return Fault(Vector.UD, None, rule="ud") if cls is InsnClass.UD else None
     return Fault(raised, 0 if raised in HAS_ERROR_CODE else None, rule="cpu")
-
-
-# --- the page-table walk -----------------------------------------------------------
-def canonical(addr: int, la57: bool = False) -> bool:
-    bits = 57 if la57 else 48
-    top = addr >> (bits - 1)
-    return top == 0 or top == (1 << (65 - bits)) - 1
-
-
-@dataclass(frozen=True)
-class Paging:
-    """The vCPU's paging state for a 4- or 5-level (IA-32e) walk."""
-
-    cr0: int
-    cr3: int
-    cr4: int
-    efer: int
-    cpl: int
-
-
-def walk(read_u64: Callable[[int], int | None], p: Paging, addr: int, write: bool,
-         fetch: bool = False) -> tuple[int | None, int]:
-    """Translate ``addr`` like the MMU: (guest-physical address, 0) or (None, #PF error code).
-
-    Permissions are the AND of W and U and the OR of NX over all levels (SDM
-    4.6); a supervisor write to a read-only page faults only with CR0.WP.  An
-    entry that cannot be read (outside RAM) counts as not present.
-    """
-    user = p.cpl == 3
-    base_err = (PF_W if write else 0) | (PF_U if user else 0) | (PF_I if fetch and p.efer & EFER_NXE else 0)
-    levels = 5 if p.cr4 & CR4_LA57 else 4
-    table = p.cr3 & PTE_ADDR
-    writable = usable = True
-    no_exec = False
-    for level in range(levels, 0, -1):
-        shift = 12 + 9 * (level - 1)
-        entry = read_u64(table + 8 * ((addr >> shift) & 0x1FF))
-        if entry is None or not entry & PTE_P:
-            return None, base_err
-        reserved = (entry & PTE_NX and not p.efer & EFER_NXE) or (entry & PTE_PS and level >= 4)
-        if reserved:
-            return None, base_err | PF_P | PF_RSVD
-        writable &= bool(entry & PTE_W)
-        usable &= bool(entry & PTE_U)
-        no_exec |= bool(entry & PTE_NX)
-        if level == 1 or entry & PTE_PS:
-            page_mask = (1 << shift) - 1
-            gpa = (entry & PTE_ADDR & ~page_mask) | (addr & page_mask)
-            denied = ((user and not usable) or (write and not writable and (user or p.cr0 & CR0_WP))
-                      or (fetch and no_exec and p.efer & EFER_NXE))
-            return (None, base_err | PF_P) if denied else (gpa, 0)
-        table = entry & PTE_ADDR
-    raise AssertionError("unreachable")

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from xenkvm.kvm.errors import KvmError
-from xenkvm.machine.faults import CpuState, FailedAccess, Fault, Paging, canonical, decide_fault, walk
+from xenkvm.machine.faults import CpuState, FailedAccess, Fault, decide_fault
+from xenkvm.machine.pagewalk import Access, Paging, canonical, cpuid_phys_bits, walk
 
 if TYPE_CHECKING:
     from xenkvm.kvm.vcpu import Vcpu
@@ -390,10 +391,10 @@ class UnicornStep:
         rules of ``machine/faults.py`` decide what the guest sees.
         """
         cpl = sregs.cs.selector & 3
-        paging = Paging(sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer, cpl)
+        paging = Paging.from_sregs(sregs, cpuid_phys_bits(vcpu.get_cpuid()))
         access = None
         if raised is not None:
-            access = FaultProbe(self).first_failed_access(sregs, regs, fpu, paging)
+            access = FaultProbe(self).first_failed_access(sregs, regs, fpu, paging, cpl)
         fault = decide_fault(code, CpuState(sregs.cr0, sregs.cr4, sregs.efer, cpl), raised, access)
         if fault is None:
             log.error("vcpu%d: unicorn does not know %s at %#x (not a #UD the guest's CPU would raise)",
@@ -408,7 +409,7 @@ class FaultProbe:
     """Re-runs a faulting instruction to find the first memory access that cannot be translated.
 
     A second unicorn in virtual-TLB mode: every page the instruction touches is
-    translated by :func:`faults.walk` over the guest's page tables and backed by
+    translated by :func:`pagewalk.walk` over the guest's page tables and backed by
     a private copy (a failing page by zeros), so the probe never writes guest
     memory and every access completes; the memory hooks then give the exact
     address and kind of each access, in order.  The first that touches a failing
@@ -428,26 +429,27 @@ class FaultProbe:
         self.uc.hook_add(u.UC_HOOK_TLB_FILL, self._fill)
         self.uc.hook_add(u.UC_HOOK_MEM_READ | u.UC_HOOK_MEM_WRITE, self._access)
         self.uc.hook_add(u.UC_HOOK_INTR, lambda uc, _intno, _d: uc.emu_stop())
-        self._reset(None)
+        self._reset(None, 0)
 
-    def _reset(self, paging: Paging | None) -> None:
+    def _reset(self, paging: Paging | None, cpl: int) -> None:
         """Forget the last probe (one FaultProbe is made per fault: faults are rare)."""
-        self.paging = paging
+        self.paging, self.cpl = paging, cpl
         self.pages: dict[tuple[int, bool], int] = {}   # (page, write) -> scratch page
         self.slot_page: dict[int, int] = {}            # scratch page -> virtual page
         self.failed: dict[int, int | None] = {}        # page -> #PF error code (None: non-canonical)
         self.accesses: list[tuple[int, int, bool]] = []
 
-    def _read_u64(self, gpa: int) -> int | None:
+    def _read_entry(self, gpa: int, size: int) -> int | None:
         try:
-            return int.from_bytes(self.step.mem.read(gpa, 8), "little")
+            return int.from_bytes(self.step.mem.read(gpa, size), "little")
         except ValueError:
             return None
 
     def _fill(self, uc, vaddr: int, access: int, entry, _data) -> bool:
         u = self.uc_mod
         page = vaddr & ~0xFFF
-        write, fetch = access == u.UC_MEM_WRITE, access == u.UC_MEM_FETCH
+        write = access == u.UC_MEM_WRITE
+        kind = Access.WRITE if write else Access.FETCH if access == u.UC_MEM_FETCH else Access.READ
         slot = self.pages.get((page, write))
         if slot is None:
             if len(self.pages) >= self.PAGES:
@@ -455,7 +457,7 @@ class FaultProbe:
             slot = self.SCRATCH + (len(self.pages) << 12)
             self.pages[(page, write)] = slot
             self.slot_page[slot] = page
-            gpa, err = (None, None) if not canonical(page) else walk(self._read_u64, self.paging, page, write, fetch)
+            gpa, err = (None, None) if not canonical(page) else self._walk(page, kind)
             data = bytes(0x1000)
             if gpa is None:
                 self.failed.setdefault(page, err)
@@ -476,7 +478,11 @@ class FaultProbe:
             addr = self.slot_page[slot] | (addr & 0xFFF)
         self.accesses.append((addr, size, access == self.uc_mod.UC_MEM_WRITE))
 
-    def _error_code(self, page: int, paging: Paging) -> int | None:
+    def _walk(self, page: int, kind: Access) -> tuple[int | None, int]:
+        """The guest's translation of ``page`` for this access, at the faulting instruction's CPL."""
+        return walk(self._read_entry, self.paging, page, kind, self.cpl)
+
+    def _error_code(self, page: int) -> int | None:
         """The walk's error code for ``page``, as a write if the instruction writes it at all.
 
         A read-modify-write instruction (``add [m], r``, ``cmpxchg16b``) is
@@ -486,10 +492,10 @@ class FaultProbe:
         if self.failed[page] is None:
             return None
         write = any(w for a, n, w in self.accesses if a & ~0xFFF <= page <= (a + n - 1) & ~0xFFF)
-        return walk(self._read_u64, paging, page, write)[1]
+        return self._walk(page, Access.WRITE if write else Access.READ)[1]
 
-    def first_failed_access(self, sregs, regs, fpu, paging: Paging) -> FailedAccess | None:
-        self._reset(paging)
+    def first_failed_access(self, sregs, regs, fpu, paging: Paging, cpl: int) -> FailedAccess | None:
+        self._reset(paging, cpl)
         self.step._load(self.uc, sregs, regs, fpu)
         try:
             self.uc.emu_start(regs.rip, regs.rip + 16, count=1)
@@ -498,7 +504,7 @@ class FaultProbe:
         for addr, size, _write in self.accesses:
             for page in sorted({addr & ~0xFFF, (addr + size - 1) & ~0xFFF}):
                 if page in self.failed:
-                    return FailedAccess(max(addr, page), self._error_code(page, paging))
+                    return FailedAccess(max(addr, page), self._error_code(page))
         for page, err in self.failed.items():  # an instruction fetch (no memory hook fires for those)
             return FailedAccess(max(page, regs.rip), err)
         return None

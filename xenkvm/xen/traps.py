@@ -29,9 +29,10 @@ from xenkvm.kvm.vm import MsrRange
 from xenkvm.machine import layout
 from xenkvm.machine.boot import BootError
 from xenkvm.machine.memory import GuestMemoryError
+from xenkvm.machine.pagewalk import Access, Paging, cpuid_phys_bits, walk
 from xenkvm.xen.abi import Errno
 from xenkvm.xen.cpuid import HYPERCALL_MSR
-from xenkvm.xen.privilege import DEFAULT_PHYS_BITS, PF_VECTOR, Paging, caller_cpl, fetch_fault
+from xenkvm.xen.privilege import PF_VECTOR, caller_cpl
 
 if TYPE_CHECKING:
     from xenkvm.kvm.vcpu import Vcpu
@@ -270,9 +271,9 @@ class BreakpointTrap:
         must see.  Only walked at CPL > 0: the kernel runs its own text.
         """
         sregs = vcpu.get_sregs()  # a copy KVM_SET_SREGS takes (the sync area is read-only)
-        paging = Paging.from_sregs(sregs, self._phys_bits(vcpu))
-        error = fetch_fault(paging, pc, cpl, self._read_entry)
-        if error is None:
+        paging = Paging.from_sregs(sregs, cpuid_phys_bits(vcpu.get_cpuid()))
+        gpa, error = walk(self._read_entry, paging, pc, Access.FETCH, cpl)
+        if gpa is not None:
             return False
         sregs.cr2 = pc  # no exception payload: CR2 is set directly, then the #PF injected
         vcpu.set_sregs(sregs)
@@ -285,14 +286,6 @@ class BreakpointTrap:
             return int.from_bytes(self.domain.mem.read(gpa, size), "little")
         except GuestMemoryError:
             return None
-
-    @staticmethod
-    def _phys_bits(vcpu: "Vcpu") -> int:
-        """MAXPHYADDR as the guest's CPUID 0x80000008 EAX[7:0] says."""
-        for fn, _idx, _flags, eax, _ebx, _ecx, _edx in vcpu.get_cpuid():
-            if fn == 0x80000008 and eax & 0xFF:
-                return eax & 0xFF
-        return DEFAULT_PHYS_BITS
 
 
 class KvmXenTrap:
