@@ -104,20 +104,32 @@ def test_choose_auto_patches_direct_sites_without_kvm_xen():
     assert trap.sites == [PatchSite(Site("xen_hypercall_intel", guestgen.LOAD_ADDR), guestgen.LOAD_ADDR)]
 
 
-def test_choose_auto_breakpoints_where_the_image_is_not_what_runs():
-    # a bzImage boot: the vmlinux sites are overwritten by the self-decompression
-    got = choose(FakeDomain(PVM), HypercallTrap.AUTO, ELF_WITH_SITE, patchable=False)
-    assert kinds(got) == [HypercallPageTrap, BreakpointTrap]
+def _elf_with_symbol_outside(tmp_path) -> bytes:
+    """An ELF whose xen_hypercall_intel symbol names an address no segment loads."""
+    import subprocess
+    src = tmp_path / "s.S"
+    src.write_text(".globl xen_hypercall_intel\n.set xen_hypercall_intel, 0x900000\n"
+                   ".globl _start\n.text\n_start: ret\n")
+    out = tmp_path / "s.elf"
+    subprocess.run(["gcc", "-nostdlib", "-static", "-no-pie", "-Wl,-Ttext=0x200000", "-o", str(out), str(src)],
+                   check=True)
+    return out.read_bytes()
+
+
+def test_choose_auto_breakpoints_a_site_outside_the_loaded_segments(tmp_path):
+    elf = _elf_with_symbol_outside(tmp_path)
+    assert find_sites(elf) == [Site("xen_hypercall_intel", 0x900000)]
+    assert kinds(choose(FakeDomain(PVM), HypercallTrap.AUTO, elf)) == [HypercallPageTrap, BreakpointTrap]
     with pytest.raises(TrapError, match="neither"):
-        choose(FakeDomain(["hypercall-page", "patch"]), HypercallTrap.AUTO, ELF_WITH_SITE, patchable=False)
+        choose(FakeDomain(["hypercall-page", "patch"]), HypercallTrap.AUTO, elf)
+    with pytest.raises(TrapError, match="outside the image's loaded segments"):
+        choose(FakeDomain(PVM), HypercallTrap.PATCH, elf)
 
 
 def test_choose_forced_patch():
     assert kinds(choose(FakeDomain(PVM), HypercallTrap.PATCH, ELF_WITH_SITE)) == [PatchTrap]
     with pytest.raises(TrapError, match="no xen_hypercall"):
         choose(FakeDomain(PVM), HypercallTrap.PATCH, ELF_PLAIN)
-    with pytest.raises(TrapError, match="not in the image as loaded"):
-        choose(FakeDomain(PVM), HypercallTrap.PATCH, ELF_WITH_SITE, patchable=False)
 
 
 def _elf_at(code: bytes, vaddr: int, paddr: int) -> bytes:
@@ -229,7 +241,7 @@ def test_host_trap_list_and_what_auto_picks():
     assert bare.hypercall_traps() == ["patch"]
     assert xen.hypercall_traps() == WITH_KVM_XEN
     assert pvm.auto_trap().startswith("hypercall-page for guests that ask for one, patch for")
-    assert "breakpoint for a bzImage" in pvm.auto_trap()
+    assert "breakpoint only where a site lies outside the loaded segments" in pvm.auto_trap()
     assert bare.auto_trap().startswith("no hypercall page") and "breakpoint" not in bare.auto_trap()
     assert xen.auto_trap().startswith("kvm-xen")
     assert any(line.startswith("hypercall trap auto picks: hypercall-page") for line in pvm.describe())

@@ -113,7 +113,7 @@ class Host:
             return "kvm-xen (KVM_CAP_XEN_HVM with INTERCEPT_HCALL: KVM catches every vmcall/vmmcall)"
         page = ("hypercall-page for guests that ask for one, "
                 if "hypercall-page" in traps else "no hypercall page (no user-space MSR filter), ")
-        fallback = ("; breakpoint for a bzImage booted as HVM (it decompresses over the patched bytes)"
+        fallback = ("; breakpoint only where a site lies outside the loaded segments, or when asked for"
                     if "breakpoint" in traps else "")
         return (page + "patch for an image's own vmcall/vmmcall sites (no KVM_XEN here; the port exit "
                 "needs no debug registers)" + fallback)

@@ -136,10 +136,8 @@ class XenDomain:
         is None).  HVM-mode guests (the Linux boot protocol) and ``xen.platform_pci``
         get the Xen platform PCI device and the unplug ports (xen/platform_pci.py).
         """
-        from xenkvm.config import BootMode
         from xenkvm.xen.traps import choose
-        # a bzImage decompresses itself over the loaded image: its vmlinux sites cannot be patched
-        self.traps = choose(self, self.cfg.hypercall_trap, image, patchable=mode is not BootMode.LINUX)
+        self.traps = choose(self, self.cfg.hypercall_trap, image)
         for vcpu in self.machine.vcpus:
             vcpu.enable_sync_sregs()  # the CPU mode of each hypercall without an ioctl
         for trap in self.traps:
@@ -149,6 +147,7 @@ class XenDomain:
             from xenkvm.machine import layout
             from xenkvm.xen.testdev import TestDevice
             self.machine.bus.register(layout.XEN_TESTDEV_PORT, 4, TestDevice(self))
+        from xenkvm.config import BootMode
         linux = mode is BootMode.LINUX if mode is not None else image is None
         if self.platform is None and (self.cfg.platform_pci or linux):
             from xenkvm.xen import platform_pci

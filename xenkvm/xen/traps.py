@@ -268,6 +268,8 @@ def port_hypercall(domain: "XenDomain", vcpu: "Vcpu") -> None:
 
 @dataclass(frozen=True)
 class PatchSite:
+    """A hypercall site and where the loader put it in guest-physical memory."""
+
     site: Site
     gpa: int
 
@@ -402,11 +404,10 @@ def _patch_sites(image: bytes, sites: list[Site]) -> list[PatchSite] | None:
     return located if len(located) == len(sites) else None
 
 
-def _direct_trap(domain: "XenDomain", available: list[str], image: bytes, sites: list[Site],
-                 patchable: bool):
-    """`auto`'s trap for the guest's own vmcall/vmmcall sites: patch where the image is
-    what runs, else breakpoints; TrapError if neither can catch them."""
-    located = _patch_sites(image, sites) if patchable and "patch" in available else None
+def _direct_trap(domain: "XenDomain", available: list[str], image: bytes, sites: list[Site]):
+    """`auto`'s trap for the guest's own vmcall/vmmcall sites: patch where each site is in
+    the loaded image, else breakpoints; TrapError if neither can catch them."""
+    located = _patch_sites(image, sites) if "patch" in available else None
     if located is not None:
         return PatchTrap(domain, located)
     if "breakpoint" in available:
@@ -415,12 +416,11 @@ def _direct_trap(domain: "XenDomain", available: list[str], image: bytes, sites:
                     "with KVM_XEN, nor by patching the loaded image, nor with breakpoints")
 
 
-def choose(domain: "XenDomain", requested: HypercallTrap, image: bytes | None, *,
-           patchable: bool = True) -> list:
+def choose(domain: "XenDomain", requested: HypercallTrap, image: bytes | None) -> list:
     """The traps for this guest and host; raises TrapError for a guest that would hang.
 
-    ``patchable``: ``image`` is what the guest runs, loaded at its physical
-    addresses (not so for a self-decompressing bzImage, which overwrites them).
+    ``image`` is the ELF the guest runs, loaded at its physical addresses (the
+    loader boots a Xen guest's bzImage as its extracted vmlinux for this).
     """
     available = domain.machine.host.hypercall_traps()
     sites = find_sites(image) if image is not None else []
@@ -429,7 +429,7 @@ def choose(domain: "XenDomain", requested: HypercallTrap, image: bytes | None, *
             return [KvmXenTrap(domain)]
         traps: list = [HypercallPageTrap(domain)] if "hypercall-page" in available else []
         if sites:
-            traps.append(_direct_trap(domain, available, image, sites, patchable))
+            traps.append(_direct_trap(domain, available, image, sites))
         if not traps:
             raise TrapError("this host offers no way to trap Xen hypercalls")
         return traps
@@ -447,9 +447,9 @@ def choose(domain: "XenDomain", requested: HypercallTrap, image: bytes | None, *
     if not sites:
         raise TrapError(f"{requested.value} trap: no xen_hypercall_intel/_amd instruction found in the guest image")
     if requested is HypercallTrap.PATCH:
-        located = _patch_sites(image, sites) if patchable else None
+        located = _patch_sites(image, sites)
         if located is None:
-            raise TrapError("patch trap: the hypercall sites are not in the image as loaded "
-                            "(a self-decompressing bzImage); use breakpoint or auto")
+            raise TrapError("patch trap: a hypercall site is outside the image's loaded segments; "
+                            "use breakpoint or auto")
         return [PatchTrap(domain, located)]
     return [BreakpointTrap(domain, sites)]
