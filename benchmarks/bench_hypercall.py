@@ -7,6 +7,8 @@ One process, side by side: the same marker-timed loop of N iterations in a raw
 * port exit:        the Machine run loop dispatching a port-I/O exit to a device;
 * hypercall-page:   `call page+17*32` -> port exit -> dispatcher -> xen_version;
 * breakpoint:       `call stub` (vmcall; ret) -> debug exit -> dispatcher -> RIP += 3;
+* patch:            the same stub, rewritten before the run to `out %eax,$0xea; nop; ret`
+                    -> port exit -> dispatcher (no debug registers);
 * page, no dispatch: the hypercall-page guest again, with a hook that only sets RAX:
                     the same guest instructions and exits without the Xen dispatcher, so
                     trap-row / this-row is the dispatcher's own overhead.
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     pio = Path("/tmp") / "xenkvm-bench-pio.elf"
     pio.write_bytes(guestgen.pvh_elf(guestgen.pio_loop(PORT)))
     rows: dict[str, list[float]] = {"floor (C loop, no Python)": [], "port exit, Machine loop": [],
-                                    "page, no dispatch": [], "hypercall-page trap": [], "breakpoint trap": []}
+                                    "page, no dispatch": [], "hypercall-page trap": [], "breakpoint trap": [],
+                                    "patch trap": []}
     if os.environ.get("XENKVM_RIG"):  # docs/hw-rig.md: QEMU TCG fires no DR breakpoints of a nested guest
         print("breakpoint trap: skipped in the hardware rig (QEMU TCG does not fire a nested guest's "
               "debug-register breakpoints)")
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         if "breakpoint trap" in rows:
             rows["breakpoint trap"].append(bench_trap(
                 guestgen.xen_version_via_vmcall_program(args.n, PORT), HypercallTrap.BREAKPOINT, args.n))
+        rows["patch trap"].append(bench_trap(
+            guestgen.xen_version_via_vmcall_program(args.n, PORT), HypercallTrap.PATCH, args.n))
     floor = min(rows["floor (C loop, no Python)"])
     port = min(rows["port exit, Machine loop"])
     same = min(rows["page, no dispatch"])

@@ -14,7 +14,7 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
     xen:                       # optional: present = the guest sees a Xen hypervisor
       version: "4.17"
       domid: 1
-      hypercall_trap: auto     # auto | kvm-xen | hypercall-page | breakpoint
+      hypercall_trap: auto     # auto | kvm-xen | hypercall-page | breakpoint | patch
       xenstore_socket: /run/xenstored/socket   # optional; default $XENSTORED_PATH or that
       platform_pci: false      # Xen platform PCI device + unplug ports (always on for boot: linux)
       hypervisor_log: stderr   # console_io output: stderr ("(XEN) " lines) | file:PATH | none
@@ -51,6 +51,7 @@ class HypercallTrap(str, Enum):
     KVM_XEN = "kvm-xen"
     HYPERCALL_PAGE = "hypercall-page"
     BREAKPOINT = "breakpoint"
+    PATCH = "patch"
 
 
 @dataclass(frozen=True)

@@ -55,26 +55,33 @@ def _check(r: XenBoot, status: int = 0) -> None:
 
 
 def test_pvh_two_vcpus(tmp_path: Path) -> None:
-    r = boot(_need(PVH), tmp_path, vcpus=2, timeout=TIMEOUT)
+    """`auto` on a host without KVM_XEN: the kernel's xen_hypercall_amd/_intel are patched."""
+    r = boot(_need(PVH), tmp_path, vcpus=2, timeout=TIMEOUT, verbose=True)
     _report("PVH, 2 vCPUs", r)
     _check(r)
     assert "smpboot: Total of 2 processors activated" in r.dmesg, r.dmesg[-3000:]
+    assert "hypercall traps: hypercall-page, patch\n" in r.stderr, r.stderr[-3000:]
 
 
 def test_hvm_platform_device(tmp_path: Path) -> None:
-    r = boot(_need(HVM), tmp_path, timeout=TIMEOUT)
-    _report("HVM (bzImage, platform PCI)", r)
+    """The bzImage runs as its extracted vmlinux, entered at startup_64, with its sites patched."""
+    r = boot(_need(HVM), tmp_path, timeout=TIMEOUT, verbose=True)
+    _report("HVM (bzImage as vmlinux, 64-bit entry, platform PCI)", r)
     _check(r)
+    assert "vmlinux via the 64-bit boot protocol" in r.stderr, r.stderr[-3000:]
+    assert "hypercall traps: hypercall-page, patch\n" in r.stderr, r.stderr[-3000:]
     assert "[5853:0001]" in r.dmesg, "the platform device was not enumerated:\n" + r.dmesg[-3000:]
     assert "Xen HVM callback vector" in r.dmesg or "Xen Platform PCI" in r.dmesg, r.dmesg[-3000:]
 
 
 def test_pvh_host_shutdown_request(tmp_path: Path) -> None:
-    """One vCPU; the guest waits after the marker and the host powers it off via control/shutdown."""
+    """One vCPU; the guest waits after the marker and the host powers it off via control/shutdown.
+    The breakpoint trap, chosen explicitly, keeps its Debian-kernel boot here."""
     r = boot(_need(PVH), tmp_path, vcpus=1, timeout=TIMEOUT, cmdline_extra="xenkvm.end=wait",
-             shutdown="poweroff")
-    _report("PVH, 1 vCPU, host shutdown request", r)
+             shutdown="poweroff", trap="breakpoint", verbose=True)
+    _report("PVH, 1 vCPU, host shutdown request, breakpoint trap", r)
     _check(r)
+    assert "hypercall traps: breakpoint\n" in r.stderr, r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("end,status,check", [

@@ -112,8 +112,13 @@ def _responder(sock: Path, stop: threading.Event, result: XenBoot, shutdown: str
 
 
 def boot(guest: Path, workdir: Path, *, vcpus: int | None = None, timeout: float = 2400,
-         cmdline_extra: str = "", shutdown: str | None = None, stats: bool = False) -> XenBoot:
-    """Run ``guest`` to its end (or ``timeout``) with the host side of the round trip."""
+         cmdline_extra: str = "", shutdown: str | None = None, stats: bool = False,
+         trap: str | None = None, verbose: bool = False) -> XenBoot:
+    """Run ``guest`` to its end (or ``timeout``) with the host side of the round trip.
+
+    ``trap`` overrides the yaml's hypercall_trap; ``verbose`` logs at INFO (the traps
+    chosen, the boot protocol) into ``stderr``.
+    """
     console = workdir / "console.log"
     sock = workdir / "xenstored.sock"
     for p in (console, sock):
@@ -122,8 +127,10 @@ def boot(guest: Path, workdir: Path, *, vcpus: int | None = None, timeout: float
     if stats:  # the same run, but in a child that dumps the dispatcher's per-hypercall stats
         cmd = [sys.executable, str(ROOT / "benchmarks" / "run_guest.py"), "--stats", str(workdir / "stats.json")]
     else:
-        cmd = [sys.executable, "-m", "xenkvm", "run"]
+        cmd = [sys.executable, "-m", "xenkvm", *(["-v"] if verbose else []), "run"]
     cmd += [str(guest), "--console", f"file:{console}", "--xenstore-socket", str(sock)]
+    if trap is not None:
+        cmd += ["--hypercall-trap", trap]
     if vcpus is not None:
         cmd += ["--vcpus", str(vcpus)]
     if cmdline_extra:

@@ -35,11 +35,35 @@ def test_breakpoint_trap(tmp_path):
     assert r.stdout == VERSION_417
 
 
-@pytest.mark.breakpoint
-def test_auto_uses_breakpoints_for_direct_vmcall(tmp_path):
+def test_patch_trap(tmp_path):
+    r = run(tmp_path, guestgen.xen_version_via_vmcall_program(3), "--hypercall-trap", "patch", verbose=True)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout == VERSION_417
+    assert b"patch trap on xen_hypercall_intel" in r.stderr
+
+
+def test_auto_patches_direct_vmcall(tmp_path):
     r = run(tmp_path, guestgen.xen_version_via_vmcall_program(2), "--xen", verbose=True)
     assert r.returncode == 0 and r.stdout == VERSION_417
-    assert b"hypercall traps: hypercall-page, breakpoint" in r.stderr
+    assert b"hypercall traps: hypercall-page, patch" in r.stderr
+
+
+def test_patch_trap_refuses_a_symbol_on_other_bytes(tmp_path):
+    """xen_hypercall_intel names `nop; nop; nop; vmcall`: the patch trap will not write over
+    the nops, and the guest never starts (one line, exit 2)."""
+    src = tmp_path / "g.S"
+    src.write_text(".globl xen_hypercall_intel\n.globl _start\n.text\n_start: hlt\n"
+                   "xen_hypercall_intel: nop; nop; nop; vmcall; ret\n"
+                   # XEN_ELFNOTE_PHYS32_ENTRY (18) = _start, so it boots as PVH
+                   ".section .note.Xen, \"a\", @note\n.p2align 2\n.long 4, 4, 18\n.asciz \"Xen\"\n.long _start\n")
+    k = tmp_path / "g.elf"
+    subprocess.run(["gcc", "-nostdlib", "-static", "-no-pie", "-Wl,-Ttext=0x200000", "-o", str(k), str(src)],
+                   check=True)
+    r = subprocess.run([sys.executable, "-m", "xenkvm", "run", "--kernel", str(k), "--boot", "pvh",
+                        "--memory", "32M", "--hypercall-trap", "patch"], capture_output=True, timeout=120, cwd=ROOT)
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert "90 90 90, not vmcall/vmmcall" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_page_trap_refuses_a_guest_that_would_hang(tmp_path):

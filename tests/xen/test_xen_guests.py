@@ -80,6 +80,19 @@ def test_xen_guest(built_guests, yaml, xs_socket):
     assert ("trap: direct" in r.stdout) == direct, r.stdout[:600]
 
 
+@pytest.mark.parametrize("yaml", [pytest.param(y, marks=[pytest.mark.pvclock] if y.startswith("xen_evtchn") else [])
+                                  for y in YAMLS if y.endswith("_direct.yaml")])
+def test_direct_guest_with_patch_trap(built_guests, yaml, xs_socket):
+    """The _direct guests (xen_hypercall_intel/_amd, breakpoint trap in their yaml) with their
+    vmcall/vmmcall rewritten into port exits instead."""
+    r = subprocess.run([sys.executable, "-m", "xenkvm", "-v", "run", f"guests/{yaml}", "--hypercall-trap", "patch"],
+                       cwd=ROOT, capture_output=True, text=True, errors="replace", timeout=TIMEOUT,
+                       env={**os.environ, **xs_socket})
+    assert_passed(r)
+    assert "trap: direct" in r.stdout
+    assert "hypercall traps: patch\n" in r.stderr and "breakpoint" not in r.stderr
+
+
 @pytest.mark.parametrize("yaml", ["xen_console.yaml",
                                   pytest.param("xen_console_direct.yaml", marks=pytest.mark.breakpoint)])
 def test_console_markers_reach_the_host(built_guests, yaml, xs_socket):

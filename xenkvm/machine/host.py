@@ -101,9 +101,22 @@ class Host:
             traps.append("kvm-xen")
         if self.caps.get("X86_USER_SPACE_MSR") and self.caps.get("X86_MSR_FILTER"):
             traps.append("hypercall-page")
+        traps.append("patch")  # port-I/O exits need no capability
         if self.caps.get("SET_GUEST_DEBUG"):
             traps.append("breakpoint")
         return traps
+
+    def auto_trap(self) -> str:
+        """What ``hypercall_trap: auto`` picks on this host, and why (for ``xenkvm info``)."""
+        traps = self.hypercall_traps()
+        if "kvm-xen" in traps:
+            return "kvm-xen (KVM_CAP_XEN_HVM with INTERCEPT_HCALL: KVM catches every vmcall/vmmcall)"
+        page = ("hypercall-page for guests that ask for one, "
+                if "hypercall-page" in traps else "no hypercall page (no user-space MSR filter), ")
+        fallback = ("; breakpoint only where a site lies outside the loaded segments, or when asked for"
+                    if "breakpoint" in traps else "")
+        return (page + "patch for an image's own vmcall/vmmcall sites (no KVM_XEN here; the port exit "
+                "needs no debug registers)" + fallback)
 
     def describe(self) -> list[str]:
         """Lines for ``xenkvm info``."""
@@ -118,6 +131,7 @@ class Host:
         if self.kernel_params:
             lines.append(f"Linux guest parameters added: {' '.join(self.kernel_params)}")
         lines.append("hypercall traps possible: " + (", ".join(self.hypercall_traps()) or "none"))
+        lines.append("hypercall trap auto picks: " + self.auto_trap())
         lines.append("capabilities:")
         lines.extend(f"  KVM_CAP_{name:<20} {value:#x}" for name, value in self.caps.items())
         return lines

@@ -2,7 +2,9 @@
 
 * ``pvh``: an ELF with ``XEN_ELFNOTE_PHYS32_ENTRY`` (a bzImage is first
   unpacked to its ELF vmlinux); 32-bit protected mode, EBX = hvm_start_info.
-* ``linux``: a bzImage through the Linux x86 boot protocol, 64-bit entry.
+* ``linux``: a bzImage through the Linux x86 boot protocol, 64-bit entry; for a
+  Xen (HVM) guest, the bzImage's extracted vmlinux through the same 64-bit
+  protocol, so its hypercall sites can be patched before it runs.
 * ``auto``: PVH for an ELF, the Linux protocol for a bzImage.
 
 A Linux kernel also gets the command-line parameters this host needs
@@ -21,6 +23,7 @@ from xenkvm.machine.boot.bzimage import load_bzimage
 from xenkvm.machine.boot.elf import XenElfNote, parse_elf
 from xenkvm.machine.boot.extract import extract_vmlinux
 from xenkvm.machine.boot.pvh import load_pvh
+from xenkvm.machine.boot.vmlinux64 import load_vmlinux64
 from xenkvm.machine.cpu import set_entry_state
 
 if TYPE_CHECKING:
@@ -41,7 +44,7 @@ class Entry:
     rbx: int = 0
     rsi: int = 0
     is_linux: bool = False
-    image: bytes | None = None  #: the kernel's ELF (loaded, or extracted for a Xen bzImage boot)
+    image: bytes | None = None  #: the kernel's ELF as loaded (PVH, or a Xen guest's vmlinux)
 
 
 def is_bzimage(data: bytes) -> bool:
@@ -81,10 +84,15 @@ def prepare(machine: "Machine") -> Entry:
     if mode is BootMode.LINUX:
         if not is_bzimage(kernel):
             raise BootError("boot: linux needs a bzImage")
-        boot = load_bzimage(mem, kernel, kernel_cmdline(cfg.cmdline, True, params), initrd, rsdp)
-        # A Xen HVM guest's hypercall instructions are found in its vmlinux (trap sites).
-        image = extract_vmlinux(kernel) if cfg.xen is not None else None
-        return Entry(mode, boot.entry64, rsi=boot.boot_params_gpa, is_linux=True, image=image)
+        cmdline = kernel_cmdline(cfg.cmdline, True, params)
+        if cfg.xen is not None:
+            # A Xen HVM guest runs its extracted vmlinux, loaded where it runs, so the hypercall
+            # instructions in it can be patched before the first instruction (vmlinux64.py).
+            image = extract_vmlinux(kernel)
+            v = load_vmlinux64(mem, kernel, image, cmdline, initrd, rsdp)
+            return Entry(mode, v.entry64, rsi=v.boot_params_gpa, is_linux=True, image=image)
+        boot = load_bzimage(mem, kernel, cmdline, initrd, rsdp)
+        return Entry(mode, boot.entry64, rsi=boot.boot_params_gpa, is_linux=True)
     if is_bzimage(kernel):
         kernel = extract_vmlinux(kernel)
     linux = _elf_is_linux(kernel)

@@ -10,8 +10,12 @@
   (a bare vmcall/vmmcall) and never uses a page.  We find those instructions
   in the image (ELF symbols, else byte patterns) and put hardware execute
   breakpoints on them; the debug exit is emulated and RIP stepped past.
+* ``patch``: the same sites, rewritten in guest memory before the first
+  instruction into ``out %eax, HYPERCALL_PORT; nop`` (3 bytes, as long as the
+  vmcall), so each call is the port exit the page stubs make: no debug
+  registers (they stay the guest's), any host.
 
-All three end in :func:`hypercall_result`, which applies Xen's privilege
+All four end in :func:`hypercall_result`, which applies Xen's privilege
 rule (only CPL 0 may make hypercalls; privilege.py) before
 ``Dispatcher.dispatch``.  With KVM_CAP_SYNC_REGS the registers are read and
 written through kvm_run, so a trap costs no extra ioctl.
@@ -43,6 +47,8 @@ log = logging.getLogger(__name__)
 VMCALL = b"\x0f\x01\xc1"
 VMMCALL = b"\x0f\x01\xd9"
 INSN_LEN = 3
+#: what a patched site holds: ``out %eax, $HYPERCALL_PORT`` (EAX already has the number) + ``nop``
+PATCHED = bytes([0xE7, layout.HYPERCALL_PORT, 0x90])
 STUB_SIZE = 32
 STUBS = 4096 // STUB_SIZE
 SYMBOLS = ("xen_hypercall_intel", "xen_hypercall_amd")
@@ -131,6 +137,23 @@ def pattern_sites(elf: bytes) -> list[Site]:
 def find_sites(elf: bytes) -> list[Site]:
     sites = symbol_sites(elf) or pattern_sites(elf)
     return sorted(set(sites), key=lambda s: s.vaddr)[:4]
+
+
+def site_gpa(elf: bytes, vaddr: int) -> int | None:
+    """Where the loader put the instruction at ``vaddr``: through the PT_LOAD whose file
+    bytes hold it, ``p_paddr + (vaddr - p_vaddr)`` (load_elf copies segments to p_paddr)."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or len(elf) < 64:
+        return None
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(phnum):
+        base = phoff + i * phentsize
+        if phentsize < 56 or base + 56 > len(elf):
+            return None
+        p_type, _, _, p_vaddr, p_paddr, filesz, _, _ = struct.unpack_from("<IIQQQQQQ", elf, base)
+        if p_type == 1 and p_vaddr <= vaddr and vaddr + INSN_LEN <= p_vaddr + filesz:
+            return p_paddr + (vaddr - p_vaddr)
+    return None
 
 
 # --- the traps ------------------------------------------------------------------------
@@ -226,13 +249,69 @@ class HypercallPageTrap:
         vcpu.exit_msr.error = 1
 
     def on_port(self, vcpu: "Vcpu") -> None:
-        """The stub's `out`.  At CPL 3 hardware #GPs it unless IOPL or the TSS I/O bitmap allow it
-        (PVM #GPs it always: its outer rings run with IOPL 0); when one does reach us, the CPL
-        check in :func:`hypercall_result` refuses it."""
-        io = vcpu.exit_io
-        if io.direction != klib.KVM_EXIT_IO_OUT or io.size != 4:
-            return
-        dispatch_from_registers(self.domain, vcpu)
+        port_hypercall(self.domain, vcpu)
+
+
+def port_hypercall(domain: "XenDomain", vcpu: "Vcpu") -> None:
+    """The `out %eax, HYPERCALL_PORT` of a page stub or a patched site, EAX = the number.
+
+    KVM has the `out` completed and RIP past it (2 bytes): a stub's `ret` or a patched
+    site's `nop` runs next, with the result in RAX.  At CPL 3 hardware #GPs the `out`
+    unless IOPL or the TSS I/O bitmap allow it (PVM #GPs it always: its outer rings run
+    with IOPL 0); when one does reach us, the CPL check in :func:`hypercall_result`
+    refuses it.
+    """
+    io = vcpu.exit_io
+    if io.direction != klib.KVM_EXIT_IO_OUT or io.size != 4:
+        return
+    dispatch_from_registers(domain, vcpu)
+
+
+@dataclass(frozen=True)
+class PatchSite:
+    """A hypercall site and where the loader put it in guest-physical memory."""
+
+    site: Site
+    gpa: int
+
+
+def patch_sites(mem, sites: list[PatchSite]) -> None:
+    """Rewrite each site's vmcall/vmmcall into :data:`PATCHED`; all or nothing.
+
+    Every site is checked first: bytes that are not exactly a vmcall or vmmcall
+    (a wrong symbol, a relocated or already-changed image) refuse the guest, since
+    writing there would corrupt code the guest runs.
+    """
+    for p in sites:
+        try:
+            found = bytes(mem.read(p.gpa, INSN_LEN))
+        except GuestMemoryError:
+            raise TrapError(f"patch trap: {p.site.name} at {p.site.vaddr:#x} (GPA {p.gpa:#x}) "
+                            "is not in guest memory") from None
+        if found not in (VMCALL, VMMCALL):
+            raise TrapError(f"patch trap: {p.site.name} at {p.site.vaddr:#x} (GPA {p.gpa:#x}) holds "
+                            f"{found.hex(' ')}, not vmcall/vmmcall; refusing to patch")
+    for p in sites:
+        mem.write(p.gpa, PATCHED)
+
+
+class PatchTrap:
+    """The guest's own vmcall/vmmcall rewritten into port-I/O exits before it runs."""
+
+    name = "patch"
+
+    def __init__(self, domain: "XenDomain", sites: list[PatchSite]):
+        self.domain = domain
+        self.sites = sites
+
+    def install(self) -> None:
+        patch_sites(self.domain.mem, self.sites)
+        self.domain.machine.port_hooks[layout.HYPERCALL_PORT] = self.on_port
+        for p in self.sites:
+            log.info("patch trap on %s at %#x (GPA %#x)", p.site.name, p.site.vaddr, p.gpa)
+
+    def on_port(self, vcpu: "Vcpu") -> None:
+        port_hypercall(self.domain, vcpu)
 
 
 class BreakpointTrap:
@@ -312,19 +391,38 @@ class KvmXenTrap:
 
 
 # --- choosing ---------------------------------------------------------------------------
+def _patch_sites(image: bytes, sites: list[Site]) -> list[PatchSite] | None:
+    """Each site with its guest-physical address, or None if one has none (not loaded)."""
+    located = [PatchSite(s, gpa) for s in sites if (gpa := site_gpa(image, s.vaddr)) is not None]
+    return located if len(located) == len(sites) else None
+
+
+def _direct_trap(domain: "XenDomain", available: list[str], image: bytes, sites: list[Site]):
+    """`auto`'s trap for the guest's own vmcall/vmmcall sites: patch where each site is in
+    the loaded image, else breakpoints; TrapError if neither can catch them."""
+    located = _patch_sites(image, sites) if "patch" in available else None
+    if located is not None:
+        return PatchTrap(domain, located)
+    if "breakpoint" in available:
+        return BreakpointTrap(domain, sites)
+    raise TrapError("the guest calls vmcall/vmmcall directly and this host can trap neither "
+                    "with KVM_XEN, nor by patching the loaded image, nor with breakpoints")
+
+
 def choose(domain: "XenDomain", requested: HypercallTrap, image: bytes | None) -> list:
-    """The traps for this guest and host; raises TrapError for a guest that would hang."""
+    """The traps for this guest and host; raises TrapError for a guest that would hang.
+
+    ``image`` is the ELF the guest runs, loaded at its physical addresses (the
+    loader boots a Xen guest's bzImage as its extracted vmlinux for this).
+    """
     available = domain.machine.host.hypercall_traps()
     sites = find_sites(image) if image is not None else []
     if requested is HypercallTrap.AUTO:
         if "kvm-xen" in available:
             return [KvmXenTrap(domain)]
         traps: list = [HypercallPageTrap(domain)] if "hypercall-page" in available else []
-        if sites and "breakpoint" in available:
-            traps.append(BreakpointTrap(domain, sites))
-        if sites and not any(isinstance(t, BreakpointTrap) for t in traps):
-            raise TrapError("the guest calls vmcall/vmmcall directly and this host can trap neither "
-                            "with KVM_XEN nor with breakpoints")
+        if sites:
+            traps.append(_direct_trap(domain, available, image, sites))
         if not traps:
             raise TrapError("this host offers no way to trap Xen hypercalls")
         return traps
@@ -337,8 +435,14 @@ def choose(domain: "XenDomain", requested: HypercallTrap, image: bytes | None) -
         if sites:
             raise TrapError("the guest issues vmcall/vmmcall directly ("
                             + ", ".join(f"{s.name} at {s.vaddr:#x}" for s in sites)
-                            + "), which the hypercall-page trap cannot catch; use breakpoint or auto")
+                            + "), which the hypercall-page trap cannot catch; use patch, breakpoint or auto")
         return [HypercallPageTrap(domain)]
     if not sites:
-        raise TrapError("breakpoint trap: no xen_hypercall_intel/_amd instruction found in the guest image")
+        raise TrapError(f"{requested.value} trap: no xen_hypercall_intel/_amd instruction found in the guest image")
+    if requested is HypercallTrap.PATCH:
+        located = _patch_sites(image, sites)
+        if located is None:
+            raise TrapError("patch trap: a hypercall site is outside the image's loaded segments; "
+                            "use breakpoint or auto")
+        return [PatchTrap(domain, located)]
     return [BreakpointTrap(domain, sites)]
