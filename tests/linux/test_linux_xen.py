@@ -74,6 +74,7 @@ def test_hvm_platform_device(tmp_path: Path) -> None:
     assert "Xen HVM callback vector" in r.dmesg or "Xen Platform PCI" in r.dmesg, r.dmesg[-3000:]
 
 
+@pytest.mark.linux_more
 def test_pvh_host_shutdown_request(tmp_path: Path) -> None:
     """One vCPU; the guest waits after the marker and the host powers it off via control/shutdown.
     The breakpoint trap, chosen explicitly, keeps its Debian-kernel boot here."""
@@ -84,6 +85,7 @@ def test_pvh_host_shutdown_request(tmp_path: Path) -> None:
     assert "hypercall traps: breakpoint\n" in r.stderr, r.stderr[-3000:]
 
 
+@pytest.mark.linux_more
 @pytest.mark.parametrize("end,status,check", [
     ("reboot", 3, "guest shut down (reboot) via SCHEDOP_shutdown"),
     ("crash", 6, "guest shut down (crash) via SCHEDOP_shutdown\nlast console lines:"),
