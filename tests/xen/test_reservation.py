@@ -53,13 +53,18 @@ def counts(hcall, mem, domid=DOMID_SELF) -> tuple[int, int]:
 
 
 def rss_of(region) -> int:
-    """Resident bytes of the host mapping behind ``region`` (/proc/self/smaps)."""
-    start = f"{region.host_addr:x}-"
+    """Resident bytes of the host mapping that holds ``region`` (/proc/self/smaps).
+
+    The mapping is found by containment, not by its start: the kernel may merge the
+    region's anonymous mapping with a neighbour (seen under hardware KVM in the rig).
+    """
     with open("/proc/self/smaps") as f:
         inside = False
         for line in f:
-            if "-" in line.split()[0] and not line.startswith(("Rss", "Size")):
-                inside = line.startswith(start)
+            head = line.split()[0]
+            if "-" in head and not line.startswith(("Rss", "Size")):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= region.host_addr < hi
             elif inside and line.startswith("Rss:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("mapping not found")

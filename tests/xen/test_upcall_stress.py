@@ -29,7 +29,8 @@ def parse(out: str) -> tuple[str, str, int, list[dict[str, tuple[int, int]]]]:
 
 
 @pytest.mark.parametrize("yaml, apic", [("xen_upcall_stress.yaml", "x2apic"),
-                                        ("xen_upcall_stress_direct.yaml", "xapic")])
+                                        pytest.param("xen_upcall_stress_direct.yaml", "xapic",
+                                                     marks=pytest.mark.breakpoint)])
 def test_every_delivery_arrives_with_the_global_vector(built_guests, yaml, apic, tmp_path):
     r = run_guest(yaml, env={"XENSTORED_PATH": str(tmp_path / "xs.sock")})
     assert_passed(r)
