@@ -119,6 +119,72 @@ def test_atomic_bit_helpers(mem):
     assert not lib.xk_cmpxchg32(addr, expected, 9) and expected[0] == 5
 
 
+def test_page_by_gfn_is_a_zero_copy_view(mem):
+    page = mem.page(5)
+    assert len(page) == 4096
+    page[0] = 0x5A
+    assert mem.read(5 * 4096, 1) == b"\x5a"
+
+
+@pytest.mark.parametrize("gfn", [-1, (16 * MiB) >> 12, 1 << 40])
+def test_page_outside_memory_is_an_error(mem, gfn):
+    with pytest.raises(GuestMemoryError):
+        mem.page(gfn)
+
+
+def test_ram_lookups(mem):
+    extra = mem.add_region(0xFEB0_0000, 0x4000, "special", reserved=True)
+    assert mem.is_ram(0) and mem.is_ram(16 * MiB - 1)
+    assert not mem.is_ram(16 * MiB) and not mem.is_ram(-4096) and not mem.is_ram(0xFEB0_0000)
+    assert mem.region_at(0xFEB0_3FFF) is extra and mem.region_at(0xFEB0_4000) is None
+    assert mem.region_at(-1) is None and mem.region_at(1 << 50) is None
+    assert mem.top_of_ram() == 16 * MiB
+    assert mem.top_of_regions() == 0xFEB0_4000
+    assert [r.name for r in mem.ram_regions()] == ["ram-low"]
+
+
+def test_top_of_ram_above_4g():
+    big = GuestMemory(LOW_RAM_TOP + 2 * MiB)
+    assert big.top_of_ram() == HIGH_RAM_BASE + 2 * MiB
+    assert big.is_ram(HIGH_RAM_BASE) and not big.is_ram(LOW_RAM_TOP)
+
+
+def test_u32_atomics(mem):
+    mem.write_u32(0x8000, 0xF0)
+    assert mem.atomic_or32(0x8000, 0x0F) == 0xF0 and mem.read_u32(0x8000) == 0xFF
+    assert mem.atomic_and32(0x8000, ~0x0F) == 0xFF and mem.read_u32(0x8000) == 0xF0
+    assert mem.cmpxchg32(0x8000, 0xF0, 7) == (True, 0xF0) and mem.read_u32(0x8000) == 7
+    assert mem.cmpxchg32(0x8000, 0xF0, 9) == (False, 7) and mem.read_u32(0x8000) == 7
+    ptr = mem.u32_ptr(0x8000)
+    ptr[0] = 0x1234
+    assert mem.read_u32(0x8000) == 0x1234
+
+
+@pytest.mark.parametrize("gpa", [0x8002, 16 * MiB - 2, 16 * MiB, -4])
+def test_u32_atomics_refuse_unaligned_or_outside(mem, gpa):
+    for op in (lambda: mem.atomic_or32(gpa, 1), lambda: mem.atomic_and32(gpa, 1),
+               lambda: mem.cmpxchg32(gpa, 0, 1), lambda: mem.u32_ptr(gpa)):
+        with pytest.raises(GuestMemoryError):
+            op()
+
+
+def test_bit_atomics(mem):
+    assert mem.test_and_set_bit(0x8000, 70) is False
+    assert mem.test_and_set_bit(0x8000, 70) is True
+    assert mem.read_u64(0x8008) == 1 << 6 and mem.test_bit(0x8000, 70)
+    assert mem.test_and_clear_bit(0x8000, 70) is True
+    assert mem.test_and_clear_bit(0x8000, 70) is False
+    assert mem.read_u64(0x8008) == 0 and not mem.test_bit(0x8000, 70)
+
+
+@pytest.mark.parametrize("gpa,bit", [(0x8004, 0), (0x8000, -1), (16 * MiB - 8, 64), (16 * MiB, 0)])
+def test_bit_atomics_refuse_unaligned_or_outside(mem, gpa, bit):
+    for op in (mem.test_and_set_bit, mem.test_and_clear_bit, mem.test_bit):
+        with pytest.raises(GuestMemoryError):
+            op(gpa, bit)
+    assert mem.read(16 * MiB - 8, 8) == bytes(8)
+
+
 def test_refused_region_is_not_added_and_earlier_listeners_are_undone(mem):
     """A listener that cannot back a region (no memslot left) leaves nothing behind."""
     backed, dropped = [], []

@@ -8,6 +8,11 @@ e.g. -EFAULT); nothing here ever touches host memory outside a region.
 Layout (x86, like QEMU's pc machines): RAM from 0 up to ``LOW_RAM_TOP``
 (3 GiB), the rest above 4 GiB; the hole in between holds MMIO (IOAPIC, LAPIC)
 and the extra regions added at run time (grant frames, special pages).
+
+The Xen layer reaches guest memory only through this class: pages by gfn,
+RAM lookups (``is_ram``, ``region_at``, ``top_of_ram``) instead of walking the
+regions, and 32-bit and bit atomics on words the running vCPUs share with us
+(event-channel pending bits, FIFO event words, grant entry flags).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from xenkvm.kvm._kvm_cffi import ffi
+from xenkvm.kvm._kvm_cffi import lib as _c  # the C atomic helpers (xk_*): lock-prefixed, seq_cst
 
 PAGE_SIZE = 4096
 LOW_RAM_TOP = 0xC000_0000
@@ -266,6 +272,83 @@ class GuestMemory:
     def write_u64(self, gpa: int, value: int) -> None:
         self.pack(_U64, gpa, value)
 
+    def page(self, gfn: int) -> memoryview:
+        """A zero-copy, writable view of guest frame ``gfn`` (4 KiB, wholly inside one region)."""
+        return self.view(gfn * PAGE_SIZE, PAGE_SIZE)
+
+    # -- lookups -------------------------------------------------------------
+    def region_at(self, gpa: int) -> Region | None:
+        """The region that holds ``gpa``, or None (MMIO, the holes, beyond the top)."""
+        i = bisect.bisect(self._starts, gpa) - 1
+        if gpa < 0 or i < 0:
+            return None
+        r = self._regions[i]
+        return r if gpa < r.end else None
+
+    def is_ram(self, gpa: int) -> bool:
+        """Whether ``gpa`` is guest RAM (not a run-time region such as grant frames)."""
+        r = self.region_at(gpa)
+        return r is not None and r.ram
+
+    def ram_regions(self) -> tuple[Region, ...]:
+        """The RAM regions, lowest first (they never change after construction)."""
+        return tuple(r for r in self._regions if r.ram)
+
+    def top_of_ram(self) -> int:
+        """The GPA just past the highest RAM byte."""
+        return max(r.end for r in self._regions if r.ram)
+
+    def top_of_regions(self) -> int:
+        """The GPA just past the highest backed byte, RAM or run-time region (XENMEM_maximum_gpfn)."""
+        return self._regions[-1].end
+
+    # -- atomics on memory the vCPUs share -----------------------------------
+    def u32_ptr(self, gpa: int):
+        """A cffi ``uint32_t *`` to the aligned 32-bit word at ``gpa`` (bounds-checked once)."""
+        if gpa % 4:
+            raise GuestMemoryError(gpa, 4, "not 4-byte aligned")
+        return ffi.cast("uint32_t *", self.host_address(gpa, 4))
+
+    def atomic_or32(self, gpa: int, bits: int) -> int:
+        """``*gpa |= bits`` atomically; the old value."""
+        return _c.xk_fetch_or32(self.u32_ptr(gpa), bits & _M32)
+
+    def atomic_and32(self, gpa: int, bits: int) -> int:
+        """``*gpa &= bits`` atomically (``bits`` may be a negative Python mask); the old value."""
+        return _c.xk_fetch_and32(self.u32_ptr(gpa), bits & _M32)
+
+    def cmpxchg32(self, gpa: int, expected: int, desired: int) -> tuple[bool, int]:
+        """Store ``desired`` if the word still holds ``expected``: (stored, the value found)."""
+        cell = ffi.new("uint32_t *", expected & _M32)
+        ok = _c.xk_cmpxchg32(self.u32_ptr(gpa), cell, desired & _M32)
+        return bool(ok), cell[0]
+
+    def _bit_word(self, gpa: int, bit: int):
+        """The aligned 64-bit word (xen_ulong_t on x86-64) that holds bit ``bit`` of the array at ``gpa``."""
+        if bit < 0 or gpa % 8:
+            raise GuestMemoryError(gpa, 8, f"bit {bit} of an array that is not 8-byte aligned")
+        return ffi.cast("void *", self.host_address(gpa + (bit >> 6) * 8, 8)), bit & 63
+
+    def test_and_set_bit(self, gpa: int, bit: int) -> bool:
+        """Set bit ``bit`` of the bit array at ``gpa`` atomically; whether it was set."""
+        word, b = self._bit_word(gpa, bit)
+        return bool(_c.xk_test_and_set_bit(word, b))
+
+    def test_and_clear_bit(self, gpa: int, bit: int) -> bool:
+        """Clear bit ``bit`` of the bit array at ``gpa`` atomically; whether it was set."""
+        word, b = self._bit_word(gpa, bit)
+        return bool(_c.xk_test_and_clear_bit(word, b))
+
+    def test_bit(self, gpa: int, bit: int) -> bool:
+        """Bit ``bit`` of the bit array at ``gpa`` (an atomic load)."""
+        word, b = self._bit_word(gpa, bit)
+        return bool(_c.xk_test_bit(word, b))
+
+    @staticmethod
+    def barrier() -> None:
+        """A full memory fence, between the writes of a version-protected guest struct."""
+        _c.xk_mb()
+
     # -- map ---------------------------------------------------------------
     def e820(self) -> list[E820Entry]:
         """The RAM map a guest is told about (the legacy BIOS hole reserved)."""
@@ -283,3 +366,4 @@ class GuestMemory:
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_M32 = 0xFFFF_FFFF
