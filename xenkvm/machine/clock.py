@@ -15,6 +15,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from xenkvm.kvm._kvm_cffi import lib as _c
+
+
+def host_tsc() -> int:
+    """The host CPU's TSC (guest TSC = host TSC + KVM's per-VM offset; no TSC scaling here)."""
+    return _c.xk_rdtsc()
+
 
 class HostClock(Protocol):
     """The host's monotonic time as the VMM's timers and I/O loop see it."""

@@ -76,7 +76,7 @@ class Reservation:
     def __init__(self, mem: GuestMemory, max_pages: int | None = None):
         self.mem = mem
         self._ram = [_RamRange(r, r.gpa >> PAGE_SHIFT, np.ones(r.size >> PAGE_SHIFT, dtype=bool))
-                     for r in mem.regions if r.ram]
+                     for r in mem.ram_regions()]
         self.populated_pages = sum(len(r.populated) for r in self._ram)
         #: pages the domain owns that are in no physmap slot (increase_reservation, replaced frames)
         self.unmapped_pages = 0

@@ -14,8 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from xenkvm.kvm._kvm_cffi import ffi as kffi
-from xenkvm.kvm._kvm_cffi import lib as klib
+from xenkvm.machine.clock import host_tsc
 from xenkvm.machine.memory import GuestMemoryError
 from xenkvm.xen.abi import XenStruct, ffi, lib
 from xenkvm.xen.errors import einval
@@ -72,7 +71,7 @@ class SharedInfo:
         self.tsc_khz = domain.machine.tsc_khz * clock.den // clock.num
         self.scale = TscScale.for_hz(self.tsc_khz * 1000)
         guest_tsc = vcpu0.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
-        self.tsc_offset = guest_tsc - klib.xk_rdtsc()
+        self.tsc_offset = guest_tsc - host_tsc()
 
     # -- placement -------------------------------------------------------------
     def map(self, gpfn: int) -> None:
@@ -119,7 +118,7 @@ class SharedInfo:
 
     # -- time --------------------------------------------------------------------
     def guest_tsc(self) -> int:
-        return klib.xk_rdtsc() + self.tsc_offset
+        return host_tsc() + self.tsc_offset
 
     def time_info(self) -> bytes:
         """A vcpu_time_info snapshot (version left 0: the writer sets it)."""
@@ -136,9 +135,9 @@ class SharedInfo:
         view = self.domain.mem.view(gpa, len(data))
         version = int.from_bytes(view[0:4], "little")
         view[0:4] = ((version | 1) + 0).to_bytes(4, "little")
-        klib.xk_mb()
+        self.domain.mem.barrier()
         view[4:] = data[4:]
-        klib.xk_mb()
+        self.domain.mem.barrier()
         view[0:4] = ((version | 1) + 1).to_bytes(4, "little")
 
     def update_time(self, vcpu_id: int) -> None:
@@ -162,11 +161,11 @@ class SharedInfo:
         view = self.domain.mem.view(base + SHARED_INFO.offset("wc_version"), 16)
         version = int.from_bytes(view[0:4], "little")
         view[0:4] = (version | 1).to_bytes(4, "little")
-        klib.xk_mb()
+        self.domain.mem.barrier()
         view[4:8] = (sec & 0xFFFFFFFF).to_bytes(4, "little")
         view[8:12] = nsec.to_bytes(4, "little")
         view[12:16] = (sec >> 32).to_bytes(4, "little")
-        klib.xk_mb()
+        self.domain.mem.barrier()
         view[0:4] = ((version | 1) + 1).to_bytes(4, "little")
 
     def write_runstate(self, vcpu_id: int) -> None:
@@ -185,8 +184,3 @@ class SharedInfo:
             self.domain.mem.write(state.runstate_gpa, RUNSTATE.to_bytes(info))
         except GuestMemoryError:
             state.runstate_gpa = None
-
-
-def host_pointer(domain: "XenDomain", gpa: int, length: int):
-    """A ``void *`` to guest memory for the C atomic helpers (bounds-checked)."""
-    return kffi.cast("void *", domain.mem.host_address(gpa, length))

@@ -80,7 +80,7 @@ def get_time(call: Call, arg: int) -> int:
 def get_mem_type(call: Call, arg: int) -> int:
     req = call.guest.read_struct(GET_MEM_TYPE, arg)
     _domid(call, req.domid)
-    ram = any(r.ram and r.gpa <= req.pfn << 12 < r.end for r in call.domain.mem.regions)
+    ram = call.domain.mem.is_ram(req.pfn << 12)
     req.mem_type = HVMMEM_RAM_RW if ram else HVMMEM_MMIO_DM
     call.guest.write_struct(GET_MEM_TYPE, arg, req)
     return 0

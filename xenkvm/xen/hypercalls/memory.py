@@ -98,7 +98,7 @@ def remove_from_physmap(call: Call, arg: int) -> int:
 def register(domain: "XenDomain") -> None:
     def maximum_gpfn(call: Call, arg: int) -> int:
         _check_domid(call, call.guest.read_u32(arg) & 0xFFFF)
-        return max(r.end for r in domain.mem.regions) // 4096 - 1
+        return domain.mem.top_of_regions() // 4096 - 1
 
     table = {
         MemOp.add_to_physmap: add_to_physmap, MemOp.add_to_physmap_batch: add_to_physmap_batch,
