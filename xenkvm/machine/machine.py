@@ -11,8 +11,6 @@ import collections
 import logging
 import signal
 import threading
-from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Callable
 
 from xenkvm.config import GuestConfig
@@ -35,6 +33,7 @@ from xenkvm.machine.devices.stdin import StdinReader
 from xenkvm.machine.host import Host
 from xenkvm.machine.ioloop import IoLoop
 from xenkvm.machine.memory import GuestMemory
+from xenkvm.machine.status import ExitStatus, RunResult
 from xenkvm.machine.vcpu_loop import ExitHandler, HaltWatch, describe_exit, run_vcpu, traced
 
 log = logging.getLogger(__name__)
@@ -43,27 +42,6 @@ KICK_SIGNAL = signal.SIGUSR1
 COM1_IRQ = 4
 TSS_ADDR = 0xFFFB_D000         #: three pages KVM needs on VMX, just below the BIOS area
 IDENTITY_MAP_ADDR = 0xFFFB_C000
-
-
-class ExitStatus(IntEnum):
-    """The process exit status of a run, one per way a guest can end."""
-
-    POWEROFF = 0
-    VMM_ERROR = 1
-    CONFIG_ERROR = 2
-    RESET = 3
-    TRIPLE_FAULT = 4
-    EMULATION_FAILURE = 5
-    GUEST_CRASH = 6
-    GUEST_HALTED = 7
-    INTERRUPTED = 130
-
-
-@dataclass
-class RunResult:
-    status: ExitStatus
-    message: str
-    console_tail: list[str] = field(default_factory=list)
 
 
 class Machine:

@@ -27,6 +27,8 @@ import termios
 import threading
 from typing import TYPE_CHECKING
 
+from xenkvm.machine.status import ExitStatus
+
 if TYPE_CHECKING:
     from xenkvm.machine.machine import Machine
 
@@ -136,7 +138,6 @@ class StdinReader:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.restore_terminal()
-        from xenkvm.machine.machine import ExitStatus
         self.machine.stop(ExitStatus.INTERRUPTED, f"interrupted ({signal.Signals(signum).name})")
 
     def _stop_reading(self) -> None:
@@ -182,7 +183,6 @@ class StdinReader:
             self._escaped = True
             self._stop_reading()
             self.restore_terminal()
-            from xenkvm.machine.machine import ExitStatus
             self.machine.stop(ExitStatus.INTERRUPTED, "console closed (Ctrl-])")
             return
         self.route(data)

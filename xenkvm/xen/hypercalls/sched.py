@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from xenkvm.machine.status import ExitStatus
 from xenkvm.xen.abi import DOMID_SELF, Errno, Hypercall, SchedOp, Shutdown, XenStruct
 from xenkvm.xen.dispatch import Call
 from xenkvm.xen.errors import HypercallError, einval
@@ -18,8 +19,6 @@ REMOTE_SHUTDOWN = XenStruct("struct sched_remote_shutdown")
 
 def shutdown_domain(call: Call, reason: int) -> int:
     """End the run with the status that matches ``reason``; the vCPUs stop at once."""
-    from xenkvm.machine.machine import ExitStatus
-
     try:
         why = Shutdown(reason)
     except ValueError:
