@@ -31,6 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import guestgen  # noqa: E402
 from bench_pio import PORT, bench_machine, bench_raw  # noqa: E402
+from xenkvm.build import build_machine  # noqa: E402
 from xenkvm.config import GuestConfig, HypercallTrap, XenConfig  # noqa: E402
 from xenkvm.machine.devices.console import ConsoleSink  # noqa: E402
 from xenkvm.machine.machine import Machine  # noqa: E402
@@ -54,7 +55,7 @@ def bench_trap(code: bytes, trap: HypercallTrap, n: int, dispatch: bool = True) 
     kernel.write_bytes(guestgen.pvh_elf(code))
     cfg = GuestConfig(name="bench", kernel=kernel, memory=32 << 20, console="none",
                       xen=XenConfig(hypercall_trap=trap))
-    m = Machine(cfg, sink=ConsoleSink(None))
+    m = build_machine(cfg, sink=ConsoleSink(None))
     marker = Marker()
     m.bus.register(PORT, 1, marker)
     if not dispatch:
@@ -64,7 +65,7 @@ def bench_trap(code: bytes, trap: HypercallTrap, n: int, dispatch: bool = True) 
             regs = vcpu.sync_regs()
             regs.rax = 0
             vcpu.mark_regs_dirty(regs)
-        m.boot = _boot_then(m, lambda: m.port_hooks.__setitem__(layout.HYPERCALL_PORT, no_dispatch))
+        m.boot = _boot_then(m, lambda: m.register_port_hook(layout.HYPERCALL_PORT, no_dispatch))
     try:
         result = m.run()
     finally:

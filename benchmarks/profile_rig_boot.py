@@ -74,14 +74,14 @@ class ExitCounter:
 def profile_run(guest: Path) -> None:
     t = time.perf_counter()
     from xenkvm.config import load_config
-    from xenkvm.machine.machine import Machine
+    from xenkvm.build import build_machine
     from xenkvm.machine.vcpu_loop import EXIT_NAMES
     t_import = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as d:
         console = Path(d) / "console.log"
         t = time.perf_counter()
         cfg = load_config(guest, {"console": f"file:{console}"})
-        m = Machine(cfg)
+        m = build_machine(cfg)
         t_machine = time.perf_counter() - t
         counter = ExitCounter(m.exit_handlers)
         m.exit_handlers = counter.wrapped

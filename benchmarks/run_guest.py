@@ -35,17 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="xenkvm: %(levelname)s: %(name)s: %(message)s")
     logging.getLogger("xenkvm.machine.gaps").setLevel(logging.INFO)  # each refused instruction kind, once
-    from xenkvm.machine.machine import Machine
+    from xenkvm.build import build_machine, xen_domain
     from xenkvm.xen.dispatch import _name
 
     cfg = load_config(a.guest, {"console": a.console, "vcpus": a.vcpus, "cmdline": a.cmdline})
     if a.xenstore_socket:
         cfg = dataclasses.replace(cfg, xen=dataclasses.replace(cfg.xen or XenConfig(),
                                                                xenstore_socket=a.xenstore_socket))
-    machine = Machine(cfg)
+    machine = build_machine(cfg)
     try:
         result = machine.run()
-        xen = getattr(machine, "xen", None)
+        xen = xen_domain(machine)
         stats = {} if xen is None else {
             str(nr): {"name": _name(nr), "count": s.count, "seconds": s.seconds}
             for nr, s in sorted(xen.dispatcher.stats.items())}

@@ -74,7 +74,8 @@ def _setup_logging(verbose: int, trace: bool = False) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from xenkvm.machine.machine import ExitStatus, Machine
+    from xenkvm.build import build_machine
+    from xenkvm.machine.status import ExitStatus
 
     overrides = {"kernel": args.kernel, "initrd": args.initrd, "cmdline": args.cmdline,
                  "memory": args.memory, "vcpus": args.vcpus, "boot": args.boot, "console": args.console}
@@ -91,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             xen = dataclasses.replace(xen, hypervisor_log=parse_hypervisor_log(args.hypervisor_log))
         cfg = dataclasses.replace(cfg, xen=xen)
     _refuse_xen_console_without_xen(cfg)
-    machine = Machine(cfg, trace=args.trace)
+    machine = build_machine(cfg, trace=args.trace)
     try:
         result = machine.run()
     finally:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from xenkvm.config import load_config  # noqa: E402
 from xenkvm.machine.devices.console import ConsoleSink  # noqa: E402
+from xenkvm.build import build_machine  # noqa: E402
 from xenkvm.machine.machine import KICK_SIGNAL, ExitStatus, Machine  # noqa: E402
 
 
@@ -112,7 +113,7 @@ def main() -> int:
         del buf[:-64]
 
     sink.add_listener(watch)
-    m = Machine(cfg, sink=sink)
+    m = build_machine(cfg, sink=sink)
     if a.stack:  # the sampler walks page tables from CR3: have KVM store sregs on every exit too
         from xenkvm.kvm._kvm_cffi import lib
         for v in m.vcpus:
@@ -121,12 +122,12 @@ def main() -> int:
     out = open(a.samples, "w")
 
     def sampler(machine: Machine) -> None:
-        v = machine.vcpus[0]
+        v, runner = machine.vcpus[0], machine.runners[0]
         while not machine.stopping:
             time.sleep(a.every)
-            if v.thread_id is None or machine.stopping:
+            if runner.thread_id is None or machine.stopping:
                 continue
-            signal.pthread_kill(v.thread_id, KICK_SIGNAL)
+            signal.pthread_kill(runner.thread_id, KICK_SIGNAL)
             time.sleep(0.002)
             r = v._sync.regs
             cs = v._sync.sregs.cs.selector if a.stack else 0

@@ -112,12 +112,11 @@ def test_bad_xen_sections(tmp_path, kernel, xen, needle):
 
 def test_xen_console_without_xen_is_refused_before_start(tmp_path, kernel, monkeypatch):
     """console=hvc0 / earlyprintk=xen need the Xen ABI: without it the guest would print nothing."""
-    from xenkvm import cli
-    from xenkvm.machine import machine
+    from xenkvm import build, cli
 
     def no_machine(*a, **kw):
         raise AssertionError("the guest must not start")
-    monkeypatch.setattr(machine, "Machine", no_machine)
+    monkeypatch.setattr(build, "build_machine", no_machine)
     p = write(tmp_path, "kernel: k.elf\ncmdline: 'console=hvc0 earlyprintk=xen rdinit=/init'\n")
     assert cli.main(["run", str(p)]) == 2
     with pytest.raises(AssertionError, match="must not start"):

@@ -19,7 +19,7 @@ from xenkvm.machine.devices.stdin import ESCAPE, StdinReader, raw_attrs
 from xenkvm.machine.ioloop import IoLoop
 from xenkvm.machine.machine import ExitStatus
 from xenkvm.xen.console import ConsoleIo, HypervisorLog
-from xenkvm.xen.domain import InputQueue
+from xenkvm.xen.domain import InputQueue, XenDomain
 
 
 class FakeConsole:
@@ -39,6 +39,7 @@ class FakeMachine:
         self.io.start()
         self.serial = Serial16550(ConsoleSink(None))
         self.xen = xen
+        self.extensions = [] if xen is None else [xen]
         self.stops = []
 
     def stop(self, status, message):
@@ -75,9 +76,16 @@ def machine():
 
 def xen_machine(connected):
     queue = InputQueue()
-    xen = SimpleNamespace(console=FakeConsole(connected), console_input=queue,
-                          console_io=ConsoleIo(HypervisorLog(None), queue))
-    return FakeMachine(xen=xen)
+    return FakeMachine(xen=FakeXen(FakeConsole(connected), queue, ConsoleIo(HypervisorLog(None), queue)))
+
+
+class FakeXen:
+    """The Xen consoles without a domain; the routing rule is XenDomain's own."""
+
+    input_sink = XenDomain.input_sink
+
+    def __init__(self, console, console_input, console_io):
+        self.console, self.console_input, self.console_io = console, console_input, console_io
 
 
 def test_attach_only_for_stdio():

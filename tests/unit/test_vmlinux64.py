@@ -60,16 +60,19 @@ def test_refuses_what_has_no_64bit_entry(mem, build_bzimage, build_elf):
 
 
 def _machine(tmp_path, bzimage: bytes, xen: bool):
-    """What loader.prepare reads from a Machine: config, memory, vCPU count, host parameters."""
+    """What loader.prepare reads from a Machine: config, memory, vCPU count, host parameters, extensions."""
     from types import SimpleNamespace
 
     from xenkvm.config import BootMode, GuestConfig, XenConfig
     from xenkvm.machine.memory import GuestMemory
+    from xenkvm.xen.domain import XenDomain
     kernel = tmp_path / "bzImage"
     kernel.write_bytes(bzimage)
     cfg = GuestConfig(name="t", kernel=kernel, cmdline="nokaslr", memory=64 * MiB, boot=BootMode.LINUX,
                       xen=XenConfig() if xen else None)
-    return SimpleNamespace(cfg=cfg, mem=GuestMemory(64 * MiB), vcpus=[None], host=SimpleNamespace(kernel_params=()))
+    extensions = [SimpleNamespace(needs_kernel_elf=XenDomain.needs_kernel_elf)] if xen else []  # what build attaches
+    return SimpleNamespace(cfg=cfg, mem=GuestMemory(64 * MiB), vcpus=[None], host=SimpleNamespace(kernel_params=()),
+                           extensions=extensions)
 
 
 def test_loader_boots_a_xen_bzimage_as_its_vmlinux(tmp_path, build_bzimage, vmlinux):

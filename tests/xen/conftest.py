@@ -1,5 +1,8 @@
 """Fixtures for the Xen layer: a real Machine with the Xen personality, not yet running.
 
+``xen_machine.xen`` is the attached XenDomain (a fixture attribute, as ``sink``:
+the Machine itself has no Xen attribute).
+
 ``FakeCaller`` stands in for the calling vCPU of a hypercall: identity
 address translation, so guest structs are written straight into guest RAM.
 """
@@ -10,7 +13,7 @@ import pytest
 import guestgen
 from xenkvm.config import GuestConfig, XenConfig
 from xenkvm.machine.devices.console import ConsoleSink
-from xenkvm.machine.machine import Machine
+from xenkvm.build import build_machine, xen_domain
 
 
 class FakeCaller:
@@ -27,8 +30,9 @@ def xen_machine(tmp_path):
     kernel.write_bytes(guestgen.pvh_elf(guestgen.SPIN))
     cfg = GuestConfig(name="t", kernel=kernel, memory=32 << 20, vcpus=2, console="none", xen=XenConfig())
     sink = ConsoleSink(None)
-    m = Machine(cfg, sink=sink)
+    m = build_machine(cfg, sink=sink)
     m.sink = sink
+    m.xen = xen_domain(m)
     m.io.start()
     yield m
     m.close()

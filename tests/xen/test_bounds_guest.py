@@ -12,6 +12,7 @@ import pytest
 from xenkvm.config import load_config
 from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.machine.ioloop import COMPACT_MIN
+from xenkvm.build import build_machine
 from xenkvm.machine.machine import ExitStatus, Machine
 from xenkvm.xen.limits import DEFAULT_MAX_GRANT_FRAMES
 
@@ -52,7 +53,7 @@ def test_guest_asking_too_much_gets_errors_and_the_vmm_stays_bounded(built, tmp_
     cfg = dataclasses.replace(cfg, console="none",
                               xen=dataclasses.replace(cfg.xen, xenstore_socket=str(tmp_path / "xs.sock")))
     sink = ConsoleSink(None)
-    m = Machine(cfg, sink=sink)
+    m = build_machine(cfg, sink=sink)
     try:
         at_boot = len(m.mem.regions)
         peaks = Peaks(m)

@@ -12,6 +12,7 @@ import pytest
 
 from xenkvm.config import BootMode, ConfigError, _xen
 from xenkvm.machine.devices.pci import CONFIG_ADDRESS, CONFIG_DATA, ENABLE, Reg
+from xenkvm.machine.loader import Entry
 from xenkvm.xen import platform_pci
 from xenkvm.xen.platform_pci import MAGIC, MMIO_BASE, MMIO_SIZE, SLOT, UNPLUG_PORT, PlatformState, Unplug, UnplugPorts
 
@@ -123,9 +124,9 @@ def test_attached_only_for_hvm(xen_machine):
     assert m.xen.platform is None
     assert m.bus.read(UNPLUG_PORT, 2) == 0xFFFF                  # PVH: nothing at 0x10
     m.xen.cfg = dataclasses.replace(m.xen.cfg, platform_pci=False)
-    m.xen.install(b"not an ELF", BootMode.PVH)
+    m.xen.install(Entry(BootMode.PVH, 0, image=b"not an ELF"))
     assert m.xen.platform is None
-    m.xen.install(None, BootMode.LINUX)
+    m.xen.install(Entry(BootMode.LINUX, 0))
     assert m.xen.platform is not None and m.bus.read(UNPLUG_PORT, 2) == MAGIC
 
 

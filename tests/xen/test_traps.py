@@ -189,10 +189,24 @@ def test_patch_refuses_bytes_that_are_not_vmcall():
         patch_sites(mem, [good])
 
 
+class RecordingMachine:
+    """The registration half of a Machine: what a trap's install() registers."""
+
+    def __init__(self):
+        self.port_hooks, self.exit_handlers = {}, {}
+
+    def register_port_hook(self, port, handler):
+        self.port_hooks[port] = handler
+
+    def register_exit(self, reason, handler):
+        self.exit_handlers[reason] = handler
+
+
 def test_patch_trap_install_hooks_the_hypercall_port():
     mem, elf = _loaded(CODE)
-    hooks = {}
-    domain = type("D", (), {"mem": mem, "machine": type("M", (), {"port_hooks": hooks})()})()
+    machine = RecordingMachine()
+    hooks = machine.port_hooks
+    domain = type("D", (), {"mem": mem, "machine": machine})()
     trap = PatchTrap(domain, [PatchSite(s, site_gpa(elf, s.vaddr)) for s in find_sites(elf)])
     trap.install()
     assert hooks[layout.HYPERCALL_PORT] == trap.on_port
@@ -223,8 +237,9 @@ class RecordingVm:
 
 def test_kvm_xen_trap_ioctl_sequence():
     vm = RecordingVm()
-    handlers = {}
-    domain = type("D", (), {"vm": vm, "machine": type("M", (), {"exit_handlers": handlers})()})()
+    machine = RecordingMachine()
+    handlers = machine.exit_handlers
+    domain = type("D", (), {"vm": vm, "machine": machine})()
     KvmXenTrap(domain).install()
     assert vm.calls == [("KVM_XEN_HVM_CONFIG", klib.KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL, 0x40000000)]
     assert klib.KVM_EXIT_XEN in handlers

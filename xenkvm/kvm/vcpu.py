@@ -57,7 +57,6 @@ class Vcpu:
         if self.has_sync_regs:
             self.run_struct.kvm_valid_regs = lib.KVM_SYNC_X86_REGS
         self.has_sync_sregs = False
-        self.thread_id: int | None = None
 
     def close(self) -> None:
         if self.fd >= 0:

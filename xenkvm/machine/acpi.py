@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 
 from xenkvm.machine import layout
+from xenkvm.machine.devices.pci import CONFIG_ADDRESS, IO_WINDOW, MEM_WINDOW
 from xenkvm.machine.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,6 @@ def pci0_aml() -> bytes:
     routing falls back to the interrupt line register (Xen guests use the event-channel
     vector callback, not the platform device's INTx).
     """
-    from xenkvm.machine.devices.pci import CONFIG_ADDRESS, IO_WINDOW, MEM_WINDOW
     crs = (res_word_address(2, 0, 0, 0xFF)
            + res_io(CONFIG_ADDRESS, CONFIG_ADDRESS, 1, 8)
            + res_word_address(1, 0x03, 0, CONFIG_ADDRESS - 1)

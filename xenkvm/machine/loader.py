@@ -2,9 +2,10 @@
 
 * ``pvh``: an ELF with ``XEN_ELFNOTE_PHYS32_ENTRY`` (a bzImage is first
   unpacked to its ELF vmlinux); 32-bit protected mode, EBX = hvm_start_info.
-* ``linux``: a bzImage through the Linux x86 boot protocol, 64-bit entry; for a
-  Xen (HVM) guest, the bzImage's extracted vmlinux through the same 64-bit
-  protocol, so its hypercall sites can be patched before it runs.
+* ``linux``: a bzImage through the Linux x86 boot protocol, 64-bit entry; when
+  an attached extension ``needs_kernel_elf`` (Xen HVM), the bzImage's extracted
+  vmlinux through the same 64-bit protocol, so the extension can patch the
+  image (hypercall sites) before it runs.
 * ``auto``: PVH for an ELF, the Linux protocol for a bzImage.
 
 A Linux kernel also gets the command-line parameters this host needs
@@ -85,8 +86,8 @@ def prepare(machine: "Machine") -> Entry:
         if not is_bzimage(kernel):
             raise BootError("boot: linux needs a bzImage")
         cmdline = kernel_cmdline(cfg.cmdline, True, params)
-        if cfg.xen is not None:
-            # A Xen HVM guest runs its extracted vmlinux, loaded where it runs, so the hypercall
+        if any(ext.needs_kernel_elf for ext in machine.extensions):
+            # E.g. a Xen HVM guest runs its extracted vmlinux, loaded where it runs, so the hypercall
             # instructions in it can be patched before the first instruction (vmlinux64.py).
             image = extract_vmlinux(kernel)
             v = load_vmlinux64(mem, kernel, image, cmdline, initrd, rsdp)

@@ -1,15 +1,18 @@
 """The Machine: owns the VM, its memory, vCPUs and devices, and runs them to a stop.
 
 Everything mutable about one guest lives here (no module-level state).  One
-thread per vCPU sits in KVM_RUN; the calling thread waits for a stop request
-(guest power-off or reset, a fatal vCPU state, Ctrl-C) and then kicks every
-vCPU out of KVM_RUN with ``immediate_exit`` plus a signal.
+thread per vCPU sits in KVM_RUN (its ``VcpuRunner``); the calling thread waits
+for a stop request (guest power-off or reset, a fatal vCPU state, Ctrl-C) and
+then kicks every vCPU out of KVM_RUN with ``immediate_exit`` plus a signal.
+
+The machine knows no hypervisor ABI: personalities (the Xen one) are
+``MachineExtension``s attached with :meth:`Machine.attach`, and register the
+exits and ports they handle through :meth:`Machine.register_exit`,
+:meth:`Machine.register_port_hook` and :meth:`Machine.register_ports`.
 """
 from __future__ import annotations
 
-import collections
 import logging
-import signal
 import threading
 from typing import Callable
 
@@ -30,22 +33,30 @@ from xenkvm.machine.devices.power import AcpiPm, I8042Reset, ResetControl
 from xenkvm.machine.devices.rtc import CmosRtc
 from xenkvm.machine.devices.serial import Serial16550
 from xenkvm.machine.devices.stdin import StdinReader
+from xenkvm.machine.extension import MachineExtension
+from xenkvm.machine.gaps import Gaps
 from xenkvm.machine.host import Host
 from xenkvm.machine.ioloop import IoLoop
+from xenkvm.machine.loader import load_guest
 from xenkvm.machine.memory import GuestMemory
 from xenkvm.machine.status import ExitStatus, RunResult
-from xenkvm.machine.vcpu_loop import ExitHandler, HaltWatch, describe_exit, run_vcpu, traced
+from xenkvm.machine.vcpu_loop import KICK_SIGNAL, ExitHandler, HaltWatch, VcpuRunner, describe_exit, traced
 
 log = logging.getLogger(__name__)
 
-KICK_SIGNAL = signal.SIGUSR1
+__all__ = ["KICK_SIGNAL", "ExitStatus", "Machine", "RunResult"]
+
 COM1_IRQ = 4
 TSS_ADDR = 0xFFFB_D000         #: three pages KVM needs on VMX, just below the BIOS area
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 
 
 class Machine:
-    """One guest.  ``Machine(cfg).run()`` boots it and returns a RunResult."""
+    """One guest.  ``Machine(cfg).run()`` boots it and returns a RunResult.
+
+    ``cfg.xen`` is not read here: ``xenkvm.build.build_machine`` attaches the Xen
+    personality.
+    """
 
     def __init__(self, cfg: GuestConfig, *, sink: ConsoleSink | None = None, trace: bool = False,
                  kvm: Kvm | None = None):
@@ -59,21 +70,20 @@ class Machine:
         self.mem.on_region_added(self.vm.map_region, self.vm.unmap_region)
         self._setup_platform()
         self.io = IoLoop()
-        self.bus = PortBus()
+        self.bus = PortBus()  # devices go on it through register_ports
         #: ports whose exits need the vCPU (e.g. the hypercall-page port), checked before the bus
         self.port_hooks: dict[int, ExitHandler] = {}
         self._setup_devices()
         self.vcpus = [Vcpu(self.vm, i) for i in range(cfg.vcpus)]
+        self.runners = [VcpuRunner(v) for v in self.vcpus]
         self.tsc_khz = self.vcpus[0].get_tsc_khz()
         self.clock = GuestClock.for_tsc(self.tsc_khz, self.host.dilated_tsc_khz)
         self.pm.clock = self.clock
-        for v in self.vcpus:
-            v.work = collections.deque()  # callables run on the vCPU's own thread (run_on_vcpu)
-        self.exit_handlers: dict[int, ExitHandler] = self._default_handlers()
-        self.xen = None
-        if cfg.xen is not None:
-            from xenkvm.xen.domain import XenDomain
-            self.xen = XenDomain(self, cfg.xen, trace=trace)
+        #: the vCPU run loop's table: exit reason -> handler (written by register_exit only)
+        self.exit_handlers: dict[int, ExitHandler] = {}
+        for reason, handler in self._default_handlers().items():
+            self.register_exit(reason, handler)
+        self.extensions: list[MachineExtension] = []
         self._setup_cpuid()
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -81,10 +91,7 @@ class Machine:
         self._mmio_seen: set[int] = set()
         #: test seam: called on each vCPU thread after its work queue is drained, before KVM_RUN
         self.before_run: Callable[[Vcpu], None] | None = None
-        self.gaps = None
-        if self.host.emulates_ring0:
-            from xenkvm.machine.gaps import Gaps
-            self.gaps = Gaps(self)
+        self.gaps = Gaps(self) if self.host.emulates_ring0 else None
 
     # -- construction ---------------------------------------------------------
     def _setup_platform(self) -> None:
@@ -110,10 +117,33 @@ class Machine:
         self.pci = PciBus(self.bus)  # mechanism #1 at 0xcf8/0xcfc, host bridge at 00:00.0 (DSDT: \\_SB.PCI0)
 
     def _setup_cpuid(self) -> None:
+        """Each vCPU's CPUID, with the hypervisor leaves of at most one extension."""
         supported = self.kvm.supported_cpuid()
         for v in self.vcpus:
-            leaves = self.xen.cpuid_leaves(v.id) if self.xen is not None else None
-            v.set_cpuid(build_cpuid(supported, v.id, len(self.vcpus), self.host.cpu_profile, leaves))
+            offered = [leaves for ext in self.extensions if (leaves := ext.cpuid_leaves(v.id)) is not None]
+            if len(offered) > 1:
+                raise ValueError("two machine extensions offer hypervisor CPUID leaves")
+            v.set_cpuid(build_cpuid(supported, v.id, len(self.vcpus), self.host.cpu_profile,
+                                    offered[0] if offered else None))
+
+    # -- extensions and registration ----------------------------------------------
+    def attach(self, ext: MachineExtension) -> None:
+        """Give the machine a personality (before ``run``); its CPUID leaves apply at once."""
+        self.extensions.append(ext)
+        self._setup_cpuid()
+
+    def register_exit(self, reason: int, handler: ExitHandler) -> None:
+        """Handle KVM exit ``reason`` with ``handler(vcpu)`` on the vCPU's thread (replaces any)."""
+        self.exit_handlers[reason] = handler
+
+    def register_port_hook(self, port: int, handler: ExitHandler) -> None:
+        """Handle every I/O exit on ``port`` with ``handler(vcpu)`` (it needs the vCPU's
+        registers), before the port bus; replaces any earlier hook on that port."""
+        self.port_hooks[port] = handler
+
+    def register_ports(self, base: int, count: int, device) -> None:
+        """A port device (``pio_read``/``pio_write``) on ``base .. base+count-1`` of the bus."""
+        self.bus.register(base, count, device)
 
     def _default_handlers(self) -> dict[int, ExitHandler]:
         return {
@@ -193,20 +223,9 @@ class Machine:
         self.stop(ExitStatus.VMM_ERROR, f"vcpu{vcpu.id}: {message}\n{self.dump_registers(vcpu)}")
 
     def run_on_vcpu(self, vcpu_id: int, fn: Callable[[Vcpu], None]) -> None:
-        """Run ``fn(vcpu)`` on that vCPU's own thread at its next exit (vCPU ioctls must).
-
-        ``immediate_exit`` is set before the signal, as stop() does: a signal that
-        lands while the thread is outside KVM_RUN is consumed there, but the flag
-        makes its next KVM_RUN return at once (run_vcpu clears it, then drains).
-        """
-        vcpu = self.vcpus[vcpu_id]
-        vcpu.work.append(fn)
-        vcpu.set_immediate_exit(True)
-        if vcpu.thread_id is not None and vcpu.thread_id != threading.get_ident():
-            try:
-                signal.pthread_kill(vcpu.thread_id, KICK_SIGNAL)
-            except (ProcessLookupError, OSError):
-                pass
+        """Run ``fn(vcpu)`` on that vCPU's own thread at its next exit (vCPU ioctls must;
+        VcpuRunner.queue)."""
+        self.runners[vcpu_id].queue(fn)
 
     def long_mode(self, vcpu: Vcpu) -> bool:
         """Whether the vCPU was in long mode at its last exit (EFER.LMA)."""
@@ -224,15 +243,10 @@ class Machine:
             if self.result is not None:
                 return
             self.result = RunResult(status, message)
-        if self.xen is not None:
-            self.xen.on_stop()
-        for v in self.vcpus:
-            v.set_immediate_exit(True)
-            if v.thread_id is not None and v.thread_id != threading.get_ident():
-                try:
-                    signal.pthread_kill(v.thread_id, KICK_SIGNAL)
-                except (ProcessLookupError, OSError):
-                    pass
+        for ext in self.extensions:
+            ext.stop()
+        for r in self.runners:
+            r.kick()
         self._stopped.set()
 
     @property
@@ -253,11 +267,10 @@ class Machine:
 
     # -- running -------------------------------------------------------------------
     def boot(self) -> None:
-        """Load the guest and put the BSP at its entry point."""
-        from xenkvm.machine.loader import load_guest
+        """Load the guest, put the BSP at its entry point, then let each extension install."""
         entry = load_guest(self)
-        if self.xen is not None:
-            self.xen.install(entry.image, entry.mode)
+        for ext in self.extensions:
+            ext.install(entry)
 
     def run(self, on_started: Callable[["Machine"], None] | None = None) -> RunResult:
         """Boot, run every vCPU in its own thread, and wait for a stop."""
@@ -269,16 +282,16 @@ class Machine:
         if check < 0:
             raise KvmError("sigaction", -check)
         self.io.start()
-        if self.xen is not None:
-            self.xen.store.start()  # embedded xenstored: socket + thread (ConfigError if the socket is taken)
+        for ext in self.extensions:
+            ext.start()   # e.g. Xen's embedded xenstored (ConfigError if its socket is taken)
         stdin = StdinReader.attach(self)  # host keystrokes (console: stdio only)
-        threads = [threading.Thread(target=self._vcpu_thread, args=(v, handlers), name=f"vcpu{v.id}", daemon=True)
-                   for v in self.vcpus]
+        threads = [threading.Thread(target=self._vcpu_thread, args=(r, handlers), name=f"vcpu{r.id}", daemon=True)
+                   for r in self.runners]
         for t in threads:
             t.start()
         if on_started is not None:
             on_started(self)
-        watch = HaltWatch(self.vcpus, self.run_on_vcpu)
+        watch = HaltWatch(self.runners, self.run_on_vcpu)
         try:
             while not self._stopped.wait(watch.PERIOD):
                 verdict = watch.tick()
@@ -296,18 +309,16 @@ class Machine:
         self.result.console_tail = self.console.last_lines(20)
         return self.result
 
-    def _vcpu_thread(self, vcpu: Vcpu, handlers: dict[int, ExitHandler]) -> None:
-        vcpu.thread_id = threading.get_ident()
+    def _vcpu_thread(self, runner: VcpuRunner, handlers: dict[int, ExitHandler]) -> None:
         try:
-            run_vcpu(vcpu, handlers, lambda: self.result is not None, self._on_unhandled, vcpu.work,
-                     self.before_run)
+            runner.run(handlers, lambda: self.result is not None, self._on_unhandled, self.before_run)
         except Exception as e:  # a VMM bug must still end the run cleanly
-            log.exception("vcpu%d thread failed", vcpu.id)
-            self.stop(ExitStatus.VMM_ERROR, f"vcpu{vcpu.id}: {e}")
+            log.exception("vcpu%d thread failed", runner.id)
+            self.stop(ExitStatus.VMM_ERROR, f"vcpu{runner.id}: {e}")
 
     def close(self) -> None:
-        if self.xen is not None:
-            self.xen.store.close()  # stop the embedded xenstored, remove its socket
+        for ext in reversed(self.extensions):
+            ext.close()   # e.g. stop the embedded xenstored, remove its socket
         self.io.stop()
         for v in self.vcpus:
             v.close()

@@ -8,11 +8,17 @@ hot path has no tracing cost.
 :class:`HaltWatch` notices a guest that has stopped for good (every vCPU halted
 with interrupts disabled and nothing pending that could wake it), which with an
 in-kernel LAPIC never shows as an exit: the vCPU just sleeps inside KVM_RUN.
+
+:class:`VcpuRunner` is the thread side of one vCPU: the queue of work other
+threads hand it and the id of the thread that runs it (the KVM binding object,
+``kvm.vcpu.Vcpu``, holds only the file descriptor and its kvm_run area).
 """
 from __future__ import annotations
 
 import collections
+import functools
 import logging
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -24,6 +30,7 @@ log = logging.getLogger(__name__)
 trace_log = logging.getLogger("xenkvm.trace")
 
 ExitHandler = Callable[[Vcpu], None]
+KICK_SIGNAL = signal.SIGUSR1   #: interrupts a vCPU thread's KVM_RUN (its handler does nothing)
 
 EXIT_NAMES = {getattr(lib, n): n[len("KVM_EXIT_"):] for n in dir(lib)
               if n.startswith("KVM_EXIT_") and n not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT", "KVM_EXIT_XEN_HCALL")}
@@ -90,6 +97,43 @@ def run_vcpu(vcpu: Vcpu, handlers: dict[int, ExitHandler], stopping: Callable[[]
         handler(vcpu)
 
 
+class VcpuRunner:
+    """One vCPU's thread-side state: the work queued for it and the thread that runs it."""
+
+    def __init__(self, vcpu: Vcpu):
+        self.vcpu = vcpu
+        self.id = vcpu.id
+        #: callables run on this vCPU's own thread at its next exit (vCPU ioctls must be)
+        self.work: collections.deque[Callable[[Vcpu], None]] = collections.deque()
+        self.thread_id: int | None = None
+
+    def queue(self, fn: Callable[[Vcpu], None]) -> None:
+        """Run ``fn(vcpu)`` on this vCPU's thread at its next exit, kicking it out of KVM_RUN.
+
+        ``immediate_exit`` is set before the signal, as :meth:`kick` does: a signal
+        that lands while the thread is outside KVM_RUN is consumed there, but the
+        flag makes its next KVM_RUN return at once (run_vcpu clears it, then drains).
+        """
+        self.work.append(fn)
+        self.kick()
+
+    def kick(self) -> None:
+        """Make the vCPU leave KVM_RUN now, or return from its next one at once."""
+        self.vcpu.set_immediate_exit(True)
+        tid = self.thread_id
+        if tid is not None and tid != threading.get_ident():
+            try:
+                signal.pthread_kill(tid, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def run(self, handlers: dict[int, ExitHandler], stopping: Callable[[], bool],
+            on_unhandled: Callable[[Vcpu, int], None], before_run: Callable[[Vcpu], None] | None) -> None:
+        """The thread body: run the vCPU until ``stopping()`` (see :func:`run_vcpu`)."""
+        self.thread_id = threading.get_ident()
+        run_vcpu(self.vcpu, handlers, stopping, on_unhandled, self.work, before_run)
+
+
 RFLAGS_IF = 1 << 9
 
 
@@ -132,21 +176,22 @@ class HaltWatch:
     not stopped (the verdict is "alive") or cannot wake anyone.  Only then is
     the guest declared dead.  A vCPU busy in an exit handler, or with other
     work queued, does not answer in time and keeps the guest alive.  Cost on a
-    live guest: one kick and three ioctls per vCPU per period.
+    live guest: one kick and three ioctls per vCPU per period.  ``runners``
+    are the vCPUs' :class:`VcpuRunner` (their ``id`` and ``work``).
     """
 
     PERIOD = 0.25
     SYNC_TIMEOUT = 0.2
 
-    def __init__(self, vcpus: list[Vcpu], run_on_vcpu: Callable[[int, Callable[[Vcpu], None]], None]):
-        self.vcpus = vcpus
+    def __init__(self, runners: list[VcpuRunner], run_on_vcpu: Callable[[int, Callable[[Vcpu], None]], None]):
+        self.runners = runners
         self.run_on_vcpu = run_on_vcpu
         self._answers: dict[int, VcpuState | None] | None = None
         self._synced = False
 
     def _all_stopped(self) -> bool:
         a = self._answers
-        return a is not None and len(a) == len(self.vcpus) and all(s is not None and s.stopped_for_good
+        return a is not None and len(a) == len(self.runners) and all(s is not None and s.stopped_for_good
                                                                  for s in a.values())
 
     def tick(self) -> str | None:
@@ -160,9 +205,9 @@ class HaltWatch:
 
     def _start_round(self, synced: bool) -> None:
         answers: dict[int, VcpuState | None] = {}   # a new dict per round: late answers land in the old one
-        barrier = threading.Barrier(len(self.vcpus), timeout=self.SYNC_TIMEOUT) if synced else None
+        barrier = threading.Barrier(len(self.runners), timeout=self.SYNC_TIMEOUT) if synced else None
 
-        def query(vcpu: Vcpu) -> None:
+        def query(runner: VcpuRunner, vcpu: Vcpu) -> None:
             if barrier is not None:
                 try:
                     barrier.wait()
@@ -171,9 +216,9 @@ class HaltWatch:
                     return
             # Only a vCPU kicked out of KVM_RUN (KVM_EXIT_INTR) may be asleep; one that made a real
             # exit is running, and its exit (pending I/O completion...) is left alone.
-            asleep = vcpu.run_struct.exit_reason == lib.KVM_EXIT_INTR and not vcpu.work
+            asleep = vcpu.run_struct.exit_reason == lib.KVM_EXIT_INTR and not runner.work
             answers[vcpu.id] = read_state(vcpu) if asleep else None
 
         self._answers, self._synced = answers, synced
-        for v in self.vcpus:
-            self.run_on_vcpu(v.id, query)
+        for r in self.runners:
+            self.run_on_vcpu(r.id, functools.partial(query, r))

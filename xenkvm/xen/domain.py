@@ -8,6 +8,11 @@ hypercall and taken by I/O-thread callbacks.
 
 Special pages (xenstore ring, console ring) live outside e820 RAM, in a
 region added in the MMIO hole, so the guest never hands them out as memory.
+
+``XenDomain`` is a ``MachineExtension`` (machine/extension.py): the builder
+(``xenkvm.build``) makes one for a Machine and attaches it; the machine calls
+back for CPUID leaves, trap installation after loading, start/stop/close of
+the embedded xenstored and the console that takes host keystrokes.
 """
 from __future__ import annotations
 
@@ -17,12 +22,28 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from xenkvm.config import XenConfig
+from xenkvm.config import BootMode, XenConfig
+from xenkvm.machine import layout
+from xenkvm.machine.boot.common import boot_memmap
+from xenkvm.machine.extension import InputSink, MachineExtension
+from xenkvm.xen import hypercalls, platform_pci
 from xenkvm.xen.abi import HvmParam
+from xenkvm.xen.console import PrimaryConsole
+from xenkvm.xen.cpuid import xen_leaves
 from xenkvm.xen.dispatch import Dispatcher
+from xenkvm.xen.evtchn import EventChannels
+from xenkvm.xen.gnttab import GrantTable
 from xenkvm.xen.limits import Limits
+from xenkvm.xen.reservation import Reservation
+from xenkvm.xen.shinfo import SharedInfo
+from xenkvm.xen.store import StoreService
+from xenkvm.xen.testdev import TestDevice
+from xenkvm.xen.timers import VcpuTimers
+from xenkvm.xen.traps import choose
+from xenkvm.xen.upcall import Upcalls
 
 if TYPE_CHECKING:
+    from xenkvm.machine.loader import Entry
     from xenkvm.machine.machine import Machine
 
 log = logging.getLogger(__name__)
@@ -74,8 +95,11 @@ class VcpuState:
     up: bool = False
 
 
-class XenDomain:
-    """Xen state and services for one guest; attached to a Machine by ``attach``."""
+class XenDomain(MachineExtension):
+    """Xen state and services for one guest; a Machine extension (``Machine.attach``)."""
+
+    #: a Xen HVM guest's bzImage is booted as its vmlinux, so its hypercall sites can be patched
+    needs_kernel_elf = True
 
     def __init__(self, machine: "Machine", cfg: XenConfig, *, trace: bool = False):
         self.machine = machine
@@ -107,15 +131,7 @@ class XenDomain:
         return (SPECIAL_PAGES_GPA >> 12) + index
 
     def _build_services(self) -> None:
-        # Imports here: each service module registers its hypercalls on the dispatcher.
-        from xenkvm.xen import hypercalls
-        from xenkvm.xen.evtchn import EventChannels
-        from xenkvm.xen.gnttab import GrantTable
-        from xenkvm.xen.reservation import Reservation
-        from xenkvm.xen.shinfo import SharedInfo
-        from xenkvm.xen.timers import VcpuTimers
-        from xenkvm.xen.upcall import Upcalls
-
+        """Each service, then its hypercalls registered on the dispatcher."""
         self.shinfo = SharedInfo(self)
         self.upcalls = Upcalls(self)
         self.evtchn = EventChannels(self)
@@ -125,23 +141,20 @@ class XenDomain:
         for service in (self.evtchn, self.timers, self.gnttab):
             service.register_hypercalls(self.dispatcher)
         hypercalls.register_all(self)
-        from xenkvm.xen.console import PrimaryConsole
-        from xenkvm.xen.store import StoreService
         self.console = PrimaryConsole.attach(self)  # CONSOLE_EVTCHN; ring -> machine console
         self.store = StoreService.attach(self)      # STORE_EVTCHN, initial tree; Machine.run starts its socket
 
+    # -- MachineExtension ------------------------------------------------------
     def cpuid_leaves(self, vcpu_id: int):
-        from xenkvm.xen.cpuid import xen_leaves
         return xen_leaves(vcpu_id, self.cfg.version, self.domid)
 
-    def install(self, image: bytes | None, mode=None) -> None:
+    def install(self, entry: "Entry") -> None:
         """Choose and install the hypercall traps for the loaded image (before vCPUs run).
 
-        ``mode`` is the boot protocol used (a BootMode; None: a bzImage boot if ``image``
-        is None).  HVM-mode guests (the Linux boot protocol) and ``xen.platform_pci``
+        HVM-mode guests (``entry.mode``: the Linux boot protocol) and ``xen.platform_pci``
         get the Xen platform PCI device and the unplug ports (xen/platform_pci.py).
         """
-        from xenkvm.xen.traps import choose
+        image = entry.image
         self.traps = choose(self, self.cfg.hypercall_trap, image)
         for vcpu in self.machine.vcpus:
             vcpu.enable_sync_sregs()  # the CPU mode of each hypercall without an ioctl
@@ -149,18 +162,33 @@ class XenDomain:
             trap.install()
         log.info("hypercall traps: %s", ", ".join(t.name for t in self.traps))
         if self.cfg.test_device:
-            from xenkvm.machine import layout
-            from xenkvm.xen.testdev import TestDevice
-            self.machine.bus.register(layout.XEN_TESTDEV_PORT, 4, TestDevice(self))
-        from xenkvm.config import BootMode
-        linux = mode is BootMode.LINUX if mode is not None else image is None
-        if self.platform is None and (self.cfg.platform_pci or linux):
-            from xenkvm.xen import platform_pci
+            self.machine.register_ports(layout.XEN_TESTDEV_PORT, 4, TestDevice(self))
+        if self.platform is None and (self.cfg.platform_pci or entry.mode is BootMode.LINUX):
             platform_pci.attach(self)   # sets self.platform
 
-    def on_stop(self) -> None:
+    def start(self) -> None:
+        """The embedded xenstored: its socket and thread (ConfigError if the socket is taken)."""
+        self.store.start()
+
+    def stop(self) -> None:
         """The machine is stopping: wake vCPUs blocked in SCHEDOP_poll so they can leave."""
         self.evtchn.kick_pollers()
+
+    def close(self) -> None:
+        """Stop the embedded xenstored and remove its socket."""
+        self.store.close()
+
+    def input_sink(self) -> InputSink | None:
+        """Host keystrokes go to the primary console ring once the guest has used it (Linux
+        hvc_xen sends on its port as soon as it writes or consumes), else to console_io's
+        CONSOLEIO_read queue once the guest has read it, else (None) to the machine's UART."""
+        if self.console.connected:
+            return self.console
+        if self.console_io.reading:
+            return self.console_io
+        return None
+
+    # -- services ----------------------------------------------------------------
 
     @property
     def io(self):
@@ -189,7 +217,6 @@ class XenDomain:
 
     def memory_map(self):
         """The e820 map this guest was booted with (XENMEM_memory_map answers it)."""
-        from xenkvm.machine.boot.common import boot_memmap
         return boot_memmap(self.mem)
 
     def valid_vcpu(self, vcpu_id: int) -> bool:

@@ -211,7 +211,7 @@ def attach(domain: "XenDomain") -> XenPlatform:
     device = XenPlatformDevice(state)
     device.enable_decode()
     bus.add(SLOT, device)
-    machine.bus.register(UNPLUG_PORT, UNPLUG_PORTS, UnplugPorts(state))
+    machine.register_ports(UNPLUG_PORT, UNPLUG_PORTS, UnplugPorts(state))
     platform = XenPlatform(state, device, bus)
     domain.platform = platform
     log.info("dom%d: Xen platform PCI device at 00:%02x.0 (BAR0 %#x, BAR1 %#x), unplug ports at %#x",

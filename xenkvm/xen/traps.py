@@ -223,9 +223,9 @@ class HypercallPageTrap:
         vm.enable_user_space_msr(klib.KVM_MSR_EXIT_REASON_FILTER | klib.KVM_MSR_EXIT_REASON_UNKNOWN)
         vm.set_msr_filter([MsrRange(HYPERCALL_MSR, 1)])
         m = self.domain.machine
-        m.exit_handlers[klib.KVM_EXIT_X86_WRMSR] = self.on_wrmsr
-        m.exit_handlers[klib.KVM_EXIT_X86_RDMSR] = self.on_rdmsr
-        m.port_hooks[layout.HYPERCALL_PORT] = self.on_port
+        m.register_exit(klib.KVM_EXIT_X86_WRMSR, self.on_wrmsr)
+        m.register_exit(klib.KVM_EXIT_X86_RDMSR, self.on_rdmsr)
+        m.register_port_hook(layout.HYPERCALL_PORT, self.on_port)
 
     @staticmethod
     def stubs() -> bytes:
@@ -306,7 +306,7 @@ class PatchTrap:
 
     def install(self) -> None:
         patch_sites(self.domain.mem, self.sites)
-        self.domain.machine.port_hooks[layout.HYPERCALL_PORT] = self.on_port
+        self.domain.machine.register_port_hook(layout.HYPERCALL_PORT, self.on_port)
         for p in self.sites:
             log.info("patch trap on %s at %#x (GPA %#x)", p.site.name, p.site.vaddr, p.gpa)
 
@@ -327,7 +327,7 @@ class BreakpointTrap:
     def install(self) -> None:
         for vcpu in self.domain.machine.vcpus:
             vcpu.set_guest_debug(sorted(self.addresses))
-        self.domain.machine.exit_handlers[klib.KVM_EXIT_DEBUG] = self.on_debug
+        self.domain.machine.register_exit(klib.KVM_EXIT_DEBUG, self.on_debug)
         for s in self.sites:
             log.info("breakpoint trap on %s at %#x", s.name, s.vaddr)
 
@@ -379,7 +379,7 @@ class KvmXenTrap:
         flags = klib.KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL
         # KVM only enables its Xen paths with a non-zero MSR (linux.md 2.1).
         self.domain.vm.xen_hvm_config(flags, HYPERCALL_MSR)
-        self.domain.machine.exit_handlers[klib.KVM_EXIT_XEN] = self.on_xen
+        self.domain.machine.register_exit(klib.KVM_EXIT_XEN, self.on_xen)
 
     def on_xen(self, vcpu: "Vcpu") -> None:
         if vcpu.exit_xen.type != klib.KVM_EXIT_XEN_HCALL:

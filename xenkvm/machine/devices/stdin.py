@@ -7,9 +7,10 @@ close, at interpreter exit and on SIGTERM/SIGHUP.  Ctrl-] (0x1d) ends the run
 with ``ExitStatus.INTERRUPTED``, like ``virsh console``.
 
 Each byte goes to exactly one console, the one the guest takes input from
-(``StdinReader.route``): the Xen primary console ring once the guest has used
-it (sent on its event channel), else the ``console_io`` read queue once the
-guest has issued CONSOLEIO_read, else the 16550 UART.  When stdin is not a terminal (a pipe, a file, a test) it
+(``StdinReader.route``): the first machine extension's ``input_sink()`` that
+names one (Xen: its primary console ring once the guest has used it, else its
+``console_io`` read queue once the guest has issued CONSOLEIO_read), else the
+16550 UART.  When stdin is not a terminal (a pipe, a file, a test) it
 is read the same way without raw mode and without the escape byte; EOF stops
 reading, not the VM.  The descriptor's O_NONBLOCK flag is never changed (it is
 shared with whoever else holds stdin): the I/O thread reads only when the
@@ -190,10 +191,9 @@ class StdinReader:
     def route(self, data: bytes) -> None:
         """Deliver ``data`` once, to the console the guest reads input from.
 
-        1. the Xen primary console ring, once the guest has used it (Linux
-           hvc_xen sends on its port as soon as it writes or consumes);
-        2. else console_io's CONSOLEIO_read queue, once the guest has read it;
-        3. else the 16550 UART (every guest, Xen or not, that uses neither).
+        1. the console an attached extension names (``input_sink``; Xen's
+           ring once connected, else its CONSOLEIO_read queue once read);
+        2. else the 16550 UART (every guest, Xen or not, that uses neither).
         """
         target = self.input_target()
         accepted = target.push_input(data)
@@ -202,12 +202,8 @@ class StdinReader:
 
     def input_target(self):
         """The console that gets host input now (see ``route``)."""
-        xen = self.machine.xen
-        if xen is not None:
-            console = getattr(xen, "console", None)
-            if console is not None and console.connected:
-                return console
-            console_io = getattr(xen, "console_io", None)
-            if console_io is not None and console_io.reading:
-                return console_io
+        for ext in self.machine.extensions:
+            sink = ext.input_sink()
+            if sink is not None:
+                return sink
         return self.machine.serial
