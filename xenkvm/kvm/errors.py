@@ -4,6 +4,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+from xenkvm.kvm._kvm_cffi import ffi
+
 
 class KvmError(OSError):
     """An ioctl on /dev/kvm, a VM or a vCPU failed; names the ioctl and errno."""
@@ -32,8 +34,6 @@ def new_varstruct(ctype: str, field: str, n: int):
     buffer is sized from the compiler's offsetof and element size.  Returns
     (owner, pointer): keep ``owner`` referenced while the pointer is in use.
     """
-    from xenkvm.kvm._kvm_cffi import ffi
-
     fields = dict(ffi.typeof(ctype).fields)
     item = fields[field].type.item
     size = max(ffi.offsetof(ctype, field) + n * ffi.sizeof(item), ffi.sizeof(ctype))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from xenkvm.kvm.errors import KvmError
 from xenkvm.machine.memory import GuestMemory, GuestMemoryError
 from xenkvm.xen.abi import XenStruct
 from xenkvm.xen.errors import efault
@@ -43,7 +42,7 @@ class GuestVirtual:
                 raise efault(f"GVA {gva:#x} is not a canonical address")
             try:
                 gpa = self.vcpu.translate(page)
-            except KvmError:
+            except OSError:   # KVM_TRANSLATE refused (the binding's KvmError is an OSError)
                 gpa = None
             if gpa is None:
                 raise efault(f"GVA {gva:#x} is not mapped")
