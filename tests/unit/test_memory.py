@@ -177,6 +177,14 @@ def test_bit_atomics(mem):
     assert mem.read_u64(0x8008) == 0 and not mem.test_bit(0x8000, 70)
 
 
+def test_xchg8(mem):
+    assert mem.xchg8(0x8001, 1) == 0 and mem.xchg8(0x8001, 0x1FF) == 1
+    assert mem.read(0x8000, 3) == b"\x00\xff\x00"
+    for gpa in (-1, 16 * MiB):
+        with pytest.raises(GuestMemoryError):
+            mem.xchg8(gpa, 1)
+
+
 @pytest.mark.parametrize("gpa,bit", [(0x8004, 0), (0x8000, -1), (16 * MiB - 8, 64), (16 * MiB, 0)])
 def test_bit_atomics_refuse_unaligned_or_outside(mem, gpa, bit):
     for op in (mem.test_and_set_bit, mem.test_and_clear_bit, mem.test_bit):

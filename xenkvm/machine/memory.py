@@ -344,6 +344,10 @@ class GuestMemory:
         word, b = self._bit_word(gpa, bit)
         return bool(_c.xk_test_bit(word, b))
 
+    def xchg8(self, gpa: int, value: int) -> int:
+        """Store byte ``value`` at ``gpa`` atomically; the old byte (vcpu_info's upcall_pending)."""
+        return _c.xk_xchg8(ffi.cast("void *", self.host_address(gpa, 1)), value & 0xFF)
+
     @staticmethod
     def barrier() -> None:
         """A full memory fence, between the writes of a version-protected guest struct."""
