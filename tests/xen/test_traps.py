@@ -9,11 +9,12 @@ import guestgen
 from xenkvm.config import HypercallTrap
 from xenkvm.kvm._kvm_cffi import lib as klib
 from xenkvm.machine import layout
-from xenkvm.xen import traps
+from xenkvm.xen import trapsites
 from xenkvm.machine.boot.elf import load_elf
 from xenkvm.machine.memory import GuestMemory
-from xenkvm.xen.traps import (PATCHED, BreakpointTrap, HypercallPageTrap, KvmXenTrap, PatchSite, PatchTrap, Site,
-                              TrapError, choose, find_sites, pattern_sites, patch_sites, site_gpa)
+from xenkvm.xen.traps import (PATCHED, BreakpointTrap, HypercallPageTrap, KvmXenTrap, PatchSite, PatchTrap, TrapError,
+                              choose, patch_sites)
+from xenkvm.xen.trapsites import Site, find_sites, pattern_sites, site_gpa
 
 LINUX_LIKE = (b"\x90" * 16 + b"\x58\x74\x05\xeb\x13\x0f\x1f\x00" + b"\x90" * 8
               + b"\x0f\x01\xd9\xe9\x00\x00\x00\x00" + b"\xcc" * 8      # xen_hypercall_amd (16-aligned)
@@ -46,7 +47,7 @@ def test_symbols_preferred(tmp_path):
                    ".globl _start\n_start: ret\n")
     out = tmp_path / "s.elf"
     subprocess.run(["gcc", "-nostdlib", "-static", "-Wl,-Ttext=0x200000", "-o", str(out), str(src)], check=True)
-    sites = traps.symbol_sites(out.read_bytes())
+    sites = trapsites.symbol_sites(out.read_bytes())
     assert sites == [Site("xen_hypercall_intel", 0x200001)]
 
 
