@@ -154,8 +154,7 @@ class XenDomain(MachineExtension):
         HVM-mode guests (``entry.mode``: the Linux boot protocol) and ``xen.platform_pci``
         get the Xen platform PCI device and the unplug ports (xen/platform_pci.py).
         """
-        image = entry.image
-        self.traps = choose(self, self.cfg.hypercall_trap, image)
+        self.traps = choose(self, self.cfg.hypercall_trap, entry.image)
         for vcpu in self.machine.vcpus:
             vcpu.enable_sync_sregs()  # the CPU mode of each hypercall without an ioctl
         for trap in self.traps:
