@@ -14,6 +14,7 @@ import pytest
 import guestgen
 from xenkvm.config import GuestConfig
 from xenkvm.machine.devices.console import ConsoleSink
+from xenkvm.machine.extension import MachineExtension
 from xenkvm.machine.machine import ExitStatus, Machine
 
 pytestmark = pytest.mark.kvm
@@ -186,3 +187,55 @@ def test_work_posted_at_the_worst_moment_still_runs(tmp_path, poster):
         m.close()
     assert posted == ["vcpu0"]
     assert result.status is ExitStatus.POWEROFF, result.message
+
+
+class RecordingExtension(MachineExtension):
+    """A personality that is not Xen: its own CPUID leaf and a port hook, every hook recorded."""
+
+    PORT = 0xE0
+    SIGNATURE = 0x1234_5678
+
+    def __init__(self, machine: Machine):
+        self.machine = machine
+        self.calls: list[str] = []
+        self.seen: list[int] = []
+
+    def cpuid_leaves(self, vcpu_id: int):
+        return [(0x4000_0000, 0, 0, 0x4000_0000, self.SIGNATURE, 0, 0)]
+
+    def install(self, entry) -> None:
+        self.calls.append(f"install {entry.mode.value}")
+        self.machine.register_port_hook(self.PORT, self.on_port)
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+    def on_port(self, vcpu) -> None:
+        self.seen.append(int.from_bytes(vcpu.io_data()[:4], "little"))
+        self.machine.power_off()
+
+
+def test_an_extension_gets_its_cpuid_leaf_port_and_lifecycle(tmp_path):
+    """The seam on a real guest: it reads the extension's CPUID leaf and reports it on the hooked port."""
+    code = (b"\xb8\x00\x00\x00\x40"     # mov eax, 0x40000000
+            b"\x0f\xa2"                 # cpuid
+            b"\x89\xd8"                 # mov eax, ebx
+            + bytes([0xE7, RecordingExtension.PORT])  # out PORT, eax
+            + guestgen.SPIN)
+    k = raw_guest(tmp_path, code)
+    m = Machine(GuestConfig(name="t", kernel=k, memory=32 << 20, vcpus=1, console="none"), sink=ConsoleSink(None))
+    ext = RecordingExtension(m)
+    m.attach(ext)
+    try:
+        result = m.run()
+    finally:
+        m.close()
+    assert result.status is ExitStatus.POWEROFF, result.message
+    assert ext.seen == [RecordingExtension.SIGNATURE]
+    assert ext.calls == ["install pvh", "start", "stop", "close"]
