@@ -21,8 +21,14 @@ from typing import Callable
 import numpy as np
 
 from xenkvm.kvm._kvm_cffi import ffi
+from xenkvm.kvm._kvm_cffi import lib as _klib
 
 PAGE_SIZE = 4096
+# The atomic C helpers, bound once (they run on every event-channel delivery).
+_test_and_set = _klib.xk_test_and_set_bit
+_test_and_clear = _klib.xk_test_and_clear_bit
+_fetch_or32 = _klib.xk_fetch_or32
+_fetch_and32 = _klib.xk_fetch_and32
 LOW_RAM_TOP = 0xC000_0000
 HIGH_RAM_BASE = 0x1_0000_0000
 MMIO_HOLE_END = 0xFEC0_0000  # IOAPIC at 0xfec00000, LAPIC at 0xfee00000
@@ -104,6 +110,7 @@ class GuestMemory:
         self.ram_size = ram_size
         self._regions: list[Region] = []
         self._starts: list[int] = []
+        self._ptrs: dict = {}   #: gpa -> char * of words used atomically; dropped on removal
         #: (added, removed) pairs; ``removed`` undoes ``added`` (None: nothing to undo)
         self._listeners: list[tuple[Callable[[Region], None], Callable[[Region], None] | None]] = []
         low = min(ram_size, LOW_RAM_TOP)
@@ -175,6 +182,7 @@ class GuestMemory:
                 removed(region)
         del self._starts[i]
         del self._regions[i]
+        self._ptrs.clear()
 
     def _insert(self, region: Region) -> None:
         i = bisect.bisect(self._starts, region.gpa)
@@ -265,6 +273,69 @@ class GuestMemory:
 
     def write_u64(self, gpa: int, value: int) -> None:
         self.pack(_U64, gpa, value)
+
+    # -- pages and atomics (the Xen layer's shared words) ---------------------
+    def page(self, gfn: int) -> memoryview:
+        """A zero-copy view of the 4 KiB guest frame ``gfn`` (GuestMemoryError if not backed)."""
+        if not 0 <= gfn < MAX_GPA >> 12:
+            raise GuestMemoryError(gfn << 12 if gfn >= 0 else 0, PAGE_SIZE, "frame number out of range")
+        return self.view(gfn << 12, PAGE_SIZE)
+
+    def is_ram(self, gpa: int) -> bool:
+        """True if ``gpa`` is in a RAM region (not the special pages, grant frames or MMIO)."""
+        try:
+            r, _ = self._find(gpa, 1)
+        except GuestMemoryError:
+            return False
+        return r.ram
+
+    def _ptr(self, gpa: int, align: int):
+        """A ``char *`` to the ``align``-byte word at ``gpa`` (4 or 8: inside one region).
+
+        Pointers are cached by address (the Xen layer hits the same few words of
+        shared_info, vcpu_info and the FIFO pages on every event); the cache is
+        dropped when a region leaves.
+        """
+        ptr = self._ptrs.get(gpa)
+        if ptr is None:
+            if gpa & (align - 1):
+                raise GuestMemoryError(gpa, align, f"not {align}-byte aligned")
+            r, off = self._find(gpa, 8 if gpa & 7 == 0 else 4)
+            if len(self._ptrs) >= 4096:
+                self._ptrs.clear()
+            ptr = self._ptrs[gpa] = ffi.cast("char *", r.host_addr) + off
+        return ptr
+
+    def test_and_set_bit(self, gpa: int, bit: int) -> bool:
+        """Atomically set bit ``bit`` (LSB first) of the bitmap at ``gpa``; its old value."""
+        byte = gpa + (bit >> 3)
+        word = byte & ~7
+        ptr = self._ptrs.get(word) or self._ptr(word, 8)
+        return _test_and_set(ptr, (byte & 7) << 3 | bit & 7) != 0
+
+    def test_and_clear_bit(self, gpa: int, bit: int) -> bool:
+        """Atomically clear bit ``bit`` (LSB first) of the bitmap at ``gpa``; its old value."""
+        byte = gpa + (bit >> 3)
+        word = byte & ~7
+        ptr = self._ptrs.get(word) or self._ptr(word, 8)
+        return _test_and_clear(ptr, (byte & 7) << 3 | bit & 7) != 0
+
+    def atomic_or32(self, gpa: int, bits: int) -> int:
+        """Atomically OR ``bits`` into the aligned u32 at ``gpa``; the old value."""
+        return _fetch_or32(self._ptrs.get(gpa) or self._ptr(gpa, 4), bits & 0xFFFFFFFF)
+
+    def atomic_and32(self, gpa: int, bits: int) -> int:
+        """Atomically AND ``bits`` into the aligned u32 at ``gpa``; the old value."""
+        return _fetch_and32(self._ptrs.get(gpa) or self._ptr(gpa, 4), bits & 0xFFFFFFFF)
+
+    def cmpxchg32(self, gpa: int, expected: int, desired: int) -> tuple[bool, int]:
+        """Atomically replace the aligned u32 at ``gpa`` by ``desired`` iff it is ``expected``.
+
+        Returns (swapped, the value found).
+        """
+        exp = ffi.new("uint32_t *", expected & 0xFFFFFFFF)
+        ok = _klib.xk_cmpxchg32(self._ptr(gpa, 4), exp, desired & 0xFFFFFFFF)
+        return bool(ok), int(exp[0])
 
     # -- map ---------------------------------------------------------------
     def e820(self) -> list[E820Entry]:
