@@ -27,7 +27,6 @@ the VMM-side methods take it).
 """
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from xenkvm.xen.abi import DOMID_SELF, Errno, EvtchnStat, ffi
@@ -45,7 +44,6 @@ from xenkvm.xen.limits import of as limits_of
 if TYPE_CHECKING:
     from xenkvm.xen.dispatch import Dispatcher
 
-log = logging.getLogger(__name__)
 
 CB_SIZE = ffi.sizeof("struct evtchn_fifo_control_block")
 Publish = Callable[[int], None]

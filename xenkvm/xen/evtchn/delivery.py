@@ -12,7 +12,6 @@ its events pending; :meth:`Delivery.resend` delivers them once it has one.
 """
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Protocol
 
 from xenkvm.machine.memory import GuestMemoryError
@@ -20,9 +19,8 @@ from xenkvm.xen.abi import ffi
 
 if TYPE_CHECKING:
     from xenkvm.xen.evtchn.poll import Pollers
-    from xenkvm.xen.evtchn.ports import Port, PortTable
+    from xenkvm.xen.evtchn.ports import Port
 
-log = logging.getLogger(__name__)
 
 VI_UPCALL_PENDING = ffi.offsetof("struct vcpu_info", "evtchn_upcall_pending")
 VI_SIZE = ffi.sizeof("struct vcpu_info")
