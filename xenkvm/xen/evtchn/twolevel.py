@@ -99,21 +99,22 @@ class TwoLevel:
             return False
         if bits[1][port >> 6] >> (port & 63) & 1:
             return True                 # masked: the guest looks when it unmasks
-        # _set_sel(), inline: this is every event's path.
-        vcpu, signal = p.vcpu, self.signal
-        vi = signal.vcpu_info(vcpu)
-        if vi is None:
-            signal.upcall(vcpu)
-        elif not self.mem.test_and_set_bit(vi + VI_SEL, port >> 6):
-            signal.upcall(vcpu, vi)
+        self._set_sel(p.vcpu, port >> 6)
         return True
 
     def _set_sel(self, vcpu: int, word: int) -> None:
+        """Set bit ``word`` of the vCPU's evtchn_pending_sel; a new bit marks the upcall."""
         signal = self.signal
         vi = signal.vcpu_info(vcpu)
         if vi is None:
             signal.upcall(vcpu)    # wakes a poller; the bits wait for resend()
-        elif not self.mem.test_and_set_bit(vi + VI_SEL, word):
+            return
+        try:
+            was = self.mem.test_and_set_bit(vi + VI_SEL, word)
+        except GuestMemoryError:   # its vcpu_info left guest memory: as if it had none
+            signal.forget()
+            return
+        if not was:
             signal.upcall(vcpu, vi)
 
     def clear_pending(self, p: "Port") -> None:
