@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "xen")]
 
-from test_evtchn import (ARG, ARR, CB, SHINFO, SH_PENDING, VI_SEL, Caller,  # noqa: E402
-                         FakeDomain)
+from evtchnfakes import Caller, FakeDomain  # noqa: E402
+from test_evtchn import ARG, ARR, CB, SH_PENDING, SHINFO, VI_SEL  # noqa: E402
 from xenkvm.xen.abi import EvtchnOp, Hypercall, ffi  # noqa: E402
 
 BATCH = 2000

@@ -28,6 +28,7 @@ from xenkvm.xen.abi import HvmParam
 from xenkvm.xen.dispatch import Dispatcher
 from xenkvm.xen.domain import CONSOLE_PAGE, SPECIAL_PAGES, SPECIAL_PAGES_GPA, STORE_PAGE, InputQueue
 from xenkvm.xen.evtchn import EventChannels
+from xenkvm.xen.hypercalls import sched
 from xenkvm.xen.limits import Limits
 from xenkvm.xen.timers import VcpuTimers
 
@@ -123,6 +124,7 @@ class FakeDomain:
         self.timers = VcpuTimers(self)
         self.evtchn.register_hypercalls(self.dispatcher)
         self.timers.register_hypercalls(self.dispatcher)
+        sched.register(self)     # sched_op, SCHEDOP_poll included (it waits on event channels)
         if console or store:
             self.mem.add_region(SPECIAL_PAGES_GPA, SPECIAL_PAGES * 4096, "xen-special-pages", reserved=True)
             self.params[HvmParam.STORE_PFN] = self.special_pfn(STORE_PAGE)

@@ -18,7 +18,7 @@ import pytest
 from xenkvm.xen.abi import DOMID_SELF, Errno, EvtchnOp, EvtchnStat, Hypercall, SchedOp, ffi, handle_offset, lib
 from evtchnfakes import DOMID, SHINFO, FakeDomain, hc
 from xenkvm.xen.evtchn import EventChannels, EvtchnError
-from xenkvm.xen.evtchn_fifo import BUSY, LINK_MASK, LINKED, MASKED, PENDING, FifoEvents
+from xenkvm.xen.evtchn.fifo import BUSY, LINK_MASK, LINKED, MASKED, PENDING, Fifo
 from xenkvm.xen.limits import DEFAULT_MAX_EVTCHN_PORT as MAX_PORT
 from xenkvm.xen.limits import Limits
 
@@ -275,7 +275,7 @@ def test_vmm_port_runs_on_notify_on_the_io_thread(d):
     done.clear()
     with d.lock:   # hold the I/O thread's callback off
         for _ in range(50):
-            assert d.evtchn._send(port) == 0
+            assert d.evtchn.send(port) == 0
     assert done.wait(10)
     assert d.io.wait_idle()          # nothing more queued for the I/O thread
     assert len(seen) == 2
@@ -462,9 +462,9 @@ def poll(d, ports, timeout=0, vcpu=0, nr=None):
 
 
 def test_poll_returns_at_once_for_pending_and_checks_input(d, monkeypatch):
-    # SCHEDOP_poll blocks the vCPU thread on the real clock (evtchn.py): "at once" below
+    # SCHEDOP_poll blocks the vCPU thread on the real clock (evtchn/poll.py): "at once" below
     # means "well before a 60 s block", generous bounds only.
-    monkeypatch.setattr("xenkvm.xen.evtchn.POLL_MAX_BLOCK_NS", 60_000_000_000)
+    monkeypatch.setattr("xenkvm.xen.evtchn.poll.POLL_MAX_BLOCK_NS", 60_000_000_000)
     port = ipi(d)
     assert send(d, port) == 0
     t0 = time.monotonic()
@@ -486,7 +486,7 @@ def test_poll_returns_at_once_for_pending_and_checks_input(d, monkeypatch):
     assert time.monotonic() - t0 < 30
     # Without a timeout the vCPU thread blocks at most POLL_MAX_BLOCK_NS per call (never less:
     # the wait loops on the monotonic clock until the block has passed).
-    monkeypatch.setattr("xenkvm.xen.evtchn.POLL_MAX_BLOCK_NS", 30_000_000)
+    monkeypatch.setattr("xenkvm.xen.evtchn.poll.POLL_MAX_BLOCK_NS", 30_000_000)
     t0 = time.monotonic_ns()
     assert poll(d, [other]) == 0
     assert 30_000_000 <= time.monotonic_ns() - t0 < 30_000_000_000
@@ -498,15 +498,15 @@ def poll_in_thread(d, ports, vcpu):
     t = threading.Thread(target=lambda: result.setdefault("rc", poll(d, ports, vcpu=vcpu)))
     t.start()
     deadline = time.monotonic() + 30
-    while d.evtchn._pollers == 0 and t.is_alive() and time.monotonic() < deadline:
+    while d.evtchn.pollers.waiting == 0 and t.is_alive() and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert d.evtchn._pollers == 1 and t.is_alive(), result
+    assert d.evtchn.pollers.waiting == 1 and t.is_alive(), result
     return t, result
 
 
 def test_poll_wakes_on_an_upcall_for_the_vcpu(d, monkeypatch):
     """A new upcall to the polling vCPU (any port) wakes it, as in Xen."""
-    monkeypatch.setattr("xenkvm.xen.evtchn.POLL_MAX_BLOCK_NS", 60_000_000_000)
+    monkeypatch.setattr("xenkvm.xen.evtchn.poll.POLL_MAX_BLOCK_NS", 60_000_000_000)
     other = ipi(d)
     vp = d.evtchn.alloc_vmm_port(lambda: None)
     guest_ack(d, 0)
@@ -517,7 +517,7 @@ def test_poll_wakes_on_an_upcall_for_the_vcpu(d, monkeypatch):
 
 
 def test_poll_wakes_on_event_and_releases_the_big_lock(d, monkeypatch):
-    monkeypatch.setattr("xenkvm.xen.evtchn.POLL_MAX_BLOCK_NS", 60_000_000_000)
+    monkeypatch.setattr("xenkvm.xen.evtchn.poll.POLL_MAX_BLOCK_NS", 60_000_000_000)
     port = d.evtchn.alloc_vmm_port(lambda: None, vcpu=1)
     t, result = poll_in_thread(d, [port], vcpu=1)
     # The I/O thread can take the big lock while the vCPU polls.
@@ -796,11 +796,11 @@ def test_random_hostile_calls_never_break_the_vmm(d, caplog):
 
 def test_fifo_unit_link_gives_up_on_a_guest_that_keeps_changing_the_tail(d):
     fifo(d)
-    f: FifoEvents = d.evtchn.fifo
+    f = d.evtchn.delivery
+    assert isinstance(f, Fifo)
     a = ipi(d)
     assert send(d, a) == 0
-    tw = f.word(a)
     # A word that is LINKED is linked on the first try.
-    assert f._link(tw, 5) is True and word(d, a) & LINK_MASK == 5
+    assert f._link(a, 5) is True and word(d, a) & LINK_MASK == 5
     d.mem.write_u32(word_gpa(a), 0)
-    assert f._link(tw, 6) is False and word(d, a) == 0
+    assert f._link(a, 6) is False and word(d, a) == 0

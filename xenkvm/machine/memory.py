@@ -26,9 +26,14 @@ from typing import Callable
 import numpy as np
 
 from xenkvm.kvm._kvm_cffi import ffi
-from xenkvm.kvm._kvm_cffi import lib as _c  # the C atomic helpers (xk_*): lock-prefixed, seq_cst
+from xenkvm.kvm._kvm_cffi import lib as _klib  # the C atomic helpers (xk_*): lock-prefixed, seq_cst
 
 PAGE_SIZE = 4096
+# The atomic C helpers, bound once (they run on every event-channel delivery).
+_test_and_set = _klib.xk_test_and_set_bit
+_test_and_clear = _klib.xk_test_and_clear_bit
+_fetch_or32 = _klib.xk_fetch_or32
+_fetch_and32 = _klib.xk_fetch_and32
 LOW_RAM_TOP = 0xC000_0000
 HIGH_RAM_BASE = 0x1_0000_0000
 MMIO_HOLE_END = 0xFEC0_0000  # IOAPIC at 0xfec00000, LAPIC at 0xfee00000
@@ -110,6 +115,7 @@ class GuestMemory:
         self.ram_size = ram_size
         self._regions: list[Region] = []
         self._starts: list[int] = []
+        self._ptrs: dict = {}   #: gpa -> char * of words used atomically; dropped on removal
         #: (added, removed) pairs; ``removed`` undoes ``added`` (None: nothing to undo)
         self._listeners: list[tuple[Callable[[Region], None], Callable[[Region], None] | None]] = []
         low = min(ram_size, LOW_RAM_TOP)
@@ -181,6 +187,7 @@ class GuestMemory:
                 removed(region)
         del self._starts[i]
         del self._regions[i]
+        self._ptrs.clear()
 
     def _insert(self, region: Region) -> None:
         i = bisect.bisect(self._starts, region.gpa)
@@ -272,9 +279,12 @@ class GuestMemory:
     def write_u64(self, gpa: int, value: int) -> None:
         self.pack(_U64, gpa, value)
 
+    # -- pages and atomics (the Xen layer's shared words) ---------------------
     def page(self, gfn: int) -> memoryview:
-        """A zero-copy, writable view of guest frame ``gfn`` (4 KiB, wholly inside one region)."""
-        return self.view(gfn * PAGE_SIZE, PAGE_SIZE)
+        """A zero-copy view of the 4 KiB guest frame ``gfn`` (GuestMemoryError if not backed)."""
+        if not 0 <= gfn < MAX_GPA >> 12:
+            raise GuestMemoryError(gfn << 12 if gfn >= 0 else 0, PAGE_SIZE, "frame number out of range")
+        return self.view(gfn << 12, PAGE_SIZE)
 
     # -- lookups -------------------------------------------------------------
     def region_at(self, gpa: int) -> Region | None:
@@ -284,11 +294,6 @@ class GuestMemory:
             return None
         r = self._regions[i]
         return r if gpa < r.end else None
-
-    def is_ram(self, gpa: int) -> bool:
-        """Whether ``gpa`` is guest RAM (not a run-time region such as grant frames)."""
-        r = self.region_at(gpa)
-        return r is not None and r.ram
 
     def ram_regions(self) -> tuple[Region, ...]:
         """The RAM regions, lowest first (they never change after construction)."""
@@ -302,56 +307,89 @@ class GuestMemory:
         """The GPA just past the highest backed byte, RAM or run-time region (XENMEM_maximum_gpfn)."""
         return self._regions[-1].end
 
-    # -- atomics on memory the vCPUs share -----------------------------------
+    def is_ram(self, gpa: int) -> bool:
+        """True if ``gpa`` is in a RAM region (not the special pages, grant frames or MMIO)."""
+        try:
+            r, _ = self._find(gpa, 1)
+        except GuestMemoryError:
+            return False
+        return r.ram
+
+    def _ptr(self, gpa: int, align: int):
+        """A ``char *`` to the ``align``-byte word at ``gpa`` (4 or 8: inside one region).
+
+        Pointers are cached by address (the Xen layer hits the same few words of
+        shared_info, vcpu_info and the FIFO pages on every event); the cache is
+        dropped when a region leaves.
+        """
+        ptr = self._ptrs.get(gpa)
+        if ptr is None:
+            if gpa & (align - 1):
+                raise GuestMemoryError(gpa, align, f"not {align}-byte aligned")
+            r, off = self._find(gpa, 8 if gpa & 7 == 0 else 4)
+            if len(self._ptrs) >= 4096:
+                self._ptrs.clear()
+            ptr = self._ptrs[gpa] = ffi.cast("char *", r.host_addr) + off
+        return ptr
+
+    def test_and_set_bit(self, gpa: int, bit: int) -> bool:
+        """Atomically set bit ``bit`` (LSB first) of the bitmap at ``gpa``; its old value."""
+        if bit < 0:
+            raise GuestMemoryError(gpa, 8, f"bit {bit}")
+        byte = gpa + (bit >> 3)
+        word = byte & ~7
+        ptr = self._ptrs.get(word) or self._ptr(word, 8)
+        return _test_and_set(ptr, (byte & 7) << 3 | bit & 7) != 0
+
+    def test_and_clear_bit(self, gpa: int, bit: int) -> bool:
+        """Atomically clear bit ``bit`` (LSB first) of the bitmap at ``gpa``; its old value."""
+        if bit < 0:
+            raise GuestMemoryError(gpa, 8, f"bit {bit}")
+        byte = gpa + (bit >> 3)
+        word = byte & ~7
+        ptr = self._ptrs.get(word) or self._ptr(word, 8)
+        return _test_and_clear(ptr, (byte & 7) << 3 | bit & 7) != 0
+
     def u32_ptr(self, gpa: int):
         """A cffi ``uint32_t *`` to the aligned 32-bit word at ``gpa`` (bounds-checked once)."""
         if gpa % 4:
             raise GuestMemoryError(gpa, 4, "not 4-byte aligned")
         return ffi.cast("uint32_t *", self.host_address(gpa, 4))
 
+    def test_bit(self, gpa: int, bit: int) -> bool:
+        """Bit ``bit`` (LSB first) of the bitmap at ``gpa`` (an atomic byte load)."""
+        if bit < 0:
+            raise GuestMemoryError(gpa, 8, f"bit {bit}")
+        byte = gpa + (bit >> 3)
+        word = byte & ~7
+        ptr = self._ptrs.get(word) or self._ptr(word, 8)
+        return _klib.xk_test_bit(ptr, (byte & 7) << 3 | bit & 7) != 0
+
     def atomic_or32(self, gpa: int, bits: int) -> int:
-        """``*gpa |= bits`` atomically; the old value."""
-        return _c.xk_fetch_or32(self.u32_ptr(gpa), bits & _M32)
+        """Atomically OR ``bits`` into the aligned u32 at ``gpa``; the old value."""
+        return _fetch_or32(self._ptrs.get(gpa) or self._ptr(gpa, 4), bits & 0xFFFFFFFF)
 
     def atomic_and32(self, gpa: int, bits: int) -> int:
-        """``*gpa &= bits`` atomically (``bits`` may be a negative Python mask); the old value."""
-        return _c.xk_fetch_and32(self.u32_ptr(gpa), bits & _M32)
+        """Atomically AND ``bits`` into the aligned u32 at ``gpa``; the old value."""
+        return _fetch_and32(self._ptrs.get(gpa) or self._ptr(gpa, 4), bits & 0xFFFFFFFF)
 
     def cmpxchg32(self, gpa: int, expected: int, desired: int) -> tuple[bool, int]:
-        """Store ``desired`` if the word still holds ``expected``: (stored, the value found)."""
-        cell = ffi.new("uint32_t *", expected & _M32)
-        ok = _c.xk_cmpxchg32(self.u32_ptr(gpa), cell, desired & _M32)
-        return bool(ok), cell[0]
+        """Atomically replace the aligned u32 at ``gpa`` by ``desired`` iff it is ``expected``.
 
-    def _bit_word(self, gpa: int, bit: int):
-        """The aligned 64-bit word (xen_ulong_t on x86-64) that holds bit ``bit`` of the array at ``gpa``."""
-        if bit < 0 or gpa % 8:
-            raise GuestMemoryError(gpa, 8, f"bit {bit} of an array that is not 8-byte aligned")
-        return ffi.cast("void *", self.host_address(gpa + (bit >> 6) * 8, 8)), bit & 63
-
-    def test_and_set_bit(self, gpa: int, bit: int) -> bool:
-        """Set bit ``bit`` of the bit array at ``gpa`` atomically; whether it was set."""
-        word, b = self._bit_word(gpa, bit)
-        return bool(_c.xk_test_and_set_bit(word, b))
-
-    def test_and_clear_bit(self, gpa: int, bit: int) -> bool:
-        """Clear bit ``bit`` of the bit array at ``gpa`` atomically; whether it was set."""
-        word, b = self._bit_word(gpa, bit)
-        return bool(_c.xk_test_and_clear_bit(word, b))
-
-    def test_bit(self, gpa: int, bit: int) -> bool:
-        """Bit ``bit`` of the bit array at ``gpa`` (an atomic load)."""
-        word, b = self._bit_word(gpa, bit)
-        return bool(_c.xk_test_bit(word, b))
+        Returns (swapped, the value found).
+        """
+        exp = ffi.new("uint32_t *", expected & 0xFFFFFFFF)
+        ok = _klib.xk_cmpxchg32(self._ptr(gpa, 4), exp, desired & 0xFFFFFFFF)
+        return bool(ok), int(exp[0])
 
     def xchg8(self, gpa: int, value: int) -> int:
         """Store byte ``value`` at ``gpa`` atomically; the old byte (vcpu_info's upcall_pending)."""
-        return _c.xk_xchg8(ffi.cast("void *", self.host_address(gpa, 1)), value & 0xFF)
+        return _klib.xk_xchg8(ffi.cast("void *", self.host_address(gpa, 1)), value & 0xFF)
 
     @staticmethod
     def barrier() -> None:
         """A full memory fence, between the writes of a version-protected guest struct."""
-        _c.xk_mb()
+        _klib.xk_mb()
 
     # -- map ---------------------------------------------------------------
     def e820(self) -> list[E820Entry]:

@@ -68,10 +68,7 @@ def xen_owned_gfns(domain: "XenDomain") -> set[int]:
         areas += [(v.vcpu_info_gpa, VCPU_INFO.size), (v.runstate_gpa, RUNSTATE.size),
                   (v.time_area_gpa, TIME_INFO.size)]
     gfns = gfns_of(areas)
-    fifo = domain.evtchn.fifo
-    if fifo is not None:
-        gfns.update(loc[0] for loc in fifo.control_loc if loc is not None)
-        gfns.update(fifo.array_gfns)
+    gfns.update(domain.evtchn.guest_frames())       # FIFO control blocks and event array
     return gfns
 
 

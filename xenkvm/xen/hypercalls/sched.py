@@ -1,4 +1,4 @@
-"""sched_op: yield, block, and shutdown with every reason (SCHEDOP_poll is xen.evtchn's)."""
+"""sched_op: yield, block, shutdown with every reason, and poll (xen/evtchn/poll.py: it waits on event channels)."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +8,7 @@ from xenkvm.machine.status import ExitStatus
 from xenkvm.xen.abi import DOMID_SELF, Errno, Hypercall, SchedOp, Shutdown, XenStruct
 from xenkvm.xen.dispatch import Call
 from xenkvm.xen.errors import HypercallError, einval
+from xenkvm.xen.evtchn.poll import sched_poll
 
 if TYPE_CHECKING:
     from xenkvm.xen.domain import XenDomain
@@ -54,6 +55,6 @@ def register(domain: "XenDomain") -> None:
 
     table = {SchedOp["yield"]: yield_, SchedOp.block: block,
              SchedOp.shutdown: shutdown, SchedOp.remote_shutdown: remote_shutdown,
-             SchedOp.shutdown_code: shutdown_code}
+             SchedOp.shutdown_code: shutdown_code, SchedOp.poll: sched_poll}
     for cmd, fn in table.items():
         domain.dispatcher.register_subop(Hypercall.sched_op, cmd, fn)
