@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import struct
+import threading
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Callable
@@ -21,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from xenkvm.kvm._kvm_cffi import ffi
+from xenkvm.kvm._kvm_cffi import lib as _klib
 
 PAGE_SIZE = 4096
 LOW_RAM_TOP = 0xC000_0000
@@ -81,6 +83,7 @@ class Region:
     mm: mmap.mmap = field(init=False, repr=False)
     view: memoryview = field(init=False, repr=False)
     host_addr: int = field(init=False, repr=False)
+    host_ptr: object = field(init=False, repr=False)   #: ``char *`` at host_addr (C atomics)
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % PAGE_SIZE or self.gpa % PAGE_SIZE:
@@ -89,6 +92,7 @@ class Region:
         self.mm = mmap.mmap(-1, self.size, flags=flags)
         self.view = memoryview(self.mm)
         self.host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.mm)))
+        self.host_ptr = ffi.cast("char *", self.host_addr)
 
     @property
     def end(self) -> int:
@@ -106,6 +110,7 @@ class GuestMemory:
         self._starts: list[int] = []
         #: (added, removed) pairs; ``removed`` undoes ``added`` (None: nothing to undo)
         self._listeners: list[tuple[Callable[[Region], None], Callable[[Region], None] | None]] = []
+        self._tls = threading.local()   #: per-thread ``uint32_t`` cell for cmpxchg32
         low = min(ram_size, LOW_RAM_TOP)
         self._insert(Region(0, low, "ram-low"))
         if ram_size > low:
@@ -216,6 +221,54 @@ class GuestMemory:
         """The host virtual address of ``gpa`` (for the C atomic helpers)."""
         r, off = self._find(gpa, length)
         return r.host_addr + off
+
+    def region_at(self, gpa: int) -> Region | None:
+        """The region holding ``gpa`` (RAM or run-time), or None for a hole."""
+        i = bisect.bisect(self._starts, gpa) - 1
+        if i >= 0 and gpa < self._regions[i].end:
+            return self._regions[i]
+        return None
+
+    def is_ram(self, gpa: int) -> bool:
+        """Whether ``gpa`` is in guest RAM (not a hole, not a region added at run time)."""
+        r = self.region_at(gpa)
+        return r is not None and r.ram
+
+    def page(self, gfn: int) -> memoryview:
+        """The 4 KiB page at frame ``gfn`` as a writable view (GuestMemoryError if not backed)."""
+        r, off = self._find(gfn * PAGE_SIZE, PAGE_SIZE)
+        return r.view[off:off + PAGE_SIZE]
+
+    # -- atomics on guest words (the guest may change them concurrently) ---------
+    def _word(self, gpa: int):
+        """A ``char *`` to the aligned 32-bit word at ``gpa``."""
+        if gpa % 4:
+            raise GuestMemoryError(gpa, 4, "32-bit word not aligned")
+        r, off = self._find(gpa, 4)
+        return r.host_ptr + off
+
+    def u32_ptr(self, gpa: int):
+        """A cffi ``uint32_t *`` to the aligned 32-bit word at ``gpa`` (for the C atomics)."""
+        return ffi.cast("uint32_t *", self._word(gpa))
+
+    def atomic_or32(self, gpa: int, bits: int) -> int:
+        """Atomically OR ``bits`` into the word at ``gpa`` (a full barrier); returns the old value."""
+        return _klib.xk_fetch_or32(self._word(gpa), bits & 0xFFFF_FFFF)
+
+    def atomic_and32(self, gpa: int, bits: int) -> int:
+        """Atomically AND the word at ``gpa`` with ``bits`` (a full barrier); returns the old value."""
+        return _klib.xk_fetch_and32(self._word(gpa), bits & 0xFFFF_FFFF)
+
+    def cmpxchg32(self, gpa: int, expected: int, desired: int) -> tuple[bool, int]:
+        """Compare-and-swap the word at ``gpa``: (True, expected) if it held ``expected`` and now
+        holds ``desired``, else (False, the value found)."""
+        word = self._word(gpa)
+        cell = getattr(self._tls, "cell", None)
+        if cell is None:
+            cell = self._tls.cell = ffi.new("uint32_t *")
+        cell[0] = expected
+        ok = _klib.xk_cmpxchg32(word, cell, desired & 0xFFFF_FFFF)
+        return bool(ok), cell[0]
 
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
