@@ -6,6 +6,11 @@ default) and names pages by the granting domain's domid and grant ref:
 * ``copy_from(domid, ref, offset, length)`` -> bytes and
   ``copy_to(domid, ref, offset, data)``: one pinned access, released before
   returning (Xen's GNTTABOP_copy from the backend's side);
+* ``copy_batch(domid, segments, to_guest=...)``: several (ref, offset, host
+  buffer) segments in one go, e.g. the segments of a block request, copied
+  between the granted pages and host memoryviews without intermediate bytes;
+  every segment is checked and pinned before any byte moves, so a refused
+  segment leaves all of them untouched;
 * ``map(domid, ref, writable)`` -> :class:`GrantMapping` and
   ``map_refs(domid, refs, writable)`` (all or none): the entry stays pinned
   (GTF_reading, and GTF_writing when writable) until ``unmap()``; for shared
@@ -36,13 +41,17 @@ Locking rules:
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from xenkvm.xen.abi import PAGE_SIZE, Gntst
 from xenkvm.xen.gnttab.errors import GrantError
 
 if TYPE_CHECKING:
     from xenkvm.xen.gnttab.pins import Pin, Pins
+
+#: One segment of :meth:`BackendApi.copy_batch`: (ref, offset in the granted page, host buffer).
+Segment = tuple[int, int, memoryview]
+
 
 class GrantMapping:
     """A backend's mapping of one granted page; ``unmap()`` (or leaving ``with``) ends it."""
@@ -131,6 +140,45 @@ class BackendApi:
                 act.page[offset:offset + len(data)] = data
             finally:
                 self.pins.release(ref, False)
+
+    def copy_batch(self, domid: int, segments: Iterable[Segment], *, to_guest: bool,
+                   backend: int = 0) -> int:
+        """Copy each segment's host buffer to (``to_guest``) or from its granted page range.
+
+        A segment is (ref, offset, buf): ``len(buf)`` bytes at ``offset`` of ref's page; ``buf``
+        must be writable when reading from the guest.  All segments are checked and pinned
+        first, then copied, then released: on a GrantError no byte moved.  Returns the bytes
+        copied.
+        """
+        segs = [(ref, off, memoryview(buf).cast("B")) for ref, off, buf in segments]
+        for _, off, buf in segs:
+            _check_bounds(off, len(buf))
+        with self.domain.lock:
+            self._check_granter(domid)
+            pinned: list[int] = []
+            try:
+                pages = []
+                for ref, off, buf in segs:
+                    act = self.pins.acquire(ref, backend, not to_guest, False)
+                    pinned.append(ref)
+                    _check_range(act, off, len(buf), ref)
+                    pages.append(act.page)
+                return self._move(segs, pages, to_guest)
+            finally:
+                for ref in reversed(pinned):
+                    self.pins.release(ref, not to_guest)
+
+    @staticmethod
+    def _move(segs: list, pages: list[memoryview], to_guest: bool) -> int:
+        total = 0
+        for (_, off, buf), page in zip(segs, pages):
+            n = len(buf)
+            if to_guest:
+                page[off:off + n] = buf
+            else:
+                buf[:] = page[off:off + n]
+            total += n
+        return total
 
     def map(self, domid: int, ref: int, writable: bool, *, backend: int = 0) -> GrantMapping:
         """Map the whole granted page; the entry stays pinned (flags set) until ``unmap()``.
