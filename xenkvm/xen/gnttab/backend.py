@@ -118,7 +118,8 @@ class BackendApi:
 
     def copy_from(self, domid: int, ref: int, offset: int, length: int, *, backend: int = 0) -> bytes:
         """Read ``length`` bytes at ``offset`` of the page domain ``domid`` granted to ``backend`` as ``ref``."""
-        _check_bounds(offset, length)
+        if offset < 0 or length < 0 or offset + length > PAGE_SIZE:
+            _check_bounds(offset, length)
         with self.domain.lock:
             self._check_granter(domid)
             act = self.pins.acquire(ref, backend, True, False)
@@ -131,7 +132,8 @@ class BackendApi:
     def copy_to(self, domid: int, ref: int, offset: int, data: bytes | bytearray | memoryview,
                 *, backend: int = 0) -> None:
         """Write ``data`` at ``offset`` of the granted page (the grant must not be read-only)."""
-        _check_bounds(offset, len(data))
+        if offset < 0 or offset + len(data) > PAGE_SIZE:
+            _check_bounds(offset, len(data))
         with self.domain.lock:
             self._check_granter(domid)
             act = self.pins.acquire(ref, backend, False, False)

@@ -185,7 +185,7 @@ class EntryCodecV1(EntryCodec):
 
     def target(self, ref: int) -> Target:
         frame, off = self.locate(ref)
-        return Target(_get(frame.buf, off, V1_FRAME))
+        return Target(V1_FRAME[1].unpack_from(frame.buf, off + V1_FRAME[0])[0])
 
     def busy(self, ref: int) -> int:
         return self.header(ref)[0] & BUSY

@@ -45,23 +45,24 @@ _MASK32 = 0xFFFF_FFFF
 class Frame:
     """One 4 KiB frame of the table: VMM memory until mapped, then the guest page at ``gpfn``."""
 
-    __slots__ = ("buf", "gpfn", "mem")
+    __slots__ = ("buf", "gpfn", "gpa", "mem")
 
     def __init__(self, mem: "GuestMemory") -> None:
         self.mem = mem
         self.gpfn: int | None = None
+        self.gpa: int | None = None   #: gpfn's address while mapped (the atomics' base)
         self.buf = memoryview(bytearray(PAGE_SIZE))
 
     def attach(self, gpfn: int, view: memoryview, copy: bool = True) -> None:
         """Make the guest page ``view`` (at ``gpfn``) the frame's storage, moving the content there."""
         if copy:
             view[:] = bytes(self.buf)
-        self.buf, self.gpfn = view, gpfn
+        self.buf, self.gpfn, self.gpa = view, gpfn, gpfn << PAGE_SHIFT
 
     def detach(self) -> None:
         """Keep the content in VMM memory; the guest page stays as it is."""
         self.buf = memoryview(bytearray(self.buf))
-        self.gpfn = None
+        self.gpfn = self.gpa = None
 
     def clear(self) -> None:
         self.buf[:] = bytes(PAGE_SIZE)
@@ -72,8 +73,9 @@ class Frame:
 
     def cmpxchg32(self, off: int, expected: int, desired: int) -> tuple[bool, int]:
         """Compare-and-swap the word at ``off``: (swapped, value found)."""
-        if self.gpfn is not None:
-            return self.mem.cmpxchg32((self.gpfn << PAGE_SHIFT) + off, expected, desired)
+        gpa = self.gpa
+        if gpa is not None:
+            return self.mem.cmpxchg32(gpa + off, expected, desired)
         found = self.load32(off)
         if found == expected:
             _U32.pack_into(self.buf, off, desired & _MASK32)
@@ -81,16 +83,18 @@ class Frame:
 
     def or32(self, off: int, bits: int) -> int:
         """Atomically OR ``bits`` into the word at ``off`` (a full barrier); the old value."""
-        if self.gpfn is not None:
-            return self.mem.atomic_or32((self.gpfn << PAGE_SHIFT) + off, bits)
+        gpa = self.gpa
+        if gpa is not None:
+            return self.mem.atomic_or32(gpa + off, bits)
         old = self.load32(off)
         _U32.pack_into(self.buf, off, (old | bits) & _MASK32)
         return old
 
     def and32(self, off: int, bits: int) -> int:
         """Atomically AND the word at ``off`` with ``bits`` (a full barrier); the old value."""
-        if self.gpfn is not None:
-            return self.mem.atomic_and32((self.gpfn << PAGE_SHIFT) + off, bits)
+        gpa = self.gpa
+        if gpa is not None:
+            return self.mem.atomic_and32(gpa + off, bits)
         old = self.load32(off)
         _U32.pack_into(self.buf, off, old & bits & _MASK32)
         return old

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import struct
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from xenkvm.xen.abi import DOMID_SELF, Errno, GnttabOp, Gntst, Hypercall, XenStruct, ffi, handle_offset, lib
 from xenkvm.xen.errors import HypercallError, einval
@@ -71,8 +71,7 @@ _MASK32 = 0xFFFF_FFFF
 Handler = Callable[["GrantTable", "Call", int], int]
 
 
-@dataclass(frozen=True)
-class CopySide:
+class CopySide(NamedTuple):
     """One side of a gnttab_copy: a grant ref of ``dom`` (``by_ref``) or a gmfn of the caller."""
 
     by_ref: bool
@@ -81,8 +80,7 @@ class CopySide:
     offset: int
 
 
-@dataclass(frozen=True)
-class CopyOp:
+class CopyOp(NamedTuple):
     """A decoded struct gnttab_copy."""
 
     src: CopySide
@@ -90,16 +88,41 @@ class CopyOp:
     length: int
 
 
+def _packed(fields: list[tuple[str, int, int]]) -> tuple[struct.Struct, list[str]]:
+    """One little-endian Struct reading (name, offset, size) fields at once, padding between them:
+    a single unpack per op, with offsets and widths from the compiled header."""
+    fmt, at, names = "<", 0, []
+    for name, off, size in sorted(fields, key=lambda f: f[1]):
+        fmt += f"{off - at}x" if off > at else ""
+        fmt += {2: "H", 8: "Q"}[size]
+        at, names = off + size, names + [name]
+    return struct.Struct(fmt), names
+
+
+def _copy_fields() -> list[tuple[str, int, int]]:
+    out = [(f, COPY.offset(f), ffi.sizeof(dict(ffi.typeof("struct gnttab_copy").fields)[f].type))
+           for f in ("len", "flags")]
+    for side, base in (("src", COPY_SRC), ("dst", COPY_DST)):
+        for f in ("gmfn", "domid", "offset"):
+            ftype = dict(ffi.typeof("xk_gnttab_copy_ptr").fields)[f].type
+            out.append((f"{side}_{f}", base + ffi.offsetof("xk_gnttab_copy_ptr", f), ffi.sizeof(ftype)))
+    return out
+
+
+COPY_LAYOUT, COPY_NAMES = _packed(_copy_fields())
+_COPY_INDEX = {name: i for i, name in enumerate(COPY_NAMES)}
+_COPY_FIELDS = operator.itemgetter(*(_COPY_INDEX[n] for n in ("len", "flags", "src_gmfn", "src_domid", "src_offset",
+                                                               "dst_gmfn", "dst_domid", "dst_offset")))
+COPY_STATUS = COPY.offset("status")
+
+
 def decode_copy(raw: bytes) -> CopyOp:
     """The guest's struct gnttab_copy (``COPY.size`` bytes) as a CopyOp."""
-    buf = ffi.from_buffer(raw)
-    op = ffi.cast("struct gnttab_copy *", buf)
-    sides = []
-    for base, gref_flag in ((COPY_SRC, lib.GNTCOPY_source_gref), (COPY_DST, lib.GNTCOPY_dest_gref)):
-        p = ffi.cast("xk_gnttab_copy_ptr *", buf + base)
-        by_ref = bool(op.flags & gref_flag)
-        sides.append(CopySide(by_ref, p.gmfn & _MASK32 if by_ref else p.gmfn, p.domid, p.offset))
-    return CopyOp(sides[0], sides[1], op.len)
+    length, flags, sg, sd, so, dg, dd, do = _COPY_FIELDS(COPY_LAYOUT.unpack_from(raw))
+    src_ref = bool(flags & lib.GNTCOPY_source_gref)
+    dst_ref = bool(flags & lib.GNTCOPY_dest_gref)
+    return CopyOp(CopySide(src_ref, sg & _MASK32 if src_ref else sg, sd, so),
+                  CopySide(dst_ref, dg & _MASK32 if dst_ref else dg, dd, do), length)
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -210,7 +233,7 @@ def copy(table: "GrantTable", call: "Call", uop: int) -> int:
     for i in range(_batch(call)):
         gva = uop + i * COPY.size
         op = decode_copy(call.guest.read(gva, COPY.size))
-        _write_status(call, gva + COPY.offset("status"), _copy_status(table, op))
+        _write_status(call, gva + COPY_STATUS, _copy_status(table, op))
     return 0
 
 

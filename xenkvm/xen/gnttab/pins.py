@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from xenkvm.machine.memory import GuestMemoryError
 from xenkvm.xen.abi import Gntst
-from xenkvm.xen.gnttab.entries import BUSY, GTF_writing, Target
+from xenkvm.xen.gnttab.entries import BUSY, GTF_writing
 from xenkvm.xen.gnttab.errors import GrantError
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class Pin:
     """An active (pinned) entry: counts, and what it granted when first pinned."""
 
@@ -71,37 +71,40 @@ class Pins:
 
     def acquire(self, ref: int, ldomid: int, readonly: bool, mapping: bool, transitive: bool = True) -> Pin:
         """Pin ``ref`` for domain ``ldomid`` (a map when ``mapping``); GrantError if refused."""
-        if not 0 <= ref < self.codec.nr_entries:
-            raise GrantError(Gntst.bad_gntref, f"ref {ref} of {self.codec.nr_entries}")
+        codec = self.codec
+        if not 0 <= ref < codec.nr_entries:
+            raise GrantError(Gntst.bad_gntref, f"ref {ref} of {codec.nr_entries}")
         act = self.active.get(ref)
-        self.codec.set_status(ref, ldomid, readonly, mapping, act is not None, act.writers if act else 0)
         if act is None:
-            act = self._activate(ref, ldomid, readonly, transitive)
-        elif act.inner is not None:
-            self._pin_inner_again(ref, act, readonly)
+            codec.set_status(ref, ldomid, readonly, mapping, False, 0)
+            act = self._activate(ref, readonly, transitive)
+        else:
+            codec.set_status(ref, ldomid, readonly, mapping, True, act.writers)
+            if act.inner is not None:
+                self._pin_inner_again(ref, act, readonly)
         act.pins += 1
         if not readonly:
             act.writers += 1
         return act
 
-    def _activate(self, ref: int, ldomid: int, readonly: bool, transitive: bool) -> Pin:
+    def _activate(self, ref: int, readonly: bool, transitive: bool) -> Pin:
         """The first pin of ``ref`` (its busy bits just set): resolve what it grants."""
-        target = self.codec.target(ref)
-        if target.trans is not None:
-            act = self._follow(ref, target, readonly, transitive)
+        gfn, page_off, length, trans = self.codec.target(ref)
+        if trans is not None:
+            act = self._follow(ref, trans, readonly, transitive)
         else:
-            act = Pin(0, 0, target.gfn, target.page_off, target.length)
             try:
-                act.page = self.mem.page(act.gfn)
+                page = self.mem.page(gfn)
             except GuestMemoryError:
                 self.codec.clear_busy(ref, BUSY)
-                raise GrantError(Gntst.bad_page, f"ref {ref}: gfn {act.gfn:#x} is not guest memory") from None
+                raise GrantError(Gntst.bad_page, f"ref {ref}: gfn {gfn:#x} is not guest memory") from None
+            act = Pin(0, 0, gfn, page_off, length, None, page)
         self.active[ref] = act
         return act
 
-    def _follow(self, ref: int, target: Target, readonly: bool, transitive: bool) -> Pin:
+    def _follow(self, ref: int, trans: tuple[int, int], readonly: bool, transitive: bool) -> Pin:
         """A transitive grant: pin the grant it names (one level; only this domain's table)."""
-        trans_domid, gref = target.trans
+        trans_domid, gref = trans
         try:
             if not transitive:
                 raise GrantError(Gntst.general_error, f"ref {ref}: nested transitive grant")
