@@ -111,6 +111,7 @@ def test_subops_table_covers_registered_ops(dom):
     assert set(ops.SUBOPS) == {GnttabOp.setup_table, GnttabOp.query_size, GnttabOp.set_version,
                                GnttabOp.get_version, GnttabOp.get_status_frames, GnttabOp.copy,
                                GnttabOp.map_grant_ref, GnttabOp.unmap_grant_ref}
+    assert set(dom.dispatcher.subop_tables[Hypercall.grant_table_op]) == set(ops.SUBOPS)
     st = XenStruct("struct gnttab_query_size")
     q = ffi.new("struct gnttab_query_size *")
     q.dom = DOMID_SELF
