@@ -103,10 +103,6 @@ class GrantTable(BackendApi):
     def nr_entries(self) -> int:
         return self.codec.nr_entries
 
-    @property
-    def max_hole_slots(self) -> int:
-        return self.physmap.max_hole_slots
-
     def _grow(self, nr_frames: int) -> None:
         nr_frames = max(nr_frames, self.nr_frames)
         self.physmap.grow(nr_frames, self.codec.status_frames_for(nr_frames))
@@ -216,12 +212,6 @@ class GrantTable(BackendApi):
             frame.clear()
         for ref, (flags, dom, gfn) in enumerate(kept):
             self.codec.write(ref, flags, dom, gfn)
-
-    def status_to_vmm(self) -> None:
-        """Unmap every status frame from the guest (their gfns become holes)."""
-        for frame in self.status:
-            if frame.gpfn is not None:
-                self.physmap.unmap_gpfn(frame.gpfn)
 
     # -- the guest's own copies (GNTTABOP_copy, decoded in ops) ---------------------------
     def guest_copy(self, src, dst, length: int) -> int:
