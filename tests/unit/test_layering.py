@@ -32,10 +32,6 @@ MAY_IMPORT = {
 BUILD_HELPER = "_cffi_modules"
 #: the only xen/ modules that may import xenkvm.kvm at run time (others: TYPE_CHECKING only)
 KVM_FROM_XEN = {"xen/traps.py"}
-#: Rewritten right now on the evtchn and gnttab branches into xen/evtchn/ and xen/gnttab/ on
-#: GuestMemory's atomics (issue 9 items 2, 3); these three file paths vanish with that merge,
-#: and the packages that replace them get no exemption.
-KVM_FROM_XEN_PENDING_REWRITE = {"xen/evtchn.py", "xen/evtchn_fifo.py", "xen/gnttab.py"}
 #: (module path, imported module) -> why it is imported inside a function
 FUNCTION_IMPORTS_ALLOWED = {
     ("machine/boot/extract.py", "zstandard"): "optional: only zstd-compressed kernels need it",
@@ -120,8 +116,7 @@ def layer_violations(imports: list[Import]) -> list[str]:
             continue
         if target not in MAY_IMPORT[own] and target != BUILD_HELPER:
             bad.append(f"{imp}: {own}/ may import only {sorted(MAY_IMPORT[own])}")
-        elif (own, target) == ("xen", "kvm") and not imp.type_only and imp.path not in KVM_FROM_XEN \
-                and imp.path not in KVM_FROM_XEN_PENDING_REWRITE:
+        elif (own, target) == ("xen", "kvm") and not imp.type_only and imp.path not in KVM_FROM_XEN:
             bad.append(f"{imp}: xen/ imports kvm only in {sorted(KVM_FROM_XEN)} or for types")
     return bad
 

@@ -226,3 +226,24 @@ def test_remove_region_tells_listeners_and_frees_the_range(mem):
         mem.remove_region(r)                  # not in the address space any more
     with pytest.raises(ValueError):
         mem.remove_region(mem.regions[0])     # RAM never leaves
+
+
+def test_page_region_at_and_is_ram(mem):
+    mem.write(0x3000, b"pg")
+    assert bytes(mem.page(3)[:2]) == b"pg" and len(mem.page(3)) == 4096
+    with pytest.raises(GuestMemoryError):
+        mem.page(0xF0000)                     # a hole
+    r = mem.add_region(0xF000_0000, 0x1000, "grant-frame")
+    assert mem.region_at(0xF000_0FFF) is r and mem.region_at(0xF000_1000) is None
+    assert mem.is_ram(0x3000) and not mem.is_ram(0xF000_0000) and not mem.is_ram(0xF000_1000)
+
+
+def test_atomics_on_guest_words(mem):
+    mem.write_u32(0x100, 0x10)
+    assert mem.cmpxchg32(0x100, 0x11, 0x22) == (False, 0x10)      # lost: reports what it found
+    assert mem.cmpxchg32(0x100, 0x10, 0x22) == (True, 0x10) and mem.read_u32(0x100) == 0x22
+    assert mem.atomic_or32(0x100, 0x101) == 0x22 and mem.read_u32(0x100) == 0x123
+    assert mem.atomic_and32(0x100, ~0x3) == 0x123 and mem.read_u32(0x100) == 0x120
+    for bad in (0x102, 16 * MiB):            # unaligned; outside guest memory
+        with pytest.raises(GuestMemoryError):
+            mem.atomic_or32(bad, 1)

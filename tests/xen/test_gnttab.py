@@ -15,6 +15,9 @@ import pytest
 
 from xenkvm.machine.memory import GuestMemory
 from xenkvm.xen import gnttab as gt
+from xenkvm.xen.errors import HypercallError
+from xenkvm.xen.gnttab import ops as gops
+from xenkvm.xen.gnttab.frames import Frame
 from xenkvm.xen.abi import DOMID_SELF, Errno, GnttabOp, Gntst, Hypercall, XenStruct, ffi, handle_offset, lib
 from xenkvm.xen.gnttab import GrantError
 from xenkvm.xen.limits import Limits
@@ -251,12 +254,12 @@ def test_map_frame_over_another_frame_unmaps_it(dom):
 
 def test_map_frame_refusals(dom):
     for idx in (64, 1 << 31, 1 << 63, gt.STATUS_IDX):   # status frames need v2
-        with pytest.raises(gt.HypercallError) as e:
+        with pytest.raises(HypercallError) as e:
             dom.gnttab.map_frame(idx, F0)
         assert e.value.errno == Errno.EINVAL
     dom.mem.add_region(0xFEB00000, 4096, "xen-special-pages")
     for gpfn in (0xFEB00, -1, 1 << 60, 0xFEE00):          # someone else's region; nonsense; LAPIC
-        with pytest.raises(gt.HypercallError):
+        with pytest.raises(HypercallError):
             dom.gnttab.map_frame(0, gpfn)
     assert query(dom).nr_frames == 1
     dom.gnttab.map_frame(63, HOLE + 63)
@@ -291,7 +294,7 @@ def test_v2_status_frames(dom):
     dom.gnttab.map_frame(1 | gt.STATUS_IDX, F0 + 50)
     assert query(dom).nr_frames == 16
     assert frame_list(dom, "status", 2) == (0, Gntst.okay, [HOLE + 100, F0 + 50])
-    with pytest.raises(gt.HypercallError):
+    with pytest.raises(HypercallError):
         dom.gnttab.map_frame(8 | gt.STATUS_IDX, F0 + 51)      # 64 frames need 8 status frames
     # The status word of an entry is what the guest reads at the status frame.
     v2_full(dom, 20, PERMIT, 0, DATA)
@@ -302,7 +305,7 @@ def test_v2_status_frames(dom):
     # Back to v1: status frames leave the guest.
     assert set_version(dom, 1) == (0, 1)
     assert frame_list(dom, "status", 0)[:2] == (0, Gntst.okay)
-    with pytest.raises(gt.HypercallError):
+    with pytest.raises(HypercallError):
         dom.gnttab.map_frame(0 | gt.STATUS_IDX, HOLE + 100)
 
 
@@ -430,10 +433,10 @@ def test_unstable_entry_gives_up(dom, monkeypatch):
     v1(dom, 10, PERMIT, 0, DATA)
     calls = []
 
-    def flipping(addr, expected, desired):
+    def flipping(gpa, expected, desired):
         calls.append(1)
         return False, expected ^ 0x8000       # the guest keeps changing an unrelated bit
-    monkeypatch.setattr(gt, "_cas32", flipping)
+    monkeypatch.setattr(dom.mem, "cmpxchg32", flipping)
     with pytest.raises(GrantError) as e:
         dom.gnttab.copy_from(DOMID, 10, 0, 4)
     assert e.value.status == Gntst.general_error and len(calls) == 5
@@ -519,18 +522,18 @@ def test_backend_v2_transitive(dom):
 # -- guest-side copy, map, unmap -------------------------------------------------------
 def copy_op(src, dst, length, flags=0):
     """One struct gnttab_copy as bytes; src/dst are (ref_or_gmfn, domid, offset)."""
-    raw = bytearray(gt.COPY.size)
-    for base, (u, domid, off) in ((gt.COPY_SRC, src), (gt.COPY_DST, dst)):
-        struct.pack_into("<Q", raw, base + gt.PTR_U, u)
-        struct.pack_into("<HH", raw, base + gt.PTR_DOMID, domid, off)
-    struct.pack_into("<HHh", raw, gt.COPY_LEN, length, flags, 0x7777)
+    raw = bytearray(gops.COPY.size)
+    for base, (u, domid, off) in ((gops.COPY_SRC, src), (gops.COPY_DST, dst)):
+        struct.pack_into("<Q", raw, base + lib.XK_OFF_gnttab_copy_ptr__u, u)
+        struct.pack_into("<HH", raw, base + lib.XK_OFF_gnttab_copy_ptr__domid, domid, off)
+    struct.pack_into("<HHh", raw, gops.COPY.offset("len"), length, flags, 0x7777)
     return bytes(raw)
 
 
 def run_copies(d, ops, gva=SCRATCH) -> tuple[int, list[int]]:
     d.mem.write(gva, b"".join(ops))
     r = hc(d, GnttabOp.copy, gva, len(ops))
-    return r, [struct.unpack_from("<h", d.mem.read(gva + i * gt.COPY.size + gt.COPY_STATUS, 2))[0]
+    return r, [struct.unpack_from("<h", d.mem.read(gva + i * gops.COPY.size + gops.COPY.offset("status"), 2))[0]
                for i in range(len(ops))]
 
 
@@ -585,15 +588,15 @@ def test_guest_copy_hostile_batches(dom):
     assert hc(dom, GnttabOp.copy, SCRATCH, 0) == 0
     assert hc(dom, GnttabOp.copy, SCRATCH, 0xFFFFFFFF) == -Errno.EINVAL
     assert hc(dom, GnttabOp.copy, SCRATCH, 1 << 31) == -Errno.EINVAL
-    assert hc(dom, GnttabOp.copy, SCRATCH, gt.MAX_BATCH + 1) == -Errno.EINVAL
+    assert hc(dom, GnttabOp.copy, SCRATCH, gops.MAX_BATCH + 1) == -Errno.EINVAL
     assert hc(dom, GnttabOp.copy, 1 << 42, 1) == -Errno.EFAULT
     # A batch running off the end of RAM: the ops before the fault are done, then -EFAULT.
     dom.mem.write(DATA << 12, b"Q" * 8)
     op = copy_op((DATA, DOMID_SELF, 0), (DATA2, DOMID_SELF, 0), 8)
-    dom.mem.write(RAM - gt.COPY.size, op)
-    assert hc(dom, GnttabOp.copy, RAM - gt.COPY.size, 2) == -Errno.EFAULT
+    dom.mem.write(RAM - gops.COPY.size, op)
+    assert hc(dom, GnttabOp.copy, RAM - gops.COPY.size, 2) == -Errno.EFAULT
     assert dom.mem.read(DATA2 << 12, 8) == b"Q" * 8
-    assert struct.unpack_from("<h", dom.mem.read(RAM - gt.COPY.size + gt.COPY_STATUS, 2))[0] == 0
+    assert struct.unpack_from("<h", dom.mem.read(RAM - gops.COPY.size + gops.COPY.offset("status"), 2))[0] == 0
 
 
 def test_guest_map_and_unmap(dom):
@@ -688,20 +691,17 @@ def test_v2_pinned_entries_and_races(dom, monkeypatch):
     assert v2_status(dom, 10) == 0
 
     # The guest revokes the entry between the check and the status update: undone, refused.
-    real = gt.klib
+    # (The status frame is in VMM memory here; the same with it mapped: test_gnttab_entries.)
+    real = Frame.or32
 
-    class Racing:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def xk_fetch_or32(self, addr, mask):
-            v2_full(dom, 11, 0, 0, DATA)
-            return real.xk_fetch_or32(addr, mask)
+    def racing(frame, off, bits):
+        v2_full(dom, 11, 0, 0, DATA)
+        return real(frame, off, bits)
     v2_full(dom, 11, PERMIT, 0, DATA)
-    monkeypatch.setattr(gt, "klib", Racing())
+    monkeypatch.setattr(Frame, "or32", racing)
     with pytest.raises(GrantError) as e:
         t.copy_from(DOMID, 11, 0, 4)
-    monkeypatch.setattr(gt, "klib", real)
+    monkeypatch.setattr(Frame, "or32", real)
     assert e.value.status == Gntst.general_error and v2_status(dom, 11) == 0 and t.pinned == {}
 
 
@@ -716,7 +716,7 @@ def test_v2_transitive_pinned_and_nested(dom):
         t.copy_from(DOMID, 27, 0, 1)
     assert e.value.status == Gntst.general_error and t.pinned == {}
     with dom.lock:                                   # an access in flight on another thread
-        t._acquire(21, 0, True, False)
+        t.pins.acquire(21, 0, True, False)
         assert t.pinned == {21: (1, 0), 20: (1, 0)}
         t.copy_to(DOMID, 21, 0, b"w")               # a second, writable, pin: inner pinned again
         assert t.pinned == {21: (1, 0), 20: (1, 0)}
@@ -724,7 +724,7 @@ def test_v2_transitive_pinned_and_nested(dom):
         with pytest.raises(GrantError):
             t.copy_to(DOMID, 21, 0, b"w")
         assert v2_status(dom, 21) == READING and v2_status(dom, 20) == READING
-        t._release(21, True)
+        t.pins.release(21, True)
     assert t.pinned == {} and v2_status(dom, 21) == 0 and v2_status(dom, 20) == 0
     assert dom.mem.read(DATA << 12, 1) == b"w"
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import struct
+import threading
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Callable
@@ -92,6 +93,7 @@ class Region:
     mm: mmap.mmap = field(init=False, repr=False)
     view: memoryview = field(init=False, repr=False)
     host_addr: int = field(init=False, repr=False)
+    host_ptr: object = field(init=False, repr=False)   #: ``char *`` at host_addr (C atomics)
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % PAGE_SIZE or self.gpa % PAGE_SIZE:
@@ -100,6 +102,7 @@ class Region:
         self.mm = mmap.mmap(-1, self.size, flags=flags)
         self.view = memoryview(self.mm)
         self.host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.mm)))
+        self.host_ptr = ffi.cast("char *", self.host_addr)
 
     @property
     def end(self) -> int:
@@ -118,6 +121,7 @@ class GuestMemory:
         self._ptrs: dict = {}   #: gpa -> char * of words used atomically; dropped on removal
         #: (added, removed) pairs; ``removed`` undoes ``added`` (None: nothing to undo)
         self._listeners: list[tuple[Callable[[Region], None], Callable[[Region], None] | None]] = []
+        self._tls = threading.local()   #: per-thread ``uint32_t`` cell for cmpxchg32
         low = min(ram_size, LOW_RAM_TOP)
         self._insert(Region(0, low, "ram-low"))
         if ram_size > low:
@@ -329,7 +333,7 @@ class GuestMemory:
             r, off = self._find(gpa, 8 if gpa & 7 == 0 else 4)
             if len(self._ptrs) >= 4096:
                 self._ptrs.clear()
-            ptr = self._ptrs[gpa] = ffi.cast("char *", r.host_addr) + off
+            ptr = self._ptrs[gpa] = r.host_ptr + off
         return ptr
 
     def test_and_set_bit(self, gpa: int, bit: int) -> bool:
@@ -378,9 +382,13 @@ class GuestMemory:
 
         Returns (swapped, the value found).
         """
-        exp = ffi.new("uint32_t *", expected & 0xFFFFFFFF)
-        ok = _klib.xk_cmpxchg32(self._ptr(gpa, 4), exp, desired & 0xFFFFFFFF)
-        return bool(ok), int(exp[0])
+        word = self._ptrs.get(gpa) or self._ptr(gpa, 4)
+        cell = getattr(self._tls, "cell", None)
+        if cell is None:
+            cell = self._tls.cell = ffi.new("uint32_t *")
+        cell[0] = expected & 0xFFFFFFFF
+        ok = _klib.xk_cmpxchg32(word, cell, desired & 0xFFFFFFFF)
+        return bool(ok), cell[0]
 
     def xchg8(self, gpa: int, value: int) -> int:
         """Store byte ``value`` at ``gpa`` atomically; the old byte (vcpu_info's upcall_pending)."""
