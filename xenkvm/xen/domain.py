@@ -129,6 +129,9 @@ class XenDomain:
         from xenkvm.xen.store import StoreService
         self.console = PrimaryConsole.attach(self)  # CONSOLE_EVTCHN; ring -> machine console
         self.store = StoreService.attach(self)      # STORE_EVTCHN, initial tree; Machine.run starts its socket
+        from xenkvm.backends import DeviceManager
+        self.devices = DeviceManager(self)          # PV devices (xenkvm/backends); hot-plug API
+        self.devices.attach_configured()            # the guest definition's disks, before any vCPU runs
 
     def cpuid_leaves(self, vcpu_id: int):
         from xenkvm.xen.cpuid import xen_leaves
@@ -161,6 +164,7 @@ class XenDomain:
     def on_stop(self) -> None:
         """The machine is stopping: wake vCPUs blocked in SCHEDOP_poll so they can leave."""
         self.evtchn.kick_pollers()
+        self.devices.close()   # PV backends: workers end, grants unmapped, images closed
 
     @property
     def io(self):

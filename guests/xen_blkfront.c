@@ -1,0 +1,467 @@
+/*
+ * xen_blkfront - a freestanding blkfront against xenkvm's block backend
+ * (xenkvm/backends/block.py), through xenstore, grants and event channels.
+ *
+ * Default: finds its vbds under device/vbd, checks the backend's keys
+ * (sectors, sector-size, info, mode, features), does the XenbusState
+ * handshake (ring-ref, event-channel, protocol, Initialised -> Connected),
+ * writes a pattern with multi-segment and partial-page requests batched in
+ * one kick, reads it back, flushes, checks the last sector and one past it;
+ * a read-only disk refuses writes; then resets the frontend (Closing,
+ * Closed, Initialising), reconnects with a two-page ring and reads the data
+ * back.  The host checks the image file afterwards.
+ *
+ * xk.blk_hostile: disk 0 is attacked (unknown op, zero and twelve segments,
+ * first_sect > last_sect, last_sect 8, an ungranted ref, a read-only grant
+ * for a read, sectors past the end, a flood of kicks, a garbage frontend
+ * state, req_prod far ahead, then garbage ring-ref/event-channel keys at
+ * reconnect); each request answers ERROR/EOPNOTSUPP and disk 1 keeps
+ * returning correct data; disk 0 reconnects properly at the end.
+ *
+ * Pattern (the host test computes the same): byte i of 512-byte sector s is
+ * (uint8_t)(s * 31 + i * 7 + seed), seed 1 on disk 0 and 2 on disk 1.
+ */
+#include "xen_guest.h"
+
+#define xen_mb()  __asm__ volatile("mfence" ::: "memory")
+#define xen_rmb() __asm__ volatile("" ::: "memory")
+#define xen_wmb() __asm__ volatile("" ::: "memory")
+#include <xen/io/ring.h>
+#include <xen/io/blkif.h>
+#include <xen/io/xenbus.h>
+#include <xen/io/protocols.h>
+
+#define GRANT_GPFN  0xF0000ULL
+#define SEC         1000000000ULL
+#define MS          1000000ULL
+#define NDATA       12
+#define NDISK       2
+
+static volatile grant_entry_v1_t *gnt = (volatile grant_entry_v1_t *)(uintptr_t)(GRANT_GPFN << 12);
+static uint8_t ring_pages[NDISK][2][XEN_PAGE] XEN_PAGE_ALIGNED;
+static uint8_t data[NDATA][XEN_PAGE] XEN_PAGE_ALIGNED;
+static uint8_t rdata[NDATA][XEN_PAGE] XEN_PAGE_ALIGNED;
+static struct xs_reply r;
+
+struct vbd {
+    char fe[64], be[96];
+    unsigned id;
+    uint64_t sectors;
+    evtchn_port_t port;
+    blkif_front_ring_t ring;
+    unsigned ring_pages;
+    grant_ref_t ring_ref[2];
+};
+static struct vbd disks[NDISK];
+static unsigned ndisks;
+
+/* Grant refs: 16 + 2 per ring, data pages from 32 (read-write), 64 (read-only). */
+#define REF_RING(d, i)  (16 + (d) * 2 + (i))
+#define REF_DATA(i)     (32 + (i))
+#define REF_RDATA(i)    (48 + (i))
+#define REF_RO          64
+#define REF_NONE        500
+
+static void grant(unsigned ref, const void *page, bool readonly)
+{
+    gnt[ref].domid = 0;
+    gnt[ref].frame = (uint32_t)((uintptr_t)page >> 12);
+    __asm__ volatile("sfence" ::: "memory");
+    gnt[ref].flags = GTF_permit_access | (readonly ? GTF_readonly : 0);
+}
+
+static uint8_t pat(uint64_t sector, unsigned i, unsigned seed)
+{
+    return (uint8_t)(sector * 31 + i * 7 + seed);
+}
+
+static void fill(uint8_t *p, uint64_t sector, unsigned nsect, unsigned seed)
+{
+    for (unsigned s = 0; s < nsect; s++)
+        for (unsigned i = 0; i < 512; i++)
+            p[s * 512 + i] = pat(sector + s, i, seed);
+}
+
+static bool same(const uint8_t *p, uint64_t sector, unsigned nsect, unsigned seed)
+{
+    for (unsigned s = 0; s < nsect; s++)
+        for (unsigned i = 0; i < 512; i++)
+            if (p[s * 512 + i] != pat(sector + s, i, seed))
+                return false;
+    return true;
+}
+
+/* ---- xenstore helpers ---------------------------------------------------- */
+static long xs_readf(const char *dir, const char *key, struct xs_reply *out)
+{
+    char path[160];
+    snprintf(path, sizeof(path), "%s/%s", dir, key);
+    return xs_read(0, path, out);
+}
+
+static long xs_writef(const char *dir, const char *key, const char *fmt, unsigned long v)
+{
+    char path[160], val[32];
+    snprintf(path, sizeof(path), "%s/%s", dir, key);
+    snprintf(val, sizeof(val), fmt, v);
+    return xs_write(0, path, val);
+}
+
+static long read_num(const char *dir, const char *key)
+{
+    if (xs_readf(dir, key, &r))
+        return -1;
+    long v = 0;
+    for (const char *c = r.body; *c >= '0' && *c <= '9'; c++)
+        v = v * 10 + (*c - '0');
+    return v;
+}
+
+/* Poll the backend's state (bounded in pvclock time). */
+static bool wait_state(struct vbd *d, long want)
+{
+    uint64_t end = xen_system_time() + 20 * SEC;
+    long st = -1;
+    while (xen_system_time() < end) {
+        st = read_num(d->be, "state");
+        if (st == want)
+            return true;
+        xen_delay_ns(MS);
+    }
+    printf("%s: backend state %ld, expected %ld\n", d->be, st, want);
+    return false;
+}
+
+static void set_state(struct vbd *d, unsigned st)
+{
+    xs_writef(d->fe, "state", "%lu", st);
+}
+
+/* ---- handshake ------------------------------------------------------------- */
+static bool find_disks(void)
+{
+    if (xs_directory(0, "device/vbd", &r))
+        return false;
+    char names[NDISK][16];
+    for (uint32_t off = 0; off < r.len && ndisks < NDISK; ndisks++) {
+        snprintf(names[ndisks], 16, "%s", r.body + off);
+        off += (uint32_t)strlen(r.body + off) + 1;
+    }
+    for (unsigned i = 0; i < ndisks; i++) {
+        struct vbd *d = &disks[i];
+        snprintf(d->fe, sizeof(d->fe), "device/vbd/%s", names[i]);
+        d->id = (unsigned)read_num(d->fe, "virtual-device");
+        xs_readf(d->fe, "backend", &r);
+        snprintf(d->be, sizeof(d->be), "%s", r.body);
+        d->sectors = (uint64_t)read_num(d->be, "sectors");
+    }
+    /* xvda (51712) first */
+    if (ndisks == 2 && disks[0].id > disks[1].id) {
+        struct vbd t = disks[0];
+        disks[0] = disks[1];
+        disks[1] = t;
+    }
+    return ndisks > 0;
+}
+
+static bool connect(unsigned idx, unsigned pages, bool garbage)
+{
+    struct vbd *d = &disks[idx];
+    memset(ring_pages[idx], 0, sizeof(ring_pages[idx]));
+    blkif_sring_t *s = (blkif_sring_t *)ring_pages[idx][0];
+    SHARED_RING_INIT(s);
+    FRONT_RING_INIT(&d->ring, s, XEN_PAGE * pages);
+    d->ring_pages = pages;
+    for (unsigned i = 0; i < pages; i++) {
+        d->ring_ref[i] = REF_RING(idx, i);
+        grant(d->ring_ref[i], ring_pages[idx][i], false);
+    }
+    if (!d->port && xen_evtchn_alloc_unbound(0, &d->port))
+        return false;
+    char path[128];
+    snprintf(path, sizeof(path), "%s/ring-page-order", d->fe);
+    xs_rm(0, path);
+    if (garbage) {
+        xs_writef(d->fe, "ring-ref", "%lx-not-a-number", 7);
+        xs_writef(d->fe, "event-channel", "%lu", 4000);
+    } else if (pages == 1) {
+        xs_writef(d->fe, "ring-ref", "%lu", d->ring_ref[0]);
+    } else {
+        xs_writef(d->fe, "ring-page-order", "%lu", 1);
+        xs_writef(d->fe, "ring-ref0", "%lu", d->ring_ref[0]);
+        xs_writef(d->fe, "ring-ref1", "%lu", d->ring_ref[1]);
+    }
+    if (!garbage)
+        xs_writef(d->fe, "event-channel", "%lu", d->port);
+    snprintf(path, sizeof(path), "%s/protocol", d->fe);
+    xs_write(0, path, XEN_IO_PROTO_ABI_X86_64);
+    set_state(d, XenbusStateInitialised);
+    if (garbage)
+        return wait_state(d, XenbusStateClosing);
+    if (!wait_state(d, XenbusStateConnected))
+        return false;
+    set_state(d, XenbusStateConnected);
+    return true;
+}
+
+static bool reset(unsigned idx)
+{
+    struct vbd *d = &disks[idx];
+    set_state(d, XenbusStateClosing);
+    bool ok = wait_state(d, XenbusStateClosing);
+    set_state(d, XenbusStateClosed);
+    ok = wait_state(d, XenbusStateClosed) && ok;
+    set_state(d, XenbusStateInitialising);
+    return wait_state(d, XenbusStateInitWait) && ok;
+}
+
+/* ---- requests ------------------------------------------------------------------ */
+static blkif_request_t *next_req(struct vbd *d, uint8_t op, uint64_t sector)
+{
+    blkif_request_t *q = RING_GET_REQUEST(&d->ring, d->ring.req_prod_pvt);
+    memset(q, 0, sizeof(*q));
+    q->operation = op;
+    q->id = d->ring.req_prod_pvt;
+    q->sector_number = sector;
+    q->handle = (blkif_vdev_t)d->id;
+    d->ring.req_prod_pvt++;
+    return q;
+}
+
+static void seg(blkif_request_t *q, grant_ref_t ref, uint8_t first, uint8_t last)
+{
+    q->seg[q->nr_segments].gref = ref;
+    q->seg[q->nr_segments].first_sect = first;
+    q->seg[q->nr_segments].last_sect = last;
+    q->nr_segments++;
+}
+
+/* Publish, notify if the backend asked, and collect `n` responses' statuses in order. */
+static bool submit(struct vbd *d, unsigned n, int16_t *status)
+{
+    int notify;
+    RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&d->ring, notify);
+    if (notify)
+        xen_evtchn_send(d->port);
+    unsigned got = 0;
+    uint64_t end = xen_system_time() + 10 * SEC;
+    while (got < n && xen_system_time() < end) {
+        while (RING_HAS_UNCONSUMED_RESPONSES(&d->ring) && got < n) {
+            blkif_response_t *p = RING_GET_RESPONSE(&d->ring, d->ring.rsp_cons);
+            status[got++] = p->status;
+            d->ring.rsp_cons++;
+        }
+        int more;
+        RING_FINAL_CHECK_FOR_RESPONSES(&d->ring, more);
+        if (!more && got < n)
+            xen_irq_window(2000);
+    }
+    return got == n;
+}
+
+static int16_t one(struct vbd *d, blkif_request_t *q)
+{
+    (void)q;
+    int16_t st = 99;
+    return submit(d, 1, &st) ? st : 99;
+}
+
+/* ---- the well-behaved scenario ---------------------------------------------------- */
+static void test_keys(struct vbd *d, bool ro)
+{
+    long ss = read_num(d->be, "sector-size"), info = read_num(d->be, "info");
+    check(d->sectors >= 2048 && ss == 512, "blk.geometry", "%s sectors %lu sector-size %ld", d->be,
+          (unsigned long)d->sectors, ss);
+    check(info == (ro ? VDISK_READONLY : 0), "blk.info", "%s info %ld", d->be, info);
+    check(read_num(d->be, "feature-flush-cache") == 1, "blk.feature_flush", "%s", d->be);
+    check(read_num(d->be, "max-ring-page-order") >= 1, "blk.max_ring_page_order", "%s", d->be);
+    check(xs_readf(d->fe, "device-type", &r) == 0 && !strcmp(r.body, "disk"), "blk.device_type", "%s", r.body);
+    check(read_num(d->be, "state") == XenbusStateInitWait, "blk.initwait", "%s", d->be);
+}
+
+/* Write NDATA pages at sector 8 in two batched requests (11 + 1 segments), read them back. */
+static void test_rw(struct vbd *d, unsigned seed, const char *tag)
+{
+    char name[64];
+    for (unsigned i = 0; i < NDATA; i++) {
+        fill(data[i], 8 + i * 8, 8, seed);
+        grant(REF_DATA(i), data[i], true);
+        memset(rdata[i], 0, XEN_PAGE);
+        grant(REF_RDATA(i), rdata[i], false);
+    }
+    blkif_request_t *q = next_req(d, BLKIF_OP_WRITE, 8);
+    for (unsigned i = 0; i < 11; i++)
+        seg(q, REF_DATA(i), 0, 7);
+    q = next_req(d, BLKIF_OP_WRITE, 8 + 11 * 8);
+    seg(q, REF_DATA(11), 0, 7);
+    int16_t st[4] = {9, 9, 9, 9};
+    bool ok = submit(d, 2, st);
+    snprintf(name, sizeof(name), "blk.%s.write_batch", tag);
+    check(ok && st[0] == BLKIF_RSP_OKAY && st[1] == BLKIF_RSP_OKAY, name, "ok %d status %d %d", ok, st[0], st[1]);
+    q = next_req(d, BLKIF_OP_READ, 8);
+    for (unsigned i = 0; i < 11; i++)
+        seg(q, REF_RDATA(i), 0, 7);
+    q = next_req(d, BLKIF_OP_READ, 8 + 11 * 8);
+    seg(q, REF_RDATA(11), 0, 7);
+    ok = submit(d, 2, st);
+    bool match = true;
+    for (unsigned i = 0; i < NDATA; i++)
+        match = match && same(rdata[i], 8 + i * 8, 8, seed);
+    snprintf(name, sizeof(name), "blk.%s.read_back", tag);
+    check(ok && st[0] == BLKIF_RSP_OKAY && st[1] == BLKIF_RSP_OKAY && match, name,
+          "ok %d status %d %d match %d", ok, st[0], st[1], match);
+}
+
+static void test_partial_flush_edges(struct vbd *d)
+{
+    /* sectors 2..5 of a page go to disk sectors 200..203 */
+    fill(data[0], 198, 8, 1);
+    blkif_request_t *q = next_req(d, BLKIF_OP_WRITE, 200);
+    seg(q, REF_DATA(0), 2, 5);
+    check(one(d, q) == BLKIF_RSP_OKAY, "blk.partial_write", "status");
+    memset(rdata[0], 0, XEN_PAGE);
+    q = next_req(d, BLKIF_OP_READ, 200);
+    seg(q, REF_RDATA(0), 3, 6);
+    int16_t st = one(d, q);
+    check(st == BLKIF_RSP_OKAY && same(rdata[0] + 3 * 512, 200, 4, 1), "blk.partial_read", "status %d", st);
+    q = next_req(d, BLKIF_OP_FLUSH_DISKCACHE, 0);
+    st = one(d, q);
+    check(st == BLKIF_RSP_OKAY, "blk.flush", "status %d", st);
+    fill(data[1], d->sectors - 1, 1, 1);
+    q = next_req(d, BLKIF_OP_WRITE, d->sectors - 1);
+    seg(q, REF_DATA(1), 0, 0);
+    st = one(d, q);
+    check(st == BLKIF_RSP_OKAY, "blk.last_sector", "status %d", st);
+    q = next_req(d, BLKIF_OP_WRITE, d->sectors - 1);
+    seg(q, REF_DATA(1), 0, 1);
+    st = one(d, q);
+    check(st == BLKIF_RSP_ERROR, "blk.past_the_end", "status %d", st);
+    q = next_req(d, BLKIF_OP_WRITE_BARRIER, 210);
+    fill(data[2], 210, 1, 1);
+    seg(q, REF_DATA(2), 0, 0);
+    st = one(d, q);
+    check(st == BLKIF_RSP_OKAY, "blk.barrier", "status %d", st);
+}
+
+static void test_readonly(struct vbd *d)
+{
+    fill(data[0], 0, 8, 2);
+    blkif_request_t *q = next_req(d, BLKIF_OP_WRITE, 0);
+    seg(q, REF_DATA(0), 0, 7);
+    int16_t st = one(d, q);
+    check(st == BLKIF_RSP_ERROR, "blk.ro.write_refused", "status %d", st);
+    memset(rdata[0], 0xee, XEN_PAGE);
+    q = next_req(d, BLKIF_OP_READ, 0);
+    seg(q, REF_RDATA(0), 0, 7);
+    st = one(d, q);
+    check(st == BLKIF_RSP_OKAY && same(rdata[0], 0, 8, 2), "blk.ro.read", "status %d", st);
+}
+
+static void test_reconnect(struct vbd *d)
+{
+    check(reset(0), "blk.reset_handshake", "Closing/Closed/Initialising");
+    check(connect(0, 2, false), "blk.reconnect_two_page_ring", "%s", d->be);
+    memset(rdata[0], 0, XEN_PAGE);
+    blkif_request_t *q = next_req(d, BLKIF_OP_READ, 8);
+    seg(q, REF_RDATA(0), 0, 7);
+    int16_t st = one(d, q);
+    check(st == BLKIF_RSP_OKAY && same(rdata[0], 8, 8, 1), "blk.read_after_reconnect", "status %d", st);
+    /* a full two-page ring's worth (64 requests) in one kick */
+    for (unsigned i = 0; i < 64; i++) {
+        q = next_req(d, BLKIF_OP_READ, 8 + (i % 8));
+        seg(q, REF_RDATA(1 + i % 8), 0, 0);
+    }
+    int16_t sts[64];
+    bool ok = submit(d, 64, sts);
+    bool all = ok;
+    for (unsigned i = 0; i < 64 && all; i++)
+        all = sts[i] == BLKIF_RSP_OKAY;
+    check(all && same(rdata[1], 8, 1, 1), "blk.full_multipage_ring", "ok %d", ok);
+}
+
+/* ---- the hostile scenario ------------------------------------------------------------ */
+static int16_t bad(struct vbd *d, uint8_t op, uint8_t nseg, grant_ref_t ref, uint8_t first, uint8_t last,
+                   uint64_t sector)
+{
+    blkif_request_t *q = next_req(d, op, sector);
+    for (unsigned i = 0; i < nseg && i < BLKIF_MAX_SEGMENTS_PER_REQUEST; i++)
+        seg(q, ref, first, last);
+    q->nr_segments = nseg;
+    return one(d, q);
+}
+
+static void hostile(struct vbd *d, struct vbd *good)
+{
+    grant(REF_RO, rdata[0], true);
+    check(bad(d, 99, 1, REF_RDATA(0), 0, 7, 0) == BLKIF_RSP_EOPNOTSUPP, "hostile.unknown_op", "failed");
+    check(bad(d, BLKIF_OP_READ, 0, REF_RDATA(0), 0, 7, 0) == BLKIF_RSP_ERROR, "hostile.zero_segments", "failed");
+    check(bad(d, BLKIF_OP_READ, 12, REF_RDATA(0), 0, 0, 0) == BLKIF_RSP_ERROR, "hostile.twelve_segments", "failed");
+    check(bad(d, BLKIF_OP_READ, 255, REF_RDATA(0), 0, 0, 0) == BLKIF_RSP_ERROR, "hostile.255_segments", "failed");
+    check(bad(d, BLKIF_OP_READ, 1, REF_RDATA(0), 5, 3, 0) == BLKIF_RSP_ERROR, "hostile.first_after_last", "failed");
+    check(bad(d, BLKIF_OP_READ, 1, REF_RDATA(0), 0, 8, 0) == BLKIF_RSP_ERROR, "hostile.last_sect_8", "failed");
+    check(bad(d, BLKIF_OP_READ, 1, REF_NONE, 0, 7, 0) == BLKIF_RSP_ERROR, "hostile.ungranted_ref", "failed");
+    check(bad(d, BLKIF_OP_READ, 1, 0xFFFFFFF0u, 0, 7, 0) == BLKIF_RSP_ERROR, "hostile.huge_ref", "failed");
+    check(bad(d, BLKIF_OP_READ, 1, REF_RO, 0, 7, 0) == BLKIF_RSP_ERROR, "hostile.read_into_ro_grant", "failed");
+    check(bad(d, BLKIF_OP_READ, 1, REF_RDATA(0), 0, 7, d->sectors) == BLKIF_RSP_ERROR, "hostile.past_end", "failed");
+    check(bad(d, BLKIF_OP_WRITE, 1, REF_DATA(0), 0, 7, ~0ULL - 3) == BLKIF_RSP_ERROR, "hostile.sector_wraps", "failed");
+    check(bad(d, BLKIF_OP_READ, 2, REF_RDATA(0), 0, 7, 0) == BLKIF_RSP_OKAY, "hostile.still_serving", "failed");
+    for (unsigned i = 0; i < 2000; i++)
+        xen_evtchn_send(d->port);
+    pass("hostile.kick_flood_sent");
+    set_state(d, 77);
+    xs_writef(d->fe, "state", "%lx-banana", 0xb);
+    xen_delay_ns(20 * MS);
+    check(read_num(d->be, "state") == XenbusStateConnected, "hostile.garbage_state_ignored", "%ld",
+          read_num(d->be, "state"));
+    check(bad(d, BLKIF_OP_READ, 1, REF_RDATA(0), 0, 7, 8) == BLKIF_RSP_OKAY, "hostile.serving_after_garbage", "failed");
+    /* req_prod a thousand requests ahead */
+    d->ring.sring->req_prod = d->ring.rsp_cons + 1000;
+    xen_mb();
+    xen_evtchn_send(d->port);
+    xen_delay_ns(50 * MS);
+    check(d->ring.sring->rsp_prod == d->ring.rsp_cons, "hostile.far_ahead_not_served", "rsp_prod %u cons %u",
+          d->ring.sring->rsp_prod, d->ring.rsp_cons);
+    test_rw(good, 2, "good_disk_after_attack");
+    /* a frontend that comes back with garbage keys, then with good ones */
+    check(reset(0), "hostile.reset", "failed");
+    check(connect(0, 1, true), "hostile.garbage_keys_refused", "backend Closing");
+    check(xs_readf(d->be, "error", &r) == 0, "hostile.error_node", "no error node");
+    set_state(d, XenbusStateClosed);
+    check(wait_state(d, XenbusStateClosed), "hostile.closed_after_refusal", "failed");
+    set_state(d, XenbusStateInitialising);
+    check(wait_state(d, XenbusStateInitWait), "hostile.initwait_again", "failed");
+    check(connect(0, 1, false), "hostile.reconnect", "failed");
+    test_rw(d, 1, "attacked_disk_after_reconnect");
+}
+
+int main(const struct hvm_start_info *si)
+{
+    (void)si;
+    puts("xenkvm xen_blkfront guest");
+    if (!xen_init())
+        return 1;
+    check(xen_map_shared_info() == 0, "shinfo.map", "failed");
+    check(xen_setup_upcall(0, true) == 0, "blk.upcall", "failed");
+    if (!check(xs_init() == 0, "xs.ring", "failed"))
+        return 1;
+    if (!check(xen_add_to_physmap(XENMAPSPACE_grant_table, 0, GRANT_GPFN) == 0, "blk.grant_frame", "failed"))
+        return 1;
+    if (!check(find_disks() && ndisks == 2, "blk.found_two_vbds", "%u", ndisks))
+        return 1;
+    bool hostile_mode = xk_cmdline_has("xk.blk_hostile");
+    test_keys(&disks[0], false);
+    test_keys(&disks[1], !hostile_mode);
+    if (!check(connect(0, 1, false) && connect(1, 1, false), "blk.connected", "handshake failed"))
+        return 1;
+    if (hostile_mode) {
+        test_rw(&disks[0], 1, "attacked_disk");
+        hostile(&disks[0], &disks[1]);
+    } else {
+        test_rw(&disks[0], 1, "xvda");
+        test_partial_flush_edges(&disks[0]);
+        test_readonly(&disks[1]);
+        test_reconnect(&disks[0]);
+    }
+    check(xen_ports[disks[0].port].count > 0, "blk.notified", "no event on port %u", disks[0].port);
+    return 0;
+}
