@@ -18,6 +18,10 @@
  * reconnect); each request answers ERROR/EOPNOTSUPP and disk 1 keeps
  * returning correct data; disk 0 reconnects properly at the end.
  *
+ * xk.blk_hotplug: one disk at boot; the host hot-plugs xvdb (pattern seed 2),
+ * the guest connects and reads it, then the host unplugs it: Closing with
+ * online = 0, the guest closes, both nodes disappear, xvda keeps working.
+ *
  * Pattern (the host test computes the same): byte i of 512-byte sector s is
  * (uint8_t)(s * 31 + i * 7 + seed), seed 1 on disk 0 and 2 on disk 1.
  */
@@ -434,6 +438,50 @@ static void hostile(struct vbd *d, struct vbd *good)
     test_rw(d, 1, "attacked_disk_after_reconnect");
 }
 
+/* ---- hot-plug: the host attaches xvdb while we run, then unplugs it ------------------ */
+static bool wait_value(const char *path, const char *want, uint64_t max_ns)
+{
+    uint64_t end = xen_system_time() + max_ns;
+    while (xen_system_time() < end) {
+        long rc = xs_read(0, path, &r);
+        if (want ? (rc == 0 && !strcmp(r.body, want)) : rc != 0)
+            return true;
+        xen_delay_ns(2 * MS);
+    }
+    return false;
+}
+
+static void hotplug(void)
+{
+    xs_write(0, "data/blk-hotplug", "ready");
+    uint64_t end = xen_system_time() + 60 * SEC;
+    ndisks = 0;
+    while (xen_system_time() < end && (!find_disks() || ndisks < 2)) {
+        ndisks = 0;
+        xen_delay_ns(2 * MS);
+    }
+    if (!check(ndisks == 2, "hotplug.appeared", "%u vbds", ndisks))
+        return;
+    test_keys(&disks[1], false);
+    check(connect(1, 1, false), "hotplug.connected", "%s", disks[1].be);
+    memset(rdata[0], 0, XEN_PAGE);
+    grant(REF_RDATA(0), rdata[0], false);
+    blkif_request_t *q = next_req(&disks[1], BLKIF_OP_READ, 0);
+    seg(q, REF_RDATA(0), 0, 7);
+    int16_t st = one(&disks[1], q);
+    check(st == BLKIF_RSP_OKAY && same(rdata[0], 0, 8, 2), "hotplug.read", "status %d", st);
+    xs_write(0, "data/blk-hotplug", "connected");
+    check(wait_state(&disks[1], XenbusStateClosing), "hotplug.unplug_requested", "no Closing");
+    check(read_num(disks[1].be, "online") == 0, "hotplug.offline", "online %ld", read_num(disks[1].be, "online"));
+    set_state(&disks[1], XenbusStateClosed);
+    char path[128];
+    snprintf(path, sizeof(path), "%s/state", disks[1].fe);
+    check(wait_value(path, NULL, 20 * SEC), "hotplug.frontend_node_removed", "%s still there", disks[1].fe);
+    snprintf(path, sizeof(path), "%s/state", disks[1].be);
+    check(xs_read(0, path, &r) != 0, "hotplug.backend_node_removed", "%s still there", disks[1].be);
+    test_rw(&disks[0], 1, "xvda_after_unplug");
+}
+
 int main(const struct hvm_start_info *si)
 {
     (void)si;
@@ -446,9 +494,16 @@ int main(const struct hvm_start_info *si)
         return 1;
     if (!check(xen_add_to_physmap(XENMAPSPACE_grant_table, 0, GRANT_GPFN) == 0, "blk.grant_frame", "failed"))
         return 1;
+    bool hostile_mode = xk_cmdline_has("xk.blk_hostile");
+    if (xk_cmdline_has("xk.blk_hotplug")) {
+        if (!check(find_disks() && ndisks == 1, "blk.found_one_vbd", "%u", ndisks))
+            return 1;
+        if (check(connect(0, 1, false), "blk.connected", "handshake failed"))
+            hotplug();
+        return 0;
+    }
     if (!check(find_disks() && ndisks == 2, "blk.found_two_vbds", "%u", ndisks))
         return 1;
-    bool hostile_mode = xk_cmdline_has("xk.blk_hostile");
     test_keys(&disks[0], false);
     test_keys(&disks[1], !hostile_mode);
     if (!check(connect(0, 1, false) && connect(1, 1, false), "blk.connected", "handshake failed"))
