@@ -7,7 +7,8 @@
  * handshake (ring-ref, event-channel, protocol, Initialised -> Connected),
  * writes a pattern with multi-segment and partial-page requests batched in
  * one kick, reads it back, flushes, checks the last sector and one past it;
- * a read-only disk refuses writes; then resets the frontend (Closing,
+ * a read-only disk refuses writes; a discard reads back as zeros (and is not
+ * offered on the read-only disk); then resets the frontend (Closing,
  * Closed, Initialising), reconnects with a two-page ring and reads the data
  * back.  The host checks the image file afterwards.
  *
@@ -347,6 +348,41 @@ static void test_partial_flush_edges(struct vbd *d)
     check(st == BLKIF_RSP_OKAY, "blk.barrier", "status %d", st);
 }
 
+static int16_t discard(struct vbd *d, uint64_t sector, uint64_t count)
+{
+    blkif_request_t *q = next_req(d, BLKIF_OP_DISCARD, sector);
+    struct blkif_request_discard *dq = (struct blkif_request_discard *)q;
+    dq->nr_sectors = count;
+    return one(d, q);
+}
+
+/* Write 16 sectors at 1024, discard the first 8: they read back as zeros, the rest is kept. */
+static void test_discard(struct vbd *d, struct vbd *ro)
+{
+    check(read_num(d->be, "feature-discard") == 1 && read_num(d->be, "discard-granularity") >= 512,
+          "blk.feature_discard", "%ld", read_num(d->be, "feature-discard"));
+    check(read_num(ro->be, "feature-discard") == -1, "blk.ro.no_feature_discard", "advertised");
+    fill(data[3], 1024, 8, 1);
+    fill(data[4], 1032, 8, 1);
+    blkif_request_t *q = next_req(d, BLKIF_OP_WRITE, 1024);
+    seg(q, REF_DATA(3), 0, 7);
+    seg(q, REF_DATA(4), 0, 7);
+    int16_t st = one(d, q), st2 = discard(d, 1024, 8);
+    memset(rdata[3], 0xee, XEN_PAGE);
+    memset(rdata[4], 0xee, XEN_PAGE);
+    q = next_req(d, BLKIF_OP_READ, 1024);
+    seg(q, REF_RDATA(3), 0, 7);
+    seg(q, REF_RDATA(4), 0, 7);
+    int16_t st3 = one(d, q);
+    bool zero = true;
+    for (unsigned i = 0; i < XEN_PAGE; i++)
+        zero = zero && rdata[3][i] == 0;
+    check(st == BLKIF_RSP_OKAY && st2 == BLKIF_RSP_OKAY && st3 == BLKIF_RSP_OKAY && zero && same(rdata[4], 1032, 8, 1),
+          "blk.discard", "status %d %d %d zero %d", st, st2, st3, zero);
+    check(discard(d, d->sectors - 4, 8) == BLKIF_RSP_ERROR, "blk.discard_past_end", "accepted");
+    check(discard(ro, 0, 8) == BLKIF_RSP_EOPNOTSUPP, "blk.ro.discard_refused", "accepted");
+}
+
 static void test_readonly(struct vbd *d)
 {
     fill(data[0], 0, 8, 2);
@@ -515,6 +551,7 @@ int main(const struct hvm_start_info *si)
         test_rw(&disks[0], 1, "xvda");
         test_partial_flush_edges(&disks[0]);
         test_readonly(&disks[1]);
+        test_discard(&disks[0], &disks[1]);
         test_reconnect(&disks[0]);
     }
     check(xen_ports[disks[0].port].count > 0, "blk.notified", "no event on port %u", disks[0].port);

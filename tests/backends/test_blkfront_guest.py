@@ -77,6 +77,8 @@ def test_blkfront_reads_writes_flushes(tmp_path, kernel):
     assert sectors(a, 210, 1) == pattern(210, 1, 1)           # the barrier write
     assert sectors(a, SECTORS - 1, 1) == pattern(SECTORS - 1, 1, 1)
     assert sectors(a, 0, 8) == bytes(4096) and sectors(a, 204, 6) == bytes(6 * 512)
+    assert sectors(a, 1024, 8) == bytes(4096) and sectors(a, 1032, 8) == pattern(1032, 8, 1)   # the discard
+    assert "PASS blk.discard" in r.stdout
     assert a.stat().st_size == SECTORS * 512                  # nothing written past the end
     assert b.read_bytes() == pattern(0, SECTORS, 2)           # the read-only disk is untouched
 

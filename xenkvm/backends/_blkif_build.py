@@ -11,7 +11,8 @@ time and the memory barriers the protocol asks for are real ones:
 * ``xkb_push``: write responses, publish ``rsp_prod`` and apply
   ``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY``'s rule;
 * ``xkb_final_check``: ``RING_FINAL_CHECK_FOR_REQUESTS`` (set ``req_event``,
-  full barrier, look again) so the frontend keeps notifying.
+  full barrier, look again) so the frontend keeps notifying;
+* ``xkb_punch_hole``: ``fallocate(PUNCH_HOLE | KEEP_SIZE)`` for discards.
 
 A ring may span up to 16 granted pages that are not contiguous in host
 memory (``ring-page-order``): entries are addressed through a page table and
@@ -59,9 +60,15 @@ unsigned xkb_ring_size(unsigned pages);
 int xkb_take(char **pages, unsigned nr_ents, uint32_t *req_cons, blkif_request_t *out, int max);
 int xkb_push(char **pages, unsigned nr_ents, uint32_t *rsp_prod_pvt, const blkif_response_t *rsps, int n);
 int xkb_final_check(char **pages, uint32_t req_cons);
+int xkb_punch_hole(int fd, uint64_t offset, uint64_t length);
 """
 
 SOURCE = r"""
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
 #define mb()  __sync_synchronize()
@@ -143,6 +150,12 @@ int xkb_final_check(char **pages, uint32_t req_cons)
     s->req_event = req_cons + 1;
     mb();
     return s->req_prod != req_cons;
+}
+
+/* Discard: deallocate the range, the file keeps its size (reads return zeros). 0 or -errno. */
+int xkb_punch_hole(int fd, uint64_t offset, uint64_t length)
+{
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length) ? -errno : 0;
 }
 """
 

@@ -45,6 +45,8 @@ _BLKGETSIZE64, _BLKSSZGET, _BLKPBSZGET = 0x80081272, 0x1268, 0x127B
 OKAY, ERROR, EOPNOTSUPP = lib.BLKIF_RSP_OKAY, lib.BLKIF_RSP_ERROR, lib.BLKIF_RSP_EOPNOTSUPP
 OP_READ, OP_WRITE, OP_BARRIER, OP_FLUSH = (lib.BLKIF_OP_READ, lib.BLKIF_OP_WRITE,
                                            lib.BLKIF_OP_WRITE_BARRIER, lib.BLKIF_OP_FLUSH_DISKCACHE)
+OP_DISCARD = lib.BLKIF_OP_DISCARD
+_BLKDISCARD = 0x1277
 MAX_SEGS = lib.BLKIF_MAX_SEGMENTS_PER_REQUEST
 
 
@@ -70,6 +72,16 @@ class Disk:
             self.sector_size = SECTOR
             self.physical_sector_size = max(SECTOR, st.st_blksize if st.st_blksize <= 65536 else PAGE)
         self.sectors = self.size // SECTOR
+        self.is_block = stat.S_ISBLK(st.st_mode)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate a byte range: a hole in a file, BLKDISCARD on a block device (OSError on failure)."""
+        if self.is_block:
+            fcntl.ioctl(self.fd, _BLKDISCARD, struct.pack("QQ", offset, length))
+            return
+        rc = lib.xkb_punch_hole(self.fd, offset, length)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -112,6 +124,8 @@ class BlockDevice(XenbusDevice):
         self.stats = {"requests": 0, "errors": 0, "kicks": 0}
         self._ops = {OP_READ: self._read, OP_WRITE: self._write, OP_FLUSH: self._flush,
                      OP_BARRIER: self._barrier}
+        if self.spec.discard and not self.spec.readonly:
+            self._ops[OP_DISCARD] = self._discard
 
     # -- xenstore ----------------------------------------------------------------------
     def frontend_keys(self) -> dict[str, str]:
@@ -125,7 +139,14 @@ class BlockDevice(XenbusDevice):
                 "sectors": str(d.sectors), "sector-size": str(d.sector_size),
                 "physical-sector-size": str(d.physical_sector_size), "info": str(info),
                 "feature-flush-cache": "1", "feature-barrier": "1",
-                "max-ring-page-order": str(MAX_RING_PAGE_ORDER)}
+                "max-ring-page-order": str(MAX_RING_PAGE_ORDER), **self._discard_keys()}
+
+    def _discard_keys(self) -> dict[str, str]:
+        """feature-discard with the granularity holes are punched in (blkif.h ``discard-*``)."""
+        if OP_DISCARD not in self._ops:
+            return {}
+        return {"feature-discard": "1", "discard-granularity": str(self.disk.physical_sector_size),
+                "discard-alignment": "0", "discard-secure": "0"}
 
     def connect(self, frontend: dict[str, str]) -> None:
         refs = _ring_refs(frontend)
@@ -215,6 +236,21 @@ class BlockDevice(XenbusDevice):
             return self._flush(req)
         status = self._flush(req)
         return self._flush(req) if status == OKAY and self._rw(req, True) == OKAY else ERROR
+
+    def _discard(self, req) -> int:
+        """DISCARD of ``nr_sectors`` from ``sector_number``; "discard-secure" is 0, so the flag is ignored."""
+        d = ffi.cast("struct blkif_request_discard *", ffi.addressof(req))
+        first, count = d.sector_number, d.nr_sectors
+        if first + count > self.disk.sectors:
+            return ERROR
+        if count == 0:
+            return OKAY
+        try:
+            self.disk.discard(first * SECTOR, count * SECTOR)
+        except OSError as e:
+            log.warning("%s: discard at %d: %s", self.backend.label, first, e.strerror)
+            return ERROR
+        return OKAY
 
     def _rw(self, req, write: bool) -> int:
         nseg = req.nr_segments
