@@ -10,7 +10,9 @@
  * a read-only disk refuses writes; a discard reads back as zeros (and is not
  * offered on the read-only disk); then resets the frontend (Closing,
  * Closed, Initialising), reconnects with a two-page ring and reads the data
- * back.  The host checks the image file afterwards.
+ * back with persistent grants (the page stays mapped).  Indirect requests
+ * (16 segments) are written and read back.  The host checks the image file
+ * afterwards.
  *
  * xk.blk_hostile: disk 0 is attacked (unknown op, zero and twelve segments,
  * first_sect > last_sect, last_sect 8, an ungranted ref, a read-only grant
@@ -46,6 +48,7 @@ static volatile grant_entry_v1_t *gnt = (volatile grant_entry_v1_t *)(uintptr_t)
 static uint8_t ring_pages[NDISK][2][XEN_PAGE] XEN_PAGE_ALIGNED;
 static uint8_t data[NDATA][XEN_PAGE] XEN_PAGE_ALIGNED;
 static uint8_t rdata[NDATA][XEN_PAGE] XEN_PAGE_ALIGNED;
+static struct blkif_request_segment indirect_segs[XEN_PAGE / sizeof(struct blkif_request_segment)] XEN_PAGE_ALIGNED;
 static struct xs_reply r;
 
 struct vbd {
@@ -65,6 +68,7 @@ static unsigned ndisks;
 #define REF_DATA(i)     (32 + (i))
 #define REF_RDATA(i)    (48 + (i))
 #define REF_RO          64
+#define REF_INDIRECT    70
 #define REF_NONE        500
 
 static void grant(unsigned ref, const void *page, bool readonly)
@@ -169,6 +173,8 @@ static bool find_disks(void)
     return ndisks > 0;
 }
 
+static bool connect_persistent;
+
 static bool connect(unsigned idx, unsigned pages, bool garbage)
 {
     struct vbd *d = &disks[idx];
@@ -198,6 +204,7 @@ static bool connect(unsigned idx, unsigned pages, bool garbage)
     }
     if (!garbage)
         xs_writef(d->fe, "event-channel", "%lu", d->port);
+    xs_writef(d->fe, "feature-persistent", "%lu", connect_persistent);
     snprintf(path, sizeof(path), "%s/protocol", d->fe);
     xs_write(0, path, XEN_IO_PROTO_ABI_X86_64);
     set_state(d, XenbusStateInitialised);
@@ -383,6 +390,50 @@ static void test_discard(struct vbd *d, struct vbd *ro)
     check(discard(ro, 0, 8) == BLKIF_RSP_EOPNOTSUPP, "blk.ro.discard_refused", "accepted");
 }
 
+/* An indirect request of `nseg` segments: half pages (sectors 0-3, 4-7) of pages[0..nseg/2). */
+static int16_t indirect(struct vbd *d, uint8_t op, uint64_t sector, unsigned nseg, unsigned ref_base,
+                        grant_ref_t indirect_ref)
+{
+    for (unsigned i = 0; i < nseg && i < 512; i++) {
+        indirect_segs[i].gref = ref_base + i / 2;
+        indirect_segs[i].first_sect = (i & 1) ? 4 : 0;
+        indirect_segs[i].last_sect = (i & 1) ? 7 : 3;
+    }
+    grant(REF_INDIRECT, indirect_segs, true);
+    blkif_request_t *q = next_req(d, BLKIF_OP_INDIRECT, 0);
+    struct blkif_request_indirect *iq = (struct blkif_request_indirect *)q;
+    iq->indirect_op = op;
+    iq->nr_segments = (uint16_t)nseg;
+    iq->sector_number = sector;
+    iq->handle = (blkif_vdev_t)d->id;
+    iq->indirect_grefs[0] = indirect_ref;
+    return one(d, q);
+}
+
+/* 16 segments (32 KiB) in one request, written and read back; malformed indirect requests refused. */
+static void test_indirect(struct vbd *d)
+{
+    check(read_num(d->be, "feature-max-indirect-segments") >= 16, "blk.feature_indirect", "%ld",
+          read_num(d->be, "feature-max-indirect-segments"));
+    for (unsigned i = 0; i < 8; i++) {
+        fill(data[i], 2048 + i * 8, 8, 1);
+        memset(rdata[i], 0, XEN_PAGE);
+    }
+    int16_t w = indirect(d, BLKIF_OP_WRITE, 2048, 16, REF_DATA(0), REF_INDIRECT);
+    int16_t rd = indirect(d, BLKIF_OP_READ, 2048, 16, REF_RDATA(0), REF_INDIRECT);
+    bool match = true;
+    for (unsigned i = 0; i < 8; i++)
+        match = match && same(rdata[i], 2048 + i * 8, 8, 1);
+    check(w == BLKIF_RSP_OKAY && rd == BLKIF_RSP_OKAY && match, "blk.indirect_rw", "status %d %d match %d", w, rd, match);
+    check(indirect(d, BLKIF_OP_READ, 0, 0, REF_RDATA(0), REF_INDIRECT) == BLKIF_RSP_ERROR, "blk.indirect_zero_segs", "accepted");
+    check(indirect(d, BLKIF_OP_READ, 0, 300, REF_RDATA(0), REF_INDIRECT) == BLKIF_RSP_ERROR, "blk.indirect_too_many", "accepted");
+    check(indirect(d, BLKIF_OP_READ, 0, 16, REF_RDATA(0), REF_NONE) == BLKIF_RSP_ERROR, "blk.indirect_bad_page", "accepted");
+    check(indirect(d, BLKIF_OP_FLUSH_DISKCACHE, 0, 16, REF_RDATA(0), REF_INDIRECT) == BLKIF_RSP_ERROR,
+          "blk.indirect_bad_op", "accepted");
+    check(indirect(d, BLKIF_OP_READ, d->sectors - 8, 16, REF_RDATA(0), REF_INDIRECT) == BLKIF_RSP_ERROR,
+          "blk.indirect_past_end", "accepted");
+}
+
 static void test_readonly(struct vbd *d)
 {
     fill(data[0], 0, 8, 2);
@@ -399,13 +450,18 @@ static void test_readonly(struct vbd *d)
 
 static void test_reconnect(struct vbd *d)
 {
+    check(!(gnt[REF_RDATA(0)].flags & (GTF_reading | GTF_writing)), "blk.grants_released", "flags %#x",
+          gnt[REF_RDATA(0)].flags);
     check(reset(0), "blk.reset_handshake", "Closing/Closed/Initialising");
+    connect_persistent = true;
     check(connect(0, 2, false), "blk.reconnect_two_page_ring", "%s", d->be);
     memset(rdata[0], 0, XEN_PAGE);
     blkif_request_t *q = next_req(d, BLKIF_OP_READ, 8);
     seg(q, REF_RDATA(0), 0, 7);
     int16_t st = one(d, q);
     check(st == BLKIF_RSP_OKAY && same(rdata[0], 8, 8, 1), "blk.read_after_reconnect", "status %d", st);
+    /* feature-persistent: the backend keeps the page mapped (busy) after the request */
+    check(gnt[REF_RDATA(0)].flags & GTF_writing, "blk.persistent_grant_kept", "flags %#x", gnt[REF_RDATA(0)].flags);
     /* a full two-page ring's worth (64 requests) in one kick */
     for (unsigned i = 0; i < 64; i++) {
         q = next_req(d, BLKIF_OP_READ, 8 + (i % 8));
@@ -552,6 +608,7 @@ int main(const struct hvm_start_info *si)
         test_partial_flush_edges(&disks[0]);
         test_readonly(&disks[1]);
         test_discard(&disks[0], &disks[1]);
+        test_indirect(&disks[0]);
         test_reconnect(&disks[0]);
     }
     check(xen_ports[disks[0].port].count > 0, "blk.notified", "no event on port %u", disks[0].port);

@@ -34,6 +34,7 @@ from xenkvm.xen.evtchn import EvtchnError
 from xenkvm.xen.gnttab import GrantError
 
 from ._blkif_cffi import ffi, lib
+from .grants import SegmentMapper
 from .xenbus import ConnectError, XenbusDevice
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ _BLKGETSIZE64, _BLKSSZGET, _BLKPBSZGET = 0x80081272, 0x1268, 0x127B
 OKAY, ERROR, EOPNOTSUPP = lib.BLKIF_RSP_OKAY, lib.BLKIF_RSP_ERROR, lib.BLKIF_RSP_EOPNOTSUPP
 OP_READ, OP_WRITE, OP_BARRIER, OP_FLUSH = (lib.BLKIF_OP_READ, lib.BLKIF_OP_WRITE,
                                            lib.BLKIF_OP_WRITE_BARRIER, lib.BLKIF_OP_FLUSH_DISKCACHE)
-OP_DISCARD = lib.BLKIF_OP_DISCARD
+OP_DISCARD, OP_INDIRECT = lib.BLKIF_OP_DISCARD, lib.BLKIF_OP_INDIRECT
+MAX_INDIRECT_SEGS = 256              #: feature-max-indirect-segments (Linux blkback's MAX_INDIRECT_SEGMENTS)
+SEGS_PER_INDIRECT_PAGE = PAGE // ffi.sizeof("struct blkif_request_segment")
 _BLKDISCARD = 0x1277
 MAX_SEGS = lib.BLKIF_MAX_SEGMENTS_PER_REQUEST
 
@@ -92,9 +95,10 @@ class Disk:
 class BlkifRing:
     """The back end of one blkif ring mapped from granted pages."""
 
-    def __init__(self, mappings: list, port: int):
+    def __init__(self, mappings: list, port: int, segments: SegmentMapper):
         self.mappings = mappings
         self.port = port
+        self.segments = segments
         self._bufs = [ffi.from_buffer(m.view) for m in mappings]
         self.pages = ffi.new("char *[]", self._bufs)
         self.nr_ents = lib.xkb_ring_size(len(mappings))
@@ -105,6 +109,7 @@ class BlkifRing:
         self.broken = False
 
     def unmap(self) -> None:
+        self.segments.clear()
         self._bufs.clear()
         for m in self.mappings:
             m.unmap()
@@ -123,7 +128,7 @@ class BlockDevice(XenbusDevice):
         self.ring: BlkifRing | None = None
         self.stats = {"requests": 0, "errors": 0, "kicks": 0}
         self._ops = {OP_READ: self._read, OP_WRITE: self._write, OP_FLUSH: self._flush,
-                     OP_BARRIER: self._barrier}
+                     OP_BARRIER: self._barrier, OP_INDIRECT: self._indirect}
         if self.spec.discard and not self.spec.readonly:
             self._ops[OP_DISCARD] = self._discard
 
@@ -138,7 +143,8 @@ class BlockDevice(XenbusDevice):
                 "device-type": "cdrom" if s.cdrom else "disk", "removable": "0", "bootable": "1",
                 "sectors": str(d.sectors), "sector-size": str(d.sector_size),
                 "physical-sector-size": str(d.physical_sector_size), "info": str(info),
-                "feature-flush-cache": "1", "feature-barrier": "1",
+                "feature-flush-cache": "1", "feature-barrier": "1", "feature-persistent": "1",
+                "feature-max-indirect-segments": str(MAX_INDIRECT_SEGS),
                 "max-ring-page-order": str(MAX_RING_PAGE_ORDER), **self._discard_keys()}
 
     def _discard_keys(self) -> dict[str, str]:
@@ -165,9 +171,10 @@ class BlockDevice(XenbusDevice):
             for m in mappings:
                 m.unmap()
             raise ConnectError(f"event-channel {port}: {e}") from None
-        self.ring = BlkifRing(mappings, port)
-        log.info("%s: connected, %d-page ring (%d entries), port %d", self.backend.label,
-                 len(refs), self.ring.nr_ents, port)
+        persistent = frontend.get("feature-persistent", "0").strip() == "1"
+        self.ring = BlkifRing(mappings, port, SegmentMapper(dom.gnttab, dom.domid, persistent))
+        log.info("%s: connected, %d-page ring (%d entries), port %d%s", self.backend.label,
+                 len(refs), self.ring.nr_ents, port, ", persistent grants" if persistent else "")
 
     def disconnect(self) -> None:
         ring, self.ring = self.ring, None
@@ -257,39 +264,57 @@ class BlockDevice(XenbusDevice):
         if not 1 <= nseg <= MAX_SEGS:
             return ERROR
         segs = req.seg
+        return self._io([(segs[j].gref, segs[j].first_sect, segs[j].last_sect) for j in range(nseg)],
+                        req.sector_number, write)
+
+    def _indirect(self, req) -> int:
+        """BLKIF_OP_INDIRECT: the segments are in up to 8 granted pages, 512 to a page."""
+        r = ffi.cast("struct blkif_request_indirect *", ffi.addressof(req))
+        op, nseg = r.indirect_op, r.nr_segments
+        if op not in (OP_READ, OP_WRITE) or not 1 <= nseg <= MAX_INDIRECT_SEGS:
+            return ERROR
+        if op == OP_WRITE and self.spec.readonly:
+            return ERROR
+        dom, segs = self.domain, []
+        try:
+            for page in range((nseg + SEGS_PER_INDIRECT_PAGE - 1) // SEGS_PER_INDIRECT_PAGE):
+                count = min(nseg - page * SEGS_PER_INDIRECT_PAGE, SEGS_PER_INDIRECT_PAGE)
+                raw = dom.gnttab.copy_from(dom.domid, r.indirect_grefs[page], 0, count * 8)
+                arr = ffi.from_buffer("struct blkif_request_segment[]", raw)
+                segs += [(arr[i].gref, arr[i].first_sect, arr[i].last_sect) for i in range(count)]
+        except GrantError as e:
+            log.debug("%s: indirect page: %s", self.backend.label, e)
+            return ERROR
+        return self._io(segs, r.sector_number, op == OP_WRITE)
+
+    def _io(self, segs: list[tuple[int, int, int]], sector: int, write: bool) -> int:
+        """Check the segments and the range, then one preadv/pwritev over the granted pages."""
         total = 0
-        for j in range(nseg):
-            first, last = segs[j].first_sect, segs[j].last_sect
+        for _gref, first, last in segs:
             if first > last or last >= PAGE // SECTOR:
                 return ERROR
             total += last - first + 1
-        if req.sector_number + total > self.disk.sectors:
+        if sector + total > self.disk.sectors:
             return ERROR
-        return self._io([(segs[j].gref, segs[j].first_sect, segs[j].last_sect) for j in range(nseg)],
-                        req.sector_number * SECTOR, total * SECTOR, write)
-
-    def _io(self, segs: list[tuple[int, int, int]], offset: int, length: int, write: bool) -> int:
-        dom = self.domain
-        maps, iov = [], []
+        mapper = self.ring.segments
+        iov = []
         try:
             for gref, first, last in segs:
-                m = dom.gnttab.map(dom.domid, gref, not write)
-                maps.append(m)
-                iov.append(m.view[first * SECTOR:(last + 1) * SECTOR])
-            done = os.pwritev(self.disk.fd, iov, offset) if write else os.preadv(self.disk.fd, iov, offset)
-            return OKAY if done == length else ERROR
+                iov.append(mapper.view(gref, not write)[first * SECTOR:(last + 1) * SECTOR])
+            fd, offset = self.disk.fd, sector * SECTOR
+            done = os.pwritev(fd, iov, offset) if write else os.preadv(fd, iov, offset)
+            return OKAY if done == total * SECTOR else ERROR
         except GrantError as e:
             log.debug("%s: %s", self.backend.label, e)
             return ERROR
         except OSError as e:
-            log.warning("%s: %s at %d: %s", self.backend.label, "write" if write else "read", offset,
+            log.warning("%s: %s at sector %d: %s", self.backend.label, "write" if write else "read", sector,
                         e.strerror)
             return ERROR
         finally:
             for v in iov:
                 v.release()
-            for m in maps:
-                m.unmap()
+            mapper.done()
 
 
 def _number(keys: dict[str, str], name: str, limit: int) -> int:
