@@ -25,6 +25,9 @@
  * the guest connects and reads it, then the host unplugs it: Closing with
  * online = 0, the guest closes, both nodes disappear, xvda keeps working.
  *
+ * xk.blk_bench (benchmarks/bench_blkback.py): xk.blk_bench_reqs sequential
+ * 4 KiB and 64 KiB (indirect) writes and reads, ring-full batches.
+ *
  * Pattern (the host test computes the same): byte i of 512-byte sector s is
  * (uint8_t)(s * 31 + i * 7 + seed), seed 1 on disk 0 and 2 on disk 1.
  */
@@ -574,6 +577,71 @@ static void hotplug(void)
     test_rw(&disks[0], 1, "xvda_after_unplug");
 }
 
+/* ---- benchmark: keep the ring full of sequential requests ------------------------------- */
+#define REF_BENCH(i)    (80 + (i))
+
+static unsigned bench_reqs(void)
+{
+    char buf[16];
+    unsigned n = 0;
+    if (xk_cmdline_value("xk.blk_bench_reqs", buf, sizeof(buf)))
+        for (const char *c = buf; *c >= '0' && *c <= '9'; c++)
+            n = n * 10 + (unsigned)(*c - '0');
+    return n ? n : 4096;
+}
+
+/* `count` requests of `pages` pages (1: one segment; 16: indirect), ring-full batches, one kick each. */
+static bool bench_run(struct vbd *d, uint8_t op, unsigned pages, unsigned count)
+{
+    unsigned nsect = pages * 8, batch = RING_SIZE(&d->ring);
+    uint64_t span = d->sectors - nsect, sector = 0;
+    static int16_t st[64];
+    printf("BENCH-START %s %u %u\n", op == BLKIF_OP_WRITE ? "write" : "read", pages * 4, count);
+    for (unsigned done = 0; done < count;) {
+        unsigned n = count - done < batch ? count - done : batch;
+        for (unsigned i = 0; i < n; i++, sector = (sector + nsect) % span) {
+            blkif_request_t *q = next_req(d, pages == 1 ? op : BLKIF_OP_INDIRECT, sector);
+            if (pages == 1) {
+                seg(q, REF_BENCH(0), 0, 7);
+            } else {
+                struct blkif_request_indirect *iq = (struct blkif_request_indirect *)q;
+                iq->indirect_op = op;
+                iq->nr_segments = (uint16_t)pages;
+                iq->sector_number = sector;
+                iq->indirect_grefs[0] = REF_INDIRECT;
+            }
+        }
+        if (!submit(d, n, st))
+            return false;
+        for (unsigned i = 0; i < n; i++)
+            if (st[i] != BLKIF_RSP_OKAY)
+                return false;
+        done += n;
+    }
+    printf("BENCH-END\n");
+    return true;
+}
+
+static void bench(void)
+{
+    for (unsigned i = 0; i < 16; i++)
+        grant(REF_BENCH(i), i < NDATA ? data[i] : rdata[i - NDATA], false);
+    for (unsigned i = 0; i < 16; i++) {
+        indirect_segs[i].gref = REF_BENCH(i);
+        indirect_segs[i].first_sect = 0;
+        indirect_segs[i].last_sect = 7;
+    }
+    grant(REF_INDIRECT, indirect_segs, true);
+    connect_persistent = true;
+    if (!check(connect(0, 2, false), "bench.connected", "handshake failed"))
+        return;
+    unsigned n = bench_reqs();
+    check(bench_run(&disks[0], BLKIF_OP_WRITE, 1, n), "bench.write_4k", "failed");
+    check(bench_run(&disks[0], BLKIF_OP_READ, 1, n), "bench.read_4k", "failed");
+    check(bench_run(&disks[0], BLKIF_OP_WRITE, 16, n), "bench.write_64k", "failed");
+    check(bench_run(&disks[0], BLKIF_OP_READ, 16, n), "bench.read_64k", "failed");
+}
+
 int main(const struct hvm_start_info *si)
 {
     (void)si;
@@ -587,6 +655,11 @@ int main(const struct hvm_start_info *si)
     if (!check(xen_add_to_physmap(XENMAPSPACE_grant_table, 0, GRANT_GPFN) == 0, "blk.grant_frame", "failed"))
         return 1;
     bool hostile_mode = xk_cmdline_has("xk.blk_hostile");
+    if (xk_cmdline_has("xk.blk_bench")) {
+        if (check(find_disks() && ndisks >= 1, "blk.found_vbd", "%u", ndisks))
+            bench();
+        return 0;
+    }
     if (xk_cmdline_has("xk.blk_hotplug")) {
         if (!check(find_disks() && ndisks == 1, "blk.found_one_vbd", "%u", ndisks))
             return 1;

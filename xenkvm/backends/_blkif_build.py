@@ -12,7 +12,10 @@ time and the memory barriers the protocol asks for are real ones:
   ``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY``'s rule;
 * ``xkb_final_check``: ``RING_FINAL_CHECK_FOR_REQUESTS`` (set ``req_event``,
   full barrier, look again) so the frontend keeps notifying;
-* ``xkb_punch_hole``: ``fallocate(PUNCH_HOLE | KEEP_SIZE)`` for discards.
+* ``xkb_punch_hole``: ``fallocate(PUNCH_HOLE | KEEP_SIZE)`` for discards;
+* ``xkb_serve``: reads and writes whose pages are all persistent grants,
+  checked and done with preadv/pwritev in C, without the GIL (everything
+  else is left to block.py, which applies the same checks).
 
 A ring may span up to 16 granted pages that are not contiguous in host
 memory (``ring-page-order``): entries are addressed through a page table and
@@ -61,6 +64,11 @@ int xkb_take(char **pages, unsigned nr_ents, uint32_t *req_cons, blkif_request_t
 int xkb_push(char **pages, unsigned nr_ents, uint32_t *rsp_prod_pvt, const blkif_response_t *rsps, int n);
 int xkb_final_check(char **pages, uint32_t req_cons);
 int xkb_punch_hole(int fd, uint64_t offset, uint64_t length);
+#define XKB_SLOW ...
+#define XKB_TABLE_SIZE ...
+#define XKB_MAX_INDIRECT ...
+int xkb_serve(int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table,
+              const blkif_request_t *reqs, blkif_response_t *rsps, int n, int *slow);
 """
 
 SOURCE = r"""
@@ -71,6 +79,7 @@ SOURCE = r"""
 #include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/uio.h>
 #define mb()  __sync_synchronize()
 #define rmb() __asm__ __volatile__("" ::: "memory")   /* x86: loads are not reordered with loads */
 #define wmb() __asm__ __volatile__("" ::: "memory")   /* x86: stores are not reordered with stores */
@@ -150,6 +159,88 @@ int xkb_final_check(char **pages, uint32_t req_cons)
     s->req_event = req_cons + 1;
     mb();
     return s->req_prod != req_cons;
+}
+
+#define XKB_SLOW 0x7fff          /* status: not served here, the caller serves it */
+#define XKB_MAX_INDIRECT 256     /* feature-max-indirect-segments (Linux blkback's MAX_INDIRECT_SEGMENTS) */
+#define XKB_TABLE_SIZE 65536     /* grant refs with a persistent mapping: gref -> page */
+
+/*
+ * The fast path for READ/WRITE (direct or indirect) whose pages are all
+ * persistently mapped: each request is checked as block.py checks it (1..11
+ * segments, or 1..XKB_MAX_INDIRECT for indirect ones; first_sect <= last_sect
+ * <= 7; inside the disk; no write to a read-only disk: else
+ * BLKIF_RSP_ERROR), then one preadv/pwritev over the pages.  Any other
+ * request, or one with a page (or indirect page) not in `table`, gets
+ * XKB_SLOW and its index in `slow`.  Returns how many are slow.  Called
+ * without the GIL.
+ */
+static int xkb_rw(int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table, uint8_t op,
+                  uint64_t sector, const struct blkif_request_segment *segs, unsigned nseg)
+{
+    char **table = op == BLKIF_OP_READ ? rw_table : ro_table;   /* a disk read writes the page */
+    struct iovec iov[XKB_MAX_INDIRECT];
+    uint64_t total = 0;
+    if (readonly && op == BLKIF_OP_WRITE)
+        return BLKIF_RSP_ERROR;
+    for (unsigned j = 0; j < nseg; j++) {
+        const struct blkif_request_segment *sg = &segs[j];
+        if (sg->first_sect > sg->last_sect || sg->last_sect >= XKB_PAGE / 512)
+            return BLKIF_RSP_ERROR;
+        char *page = sg->gref < XKB_TABLE_SIZE ? table[sg->gref] : NULL;
+        if (!page)
+            return XKB_SLOW;
+        iov[j].iov_base = page + sg->first_sect * 512u;
+        iov[j].iov_len = (sg->last_sect - sg->first_sect + 1u) * 512u;
+        total += iov[j].iov_len;
+    }
+    if (sector > nsectors || total / 512 > nsectors - sector)
+        return BLKIF_RSP_ERROR;
+    off_t off = (off_t)(sector * 512);
+    ssize_t done = op == BLKIF_OP_WRITE ? pwritev(fd, iov, (int)nseg, off) : preadv(fd, iov, (int)nseg, off);
+    return done == (ssize_t)total ? BLKIF_RSP_OKAY : BLKIF_RSP_ERROR;
+}
+
+static int xkb_indirect(int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table,
+                        const blkif_request_t *q)
+{
+    const struct blkif_request_indirect *r = (const struct blkif_request_indirect *)q;
+    static __thread struct blkif_request_segment segs[XKB_MAX_INDIRECT];
+    unsigned nseg = r->nr_segments, per_page = XKB_PAGE / sizeof(struct blkif_request_segment);
+    if ((r->indirect_op != BLKIF_OP_READ && r->indirect_op != BLKIF_OP_WRITE) || nseg < 1 || nseg > XKB_MAX_INDIRECT)
+        return BLKIF_RSP_ERROR;
+    for (unsigned p = 0; p * per_page < nseg; p++) {
+        grant_ref_t g = r->indirect_grefs[p];
+        char *page = g < XKB_TABLE_SIZE ? ro_table[g] : NULL;
+        if (!page)
+            return XKB_SLOW;
+        unsigned count = nseg - p * per_page < per_page ? nseg - p * per_page : per_page;
+        memcpy(&segs[p * per_page], page, count * sizeof(segs[0]));   /* a private copy: no double fetch */
+    }
+    return xkb_rw(fd, nsectors, readonly, rw_table, ro_table, r->indirect_op, r->sector_number, segs, nseg);
+}
+
+int xkb_serve(int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table,
+              const blkif_request_t *reqs, blkif_response_t *rsps, int n, int *slow)
+{
+    int nslow = 0;
+    for (int i = 0; i < n; i++) {
+        const blkif_request_t *q = &reqs[i];
+        blkif_response_t *p = &rsps[i];
+        int status = XKB_SLOW;
+        p->id = q->id;
+        p->operation = q->operation;
+        if (q->operation == BLKIF_OP_READ || q->operation == BLKIF_OP_WRITE)
+            status = q->nr_segments < 1 || q->nr_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST ? BLKIF_RSP_ERROR
+                     : xkb_rw(fd, nsectors, readonly, rw_table, ro_table, q->operation, q->sector_number,
+                              q->seg, q->nr_segments);
+        else if (q->operation == BLKIF_OP_INDIRECT)
+            status = xkb_indirect(fd, nsectors, readonly, rw_table, ro_table, q);
+        p->status = (int16_t)status;
+        if (status == XKB_SLOW)
+            slow[nslow++] = i;
+    }
+    return nslow;
 }
 
 /* Discard: deallocate the range, the file keeps its size (reads return zeros). 0 or -errno. */
