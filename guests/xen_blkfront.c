@@ -393,6 +393,8 @@ static void test_discard(struct vbd *d, struct vbd *ro)
     check(discard(ro, 0, 8) == BLKIF_RSP_EOPNOTSUPP, "blk.ro.discard_refused", "accepted");
 }
 
+static int corrupt_seg = -1;    /* hostile: this segment of the next indirect list gets last_sect 9 */
+
 /* An indirect request of `nseg` segments: half pages (sectors 0-3, 4-7) of pages[0..nseg/2). */
 static int16_t indirect(struct vbd *d, uint8_t op, uint64_t sector, unsigned nseg, unsigned ref_base,
                         grant_ref_t indirect_ref)
@@ -402,6 +404,9 @@ static int16_t indirect(struct vbd *d, uint8_t op, uint64_t sector, unsigned nse
         indirect_segs[i].first_sect = (i & 1) ? 4 : 0;
         indirect_segs[i].last_sect = (i & 1) ? 7 : 3;
     }
+    if (corrupt_seg >= 0)
+        indirect_segs[corrupt_seg].last_sect = 9;
+    corrupt_seg = -1;
     grant(REF_INDIRECT, indirect_segs, true);
     blkif_request_t *q = next_req(d, BLKIF_OP_INDIRECT, 0);
     struct blkif_request_indirect *iq = (struct blkif_request_indirect *)q;
@@ -489,21 +494,51 @@ static int16_t bad(struct vbd *d, uint8_t op, uint8_t nseg, grant_ref_t ref, uin
     return one(d, q);
 }
 
+static const char *hname(const char *tag, const char *what)
+{
+    static char name[96];
+    snprintf(name, sizeof(name), "hostile.%s%s", tag, what);
+    return name;
+}
+
+/* Malformed requests, each answered on its own; `tag` names the pass (persistent grants or not). */
+static void malformed(struct vbd *d, const char *tag)
+{
+    grant(REF_RO, rdata[1], true);
+    check(bad(d, BLKIF_OP_READ, 1, REF_RDATA(0), 0, 7, 0) == BLKIF_RSP_OKAY, hname(tag, "good_first"), "failed");
+    check(bad(d, 99, 1, REF_RDATA(0), 0, 7, 0) == BLKIF_RSP_EOPNOTSUPP, hname(tag, "unknown_op"), "failed");
+    check(bad(d, BLKIF_OP_READ, 0, REF_RDATA(0), 0, 7, 0) == BLKIF_RSP_ERROR, hname(tag, "zero_segments"), "failed");
+    check(bad(d, BLKIF_OP_READ, 12, REF_RDATA(0), 0, 0, 0) == BLKIF_RSP_ERROR, hname(tag, "twelve_segments"), "failed");
+    check(bad(d, BLKIF_OP_READ, 255, REF_RDATA(0), 0, 0, 0) == BLKIF_RSP_ERROR, hname(tag, "255_segments"), "failed");
+    check(bad(d, BLKIF_OP_READ, 1, REF_RDATA(0), 5, 3, 0) == BLKIF_RSP_ERROR, hname(tag, "first_after_last"), "failed");
+    check(bad(d, BLKIF_OP_READ, 1, REF_RDATA(0), 0, 8, 0) == BLKIF_RSP_ERROR, hname(tag, "last_sect_8"), "failed");
+    check(bad(d, BLKIF_OP_READ, 1, REF_NONE, 0, 7, 0) == BLKIF_RSP_ERROR, hname(tag, "ungranted_ref"), "failed");
+    check(bad(d, BLKIF_OP_READ, 1, 0xFFFFFFF0u, 0, 7, 0) == BLKIF_RSP_ERROR, hname(tag, "huge_ref"), "failed");
+    check(bad(d, BLKIF_OP_READ, 1, REF_RO, 0, 7, 0) == BLKIF_RSP_ERROR, hname(tag, "read_into_ro_grant"), "failed");
+    check(bad(d, BLKIF_OP_READ, 1, REF_RDATA(0), 0, 7, d->sectors) == BLKIF_RSP_ERROR, hname(tag, "past_end"), "failed");
+    check(bad(d, BLKIF_OP_READ, 1, REF_RDATA(0), 0, 7, d->sectors - 7) == BLKIF_RSP_ERROR, hname(tag, "straddles_end"),
+          "failed");
+    check(bad(d, BLKIF_OP_WRITE, 1, REF_DATA(0), 0, 7, ~0ULL - 3) == BLKIF_RSP_ERROR, hname(tag, "sector_wraps"), "failed");
+    grant(REF_DATA(0), data[0], false);
+    check(bad(d, BLKIF_OP_WRITE, 1, REF_DATA(0), 0, 0, d->sectors) == BLKIF_RSP_ERROR, hname(tag, "write_past_end"),
+          "failed");
+    check(indirect(d, BLKIF_OP_READ, 0, 0, REF_RDATA(0), REF_INDIRECT) == BLKIF_RSP_ERROR, hname(tag, "indirect_zero"),
+          "failed");
+    check(indirect(d, BLKIF_OP_READ, 0, 257, REF_RDATA(0), REF_INDIRECT) == BLKIF_RSP_ERROR, hname(tag, "indirect_257"),
+          "failed");
+    check(indirect(d, BLKIF_OP_WRITE_BARRIER, 0, 2, REF_RDATA(0), REF_INDIRECT) == BLKIF_RSP_ERROR,
+          hname(tag, "indirect_bad_op"), "failed");
+    corrupt_seg = 1;                    /* a bad segment inside the indirect page */
+    check(indirect(d, BLKIF_OP_READ, 0, 2, REF_RDATA(0), REF_INDIRECT) == BLKIF_RSP_ERROR, hname(tag, "indirect_bad_seg"),
+          "failed");
+    check(indirect(d, BLKIF_OP_READ, 8, 2, REF_RDATA(0), REF_INDIRECT) == BLKIF_RSP_OKAY, hname(tag, "indirect_good"),
+          "failed");
+    check(bad(d, BLKIF_OP_READ, 2, REF_RDATA(0), 0, 7, 0) == BLKIF_RSP_OKAY, hname(tag, "still_serving"), "failed");
+}
+
 static void hostile(struct vbd *d, struct vbd *good)
 {
-    grant(REF_RO, rdata[0], true);
-    check(bad(d, 99, 1, REF_RDATA(0), 0, 7, 0) == BLKIF_RSP_EOPNOTSUPP, "hostile.unknown_op", "failed");
-    check(bad(d, BLKIF_OP_READ, 0, REF_RDATA(0), 0, 7, 0) == BLKIF_RSP_ERROR, "hostile.zero_segments", "failed");
-    check(bad(d, BLKIF_OP_READ, 12, REF_RDATA(0), 0, 0, 0) == BLKIF_RSP_ERROR, "hostile.twelve_segments", "failed");
-    check(bad(d, BLKIF_OP_READ, 255, REF_RDATA(0), 0, 0, 0) == BLKIF_RSP_ERROR, "hostile.255_segments", "failed");
-    check(bad(d, BLKIF_OP_READ, 1, REF_RDATA(0), 5, 3, 0) == BLKIF_RSP_ERROR, "hostile.first_after_last", "failed");
-    check(bad(d, BLKIF_OP_READ, 1, REF_RDATA(0), 0, 8, 0) == BLKIF_RSP_ERROR, "hostile.last_sect_8", "failed");
-    check(bad(d, BLKIF_OP_READ, 1, REF_NONE, 0, 7, 0) == BLKIF_RSP_ERROR, "hostile.ungranted_ref", "failed");
-    check(bad(d, BLKIF_OP_READ, 1, 0xFFFFFFF0u, 0, 7, 0) == BLKIF_RSP_ERROR, "hostile.huge_ref", "failed");
-    check(bad(d, BLKIF_OP_READ, 1, REF_RO, 0, 7, 0) == BLKIF_RSP_ERROR, "hostile.read_into_ro_grant", "failed");
-    check(bad(d, BLKIF_OP_READ, 1, REF_RDATA(0), 0, 7, d->sectors) == BLKIF_RSP_ERROR, "hostile.past_end", "failed");
-    check(bad(d, BLKIF_OP_WRITE, 1, REF_DATA(0), 0, 7, ~0ULL - 3) == BLKIF_RSP_ERROR, "hostile.sector_wraps", "failed");
-    check(bad(d, BLKIF_OP_READ, 2, REF_RDATA(0), 0, 7, 0) == BLKIF_RSP_OKAY, "hostile.still_serving", "failed");
+    malformed(d, "");
     for (unsigned i = 0; i < 2000; i++)
         xen_evtchn_send(d->port);
     pass("hostile.kick_flood_sent");
@@ -529,8 +564,11 @@ static void hostile(struct vbd *d, struct vbd *good)
     check(wait_state(d, XenbusStateClosed), "hostile.closed_after_refusal", "failed");
     set_state(d, XenbusStateInitialising);
     check(wait_state(d, XenbusStateInitWait), "hostile.initwait_again", "failed");
+    connect_persistent = true;
     check(connect(0, 1, false), "hostile.reconnect", "failed");
     test_rw(d, 1, "attacked_disk_after_reconnect");
+    malformed(d, "persistent.");        /* the same through the C fast path: pages are kept now */
+    check(gnt[REF_RDATA(0)].flags & GTF_writing, "hostile.persistent.kept", "flags %#x", gnt[REF_RDATA(0)].flags);
 }
 
 /* ---- hot-plug: the host attaches xvdb while we run, then unplugs it ------------------ */

@@ -100,6 +100,8 @@ def test_hostile_frontend_and_a_good_disk(tmp_path, kernel):
     assert "Traceback" not in r.stderr
     assert sectors(a, 8, 96) == pattern(8, 96, 1)
     assert sectors(a, 0, 8) == bytes(4096)                    # refused requests wrote nothing
+    assert a.stat().st_size == SECTORS * 512                  # nor past the end
+    assert "PASS hostile.persistent.write_past_end" in r.stdout and "PASS hostile.persistent.kept" in r.stdout
     assert sectors(b, 8, 96) == pattern(8, 96, 2) and b.stat().st_size == SECTORS * 512
 
 
