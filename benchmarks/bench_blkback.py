@@ -4,7 +4,11 @@ One run, side by side, on the same 64 MiB image in the same directory:
 
 * **backend**: guests/xen_blkfront.c (``xk.blk_bench``) keeps a two-page ring
   (64 requests) full of sequential 4 KiB (one segment) and 64 KiB (indirect,
-  16 segments) writes and reads, one kick per batch, persistent grants.  Two
+  16 segments) writes and reads, one kick per batch, three ways:
+  *persistent* (feature-persistent: the C fast path), *map* (no persistent
+  grants: each page mapped for its request, preadv/pwritev on the mappings)
+  and *copy* (no persistent grants: the grant copy API through one
+  preallocated buffer, as QEMU's xen-block does).  Two
   figures per row: *busy* is the backend's own time (its worker serving
   kicks: ring copy-out, checks, grant lookups, preadv/pwritev, responses,
   notify), i.e. the ceiling of the backend itself; *wall* is what the guest
@@ -71,9 +75,12 @@ class Marks:
             self._cur = None
 
 
-def run_backend(image: Path, reqs: int) -> list[dict]:
+def run_backend(image: Path, reqs: int, mode: str) -> list[dict]:
+    """One guest run; ``mode``: persistent (C fast path), map or copy (per-request grants, Python)."""
     kernel = ROOT / "guests" / "out" / "xen_blkfront.elf"
-    cfg = GuestConfig(name="bench-blkback", kernel=kernel, cmdline=f"xk.trap=page xk.blk_bench xk.blk_bench_reqs={reqs}",
+    extra = "" if mode == "persistent" else " xk.blk_bench_nopersist"
+    cfg = GuestConfig(name="bench-blkback", kernel=kernel,
+                      cmdline=f"xk.trap=page xk.blk_bench xk.blk_bench_reqs={reqs}{extra}",
                       memory=64 << 20, vcpus=1, console="none", xen=XenConfig(),
                       disks=(parse_disk(f"vdev=xvda, target={image}", image.parent),))
     marks = Marks()
@@ -81,6 +88,7 @@ def run_backend(image: Path, reqs: int) -> list[dict]:
     sink.add_listener(marks.feed)
     m = Machine(cfg, sink=sink)
     marks.device = m.xen.devices.find("xvda").device
+    marks.device.grant_copy = mode == "copy"
     try:
         result = m.run()
     finally:
@@ -128,20 +136,22 @@ def main() -> int:
             for _ in range(IMAGE_MIB):
                 f.write(bytes(1 << 20))
         os.environ.setdefault("XENSTORED_PATH", str(Path(tmp) / "xs.sock"))
-        rows = run_backend(image, args.reqs)
-        print(f"{'row':<12} {'backend busy':>24} {'guest wall':>22} {'python floor':>24} {'dd floor':>10} "
+        runs = {mode: run_backend(image, args.reqs, mode) for mode in ("persistent", "map", "copy")}
+        print(f"{'row':<24} {'backend busy':>24} {'guest wall':>22} {'python floor':>24} {'dd floor':>10} "
               f"{'busy/floor':>10}")
-        for r in rows:
-            n, size = r["count"], r["kib"] << 10
-            py = python_floor(image, r["op"], r["kib"], n)
-            dd_t, dd_n = dd_floor(image, r["op"], r["kib"], n)
+        for i, first in enumerate(runs["persistent"]):
+            n, size = first["count"], first["kib"] << 10
+            py = python_floor(image, first["op"], first["kib"], n)
+            dd_t, dd_n = dd_floor(image, first["op"], first["kib"], n)
             mb = lambda secs, cnt=n: cnt * size / secs / 1e6  # noqa: E731
-            print(f"{r['op'] + ' ' + str(r['kib']) + 'K':<12} "
-                  f"{n / r['busy']:>9.0f} req/s {mb(r['busy']):>7.1f} MB/s "
-                  f"{n / r['wall']:>7.0f} req/s {mb(r['wall']):>6.1f} MB/s "
-                  f"{n / py:>9.0f} req/s {mb(py):>7.1f} MB/s {mb(dd_t, dd_n):>5.0f} MB/s "
-                  f"{py / r['busy']:>9.2f}x")
-            assert r["served"] == n, f"backend served {r['served']} of {n}"
+            for mode, rows in runs.items():
+                r = rows[i]
+                assert r["served"] == n, f"backend served {r['served']} of {n}"
+                print(f"{r['op'] + ' ' + str(r['kib']) + 'K ' + mode:<24} "
+                      f"{n / r['busy']:>9.0f} req/s {mb(r['busy']):>7.1f} MB/s "
+                      f"{n / r['wall']:>7.0f} req/s {mb(r['wall']):>6.1f} MB/s "
+                      f"{n / py:>9.0f} req/s {mb(py):>7.1f} MB/s {mb(dd_t, dd_n):>5.0f} MB/s "
+                      f"{py / r['busy']:>9.2f}x")
     return 0
 
 

@@ -26,7 +26,8 @@
  * online = 0, the guest closes, both nodes disappear, xvda keeps working.
  *
  * xk.blk_bench (benchmarks/bench_blkback.py): xk.blk_bench_reqs sequential
- * 4 KiB and 64 KiB (indirect) writes and reads, ring-full batches.
+ * 4 KiB and 64 KiB (indirect) writes and reads, ring-full batches, with
+ * persistent grants unless xk.blk_bench_nopersist.
  *
  * Pattern (the host test computes the same): byte i of 512-byte sector s is
  * (uint8_t)(s * 31 + i * 7 + seed), seed 1 on disk 0 and 2 on disk 1.
@@ -670,7 +671,7 @@ static void bench(void)
         indirect_segs[i].last_sect = 7;
     }
     grant(REF_INDIRECT, indirect_segs, true);
-    connect_persistent = true;
+    connect_persistent = !xk_cmdline_has("xk.blk_bench_nopersist");
     if (!check(connect(0, 2, false), "bench.connected", "handshake failed"))
         return;
     unsigned n = bench_reqs();

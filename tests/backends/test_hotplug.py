@@ -124,3 +124,23 @@ def test_attach_detach_errors_are_one_line(built, tmp_path):
     assert devices.detach("xvda").wait(10)          # never connected: removed at once
     assert m.xen.store.core.read_path("/local/domain/0/backend/vbd/1/51712") is None
     assert devices.attach(parse_disk(f"vdev=xvda, target={a}", tmp_path)).state == XenbusState.INIT_WAIT
+
+
+@pytest.mark.kvm
+def test_grant_copy_variant_serves_the_blkfront_guest(kernel, tmp_path):
+    """The grant-copy I/O path (measured against mapping in bench_blkback) passes the same guest checks."""
+    m, out, a, b = machine(kernel, tmp_path)
+    m.xen.devices.attach(parse_disk(f"{b},raw,xvdb,ro", tmp_path))
+    for vdev in ("xvda", "xvdb"):
+        m.xen.devices.find(vdev).device.grant_copy = True
+    try:
+        result = m.run()
+    finally:
+        m.close()
+    text = b"".join(out).decode(errors="replace")
+    assert result.status is ExitStatus.POWEROFF, f"{result.message}\n{text[-3000:]}"
+    assert not re.findall(r"^FAIL.*$", text, re.M), text[-3000:]
+    assert "PASS blk.xvda.read_back" in text and "PASS blk.indirect_rw" in text and "PASS blk.ro.read" in text
+    with open(a, "rb") as f:
+        f.seek(8 * 512)
+        assert f.read(96 * 512) == pattern(8, 96, 1)
