@@ -25,6 +25,9 @@
  * the guest connects and reads it, then the host unplugs it: Closing with
  * online = 0, the guest closes, both nodes disappear, xvda keeps working.
  *
+ * xk.blk_durable: write 64 sectors at 4096 (seed 3), flush, print
+ * BLK-FLUSHED, wait: the host kills the VMM and finds the data in the image.
+ *
  * xk.blk_bench (benchmarks/bench_blkback.py): xk.blk_bench_reqs sequential
  * 4 KiB and 64 KiB (indirect) writes and reads, ring-full batches, with
  * persistent grants unless xk.blk_bench_nopersist.
@@ -681,6 +684,26 @@ static void bench(void)
     check(bench_run(&disks[0], BLKIF_OP_READ, 16, n), "bench.read_64k", "failed");
 }
 
+/* ---- durability: write, flush, tell the host, then wait to be killed -------------------- */
+static void durable(struct vbd *d)
+{
+    if (!check(connect(0, 1, false), "durable.connected", "handshake failed"))
+        return;
+    for (unsigned i = 0; i < 8; i++) {
+        fill(data[i], 4096 + i * 8, 8, 3);
+        grant(REF_DATA(i), data[i], true);
+    }
+    blkif_request_t *q = next_req(d, BLKIF_OP_WRITE, 4096);
+    for (unsigned i = 0; i < 8; i++)
+        seg(q, REF_DATA(i), 0, 7);
+    int16_t w = one(d, q);
+    q = next_req(d, BLKIF_OP_FLUSH_DISKCACHE, 0);
+    int16_t f = one(d, q);
+    if (check(w == BLKIF_RSP_OKAY && f == BLKIF_RSP_OKAY, "durable.written_and_flushed", "status %d %d", w, f))
+        puts("BLK-FLUSHED");
+    xen_delay_ns(120 * SEC);   /* the host kills us meanwhile */
+}
+
 int main(const struct hvm_start_info *si)
 {
     (void)si;
@@ -694,6 +717,11 @@ int main(const struct hvm_start_info *si)
     if (!check(xen_add_to_physmap(XENMAPSPACE_grant_table, 0, GRANT_GPFN) == 0, "blk.grant_frame", "failed"))
         return 1;
     bool hostile_mode = xk_cmdline_has("xk.blk_hostile");
+    if (xk_cmdline_has("xk.blk_durable")) {
+        if (check(find_disks() && ndisks >= 1, "blk.found_vbd", "%u", ndisks))
+            durable(&disks[0]);
+        return 0;
+    }
     if (xk_cmdline_has("xk.blk_bench")) {
         if (check(find_disks() && ndisks >= 1, "blk.found_vbd", "%u", ndisks))
             bench();

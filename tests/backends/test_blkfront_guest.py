@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,28 @@ def test_bad_disk_spec_is_one_line(tmp_path, kernel):
     r = run(tmp_path, kernel, "xk.trap=page", [f"vdev=xvda, acess=rw, target={a}"])
     assert r.returncode != 0 and "unknown key 'acess'" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
+def test_flushed_writes_survive_the_vmm_being_killed(tmp_path, kernel, sig):
+    """A write acknowledged, then a flush acknowledged: the data is in the image however the VMM ends."""
+    a, _ = images(tmp_path)
+    y = tmp_path / "guest.yaml"
+    y.write_text(f'kernel: {kernel}\ncmdline: "xk.trap=page xk.blk_durable"\nmemory: 64M\n'
+                 f'xen:\n  domid: 1\ndisks: ["vdev=xvda, target={a}"]\n')
+    p = subprocess.Popen([sys.executable, "-m", "xenkvm", "run", str(y)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, errors="replace")
+    seen = []
+    try:
+        for line in p.stdout:
+            seen.append(line)
+            if line.startswith("BLK-FLUSHED") or line.startswith("SUMMARY"):
+                break
+        assert any(line.startswith("BLK-FLUSHED") for line in seen), "".join(seen)
+        p.send_signal(sig)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert sectors(a, 4096, 64) == pattern(4096, 64, 3)
