@@ -11,7 +11,8 @@
  * offered on the read-only disk); then resets the frontend (Closing,
  * Closed, Initialising), reconnects with a two-page ring and reads the data
  * back with persistent grants (the page stays mapped).  Indirect requests
- * (16 segments) are written and read back.  The host checks the image file
+ * (16 segments) are written and read back.  Then two queues
+ * (multi-queue-num-queues): a write on queue 1 is read back on queue 0.  The host checks the image file
  * afterwards.
  *
  * xk.blk_hostile: disk 0 is attacked (unknown op, zero and twelve segments,
@@ -66,6 +67,9 @@ struct vbd {
     blkif_front_ring_t ring;
     unsigned ring_pages;
     grant_ref_t ring_ref[2];
+    blkif_front_ring_t qring[2];    /* multi-queue: the queues; `ring`/`port` are the one in use */
+    evtchn_port_t qport[2];
+    unsigned cur;
 };
 static struct vbd disks[NDISK];
 static unsigned ndisks;
@@ -460,6 +464,68 @@ static void test_readonly(struct vbd *d)
     check(st == BLKIF_RSP_OKAY && same(rdata[0], 0, 8, 2), "blk.ro.read", "status %d", st);
 }
 
+static void use_queue(struct vbd *d, unsigned q)
+{
+    d->qring[d->cur] = d->ring;
+    d->qport[d->cur] = d->port;
+    d->ring = d->qring[q];
+    d->port = d->qport[q];
+    d->cur = q;
+}
+
+/* Two queues (multi-queue-num-queues = 2): queue-N/ring-ref and queue-N/event-channel each. */
+static bool connect_mq(unsigned idx)
+{
+    struct vbd *d = &disks[idx];
+    char key[64];
+    memset(ring_pages[idx], 0, sizeof(ring_pages[idx]));
+    d->qport[0] = d->port;
+    if (xen_evtchn_alloc_unbound(0, &d->qport[1]))
+        return false;
+    for (unsigned q = 0; q < 2; q++) {
+        blkif_sring_t *s = (blkif_sring_t *)ring_pages[idx][q];
+        SHARED_RING_INIT(s);
+        FRONT_RING_INIT(&d->qring[q], s, XEN_PAGE);
+        grant(REF_RING(idx, q), ring_pages[idx][q], false);
+        snprintf(key, sizeof(key), "queue-%u/ring-ref", q);
+        xs_writef(d->fe, key, "%lu", REF_RING(idx, q));
+        snprintf(key, sizeof(key), "queue-%u/event-channel", q);
+        xs_writef(d->fe, key, "%lu", d->qport[q]);
+    }
+    xs_writef(d->fe, "multi-queue-num-queues", "%lu", 2);
+    d->ring = d->qring[0];
+    d->port = d->qport[0];
+    d->cur = 0;
+    set_state(d, XenbusStateInitialised);
+    if (!wait_state(d, XenbusStateConnected))
+        return false;
+    set_state(d, XenbusStateConnected);
+    return true;
+}
+
+static void test_multiqueue(struct vbd *d)
+{
+    check(read_num(d->be, "multi-queue-max-queues") >= 2, "blk.feature_multiqueue", "%ld",
+          read_num(d->be, "multi-queue-max-queues"));
+    if (!check(reset(0) && connect_mq(0), "blk.multiqueue_connected", "%s", d->be))
+        return;
+    uint32_t events = xen_ports[d->qport[1]].count;
+    use_queue(d, 1);
+    fill(data[5], 3000, 8, 1);
+    blkif_request_t *q = next_req(d, BLKIF_OP_WRITE, 3000);
+    seg(q, REF_DATA(5), 0, 7);
+    int16_t w = one(d, q);
+    use_queue(d, 0);
+    memset(rdata[5], 0, XEN_PAGE);
+    q = next_req(d, BLKIF_OP_READ, 3000);
+    seg(q, REF_RDATA(5), 0, 7);
+    int16_t rd = one(d, q);
+    check(w == BLKIF_RSP_OKAY && rd == BLKIF_RSP_OKAY && same(rdata[5], 3000, 8, 1), "blk.multiqueue_rw",
+          "status %d %d", w, rd);
+    check(xen_wait_port(d->qport[1], events + 1, SEC), "blk.multiqueue_second_port_notified", "no event on %u",
+          d->qport[1]);
+}
+
 static void test_reconnect(struct vbd *d)
 {
     check(!(gnt[REF_RDATA(0)].flags & (GTF_reading | GTF_writing)), "blk.grants_released", "flags %#x",
@@ -750,6 +816,7 @@ int main(const struct hvm_start_info *si)
         test_discard(&disks[0], &disks[1]);
         test_indirect(&disks[0]);
         test_reconnect(&disks[0]);
+        test_multiqueue(&disks[0]);
     }
     check(xen_ports[disks[0].port].count > 0, "blk.notified", "no event on port %u", disks[0].port);
     return 0;

@@ -81,7 +81,9 @@ def test_blkfront_reads_writes_flushes(tmp_path, kernel):
     assert sectors(a, 1024, 8) == bytes(4096) and sectors(a, 1032, 8) == pattern(1032, 8, 1)   # the discard
     assert "PASS blk.discard" in r.stdout
     assert sectors(a, 2048, 64) == pattern(2048, 64, 1)       # the 16-segment indirect write
-    for name in ("blk.indirect_rw", "blk.indirect_bad_page", "blk.persistent_grant_kept", "blk.grants_released"):
+    assert sectors(a, 3000, 8) == pattern(3000, 8, 1)         # written through the second queue
+    for name in ("blk.indirect_rw", "blk.indirect_bad_page", "blk.persistent_grant_kept", "blk.grants_released",
+                 "blk.multiqueue_rw", "blk.multiqueue_second_port_notified"):
         assert f"PASS {name}" in r.stdout
     assert a.stat().st_size == SECTORS * 512                  # nothing written past the end
     assert b.read_bytes() == pattern(0, SECTORS, 2)           # the read-only disk is untouched

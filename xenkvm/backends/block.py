@@ -3,9 +3,12 @@
 Keys follow Linux's xen-blkback and xen-blkfront (io/blkif.h): the backend
 publishes ``sectors`` (512-byte units), ``sector-size``,
 ``physical-sector-size``, ``info`` (VDISK_* flags), ``mode``, ``device-type``,
-``feature-flush-cache``, ``feature-barrier`` and ``max-ring-page-order``; the
-frontend answers with ``ring-ref`` (or ``ring-page-order`` + ``ring-refN``),
-``event-channel`` and ``protocol``.
+``feature-flush-cache``, ``feature-barrier``, ``feature-discard``,
+``feature-persistent``, ``feature-max-indirect-segments``,
+``max-ring-page-order`` and ``multi-queue-max-queues``; the frontend answers
+with ``ring-ref`` (or ``ring-page-order`` + ``ring-refN``), ``event-channel``
+and ``protocol``, per queue under ``queue-N/`` when it uses several
+(blkring.py maps and binds them).
 
 I/O runs on the device's worker thread (xenbus.py), batched per kick: every
 request between ``req_cons`` and ``req_prod`` is copied out of the ring at
@@ -25,99 +28,26 @@ frontend reconnects.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
-import stat
-import struct
 import time
 
 from xenkvm.diskspec import DiskSpec
-from xenkvm.xen.evtchn import EvtchnError
 from xenkvm.xen.gnttab import GrantError
 
 from ._blkif_cffi import ffi, lib
-from .grants import SegmentMapper
-from .xenbus import ConnectError, XenbusDevice
+from .blkring import MAX_QUEUES, MAX_RING_PAGE_ORDER, PAGE, SECTOR, BlkifRing, Disk, open_rings
+from .xenbus import XenbusDevice
 
 log = logging.getLogger(__name__)
 
-SECTOR = 512                         #: blkif sector numbers are always 512-byte units
-PAGE = 4096
-MAX_RING_PAGE_ORDER = 4              #: XENBUS_MAX_RING_GRANT_ORDER
-_BLKGETSIZE64, _BLKSSZGET, _BLKPBSZGET = 0x80081272, 0x1268, 0x127B
 OKAY, ERROR, EOPNOTSUPP = lib.BLKIF_RSP_OKAY, lib.BLKIF_RSP_ERROR, lib.BLKIF_RSP_EOPNOTSUPP
 OP_READ, OP_WRITE, OP_BARRIER, OP_FLUSH = (lib.BLKIF_OP_READ, lib.BLKIF_OP_WRITE,
                                            lib.BLKIF_OP_WRITE_BARRIER, lib.BLKIF_OP_FLUSH_DISKCACHE)
 OP_DISCARD, OP_INDIRECT = lib.BLKIF_OP_DISCARD, lib.BLKIF_OP_INDIRECT
 MAX_INDIRECT_SEGS = lib.XKB_MAX_INDIRECT   #: feature-max-indirect-segments (Linux blkback's 256)
 SEGS_PER_INDIRECT_PAGE = PAGE // ffi.sizeof("struct blkif_request_segment")
-_BLKDISCARD = 0x1277
 MAX_SEGS = lib.BLKIF_MAX_SEGMENTS_PER_REQUEST
-
-
-def _ioctl_int(fd: int, req: int, fmt: str) -> int:
-    buf = bytearray(struct.calcsize(fmt))
-    fcntl.ioctl(fd, req, buf)
-    return struct.unpack(fmt, buf)[0]
-
-
-class Disk:
-    """The host side: an open file or block device and its geometry."""
-
-    def __init__(self, spec: DiskSpec):
-        flags = (os.O_RDONLY if spec.readonly else os.O_RDWR) | os.O_CLOEXEC
-        self.fd = os.open(spec.target, flags)
-        st = os.fstat(self.fd)
-        if stat.S_ISBLK(st.st_mode):
-            self.size = _ioctl_int(self.fd, _BLKGETSIZE64, "Q")
-            self.sector_size = _ioctl_int(self.fd, _BLKSSZGET, "i")
-            self.physical_sector_size = _ioctl_int(self.fd, _BLKPBSZGET, "I")
-        else:
-            self.size = st.st_size
-            self.sector_size = SECTOR
-            self.physical_sector_size = max(SECTOR, st.st_blksize if st.st_blksize <= 65536 else PAGE)
-        self.sectors = self.size // SECTOR
-        self.is_block = stat.S_ISBLK(st.st_mode)
-
-    def discard(self, offset: int, length: int) -> None:
-        """Deallocate a byte range: a hole in a file, BLKDISCARD on a block device (OSError on failure)."""
-        if self.is_block:
-            fcntl.ioctl(self.fd, _BLKDISCARD, struct.pack("QQ", offset, length))
-            return
-        rc = lib.xkb_punch_hole(self.fd, offset, length)
-        if rc < 0:
-            raise OSError(-rc, os.strerror(-rc))
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-class BlkifRing:
-    """The back end of one blkif ring mapped from granted pages."""
-
-    def __init__(self, mappings: list, port: int, segments: SegmentMapper):
-        self.mappings = mappings
-        self.port = port
-        self.segments = segments
-        self._bufs = [ffi.from_buffer(m.view) for m in mappings]
-        self.pages = ffi.new("char *[]", self._bufs)
-        self.nr_ents = lib.xkb_ring_size(len(mappings))
-        self.req_cons = ffi.new("uint32_t *")
-        self.rsp_prod = ffi.new("uint32_t *")
-        self.reqs = ffi.new("blkif_request_t[]", self.nr_ents)
-        self.rsps = ffi.new("blkif_response_t[]", self.nr_ents)
-        self.slow = ffi.new("int[]", self.nr_ents)
-        self.broken = False
-
-    def unmap(self) -> None:
-        self.segments.clear()
-        self._bufs.clear()
-        for m in self.mappings:
-            m.unmap()
-        self.mappings = []
 
 
 class BlockDevice(XenbusDevice):
@@ -129,7 +59,8 @@ class BlockDevice(XenbusDevice):
         super().__init__(spec.devid, spec.vdev)
         self.spec = spec
         self.disk = Disk(spec)
-        self.ring: BlkifRing | None = None
+        self.rings: list[BlkifRing] = []
+        self.ring: BlkifRing | None = None      #: the ring being served (its grants serve the Python path)
         self.stats = {"requests": 0, "errors": 0, "kicks": 0, "busy_ns": 0}
         #: without persistent grants, copy through one buffer instead of mapping each page
         #: (the alternative benchmarks/bench_blkback.py measures; mapping is the default, it is faster)
@@ -153,7 +84,8 @@ class BlockDevice(XenbusDevice):
                 "physical-sector-size": str(d.physical_sector_size), "info": str(info),
                 "feature-flush-cache": "1", "feature-barrier": "1", "feature-persistent": "1",
                 "feature-max-indirect-segments": str(MAX_INDIRECT_SEGS),
-                "max-ring-page-order": str(MAX_RING_PAGE_ORDER), **self._discard_keys()}
+                "max-ring-page-order": str(MAX_RING_PAGE_ORDER), "multi-queue-max-queues": str(MAX_QUEUES),
+                **self._discard_keys()}
 
     def _discard_keys(self) -> dict[str, str]:
         """feature-discard with the granularity holes are punched in (blkif.h ``discard-*``)."""
@@ -163,33 +95,16 @@ class BlockDevice(XenbusDevice):
                 "discard-alignment": "0", "discard-secure": "0"}
 
     def connect(self, frontend: dict[str, str]) -> None:
-        refs = _ring_refs(frontend)
-        protocol = frontend.get("protocol", "x86_64-abi") or "x86_64-abi"
-        if protocol != "x86_64-abi":
-            raise ConnectError(f"protocol {protocol[:32]!r} not supported (x86_64-abi only)")
-        port = _number(frontend, "event-channel", 1 << 17)
-        dom = self.domain
-        try:
-            mappings = dom.gnttab.map_refs(dom.domid, refs, True)
-        except GrantError as e:
-            raise ConnectError(f"ring-ref {refs}: {e}") from None
-        try:
-            dom.evtchn.bind_vmm_to_guest_port(port, self.backend.kick)
-        except EvtchnError as e:
-            for m in mappings:
-                m.unmap()
-            raise ConnectError(f"event-channel {port}: {e}") from None
-        persistent = frontend.get("feature-persistent", "0").strip() == "1"
-        self.ring = BlkifRing(mappings, port, SegmentMapper(dom.gnttab, dom.domid, persistent))
-        log.info("%s: connected, %d-page ring (%d entries), port %d%s", self.backend.label,
-                 len(refs), self.ring.nr_ents, port, ", persistent grants" if persistent else "")
+        self.rings = open_rings(self.domain, frontend, self.backend.kick)
+        r = self.rings[0]
+        log.info("%s: connected, %d queue(s) of %d-page rings (%d entries), port %d%s", self.backend.label,
+                 len(self.rings), len(r.mappings), r.nr_ents, r.port,
+                 ", persistent grants" if r.segments.persistent else "")
 
     def disconnect(self) -> None:
-        ring, self.ring = self.ring, None
-        if ring is None:
-            return
-        self.domain.evtchn.close_vmm_port(ring.port)
-        ring.unmap()
+        rings, self.rings, self.ring = self.rings, [], None
+        for ring in rings:
+            ring.close(self.domain)
 
     def close(self) -> None:
         self.disconnect()
@@ -197,14 +112,18 @@ class BlockDevice(XenbusDevice):
 
     # -- the ring ------------------------------------------------------------------------------
     def service(self) -> None:
-        """Serve every request on the ring, one batch per pass, until it is empty and re-armed."""
-        ring = self.ring
-        if ring is None or ring.broken:
-            return
+        """Serve every queue, one batch per pass, until each is empty and re-armed.
+
+        Kicks of all queues are coalesced on the device's worker; an idle queue
+        costs one look at its ``req_prod``.
+        """
         self.stats["kicks"] += 1
         start = time.perf_counter_ns()
         try:
-            self._drain(ring)
+            for ring in self.rings:
+                if not ring.broken:
+                    self.ring = ring
+                    self._drain(ring)
         finally:
             self.stats["busy_ns"] += time.perf_counter_ns() - start
 
@@ -364,24 +283,3 @@ class BlockDevice(XenbusDevice):
         except OSError as e:
             log.warning("%s: I/O at sector %d: %s", self.backend.label, sector, e.strerror)
             return ERROR
-
-
-def _number(keys: dict[str, str], name: str, limit: int) -> int:
-    raw = keys.get(name)
-    if raw is None:
-        raise ConnectError(f"no {name}")
-    try:
-        value = int(raw.strip(), 10)
-    except ValueError:
-        raise ConnectError(f"{name} {raw[:32]!r} is not a number") from None
-    if not 0 <= value < limit:
-        raise ConnectError(f"{name} {value} out of range")
-    return value
-
-
-def _ring_refs(keys: dict[str, str]) -> list[int]:
-    """``ring-ref``, or ``ring-page-order`` (at most our max-ring-page-order) + ``ring-ref0..N-1``."""
-    if "ring-page-order" not in keys:
-        return [_number(keys, "ring-ref", 1 << 32)]
-    order = _number(keys, "ring-page-order", MAX_RING_PAGE_ORDER + 1)
-    return [_number(keys, f"ring-ref{i}", 1 << 32) for i in range(1 << order)]

@@ -220,7 +220,7 @@ class XenbusBackend:
 
     def _connect(self) -> None:
         self._disconnect()   # idempotent: a frontend may connect twice in a row
-        keys = {k: (self.xs.read(f"{self.fe_path}/{k}") or "") for k in self.xs.directory(self.fe_path)}
+        keys = self._frontend_keys()
         try:
             self.device.connect(keys)
         except ConnectError as e:
@@ -233,6 +233,15 @@ class XenbusBackend:
         self.xs.rm(f"{self.be_path}/error")
         self._switch(XenbusState.CONNECTED)
         self.kick()   # requests queued before we connected
+
+    def _frontend_keys(self) -> dict[str, str]:
+        """The frontend node's keys, and one level below (``queue-N/ring-ref``), as a flat dict."""
+        keys: dict[str, str] = {}
+        for k in self.xs.directory(self.fe_path):
+            keys[k] = self.xs.read(f"{self.fe_path}/{k}") or ""
+            for sub in self.xs.directory(f"{self.fe_path}/{k}"):
+                keys[f"{k}/{sub}"] = self.xs.read(f"{self.fe_path}/{k}/{sub}") or ""
+        return keys
 
     def _disconnect(self) -> None:
         if self.connected:
