@@ -122,9 +122,10 @@ class VmmXsClient:
 
     def watch(self, path: str, fn: WatchFn) -> str:
         """WATCH ``path``; ``fn(path, token)`` runs for the initial event and each change."""
-        self._next_token += 1
-        token = f"xenkvm-backend-{self._next_token}"
-        self._watches[token] = fn
+        with self.core.lock:      # one client serves every device's worker
+            self._next_token += 1
+            token = f"xenkvm-backend-{self._next_token}"
+            self._watches[token] = fn
         self.call(XsType.WATCH, _arg(path) + _arg(token))
         return token
 
