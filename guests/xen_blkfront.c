@@ -666,6 +666,7 @@ static void hotplug(void)
     if (!check(ndisks == 2, "hotplug.appeared", "%u vbds", ndisks))
         return;
     test_keys(&disks[1], false);
+    connect_persistent = true;
     check(connect(1, 1, false), "hotplug.connected", "%s", disks[1].be);
     memset(rdata[0], 0, XEN_PAGE);
     grant(REF_RDATA(0), rdata[0], false);
@@ -682,6 +683,11 @@ static void hotplug(void)
     check(wait_value(path, NULL, 20 * SEC), "hotplug.frontend_node_removed", "%s still there", disks[1].fe);
     snprintf(path, sizeof(path), "%s/state", disks[1].be);
     check(xs_read(0, path, &r) != 0, "hotplug.backend_node_removed", "%s still there", disks[1].be);
+    uint16_t busy = (gnt[REF_RING(1, 0)].flags | gnt[REF_RDATA(0)].flags) & (GTF_reading | GTF_writing);
+    check(!busy, "hotplug.grants_unmapped", "ring/persistent page flags %#x", busy);
+    struct evtchn_status es = { .dom = DOMID_SELF, .port = disks[1].port };
+    long rc = HYPERVISOR_event_channel_op(EVTCHNOP_status, &es);
+    check(rc == 0 && es.status == EVTCHNSTAT_unbound, "hotplug.evtchn_closed", "rc %ld status %u", rc, es.status);
     test_rw(&disks[0], 1, "xvda_after_unplug");
 }
 

@@ -83,7 +83,8 @@ def test_hotplug_and_unplug_while_the_guest_runs(kernel, tmp_path):
     assert result.status is ExitStatus.POWEROFF, f"{result.message}\n{text[-3000:]}"
     assert not re.findall(r"^FAIL.*$", text, re.M), text[-3000:]
     for name in ("hotplug.read", "hotplug.unplug_requested", "hotplug.offline", "hotplug.frontend_node_removed",
-                 "hotplug.backend_node_removed", "blk.xvda_after_unplug.read_back"):
+                 "hotplug.backend_node_removed", "hotplug.grants_unmapped", "hotplug.evtchn_closed",
+                 "blk.xvda_after_unplug.read_back"):
         assert f"PASS {name}" in text, text[-3000:]
     assert steps == ["attached", "removed"]
     assert ("vbd", 51728) not in {k for k, v in m.xen.devices.backends.items() if not v.removed.is_set()}
