@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,3 +139,19 @@ def test_flushed_writes_survive_the_vmm_being_killed(tmp_path, kernel, sig):
             p.kill()
             p.wait()
     assert sectors(a, 4096, 64) == pattern(4096, 64, 3)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("losetup"), reason="needs root and losetup for a loop device")
+def test_block_device_target(tmp_path, kernel):
+    """A host block device (a loop device over a file): geometry from its ioctls, BLKDISCARD for discards."""
+    a, b = images(tmp_path)
+    try:
+        loop = subprocess.run(["losetup", "-f", "--show", str(a)], capture_output=True, text=True, check=True).stdout.strip()
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"no loop device: {e.stderr.strip()}")
+    try:
+        r = run(tmp_path, kernel, "xk.trap=page", [f"phy:{loop},xvda,w", f"{b},raw,xvdb,ro"])
+        assert assert_passed(r) >= 30
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+    assert sectors(a, 8, 96) == pattern(8, 96, 1) and sectors(a, 1024, 8) == bytes(4096)
