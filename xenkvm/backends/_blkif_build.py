@@ -67,7 +67,7 @@ int xkb_punch_hole(int fd, uint64_t offset, uint64_t length);
 #define XKB_SLOW ...
 #define XKB_TABLE_SIZE ...
 #define XKB_MAX_INDIRECT ...
-int xkb_serve(int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table,
+int xkb_serve(int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table, uint32_t table_size,
               const blkif_request_t *reqs, blkif_response_t *rsps, int n, int *slow);
 """
 
@@ -163,7 +163,7 @@ int xkb_final_check(char **pages, uint32_t req_cons)
 
 #define XKB_SLOW 0x7fff          /* status: not served here, the caller serves it */
 #define XKB_MAX_INDIRECT 256     /* feature-max-indirect-segments (Linux blkback's MAX_INDIRECT_SEGMENTS) */
-#define XKB_TABLE_SIZE 65536     /* grant refs with a persistent mapping: gref -> page */
+#define XKB_TABLE_SIZE 65536     /* the largest gref -> page table (refs beyond: the slow path) */
 
 /*
  * The fast path for READ/WRITE (direct or indirect) whose pages are all
@@ -175,8 +175,8 @@ int xkb_final_check(char **pages, uint32_t req_cons)
  * XKB_SLOW and its index in `slow`.  Returns how many are slow.  Called
  * without the GIL.
  */
-static int xkb_rw(int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table, uint8_t op,
-                  uint64_t sector, const struct blkif_request_segment *segs, unsigned nseg)
+static int xkb_rw(int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table, uint32_t table_size,
+                  uint8_t op, uint64_t sector, const struct blkif_request_segment *segs, unsigned nseg)
 {
     char **table = op == BLKIF_OP_READ ? rw_table : ro_table;   /* a disk read writes the page */
     struct iovec iov[XKB_MAX_INDIRECT];
@@ -187,7 +187,7 @@ static int xkb_rw(int fd, uint64_t nsectors, int readonly, char **rw_table, char
         const struct blkif_request_segment *sg = &segs[j];
         if (sg->first_sect > sg->last_sect || sg->last_sect >= XKB_PAGE / 512)
             return BLKIF_RSP_ERROR;
-        char *page = sg->gref < XKB_TABLE_SIZE ? table[sg->gref] : NULL;
+        char *page = sg->gref < table_size ? table[sg->gref] : NULL;
         if (!page)
             return XKB_SLOW;
         iov[j].iov_base = page + sg->first_sect * 512u;
@@ -202,7 +202,7 @@ static int xkb_rw(int fd, uint64_t nsectors, int readonly, char **rw_table, char
 }
 
 static int xkb_indirect(int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table,
-                        const blkif_request_t *q)
+                        uint32_t table_size, const blkif_request_t *q)
 {
     const struct blkif_request_indirect *r = (const struct blkif_request_indirect *)q;
     static __thread struct blkif_request_segment segs[XKB_MAX_INDIRECT];
@@ -211,16 +211,17 @@ static int xkb_indirect(int fd, uint64_t nsectors, int readonly, char **rw_table
         return BLKIF_RSP_ERROR;
     for (unsigned p = 0; p * per_page < nseg; p++) {
         grant_ref_t g = r->indirect_grefs[p];
-        char *page = g < XKB_TABLE_SIZE ? ro_table[g] : NULL;
+        char *page = g < table_size ? ro_table[g] : NULL;
         if (!page)
             return XKB_SLOW;
         unsigned count = nseg - p * per_page < per_page ? nseg - p * per_page : per_page;
         memcpy(&segs[p * per_page], page, count * sizeof(segs[0]));   /* a private copy: no double fetch */
     }
-    return xkb_rw(fd, nsectors, readonly, rw_table, ro_table, r->indirect_op, r->sector_number, segs, nseg);
+    return xkb_rw(fd, nsectors, readonly, rw_table, ro_table, table_size, r->indirect_op, r->sector_number,
+                  segs, nseg);
 }
 
-int xkb_serve(int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table,
+int xkb_serve(int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table, uint32_t table_size,
               const blkif_request_t *reqs, blkif_response_t *rsps, int n, int *slow)
 {
     int nslow = 0;
@@ -232,10 +233,10 @@ int xkb_serve(int fd, uint64_t nsectors, int readonly, char **rw_table, char **r
         p->operation = q->operation;
         if (q->operation == BLKIF_OP_READ || q->operation == BLKIF_OP_WRITE)
             status = q->nr_segments < 1 || q->nr_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST ? BLKIF_RSP_ERROR
-                     : xkb_rw(fd, nsectors, readonly, rw_table, ro_table, q->operation, q->sector_number,
-                              q->seg, q->nr_segments);
+                     : xkb_rw(fd, nsectors, readonly, rw_table, ro_table, table_size, q->operation,
+                              q->sector_number, q->seg, q->nr_segments);
         else if (q->operation == BLKIF_OP_INDIRECT)
-            status = xkb_indirect(fd, nsectors, readonly, rw_table, ro_table, q);
+            status = xkb_indirect(fd, nsectors, readonly, rw_table, ro_table, table_size, q);
         p->status = (int16_t)status;
         if (status == XKB_SLOW)
             slow[nslow++] = i;

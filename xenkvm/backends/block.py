@@ -140,8 +140,9 @@ class BlockDevice(XenbusDevice):
                     return
                 continue
             d = self.disk
-            nslow = lib.xkb_serve(d.fd, d.sectors, self.spec.readonly, ring.segments.rw_table,
-                                  ring.segments.ro_table, ring.reqs, ring.rsps, n, ring.slow)
+            g = ring.segments
+            nslow = lib.xkb_serve(d.fd, d.sectors, self.spec.readonly, g.rw_table, g.ro_table, g.table_size,
+                                  ring.reqs, ring.rsps, n, ring.slow)
             for k in range(nslow):
                 i = ring.slow[k]
                 self._serve(ring.reqs[i], ring.rsps[i])

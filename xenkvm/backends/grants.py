@@ -35,8 +35,10 @@ class SegmentMapper:
         self.limit = limit
         self.kept: dict[int, object] = {}     #: gref -> GrantMapping (persistent)
         self._temp: list = []
-        self.rw_table = ffi.new("char *[]", lib.XKB_TABLE_SIZE)
-        self.ro_table = ffi.new("char *[]", lib.XKB_TABLE_SIZE)
+        #: 2 x 512 KiB with persistent grants; without, one empty slot (every request takes the slow path)
+        self.table_size = lib.XKB_TABLE_SIZE if persistent else 1
+        self.rw_table = ffi.new("char *[]", self.table_size)
+        self.ro_table = ffi.new("char *[]", self.table_size)
         self._addrs: dict[int, object] = {}   #: gref -> the cffi buffer behind the table entries
 
     def view(self, gref: int, writable: bool) -> memoryview:
@@ -62,7 +64,7 @@ class SegmentMapper:
             except GrantError:
                 return None
         self.kept[gref] = m
-        if gref < lib.XKB_TABLE_SIZE:
+        if gref < self.table_size:
             self._addrs[gref] = buf = ffi.from_buffer(m.view)
             self.ro_table[gref] = buf
             if m.writable:
