@@ -31,7 +31,7 @@ $(CACHE)/deps.stamp: Makefile
 	@touch $@
 
 venv: $(VENV)/stamp
-$(VENV)/stamp: pyproject.toml setup.py xenkvm/_cffi_modules.py xenkvm/kvm/_build.py xenkvm/machine/boot/_abi_build.py xenkvm/xen/_abi_build.py $(CACHE)/deps.stamp
+$(VENV)/stamp: pyproject.toml setup.py xenkvm/_cffi_modules.py xenkvm/kvm/_build.py xenkvm/machine/boot/_abi_build.py xenkvm/xen/_abi_build.py xenkvm/backends/_blkif_build.py $(CACHE)/deps.stamp
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -65,7 +65,7 @@ test-quick: build
 
 # The fast inner loop: unit tests only, stop at the first failure.
 check: venv
-	$(PYTEST) -x -q tests/unit tests/xenstore
+	$(PYTEST) -x -q -m "not kvm" tests/unit tests/xenstore tests/backends
 
 linux-image: build
 	$(PY) -m xenkvm.images linux --cache $(CACHE)/linux

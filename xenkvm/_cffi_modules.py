@@ -15,6 +15,7 @@ CFFI_MODULES = [
     "xenkvm/kvm/_build.py:ffibuilder",
     "xenkvm/machine/boot/_abi_build.py:ffibuilder",
     "xenkvm/xen/_abi_build.py:ffibuilder",
+    "xenkvm/backends/_blkif_build.py:ffibuilder",
 ]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

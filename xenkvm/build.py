@@ -6,6 +6,7 @@ here (docs/architecture.md).
 """
 from __future__ import annotations
 
+from xenkvm.backends import DeviceManager
 from xenkvm.config import GuestConfig
 from xenkvm.kvm.system import Kvm
 from xenkvm.machine.devices.console import ConsoleSink
@@ -15,11 +16,15 @@ from xenkvm.xen.domain import XenDomain
 
 def build_machine(cfg: GuestConfig, *, sink: ConsoleSink | None = None, trace: bool = False,
                   kvm: Kvm | None = None) -> Machine:
-    """A Machine for ``cfg``, with the Xen ABI attached when ``cfg.xen`` is set (not yet booted)."""
+    """A Machine for ``cfg``, with the Xen ABI and its PV devices when ``cfg.xen`` is set (not yet booted)."""
     machine = Machine(cfg, sink=sink, trace=trace, kvm=kvm)
     if cfg.xen is not None:
         try:
-            machine.attach(XenDomain(machine, cfg.xen, trace=trace))
+            domain = XenDomain(machine, cfg.xen, trace=trace)
+            machine.attach(domain)
+            domain.devices = DeviceManager(domain)
+            machine.attach(domain.devices)
+            domain.devices.attach_configured()   # the guest definition's disks, before any vCPU runs
         except BaseException:
             machine.close()
             raise

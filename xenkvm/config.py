@@ -18,6 +18,8 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
       xenstore_socket: /run/xenstored/socket   # optional; default $XENSTORED_PATH or that
       platform_pci: false      # Xen platform PCI device + unplug ports (always on for boot: linux)
       hypervisor_log: stderr   # console_io output: stderr ("(XEN) " lines) | file:PATH | none
+    disks:                     # optional, Xen guests: PV disks in xl.cfg(5) spelling (xenkvm/diskspec.py)
+      - "format=raw, vdev=xvda, access=rw, target=root.img"
 """
 from __future__ import annotations
 
@@ -88,6 +90,8 @@ class GuestConfig:
     boot: BootMode = BootMode.AUTO
     console: str = "stdio"
     xen: XenConfig | None = None
+    #: PV disks (xl.cfg ``disk`` spellings, xenkvm/diskspec.py); served by xenkvm/backends
+    disks: tuple = ()
 
 
 FIELDS = {f.name for f in dataclasses.fields(GuestConfig)}
@@ -158,6 +162,11 @@ def _validate(raw: dict[str, Any], base: Path, origin: str) -> GuestConfig:
     kw["console"] = console
     if raw.get("xen") is not None:
         kw["xen"] = _xen(raw["xen"])
+    if raw.get("disks"):
+        from xenkvm.diskspec import parse_disks
+        if "xen" not in kw:
+            raise ConfigError("disks: PV disks need the Xen personality (add 'xen:')")
+        kw["disks"] = parse_disks(raw["disks"], base)
     return GuestConfig(**kw)
 
 

@@ -143,6 +143,9 @@ class XenDomain(MachineExtension):
         hypercalls.register_all(self)
         self.console = PrimaryConsole.attach(self)  # CONSOLE_EVTCHN; ring -> machine console
         self.store = StoreService.attach(self)      # STORE_EVTCHN, initial tree; Machine.run starts its socket
+        #: the PV devices and their hot-plug API (xenkvm/backends: a layer above this one, so
+        #: ``xenkvm.build`` attaches them); None for a domain built without backends
+        self.devices = None
 
     # -- MachineExtension ------------------------------------------------------
     def cpuid_leaves(self, vcpu_id: int):

@@ -1,0 +1,215 @@
+"""The xenbus backend state machine (xenkvm/backends/xenbus.py) against the real store.
+
+A recording device stands in for block/net (the guest tests in this directory
+run the real block backend); the frontend is an unprivileged domid-1
+connection to the same Xenstored, so permissions apply as on the guest's ring.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from xenkvm.backends.xenbus import ConnectError, XenbusBackend, XenbusDevice, XenbusState
+from xenkvm.backends.xsclient import VmmXsClient
+from xenkvm.xenstore import XenstoreError, Xenstored
+
+DOMID = 1
+FE = f"/local/domain/{DOMID}/device/vbd/51712"
+BE = f"/local/domain/0/backend/vbd/{DOMID}/51712"
+
+
+class RecordingDevice(XenbusDevice):
+    type = "vbd"
+
+    def __init__(self, fail: str | None = None):
+        super().__init__(51712, "xvda")
+        self.fail = fail
+        self.calls: list[str] = []
+        self.keys: dict[str, str] = {}
+        self.connected = False
+
+    def backend_keys(self):
+        return {"sectors": "2048", "feature-flush-cache": "1"}
+
+    def frontend_keys(self):
+        return {"virtual-device": "51712", "device-type": "disk"}
+
+    def connect(self, frontend):
+        self.calls.append("connect")
+        self.keys = frontend
+        if self.fail:
+            raise ConnectError(self.fail)
+        self.connected = True
+
+    def disconnect(self):
+        if self.connected:
+            self.calls.append("disconnect")
+        self.connected = False
+
+    def service(self):
+        self.calls.append("service")
+
+    def close(self):
+        self.calls.append("close")
+
+
+def until(cond, what: str, bound: float = 10.0):
+    """Wait for the worker thread to get there (a generous bound: behaviour, not timing)."""
+    end = time.monotonic() + bound
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def rig():
+    core = Xenstored()
+    core.write_path(f"/local/domain/{DOMID}", "")
+    domain = SimpleNamespace(domid=DOMID)
+    vmm, guest = VmmXsClient(core), VmmXsClient(core, domid=DOMID, privileged=False)
+    made: list[XenbusBackend] = []
+
+    def make(device: RecordingDevice) -> XenbusBackend:
+        b = XenbusBackend(domain, vmm, device)
+        b.create()
+        made.append(b)
+        return b
+    yield SimpleNamespace(core=core, vmm=vmm, guest=guest, make=make)
+    for b in made:
+        b.unplug(force=True)
+        b.removed.wait(5)
+
+
+def be_state(rig) -> int:
+    return int(rig.vmm.read(f"{BE}/state"))
+
+
+def frontend_goes(rig, state: XenbusState) -> None:
+    rig.guest.write(f"{FE}/state", str(int(state)))
+
+
+def test_nodes_and_permissions_as_libxl(rig):
+    rig.make(RecordingDevice())
+    r = rig.vmm.read
+    assert (r(f"{BE}/frontend"), r(f"{BE}/frontend-id"), r(f"{BE}/online"), r(f"{BE}/sectors")) == (FE, "1", "1", "2048")
+    assert (r(f"{FE}/backend"), r(f"{FE}/backend-id"), r(f"{FE}/state"), r(f"{FE}/device-type")) == (BE, "0", "1", "disk")
+    assert be_state(rig) == XenbusState.INIT_WAIT
+    with rig.core.lock:
+        fe_perms = [p.wire() for p in rig.core.store.nodes[FE].perms]
+        be_perms = [p.wire() for p in rig.core.store.nodes[BE].perms]
+    assert fe_perms == ["n1", "r0"] and be_perms == ["n0", "r1"]
+    assert rig.guest.read(f"{BE}/sectors") == "2048"           # the guest may read the backend
+    with pytest.raises(XenstoreError, match="EACCES"):
+        rig.guest.write(f"{BE}/state", "4")                    # but not write it
+    rig.guest.write(f"{FE}/ring-ref", "8")                     # its own node is its own
+
+
+def test_connect_reset_reconnect(rig):
+    dev = RecordingDevice()
+    b = rig.make(dev)
+    rig.guest.write(f"{FE}/ring-ref", "9")
+    rig.guest.write(f"{FE}/event-channel", "5")
+    frontend_goes(rig, XenbusState.INITIALISED)
+    until(lambda: be_state(rig) == XenbusState.CONNECTED, "Connected")
+    assert dev.keys["ring-ref"] == "9" and dev.keys["event-channel"] == "5"
+    until(lambda: "service" in dev.calls, "the kick after connecting")
+    frontend_goes(rig, XenbusState.CLOSING)
+    until(lambda: be_state(rig) == XenbusState.CLOSING, "Closing")
+    assert not dev.connected
+    frontend_goes(rig, XenbusState.CLOSED)
+    until(lambda: be_state(rig) == XenbusState.CLOSED, "Closed")
+    frontend_goes(rig, XenbusState.INITIALISING)
+    until(lambda: be_state(rig) == XenbusState.INIT_WAIT, "InitWait after a frontend reset")
+    frontend_goes(rig, XenbusState.CONNECTED)
+    until(lambda: be_state(rig) == XenbusState.CONNECTED, "Connected again")
+    assert dev.calls.count("connect") == 2 and not b.removed.is_set()
+
+
+def test_frontend_reset_while_connected(rig):
+    dev = RecordingDevice()
+    rig.make(dev)
+    frontend_goes(rig, XenbusState.INITIALISED)
+    until(lambda: be_state(rig) == XenbusState.CONNECTED, "Connected")
+    frontend_goes(rig, XenbusState.INITIALISING)   # kexec: the new kernel starts over
+    until(lambda: be_state(rig) == XenbusState.INIT_WAIT, "InitWait")
+    assert not dev.connected and "disconnect" in dev.calls
+
+
+def test_garbage_state_is_logged_once_and_ignored(rig, caplog):
+    dev = RecordingDevice()
+    rig.make(dev)
+    frontend_goes(rig, XenbusState.INITIALISED)
+    until(lambda: be_state(rig) == XenbusState.CONNECTED, "Connected")
+    with caplog.at_level(logging.WARNING, "xenkvm.backends.xenbus"):
+        rig.guest.write(f"{FE}/state", "banana")
+        until(lambda: any("banana" in r.message for r in caplog.records), "the line for banana")
+        rig.guest.write(f"{FE}/state", "banana")
+        rig.guest.write(f"{FE}/state", "banana")    # the same garbage again: no new line
+        rig.guest.write(f"{FE}/state", "99")
+        until(lambda: any("'99'" in r.message for r in caplog.records), "the line for 99")
+    lines = [r.message for r in caplog.records if "not a XenbusState" in r.message]
+    assert len([m for m in lines if "banana" in m]) == 1
+    assert be_state(rig) == XenbusState.CONNECTED and dev.connected and dev.calls.count("connect") == 1
+    frontend_goes(rig, XenbusState.CLOSING)          # a later good value is still served
+    until(lambda: be_state(rig) == XenbusState.CLOSING, "Closing")
+
+
+def test_bad_keys_close_with_an_error_node(rig, caplog):
+    dev = RecordingDevice(fail="ring-ref 'x' is not a number")
+    rig.make(dev)
+    with caplog.at_level(logging.WARNING, "xenkvm.backends.xenbus"):
+        frontend_goes(rig, XenbusState.INITIALISED)
+        until(lambda: be_state(rig) == XenbusState.CLOSING, "Closing")
+    assert rig.vmm.read(f"{BE}/error") == "ring-ref 'x' is not a number"
+    assert any("cannot connect: ring-ref" in r.message for r in caplog.records)
+    dev.fail = None
+    frontend_goes(rig, XenbusState.CLOSED)
+    until(lambda: be_state(rig) == XenbusState.CLOSED, "Closed")
+    frontend_goes(rig, XenbusState.INITIALISING)
+    until(lambda: be_state(rig) == XenbusState.INIT_WAIT, "InitWait")
+    frontend_goes(rig, XenbusState.INITIALISED)
+    until(lambda: be_state(rig) == XenbusState.CONNECTED, "Connected")
+    assert rig.vmm.read(f"{BE}/error") is None
+
+
+def test_unplug_waits_for_the_frontend(rig):
+    dev = RecordingDevice()
+    b = rig.make(dev)
+    frontend_goes(rig, XenbusState.CONNECTED)
+    until(lambda: be_state(rig) == XenbusState.CONNECTED, "Connected")
+    done = b.unplug()
+    until(lambda: be_state(rig) == XenbusState.CLOSING, "Closing")
+    assert rig.vmm.read(f"{BE}/online") == "0" and not done.is_set()
+    frontend_goes(rig, XenbusState.CLOSED)
+    assert done.wait(10)
+    assert rig.vmm.read(BE) is None and rig.vmm.read(FE) is None
+    assert dev.calls[-2:] == ["disconnect", "close"]
+
+
+def test_unplug_of_an_unused_device_is_immediate(rig):
+    dev = RecordingDevice()
+    b = rig.make(dev)
+    assert b.unplug().wait(10)
+    assert rig.vmm.read(BE) is None and dev.calls == ["close"]
+
+
+def test_kicks_are_coalesced_and_served_on_the_worker(rig):
+    dev = RecordingDevice()
+    b = rig.make(dev)
+    frontend_goes(rig, XenbusState.CONNECTED)
+    until(lambda: be_state(rig) == XenbusState.CONNECTED, "Connected")
+    until(lambda: "service" in dev.calls, "first kick")
+    gate = threading.Event()
+    dev.service = lambda: (dev.calls.append("service"), gate.wait(10))   # type: ignore[method-assign]
+    b.kick()
+    until(lambda: dev.calls.count("service") == 2, "the worker is busy serving")
+    for _ in range(1000):
+        b.kick()                    # a flood while the worker is busy: one more pass, not 1000
+    gate.set()
+    until(lambda: dev.calls.count("service") == 3, "the coalesced pass")
+    assert b._events.qsize() == 0

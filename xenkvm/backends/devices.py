@@ -1,0 +1,109 @@
+"""``domain.devices``: hot-plug and hot-unplug of PV devices, the API the control plane calls.
+
+``attach(spec)`` creates the device's backend and xenstore nodes while the
+guest runs (a Linux frontend sees the new ``device/<type>/<id>`` through its
+watch and probes it); ``detach(vdev)`` starts the unplug handshake and returns
+an event set once the device is gone.  The disks of the guest definition are
+attached when the domain is built, before any vCPU runs.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+from xenkvm.config import ConfigError
+from xenkvm.machine.extension import MachineExtension
+from xenkvm.diskspec import DiskSpec, vdev_to_devid
+
+from .xenbus import XenbusBackend, XenbusDevice
+from .xsclient import VmmXsClient
+
+if TYPE_CHECKING:
+    from xenkvm.xen.domain import XenDomain
+
+log = logging.getLogger(__name__)
+
+
+class DeviceError(ConfigError):
+    """A device cannot be attached or detached (one line for the user)."""
+
+
+class DeviceManager(MachineExtension):
+    """The PV devices of one domain; a machine extension so they are torn down with the run."""
+
+    def __init__(self, domain: "XenDomain"):
+        self.domain = domain
+        self._xs: VmmXsClient | None = None
+        self.backends: dict[tuple[str, int], XenbusBackend] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def xs(self) -> VmmXsClient:
+        if self._xs is None:
+            self._xs = VmmXsClient(self.domain.store.core)
+        return self._xs
+
+    def attach_configured(self) -> None:
+        """Attach the disks of the guest definition."""
+        for spec in getattr(self.domain.machine.cfg, "disks", ()):
+            self.attach(spec)
+
+    def attach(self, spec: DiskSpec | XenbusDevice) -> XenbusBackend:
+        """Plug a device in (a DiskSpec, or a ready XenbusDevice); DeviceError if it cannot be."""
+        device = self._device(spec)
+        key = (device.type, device.devid)
+        with self._lock:
+            if key in self.backends and not self.backends[key].removed.is_set():
+                device.close()
+                raise DeviceError(f"{device.type} {device.name} ({device.devid}) is already attached")
+            backend = XenbusBackend(self.domain, self.xs, device)
+            self.backends[key] = backend
+        backend.create()
+        return backend
+
+    @staticmethod
+    def _device(spec: DiskSpec | XenbusDevice) -> XenbusDevice:
+        if isinstance(spec, XenbusDevice):
+            return spec
+        from .block import BlockDevice
+        try:
+            return BlockDevice(spec)
+        except OSError as e:
+            raise DeviceError(f"disk {spec.vdev}: {spec.target}: {e.strerror}") from None
+
+    def find(self, vdev: str | int, type_: str = "vbd") -> XenbusBackend:
+        """The live backend of ``vdev`` (``xvdb``, or its device id)."""
+        try:
+            devid = vdev if isinstance(vdev, int) else vdev_to_devid(vdev)
+        except ValueError:
+            raise DeviceError(f"{vdev!r} is not a device name") from None
+        backend = self.backends.get((type_, devid))
+        if backend is None or backend.removed.is_set():
+            raise DeviceError(f"no {type_} {vdev} attached")
+        return backend
+
+    def detach(self, vdev: str | int, type_: str = "vbd", *, force: bool = False) -> threading.Event:
+        """Unplug: the frontend is asked to close; ``force`` removes it at once (a dead guest)."""
+        return self.find(vdev, type_).unplug(force)
+
+    def stop(self) -> None:
+        """The run is ending: remove every device (workers end, grants unmapped, images closed)."""
+        self.close()
+
+    def close(self, timeout: float | None = None) -> None:
+        """The domain is going away: remove every device without asking the guest.
+
+        With ``timeout`` None nothing is waited for (the machine may be stopping
+        from a hypercall that holds the domain lock the workers need); else each
+        removal is waited for up to ``timeout`` seconds.
+        """
+        with self._lock:
+            backends = list(self.backends.values())
+        for b in backends:
+            b.unplug(force=True)
+        if timeout is None:
+            return
+        for b in backends:
+            if not b.removed.wait(timeout):
+                log.warning("%s: not removed within %.0f s", b.label, timeout)

@@ -1,0 +1,88 @@
+"""The granted pages of block requests: mapped per request, or kept mapped (persistent grants).
+
+Without ``feature-persistent`` every segment's page is mapped for one request
+and unmapped when it completes (blkback's default path).  With it (io/blkif.h:
+"the frontend ... will reuse the same set of grants ... the backend ... will
+keep them mapped") a page is mapped once and stays mapped until the ring
+disconnects: read-write if the frontend granted it so, else read-only (then
+it still serves writes to disk and indirect segment lists); at most ``limit``
+such pages (Linux blkback's ``max_persistent_grants`` default, 1056), beyond
+which requests fall back to per-request mappings.
+
+Kept pages are also entered in two C arrays indexed by gref: ``rw_table``
+(read-write pages) and ``ro_table`` (every kept page).  block.py's C fast
+path (``xkb_serve``) serves requests whose pages are all there without
+Python: disk reads land in ``rw_table`` pages, disk writes and indirect
+segment lists come from ``ro_table`` pages.  Entries are cleared before
+their pages are unmapped.
+"""
+from __future__ import annotations
+
+from xenkvm.xen.gnttab import GrantError
+
+from ._blkif_cffi import ffi, lib
+
+PERSISTENT_LIMIT = 1056
+
+
+class SegmentMapper:
+    """Maps request pages of one frontend for one ring."""
+
+    def __init__(self, gnttab, domid: int, persistent: bool, limit: int = PERSISTENT_LIMIT):
+        self.gnttab = gnttab
+        self.domid = domid
+        self.persistent = persistent
+        self.limit = limit
+        self.kept: dict[int, object] = {}     #: gref -> GrantMapping (persistent)
+        self._temp: list = []
+        #: 2 x 512 KiB with persistent grants; without, one empty slot (every request takes the slow path)
+        self.table_size = lib.XKB_TABLE_SIZE if persistent else 1
+        self.rw_table = ffi.new("char *[]", self.table_size)
+        self.ro_table = ffi.new("char *[]", self.table_size)
+        self._addrs: dict[int, object] = {}   #: gref -> the cffi buffer behind the table entries
+
+    def view(self, gref: int, writable: bool) -> memoryview:
+        """The page of ``gref``; ``writable``: the backend writes it (a read from disk). GrantError."""
+        m = self.kept.get(gref)
+        if m is not None and (m.writable or not writable):
+            return m.view
+        if m is None and self.persistent and len(self.kept) < self.limit:
+            m = self._keep(gref)
+            if m is not None and (m.writable or not writable):
+                return m.view
+        m = self.gnttab.map(self.domid, gref, writable)
+        self._temp.append(m)
+        return m.view
+
+    def _keep(self, gref: int):
+        """Map ``gref`` for good: read-write if the grant allows, else read-only; None if neither."""
+        try:
+            m = self.gnttab.map(self.domid, gref, True)
+        except GrantError:
+            try:
+                m = self.gnttab.map(self.domid, gref, False)
+            except GrantError:
+                return None
+        self.kept[gref] = m
+        if gref < self.table_size:
+            self._addrs[gref] = buf = ffi.from_buffer(m.view)
+            self.ro_table[gref] = buf
+            if m.writable:
+                self.rw_table[gref] = buf
+        return m
+
+    def done(self) -> None:
+        """The request completed: unmap its per-request pages."""
+        for m in self._temp:
+            m.unmap()
+        self._temp.clear()
+
+    def clear(self) -> None:
+        """Disconnect: unmap everything, persistent pages included."""
+        self.done()
+        for gref in self._addrs:
+            self.rw_table[gref] = self.ro_table[gref] = ffi.NULL
+        self._addrs.clear()
+        for m in self.kept.values():
+            m.unmap()
+        self.kept.clear()

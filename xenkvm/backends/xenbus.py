@@ -1,0 +1,291 @@
+"""Xenbus backends: the device directories, the XenbusState handshake, hot-unplug.
+
+For each device the VMM plays dom0's part as libxl and a Linux backend
+driver do:
+
+* **Directories** (libxl ``libxl__device_generic_add``): the backend node
+  ``/local/domain/0/backend/<type>/<domid>/<devid>`` is owned by dom0 with read
+  access for the guest; the frontend node ``/local/domain/<domid>/device/<type>/<devid>``
+  is owned by the guest with read access for the backend.  The backend node
+  gets ``frontend``, ``frontend-id``, ``online`` = 1, ``state`` and the
+  device's keys; the frontend node ``backend``, ``backend-id`` and
+  ``state`` = 1 (Initialising: "a frontend node is probed only in state 1").
+* **Handshake** (driven by a watch on the frontend's ``state``), as Linux's
+  xen-blkback ``frontend_changed``: the backend waits in InitWait; frontend
+  Initialised or Connected -> read its keys, connect, Connected; Closing ->
+  Closing; Closed -> disconnect, Closed (and removal if the device was
+  unplugged); Initialising while we are Closed or Connected (a frontend that
+  reset: kexec, a driver reload) -> disconnect, InitWait again.
+* **Misbehaviour**: a frontend ``state`` that is not a number is logged once
+  and ignored; keys that do not let the device connect (no ring-ref, a bad
+  grant, a port not unbound to dom0) are logged in one line, written to the
+  backend's ``error`` node and the backend goes to Closing (what
+  ``xenbus_dev_fatal`` does); the device stays disconnected until the
+  frontend starts over.
+* **Unplug** (libxl): ``online`` = 0 and ``state`` = Closing; once the frontend
+  is Closed (or never started) the device disconnects (grants unmapped, event
+  channel closed), closes its host resources and both nodes are removed.
+
+Each device has one worker thread: store events and ring kicks are served in
+order there, never on a vCPU thread, the I/O thread or the xenstored thread.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+from xenkvm.xenstore import Perm, PermFlag
+
+from .xsclient import VmmXsClient
+
+if TYPE_CHECKING:
+    from xenkvm.xen.domain import XenDomain
+
+log = logging.getLogger(__name__)
+
+
+class XenbusState(enum.IntEnum):
+    """``enum xenbus_state`` (io/xenbus.h)."""
+
+    UNKNOWN = 0
+    INITIALISING = 1
+    INIT_WAIT = 2
+    INITIALISED = 3
+    CONNECTED = 4
+    CLOSING = 5
+    CLOSED = 6
+    RECONFIGURING = 7
+    RECONFIGURED = 8
+
+
+class ConnectError(Exception):
+    """The frontend's keys do not let the device connect (one line for the log)."""
+
+
+class XenbusDevice(ABC):
+    """What block, net and console backends implement; the framework calls it on the worker thread."""
+
+    #: xenstore device type ("vbd", "vif", "console")
+    type: str = ""
+
+    def __init__(self, devid: int, name: str):
+        self.devid = devid
+        self.name = name                 #: the user's name for it (``xvda``)
+        self.backend: XenbusBackend | None = None
+
+    @property
+    def domain(self) -> "XenDomain":
+        assert self.backend is not None
+        return self.backend.domain
+
+    def frontend_keys(self) -> dict[str, str]:
+        """Extra keys of the frontend node (written before ``state`` = 1)."""
+        return {}
+
+    @abstractmethod
+    def backend_keys(self) -> dict[str, str]:
+        """The device's keys in the backend node: features and geometry, written before InitWait."""
+
+    @abstractmethod
+    def connect(self, frontend: dict[str, str]) -> None:
+        """Map the rings and bind the event channel the frontend published; raise ConnectError."""
+
+    @abstractmethod
+    def disconnect(self) -> None:
+        """Unmap every grant and close the event channel; idempotent."""
+
+    def service(self) -> None:
+        """A kick from the frontend: serve the rings (worker thread)."""
+
+    def close(self) -> None:
+        """Release host resources (files, taps); the device is gone."""
+
+
+def frontend_perms(domid: int) -> tuple[Perm, ...]:
+    """libxl: the frontend node is the guest's, the backend (dom0) may read it."""
+    return (Perm(PermFlag.NONE, domid), Perm(PermFlag.READ, 0))
+
+
+def backend_perms(domid: int) -> tuple[Perm, ...]:
+    """libxl: the backend node is dom0's, the guest may read it."""
+    return (Perm(PermFlag.NONE, 0), Perm(PermFlag.READ, domid))
+
+
+class XenbusBackend:
+    """One device's store nodes, state machine and worker thread."""
+
+    def __init__(self, domain: "XenDomain", xs: VmmXsClient, device: XenbusDevice):
+        self.domain = domain
+        self.xs = xs
+        self.device = device
+        device.backend = self
+        d, t, n = domain.domid, device.type, device.devid
+        self.fe_path = f"/local/domain/{d}/device/{t}/{n}"
+        self.be_path = f"/local/domain/0/backend/{t}/{d}/{n}"
+        self.label = f"d{d} {t} {n} ({device.name})"
+        self.state = XenbusState.INITIALISING
+        self.connected = False
+        self.online = True
+        self.removed = threading.Event()
+        self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._kick_pending = False
+        self._bad_state: str | None = None
+        self._token: str | None = None
+        self._thread = threading.Thread(target=self._run, name=f"xenbus-{t}-{d}-{n}", daemon=True)
+
+    # -- creation ---------------------------------------------------------------
+    def create(self) -> None:
+        """Write both nodes as libxl does, go to InitWait, start watching the frontend."""
+        d = self.domain.domid
+        xs, be, fe = self.xs, self.be_path, self.fe_path
+        xs.mkdir(be, backend_perms(d))
+        keys = {"frontend": fe, "frontend-id": str(d), "online": "1",
+                "state": str(int(XenbusState.INITIALISING)), **self.device.backend_keys()}
+        for k, v in keys.items():
+            xs.write(f"{be}/{k}", v)
+        xs.mkdir(fe, frontend_perms(d))
+        for k, v in {"backend": be, "backend-id": "0", **self.device.frontend_keys()}.items():
+            xs.write(f"{fe}/{k}", v)
+        xs.write(f"{fe}/state", str(int(XenbusState.INITIALISING)))
+        self._switch(XenbusState.INIT_WAIT)
+        self._thread.start()
+        self._token = xs.watch(f"{fe}/state", lambda _p, _t: self._events.put("frontend"))
+        log.info("%s: backend %s, frontend %s", self.label, be, fe)
+
+    # -- events from other threads ----------------------------------------------------
+    def kick(self) -> None:
+        """The frontend notified its event channel (I/O thread): serve on the worker."""
+        if not self._kick_pending:
+            self._kick_pending = True
+            self._events.put("kick")
+
+    def unplug(self, force: bool = False) -> threading.Event:
+        """Start a hot-unplug; the returned event is set once both nodes are gone."""
+        self._events.put("force" if force else "unplug")
+        return self.removed
+
+    # -- worker thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        handlers = {"frontend": self._frontend_changed, "kick": self._service,
+                    "unplug": self._unplug, "force": self._teardown}
+        while not self.removed.is_set():
+            what = self._events.get()
+            try:
+                handlers[what]()
+            except Exception:   # a backend bug must not take the VM down: close the device
+                log.exception("%s: %s failed; the device is closed", self.label, what)
+                self._safe_teardown()
+
+    def _service(self) -> None:
+        self._kick_pending = False
+        if self.connected:
+            self.device.service()
+
+    def _frontend_state(self) -> XenbusState | None:
+        raw = self.xs.read(f"{self.fe_path}/state")
+        if raw is None:
+            return XenbusState.UNKNOWN
+        try:
+            return XenbusState(int(raw.strip()))
+        except ValueError:
+            if raw != self._bad_state:
+                log.warning("%s: frontend state %r is not a XenbusState; ignored", self.label, raw[:32])
+                self._bad_state = raw
+            return None
+
+    def _frontend_changed(self) -> None:
+        fe = self._frontend_state()
+        if fe is None:
+            return
+        log.debug("%s: frontend %s, backend %s", self.label, fe.name, self.state.name)
+        if fe in (XenbusState.INITIALISED, XenbusState.CONNECTED):
+            if self.state != XenbusState.CONNECTED and self.online:
+                self._connect()
+        elif fe == XenbusState.INITIALISING:
+            if self.state in (XenbusState.CLOSED, XenbusState.CONNECTED) and self.online:
+                self._disconnect()
+                self._switch(XenbusState.INIT_WAIT)
+        elif fe == XenbusState.CLOSING:
+            self._disconnect()
+            self._switch(XenbusState.CLOSING)
+        elif fe in (XenbusState.CLOSED, XenbusState.UNKNOWN):
+            self._disconnect()
+            self._switch(XenbusState.CLOSED)
+            if not self.online:
+                self._teardown()
+
+    def _connect(self) -> None:
+        self._disconnect()   # idempotent: a frontend may connect twice in a row
+        keys = self._frontend_keys()
+        try:
+            self.device.connect(keys)
+        except ConnectError as e:
+            log.warning("%s: cannot connect: %s", self.label, e)
+            self.device.disconnect()
+            self.xs.write(f"{self.be_path}/error", str(e)[:200])
+            self._switch(XenbusState.CLOSING)
+            return
+        self.connected = True
+        self.xs.rm(f"{self.be_path}/error")
+        self._switch(XenbusState.CONNECTED)
+        self.kick()   # requests queued before we connected
+
+    def _frontend_keys(self) -> dict[str, str]:
+        """The frontend node's keys, and one level below (``queue-N/ring-ref``), as a flat dict."""
+        keys: dict[str, str] = {}
+        for k in self.xs.directory(self.fe_path):
+            keys[k] = self.xs.read(f"{self.fe_path}/{k}") or ""
+            for sub in self.xs.directory(f"{self.fe_path}/{k}"):
+                keys[f"{k}/{sub}"] = self.xs.read(f"{self.fe_path}/{k}/{sub}") or ""
+        return keys
+
+    def _disconnect(self) -> None:
+        if self.connected:
+            self.connected = False
+        self.device.disconnect()
+
+    def _unplug(self) -> None:
+        self.online = False
+        self.xs.write(f"{self.be_path}/online", "0")
+        fe = self._frontend_state()
+        if fe in (XenbusState.INITIALISING, XenbusState.CLOSED, XenbusState.UNKNOWN):
+            self._teardown()    # the frontend never used it (or already let go)
+        else:
+            self._switch(XenbusState.CLOSING)
+
+    def _teardown(self) -> None:
+        """Disconnect, release, remove both nodes; the worker ends."""
+        if self.removed.is_set():
+            return
+        self.online = False
+        if self._token is not None:
+            self.xs.unwatch(f"{self.fe_path}/state", self._token)
+            self._token = None
+        self._disconnect()
+        self.device.close()
+        self.state = XenbusState.CLOSED
+        self.xs.rm(self.fe_path)
+        self.xs.rm(self.be_path)
+        log.info("%s: removed", self.label)
+        self.removed.set()
+
+    def _safe_teardown(self) -> None:
+        try:
+            self._teardown()
+        except Exception:
+            log.exception("%s: teardown failed", self.label)
+            self.removed.set()
+
+    def _switch(self, state: XenbusState) -> None:
+        if state != self.state:
+            self.state = state
+            self.xs.write(f"{self.be_path}/state", str(int(state)))
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the worker to end (after an unplug)."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
