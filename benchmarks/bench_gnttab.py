@@ -31,6 +31,7 @@ from xenkvm.machine.memory import GuestMemory  # noqa: E402
 from xenkvm.xen.abi import DOMID_SELF, GnttabOp, Hypercall, XenStruct, lib  # noqa: E402
 from xenkvm.xen.dispatch import Dispatcher  # noqa: E402
 from xenkvm.xen.gnttab import GrantTable  # noqa: E402
+from xenkvm.xen.hypercalls import table as hypercall_table  # noqa: E402
 
 DOMID = 1
 FRAME_GPFN = 0x3000
@@ -73,7 +74,8 @@ def guest_copy_op(d: "Domain", t: GrantTable) -> None:
     struct.pack_into("<HH", raw, st.offset("len"), 4096, lib.GNTCOPY_source_gref)
     d.mem.write(COPY_GVA, bytes(raw))
     d.dispatcher = Dispatcher(d)
-    t.register_hypercalls(d.dispatcher)
+    d.gnttab = t
+    hypercall_table.install(d.dispatcher)
 
 
 def rate(fn, seconds: float) -> float:

@@ -28,7 +28,7 @@ from xenkvm.xen.abi import HvmParam
 from xenkvm.xen.dispatch import Dispatcher
 from xenkvm.xen.domain import CONSOLE_PAGE, SPECIAL_PAGES, SPECIAL_PAGES_GPA, STORE_PAGE, InputQueue
 from xenkvm.xen.evtchn import EventChannels
-from xenkvm.xen.hypercalls import sched
+from xenkvm.xen.hypercalls import table
 from xenkvm.xen.limits import Limits
 from xenkvm.xen.timers import VcpuTimers
 
@@ -122,9 +122,8 @@ class FakeDomain:
         self.dispatcher = Dispatcher(self)
         self.evtchn = EventChannels(self)
         self.timers = VcpuTimers(self)
-        self.evtchn.register_hypercalls(self.dispatcher)
-        self.timers.register_hypercalls(self.dispatcher)
-        sched.register(self)     # sched_op, SCHEDOP_poll included (it waits on event channels)
+        table.install(self.dispatcher)   # the real hypercall table; services this fake lacks
+                                         # (gnttab unless asked for) fail those calls with -EINVAL
         if console or store:
             self.mem.add_region(SPECIAL_PAGES_GPA, SPECIAL_PAGES * 4096, "xen-special-pages", reserved=True)
             self.params[HvmParam.STORE_PFN] = self.special_pfn(STORE_PAGE)
@@ -132,9 +131,6 @@ class FakeDomain:
         if gnttab:
             from xenkvm.xen.gnttab import GrantTable
             self.gnttab = GrantTable(self)
-            self.gnttab.register_hypercalls(self.dispatcher)
-            from xenkvm.xen.hypercalls import memory
-            memory.register(self)    # XENMEM_add_to_physmap / remove_from_physmap reach the table
         if console:
             from xenkvm.xen.console import PrimaryConsole
             self.console = PrimaryConsole.attach(self)

@@ -742,7 +742,6 @@ def test_state_round_trip(d):
     fresh = EventChannels(d)
     fresh.from_state(state)
     d.evtchn = fresh
-    fresh.register_hypercalls(d.dispatcher)
     assert {p: fresh.status(p) for p in fresh.ports} == before
     assert fresh.abi == "fifo"
     assert fresh.raise_virq(lib.VIRQ_TIMER, 1) and head(d, 1, 7) == t

@@ -26,13 +26,14 @@ from xenkvm.config import BootMode, XenConfig
 from xenkvm.machine import layout
 from xenkvm.machine.boot.common import boot_memmap
 from xenkvm.machine.extension import InputSink, MachineExtension
-from xenkvm.xen import hypercalls, platform_pci
+from xenkvm.xen import platform_pci
 from xenkvm.xen.abi import HvmParam
-from xenkvm.xen.console import PrimaryConsole
+from xenkvm.xen.console import ConsoleIo, HypervisorLog, PrimaryConsole
 from xenkvm.xen.cpuid import xen_leaves
 from xenkvm.xen.dispatch import Dispatcher
 from xenkvm.xen.evtchn import EventChannels
 from xenkvm.xen.gnttab import GrantTable
+from xenkvm.xen.hypercalls import table
 from xenkvm.xen.limits import Limits
 from xenkvm.xen.reservation import Reservation
 from xenkvm.xen.shinfo import SharedInfo
@@ -131,16 +132,15 @@ class XenDomain(MachineExtension):
         return (SPECIAL_PAGES_GPA >> 12) + index
 
     def _build_services(self) -> None:
-        """Each service, then its hypercalls registered on the dispatcher."""
+        """Each service, then the hypercall table on the dispatcher."""
         self.shinfo = SharedInfo(self)
         self.upcalls = Upcalls(self)
         self.evtchn = EventChannels(self)
         self.timers = VcpuTimers(self)
         self.gnttab = GrantTable(self)
         self.reservation = Reservation(self.mem)   # tot/max pages, populated RAM frames
-        for service in (self.evtchn, self.timers, self.gnttab):
-            service.register_hypercalls(self.dispatcher)
-        hypercalls.register_all(self)
+        self.console_io = ConsoleIo(HypervisorLog.open(self.cfg.hypervisor_log), self.console_input)
+        table.install(self.dispatcher)              # every hypercall (xen/hypercalls/table.py)
         self.console = PrimaryConsole.attach(self)  # CONSOLE_EVTCHN; ring -> machine console
         self.store = StoreService.attach(self)      # STORE_EVTCHN, initial tree; Machine.run starts its socket
         #: the PV devices and their hot-plug API (xenkvm/backends: a layer above this one, so

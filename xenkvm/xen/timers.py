@@ -8,7 +8,8 @@ Each armed timer is an ``_Arm``; the I/O-thread callback checks it is still
 the current one (stop and re-arm just replace it), so a stale callback is a
 no-op.
 
-Xen behaviour reproduced (``common/domain.c`` VCPUOP_*, ``common/sched/core.c``):
+Xen behaviour reproduced (``common/domain.c`` VCPUOP_*, ``common/sched/core.c``;
+the hypercalls are decoded in ``xen/hypercalls/vcpu.py``, which calls the VMM API here):
 
 * a bad vCPU id is -ENOENT; the single-shot sub-ops act on the calling vCPU
   only (-EINVAL for another one);
@@ -31,13 +32,9 @@ compacted away by the loop), however often the guest re-arms.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
-from xenkvm.xen.abi import Errno, Hypercall, VcpuOp, XenStruct, lib
-from xenkvm.xen.errors import HypercallError
+from xenkvm.xen.abi import lib
 
-if TYPE_CHECKING:
-    from xenkvm.xen.dispatch import Call, Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +46,6 @@ HUGE_TIMEOUT_REPLACEMENT_NS = 100_000_000
 #: entry stays in the I/O loop's heap until its time, so a guest re-arming
 #: far-future deadlines must not pile them up.
 HORIZON_NS = 1_000_000_000
-SSHOT = XenStruct("struct vcpu_set_singleshot_timer")
-PERIODIC = XenStruct("struct vcpu_set_periodic_timer")
 
 
 class _Arm:
@@ -73,67 +68,6 @@ class VcpuTimers:
         self._oneshot: list[_Arm | None] = [None] * n
         self._periodic: list[_Arm | None] = [None] * n
         self.fired = [0] * n        #: VIRQ_TIMER raises per vCPU (statistics)
-
-    def register_hypercalls(self, dispatcher: "Dispatcher") -> None:
-        for op, fn in ((VcpuOp.set_singleshot_timer, self._op_set_singleshot),
-                       (VcpuOp.stop_singleshot_timer, self._op_stop_singleshot),
-                       (VcpuOp.set_periodic_timer, self._op_set_periodic),
-                       (VcpuOp.stop_periodic_timer, self._op_stop_periodic)):
-            dispatcher.register_subop(Hypercall.vcpu_op, op, fn)
-        dispatcher.register(Hypercall.set_timer_op, self._op_set_timer_op)
-
-    # -- hypercalls ------------------------------------------------------------
-    def _vcpu(self, call: "Call", vcpuid: int, own_only: bool) -> int:
-        if not self.d.valid_vcpu(vcpuid):
-            raise HypercallError(Errno.ENOENT, f"no vcpu {vcpuid}")
-        if own_only and vcpuid != call.vcpu_id:
-            raise HypercallError(Errno.EINVAL, f"vcpu{call.vcpu_id} cannot set vcpu{vcpuid}'s single-shot timer")
-        return vcpuid
-
-    def _op_set_singleshot(self, call: "Call", vcpuid: int) -> int:
-        v = self._vcpu(call, vcpuid, True)
-        req = call.guest.read_struct(SSHOT, call.args[2])
-        deadline, flags = int(req.timeout_abs_ns), int(req.flags)
-        if deadline < self.d.now_ns() and flags & lib.VCPU_SSHOTTMR_future:
-            raise HypercallError(Errno.ETIME, "single-shot deadline already past")
-        if deadline >= 1 << 63:
-            deadline -= 1 << 64         # s_time_t: in the past
-        self.set_singleshot(v, deadline)
-        return 0
-
-    def _op_stop_singleshot(self, call: "Call", vcpuid: int) -> int:
-        self.stop_singleshot(self._vcpu(call, vcpuid, True))
-        return 0
-
-    def _op_set_periodic(self, call: "Call", vcpuid: int) -> int:
-        v = self._vcpu(call, vcpuid, False)
-        period = int(call.guest.read_struct(PERIODIC, call.args[2]).period_ns)
-        if not PERIOD_MIN_NS <= period <= PERIOD_MAX_NS:
-            raise HypercallError(Errno.EINVAL, f"periodic timer of {period} ns")
-        self.set_periodic(v, period)
-        return 0
-
-    def _op_stop_periodic(self, call: "Call", vcpuid: int) -> int:
-        self.stop_periodic(self._vcpu(call, vcpuid, False))
-        return 0
-
-    def _op_set_timer_op(self, call: "Call") -> int:
-        if call.long_mode:
-            timeout = call.args[0] & ((1 << 64) - 1)
-        else:
-            timeout = (call.args[0] & 0xFFFFFFFF) | (call.args[1] & 0xFFFFFFFF) << 32
-        v = call.vcpu_id
-        if timeout == 0:
-            self.stop_singleshot(v)
-            return 0
-        if timeout >= 1 << 63:
-            timeout -= 1 << 64          # s_time_t: a wrapped-negative deadline is in the past
-        now = self.d.now_ns()
-        if timeout - now >= HUGE_TIMEOUT_NS:
-            log.debug("vcpu%d: huge set_timer_op timeout %#x, using 100 ms", v, timeout)
-            timeout = now + HUGE_TIMEOUT_REPLACEMENT_NS
-        self.set_singleshot(v, timeout)
-        return 0
 
     # -- VMM API -------------------------------------------------------------------
     def set_singleshot(self, vcpu: int, deadline_ns: int) -> None:

@@ -27,11 +27,10 @@ the VMM-side methods take it).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable, Iterable
 
 from xenkvm.xen.abi import DOMID_SELF, Errno, EvtchnStat, ffi
 from xenkvm.xen.errors import HypercallError
-from xenkvm.xen.evtchn import ops
 from xenkvm.xen.evtchn import poll as _poll
 from xenkvm.xen.evtchn.delivery import Delivery, Signal
 from xenkvm.xen.evtchn.fifo import NR_CHANNELS as FIFO_NR_CHANNELS
@@ -40,9 +39,6 @@ from xenkvm.xen.evtchn.ports import NR_VIRQS, PER_VCPU_VIRQS, Port, PortState, P
 from xenkvm.xen.evtchn.twolevel import TwoLevel
 from xenkvm.xen.evtchn.vmm import VmmPorts
 from xenkvm.xen.limits import of as limits_of
-
-if TYPE_CHECKING:
-    from xenkvm.xen.dispatch import Dispatcher
 
 
 CB_SIZE = ffi.sizeof("struct evtchn_fifo_control_block")
@@ -67,10 +63,6 @@ class EventChannels:
         # The services' per-event calls go straight to vmm.py (no forwarding frame).
         self.notify = self.vmm.notify
         self.raise_virq = self.vmm.raise_virq
-
-    def register_hypercalls(self, dispatcher: "Dispatcher") -> None:
-        """EVTCHNOP_* (SCHEDOP_poll is in hypercalls/sched.py's table)."""
-        ops.register_hypercalls(dispatcher)
 
     # -- views -------------------------------------------------------------------------
     @property

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from xenkvm.xen.abi import EvtchnOp, Hypercall, XenStruct, ffi, lib
+from xenkvm.xen.abi import EvtchnOp, XenStruct, ffi, lib
 from xenkvm.xen.evtchn.ports import PortState
 
 if TYPE_CHECKING:
-    from xenkvm.xen.dispatch import Call, Dispatcher
+    from xenkvm.xen.dispatch import Call
 
 SubOp = Callable[["Call", int], int]
 
@@ -181,9 +181,3 @@ SUBOPS: dict[int, SubOp] = {
     EvtchnOp.expand_array: expand_array,
     EvtchnOp.set_priority: set_priority,
 }
-
-
-def register_hypercalls(dispatcher: "Dispatcher") -> None:
-    """Put :data:`SUBOPS` in the dispatcher's event_channel_op table."""
-    for op, fn in SUBOPS.items():
-        dispatcher.register_subop(Hypercall.event_channel_op, op, fn)

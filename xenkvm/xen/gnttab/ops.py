@@ -1,11 +1,10 @@
 """GNTTABOP_* decoding: guest structs in (cffi layouts), GNTST_* / -errno out.
 
-Each sub-op is one short function ``handler(table, call, uop) -> int`` that
-reads the guest's struct(s) at ``uop``, asks the :class:`GrantTable` and
-writes the result back; the table logic knows nothing of guest structs.
-:data:`SUBOPS` maps each sub-op to its handler (for a central hypercall
-table, which finds the table as ``call.domain.gnttab``); :func:`register`
-puts them on a :class:`Dispatcher` for one table.
+Each sub-op is one short function ``handler(call, uop) -> int`` that reads
+the guest's struct(s) at ``uop``, asks the caller's :class:`GrantTable`
+(``call.domain.gnttab``) and writes the result back; the table logic knows
+nothing of guest structs.  :data:`SUBOPS` maps each sub-op to its handler for
+the hypercall table (xen/hypercalls/table.py).
 
 Xen facts followed (xen/common/grant_table.c, do_grant_table_op and the
 gnttab_* functions, re-stated):
@@ -31,17 +30,16 @@ gnttab_* functions, re-stated):
 """
 from __future__ import annotations
 
-import functools
 import logging
 import operator
 import struct
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
-from xenkvm.xen.abi import DOMID_SELF, Errno, GnttabOp, Gntst, Hypercall, XenStruct, ffi, handle_offset, lib
+from xenkvm.xen.abi import DOMID_SELF, Errno, GnttabOp, Gntst, XenStruct, ffi, handle_offset, lib
 from xenkvm.xen.errors import HypercallError, einval
 
 if TYPE_CHECKING:
-    from xenkvm.xen.dispatch import Call, Dispatcher
+    from xenkvm.xen.dispatch import Call
     from xenkvm.xen.gnttab.table import GrantTable
 
 log = logging.getLogger(__name__)
@@ -169,7 +167,8 @@ def _write_frame_list(table: "GrantTable", call: "Call", lst: int, nr: int, stat
 
 
 # -- the sub-ops -------------------------------------------------------------------------
-def setup_table(table: "GrantTable", call: "Call", uop: int) -> int:
+def setup_table(call: "Call", uop: int) -> int:
+    table: "GrantTable" = call.domain.gnttab
     _single(call)
     op = call.guest.read_struct(SETUP, uop)
     status = dom_status(table, op.dom)
@@ -182,7 +181,8 @@ def setup_table(table: "GrantTable", call: "Call", uop: int) -> int:
     return 0
 
 
-def query_size(table: "GrantTable", call: "Call", uop: int) -> int:
+def query_size(call: "Call", uop: int) -> int:
+    table: "GrantTable" = call.domain.gnttab
     _single(call)
     op = call.guest.read_struct(QUERY, uop)
     op.status = dom_status(table, op.dom)
@@ -193,7 +193,8 @@ def query_size(table: "GrantTable", call: "Call", uop: int) -> int:
     return 0
 
 
-def get_version(table: "GrantTable", call: "Call", uop: int) -> int:
+def get_version(call: "Call", uop: int) -> int:
+    table: "GrantTable" = call.domain.gnttab
     _single(call)
     op = call.guest.read_struct(GETVER, uop)
     status = dom_status(table, op.dom)
@@ -206,7 +207,8 @@ def get_version(table: "GrantTable", call: "Call", uop: int) -> int:
     return 0
 
 
-def set_version(table: "GrantTable", call: "Call", uop: int) -> int:
+def set_version(call: "Call", uop: int) -> int:
+    table: "GrantTable" = call.domain.gnttab
     _single(call)
     op = call.guest.read_struct(SETVER, uop)
     res = table.set_version(op.version)
@@ -215,7 +217,8 @@ def set_version(table: "GrantTable", call: "Call", uop: int) -> int:
     return res
 
 
-def get_status_frames(table: "GrantTable", call: "Call", uop: int) -> int:
+def get_status_frames(call: "Call", uop: int) -> int:
+    table: "GrantTable" = call.domain.gnttab
     _single(call)
     op = call.guest.read_struct(STATUS_FRAMES, uop)
     status = dom_status(table, op.dom)
@@ -229,7 +232,8 @@ def get_status_frames(table: "GrantTable", call: "Call", uop: int) -> int:
     return 0
 
 
-def copy(table: "GrantTable", call: "Call", uop: int) -> int:
+def copy(call: "Call", uop: int) -> int:
+    table: "GrantTable" = call.domain.gnttab
     for i in range(_batch(call)):
         gva = uop + i * COPY.size
         op = decode_copy(call.guest.read(gva, COPY.size))
@@ -246,7 +250,8 @@ def _copy_status(table: "GrantTable", op: CopyOp) -> int:
     return table.guest_copy(op.src, op.dst, op.length)
 
 
-def map_grant_ref(table: "GrantTable", call: "Call", uop: int) -> int:
+def map_grant_ref(call: "Call", uop: int) -> int:
+    table: "GrantTable" = call.domain.gnttab
     for i in range(_batch(call)):
         gva = uop + i * MAP.size
         op = call.guest.read_struct(MAP, gva)
@@ -268,7 +273,7 @@ def _map_status(table: "GrantTable", op) -> int:
     return Gntst.general_error
 
 
-def unmap_grant_ref(table: "GrantTable", call: "Call", uop: int) -> int:
+def unmap_grant_ref(call: "Call", uop: int) -> int:
     for i in range(_batch(call)):
         gva = uop + i * UNMAP.size
         call.guest.read_struct(UNMAP, gva)
@@ -276,7 +281,7 @@ def unmap_grant_ref(table: "GrantTable", call: "Call", uop: int) -> int:
     return 0
 
 
-#: GNTTABOP_* -> handler(table, call, uop), for the hypercall table.
+#: GNTTABOP_* -> handler(call, uop), for the hypercall table (xen/hypercalls/table.py).
 SUBOPS: dict[GnttabOp, Handler] = {
     GnttabOp.setup_table: setup_table,
     GnttabOp.query_size: query_size,
@@ -287,9 +292,3 @@ SUBOPS: dict[GnttabOp, Handler] = {
     GnttabOp.map_grant_ref: map_grant_ref,
     GnttabOp.unmap_grant_ref: unmap_grant_ref,
 }
-
-
-def register(table: "GrantTable", dispatcher: "Dispatcher") -> None:
-    """Put every sub-op of :data:`SUBOPS` on ``dispatcher``, bound to ``table``."""
-    for op, handler in SUBOPS.items():
-        dispatcher.register_subop(Hypercall.grant_table_op, op, functools.partial(handler, table))

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 
 from xenkvm.xen.abi import PAGE_SHIFT, PAGE_SIZE, Errno, Gntst, HvmParam, lib
 from xenkvm.xen.errors import einval
-from xenkvm.xen.gnttab import ops
 from xenkvm.xen.gnttab.backend import BackendApi
 from xenkvm.xen.gnttab.entries import (CODECS, GTF_permit_access, GTF_readonly, STATUS_PER_FRAME, EntryCodec,
                                        codec_for)
@@ -39,7 +38,6 @@ from xenkvm.xen.gnttab.pins import Pins
 from xenkvm.xen.limits import of as limits_of
 
 if TYPE_CHECKING:
-    from xenkvm.xen.dispatch import Dispatcher
     from xenkvm.xen.domain import XenDomain
 
 log = logging.getLogger(__name__)
@@ -246,10 +244,6 @@ class GrantTable(BackendApi):
         return side.ref_or_gmfn, 0, PAGE_SIZE, side.offset
 
     # -- hypercalls --------------------------------------------------------------------
-    def register_hypercalls(self, dispatcher: "Dispatcher") -> None:
-        """Register the GNTTABOP_* handlers of :mod:`.ops` for this table."""
-        ops.register(self, dispatcher)
-
     # -- save / restore ----------------------------------------------------------------
     def to_state(self) -> dict:
         """Plain data: version, frames' gpfns, and the content of frames not in guest RAM."""

@@ -1,15 +1,10 @@
 """hvm_op: HVM parameters, the per-vCPU upcall vector, and the probes Linux makes."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from xenkvm.xen.abi import (DOMID_SELF, HVM_CALLBACK_GSI, HVM_CALLBACK_PCI_INTX, HVM_CALLBACK_TYPE_SHIFT,
-                            HVM_CALLBACK_VECTOR, Errno, HvmOp, HvmParam, Hypercall, XenStruct, lib)
+                            HVM_CALLBACK_VECTOR, Errno, HvmOp, HvmParam, XenStruct, lib)
 from xenkvm.xen.dispatch import Call
 from xenkvm.xen.errors import HypercallError, einval
-
-if TYPE_CHECKING:
-    from xenkvm.xen.domain import XenDomain
 
 PARAM = XenStruct("struct xen_hvm_param")
 UPCALL_VECTOR = XenStruct("struct xen_hvm_evtchn_upcall_vector")
@@ -92,10 +87,7 @@ def flush_tlbs(call: Call, arg: int) -> int:
     return 0
 
 
-def register(domain: "XenDomain") -> None:
-    table = {HvmOp.set_param: set_param, HvmOp.get_param: get_param,
-             HvmOp.set_evtchn_upcall_vector: set_evtchn_upcall_vector,
-             HvmOp.pagetable_dying: pagetable_dying, HvmOp.get_time: get_time,
-             HvmOp.get_mem_type: get_mem_type, HvmOp.flush_tlbs: flush_tlbs}
-    for cmd, fn in table.items():
-        domain.dispatcher.register_subop(Hypercall.hvm_op, cmd, fn)
+SUBOPS = {HvmOp.set_param: set_param, HvmOp.get_param: get_param,
+          HvmOp.set_evtchn_upcall_vector: set_evtchn_upcall_vector,
+          HvmOp.pagetable_dying: pagetable_dying, HvmOp.get_time: get_time,
+          HvmOp.get_mem_type: get_mem_type, HvmOp.flush_tlbs: flush_tlbs}

@@ -6,15 +6,11 @@ populate_physmap, current/maximum_reservation) are in ``reservation.py``.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
-
-from xenkvm.xen.abi import DOMID_SELF, Errno, Hypercall, MemOp, XenStruct, ffi, handle_offset, lib
-from xenkvm.xen.dispatch import Call
+from xenkvm.xen.abi import DOMID_SELF, Errno, MemOp, XenStruct, ffi, handle_offset, lib
+from xenkvm.xen.dispatch import Call, subops
 from xenkvm.xen.errors import HypercallError, einval
 from xenkvm.xen.hypercalls import reservation
 
-if TYPE_CHECKING:
-    from xenkvm.xen.domain import XenDomain
 
 ADD_TO_PHYSMAP = XenStruct("struct xen_add_to_physmap")
 ADD_BATCH = XenStruct("struct xen_add_to_physmap_batch")
@@ -95,16 +91,24 @@ def remove_from_physmap(call: Call, arg: int) -> int:
     raise HypercallError(Errno.ENOSYS, f"gpfn {gpfn:#x} is not a grant frame; RAM stays mapped")
 
 
-def register(domain: "XenDomain") -> None:
-    def maximum_gpfn(call: Call, arg: int) -> int:
-        _check_domid(call, call.guest.read_u32(arg) & 0xFFFF)
-        return domain.mem.top_of_regions() // 4096 - 1
+def maximum_gpfn(call: Call, arg: int) -> int:
+    _check_domid(call, call.guest.read_u32(arg) & 0xFFFF)
+    return call.domain.mem.top_of_regions() // 4096 - 1
 
-    table = {
-        MemOp.add_to_physmap: add_to_physmap, MemOp.add_to_physmap_batch: add_to_physmap_batch,
-        MemOp.memory_map: memory_map, MemOp.maximum_gpfn: maximum_gpfn,
-        MemOp.remove_from_physmap: remove_from_physmap,
-    }
-    for cmd, fn in table.items():
-        domain.dispatcher.register_subop(Hypercall.memory_op, cmd, fn)
-    reservation.register(domain)
+
+SUBOPS = {MemOp.add_to_physmap: add_to_physmap, MemOp.add_to_physmap_batch: add_to_physmap_batch,
+          MemOp.memory_map: memory_map, MemOp.maximum_gpfn: maximum_gpfn,
+          MemOp.remove_from_physmap: remove_from_physmap}
+_other_ops = subops(SUBOPS)
+
+
+def memory_op(call: Call) -> int:
+    """``memory_op(cmd, arg)``: the reservation calls carry a start extent in ``cmd >> 6``
+    (MEMOP_EXTENT_SHIFT, their continuation); every other sub-op is the whole ``cmd``."""
+    cmd = call.args[0]
+    op, start = cmd & reservation.MEMOP_CMD_MASK, cmd >> reservation.MEMOP_EXTENT_SHIFT
+    if op in reservation.EXTENT_OPS:
+        return reservation.extent_op(call, op, call.args[1], start)
+    if op in reservation.COUNT_OPS:
+        return reservation.count_op(call, op, call.args[1], start)
+    return _other_ops(call)

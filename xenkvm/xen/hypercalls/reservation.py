@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from xenkvm.xen.abi import DOMID_SELF, Errno, Hypercall, MemOp, XenStruct, handle_offset, lib
+from xenkvm.xen.abi import DOMID_SELF, Errno, MemOp, XenStruct, handle_offset, lib
 from xenkvm.xen.dispatch import Call
 from xenkvm.xen.errors import HypercallError, einval
 from xenkvm.xen.reservation import Reservation, gfns_of
@@ -155,23 +155,3 @@ def count_op(call: Call, op: int, arg: int, start: int) -> int:
         raise HypercallError(Errno.ESRCH, f"no domain {domid}")
     res: Reservation = call.domain.reservation
     return res.tot_pages if op == MemOp.current_reservation else res.max_pages
-
-
-def register(domain: "XenDomain") -> None:
-    """Route memory_op's reservation calls here, start extent (``cmd >> 6``) included.
-
-    Wraps the memory_op sub-op table's handler (registered first, by memory.register):
-    other sub-ops reach it unchanged.
-    """
-    table_handler = domain.dispatcher.handlers[int(Hypercall.memory_op)]
-
-    def memory_op(call: Call) -> int:
-        cmd = call.args[0]
-        op, start = cmd & MEMOP_CMD_MASK, cmd >> MEMOP_EXTENT_SHIFT
-        if op in EXTENT_OPS:
-            return extent_op(call, op, call.args[1], start)
-        if op in COUNT_OPS:
-            return count_op(call, op, call.args[1], start)
-        return table_handler(call)
-
-    domain.dispatcher.register(Hypercall.memory_op, memory_op)

@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
-
 from xenkvm.machine.status import ExitStatus
-from xenkvm.xen.abi import DOMID_SELF, Errno, Hypercall, SchedOp, Shutdown, XenStruct
+from xenkvm.xen.abi import DOMID_SELF, Errno, SchedOp, Shutdown, XenStruct
 from xenkvm.xen.dispatch import Call
 from xenkvm.xen.errors import HypercallError, einval
 from xenkvm.xen.evtchn.poll import sched_poll
 
-if TYPE_CHECKING:
-    from xenkvm.xen.domain import XenDomain
 
 log = logging.getLogger(__name__)
 SHUTDOWN = XenStruct("struct sched_shutdown")
@@ -33,28 +29,30 @@ def shutdown_domain(call: Call, reason: int) -> int:
     return 0
 
 
-def register(domain: "XenDomain") -> None:
-    def yield_(call: Call, arg: int) -> int:
-        return 0
+def yield_(call: Call, arg: int) -> int:
+    return 0
 
-    def block(call: Call, arg: int) -> int:
-        return 0  # returning is a spurious wake-up, which the ABI allows
 
-    def shutdown(call: Call, arg: int) -> int:
-        return shutdown_domain(call, call.guest.read_struct(SHUTDOWN, arg).reason)
+def block(call: Call, arg: int) -> int:
+    return 0  # returning is a spurious wake-up, which the ABI allows
 
-    def remote_shutdown(call: Call, arg: int) -> int:
-        req = call.guest.read_struct(REMOTE_SHUTDOWN, arg)
-        if req.domain_id not in (DOMID_SELF, call.domain.domid):
-            raise HypercallError(Errno.EPERM, "only the toolstack shuts down other domains")
-        return shutdown_domain(call, req.reason)
 
-    def shutdown_code(call: Call, arg: int) -> int:
-        call.domain.shutdown_code = call.guest.read_struct(SHUTDOWN, arg).reason
-        return 0
+def shutdown(call: Call, arg: int) -> int:
+    return shutdown_domain(call, call.guest.read_struct(SHUTDOWN, arg).reason)
 
-    table = {SchedOp["yield"]: yield_, SchedOp.block: block,
-             SchedOp.shutdown: shutdown, SchedOp.remote_shutdown: remote_shutdown,
-             SchedOp.shutdown_code: shutdown_code, SchedOp.poll: sched_poll}
-    for cmd, fn in table.items():
-        domain.dispatcher.register_subop(Hypercall.sched_op, cmd, fn)
+
+def remote_shutdown(call: Call, arg: int) -> int:
+    req = call.guest.read_struct(REMOTE_SHUTDOWN, arg)
+    if req.domain_id not in (DOMID_SELF, call.domain.domid):
+        raise HypercallError(Errno.EPERM, "only the toolstack shuts down other domains")
+    return shutdown_domain(call, req.reason)
+
+
+def shutdown_code(call: Call, arg: int) -> int:
+    call.domain.shutdown_code = call.guest.read_struct(SHUTDOWN, arg).reason
+    return 0
+
+
+SUBOPS = {SchedOp["yield"]: yield_, SchedOp.block: block,
+          SchedOp.shutdown: shutdown, SchedOp.remote_shutdown: remote_shutdown,
+          SchedOp.shutdown_code: shutdown_code, SchedOp.poll: sched_poll}

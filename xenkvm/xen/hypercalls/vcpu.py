@@ -1,20 +1,23 @@
 """vcpu_op: where a vCPU's vcpu_info, runstate and time areas live, and whether it is up.
 
 ``vcpu_op(cmd, vcpuid, arg)``: the target is explicit (the BSP registers for
-APs, linux.md 2.1).  Timer sub-ops are registered by ``xen.timers``.
+APs, linux.md 2.1).  The timer sub-ops and ``set_timer_op`` are decoded here
+too; the timers themselves are ``domain.timers`` (xen/timers.py).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
 
-from xenkvm.xen.abi import Errno, Hypercall, VcpuOp, XenStruct, handle_offset
+from xenkvm.xen.abi import Errno, VcpuOp, XenStruct, handle_offset, lib
 from xenkvm.xen.dispatch import Call
 from xenkvm.xen.errors import HypercallError, einval
+from xenkvm.xen.timers import (HUGE_TIMEOUT_NS, HUGE_TIMEOUT_REPLACEMENT_NS, PERIOD_MAX_NS,
+                               PERIOD_MIN_NS)
 
-if TYPE_CHECKING:
-    from xenkvm.xen.domain import XenDomain
-
+log = logging.getLogger(__name__)
 REGISTER_VCPU_INFO = XenStruct("struct vcpu_register_vcpu_info")
+SSHOT = XenStruct("struct vcpu_set_singleshot_timer")
+PERIODIC = XenStruct("struct vcpu_set_periodic_timer")
 RUNSTATE = XenStruct("struct vcpu_runstate_info")
 
 
@@ -83,11 +86,71 @@ def not_for_hvm(call: Call, vcpuid: int) -> int:
     raise einval("HVM vCPUs are started with INIT/SIPI, not VCPUOP_initialise/up/down")
 
 
-def register(domain: "XenDomain") -> None:
-    table = {VcpuOp.register_vcpu_info: register_vcpu_info,
-             VcpuOp.register_runstate_memory_area: register_runstate,
-             VcpuOp.register_vcpu_time_memory_area: register_time_area,
-             VcpuOp.get_runstate_info: get_runstate_info, VcpuOp.is_up: is_up,
-             VcpuOp.initialise: not_for_hvm, VcpuOp.up: not_for_hvm, VcpuOp.down: not_for_hvm}
-    for cmd, fn in table.items():
-        domain.dispatcher.register_subop(Hypercall.vcpu_op, cmd, fn)
+# -- timers (the state and its rules: xen/timers.py) ---------------------------
+def _timer_vcpu(call: Call, vcpuid: int, own_only: bool) -> int:
+    if not call.domain.valid_vcpu(vcpuid):
+        raise HypercallError(Errno.ENOENT, f"no vcpu {vcpuid}")
+    if own_only and vcpuid != call.vcpu_id:
+        raise HypercallError(Errno.EINVAL, f"vcpu{call.vcpu_id} cannot set vcpu{vcpuid}'s single-shot timer")
+    return vcpuid
+
+
+def set_singleshot_timer(call: Call, vcpuid: int) -> int:
+    v = _timer_vcpu(call, vcpuid, True)
+    req = call.guest.read_struct(SSHOT, call.args[2])
+    deadline, flags = int(req.timeout_abs_ns), int(req.flags)
+    if deadline < call.domain.now_ns() and flags & lib.VCPU_SSHOTTMR_future:
+        raise HypercallError(Errno.ETIME, "single-shot deadline already past")
+    if deadline >= 1 << 63:
+        deadline -= 1 << 64         # s_time_t: in the past
+    call.domain.timers.set_singleshot(v, deadline)
+    return 0
+
+
+def stop_singleshot_timer(call: Call, vcpuid: int) -> int:
+    call.domain.timers.stop_singleshot(_timer_vcpu(call, vcpuid, True))
+    return 0
+
+
+def set_periodic_timer(call: Call, vcpuid: int) -> int:
+    v = _timer_vcpu(call, vcpuid, False)
+    period = int(call.guest.read_struct(PERIODIC, call.args[2]).period_ns)
+    if not PERIOD_MIN_NS <= period <= PERIOD_MAX_NS:
+        raise HypercallError(Errno.EINVAL, f"periodic timer of {period} ns")
+    call.domain.timers.set_periodic(v, period)
+    return 0
+
+
+def stop_periodic_timer(call: Call, vcpuid: int) -> int:
+    call.domain.timers.stop_periodic(_timer_vcpu(call, vcpuid, False))
+    return 0
+
+
+def set_timer_op(call: Call) -> int:
+    if call.long_mode:
+        timeout = call.args[0] & ((1 << 64) - 1)
+    else:
+        timeout = (call.args[0] & 0xFFFFFFFF) | (call.args[1] & 0xFFFFFFFF) << 32
+    v = call.vcpu_id
+    if timeout == 0:
+        call.domain.timers.stop_singleshot(v)
+        return 0
+    if timeout >= 1 << 63:
+        timeout -= 1 << 64          # s_time_t: a wrapped-negative deadline is in the past
+    now = call.domain.now_ns()
+    if timeout - now >= HUGE_TIMEOUT_NS:
+        log.debug("vcpu%d: huge set_timer_op timeout %#x, using 100 ms", v, timeout)
+        timeout = now + HUGE_TIMEOUT_REPLACEMENT_NS
+    call.domain.timers.set_singleshot(v, timeout)
+    return 0
+
+
+SUBOPS = {VcpuOp.register_vcpu_info: register_vcpu_info,
+          VcpuOp.register_runstate_memory_area: register_runstate,
+          VcpuOp.register_vcpu_time_memory_area: register_time_area,
+          VcpuOp.get_runstate_info: get_runstate_info, VcpuOp.is_up: is_up,
+          VcpuOp.initialise: not_for_hvm, VcpuOp.up: not_for_hvm, VcpuOp.down: not_for_hvm,
+          VcpuOp.set_singleshot_timer: set_singleshot_timer,
+          VcpuOp.stop_singleshot_timer: stop_singleshot_timer,
+          VcpuOp.set_periodic_timer: set_periodic_timer,
+          VcpuOp.stop_periodic_timer: stop_periodic_timer}

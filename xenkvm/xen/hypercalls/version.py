@@ -1,15 +1,11 @@
 """xen_version: the version numbers, strings and feature bits the guest is told."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from xenkvm.xen.abi import Hypercall, XenStruct, XenVer, lib
+from xenkvm.xen.abi import XenStruct, XenVer, lib
 from xenkvm.xen.dispatch import Call
 from xenkvm.xen.abi import Errno
 from xenkvm.xen.errors import HypercallError
 
-if TYPE_CHECKING:
-    from xenkvm.xen.domain import XenDomain
 
 FEATURE_INFO = XenStruct("struct xen_feature_info")
 EXTRAVERSION = b".0-xenkvm"
@@ -26,51 +22,57 @@ def _fixed_string(call: Call, gva: int, value: bytes, size: int) -> int:
     return 0
 
 
-def register(domain: "XenDomain") -> None:
-    major, minor = domain.cfg.version
+def version(call: Call, arg: int) -> int:
+    major, minor = call.domain.cfg.version
+    return major << 16 | minor
 
-    def version(call: Call, arg: int) -> int:
-        return major << 16 | minor
 
-    def extraversion(call: Call, arg: int) -> int:
-        return _fixed_string(call, arg, EXTRAVERSION, 16)
+def extraversion(call: Call, arg: int) -> int:
+    return _fixed_string(call, arg, EXTRAVERSION, 16)
 
-    def capabilities(call: Call, arg: int) -> int:
-        return _fixed_string(call, arg, CAPABILITIES, 1024)
 
-    def changeset(call: Call, arg: int) -> int:
-        return _fixed_string(call, arg, b"xenkvm", 64)
+def capabilities(call: Call, arg: int) -> int:
+    return _fixed_string(call, arg, CAPABILITIES, 1024)
 
-    def compile_info(call: Call, arg: int) -> int:
-        # struct xen_compile_info: compiler[64], compile_by[16], compile_domain[32], compile_date[32]
-        return _fixed_string(call, arg, b"xenkvm", 144)
 
-    def get_features(call: Call, arg: int) -> int:
-        info = call.guest.read_struct(FEATURE_INFO, arg)
-        if info.submap_idx >= lib.XENFEAT_NR_SUBMAPS:
-            info.submap = 0
-        else:
-            info.submap = FEATURES
-        call.guest.write_struct(FEATURE_INFO, arg, info)
-        return 0
+def changeset(call: Call, arg: int) -> int:
+    return _fixed_string(call, arg, b"xenkvm", 64)
 
-    def pagesize(call: Call, arg: int) -> int:
-        return 4096
 
-    def platform_parameters(call: Call, arg: int) -> int:
-        call.guest.write_u64(arg, 0xFFFF_8000_0000_0000)  # virt_start: HVM guests own all of it
-        return 0
+def compile_info(call: Call, arg: int) -> int:
+    # struct xen_compile_info: compiler[64], compile_by[16], compile_domain[32], compile_date[32]
+    return _fixed_string(call, arg, b"xenkvm", 144)
 
-    def guest_handle(call: Call, arg: int) -> int:
-        call.guest.write(arg, bytes(16))  # the domain handle (a UUID): all zero
-        return 0
 
-    def commandline(call: Call, arg: int) -> int:
-        raise HypercallError(Errno.EPERM, "the hypervisor command line is for the privileged")
+def get_features(call: Call, arg: int) -> int:
+    info = call.guest.read_struct(FEATURE_INFO, arg)
+    if info.submap_idx >= lib.XENFEAT_NR_SUBMAPS:
+        info.submap = 0
+    else:
+        info.submap = FEATURES
+    call.guest.write_struct(FEATURE_INFO, arg, info)
+    return 0
 
-    table = {XenVer.version: version, XenVer.extraversion: extraversion, XenVer.capabilities: capabilities,
-             XenVer.changeset: changeset, XenVer.compile_info: compile_info, XenVer.get_features: get_features,
-             XenVer.pagesize: pagesize, XenVer.platform_parameters: platform_parameters,
-             XenVer.guest_handle: guest_handle, XenVer.commandline: commandline}
-    for cmd, fn in table.items():
-        domain.dispatcher.register_subop(Hypercall.xen_version, cmd, fn)
+
+def pagesize(call: Call, arg: int) -> int:
+    return 4096
+
+
+def platform_parameters(call: Call, arg: int) -> int:
+    call.guest.write_u64(arg, 0xFFFF_8000_0000_0000)  # virt_start: HVM guests own all of it
+    return 0
+
+
+def guest_handle(call: Call, arg: int) -> int:
+    call.guest.write(arg, bytes(16))  # the domain handle (a UUID): all zero
+    return 0
+
+
+def commandline(call: Call, arg: int) -> int:
+    raise HypercallError(Errno.EPERM, "the hypervisor command line is for the privileged")
+
+
+SUBOPS = {XenVer.version: version, XenVer.extraversion: extraversion, XenVer.capabilities: capabilities,
+          XenVer.changeset: changeset, XenVer.compile_info: compile_info, XenVer.get_features: get_features,
+          XenVer.pagesize: pagesize, XenVer.platform_parameters: platform_parameters,
+          XenVer.guest_handle: guest_handle, XenVer.commandline: commandline}
