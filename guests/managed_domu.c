@@ -2,7 +2,9 @@
  * managed_domu - a domain for the managed-domain tests (tests/toolstack/):
  * it runs until the toolstack tells it to stop, and reports what it sees.
  *
- *   "TOOLSTACK-UP"            once per boot, when the xenstore watch is set
+ *   "TOOLSTACK-UP"            once per boot, when the xenstore watch is set; also
+ *                             "managed_domu up" on Xen's console (console_io:
+ *                             what `xenkvm dmesg` shows)
  *   "TICK <n> <ns>"           every TICK_NS of Xen system time (pvclock), so a
  *                             host test can read guest time off the console
  *                             (a pause must not move it)
@@ -70,6 +72,8 @@ int main(const struct hvm_start_info *si)
         return 1;
     }
     puts("TOOLSTACK-UP");
+    static const char up[] = "managed_domu up\n";
+    HYPERVISOR_console_io(CONSOLEIO_write, sizeof(up) - 1, up);
     uint64_t n = 0, next = xen_system_time();
     for (;;) {
         uint64_t now = xen_system_time();

@@ -319,3 +319,9 @@ def test_foreground_create_and_ctrl_bracket(built_guests, tmp_path):
             proc.kill()
         os.close(master)
     assert listing(run_dir) == {}
+
+
+def test_dmesg_shows_the_xen_console(running):
+    Console(running).read_until(rb"^TOOLSTACK-UP$")
+    r = xenkvm(running, "dmesg", "managed-domu")
+    assert r.returncode == 0 and "managed_domu up" in r.stdout, r.stdout + r.stderr

@@ -47,6 +47,12 @@ def call(name: str, op: str, timeout: float = 10.0, **args) -> dict:
             return c.call(op, **args)
     except (FileNotFoundError, ConnectionRefusedError):
         raise ConfigError(f"{name}: its VMM is not running (xenkvm list reports and cleans it)") from None
+    except (ConnectionError, TimeoutError) as e:
+        raise VmmGone(f"{name}: the VMM went away during {op!r} ({e})") from None
+
+
+class VmmGone(ConfigError):
+    """The VMM closed the connection before answering (it stopped meanwhile)."""
 
 
 # -- create ---------------------------------------------------------------------------------------
@@ -58,6 +64,7 @@ def cmd_create(args) -> int:
         from xenkvm.toolstack.vmm import DomainProcess
         return DomainProcess(cfg, d, rec, foreground=True).run()
     fd = os.open(d.vmm_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log_reader = open(d.vmm_log, "rb")        # still readable after a failed VMM removes its folder
     cmd = [sys.executable, "-m", "xenkvm"] + ["-v"] * max(args.verbose, 1) + ["_vmm", str(d.path),
                                                                                str(Path(args.config).resolve())]
     try:
@@ -69,8 +76,10 @@ def cmd_create(args) -> int:
         os.close(fd)
     rec.pid, rec.start_time = proc.pid, process_start_time(proc.pid) or 0
     d.write(rec)
-    if not _wait_started(d, proc):
-        tail = _tail(d.vmm_log, 8)
+    with log_reader:
+        started = _wait_started(d, proc)
+        tail = [] if started else log_reader.read().decode(errors="replace").splitlines()[-8:]
+    if not started:
         d.remove()
         print(f"xenkvm: create: {cfg.name} failed to start" + (":\n  " + "\n  ".join(tail) if tail else ""),
               file=sys.stderr)
@@ -95,13 +104,6 @@ def _wait_started(d: DomainDir, proc: subprocess.Popen) -> bool:
         time.sleep(WAIT_POLL)
     proc.kill()
     return False
-
-
-def _tail(path: Path, n: int) -> list[str]:
-    try:
-        return path.read_text(errors="replace").splitlines()[-n:]
-    except OSError:
-        return []
 
 
 def cmd_vmm(args) -> int:
@@ -132,8 +134,10 @@ def list_domains() -> list[dict]:
         if rec is None or not rec.alive():
             rows.append({"name": d.name, "domid": rec.domid if rec else None, "state": "crashed",
                          "memory": None, "vcpus": None, "uptime": None})
-            with run.locked():
-                d.remove()
+            with run.locked():        # re-checked under the lock: a create may have reclaimed the name
+                again = d.read()
+                if again is None or (again.pid == (rec.pid if rec else again.pid) and not again.alive()):
+                    d.remove()
         else:
             rows.append({"name": d.name, "domid": rec.domid, "state": "starting" if rec.pid else "unknown",
                          "memory": None, "vcpus": None, "uptime": None})
@@ -187,7 +191,10 @@ def cmd_shutdown_api(args, action: str) -> int:
 
 
 def cmd_destroy(args) -> int:
-    call(args.name, "destroy")
+    try:
+        call(args.name, "destroy")
+    except VmmGone:
+        pass                             # it stopped before it could answer: that is the point
     return _wait(args.name, lambda i: i is None, 30.0, "go away")
 
 

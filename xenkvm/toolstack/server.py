@@ -83,6 +83,7 @@ class ControlServer:
         if self._thread is not None:
             self._thread.join(5)
         for c in list(self.conns.values()):
+            self._flush_before_close(c)
             self._drop(c)
         self.sel.close()
         self.listener.close()
@@ -92,6 +93,16 @@ class ControlServer:
             os.unlink(self.path)
         except OSError:
             pass
+
+    @staticmethod
+    def _flush_before_close(conn: _Conn) -> None:
+        """Send what is queued (e.g. the answer to ``destroy``), waiting at most a second."""
+        if conn.outbuf and not conn.console:
+            try:
+                conn.sock.settimeout(1.0)
+                conn.sock.sendall(conn.outbuf)
+            except OSError:
+                pass
 
     def _wake(self) -> None:
         try:
