@@ -105,6 +105,10 @@ def control(run_dir: Path) -> ControlClient:
 def test_create_from_xl_cfg_and_list(running):
     row = listing(running)["managed-domu"]
     assert (row["domid"], row["memory"], row["vcpus"], row["state"]) == (1, 64 << 20, 1, "running")
+    from xenkvm.xenstore.client import XsClient
+    with XsClient(str(running / "managed-domu" / "xenstore.sock"), timeout=10) as xs:
+        assert xs.read("/local/domain/1/name") == b"managed-domu"
+        assert xs.read("/local/domain/1/vm").decode().endswith(row["uuid"])
     r = xenkvm(running, "list")
     assert re.search(r"^managed-domu\s+1\s+64\s+1\s+running\s+\d+\.\d$", r.stdout, re.M), r.stdout
     folder = running / "managed-domu"
@@ -325,3 +329,22 @@ def test_dmesg_shows_the_xen_console(running):
     Console(running).read_until(rb"^TOOLSTACK-UP$")
     r = xenkvm(running, "dmesg", "managed-domu")
     assert r.returncode == 0 and "managed_domu up" in r.stdout, r.stdout + r.stderr
+
+
+def test_create_c_attaches_and_detach_leaves_it_running(built_guests, tmp_path):
+    run_dir = tmp_path / "run"
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "xenkvm", "create", "-c", str(CFG)], cwd=ROOT, stdin=slave,
+                            stdout=slave, stderr=slave, env={**os.environ, "XENKVM_RUN_DIR": str(run_dir)})
+    os.close(slave)
+    out = bytearray()
+    try:
+        _pty_until(master, out, b"TOOLSTACK-UP")
+        os.write(master, b"\x1d")
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert listing(run_dir)["managed-domu"]["state"] == "running"
+    assert xenkvm(run_dir, "destroy", "managed-domu").returncode == 0

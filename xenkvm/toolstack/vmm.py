@@ -33,6 +33,7 @@ from xenkvm.toolstack.pause import Pauser
 from xenkvm.toolstack.protocol import RESERVED_OPS, ApiError, ErrorCode
 from xenkvm.toolstack.rundir import DomainDir, DomainRecord, process_start_time
 from xenkvm.toolstack.server import ControlServer
+from xenkvm.xenstore.layout import vm_uuid
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,8 @@ class DomainProcess:
         with self._lock:
             paused = self.pauser is not None and self.pauser.paused
         state = State.PAUSED if paused and self.state is State.RUNNING else self.state
-        return {"name": self.cfg.name, "domid": self.rec.domid, "uuid": self.rec.uuid, "pid": os.getpid(),
+        uuid = self.rec.uuid or vm_uuid(self.cfg.name, self.rec.domid)    # what the guest's store says
+        return {"name": self.cfg.name, "domid": self.rec.domid, "uuid": uuid, "pid": os.getpid(),
                 "state": state.value, "memory": self.cfg.memory, "vcpus": self.cfg.vcpus,
                 "created": self.started, "uptime": round(time.time() - self.started, 3),
                 "generation": self.generation,
