@@ -80,9 +80,6 @@ class DomainProcess:
         self.server = ControlServer(str(d.control), self._handlers(), console_input=self._console_input,
                                     console_tail=self.sink.tail)
         self.sink.add_listener(self.server.console_output)
-        if cfg.disks or cfg.vifs:
-            log.warning("%s: disks/vifs are kept in the config but no PV backend serves them in this build",
-                        cfg.name)
 
     # -- the run loop (main thread) ------------------------------------------------------------
     def run(self) -> int:
@@ -122,6 +119,10 @@ class DomainProcess:
         with self._lock:
             self.machine, self.pauser = machine, Pauser(machine, xen_domain(machine))
             self.generation += 1
+        if self.generation == 1 and (self.cfg.disks or self.cfg.vifs) \
+                and not hasattr(xen_domain(machine), "devices"):
+            log.warning("%s: disk/vif entries are kept in the config, but this build has no PV backends "
+                        "to serve them", self.cfg.name)
         try:
             if self._destroy.is_set():
                 return RunResult(ExitStatus.INTERRUPTED, "destroyed")
