@@ -14,6 +14,7 @@ import dataclasses
 from xenkvm.config import BootMode, ConfigError, HypercallTrap, XenConfig, load_config, parse_hypervisor_log
 from xenkvm.machine.boot import BootError
 from xenkvm.kvm.errors import KvmError
+from xenkvm.toolstack.protocol import ApiError
 
 log = logging.getLogger("xenkvm")
 
@@ -45,25 +46,52 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="describe this host's KVM, capabilities and hypercall traps")
 
-    sd = sub.add_parser("shutdown", help="ask a running Xen guest to power off or reboot (as xl shutdown)")
-    sd.add_argument("action", choices=SHUTDOWN_ACTIONS, help="written to control/shutdown")
-    sd.add_argument("--socket", metavar="PATH", help="the guest's xenstored socket (default $XENSTORED_PATH "
-                    "or ${XENSTORED_RUNDIR:-/run/xenstored}/socket)")
-    sd.add_argument("--domid", type=int, default=1, help="the guest's domid (default 1)")
+    sd = sub.add_parser("shutdown", help="ask a Xen guest to power off (as xl shutdown NAME); "
+                        "the older form ACTION --socket PATH writes a running guest's store directly")
+    sd.add_argument("target", help="a managed domain's name, or poweroff|reboot|halt with --socket/--domid")
+    sd.add_argument("--socket", metavar="PATH", help="legacy form: the guest's xenstored socket (default "
+                    "$XENSTORED_PATH or ${XENSTORED_RUNDIR:-/run/xenstored}/socket)")
+    sd.add_argument("--domid", type=int, default=None, help="legacy form: the guest's domid (default 1)")
     sd.add_argument("--timeout", type=float, default=30.0,
                     help="seconds to wait for the guest to react (0: do not wait; default 30)")
-    sd.add_argument("--wait", action="store_true", help="also wait until the domain is gone")
+    sd.add_argument("-w", "--wait", action="store_true", help="also wait until the domain is gone")
 
-    ms = sub.add_parser("mem-set", help="set a running Xen guest's memory target (as xl mem-set)")
-    ms.add_argument("size", help="the new target, e.g. 256M or 1G (a bare number is MiB); at most "
-                    "the guest's memory/static-max")
-    ms.add_argument("--socket", metavar="PATH", help="the guest's xenstored socket (default $XENSTORED_PATH "
-                    "or ${XENSTORED_RUNDIR:-/run/xenstored}/socket)")
-    ms.add_argument("--domid", type=int, default=1, help="the guest's domid (default 1)")
+    ms = sub.add_parser("mem-set", help="set a Xen guest's memory target (as xl mem-set NAME SIZE)")
+    ms.add_argument("words", nargs="+", metavar="NAME SIZE",
+                    help="a managed domain's name and the new target, e.g. 256M or 1G (a bare number is MiB); "
+                    "at most the guest's memory/static-max.  The older form SIZE --socket PATH writes a "
+                    "running guest's store directly")
+    ms.add_argument("--socket", metavar="PATH", help="legacy form: the guest's xenstored socket")
+    ms.add_argument("--domid", type=int, default=1, help="legacy form: the guest's domid (default 1)")
 
+    _toolstack_parsers(sub)
     xs = sub.add_parser("xenstored", help="run the xenstore daemon standalone", add_help=False)
     xs.add_argument("args", nargs=argparse.REMAINDER)
     return p
+
+
+def _toolstack_parsers(sub) -> None:
+    """The xl-style commands of xenkvm/toolstack (docs/control-api.md, README's xl table)."""
+    cr = sub.add_parser("create", help="start a domain in the background from an xl.cfg or YAML file")
+    cr.add_argument("config", help="domain configuration (xl.cfg(5) syntax, or the YAML guest definition)")
+    cr.add_argument("-c", dest="console", action="store_true", help="attach its console after starting")
+    cr.add_argument("-F", dest="foreground", action="store_true",
+                    help="stay in the foreground with the console on this terminal (as `run`)")
+    ls = sub.add_parser("list", help="list managed domains (name, domid, memory, vCPUs, state, uptime)")
+    ls.add_argument("--json", action="store_true", help="one JSON array instead of the table")
+    for name, text in (("console", "attach to a domain's console (detach with Ctrl-])"),
+                       ("destroy", "stop a domain at once"),
+                       ("pause", "stop a domain's vCPUs and its Xen clock"),
+                       ("unpause", "let a paused domain run on"),
+                       ("dmesg", "show the hypervisor console (console_io output) of a domain")):
+        sub.add_parser(name, help=text).add_argument("name")
+    rb = sub.add_parser("reboot", help="ask a Xen guest to reboot (control/shutdown = reboot)")
+    rb.add_argument("name")
+    rb.add_argument("-w", "--wait", action="store_true", help="wait until it has come back")
+    rb.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits (default 120)")
+    cf = sub.add_parser("config", help="convert a domain configuration")
+    cf.add_argument("--to-yaml", action="store_true", help="print an xl.cfg file as the YAML guest definition")
+    cf.add_argument("config")
 
 
 def _setup_logging(verbose: int, trace: bool = False) -> None:
@@ -227,24 +255,86 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vmm_args(argv: list[str]) -> argparse.Namespace | None:
+    """The hidden ``[-v...] _vmm DIR CONFIG`` form ``create`` starts its background VMM with."""
+    verbose = 0
+    while argv[:1] == ["-v"]:
+        verbose, argv = verbose + 1, argv[1:]
+    if argv[:1] != ["_vmm"] or len(argv) != 3:
+        return None
+    return argparse.Namespace(command="_vmm", verbose=verbose, dir=argv[1], config=argv[2])
+
+
+def _toolstack_command(args: argparse.Namespace) -> int:
+    from xenkvm.toolstack import commands as ts
+
+    simple = {"pause": "pause", "unpause": "unpause"}
+    if args.command in simple:
+        return ts.cmd_simple(args, simple[args.command])
+    if args.command == "reboot":
+        return ts.cmd_shutdown_api(args, "reboot")
+    table = {"create": ts.cmd_create, "list": ts.cmd_list, "console": ts.cmd_console, "destroy": ts.cmd_destroy,
+             "dmesg": ts.cmd_dmesg, "config": ts.cmd_config, "_vmm": ts.cmd_vmm}
+    return table[args.command](args)
+
+
+def _legacy_target(word: str, socket: str | None, domid: int | None) -> bool:
+    """Whether ``shutdown``/``mem-set`` names the old direct-to-xenstore form rather than a domain."""
+    from xenkvm.toolstack.rundir import RunDir
+    if socket is not None or domid is not None:
+        return True
+    try:
+        return RunDir().find(word) is None
+    except ConfigError:
+        return True
+
+
+def _shutdown(args: argparse.Namespace) -> int:
+    from xenkvm.toolstack import commands as ts
+
+    if args.target in SHUTDOWN_ACTIONS and _legacy_target(args.target, args.socket, args.domid):
+        args.action, args.domid = args.target, 1 if args.domid is None else args.domid
+        return cmd_shutdown(args)
+    args.name = args.target
+    return ts.cmd_shutdown_api(args, "poweroff")
+
+
+def _mem_set(args: argparse.Namespace) -> int:
+    from xenkvm.toolstack import commands as ts
+
+    if len(args.words) == 1:
+        args.size = args.words[0]
+        return cmd_mem_set(args)
+    if len(args.words) != 2 or args.socket is not None:
+        raise ConfigError("mem-set: give NAME SIZE (or the older SIZE --socket PATH)")
+    args.name = args.words[0]
+    return ts.cmd_mem_set_api(*args.words)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["xenstored"]:
         from xenkvm.xenstore.daemon import main as xenstored_main
         return xenstored_main(argv[1:])
-    args = _parser().parse_args(argv)
+    vmm = _vmm_args(argv)
+    args = vmm or _parser().parse_args(argv)
     _setup_logging(args.verbose, getattr(args, "trace", False))
     try:
         if args.command == "run":
             return cmd_run(args)
         if args.command == "shutdown":
-            return cmd_shutdown(args)
+            return _shutdown(args)
         if args.command == "mem-set":
-            return cmd_mem_set(args)
-        return cmd_info(args)
+            return _mem_set(args)
+        if args.command == "info":
+            return cmd_info(args)
+        return _toolstack_command(args)
     except (ConfigError, BootError) as e:
         print(f"xenkvm: {e}", file=sys.stderr)
         return 2
+    except ApiError as e:
+        print(f"xenkvm: {getattr(args, 'name', '')}: {e.message} ({e.code.value})", file=sys.stderr)
+        return 1
     except KvmError as e:
         print(f"xenkvm: {e}", file=sys.stderr)
         return 1

@@ -20,6 +20,13 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
       hypervisor_log: stderr   # console_io output: stderr ("(XEN) " lines) | file:PATH | none
     disks:                     # optional, Xen guests: PV disks in xl.cfg(5) spelling (xenkvm/diskspec.py)
       - "format=raw, vdev=xvda, access=rw, target=root.img"
+    vifs: ["mac=00:16:3e:00:00:01, bridge=xenbr0"]   # optional: PV NICs in xl.cfg(5) spelling
+    uuid: 6f2a...              # optional; default derived from name and domid
+    maxmem: 256M               # optional, >= memory (the balloon's static maximum)
+    maxvcpus: 2                # optional, >= vcpus
+    on_poweroff: destroy       # destroy | restart | preserve (xl.cfg(5); managed domains)
+    on_reboot: restart
+    on_crash: destroy
 """
 from __future__ import annotations
 
@@ -46,6 +53,14 @@ class BootMode(str, Enum):
     AUTO = "auto"    #: PVH if the ELF has the PVH note, else the Linux boot protocol
     PVH = "pvh"      #: Xen PVH entry (ELF, or the vmlinux extracted from a bzImage)
     LINUX = "linux"  #: Linux x86 boot protocol, 64-bit entry (bzImage)
+
+
+class LifecycleAction(str, Enum):
+    """What the toolstack does when the guest powers off, reboots or crashes (xl.cfg(5) on_*)."""
+
+    DESTROY = "destroy"    #: the domain goes away
+    RESTART = "restart"    #: a fresh machine with the same configuration, in the same process
+    PRESERVE = "preserve"  #: the stopped domain stays listed (state "shutdown") until destroyed
 
 
 class HypercallTrap(str, Enum):
@@ -92,6 +107,14 @@ class GuestConfig:
     xen: XenConfig | None = None
     #: PV disks (xl.cfg ``disk`` spellings, xenkvm/diskspec.py); served by xenkvm/backends
     disks: tuple = ()
+    #: PV network interfaces (xl.cfg ``vif`` spellings); served by the net backend
+    vifs: tuple = ()
+    uuid: str | None = None
+    maxmem: int | None = None
+    maxvcpus: int | None = None
+    on_poweroff: LifecycleAction = LifecycleAction.DESTROY
+    on_reboot: LifecycleAction = LifecycleAction.RESTART
+    on_crash: LifecycleAction = LifecycleAction.DESTROY
 
 
 FIELDS = {f.name for f in dataclasses.fields(GuestConfig)}
@@ -167,7 +190,53 @@ def _validate(raw: dict[str, Any], base: Path, origin: str) -> GuestConfig:
         if "xen" not in kw:
             raise ConfigError("disks: PV disks need the Xen personality (add 'xen:')")
         kw["disks"] = parse_disks(raw["disks"], base)
+    kw.update(_domain_fields(raw, kw))
     return GuestConfig(**kw)
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+MAX_DEVICE_SPECS = 64
+MAX_SPEC_LEN = 1024
+
+
+def _specs(value: Any, key: str) -> tuple[str, ...]:
+    """A list of xl.cfg device strings (``disk``/``vif``), kept as written for the backends."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_DEVICE_SPECS:
+        raise ConfigError(f"{key}: expected a list of at most {MAX_DEVICE_SPECS} strings, got {value!r:.80}")
+    for v in value:
+        if not isinstance(v, str) or len(v) > MAX_SPEC_LEN or "\0" in v:
+            raise ConfigError(f"{key}: expected strings of at most {MAX_SPEC_LEN} characters, got {v!r:.80}")
+    return tuple(value)
+
+
+def _domain_fields(raw: dict[str, Any], kw: dict[str, Any]) -> dict[str, Any]:
+    """The toolstack's keys (uuid, maxmem, maxvcpus, on_*, vifs), checked (disks: _validate)."""
+    out: dict[str, Any] = {}
+    if raw.get("vifs"):
+        out["vifs"] = _specs(raw["vifs"], "vifs")
+    if raw.get("uuid") is not None:
+        if not isinstance(raw["uuid"], str) or not _UUID.fullmatch(raw["uuid"]):
+            raise ConfigError(f"uuid: expected a UUID like 6f1c0a2e-8d5b-4c3e-9a7f-0b1c2d3e4f50, got {raw['uuid']!r:.80}")
+        out["uuid"] = raw["uuid"].lower()
+    if raw.get("maxmem") is not None:
+        out["maxmem"] = parse_size(raw["maxmem"], "maxmem")
+        if out["maxmem"] < kw["memory"]:
+            raise ConfigError(f"maxmem: {out['maxmem'] >> 20} MiB is below memory ({kw['memory'] >> 20} MiB)")
+    if raw.get("maxvcpus") is not None:
+        m = raw["maxvcpus"]
+        if isinstance(m, bool) or not isinstance(m, int) or not kw["vcpus"] <= m <= MAX_VCPUS:
+            raise ConfigError(f"maxvcpus: expected an integer from vcpus ({kw['vcpus']}) to {MAX_VCPUS}, got {m!r}")
+        out["maxvcpus"] = m
+    for key in ("on_poweroff", "on_reboot", "on_crash"):
+        if raw.get(key) is not None:
+            try:
+                out[key] = LifecycleAction(raw[key])
+            except ValueError:
+                choices = ", ".join(a.value for a in LifecycleAction)
+                raise ConfigError(f"{key}: expected one of {choices}, got {raw[key]!r:.80}") from None
+    return out
 
 
 def parse_hypervisor_log(value: Any) -> str:
@@ -219,6 +288,12 @@ def _xen(raw: Any) -> XenConfig:
     if "hypervisor_log" in raw:
         kw["hypervisor_log"] = parse_hypervisor_log(raw["hypervisor_log"])
     return XenConfig(**kw)
+
+
+def from_mapping(raw: dict[str, Any], base: Path, origin: str) -> GuestConfig:
+    """Validate an already-parsed guest definition (YAML keys; paths relative to ``base``),
+    e.g. one converted from an xl.cfg file (xenkvm/xlcfg.py)."""
+    return _validate(raw, base, origin)
 
 
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> GuestConfig:

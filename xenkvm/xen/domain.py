@@ -116,6 +116,9 @@ class XenDomain(MachineExtension):
         self.shutdown_code: int | None = None
         self.clock = machine.clock
         self.boot_ns = self.clock.boot_ns
+        #: (guest ns spent paused before, clock.ns() when the current pause began or None): one
+        #: tuple, replaced whole, so a reader on another thread never sees half an update
+        self._pause: tuple[int, int | None] = (0, None)
         self.console_input = InputQueue()
         self.traps: list = []
         self.platform = None    #: xen.platform_pci.XenPlatform once attached (HVM mode)
@@ -201,13 +204,38 @@ class XenDomain(MachineExtension):
         """Xen system time: guest ns since the machine started (what pvclock reports).
 
         It follows the machine's GuestClock, dilated on PVM hosts so the guest's
-        timer ticks come rarely enough for its emulated ring 0.
+        timer ticks come rarely enough for its emulated ring 0, less the time the
+        domain spent paused (it stands still while paused, as on Xen).
         """
-        return self.clock.ns()
+        paused, frozen = self._pause
+        return (self.clock.ns() if frozen is None else frozen) - paused
 
     def monotonic_at(self, system_ns: int) -> int:
-        """The host monotonic time at which Xen system time reaches ``system_ns``."""
-        return self.clock.monotonic_at(system_ns)
+        """The host monotonic time at which Xen system time reaches ``system_ns`` (while paused:
+        as if the domain were unpaused now, so timers re-check rather than spin)."""
+        return self.clock.monotonic_at(system_ns + self._pause_offset())
+
+    def _pause_offset(self) -> int:
+        paused, frozen = self._pause
+        return paused + (self.clock.ns() - frozen if frozen is not None else 0)
+
+    def freeze_clock(self) -> None:
+        """Stop Xen system time (a toolstack pause, vCPUs already stopped): it reads the same
+        until ``thaw_clock``; timers due meanwhile fire after it."""
+        with self.lock:
+            if self._pause[1] is None:
+                self._pause = (self._pause[0], self.clock.ns())
+
+    def thaw_clock(self) -> None:
+        """Let system time run on from where it stopped, and republish every vCPU's pvclock
+        (tsc_timestamp now, system_time the frozen value), so the guest sees no jump."""
+        with self.lock:
+            paused, frozen = self._pause
+            if frozen is None:
+                return
+            self._pause = (paused + self.clock.ns() - frozen, None)
+            for state in self.vcpus:
+                self.shinfo.update_time(state.id)
 
     def vcpu_state(self, vcpu_id: int) -> VcpuState:
         """The state of a guest-named vCPU; guest-supplied ids are checked by callers."""

@@ -1,0 +1,223 @@
+"""The xl-style commands (create, list, console, shutdown, reboot, destroy, pause, unpause,
+mem-set, dmesg, config --to-yaml), each a function of parsed arguments returning an exit status.
+
+They talk to each domain's VMM through its control socket (client.py); user
+mistakes are ConfigError (one line, exit 2), a domain that refuses is one line
+and exit 1.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from xenkvm import xlcfg
+from xenkvm.config import ConfigError, GuestConfig, load_config, parse_size
+from xenkvm.toolstack.client import ControlClient
+from xenkvm.toolstack.console import attach
+from xenkvm.toolstack.protocol import ApiError
+from xenkvm.toolstack.rundir import DomainDir, RunDir, process_start_time
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 300.0      #: seconds for a new VMM to answer on its socket (PVM hosts under load)
+WAIT_POLL = 0.2
+
+
+def load_guest(path: str) -> GuestConfig:
+    """A guest definition in either format: xl.cfg (xlcfg.is_xl) or YAML."""
+    return xlcfg.load(path) if xlcfg.is_xl(path) else load_config(path)
+
+
+def domain(name: str) -> DomainDir:
+    d = RunDir().find(name)
+    if d is None:
+        raise ConfigError(f"no domain called {name!r} (xenkvm list shows them)")
+    return d
+
+
+def call(name: str, op: str, timeout: float = 10.0, **args) -> dict:
+    """One request to ``name``'s VMM; ConfigError (one line) if it is not there."""
+    d = domain(name)
+    try:
+        with ControlClient(d.control, timeout) as c:
+            return c.call(op, **args)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ConfigError(f"{name}: its VMM is not running (xenkvm list reports and cleans it)") from None
+    except (ConnectionError, TimeoutError) as e:
+        raise VmmGone(f"{name}: the VMM went away during {op!r} ({e})") from None
+
+
+class VmmGone(ConfigError):
+    """The VMM closed the connection before answering (it stopped meanwhile)."""
+
+
+# -- create ---------------------------------------------------------------------------------------
+def cmd_create(args) -> int:
+    cfg = load_guest(args.config)
+    run = RunDir()
+    d, rec = run.allocate(cfg.name, cfg.uuid, time.time())
+    if args.foreground:
+        from xenkvm.toolstack.vmm import DomainProcess
+        return DomainProcess(cfg, d, rec, foreground=True).run()
+    fd = os.open(d.vmm_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log_reader = open(d.vmm_log, "rb")        # still readable after a failed VMM removes its folder
+    cmd = [sys.executable, "-m", "xenkvm"] + ["-v"] * max(args.verbose, 1) + ["_vmm", str(d.path),
+                                                                               str(Path(args.config).resolve())]
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True)
+    except OSError as e:
+        d.remove()
+        raise ConfigError(f"create: cannot start the VMM: {e}") from None
+    finally:
+        os.close(fd)
+    rec.pid, rec.start_time = proc.pid, process_start_time(proc.pid) or 0
+    d.write(rec)
+    with log_reader:
+        started = _wait_started(d, proc)
+        tail = [] if started else log_reader.read().decode(errors="replace").splitlines()[-8:]
+    if not started:
+        d.remove()
+        print(f"xenkvm: create: {cfg.name} failed to start" + (":\n  " + "\n  ".join(tail) if tail else ""),
+              file=sys.stderr)
+        return 1
+    log.info("created %s (domid %d, pid %d)", cfg.name, rec.domid, proc.pid)
+    if args.console:
+        return attach(d.control, cfg.name)
+    return 0
+
+
+def _wait_started(d: DomainDir, proc: subprocess.Popen) -> bool:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with ControlClient(d.control, 5.0) as c:
+                if c.call("info")["state"] in ("running", "paused"):
+                    return True
+        except (OSError, ApiError, ValueError):
+            pass
+        time.sleep(WAIT_POLL)
+    proc.kill()
+    return False
+
+
+def cmd_vmm(args) -> int:
+    """The hidden ``_vmm DIR CONFIG`` entry: the background VMM that ``create`` started."""
+    from xenkvm.toolstack.vmm import DomainProcess
+    d = DomainDir(Path(args.dir))
+    rec = d.read()
+    if rec is None:
+        raise ConfigError(f"{d.path}: no domain record")
+    proc = DomainProcess(load_guest(args.config), d, rec)
+    proc.install_signal_handlers()
+    return proc.run()
+
+
+# -- list -----------------------------------------------------------------------------------------
+def list_domains() -> list[dict]:
+    """Every domain's info; a domain whose VMM is gone is reported ``crashed`` once and cleaned."""
+    rows = []
+    run = RunDir()
+    for d in run.domains():
+        rec = d.read()
+        try:
+            with ControlClient(d.control, 5.0) as c:
+                rows.append(c.call("info"))
+                continue
+        except (OSError, ApiError, ValueError):
+            pass
+        if rec is None or not rec.alive():
+            rows.append({"name": d.name, "domid": rec.domid if rec else None, "state": "crashed",
+                         "memory": None, "vcpus": None, "uptime": None})
+            with run.locked():        # re-checked under the lock: a create may have reclaimed the name
+                again = d.read()
+                if again is None or (again.pid == (rec.pid if rec else again.pid) and not again.alive()):
+                    d.remove()
+        else:
+            rows.append({"name": d.name, "domid": rec.domid, "state": "starting" if rec.pid else "unknown",
+                         "memory": None, "vcpus": None, "uptime": None})
+    return rows
+
+
+def cmd_list(args) -> int:
+    rows = list_domains()
+    if args.json:
+        import json
+        print(json.dumps(rows))
+        return 0
+    print(f"{'Name':<24} {'ID':>5} {'Mem':>6} {'VCPUs':>5} {'State':<9} {'Time(s)':>9}")
+    for r in rows:
+        mem = f"{r['memory'] >> 20}" if r.get("memory") else "-"
+        up = f"{r['uptime']:.1f}" if r.get("uptime") is not None else "-"
+        domid = r["domid"] if r.get("domid") is not None else "-"
+        print(f"{r['name']:<24} {domid:>5} {mem:>6} {r.get('vcpus') or '-':>5} {r['state']:<9} {up:>9}")
+    return 0
+
+
+# -- the rest -------------------------------------------------------------------------------------
+def cmd_console(args) -> int:
+    return attach(domain(args.name).control, args.name)
+
+
+def _wait(name: str, done, timeout: float, what: str) -> int:
+    """Poll ``info`` until ``done(info or None-if-gone)``; 1 with a line on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            info = call(name, "info", timeout=5.0)
+        except ConfigError:
+            info = None
+        if done(info):
+            return 0
+        time.sleep(WAIT_POLL)
+    print(f"xenkvm: {name} did not {what} within {timeout:g} s", file=sys.stderr)
+    return 1
+
+
+def cmd_shutdown_api(args, action: str) -> int:
+    res = call(args.name, "shutdown", action=action)
+    if not args.wait:
+        return 0
+    gen = res["generation"]
+    if action == "reboot":
+        return _wait(args.name, lambda i: i is None or (i["generation"] > gen and i["state"] == "running"),
+                     args.timeout, "come back")
+    return _wait(args.name, lambda i: i is None or i["state"] in ("shutdown", "crashed"), args.timeout, "stop")
+
+
+def cmd_destroy(args) -> int:
+    try:
+        call(args.name, "destroy")
+    except VmmGone:
+        pass                             # it stopped before it could answer: that is the point
+    return _wait(args.name, lambda i: i is None, 30.0, "go away")
+
+
+def cmd_simple(args, op: str) -> int:
+    call(args.name, op)
+    return 0
+
+
+def cmd_mem_set_api(name: str, size_text: str) -> int:
+    size = parse_size(size_text, "mem-set")
+    if size <= 0 or size % 4096:
+        raise ConfigError(f"mem-set: {size_text!r} is not a positive whole number of 4 KiB pages")
+    call(name, "mem-set", bytes=size)
+    return 0
+
+
+def cmd_dmesg(args) -> int:
+    sys.stdout.write(call(args.name, "dmesg")["text"])
+    return 0
+
+
+def cmd_config(args) -> int:
+    if not args.to_yaml:
+        raise ConfigError("config: say what to do (--to-yaml)")
+    sys.stdout.write(xlcfg.to_yaml(xlcfg.read(args.config)))
+    return 0

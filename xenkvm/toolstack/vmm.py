@@ -1,0 +1,252 @@
+"""One managed domain's VMM process: machines built and run in turn, a control socket throughout.
+
+``xenkvm create`` starts this in the background (``xenkvm _vmm DIR CONFIG``),
+or runs it in the foreground with ``-F``.  The process owns the domain's run
+folder (xenkvm/toolstack/rundir.py) and its control socket
+(docs/control-api.md), which outlive each machine: when the guest powers off,
+reboots or crashes, the config's ``on_poweroff``/``on_reboot``/``on_crash``
+decides: ``destroy`` ends the process (and removes the folder), ``restart``
+builds a fresh machine from the same config (same name, domid, devices) in
+this process, ``preserve`` keeps the stopped domain listed until ``destroy``.
+
+The guest's console goes to a bounded in-memory ring (``ConsoleSink``'s tail)
+that ``console`` attaches to; Xen's own console (console_io) goes to
+``hypervisor.log`` (``dmesg``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from xenkvm.build import build_machine, xen_domain
+from xenkvm.config import GuestConfig, LifecycleAction
+from xenkvm.machine.devices.console import ConsoleSink
+from xenkvm.machine.machine import Machine
+from xenkvm.machine.status import ExitStatus, RunResult
+from xenkvm.toolstack.pause import Pauser
+from xenkvm.toolstack.protocol import RESERVED_OPS, ApiError, ErrorCode
+from xenkvm.toolstack.rundir import DomainDir, DomainRecord, process_start_time
+from xenkvm.toolstack.server import ControlServer
+from xenkvm.xenstore.layout import vm_uuid
+
+log = logging.getLogger(__name__)
+
+CONSOLE_RING = 256 * 1024      #: bytes of console output kept for ``console`` to replay
+DMESG_MAX = 256 * 1024
+RESTART_BURST = 10             #: restarts within RESTART_WINDOW s before giving up (a boot loop)
+RESTART_WINDOW = 60.0
+SHUTDOWN_ACTIONS = ("poweroff", "reboot", "halt")
+
+
+class State(str, enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"      #: preserved after a power-off or reboot
+    CRASHED = "crashed"        #: preserved after a crash
+    DYING = "dying"
+
+
+def managed_config(cfg: GuestConfig, d: DomainDir, domid: int, foreground: bool) -> GuestConfig:
+    """``cfg`` with what the toolstack decides: domid, the xenstore socket, the logs, the console."""
+    xen = cfg.xen
+    if xen is not None:
+        xen = dataclasses.replace(xen, domid=domid, xenstore_socket=str(d.xenstore),
+                                  hypervisor_log=f"file:{d.hypervisor_log}")
+    return dataclasses.replace(cfg, xen=xen, console="stdio" if foreground else "none")
+
+
+class DomainProcess:
+    """The VMM side of one managed domain (see the module docstring)."""
+
+    def __init__(self, cfg: GuestConfig, d: DomainDir, rec: DomainRecord, *, foreground: bool = False):
+        self.dir, self.rec = d, rec
+        self.cfg = managed_config(cfg, d, rec.domid, foreground)
+        self.sink = ConsoleSink(os.fdopen(os.dup(1), "wb", buffering=0) if foreground else None, CONSOLE_RING)
+        self.state = State.STARTING
+        self.machine: Machine | None = None
+        self.pauser: Pauser | None = None
+        self.generation = 0            #: how many machines this domain has booted (restarts + 1)
+        self.started = time.time()
+        self.last_result: RunResult | None = None
+        self._destroy = threading.Event()
+        self._lock = threading.Lock()
+        self.server = ControlServer(str(d.control), self._handlers(), console_input=self._console_input,
+                                    console_tail=self.sink.tail)
+        self.sink.add_listener(self.server.console_output)
+
+    # -- the run loop (main thread) ------------------------------------------------------------
+    def run(self) -> int:
+        """Boot, apply the on_* actions, until destroyed; the exit status of the last run."""
+        self.rec.pid, self.rec.start_time = os.getpid(), process_start_time(os.getpid()) or 0
+        self.dir.write(self.rec)
+        self.server.start()
+        restarts: list[float] = []
+        status = ExitStatus.POWEROFF
+        try:
+            while not self._destroy.is_set():
+                result = self._boot_once()
+                status = result.status
+                action = self._action(result)
+                if action is LifecycleAction.RESTART and not self._destroy.is_set():
+                    restarts = [t for t in restarts if time.monotonic() - t < RESTART_WINDOW] + [time.monotonic()]
+                    if len(restarts) <= RESTART_BURST:
+                        log.info("%s: %s; restarting", self.cfg.name, result.message)
+                        continue
+                    log.error("%s: restarted %d times in %g s; preserving it", self.cfg.name,
+                              RESTART_BURST, RESTART_WINDOW)
+                    action = LifecycleAction.PRESERVE
+                if action is LifecycleAction.PRESERVE and not self._destroy.is_set():
+                    self.state = State.CRASHED if status not in (ExitStatus.POWEROFF, ExitStatus.RESET) \
+                        else State.SHUTDOWN
+                    log.info("%s: %s; preserved until destroyed", self.cfg.name, result.message)
+                    self._destroy.wait()
+                break
+        finally:
+            self.state = State.DYING
+            self.server.close()
+            self.dir.remove()
+        return int(status)
+
+    def _boot_once(self) -> RunResult:
+        machine = build_machine(self.cfg, sink=self.sink)
+        with self._lock:
+            self.machine, self.pauser = machine, Pauser(machine, xen_domain(machine))
+            self.generation += 1
+        if self.generation == 1 and (self.cfg.disks or self.cfg.vifs) \
+                and not hasattr(xen_domain(machine), "devices"):
+            log.warning("%s: disk/vif entries are kept in the config, but this build has no PV backends "
+                        "to serve them", self.cfg.name)
+        try:
+            if self._destroy.is_set():
+                return RunResult(ExitStatus.INTERRUPTED, "destroyed")
+            self.state = State.RUNNING
+            result = machine.run()
+        finally:
+            with self._lock:
+                self.machine = self.pauser = None
+            machine.close()
+        self.last_result = result
+        log.info("%s: run %d ended: %s", self.cfg.name, self.generation, result.message)
+        return result
+
+    def _action(self, result: RunResult) -> LifecycleAction:
+        if result.status is ExitStatus.INTERRUPTED:
+            return LifecycleAction.DESTROY      # destroy, Ctrl-] in the foreground, SIGTERM
+        if result.status is ExitStatus.POWEROFF:
+            return self.cfg.on_poweroff
+        if result.status is ExitStatus.RESET:
+            return self.cfg.on_reboot
+        return self.cfg.on_crash
+
+    def destroy(self, why: str = "destroyed") -> None:
+        """End the domain now, whatever its state (any thread, signal handlers too)."""
+        self._destroy.set()
+        machine = self.machine
+        if machine is not None:
+            machine.stop(ExitStatus.INTERRUPTED, why)
+
+    def install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda s, f: self.destroy(f"destroyed ({signal.Signals(s).name})"))
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    # -- control ops (control thread) --------------------------------------------------------------
+    def _handlers(self) -> dict[str, Any]:
+        h = {"info": self.op_info, "shutdown": self.op_shutdown, "destroy": self.op_destroy,
+             "pause": self.op_pause, "unpause": self.op_unpause, "mem-set": self.op_mem_set,
+             "dmesg": self.op_dmesg}
+        for op in RESERVED_OPS:
+            h[op] = self._op_reserved
+        return h
+
+    def _running(self) -> tuple[Machine, Pauser]:
+        with self._lock:
+            m, p = self.machine, self.pauser
+        if m is None or p is None or m.stopping or self.state not in (State.RUNNING, State.PAUSED):
+            raise ApiError(ErrorCode.NOT_RUNNING, f"{self.cfg.name} is {self.state.value}")
+        return m, p
+
+    def _store(self):
+        machine, _ = self._running()
+        xen = xen_domain(machine)
+        if xen is None:
+            raise ApiError(ErrorCode.NOT_SUPPORTED, f"{self.cfg.name} has no Xen personality (no xenstore)")
+        return xen.store.core, f"/local/domain/{xen.domid}"
+
+    def op_info(self, args: dict) -> dict:
+        with self._lock:
+            paused = self.pauser is not None and self.pauser.paused
+        state = State.PAUSED if paused and self.state is State.RUNNING else self.state
+        uuid = self.rec.uuid or vm_uuid(self.cfg.name, self.rec.domid)    # what the guest's store says
+        return {"name": self.cfg.name, "domid": self.rec.domid, "uuid": uuid, "pid": os.getpid(),
+                "state": state.value, "memory": self.cfg.memory, "vcpus": self.cfg.vcpus,
+                "created": self.started, "uptime": round(time.time() - self.started, 3),
+                "generation": self.generation,
+                "last_exit": self.last_result.message if self.last_result else None}
+
+    def op_shutdown(self, args: dict) -> dict:
+        """Write ``control/shutdown`` (xl's PV-aware shutdown; the guest acts on it)."""
+        action = args.get("action", "poweroff")
+        if action not in SHUTDOWN_ACTIONS:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"action: expected one of {', '.join(SHUTDOWN_ACTIONS)}")
+        core, home = self._store()
+        core.write_path(f"{home}/control/shutdown", action)
+        return {"requested": action, "generation": self.generation}
+
+    def op_destroy(self, args: dict) -> dict:
+        self.destroy()
+        return {"state": State.DYING.value}
+
+    def op_pause(self, args: dict) -> dict:
+        _, pauser = self._running()
+        return {"state": State.PAUSED.value, "all_parked": pauser.pause()}
+
+    def op_unpause(self, args: dict) -> dict:
+        _, pauser = self._running()
+        pauser.unpause()
+        return {"state": State.RUNNING.value}
+
+    def op_mem_set(self, args: dict) -> dict:
+        """``memory/target`` in KiB, at most ``memory/static-max`` (as libxl), whole 4 KiB pages."""
+        size = args.get("bytes")
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 4096:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "bytes: expected a positive multiple of 4096")
+        core, home = self._store()
+        raw = core.read_path(f"{home}/memory/static-max") or b""
+        if not raw.isdigit():
+            raise ApiError(ErrorCode.INTERNAL, f"memory/static-max is {raw[:32]!r}")
+        if size >> 10 > int(raw):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"{size >> 20} MiB is above the static maximum "
+                           f"of {int(raw) >> 10} MiB")
+        core.write_path(f"{home}/memory/target", str(size >> 10))
+        return {"target_kib": size >> 10}
+
+    def op_dmesg(self, args: dict) -> dict:
+        """The tail of Xen's console (console_io output), at most DMESG_MAX bytes."""
+        try:
+            with open(self.dir.hypervisor_log, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - DMESG_MAX))
+                data = f.read(DMESG_MAX)
+        except FileNotFoundError:
+            data = b""
+        return {"text": data.decode("utf-8", "replace")}
+
+    def _op_reserved(self, args: dict) -> dict:
+        raise ApiError(ErrorCode.NOT_SUPPORTED, "save/restore/snapshot are not available in this build "
+                       "(reserved for the snapshot work, issue 13)")
+
+    def _console_input(self, data: bytes) -> None:
+        """Bytes typed on an attached console: to the guest's active console, on the I/O thread."""
+        with self._lock:
+            machine = self.machine
+        if machine is None:
+            return
+        target = next((s for ext in machine.extensions if (s := ext.input_sink()) is not None), machine.serial)
+        machine.io.call_soon(lambda: target.push_input(data))
