@@ -12,15 +12,17 @@ and the extra regions added at run time (grant frames, special pages).
 from __future__ import annotations
 
 import bisect
+import ctypes
 import mmap
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable
 
 from xenkvm.kvm._kvm_cffi import ffi
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PAGE_SIZE = 4096
 LOW_RAM_TOP = 0xC000_0000
@@ -208,6 +210,8 @@ class GuestMemory:
 
     def array(self, gpa: int, count: int, dtype: np.dtype | str) -> np.ndarray:
         """A zero-copy numpy view of ``count`` items of ``dtype`` at ``gpa``."""
+        import numpy as np  # here, not at start-up: importing numpy costs ~2 s of the rig's boot
+
         dt = np.dtype(dtype)
         r, off = self._find(gpa, count * dt.itemsize)
         return np.frombuffer(r.mm, dtype=dt, count=count, offset=off)
@@ -224,7 +228,7 @@ class GuestMemory:
         self.view(gpa, len(data))[:] = data
 
     def fill(self, gpa: int, length: int, value: int = 0) -> None:
-        self.array(gpa, length, np.uint8)[:] = value
+        ctypes.memset(self.host_address(gpa, length), value, length)
 
     def discard(self, gpa: int, length: int) -> None:
         """Return whole pages to the host (``MADV_DONTNEED``): their next access reads zeros.
