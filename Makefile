@@ -54,9 +54,9 @@ test: build linux-image linux-xen-image
 	$(PYTEST) -m "not linux_more" tests
 	$(PY) -m xenkvm.rig test
 
-# The `hw` selection (guest tests and the plain Debian kernel boot) under hardware KVM: inside
+# The `hw` selection (guest tests, the plain, Xen PVH and HVM Debian boots, the balloon test) under hardware KVM: inside
 # a QEMU TCG machine with AMD SVM whose kvm_amd gives /dev/kvm (docs/hw-rig.md).
-test-hw: build linux-image
+test-hw: build linux-image linux-xen-image
 	$(PY) -m xenkvm.rig test
 
 # Everything but the Debian kernel boots (about a minute).

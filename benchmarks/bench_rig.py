@@ -6,11 +6,14 @@
   time and L1's own uptime then;
 * plain boot of guests/linux.yaml inside L1, side by side: xenkvm vs
   ``qemu-system-x86_64 -accel kvm -cpu host`` on the same kernel, initrd and
-  command line (benchmarks/bench_boot.py --skip-xen --qemu-cpu host), and the ratio;
+  command line (benchmarks/bench_boot.py --qemu-cpu host), and the ratio; in the same
+  call the same kernel booted by xenkvm as a Xen PVH and a Xen HVM guest (2 vCPUs,
+  guests/linux-pvh.yaml, linux-hvm.yaml; QEMU has no row: without KVM_XEN it cannot);
 * where xenkvm's time goes in that boot (benchmarks/profile_rig_boot.py):
   Python start-up and imports, loading the image, the run and its exits;
-* the hypercall round trip (benchmarks/bench_hypercall.py) inside L1, beside the
-  same benchmark on this host (PVM here) run just before.
+* the hypercall round trip (benchmarks/bench_hypercall.py) inside L1 per trap kind
+  (hypercall page, patch; the breakpoint trap cannot work under TCG), beside the same
+  benchmark on this host (PVM here) run just before.
 
 QEMU TCG emulates L1 (and, through L1's KVM, runs the nested guest's code on
 its own emulated SVM), so absolute times depend on how busy the host's CPUs
@@ -36,8 +39,8 @@ def inner_script(n: int, rounds: int) -> list[str]:
     """The command run inside L1: the boot pair, the boot profile, the hypercall benchmark."""
     py = sys.executable
     steps = [
-        "echo '=== plain boot in the rig: xenkvm vs qemu -accel kvm -cpu host ==='",
-        f"{py} benchmarks/bench_boot.py --skip-xen --qemu-cpu host --ours-timeout 900 --qemu-timeout 900",
+        "echo '=== boots in the rig: plain xenkvm vs qemu -accel kvm -cpu host, Xen PVH and HVM ==='",
+        f"{py} benchmarks/bench_boot.py --qemu-cpu host --ours-timeout 900 --qemu-timeout 900",
         "echo '=== where xenkvm spends the rig boot ==='",
         f"{py} benchmarks/profile_rig_boot.py",
         "echo '=== hypercall round trip in the rig ==='",
@@ -53,9 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3000, help="seconds for the whole rig run")
     p.add_argument("--skip-host", action="store_true", help="skip the hypercall benchmark on this host")
     a = p.parse_args(argv)
-    if not (ROOT / "guests" / "linux.yaml").is_file():
-        print("bench_rig: guests/linux.yaml missing: run `make linux-image` first", file=sys.stderr)
-        return 2
+    for guest, make in (("linux.yaml", "linux-image"), ("linux-pvh.yaml", "linux-xen-image"),
+                        ("linux-hvm.yaml", "linux-xen-image")):
+        if not (ROOT / "guests" / guest).is_file():
+            print(f"bench_rig: guests/{guest} missing: run `make {make}` first", file=sys.stderr)
+            return 2
     if not a.skip_host:
         print("=== hypercall round trip on this host ===", flush=True)
         with tempfile.TemporaryDirectory(prefix="xks", dir="/tmp") as d:  # never the host's xenstored socket

@@ -21,9 +21,9 @@ RIG_NO_BREAKPOINTS = ("the rig's L0 is QEMU TCG, which does not fire debug-regis
                       "nested guest (its VMRUN emulation loads DR7 without arming them), so the breakpoint "
                       "trap cannot work here; real SVM/VT-x hardware honours them")
 
-RIG_NO_PVCLOCK = ("in the rig the nested guest's TSC does not stay in step with L1's (QEMU TCG's nested TSC; "
-                  "with 2 L1 vCPUs L1 even marks its TSC unstable), so the guest's pvclock drifts from "
-                  "xenkvm's clock and millisecond timer deadlines are judged wrongly (docs/hw-rig.md)")
+RIG_NO_PVCLOCK = ("millisecond Xen timer deadlines checked against the guest's pvclock are not yet shown to hold "
+                  "under QEMU TCG's nested timing (one SMP timer-cancel check failed under load; with 2 L1 vCPUs "
+                  "L1 marks its TSC unstable and KVM moves guest TSC offsets) (docs/hw-rig.md)")
 
 
 @pytest.hookimpl(tryfirst=True)

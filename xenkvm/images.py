@@ -82,6 +82,8 @@ cmdline: "{cmdline}"
 XEN_MARKER = "XENKVM-XEN-BOOT-OK"
 DMESG_BEGIN = "XENKVM-DMESG-BEGIN"
 DMESG_END = "XENKVM-DMESG-END"
+#: What the Xen guest's /init prints with ``xenkvm.end=balloon`` when its balloon changes.
+BALLOON_LINE = "xenkvm: balloon"
 #: xenstore keys of the round trip, relative to /local/domain/<domid>.
 GUEST_KEY = "data/guest-hello"
 HOST_KEY = "data/host-reply"
@@ -93,13 +95,17 @@ XENSTORE_TOOLS = ("xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-li
 #: load order: xenfs (/proc/xen, the classic xenstore device path) needs xen-privcmd.
 XEN_MODULES = ("drivers/xen/xen-privcmd.ko", "drivers/xen/xenfs/xenfs.ko")
 XEN_APPLETS = APPLETS + ("insmod", "lsmod", "usleep", "setsid", "cttyhack", "tr", "head", "tail",
-                         "timeout", "seq", "wc", "sed", "env", "stty")
+                         "timeout", "seq", "wc", "sed", "env", "stty", "dd", "rm")
 
 #: The Xen guest's /init.  Guest time runs ~15x slower than wall time on PVM hosts
 #: (docs/linux-boot.md, time dilation), so the polling sleeps are short.  With
 #: ``xenkvm.shell`` on the kernel command line it ends in an interactive shell on hvc0
 #: instead of powering off; ``xenkvm.end=reboot|crash|wait`` picks another ending for
 #: the lifecycle tests (``wait``: stay up until the host asks through control/shutdown).
+#: ``xenkvm.end=balloon`` is ``wait`` for the memory/target test: first ``xenkvm.fill=N``
+#: MiB of free RAM is written and freed again (so it is resident on the host, and what the
+#: balloon driver gives back shows in the VMM's RSS), then every change of the balloon
+#: driver's current_kb/target_kb is printed as :data:`BALLOON_LINE`.
 XEN_INIT_SCRIPT = f"""#!/bin/sh
 # xenkvm Xen guest: show what the guest sees of Xen, xenstore round trip, marker, dmesg, power off.
 export PATH=/bin:/usr/bin
@@ -127,6 +133,17 @@ case "$(cat /proc/cmdline)" in
 *xenkvm.end=reboot*) reboot -f ;;
 *xenkvm.end=crash*) echo c > /proc/sysrq-trigger ;;
 *xenkvm.end=wait*) echo "xenkvm: waiting for control/shutdown"; while true; do sleep 1; done ;;
+*xenkvm.end=balloon*)
+    for w in $(cat /proc/cmdline); do
+        case "$w" in xenkvm.fill=*) dd if=/dev/zero of=/fill bs=1M count="${{w#xenkvm.fill=}}" 2>/dev/null; rm -f /fill ;; esac
+    done
+    m=/sys/devices/system/xen_memory/xen_memory0
+    last=""
+    while true; do
+        read cur < $m/info/current_kb; read tgt < $m/target_kb
+        if [ "$cur $tgt" != "$last" ]; then last="$cur $tgt"; echo "{BALLOON_LINE} current_kb=$cur target_kb=$tgt"; fi
+        usleep 200000
+    done ;;
 esac
 poweroff -f
 """

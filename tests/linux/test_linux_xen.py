@@ -23,7 +23,7 @@ PVH = ROOT / "guests" / "linux-pvh.yaml"
 HVM = ROOT / "guests" / "linux-hvm.yaml"
 TIMEOUT = float(os.environ.get("XENKVM_LINUX_BOOT_TIMEOUT", "2400"))
 
-pytestmark = [pytest.mark.linux, pytest.mark.breakpoint, pytest.mark.timeout(TIMEOUT + 120)]
+pytestmark = [pytest.mark.linux, pytest.mark.timeout(TIMEOUT + 120)]
 
 
 def _need(guest: Path) -> Path:
@@ -54,6 +54,7 @@ def _check(r: XenBoot, status: int = 0) -> None:
     assert r.returncode == status, f"exit status {r.returncode}, expected {status}{ctx}"
 
 
+@pytest.mark.hw
 def test_pvh_two_vcpus(tmp_path: Path) -> None:
     """`auto` on a host without KVM_XEN: the kernel's xen_hypercall_amd/_intel are patched."""
     r = boot(_need(PVH), tmp_path, vcpus=2, timeout=TIMEOUT, verbose=True)
@@ -63,6 +64,7 @@ def test_pvh_two_vcpus(tmp_path: Path) -> None:
     assert "hypercall traps: hypercall-page, patch\n" in r.stderr, r.stderr[-3000:]
 
 
+@pytest.mark.hw
 def test_hvm_platform_device(tmp_path: Path) -> None:
     """The bzImage runs as its extracted vmlinux, entered at startup_64, with its sites patched."""
     r = boot(_need(HVM), tmp_path, timeout=TIMEOUT, verbose=True)
@@ -75,6 +77,7 @@ def test_hvm_platform_device(tmp_path: Path) -> None:
 
 
 @pytest.mark.linux_more
+@pytest.mark.breakpoint
 def test_pvh_host_shutdown_request(tmp_path: Path) -> None:
     """One vCPU; the guest waits after the marker and the host powers it off via control/shutdown.
     The breakpoint trap, chosen explicitly, keeps its Debian-kernel boot here."""

@@ -6,7 +6,8 @@ thread here, connected to the embedded xenstored's socket like any xenstore
 client, watches that key, reads it and answers in ``data/host-reply``, which the
 guest reads and prints after the marker.  With ``shutdown_after_marker`` the host
 also asks the guest to power off through ``control/shutdown`` (``xenkvm
-shutdown``) instead of letting it power itself off.
+shutdown``) instead of letting it power itself off; a ``host`` step can drive the
+running guest further (tests/linux/test_linux_balloon.py).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -35,6 +37,13 @@ DMESG_REQUIRED = {
     "xen hypervisor": re.compile(r"Hypervisor detected: Xen"),
 }
 DMESG_FORBIDDEN = re.compile(r"\bBUG\b|Oops|WARNING|[Kk]ernel panic|\bpanic\b")
+#: In the nested rig (QEMU TCG as L0), a guest's XSETBV never reaches L1's KVM: QEMU 7.2's
+#: ``helper_xsetbv`` checks no SVM intercept, so KVM never refreshes CPUID 0xD.0 EBX (the
+#: XSAVE size for the XCR0 the guest enabled) and Linux warns "XSAVE consistency problem:
+#: size N != kernel_size 576" from fpu__init_system_xstate.  On SVM/VT-x hardware XSETBV
+#: always exits to KVM.  Only this warning is tolerated, and only in the rig.
+RIG_XSAVE_WARNING = re.compile(r"WARNING: CPU: \d+ PID: \d+ at arch/x86/kernel/fpu/xstate\.c:\d+ "
+                               r"fpu__init_system_xstate")
 
 
 @dataclass
@@ -61,14 +70,22 @@ class XenBoot:
             i, j = self.console.find(DMESG_BEGIN), self.console.find(DMESG_END)
         return self.console[i + len(DMESG_BEGIN):j] if 0 <= i < j else ""
 
-    def dmesg_problems(self) -> list[str]:
-        """What is wrong with the guest's dmesg: missing lines, BUG/Oops/WARNING/panic lines."""
+    def dmesg_problems(self, in_rig: bool | None = None) -> list[str]:
+        """What is wrong with the guest's dmesg: missing lines, BUG/Oops/WARNING/panic lines
+        (in the rig, :data:`RIG_XSAVE_WARNING` after its "XSAVE consistency problem" line is not)."""
         text = self.dmesg
         if not text:
             return ["no dmesg between the markers"]
+        if in_rig is None:
+            in_rig = bool(os.environ.get("XENKVM_RIG"))
         out = [f"missing {what} ({rx.pattern!r})" for what, rx in DMESG_REQUIRED.items() if not rx.search(text)]
-        out += [f"bad line: {line.strip()}" for line in text.splitlines()
-                if DMESG_FORBIDDEN.search(line) and "panic=-1" not in line]
+        previous = ""
+        for line in text.splitlines():
+            rig_known = (in_rig and RIG_XSAVE_WARNING.search(line) is not None
+                         and "XSAVE consistency problem" in previous)
+            if DMESG_FORBIDDEN.search(line) and "panic=-1" not in line and not rig_known:
+                out.append(f"bad line: {line.strip()}")
+            previous = line
         return out
 
 
@@ -111,13 +128,27 @@ def _responder(sock: Path, stop: threading.Event, result: XenBoot, shutdown: str
         result.host_errors.append(f"xenstore client: {e!r}")
 
 
+def _run_host(host: "HostStep", proc: subprocess.Popen, console: Path, sock: Path, result: XenBoot) -> None:
+    try:
+        host(proc, console, sock)
+    except Exception as e:  # noqa: BLE001 - reported by the test
+        result.host_errors.append(f"host step: {e!r}")
+
+
+#: A host-side step run (in a thread) once the guest has dumped its dmesg: (VMM process,
+#: console log, xenstore socket).  It ends the guest itself (e.g. ``xenkvm shutdown``).
+HostStep = Callable[[subprocess.Popen, Path, Path], None]
+
+
 def boot(guest: Path, workdir: Path, *, vcpus: int | None = None, timeout: float = 2400,
          cmdline_extra: str = "", shutdown: str | None = None, stats: bool = False,
-         trap: str | None = None, verbose: bool = False) -> XenBoot:
+         trap: str | None = None, verbose: bool = False, memory: str | None = None,
+         host: HostStep | None = None) -> XenBoot:
     """Run ``guest`` to its end (or ``timeout``) with the host side of the round trip.
 
     ``trap`` overrides the yaml's hypercall_trap; ``verbose`` logs at INFO (the traps
-    chosen, the boot protocol) into ``stderr``.
+    chosen, the boot protocol) into ``stderr``; ``memory`` overrides the yaml's memory;
+    ``host`` is run in a thread once the guest has dumped its dmesg (it ends the guest).
     """
     console = workdir / "console.log"
     sock = workdir / "xenstored.sock"
@@ -133,6 +164,8 @@ def boot(guest: Path, workdir: Path, *, vcpus: int | None = None, timeout: float
         cmd += ["--hypercall-trap", trap]
     if vcpus is not None:
         cmd += ["--vcpus", str(vcpus)]
+    if memory is not None:
+        cmd += ["--memory", memory]
     if cmdline_extra:
         from xenkvm.config import load_config
         cmd += ["--cmdline", f"{load_config(guest).cmdline} {cmdline_extra}"]
@@ -154,6 +187,9 @@ def boot(guest: Path, workdir: Path, *, vcpus: int | None = None, timeout: float
                     result.marker_s = time.monotonic() - t0
                 if DMESG_END.encode() in text:  # the guest has dumped its dmesg: it may be stopped
                     marker_seen.set()
+                    if host is not None:
+                        threading.Thread(target=_run_host, args=(host, proc, console, sock, result),
+                                         daemon=True).start()
             if time.monotonic() - t0 > timeout:
                 proc.kill()
                 break

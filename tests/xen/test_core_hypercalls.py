@@ -8,7 +8,7 @@ import pytest
 
 from xenkvm.machine.machine import ExitStatus
 from xenkvm.xen.abi import Errno, HvmOp, HvmParam, Hypercall, MemOp, SchedOp, VcpuOp, XenVer, ffi, lib
-from xenkvm.xen.shinfo import TscScale
+from xenkvm.xen.shinfo import PVCLOCK_TSC_STABLE, TscScale, host_tsc_stable
 
 pytestmark = pytest.mark.kvm
 BUF = 0x10_0000        # scratch guest memory for hypercall arguments
@@ -74,6 +74,29 @@ def test_shared_info_and_pvclock(hcall, xen_machine):
     tsc_ts, sys_time = struct.unpack_from("<QQ", mem.read(t + 8, 16))
     now = sys_time + scale.ns(st.guest_tsc() - tsc_ts)
     assert abs(now - xen_machine.xen.now_ns()) < 5_000_000
+
+
+def test_host_tsc_stable_reads_the_clocksource(tmp_path):
+    src = tmp_path / "current_clocksource"
+    src.write_text("tsc\n")
+    assert host_tsc_stable(src)
+    for other in ("hpet\n", "kvm-clock\n", "acpi_pm\n"):
+        src.write_text(other)
+        assert not host_tsc_stable(src)
+    assert not host_tsc_stable(tmp_path / "missing")
+
+
+def test_pvclock_stable_bit_follows_the_host(hcall, xen_machine):
+    """XEN_PVCLOCK_TSC_STABLE_BIT only when the host's clocksource is the TSC (in the rig's
+    2-vCPU L1 it is the HPET, and KVM moves the guest TSC offset behind our back)."""
+    st = xen_machine.xen.shinfo
+    assert st.tsc_stable == host_tsc_stable()
+    t = (SHINFO_PFN << 12) + ffi.offsetof("struct vcpu_info", "time")
+    flags_at = t + ffi.offsetof("struct vcpu_time_info", "flags")
+    for stable in (False, True):
+        st.tsc_stable = stable
+        assert map_shinfo(hcall, xen_machine.mem) == 0      # (re)publishes every vCPU's time info
+        assert xen_machine.mem.read(flags_at, 1)[0] & PVCLOCK_TSC_STABLE == stable
 
 
 def test_shared_info_refuses_bad_frames(hcall, xen_machine):

@@ -17,6 +17,7 @@ regions, and 32-bit and bit atomics on words the running vCPUs share with us
 from __future__ import annotations
 
 import bisect
+import ctypes
 import mmap
 import struct
 import threading
@@ -225,6 +226,7 @@ class GuestMemory:
 
     def array(self, gpa: int, count: int, dtype: np.dtype | str) -> np.ndarray:
         """A zero-copy numpy view of ``count`` items of ``dtype`` at ``gpa``."""
+
         dt = np.dtype(dtype)
         r, off = self._find(gpa, count * dt.itemsize)
         return np.frombuffer(r.mm, dtype=dt, count=count, offset=off)
@@ -241,7 +243,7 @@ class GuestMemory:
         self.view(gpa, len(data))[:] = data
 
     def fill(self, gpa: int, length: int, value: int = 0) -> None:
-        self.array(gpa, length, np.uint8)[:] = value
+        ctypes.memset(self.host_address(gpa, length), value, length)
 
     def discard(self, gpa: int, length: int) -> None:
         """Return whole pages to the host (``MADV_DONTNEED``): their next access reads zeros.

@@ -6,12 +6,23 @@ the locations and writes the time data with Xen's version protocol (odd
 while updating).  pvclock describes the *guest* TSC: guest TSC = host TSC +
 KVM's offset, measured once on vCPU 0 before it first runs, and mul/shift come
 from the real TSC rate (a zero mul crashes Linux: linux.md 2.3 step 5).
+
+``XEN_PVCLOCK_TSC_STABLE_BIT`` promises the guest that the TSC it reads is one clock
+across its vCPUs, so it may skip its own guard against time going backwards
+between vCPUs.  KVM keeps the guest TSC a fixed offset from the host's only while
+the host's TSC is stable (KVM's master clock needs the host clocksource to be the
+TSC); on a host that marked its TSC unstable, KVM rewrites a vCPU's offset when the
+vCPU is loaded (its catch-up mode), and our one measured offset goes stale.  Xen
+likewise sets the bit only when its own TSC is reliable.  So the bit is set only
+when the host's clocksource is ``tsc`` (:func:`host_tsc_stable`); without it Linux's
+pvclock keeps the largest value read so far, and its clock never goes backwards.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xenkvm.machine.clock import host_tsc
@@ -32,6 +43,16 @@ PVCLOCK_TSC_STABLE = 1 << 0
 MSR_IA32_TSC = 0x10
 VCPU_INFO_TIME = VCPU_INFO.offset("time")
 LEGACY_VCPUS = lib.XEN_LEGACY_MAX_VCPUS
+#: The host kernel's clocksource in use (``tsc`` when its TSC is stable).
+HOST_CLOCKSOURCE = Path("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+
+
+def host_tsc_stable(path: Path = HOST_CLOCKSOURCE) -> bool:
+    """Whether the host keeps time with its TSC, the condition for KVM's fixed guest TSC offset."""
+    try:
+        return path.read_text().strip() == "tsc"
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,10 @@ class SharedInfo:
         self.scale = TscScale.for_hz(self.tsc_khz * 1000)
         guest_tsc = vcpu0.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
         self.tsc_offset = guest_tsc - host_tsc()
+        #: whether pvclock carries XEN_PVCLOCK_TSC_STABLE_BIT (module docstring)
+        self.tsc_stable = host_tsc_stable()
+        if not self.tsc_stable:
+            log.info("host clocksource is not the TSC: pvclock without XEN_PVCLOCK_TSC_STABLE_BIT")
 
     # -- placement -------------------------------------------------------------
     def map(self, gpfn: int) -> None:
@@ -127,7 +152,7 @@ class SharedInfo:
         info.system_time = self.domain.now_ns()
         info.tsc_to_system_mul = self.scale.mul
         info.tsc_shift = self.scale.shift
-        info.flags = PVCLOCK_TSC_STABLE
+        info.flags = PVCLOCK_TSC_STABLE if self.tsc_stable else 0
         return TIME_INFO.to_bytes(info)
 
     def _publish(self, gpa: int, data: bytes) -> None:
