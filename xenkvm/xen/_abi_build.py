@@ -8,7 +8,8 @@ pointer) are not declared as fields; their offsets are exported as
 addresses.
 
 It also compiles the Xen layer's hot-path helpers (``HELPERS_SRC``: one C call
-per event-delivery or grant-pin rule, on pointers from ``GuestMemory.cptr``);
+per event-delivery rule, and the grant frames' word atomics, on pointers from
+``GuestMemory.cptr``);
 they live here, past the usual ~400 lines, because they need these headers and
 this module's build.
 """
@@ -243,7 +244,7 @@ typedef struct { xen_pfn_t gmfn; domid_t domid; uint16_t offset; } xk_gnttab_cop
 
 # -- hot-path helpers: one C call per Xen delivery/pin rule ---------------------------
 # They work on C pointers GuestMemory.cptr() hands out once (shared_info, a vcpu_info,
-# FIFO pages, grant frames), so an event or a grant pin costs one call instead of one
+# FIFO pages, grant frames), so an event costs one or two calls instead of one
 # GuestMemory lookup per guest word.  All atomics are seq_cst (lock-prefixed on x86),
 # like Xen's guest_test_and_set_bit & co.
 HELPERS_CDEF = """
@@ -258,9 +259,6 @@ HELPERS_CDEF = """
 #define XK_FIFO_LINKED ...
 #define XK_FIFO_EMPTY ...
 #define XK_FIFO_GAVE_UP ...
-#define XK_GNT_REFUSED ...
-#define XK_GNT_READ_ONLY ...
-#define XK_GNT_UNSTABLE ...
 int xk_evtchn_2l_set_pending(void *shinfo, void *vcpu_info, unsigned port);
 int xk_evtchn_2l_set_sel(void *vcpu_info, unsigned word);
 int xk_evtchn_mark_upcall(void *vcpu_info);
@@ -269,8 +267,6 @@ int xk_evtchn_fifo_set_link(void *page, unsigned idx, uint32_t port, int retries
 uint32_t xk_or32_at(void *base, size_t off, uint32_t bits);
 uint32_t xk_and32_at(void *base, size_t off, uint32_t bits);
 uint64_t xk_cmpxchg32_at(void *base, size_t off, uint32_t expected, uint32_t desired);
-int64_t xk_gnt_v1_set_status(void *frame, size_t off, uint16_t ldomid, int readonly, int mapping,
-                             int pinned, int retries);
 """
 
 HELPERS_SRC = r"""
@@ -279,7 +275,6 @@ enum { XK_2L_WAS_PENDING, XK_2L_MASKED, XK_2L_SEL_WAS_SET, XK_2L_NO_VCPU_INFO,
        XK_UPCALL_WAS_PENDING, XK_UPCALL };
 enum { XK_FIFO_WAS_PENDING = 1, XK_FIFO_QUEUE = 2 };
 enum { XK_FIFO_EMPTY, XK_FIFO_LINKED, XK_FIFO_GAVE_UP };
-enum { XK_GNT_REFUSED = 1, XK_GNT_READ_ONLY = 2, XK_GNT_UNSTABLE = 3 };
 
 #define XK_NR_2L (sizeof(((struct shared_info *)0)->evtchn_pending) * 8)
 #define XK_ULONG_BITS (sizeof(xen_ulong_t) * 8)
@@ -396,33 +391,6 @@ uint64_t xk_cmpxchg32_at(void *base, size_t off, uint32_t expected, uint32_t des
     uint32_t *w = (uint32_t *)((char *)base + off);
     int ok = __atomic_compare_exchange_n(w, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
     return (uint64_t)ok << 32 | expected;
-}
-
-/* Xen's _set_status_v1 (common/grant_table.c), restated: the entry's flags and
- * domid form one 32-bit word, changed only by compare-and-swap.  Unless already
- * pinned, the grant type (GTF_sub_page counted too for a mapping) must be
- * exactly GTF_permit_access and the domid the mapping domain's; a write pin of
- * a GTF_readonly grant fails; then GTF_reading (and GTF_writing for a write) is
- * set, retried a bounded number of times if the guest changes the word.
- * Returns the granted frame (>= 0), or -((reason << 32) | word found). */
-int64_t xk_gnt_v1_set_status(void *frame, size_t off, uint16_t ldomid, int readonly, int mapping,
-                             int pinned, int retries)
-{
-    struct grant_entry_v1 *e = (struct grant_entry_v1 *)((char *)frame + off);
-    uint32_t *w = (uint32_t *)e;
-    uint32_t mask = GTF_type_mask | (mapping ? GTF_sub_page : 0);
-    uint32_t set = GTF_reading | (readonly ? 0 : GTF_writing);
-    uint32_t word = __atomic_load_n(w, __ATOMIC_SEQ_CST);
-    for (int i = 0; i < retries; i++) {
-        uint32_t flags = word & 0xFFFF, dom = word >> 16;
-        if (!pinned && ((flags & mask) != GTF_permit_access || dom != ldomid))
-            return -(int64_t)((uint64_t)XK_GNT_REFUSED << 32 | word);
-        if (!readonly && (flags & GTF_readonly))
-            return -(int64_t)((uint64_t)XK_GNT_READ_ONLY << 32 | word);
-        if (__atomic_compare_exchange_n(w, &word, word | set, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-            return (int64_t)__atomic_load_n(&e->frame, __ATOMIC_RELAXED);
-    }
-    return -(int64_t)((uint64_t)XK_GNT_UNSTABLE << 32 | word);
 }
 """
 
