@@ -125,7 +125,8 @@ class BackendApi:
                 self._check_granter(domid)
             act = self.pins.acquire(ref, backend, True, False)
             try:
-                _check_range(act, offset, length, ref)
+                if offset < act.page_off or offset + length > act.page_off + act.length:
+                    _check_range(act, offset, length, ref)
                 return bytes(act.page[offset:offset + length])
             finally:
                 self.pins.release(ref, True)
@@ -139,9 +140,11 @@ class BackendApi:
             if domid != self.domain.domid:
                 self._check_granter(domid)
             act = self.pins.acquire(ref, backend, False, False)
+            end = offset + len(data)
             try:
-                _check_range(act, offset, len(data), ref)
-                act.page[offset:offset + len(data)] = data
+                if offset < act.page_off or end > act.page_off + act.length:
+                    _check_range(act, offset, len(data), ref)
+                act.page[offset:end] = data
             finally:
                 self.pins.release(ref, False)
 

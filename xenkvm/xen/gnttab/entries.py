@@ -252,25 +252,30 @@ class EntryCodecV2(EntryCodec):
         return (kind == GTF_permit_access or (not mapping and kind == GTF_transitive)) and dom == ldomid
 
     def set_status(self, ref, ldomid, readonly, mapping, pinned, writers) -> None:
-        self._set_busy(ref, ldomid, readonly, mapping, pinned, writers)
+        self._set_busy(ref, *self.locate(ref), ldomid, readonly, mapping, pinned, writers)
 
     def claim(self, ref: int, ldomid: int, readonly: bool, mapping: bool) -> Target:
-        return self._target(ref, self._set_busy(ref, ldomid, readonly, mapping, False, 0))
+        entry, eoff = self.locate(ref)
+        flags = self._set_busy(ref, entry, eoff, ldomid, readonly, mapping, False, 0)
+        return self._target_at(entry.buf, eoff, flags)
 
-    def _set_busy(self, ref, ldomid, readonly, mapping, pinned, writers) -> int:
-        """set_status; returns the flags as re-read after the status bits were set."""
+    def _set_busy(self, ref, entry, eoff, ldomid, readonly, mapping, pinned, writers) -> int:
+        """set_status on entry ``ref`` (at ``eoff`` of frame ``entry``); returns the flags as
+        re-read after the status bits were set."""
         # Xen (_set_status_v2): check the entry, set the status bits, full barrier so the guest
         # sees them before we look again, re-read: if the guest revoked or made it read-only in
         # between, undo and fail ("Unstable flags").  A pinned entry is not re-validated, but
         # turning read-only under a write pin still fails it.
-        flags, dom = self.header(ref)
+        word = entry.load32(eoff)
+        flags, dom = word & 0xFFFF, word >> 16
         if not pinned and not self._valid(flags, dom, ldomid, mapping):
             raise _refused(ref, flags, dom, ldomid)
         if not readonly and flags & GTF_readonly:
             raise _read_only(ref)
         frame, off, shift = self._status_word(ref)
         frame.or32(off, (GTF_reading | (0 if readonly else GTF_writing)) << shift)   # locked: a barrier
-        flags, dom = self.header(ref)
+        word = entry.load32(eoff)
+        flags, dom = word & 0xFFFF, word >> 16
         if not pinned and (not self._valid(flags, dom, ldomid, mapping) or (not readonly and flags & GTF_readonly)):
             self.clear_busy(ref, BUSY)
             raise GrantError(Gntst.general_error, f"ref {ref}: entry changed while pinning")
@@ -281,17 +286,17 @@ class EntryCodecV2(EntryCodec):
         return flags
 
     def target(self, ref: int) -> Target:
-        return self._target(ref, self.header(ref)[0])
-
-    def _target(self, ref: int, flags: int) -> Target:
-        """What entry ``ref`` grants, its flags being ``flags``."""
         frame, off = self.locate(ref)
+        return self._target_at(frame.buf, off, frame.load32(off) & 0xFFFF)
+
+    @staticmethod
+    def _target_at(buf, off: int, flags: int) -> Target:
+        """What the entry at ``off`` of ``buf`` grants, its flags being ``flags``."""
         if flags & GTF_type_mask == GTF_transitive:
-            return Target(0, trans=(_get(frame.buf, off, V2_TRANS_DOMID), _get(frame.buf, off, V2_TRANS_GREF)))
+            return Target(0, trans=(_get(buf, off, V2_TRANS_DOMID), _get(buf, off, V2_TRANS_GREF)))
         if flags & GTF_sub_page:
-            return Target(_get(frame.buf, off, V2_SUB_FRAME), _get(frame.buf, off, V2_SUB_OFF),
-                          _get(frame.buf, off, V2_SUB_LEN))
-        return _full_page(_get(frame.buf, off, V2_FULL_FRAME))
+            return Target(_get(buf, off, V2_SUB_FRAME), _get(buf, off, V2_SUB_OFF), _get(buf, off, V2_SUB_LEN))
+        return _full_page(_get(buf, off, V2_FULL_FRAME))
 
     def busy(self, ref: int) -> int:
         frame, off, shift = self._status_word(ref)

@@ -74,7 +74,7 @@ class Pins:
     def acquire(self, ref: int, ldomid: int, readonly: bool, mapping: bool, transitive: bool = True) -> Pin:
         """Pin ``ref`` for domain ``ldomid`` (a map when ``mapping``); GrantError if refused."""
         codec = self.codec
-        if not 0 <= ref < codec.nr_entries:
+        if not 0 <= ref < len(codec.frames.shared) * codec.per_frame:   # codec.nr_entries, inlined
             raise GrantError(Gntst.bad_gntref, f"ref {ref} of {codec.nr_entries}")
         act = self.active.get(ref)
         if act is None:
@@ -99,7 +99,19 @@ class Pins:
         return act
 
     def _page(self, ref: int, gfn: int) -> memoryview:
-        """A view of guest frame ``gfn`` (cached until a region leaves); GNTST_bad_page if none."""
+        """The page of guest frame ``gfn`` for pinning ``ref``; GNTST_bad_page (busy bits undone) if none."""
+        page = self.page(gfn)
+        if page is None:
+            self.codec.clear_busy(ref, BUSY)
+            raise GrantError(Gntst.bad_page, f"ref {ref}: gfn {gfn:#x} is not guest memory")
+        return page
+
+    def page(self, gfn: int) -> memoryview | None:
+        """A view of guest frame ``gfn``, or None if it is not guest memory.
+
+        Cached by gfn (a copy or a pin looks up the same few pages again and
+        again) until a region leaves guest memory (``GuestMemory.generation``).
+        """
         if self._pages_gen != self.mem.generation:
             self._pages.clear()
             self._pages_gen = self.mem.generation
@@ -108,8 +120,7 @@ class Pins:
             try:
                 page = self.mem.page(gfn)
             except GuestMemoryError:
-                self.codec.clear_busy(ref, BUSY)
-                raise GrantError(Gntst.bad_page, f"ref {ref}: gfn {gfn:#x} is not guest memory") from None
+                return None
             if len(self._pages) >= 1024:
                 self._pages.clear()
             self._pages[gfn] = page
