@@ -85,8 +85,8 @@ class Fifo:
         self.array_gfns: list[int] = []
         self.pages: list[memoryview] = []                        # u32 view per array page
         self.ptrs: list = []                                      # C pointer per array page
-        #: (gpa, u32 view, C pointer) of each vCPU's control block
-        self.control: list[tuple[int, memoryview, object] | None] = [None] * self.nr_vcpus
+        #: (gpa, u32 view, C pointer to its page, offset of READY in that page) of each vCPU's control block
+        self.control: list[tuple[int, memoryview, object, int] | None] = [None] * self.nr_vcpus
         self.control_loc: list[tuple[int, int] | None] = [None] * self.nr_vcpus      # (gfn, offset)
         #: tail port of each (vcpu, priority) queue; 0 = empty.
         self.tails: list[list[int]] = [[0] * NR_PRIORITIES for _ in range(self.nr_vcpus)]
@@ -139,7 +139,7 @@ class Fifo:
         if self.control[vcpu] is not None:
             raise HypercallError(Errno.EINVAL, f"vcpu{vcpu} already has a FIFO control block")
         page, ptr = self._ram_page(gfn, "control block")
-        self.control[vcpu] = ((gfn << 12) + offset, page[offset // 4:(offset + CB_SIZE) // 4], ptr + offset)
+        self.control[vcpu] = ((gfn << 12) + offset, page[offset // 4:(offset + CB_SIZE) // 4], ptr, offset + CB_READY)
         self.control_loc[vcpu] = (gfn, offset)
 
     def init_control(self, vcpu: int, gfn: int, offset: int) -> "Fifo":
@@ -184,7 +184,7 @@ class Fifo:
             self._enqueue(p, v, control)
         return not code & _WAS_PENDING
 
-    def _enqueue(self, p: "Port", v: int, control: tuple[int, memoryview, object]) -> None:
+    def _enqueue(self, p: "Port", v: int, control: tuple[int, memoryview, object, int]) -> None:
         """Append the (now LINKED) ``p`` to its queue; READY and the upcall if it was empty."""
         prio = p.priority
         old_v, old_prio = p.last_vcpu, p.last_prio
@@ -198,10 +198,10 @@ class Fifo:
         tails[prio] = p.port
         if linked:
             return
-        _, cb, cb_ptr = control
+        _, cb, page_ptr, ready_off = control
         cb[CB_HEAD_INDEX + prio] = p.port
         bit = 1 << prio
-        if not _or32_at(cb_ptr, CB_READY, bit) & bit:
+        if not _or32_at(page_ptr, ready_off, bit) & bit:
             self.signal.upcall(v)
 
     def _link(self, tail: int, port: int) -> bool:
