@@ -194,7 +194,8 @@ class BackendApi:
         domain: past it, map_grant_ref reports GNTST_no_space).
         """
         with self.domain.lock:
-            self._check_granter(domid)
+            if domid != self.domain.domid:
+                self._check_granter(domid)
             if self.mappings >= self.max_mappings:
                 raise GrantError(Gntst.no_space, f"all {self.max_mappings} maptrack entries in use")
             act = self.pins.acquire(ref, backend, not writable, True)
