@@ -1,6 +1,8 @@
 """GuestMemory's page access and atomic bit/word operations (the Xen layer's shared words)."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from xenkvm.machine.memory import GuestMemory, GuestMemoryError
@@ -42,3 +44,19 @@ def test_pages_and_ram(m):
     m.remove_region(r)
     with pytest.raises(GuestMemoryError):      # no stale pointer to a removed region
         m.atomic_or32(0xD000_0000, 1)
+
+
+def test_cptr_reaches_guest_bytes_and_outlives_its_region_safely(m):
+    p = m.cptr(0x3000, 16)
+    p[4] = b"\x7f"
+    assert m.read(0x3004, 1) == b"\x7f"
+    with pytest.raises(GuestMemoryError):
+        m.cptr((4 << 20) - 8, 16)          # runs past the end of RAM
+    r = m.add_region(0xF000_0000, 0x1000, "hole-page")
+    q, gen = m.cptr(0xF000_0008, 8), m.generation
+    m.remove_region(r)
+    del r
+    gc.collect()
+    assert m.generation != gen            # the holder sees q is stale ...
+    q[0] = b"\x01"                        # ... and a late write lands in still-mapped host memory
+    assert q[0] == b"\x01" and not m.contains(0xF000_0008)

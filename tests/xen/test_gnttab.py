@@ -433,10 +433,10 @@ def test_unstable_entry_gives_up(dom, monkeypatch):
     v1(dom, 10, PERMIT, 0, DATA)
     calls = []
 
-    def flipping(gpa, expected, desired):
+    def flipping(frame, off, expected, desired):
         calls.append(1)
         return False, expected ^ 0x8000       # the guest keeps changing an unrelated bit
-    monkeypatch.setattr(dom.mem, "cmpxchg32", flipping)
+    monkeypatch.setattr(Frame, "cmpxchg32", flipping)
     with pytest.raises(GrantError) as e:
         dom.gnttab.copy_from(DOMID, 10, 0, 4)
     assert e.value.status == Gntst.general_error and len(calls) == 5

@@ -123,6 +123,8 @@ class GuestMemory:
         #: (added, removed) pairs; ``removed`` undoes ``added`` (None: nothing to undo)
         self._listeners: list[tuple[Callable[[Region], None], Callable[[Region], None] | None]] = []
         self._tls = threading.local()   #: per-thread ``uint32_t`` cell for cmpxchg32
+        #: bumped whenever a region leaves: pointers from :meth:`cptr` taken before are stale
+        self.generation = 0
         low = min(ram_size, LOW_RAM_TOP)
         self._insert(Region(0, low, "ram-low"))
         if ram_size > low:
@@ -193,6 +195,7 @@ class GuestMemory:
         del self._starts[i]
         del self._regions[i]
         self._ptrs.clear()
+        self.generation += 1
 
     def _insert(self, region: Region) -> None:
         i = bisect.bisect(self._starts, region.gpa)
@@ -362,6 +365,20 @@ class GuestMemory:
             raise GuestMemoryError(gpa, 4, "not 4-byte aligned")
         return ffi.cast("uint32_t *", self.host_address(gpa, 4))
 
+    def cptr(self, gpa: int, length: int):
+        """A C ``char *`` to ``length`` guest bytes at ``gpa``, for C helpers that run on every event.
+
+        Taken once (when the guest places shared_info, a vcpu_info, a grant
+        frame) instead of a lookup by address per access.  The pointer holds
+        its region's mapping: after the region leaves (``generation`` changed)
+        it is stale and must be dropped, but a write through it still lands in
+        host memory that stays mapped until the pointer goes, never in freed
+        memory.
+        """
+        r, off = self._find(gpa, length)
+        owner = ffi.from_buffer(r.mm)      # holds r.mm (not a memoryview: those break GC of cycles)
+        return ffi.gc(ffi.cast("char *", owner) + off, _keep_mapped(owner))
+
     def test_bit(self, gpa: int, bit: int) -> bool:
         """Bit ``bit`` (LSB first) of the bitmap at ``gpa`` (an atomic byte load)."""
         if bit < 0:
@@ -414,6 +431,11 @@ class GuestMemory:
             entries.append(E820Entry(HIGH_RAM_BASE, self.ram_size - low, E820Type.RAM))
         entries += [E820Entry(r.gpa, r.size, E820Type.RESERVED) for r in self._regions if r.reserved]
         return sorted(entries, key=lambda e: e.addr)
+
+
+def _keep_mapped(owner) -> Callable[[object], None]:
+    """A no-op destructor for ``ffi.gc`` that holds ``owner`` (the region's buffer) while the pointer lives."""
+    return lambda _ptr: owner and None
 
 
 _U32 = struct.Struct("<I")

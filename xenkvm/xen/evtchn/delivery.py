@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from xenkvm.machine.memory import GuestMemoryError
-from xenkvm.xen.abi import ffi
+from xenkvm.xen.abi import ffi, lib
 
 if TYPE_CHECKING:
     from xenkvm.xen.evtchn.poll import Pollers
@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 VI_UPCALL_PENDING = ffi.offsetof("struct vcpu_info", "evtchn_upcall_pending")
 VI_SIZE = ffi.sizeof("struct vcpu_info")
+XK_NO_VCPU_INFO = lib.XK_2L_NO_VCPU_INFO   #: the codes from here up reached (or would reach) the vCPU
+XK_UPCALL = lib.XK_UPCALL
+assert lib.XK_2L_WAS_PENDING < lib.XK_2L_MASKED < lib.XK_2L_SEL_WAS_SET < XK_NO_VCPU_INFO
+assert XK_NO_VCPU_INFO < lib.XK_UPCALL_WAS_PENDING < XK_UPCALL
+_mark_upcall = lib.xk_evtchn_mark_upcall
 
 
 class Delivery(Protocol):
@@ -71,66 +76,79 @@ class Delivery(Protocol):
 
 
 class Signal:
-    """The upcall: ``evtchn_upcall_pending`` in the vCPU's vcpu_info, then the interrupt."""
+    """The upcall: ``evtchn_upcall_pending`` in the vCPU's vcpu_info, then the interrupt.
+
+    Each vcpu_info is reached through a C pointer taken once
+    (``GuestMemory.cptr``), cached by address and dropped when a region leaves
+    guest memory (``GuestMemory.generation``); the delivery rules themselves
+    run in C (``lib.xk_evtchn_*``), which answer with one of the ``XK_*`` codes.
+    """
 
     def __init__(self, domain, pollers: "Pollers"):
         self.d = domain
         self.mem = domain.mem
         self.pollers = pollers
         self.raised = 0                       #: upcalls raised (statistics; resend avoids doubles)
-        self._usable: set[int] = set()        #: vcpu_info addresses checked to be in memory
+        self._ptrs: dict = {}                 #: vcpu_info gpa -> C pointer (checked to be in memory)
+        self._gen = -1                        #: GuestMemory.generation the pointers are from
+
+    def vcpu_info_ptr(self, vcpu: int):
+        """A C pointer to the vCPU's vcpu_info if it has a usable one (aligned, in guest memory)."""
+        gpa = self.d.vcpu_info_gpa(vcpu)
+        if gpa is None:
+            return None
+        if self._gen != self.mem.generation:     # a region left: pointers may be stale
+            self._ptrs.clear()
+            self._gen = self.mem.generation
+        ptr = self._ptrs.get(gpa)
+        if ptr is None:
+            if gpa & 7:
+                return None
+            try:
+                ptr = self.mem.cptr(gpa, VI_SIZE)
+            except GuestMemoryError:
+                return None
+            if len(self._ptrs) > 1024:
+                self._ptrs.clear()
+            self._ptrs[gpa] = ptr
+        return ptr
 
     def vcpu_info(self, vcpu: int) -> int | None:
         """The vCPU's vcpu_info address if it has a usable one (aligned, in guest memory)."""
-        gpa = self.d.vcpu_info_gpa(vcpu)
-        if gpa is None or gpa in self._usable:
-            return gpa
-        if gpa & 7 or not self.mem.contains(gpa, VI_SIZE):
-            return None
-        if len(self._usable) > 1024:
-            self._usable.clear()
-        self._usable.add(gpa)
-        return gpa
+        return self.d.vcpu_info_gpa(vcpu) if self.vcpu_info_ptr(vcpu) is not None else None
 
-    def upcall(self, vcpu: int, vi: int | None = None) -> None:
+    def upcall(self, vcpu: int) -> None:
         """Xen's vcpu_mark_events_pending: set upcall_pending; interrupt on 0 -> 1.
 
         Without a vcpu_info the event waits for :meth:`Delivery.resend`; a
         poller on the vCPU is woken either way (Xen wakes a vCPU polling when
         an event is sent to it).
         """
-        pollers = self.pollers
-        if pollers.waiting:
-            pollers.kick(vcpu)
-        if vi is None:
-            vi = self.vcpu_info(vcpu)
-            if vi is None:
-                return
-        try:
-            was = self.mem.test_and_set_bit(vi + VI_UPCALL_PENDING, 0)
-        except GuestMemoryError:
-            self._usable.discard(vi)
-            return
-        if not was:
-            self.raised += 1
-            self.d.upcalls.raise_(vcpu)
+        vi = self.vcpu_info_ptr(vcpu)
+        self.done(vcpu, XK_NO_VCPU_INFO if vi is None else _mark_upcall(vi))
+
+    def done(self, vcpu: int, code: int) -> None:
+        """Finish a delivery the C helpers began: ``code`` is how far the rule went."""
+        if code >= XK_NO_VCPU_INFO:          # an event reached the vCPU (or would have)
+            pollers = self.pollers
+            if pollers.waiting:
+                pollers.kick(vcpu)
+            if code == XK_UPCALL:
+                self.raised += 1
+                self.d.upcalls.raise_(vcpu)
 
     def force(self, vcpu: int) -> None:
         """Raise the upcall again although upcall_pending may be set (resend_pending)."""
-        vi = self.vcpu_info(vcpu)
+        vi = self.vcpu_info_ptr(vcpu)
         if vi is None:
             return
-        try:
-            self.mem.test_and_set_bit(vi + VI_UPCALL_PENDING, 0)
-        except GuestMemoryError:
-            return
+        _mark_upcall(vi)
         self.raised += 1
         self.d.upcalls.raise_(vcpu)
 
     def upcall_pending(self, vcpu: int) -> bool:
-        vi = self.vcpu_info(vcpu)
-        return vi is not None and self.mem.read(vi + VI_UPCALL_PENDING, 1)[0] != 0
+        vi = self.vcpu_info_ptr(vcpu)
+        return vi is not None and vi[VI_UPCALL_PENDING] != b"\0"
 
     def forget(self) -> None:
-        self._usable.clear()
-
+        self._ptrs.clear()

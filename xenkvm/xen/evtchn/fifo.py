@@ -19,10 +19,13 @@ retries; setting BUSY on the tail stops the guest unmasking it (Linux's
 unmask spins while BUSY), bounding the retries.  A port whose word is still
 LINKED is not handed out again (its old queue entry may still be consumed).
 
-Every event word and READY is changed only here, with GuestMemory's atomics
-(plain 32-bit stores for ``head``, which only Xen's side writes while the
-queue is empty); frames must be whole guest RAM pages (not the special
-pages, not MMIO).  All methods run under the domain's big lock.
+Every event word and READY is changed only here, atomically: on the send
+path by the C helpers (``lib.xk_evtchn_fifo_*``: PENDING/LINKED, the tail's
+LINK) on pointers to the pages taken when the guest hands them over, elsewhere
+with GuestMemory's atomics (plain 32-bit stores for ``head``, which only Xen's
+side writes while the queue is empty).  Frames must be whole guest RAM pages
+(not the special pages, not MMIO), and RAM never leaves, so those pointers stay
+valid.  All methods run under the domain's big lock.
 """
 from __future__ import annotations
 
@@ -58,6 +61,13 @@ CB_SIZE = ffi.sizeof("struct evtchn_fifo_control_block")
 CB_READY = ffi.offsetof("struct evtchn_fifo_control_block", "ready")
 CB_HEAD_INDEX = ffi.offsetof("struct evtchn_fifo_control_block", "head") // 4   # head[] as u32 index
 CB_READY_INDEX = CB_READY // 4
+LINK_RETRIES = 4            #: CAS retries on a tail the guest keeps changing (BUSY set meanwhile)
+
+_fifo_set_pending = lib.xk_evtchn_fifo_set_pending
+_set_link = lib.xk_evtchn_fifo_set_link
+_or32_at = lib.xk_or32_at
+_WAS_PENDING = lib.XK_FIFO_WAS_PENDING
+_QUEUE = lib.XK_FIFO_QUEUE
 
 
 class Fifo:
@@ -74,19 +84,28 @@ class Fifo:
         self.signal = signal
         self.array_gfns: list[int] = []
         self.pages: list[memoryview] = []                        # u32 view per array page
-        self.control: list[tuple[int, memoryview] | None] = [None] * self.nr_vcpus  # (gpa, u32 view)
+        self.ptrs: list = []                                      # C pointer per array page
+        #: (gpa, u32 view, C pointer to its page, offset of READY in that page) of each vCPU's control block
+        self.control: list[tuple[int, memoryview, object, int] | None] = [None] * self.nr_vcpus
         self.control_loc: list[tuple[int, int] | None] = [None] * self.nr_vcpus      # (gfn, offset)
         #: tail port of each (vcpu, priority) queue; 0 = empty.
         self.tails: list[list[int]] = [[0] * NR_PRIORITIES for _ in range(self.nr_vcpus)]
 
-    def _ram_page(self, gfn: int, what: str) -> memoryview:
-        """A u32 view of guest frame ``gfn`` if it is a whole page of RAM, else -EINVAL."""
+    def _ram_page(self, gfn: int, what: str) -> tuple[memoryview, object]:
+        """A u32 view and a C pointer of guest frame ``gfn`` if it is a whole page of RAM, else -EINVAL."""
         if 0 <= gfn < 1 << 52 and self.mem.is_ram(gfn << 12):
             try:
-                return self.mem.page(gfn).cast("I")
+                return self.mem.page(gfn).cast("I"), self.mem.cptr(gfn << 12, PAGE)
             except GuestMemoryError:
                 pass
         raise HypercallError(Errno.EINVAL, f"{what} gfn {gfn:#x} is not guest RAM")
+
+    def _add_page(self, gfn: int) -> None:
+        """Append guest RAM frame ``gfn`` to the event array (-EINVAL if it is not RAM)."""
+        page, ptr = self._ram_page(gfn, "event array")
+        self.pages.append(page)
+        self.ptrs.append(ptr)
+        self.array_gfns.append(gfn)
 
     # -- words -----------------------------------------------------------------------
     @property
@@ -119,8 +138,8 @@ class Fifo:
     def map_control(self, vcpu: int, gfn: int, offset: int) -> None:
         if self.control[vcpu] is not None:
             raise HypercallError(Errno.EINVAL, f"vcpu{vcpu} already has a FIFO control block")
-        page = self._ram_page(gfn, "control block")
-        self.control[vcpu] = ((gfn << 12) + offset, page[offset // 4:(offset + CB_SIZE) // 4])
+        page, ptr = self._ram_page(gfn, "control block")
+        self.control[vcpu] = ((gfn << 12) + offset, page[offset // 4:(offset + CB_SIZE) // 4], ptr, offset + CB_READY)
         self.control_loc[vcpu] = (gfn, offset)
 
     def init_control(self, vcpu: int, gfn: int, offset: int) -> "Fifo":
@@ -133,10 +152,8 @@ class Fifo:
     def expand_array(self, gfn: int) -> None:
         if len(self.pages) >= MAX_ARRAY_PAGES:
             raise HypercallError(Errno.ENOSPC, "event array is full")
-        page = self._ram_page(gfn, "event array")
         first = self.num_words
-        self.pages.append(page)
-        self.array_gfns.append(gfn)
+        self._add_page(gfn)
         # Raise events that became pending while their word did not exist.
         for port in range(first, self.num_words):
             p = self.table.get(port)
@@ -153,23 +170,21 @@ class Fifo:
     # -- the Delivery interface ---------------------------------------------------------
     def set_pending(self, p: "Port") -> bool:
         """Mark ``p`` pending and queue it (evtchn_fifo_set_pending); True if newly pending."""
-        if p.port >> 10 >= len(self.pages):
+        port = p.port
+        if port >> 10 >= len(self.pages):
             p.saved_pending = True
             return True
-        gpa = self._gpa(p.port)
-        was = self.mem.atomic_or32(gpa, PENDING) & PENDING
         v = p.vcpu
         control = self.control[v]
-        if control is None:
-            # No control block on that vCPU yet: leave it PENDING; it is
-            # queued when the vCPU's control block arrives (resend).
-            return not was
-        if self.word(p.port) & MASKED or self.mem.atomic_or32(gpa, LINKED) & LINKED:
-            return not was
-        self._enqueue(p, v, control)
-        return not was
+        # PENDING, then (with a control block) LINKED unless MASKED, in C.  No control
+        # block on that vCPU yet: the port stays PENDING and is queued when the
+        # vCPU's control block arrives (resend).
+        code = _fifo_set_pending(self.ptrs[port >> 10], port & (WORDS_PER_PAGE - 1), control is not None)
+        if code & _QUEUE:
+            self._enqueue(p, v, control)
+        return not code & _WAS_PENDING
 
-    def _enqueue(self, p: "Port", v: int, control: tuple[int, memoryview]) -> None:
+    def _enqueue(self, p: "Port", v: int, control: tuple[int, memoryview, object, int]) -> None:
         """Append the (now LINKED) ``p`` to its queue; READY and the upcall if it was empty."""
         prio = p.priority
         old_v, old_prio = p.last_vcpu, p.last_prio
@@ -183,34 +198,21 @@ class Fifo:
         tails[prio] = p.port
         if linked:
             return
-        cb_gpa, cb = control
+        _, cb, page_ptr, ready_off = control
         cb[CB_HEAD_INDEX + prio] = p.port
         bit = 1 << prio
-        if not self.mem.atomic_or32(cb_gpa + CB_READY, bit) & bit:
+        if not _or32_at(page_ptr, ready_off, bit) & bit:
             self.signal.upcall(v)
 
     def _link(self, tail: int, port: int) -> bool:
-        """Point ``tail``'s word at ``port`` iff it is still LINKED (False: the queue was empty)."""
-        gpa = self._gpa(tail)
-        old = self.word(tail)
-        if not old & LINKED:
-            return False
-        ok, old = self.mem.cmpxchg32(gpa, old, (old & ~(BUSY | LINK_MASK) & U32) | port)
-        if ok:
-            return True
-        # The guest changed the word under us: fence off unmasking with BUSY and retry.
-        self.mem.atomic_or32(gpa, BUSY)
-        old = self.word(tail)
-        for _ in range(4):
-            if not old & LINKED:
-                self.mem.atomic_and32(gpa, ~BUSY & U32)
-                return False
-            ok, old = self.mem.cmpxchg32(gpa, old, (old & ~(BUSY | LINK_MASK) & U32) | port)
-            if ok:
-                return True     # the new value has BUSY clear
-        log.warning("FIFO: could not link port %d after the tail (guest keeps changing it)", port)
-        self.mem.atomic_and32(gpa, ~BUSY & U32)
-        return True
+        """Point ``tail``'s word at ``port`` iff it is still LINKED (False: the queue was empty).
+
+        The compare-and-swap, BUSY fencing and bounded retries are the C helper's.
+        """
+        code = _set_link(self.ptrs[tail >> 10], tail & (WORDS_PER_PAGE - 1), port, LINK_RETRIES)
+        if code == lib.XK_FIFO_GAVE_UP:
+            log.warning("FIFO: could not link port %d after the tail (guest keeps changing it)", port)
+        return code != lib.XK_FIFO_EMPTY
 
     def clear_pending(self, p: "Port") -> None:
         p.saved_pending = False
@@ -267,10 +269,9 @@ class Fifo:
                 f.map_control(v, int(loc[0]), int(loc[1]))
         for gfn in state.get("array_gfns", []):
             try:
-                f.pages.append(f._ram_page(int(gfn), "event array"))
+                f._add_page(int(gfn))
             except HypercallError:
                 raise ValueError(f"saved FIFO event array gfn {gfn:#x} is not RAM") from None
-            f.array_gfns.append(int(gfn))
         for v, t in enumerate(state.get("tails", [])[:f.nr_vcpus]):
             t = [int(x) for x in t[:NR_PRIORITIES]]
             f.tails[v] = t + [0] * (NR_PRIORITIES - len(t))

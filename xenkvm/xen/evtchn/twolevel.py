@@ -12,8 +12,10 @@ Xen's rules (``common/event_2l.c``), kept here:
   one spurious upcall, never a lost one).
 
 Events sent before shared_info is mapped are remembered on the port
-(``saved_pending``) and raised once it is.  Every guest word is changed with
-GuestMemory's atomic bit operations; plain reads use a view of the page.
+(``saved_pending``) and raised once it is.  Every guest word is changed
+atomically: on the send path by the C helpers (``lib.xk_evtchn_2l_*``, on a
+pointer to shared_info taken once), elsewhere with GuestMemory's atomic bit
+operations; plain reads use a view of the page.
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from xenkvm.machine.memory import GuestMemoryError
-from xenkvm.xen.abi import Errno, ffi
+from xenkvm.xen.abi import Errno, ffi, lib
 from xenkvm.xen.errors import HypercallError
+from xenkvm.xen.evtchn.delivery import XK_NO_VCPU_INFO
 from xenkvm.xen.evtchn.fifo import Fifo
 
 if TYPE_CHECKING:
@@ -36,6 +39,11 @@ SH_PENDING = ffi.offsetof("struct shared_info", "evtchn_pending")
 SH_MASK = ffi.offsetof("struct shared_info", "evtchn_mask")
 VI_SEL = ffi.offsetof("struct vcpu_info", "evtchn_pending_sel")
 _BITMAP_BYTES = NR_2L_CHANNELS // 8
+SH_SIZE = ffi.sizeof("struct shared_info")
+_set_pending = lib.xk_evtchn_2l_set_pending
+_set_sel = lib.xk_evtchn_2l_set_sel
+_WAS_PENDING = lib.XK_2L_WAS_PENDING
+_MASKED = lib.XK_2L_MASKED
 
 
 class TwoLevel:
@@ -52,21 +60,28 @@ class TwoLevel:
         self._sh_gpa: int | None = None
         self._bits = None       # (pending, mask) u64 views of shared_info; None while unmapped
         self._pending_gpa = 0   # where evtchn_pending is while _bits is not None
+        self._sh = None         # C pointer to shared_info while _bits is not None
+        self._gen = -1          # GuestMemory.generation when _sh was taken
 
     # -- shared_info ------------------------------------------------------------
     def _shinfo(self):
-        """(pending, mask) u64 views into shared_info, or None while it is not mapped."""
+        """(pending, mask) u64 views into shared_info, or None while it is not mapped.
+
+        Also refreshes ``_sh``, the C pointer to shared_info the delivery
+        helper uses, whenever shared_info moved or a region left memory.
+        """
         gpa = self.d.shinfo.gpa
-        if gpa != self._sh_gpa:
-            self._sh_gpa, self._bits = gpa, None
+        if gpa != self._sh_gpa or self.mem.generation != self._gen:
+            self._sh_gpa, self._gen, self._bits, self._sh = gpa, self.mem.generation, None, None
             if gpa is not None:
                 try:
                     pending = self.mem.view(gpa + SH_PENDING, _BITMAP_BYTES).cast("Q")
                     mask = self.mem.view(gpa + SH_MASK, _BITMAP_BYTES).cast("Q")
+                    sh = self.mem.cptr(gpa, SH_SIZE)
                 except GuestMemoryError:
                     log.warning("shared_info at %#x is not in guest memory", gpa)
                     return None
-                self._bits = (pending, mask)
+                self._bits, self._sh = (pending, mask), sh
                 self._pending_gpa = gpa + SH_PENDING
                 self._flush_saved()
         return self._bits
@@ -81,41 +96,33 @@ class TwoLevel:
         try:
             return op(self._sh_gpa + base, port)
         except GuestMemoryError:    # shared_info moved away under us: forget the views
-            self._sh_gpa, self._bits = None, None
+            self._sh_gpa, self._bits, self._sh = None, None, None
             return True
 
     # -- the Delivery interface ---------------------------------------------------
     def set_pending(self, p: "Port") -> bool:
-        bits = self._bits if self.d.shinfo.gpa == self._sh_gpa else self._shinfo()
-        if bits is None:
+        # evtchn_2l_set_pending in C (pending bit, mask test); the vcpu_info half only
+        # when the port is newly pending and unmasked, so a repeated send is one C call.
+        if self.d.shinfo.gpa == self._sh_gpa and self.mem.generation == self._gen:
+            sh = self._sh
+        else:
+            sh = self._sh if self._shinfo() is not None else None
+        if sh is None:
             p.saved_pending = True
             return False
-        port = p.port
-        try:
-            if self.mem.test_and_set_bit(self._pending_gpa, port):
-                return False
-        except GuestMemoryError:    # shared_info moved away under us: forget the views
-            self._sh_gpa, self._bits = None, None
+        code = _set_pending(sh, ffi.NULL, p.port)
+        if code == _WAS_PENDING:
             return False
-        if bits[1][port >> 6] >> (port & 63) & 1:
-            return True                 # masked: the guest looks when it unmasks
-        self._set_sel(p.vcpu, port >> 6)
+        if code != _MASKED:         # masked: the guest looks when it unmasks
+            self._set_sel(p.vcpu, p.port >> 6)
         return True
 
     def _set_sel(self, vcpu: int, word: int) -> None:
         """Set bit ``word`` of the vCPU's evtchn_pending_sel; a new bit marks the upcall."""
         signal = self.signal
-        vi = signal.vcpu_info(vcpu)
-        if vi is None:
-            signal.upcall(vcpu)    # wakes a poller; the bits wait for resend()
-            return
-        try:
-            was = self.mem.test_and_set_bit(vi + VI_SEL, word)
-        except GuestMemoryError:   # its vcpu_info left guest memory: as if it had none
-            signal.forget()
-            return
-        if not was:
-            signal.upcall(vcpu, vi)
+        vi = signal.vcpu_info_ptr(vcpu)
+        # No vcpu_info: wake a poller; the bits wait for resend().
+        signal.done(vcpu, XK_NO_VCPU_INFO if vi is None else _set_sel(vi, word))
 
     def clear_pending(self, p: "Port") -> None:
         p.saved_pending = False

@@ -84,6 +84,11 @@ class Target(NamedTuple):
     trans: tuple[int, int] | None = None   #: (trans_domid, gref) of a transitive grant
 
 
+def _full_page(gfn: int) -> Target:
+    """``Target(gfn)`` without the NamedTuple's keyword handling (on every first pin)."""
+    return tuple.__new__(Target, (gfn, 0, PAGE_SIZE, None))
+
+
 class EntryCodec(ABC):
     """One table version's entry layout and busy-bit protocol (all calls under ``domain.lock``)."""
 
@@ -123,6 +128,12 @@ class EntryCodec(ABC):
     @abstractmethod
     def target(self, ref: int) -> Target:
         """What entry ``ref`` grants (after a successful :meth:`set_status`)."""
+
+    def claim(self, ref: int, ldomid: int, readonly: bool, mapping: bool) -> Target:
+        """The first pin of ``ref``: :meth:`set_status` (not yet pinned), then :meth:`target`
+        (one pass over the entry where the version allows)."""
+        self.set_status(ref, ldomid, readonly, mapping, False, 0)
+        return self.target(ref)
 
     @abstractmethod
     def busy(self, ref: int) -> int:
@@ -166,11 +177,20 @@ class EntryCodecV1(EntryCodec):
         return 0
 
     def set_status(self, ref, ldomid, readonly, mapping, pinned, writers) -> None:
+        frame, off = self.locate(ref)
+        self._set_busy(ref, frame, off, ldomid, readonly, mapping, pinned)
+
+    def claim(self, ref: int, ldomid: int, readonly: bool, mapping: bool) -> Target:
+        frame, off = self.locate(ref)
+        self._set_busy(ref, frame, off, ldomid, readonly, mapping, False)
+        return _full_page(V1_FRAME[1].unpack_from(frame.buf, off + V1_FRAME[0])[0])
+
+    @staticmethod
+    def _set_busy(ref, frame, off, ldomid, readonly, mapping, pinned) -> None:
         # Xen (_set_status_v1): if not already pinned, the type (GTF_sub_page counted too for a
         # map) must be exactly GTF_permit_access and the domid ours; a write pin of a
         # GTF_readonly grant fails; the cmpxchg is retried a bounded number of times.
         mask = GTF_type_mask | (GTF_sub_page if mapping else 0)
-        frame, off = self.locate(ref)
         word = frame.load32(off)
         for _ in range(CAS_RETRIES):
             flags, dom = word & 0xFFFF, word >> 16
@@ -232,18 +252,30 @@ class EntryCodecV2(EntryCodec):
         return (kind == GTF_permit_access or (not mapping and kind == GTF_transitive)) and dom == ldomid
 
     def set_status(self, ref, ldomid, readonly, mapping, pinned, writers) -> None:
+        self._set_busy(ref, *self.locate(ref), ldomid, readonly, mapping, pinned, writers)
+
+    def claim(self, ref: int, ldomid: int, readonly: bool, mapping: bool) -> Target:
+        entry, eoff = self.locate(ref)
+        flags = self._set_busy(ref, entry, eoff, ldomid, readonly, mapping, False, 0)
+        return self._target_at(entry.buf, eoff, flags)
+
+    def _set_busy(self, ref, entry, eoff, ldomid, readonly, mapping, pinned, writers) -> int:
+        """set_status on entry ``ref`` (at ``eoff`` of frame ``entry``); returns the flags as
+        re-read after the status bits were set."""
         # Xen (_set_status_v2): check the entry, set the status bits, full barrier so the guest
         # sees them before we look again, re-read: if the guest revoked or made it read-only in
         # between, undo and fail ("Unstable flags").  A pinned entry is not re-validated, but
         # turning read-only under a write pin still fails it.
-        flags, dom = self.header(ref)
+        word = entry.load32(eoff)
+        flags, dom = word & 0xFFFF, word >> 16
         if not pinned and not self._valid(flags, dom, ldomid, mapping):
             raise _refused(ref, flags, dom, ldomid)
         if not readonly and flags & GTF_readonly:
             raise _read_only(ref)
         frame, off, shift = self._status_word(ref)
         frame.or32(off, (GTF_reading | (0 if readonly else GTF_writing)) << shift)   # locked: a barrier
-        flags, dom = self.header(ref)
+        word = entry.load32(eoff)
+        flags, dom = word & 0xFFFF, word >> 16
         if not pinned and (not self._valid(flags, dom, ldomid, mapping) or (not readonly and flags & GTF_readonly)):
             self.clear_busy(ref, BUSY)
             raise GrantError(Gntst.general_error, f"ref {ref}: entry changed while pinning")
@@ -251,16 +283,20 @@ class EntryCodecV2(EntryCodec):
             if writers == 0:
                 self.clear_busy(ref, GTF_writing)
             raise GrantError(Gntst.general_error, f"ref {ref}: grant became read-only")
+        return flags
 
     def target(self, ref: int) -> Target:
         frame, off = self.locate(ref)
-        flags = self.header(ref)[0]
+        return self._target_at(frame.buf, off, frame.load32(off) & 0xFFFF)
+
+    @staticmethod
+    def _target_at(buf, off: int, flags: int) -> Target:
+        """What the entry at ``off`` of ``buf`` grants, its flags being ``flags``."""
         if flags & GTF_type_mask == GTF_transitive:
-            return Target(0, trans=(_get(frame.buf, off, V2_TRANS_DOMID), _get(frame.buf, off, V2_TRANS_GREF)))
+            return Target(0, trans=(_get(buf, off, V2_TRANS_DOMID), _get(buf, off, V2_TRANS_GREF)))
         if flags & GTF_sub_page:
-            return Target(_get(frame.buf, off, V2_SUB_FRAME), _get(frame.buf, off, V2_SUB_OFF),
-                          _get(frame.buf, off, V2_SUB_LEN))
-        return Target(_get(frame.buf, off, V2_FULL_FRAME))
+            return Target(_get(buf, off, V2_SUB_FRAME), _get(buf, off, V2_SUB_OFF), _get(buf, off, V2_SUB_LEN))
+        return _full_page(_get(buf, off, V2_FULL_FRAME))
 
     def busy(self, ref: int) -> int:
         frame, off, shift = self._status_word(ref)

@@ -19,8 +19,11 @@ Xen facts followed (xen/common/grant_table.c and xen/arch/x86/mm.c, re-stated):
 * frame lists report ~0 (``INVALID_GFN``) for an unmapped frame.
 
 Words of a frame the guest can see change under us at any time, so every
-read-modify-write on one goes through the GuestMemory atomics; a frame in VMM
-memory is only ever touched under ``domain.lock``, so plain stores do there.
+read-modify-write on one is atomic: the C helpers (``lib.xk_*32_at``) on a
+pointer to the frame's storage taken when it moves (``GuestMemory.cptr`` for a
+guest page, the bytearray's buffer in VMM memory), not a GuestMemory lookup per
+access.  The pointer holds the storage it points into, so even a frame whose
+region left still writes only memory that is mapped.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from xenkvm.machine.memory import GuestMemoryError, RegionRefused
-from xenkvm.xen.abi import PAGE_SHIFT, PAGE_SIZE, Errno
+from xenkvm.xen.abi import PAGE_SHIFT, PAGE_SIZE, Errno, ffi, lib
 from xenkvm.xen.errors import HypercallError, einval
 
 if TYPE_CHECKING:
@@ -40,64 +43,58 @@ log = logging.getLogger(__name__)
 INVALID_GFN = (1 << 64) - 1
 _U32 = struct.Struct("<I")
 _MASK32 = 0xFFFF_FFFF
+_or32_at = lib.xk_or32_at
+_and32_at = lib.xk_and32_at
+_cmpxchg32_at = lib.xk_cmpxchg32_at
 
 
 class Frame:
     """One 4 KiB frame of the table: VMM memory until mapped, then the guest page at ``gpfn``."""
 
-    __slots__ = ("buf", "gpfn", "gpa", "mem")
+    __slots__ = ("buf", "gpfn", "gpa", "mem", "ptr")
 
     def __init__(self, mem: "GuestMemory") -> None:
         self.mem = mem
         self.gpfn: int | None = None
-        self.gpa: int | None = None   #: gpfn's address while mapped (the atomics' base)
-        self.buf = memoryview(bytearray(PAGE_SIZE))
+        self.gpa: int | None = None   #: gpfn's address while mapped
+        self._own(bytearray(PAGE_SIZE))
+
+    def _own(self, data: bytearray) -> None:
+        """Keep the frame in VMM memory (``data``)."""
+        self.buf = memoryview(data)
+        self.ptr = ffi.from_buffer(data)   #: C pointer to the storage (the atomics' base)
 
     def attach(self, gpfn: int, view: memoryview, copy: bool = True) -> None:
         """Make the guest page ``view`` (at ``gpfn``) the frame's storage, moving the content there."""
+        ptr = self.mem.cptr(gpfn << PAGE_SHIFT, PAGE_SIZE)
         if copy:
             view[:] = bytes(self.buf)
-        self.buf, self.gpfn, self.gpa = view, gpfn, gpfn << PAGE_SHIFT
+        self.buf, self.ptr, self.gpfn, self.gpa = view, ptr, gpfn, gpfn << PAGE_SHIFT
 
     def detach(self) -> None:
         """Keep the content in VMM memory; the guest page stays as it is."""
-        self.buf = memoryview(bytearray(self.buf))
+        self._own(bytearray(self.buf))
         self.gpfn = self.gpa = None
 
     def clear(self) -> None:
         self.buf[:] = bytes(PAGE_SIZE)
 
-    # -- 32-bit words: atomic while the guest can see them ---------------------
+    # -- 32-bit words: atomic (the guest may see the frame) ---------------------
     def load32(self, off: int) -> int:
         return _U32.unpack_from(self.buf, off)[0]
 
     def cmpxchg32(self, off: int, expected: int, desired: int) -> tuple[bool, int]:
         """Compare-and-swap the word at ``off``: (swapped, value found)."""
-        gpa = self.gpa
-        if gpa is not None:
-            return self.mem.cmpxchg32(gpa + off, expected, desired)
-        found = self.load32(off)
-        if found == expected:
-            _U32.pack_into(self.buf, off, desired & _MASK32)
-        return found == expected, found
+        r = _cmpxchg32_at(self.ptr, off, expected & _MASK32, desired & _MASK32)
+        return r >> 32 == 1, r & _MASK32
 
     def or32(self, off: int, bits: int) -> int:
         """Atomically OR ``bits`` into the word at ``off`` (a full barrier); the old value."""
-        gpa = self.gpa
-        if gpa is not None:
-            return self.mem.atomic_or32(gpa + off, bits)
-        old = self.load32(off)
-        _U32.pack_into(self.buf, off, (old | bits) & _MASK32)
-        return old
+        return _or32_at(self.ptr, off, bits & _MASK32)
 
     def and32(self, off: int, bits: int) -> int:
         """Atomically AND the word at ``off`` with ``bits`` (a full barrier); the old value."""
-        gpa = self.gpa
-        if gpa is not None:
-            return self.mem.atomic_and32(gpa + off, bits)
-        old = self.load32(off)
-        _U32.pack_into(self.buf, off, old & bits & _MASK32)
-        return old
+        return _and32_at(self.ptr, off, bits & _MASK32)
 
 
 class Frames:

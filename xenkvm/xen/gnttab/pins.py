@@ -64,6 +64,8 @@ class Pins:
         self.domain = domain   #: the granting domain (the table's owner)
         self.active: dict[int, Pin] = {}
         self.codec: "EntryCodec" = None   # type: ignore[assignment]  # set by the table
+        self._pages: dict[int, memoryview] = {}   #: gfn -> page view, valid for _pages_gen
+        self._pages_gen = -1                      #: GuestMemory.generation of _pages
 
     @property
     def domid(self) -> int:
@@ -72,12 +74,11 @@ class Pins:
     def acquire(self, ref: int, ldomid: int, readonly: bool, mapping: bool, transitive: bool = True) -> Pin:
         """Pin ``ref`` for domain ``ldomid`` (a map when ``mapping``); GrantError if refused."""
         codec = self.codec
-        if not 0 <= ref < codec.nr_entries:
+        if not 0 <= ref < len(codec.frames.shared) * codec.per_frame:   # codec.nr_entries, inlined
             raise GrantError(Gntst.bad_gntref, f"ref {ref} of {codec.nr_entries}")
         act = self.active.get(ref)
         if act is None:
-            codec.set_status(ref, ldomid, readonly, mapping, False, 0)
-            act = self._activate(ref, readonly, transitive)
+            act = self._activate(ref, codec.claim(ref, ldomid, readonly, mapping), readonly, transitive)
         else:
             codec.set_status(ref, ldomid, readonly, mapping, True, act.writers)
             if act.inner is not None:
@@ -87,20 +88,43 @@ class Pins:
             act.writers += 1
         return act
 
-    def _activate(self, ref: int, readonly: bool, transitive: bool) -> Pin:
-        """The first pin of ``ref`` (its busy bits just set): resolve what it grants."""
-        gfn, page_off, length, trans = self.codec.target(ref)
+    def _activate(self, ref: int, target, readonly: bool, transitive: bool) -> Pin:
+        """The first pin of ``ref`` (its busy bits just set): resolve what it grants (``target``)."""
+        gfn, page_off, length, trans = target
         if trans is not None:
             act = self._follow(ref, trans, readonly, transitive)
         else:
+            act = Pin(0, 0, gfn, page_off, length, None, self._page(ref, gfn))
+        self.active[ref] = act
+        return act
+
+    def _page(self, ref: int, gfn: int) -> memoryview:
+        """The page of guest frame ``gfn`` for pinning ``ref``; GNTST_bad_page (busy bits undone) if none."""
+        page = self.page(gfn)
+        if page is None:
+            self.codec.clear_busy(ref, BUSY)
+            raise GrantError(Gntst.bad_page, f"ref {ref}: gfn {gfn:#x} is not guest memory")
+        return page
+
+    def page(self, gfn: int) -> memoryview | None:
+        """A view of guest frame ``gfn``, or None if it is not guest memory.
+
+        Cached by gfn (a copy or a pin looks up the same few pages again and
+        again) until a region leaves guest memory (``GuestMemory.generation``).
+        """
+        if self._pages_gen != self.mem.generation:
+            self._pages.clear()
+            self._pages_gen = self.mem.generation
+        page = self._pages.get(gfn)
+        if page is None:
             try:
                 page = self.mem.page(gfn)
             except GuestMemoryError:
-                self.codec.clear_busy(ref, BUSY)
-                raise GrantError(Gntst.bad_page, f"ref {ref}: gfn {gfn:#x} is not guest memory") from None
-            act = Pin(0, 0, gfn, page_off, length, None, page)
-        self.active[ref] = act
-        return act
+                return None
+            if len(self._pages) >= 1024:
+                self._pages.clear()
+            self._pages[gfn] = page
+        return page
 
     def _follow(self, ref: int, trans: tuple[int, int], readonly: bool, transitive: bool) -> Pin:
         """A transitive grant: pin the grant it names (one level; only this domain's table)."""

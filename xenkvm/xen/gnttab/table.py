@@ -220,12 +220,11 @@ class GrantTable(BackendApi):
             spans = [self._copy_span(side, readonly, pinned) for side, readonly in ((src, True), (dst, False))]
             if any(off + length > PAGE_SIZE for *_, off in spans):
                 return Gntst.bad_copy_arg
-            for gfn, page_off, glen, off in spans:
+            for _, page_off, glen, off in spans:
                 if off < page_off or off + length > page_off + glen:
                     return Gntst.general_error   # outside a sub-page grant
-            (sgfn, *_, soff), (dgfn, *_, doff) = spans
-            data = bytes(self.mem.view((sgfn << PAGE_SHIFT) + soff, length))
-            self.mem.view((dgfn << PAGE_SHIFT) + doff, length)[:] = data
+            (src_page, *_, soff), (dst_page, *_, doff) = spans
+            dst_page[doff:doff + length] = bytes(src_page[soff:soff + length])
             return Gntst.okay
         except GrantError as e:
             return e.status
@@ -233,15 +232,16 @@ class GrantTable(BackendApi):
             for ref, readonly in reversed(pinned):
                 self.pins.release(ref, readonly)
 
-    def _copy_span(self, side, readonly: bool, pinned: list) -> tuple[int, int, int, int]:
-        """(gfn, granted offset, granted length, copy offset) of one copy side, pinned if a ref."""
+    def _copy_span(self, side, readonly: bool, pinned: list) -> tuple[memoryview, int, int, int]:
+        """(page, granted offset, granted length, copy offset) of one copy side, pinned if a ref."""
         if side.by_ref:
             act = self.pins.acquire(side.ref_or_gmfn, self.domid, readonly, False)
             pinned.append((side.ref_or_gmfn, readonly))
-            return act.gfn, act.page_off, act.length, side.offset
-        if not self.mem.contains(side.ref_or_gmfn << PAGE_SHIFT, PAGE_SIZE):
+            return act.page, act.page_off, act.length, side.offset
+        page = self.pins.page(side.ref_or_gmfn)
+        if page is None:
             raise GrantError(Gntst.bad_page, f"gmfn {side.ref_or_gmfn:#x} is not guest memory")
-        return side.ref_or_gmfn, 0, PAGE_SIZE, side.offset
+        return page, 0, PAGE_SIZE, side.offset
 
     # -- hypercalls --------------------------------------------------------------------
     # -- save / restore ----------------------------------------------------------------
