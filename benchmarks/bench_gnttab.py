@@ -48,7 +48,10 @@ from xenkvm.machine.memory import GuestMemory  # noqa: E402
 from xenkvm.xen.abi import DOMID_SELF, GnttabOp, Hypercall, XenStruct, lib  # noqa: E402
 from xenkvm.xen.dispatch import Dispatcher  # noqa: E402
 from xenkvm.xen.gnttab import GrantTable  # noqa: E402
-from xenkvm.xen.hypercalls import table as hypercall_table  # noqa: E402
+try:    # the one hypercall table; an older tree (--tree) registers per service
+    from xenkvm.xen.hypercalls import table as hypercall_table  # noqa: E402
+except ImportError:
+    hypercall_table = None
 
 DOMID = 1
 FRAME_GPFN = 0x3000
@@ -92,7 +95,10 @@ def guest_copy_op(d: "Domain", t: GrantTable) -> None:
     d.mem.write(COPY_GVA, bytes(raw))
     d.dispatcher = Dispatcher(d)
     d.gnttab = t
-    hypercall_table.install(d.dispatcher)
+    if hypercall_table is not None:
+        hypercall_table.install(d.dispatcher)
+    else:
+        t.register_hypercalls(d.dispatcher)
 
 
 def rate(fn, seconds: float) -> float:
