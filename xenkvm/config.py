@@ -20,6 +20,8 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
       hypervisor_log: stderr   # console_io output: stderr ("(XEN) " lines) | file:PATH | none
     disks:                     # optional, Xen guests: PV disks in xl.cfg(5) spelling (xenkvm/diskspec.py)
       - "format=raw, vdev=xvda, access=rw, target=root.img"
+    vifs:                      # optional, Xen guests: PV NICs in xl.cfg(5) spelling (xenkvm/vifspec.py)
+      - "mac=00:16:3e:01:02:03, bridge=br0"
 """
 from __future__ import annotations
 
@@ -92,6 +94,8 @@ class GuestConfig:
     xen: XenConfig | None = None
     #: PV disks (xl.cfg ``disk`` spellings, xenkvm/diskspec.py); served by xenkvm/backends
     disks: tuple = ()
+    #: PV NICs (xl.cfg ``vif`` spellings, xenkvm/vifspec.py); host taps served by xenkvm/backends/net.py
+    vifs: tuple = ()
 
 
 FIELDS = {f.name for f in dataclasses.fields(GuestConfig)}
@@ -167,6 +171,11 @@ def _validate(raw: dict[str, Any], base: Path, origin: str) -> GuestConfig:
         if "xen" not in kw:
             raise ConfigError("disks: PV disks need the Xen personality (add 'xen:')")
         kw["disks"] = parse_disks(raw["disks"], base)
+    if raw.get("vifs"):
+        from xenkvm.vifspec import parse_vifs
+        if "xen" not in kw:
+            raise ConfigError("vifs: PV NICs need the Xen personality (add 'xen:')")
+        kw["vifs"] = parse_vifs(raw["vifs"], kw["name"])
     return GuestConfig(**kw)
 
 

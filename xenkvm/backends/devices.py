@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from xenkvm.config import ConfigError
 from xenkvm.diskspec import DiskSpec, vdev_to_devid
+from xenkvm.vifspec import VifSpec
 
 from .xenbus import XenbusBackend, XenbusDevice
 from .xsclient import VmmXsClient
@@ -44,11 +45,12 @@ class DeviceManager:
         return self._xs
 
     def attach_configured(self) -> None:
-        """Attach the disks of the guest definition."""
-        for spec in getattr(self.domain.machine.cfg, "disks", ()):
+        """Attach the disks and vifs of the guest definition."""
+        cfg = self.domain.machine.cfg
+        for spec in (*getattr(cfg, "disks", ()), *getattr(cfg, "vifs", ())):
             self.attach(spec)
 
-    def attach(self, spec: DiskSpec | XenbusDevice) -> XenbusBackend:
+    def attach(self, spec: DiskSpec | VifSpec | XenbusDevice) -> XenbusBackend:
         """Plug a device in (a DiskSpec, or a ready XenbusDevice); DeviceError if it cannot be."""
         device = self._device(spec)
         key = (device.type, device.devid)
@@ -61,10 +63,16 @@ class DeviceManager:
         backend.create()
         return backend
 
-    @staticmethod
-    def _device(spec: DiskSpec | XenbusDevice) -> XenbusDevice:
+    def _device(self, spec: DiskSpec | VifSpec | XenbusDevice) -> XenbusDevice:
         if isinstance(spec, XenbusDevice):
             return spec
+        if isinstance(spec, VifSpec):
+            from .net import VifDevice
+            from .tap import TapError
+            try:
+                return VifDevice(spec, self.domain.domid)
+            except TapError as e:
+                raise DeviceError(str(e)) from None
         from .block import BlockDevice
         try:
             return BlockDevice(spec)
@@ -74,7 +82,7 @@ class DeviceManager:
     def find(self, vdev: str | int, type_: str = "vbd") -> XenbusBackend:
         """The live backend of ``vdev`` (``xvdb``, or its device id)."""
         try:
-            devid = vdev if isinstance(vdev, int) else vdev_to_devid(vdev)
+            devid = vdev if isinstance(vdev, int) else int(vdev) if type_ == "vif" else vdev_to_devid(vdev)
         except ValueError:
             raise DeviceError(f"{vdev!r} is not a device name") from None
         backend = self.backends.get((type_, devid))
