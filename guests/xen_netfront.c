@@ -14,7 +14,8 @@
  *   2. ICMP echo request; the reply's payload must match;
  *   3. three frames the host injects: 60 bytes, 1514 bytes, 9014 bytes (three
  *      rx slots with NETRXF_more_data), and a UDP frame whose checksum the host
- *      left partial (NETRXF_csum_blank);
+ *      left partial (NETRXF_csum_blank), and a 20000-byte TCP frame left for
+ *      segmentation (five slots and a GSO extra, mss 1448);
  *   4. a 3000-byte UDP frame in three tx slots (feature-sg), a UDP frame with
  *      NETTXF_csum_blank (the host finishes the checksum at the offsets our
  *      backend gave the tap), and a 20000-byte TCP frame with a GSO extra
@@ -42,7 +43,7 @@ static uint8_t rx_ring_page[XEN_PAGE] XEN_PAGE_ALIGNED;
 static uint8_t txbuf[NTX][XEN_PAGE] XEN_PAGE_ALIGNED;
 static uint8_t rxbuf[NRX][XEN_PAGE] XEN_PAGE_ALIGNED;
 static uint8_t frame[24000];        /* a frame being built */
-static uint8_t in[12000];           /* a frame received */
+static uint8_t in[24000];           /* a frame received */
 
 static struct {
     char fe[64], be[96];
@@ -369,6 +370,17 @@ static void receive_injected(void)
     while (n >= 0 && !(n > 42 && get16(in + 12) == 0x0800 && in[23] == 17 && get16(in + 36) == 5555));
     check(n == 42 + 300 && (fl & NETRXF_csum_blank) && (fl & NETRXF_data_validated), "net.rx_csum_blank",
           "len %d flags %#x", n, fl);
+    /* a 20000-byte TCP frame the host left for segmentation: five slots and a GSO extra */
+    memset(&ex, 0, sizeof(ex));
+    do
+        n = rx_frame(10 * SEC, &fl, &ex);
+    while (n >= 0 && !(n > 54 && get16(in + 12) == 0x0800 && in[23] == 6 && get16(in + 36) == 5556));
+    bool ok = n == 20000 && (fl & NETRXF_extra_info) && ex.type == XEN_NETIF_EXTRA_TYPE_GSO &&
+              ex.u.gso.type == XEN_NETIF_GSO_TYPE_TCPV4 && ex.u.gso.size == 1448;
+    for (int i = 54; ok && i < n; i++)
+        ok = in[i] == pat((unsigned)(i - 54), 4);
+    check(ok, "net.rx_gso_tcpv4", "len %d flags %#x extra type %u gso %u/%u", n, fl, ex.type, ex.u.gso.type,
+          ex.u.gso.size);
 }
 
 static void send_sg_csum_gso(void)

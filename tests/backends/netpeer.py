@@ -4,7 +4,7 @@ It plays 10.99.0.1 (MAC fe:ff:ff:00:00:01): answers the guest's ARP request
 and ICMP echo, then injects the frames the guest checks (ethertype 0x88b5
 frames of 60, 1514 and 9014 bytes whose payload byte i is i*7 + seed, and a
 UDP frame to port 5555 whose checksum is left partial: a virtio_net_hdr with
-NEEDS_CSUM).  Every frame from the guest's MAC is kept, with the
+NEEDS_CSUM, and a 20000-byte TCP frame for segmentation: GSO_TCPV4).  Every frame from the guest's MAC is kept, with the
 virtio_net_hdr the kernel attached (PACKET_VNET_HDR), for the test to check
 byte for byte.  The frames the guest sends are rebuilt here independently.
 """
@@ -87,6 +87,15 @@ def partial_udp_to_guest(mac: bytes) -> tuple[bytes, bytes]:
     return VNET.pack(1, 0, 0, 0, 34, 6), frame
 
 
+def gso_tcp_to_guest(mac: bytes, total: int = 20000) -> tuple[bytes, bytes]:
+    """A TCP frame to the guest's port 5556 for segmentation at 1448 (GSO_TCPV4, NEEDS_CSUM 34/16)."""
+    plen = total - 54
+    t = struct.pack("!HHIIBBHHH", 4444, 5556, 0, 0, 5 << 4, 0x18, 65535, pseudo(6, 20 + plen, PEER_IP, GUEST_IP), 0)
+    frame = eth(mac, PEER_MAC, 0x0800) + ip4(6, 20 + plen, PEER_IP, GUEST_IP) + t + bytes(
+        (i * 7 + 4) % 256 for i in range(plen))
+    return VNET.pack(1, 1, 54, 1448, 34, 16), frame
+
+
 class Peer(threading.Thread):
     """Runs beside the VMM until stopped; ``frames``: (vnet header, frame) from the guest, in order."""
 
@@ -153,3 +162,4 @@ class Peer(threading.Thread):
             for length, seed in ((60, 1), (1514, 2), (9014, 3)):
                 s.send(plain + injected(self.mac, length, seed))
             s.send(b"".join(partial_udp_to_guest(self.mac)))
+            s.send(b"".join(gso_tcp_to_guest(self.mac)))
