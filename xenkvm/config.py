@@ -22,6 +22,8 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
       - "format=raw, vdev=xvda, access=rw, target=root.img"
     vifs:                      # optional, Xen guests: PV NICs in xl.cfg(5) spelling (xenkvm/vifspec.py)
       - "mac=00:16:3e:01:02:03, bridge=br0"
+    consoles:                  # optional, Xen guests: device/console/1.. (xenkvm/consolespec.py)
+      - {backend: pty}
 """
 from __future__ import annotations
 
@@ -96,6 +98,8 @@ class GuestConfig:
     disks: tuple = ()
     #: PV NICs (xl.cfg ``vif`` spellings, xenkvm/vifspec.py); host taps served by xenkvm/backends/net.py
     vifs: tuple = ()
+    #: extra PV consoles device/console/1.. (xenkvm/consolespec.py); xenkvm/backends/console.py
+    consoles: tuple = ()
 
 
 FIELDS = {f.name for f in dataclasses.fields(GuestConfig)}
@@ -176,6 +180,11 @@ def _validate(raw: dict[str, Any], base: Path, origin: str) -> GuestConfig:
         if "xen" not in kw:
             raise ConfigError("vifs: PV NICs need the Xen personality (add 'xen:')")
         kw["vifs"] = parse_vifs(raw["vifs"], kw["name"])
+    if raw.get("consoles"):
+        from xenkvm.consolespec import parse_consoles
+        if "xen" not in kw:
+            raise ConfigError("consoles: PV consoles need the Xen personality (add 'xen:')")
+        kw["consoles"] = parse_consoles(raw["consoles"], base)
     return GuestConfig(**kw)
 
 

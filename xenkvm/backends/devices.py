@@ -13,6 +13,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from xenkvm.config import ConfigError
+from xenkvm.consolespec import ConsoleSpec
 from xenkvm.diskspec import DiskSpec, vdev_to_devid
 from xenkvm.vifspec import VifSpec
 
@@ -45,12 +46,12 @@ class DeviceManager:
         return self._xs
 
     def attach_configured(self) -> None:
-        """Attach the disks and vifs of the guest definition."""
+        """Attach the disks, vifs and extra consoles of the guest definition."""
         cfg = self.domain.machine.cfg
-        for spec in (*getattr(cfg, "disks", ()), *getattr(cfg, "vifs", ())):
+        for spec in (*getattr(cfg, "disks", ()), *getattr(cfg, "vifs", ()), *getattr(cfg, "consoles", ())):
             self.attach(spec)
 
-    def attach(self, spec: DiskSpec | VifSpec | XenbusDevice) -> XenbusBackend:
+    def attach(self, spec: DiskSpec | VifSpec | ConsoleSpec | XenbusDevice) -> XenbusBackend:
         """Plug a device in (a DiskSpec, or a ready XenbusDevice); DeviceError if it cannot be."""
         device = self._device(spec)
         key = (device.type, device.devid)
@@ -63,9 +64,15 @@ class DeviceManager:
         backend.create()
         return backend
 
-    def _device(self, spec: DiskSpec | VifSpec | XenbusDevice) -> XenbusDevice:
+    def _device(self, spec: DiskSpec | VifSpec | ConsoleSpec | XenbusDevice) -> XenbusDevice:
         if isinstance(spec, XenbusDevice):
             return spec
+        if isinstance(spec, ConsoleSpec):
+            from .console import ConsoleDevice
+            try:
+                return ConsoleDevice(spec, self.domain.machine.cfg.name)
+            except OSError as e:
+                raise DeviceError(f"console {spec.devid}: {spec.path or 'pty'}: {e.strerror}") from None
         if isinstance(spec, VifSpec):
             from .net import VifDevice
             from .tap import TapError
@@ -82,7 +89,7 @@ class DeviceManager:
     def find(self, vdev: str | int, type_: str = "vbd") -> XenbusBackend:
         """The live backend of ``vdev`` (``xvdb``, or its device id)."""
         try:
-            devid = vdev if isinstance(vdev, int) else int(vdev) if type_ == "vif" else vdev_to_devid(vdev)
+            devid = vdev if isinstance(vdev, int) else int(vdev) if type_ in ("vif", "console") else vdev_to_devid(vdev)
         except ValueError:
             raise DeviceError(f"{vdev!r} is not a device name") from None
         backend = self.backends.get((type_, devid))
