@@ -133,3 +133,34 @@ def test_tap_joins_an_existing_bridge():
         assert not os.path.exists(f"/sys/class/net/{name}")
     finally:
         subprocess.run(["ip", "link", "del", br], check=False)
+
+
+def test_vif_and_console_nodes_hotplug_and_unplug(tmp_path, kernel):
+    """A built (not running) domain: libxl's nodes; unplug removes the tap, attach/detach of a pty console."""
+    from xenkvm.config import GuestConfig, XenConfig
+    from xenkvm.consolespec import ConsoleSpec
+    from xenkvm.machine.machine import Machine
+    from xenkvm.vifspec import parse_vifs
+
+    name = tap_name("p")
+    cfg = GuestConfig(name="plug", kernel=kernel, memory=64 << 20, console="none", xen=XenConfig(),
+                      vifs=parse_vifs([f"vifname={name}, ip=10.99.0.2"], "plug"))
+    m = Machine(cfg)
+    m.io.start()
+    try:
+        core, devices = m.xen.store.core, m.xen.devices
+        be, fe = "/local/domain/0/backend/vif/1/0", "/local/domain/1/device/vif/0"
+        mac = cfg.vifs[0].mac.encode()
+        assert core.read_path(f"{fe}/mac") == mac and core.read_path(f"{be}/mac") == mac
+        assert core.read_path(f"{be}/feature-rx-copy") == b"1" and core.read_path(f"{be}/ip") == b"10.99.0.2"
+        assert core.read_path(f"{be}/state") == b"2" and os.path.exists(f"/sys/class/net/{name}")
+        assert devices.detach(0, "vif").wait(10)                 # never connected: removed at once
+        assert core.read_path(be) is None and not os.path.exists(f"/sys/class/net/{name}")
+        backend = devices.attach(ConsoleSpec(1, "pty"))
+        pty = backend.device.tty
+        assert core.read_path("/local/domain/0/backend/console/1/1/tty") == pty.encode()
+        assert core.read_path("/local/domain/1/device/console/1/type") == b"xenconsoled"
+        assert devices.detach(1, "console").wait(10) and backend.device.fd == -1
+    finally:
+        m.xen.devices.close(timeout=10)
+        m.close()
