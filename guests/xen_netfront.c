@@ -25,6 +25,9 @@
  * crossing its page, 19 slots, slots larger than the packet, a runt, an
  * unknown extra type, req_prod 1000 ahead): each answered NETIF_RSP_ERROR
  * (or nothing served, for the index), then everything above still works.
+ * xk.net_bench (benchmarks/bench_netback.py): xk.net_bench_frames frames of
+ * 64 and 1514 bytes and an eighth as many 60000-byte GSO frames sent with the
+ * tx ring kept full, then the same sizes counted as the host injects them.
  */
 #include "xen_front.h"
 #include <xen/io/netif.h>
@@ -482,6 +485,92 @@ static void hostile(void)
     check(bad(REF_TX(0), 0, 142) == NETIF_RSP_OKAY, "hostile.good_frame_after", "status");
 }
 
+/* ---- benchmarks/bench_netback.py ------------------------------------------------------ */
+/* `count` frames of `len` bytes (GSO TCPv4 mss 1448 when len > 4096), the tx ring kept full. */
+static void bench_tx(unsigned len, unsigned count)
+{
+    unsigned slots = (len + XEN_PAGE - 1) / XEN_PAGE, gso = len > XEN_PAGE, sent = 0, done = 0, rsps = 0, errors = 0;
+    eth(V.peer, 0x0800);
+    ip4(6, len - 34);
+    memset(frame + 34, 0, 20);
+    frame[34 + 12] = 5 << 4;
+    for (unsigned s = 0; s < slots; s++) {
+        memcpy(txbuf[s], frame + s * XEN_PAGE, XEN_PAGE);
+        grant(REF_TX(s), txbuf[s], true);
+    }
+    printf("BENCH-START tx %u %u\n", len, count);
+    uint64_t end = xen_system_time() + 600 * SEC;
+    while (done < count && xen_system_time() < end) {
+        while (sent < count && RING_SIZE(&V.tx) - (V.tx.req_prod_pvt - V.tx.rsp_cons) >= slots + gso) {
+            for (unsigned s = 0; s < slots; s++) {
+                unsigned n = len - s * XEN_PAGE < XEN_PAGE ? len - s * XEN_PAGE : XEN_PAGE;
+                tx_slot(REF_TX(s), 0, (uint16_t)(s == 0 ? len : n),
+                        (uint16_t)((s == 0 && gso ? NETTXF_extra_info | NETTXF_csum_blank : 0) |
+                                   (s + 1 < slots ? NETTXF_more_data : 0)));
+                if (s == 0 && gso) {
+                    struct netif_extra_info *e = (struct netif_extra_info *)RING_GET_REQUEST(&V.tx, V.tx.req_prod_pvt++);
+                    memset(e, 0, sizeof(*e));
+                    e->type = XEN_NETIF_EXTRA_TYPE_GSO;
+                    e->u.gso.size = 1448;
+                    e->u.gso.type = XEN_NETIF_GSO_TYPE_TCPV4;
+                }
+            }
+            sent++;
+        }
+        int notify;
+        RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&V.tx, notify);
+        if (notify)
+            xen_evtchn_send(V.port);
+        while (RING_HAS_UNCONSUMED_RESPONSES(&V.tx)) {
+            netif_tx_response_t *p = RING_GET_RESPONSE(&V.tx, V.tx.rsp_cons++);
+            errors += p->status == NETIF_RSP_ERROR;
+            rsps++;
+        }
+        done = rsps / (slots + gso);     /* a response per slot, the extra's included */
+        int more;
+        RING_FINAL_CHECK_FOR_RESPONSES(&V.tx, more);
+        if (!more)
+            xen_irq_window(200);
+    }
+    puts("BENCH-END");
+    check(done == count && !errors, "bench.tx_all_sent", "%u of %u, %u errors", done, count, errors);
+}
+
+/* Count `count` frames of `len` bytes the host injects. */
+static void bench_rx(unsigned len, unsigned count)
+{
+    printf("BENCH-START rx %u %u\n", len, count);
+    unsigned got = 0;
+    uint16_t fl;
+    struct netif_extra_info ex;
+    while (got < count) {
+        int n = rx_frame(30 * SEC, &fl, &ex);
+        if (n < 0)
+            break;
+        got += n == (int)len;
+    }
+    puts("BENCH-END");
+    check(got == count, "bench.rx_all_received", "%u of %u", got, count);
+}
+
+static void bench(void)
+{
+    char buf[16];
+    unsigned count = 2000;
+    if (xk_cmdline_value("xk.net_bench_frames", buf, sizeof(buf))) {
+        count = 0;
+        for (const char *c = buf; *c >= '0' && *c <= '9'; c++)
+            count = count * 10 + (unsigned)(*c - '0');
+    }
+    memset(V.peer, 0xfe, 6);
+    bench_tx(64, count);
+    bench_tx(1514, count);
+    bench_tx(60000, count / 8);
+    bench_rx(64, count);
+    bench_rx(1514, count);
+    bench_rx(60000, count / 8);
+}
+
 int main(const struct hvm_start_info *si)
 {
     (void)si;
@@ -501,6 +590,10 @@ int main(const struct hvm_start_info *si)
     check(read_num(V.be, "state") == XenbusStateInitWait, "net.initwait", "%ld", read_num(V.be, "state"));
     if (!check(connect(), "net.connected", "handshake failed"))
         return 1;
+    if (xk_cmdline_has("xk.net_bench")) {
+        bench();
+        return 0;
+    }
     if (xk_cmdline_has("xk.net_hostile")) {
         memset(V.peer, 0xfe, 6);
         hostile();

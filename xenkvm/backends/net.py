@@ -78,7 +78,8 @@ class VifDevice(XenbusDevice):
         self.name = self.tap.name
         self.rings: NetifRings | None = None
         self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_malformed": 0, "tx_dropped": 0, "bad_index": 0,
-                      "rx_packets": 0, "rx_bytes": 0, "rx_dropped": 0}
+                      "rx_packets": 0, "rx_bytes": 0, "rx_dropped": 0,
+                      "tx_busy_ns": 0, "rx_busy_ns": 0}   #: busy: time serving (benchmarks/bench_netback.py)
         self._tx_buf = bytearray(HDR + 65536)
         self._tx_mv = memoryview(self._tx_buf)
         self._gso = ffi.new("struct xkn_gso *")
@@ -131,6 +132,13 @@ class VifDevice(XenbusDevice):
     # -- tx --------------------------------------------------------------------------------
     def service(self) -> None:
         """Send every complete packet the frontend queued; re-arm ``req_event``."""
+        start = time.perf_counter_ns()
+        try:
+            self._tx_service()
+        finally:
+            self.stats["tx_busy_ns"] += time.perf_counter_ns() - start
+
+    def _tx_service(self) -> None:
         r = self.rings
         while r is not None:
             n = lib.xkn_tx_peek(r.tx_page, r.tx_cons, r.tx_reqs, RING)
@@ -289,7 +297,9 @@ class RxWorker:
         tap_fd, polling_tap = self.dev.tap.fd, False
         try:
             while not self._stop:
+                start = time.perf_counter_ns()
                 want_tap = self._deliver()
+                self.dev.stats["rx_busy_ns"] += time.perf_counter_ns() - start
                 if want_tap != polling_tap:
                     if want_tap:
                         poll.register(tap_fd, select.POLLIN)
