@@ -20,7 +20,12 @@
  *      NETTXF_csum_blank (the host finishes the checksum at the offsets our
  *      backend gave the tap), and a 20000-byte TCP frame with a GSO extra
  *      (mss 1448);
- *   5. "NET-DONE".
+ *   5. a reset (Closing, Closed, Initialising: InitWait again) and a reconnect
+ *      with two queues and split event channels (queue-N/tx-ring-ref,
+ *      rx-ring-ref, event-channel-tx, event-channel-rx): a UDP frame to port
+ *      9996 out of queue 1, then 16 UDP flows the host sends (ports
+ *      6000-6015) arrive over both queues;
+ *   6. "NET-DONE".
  * xk.net_hostile: before that, malformed tx packets (an ungranted ref, a slot
  * crossing its page, 19 slots, slots larger than the packet, a runt, an
  * unknown extra type, req_prod 1000 ahead): each answered NETIF_RSP_ERROR
@@ -48,12 +53,18 @@ static uint8_t rxbuf[NRX][XEN_PAGE] XEN_PAGE_ALIGNED;
 static uint8_t frame[24000];        /* a frame being built */
 static uint8_t in[24000];           /* a frame received */
 
+/* One queue's front end; V.q is the one the helpers use (use_queue swaps). */
+struct queue {
+    netif_tx_front_ring_t tx;
+    netif_rx_front_ring_t rx;
+    evtchn_port_t port, rx_port;    /* the same port unless split event channels */
+    unsigned rx_base, nrx;          /* its rx buffers: rxbuf[rx_base .. rx_base + nrx) */
+};
+
 static struct {
     char fe[64], be[96];
     uint8_t mac[6], peer[6];
-    evtchn_port_t port;
-    netif_tx_front_ring_t tx;
-    netif_rx_front_ring_t rx;
+    struct queue q;
     uint16_t next_id;
 } V;
 
@@ -92,18 +103,18 @@ static bool find_vif(void)
 
 static void rx_post(unsigned idx)
 {
-    netif_rx_request_t *q = RING_GET_REQUEST(&V.rx, V.rx.req_prod_pvt);
-    q->id = (uint16_t)(idx % NRX);
-    q->gref = REF_RX(idx % NRX);
-    V.rx.req_prod_pvt++;
+    netif_rx_request_t *q = RING_GET_REQUEST(&V.q.rx, V.q.rx.req_prod_pvt);
+    q->id = (uint16_t)(V.q.rx_base + idx % V.q.nrx);
+    q->gref = REF_RX(q->id);
+    V.q.rx.req_prod_pvt++;
 }
 
 static void rx_push(void)
 {
     int notify;
-    RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&V.rx, notify);
+    RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&V.q.rx, notify);
     if (notify)
-        xen_evtchn_send(V.port);
+        xen_evtchn_send(V.q.rx_port);
 }
 
 static bool connect(void)
@@ -112,17 +123,20 @@ static bool connect(void)
     netif_rx_sring_t *rs = (netif_rx_sring_t *)rx_ring_page;
     SHARED_RING_INIT(ts);
     SHARED_RING_INIT(rs);
-    FRONT_RING_INIT(&V.tx, ts, XEN_PAGE);
-    FRONT_RING_INIT(&V.rx, rs, XEN_PAGE);
+    FRONT_RING_INIT(&V.q.tx, ts, XEN_PAGE);
+    FRONT_RING_INIT(&V.q.rx, rs, XEN_PAGE);
     grant(REF_TX_RING, tx_ring_page, false);
     grant(REF_RX_RING, rx_ring_page, false);
     for (unsigned i = 0; i < NRX; i++)
         grant(REF_RX(i), rxbuf[i], false);
-    if (xen_evtchn_alloc_unbound(0, &V.port))
+    if (xen_evtchn_alloc_unbound(0, &V.q.port))
         return false;
+    V.q.rx_port = V.q.port;
+    V.q.rx_base = 0;
+    V.q.nrx = NRX;
     xs_writef(V.fe, "tx-ring-ref", "%lu", REF_TX_RING);
     xs_writef(V.fe, "rx-ring-ref", "%lu", REF_RX_RING);
-    xs_writef(V.fe, "event-channel", "%lu", V.port);
+    xs_writef(V.fe, "event-channel", "%lu", V.q.port);
     xs_writef(V.fe, "request-rx-copy", "%lu", 1);
     xs_writef(V.fe, "feature-rx-notify", "%lu", 1);
     xs_writef(V.fe, "feature-sg", "%lu", 1);
@@ -137,13 +151,13 @@ static bool connect(void)
 /* ---- tx --------------------------------------------------------------------------- */
 static netif_tx_request_t *tx_slot(grant_ref_t ref, uint16_t off, uint16_t size, uint16_t flags)
 {
-    netif_tx_request_t *q = RING_GET_REQUEST(&V.tx, V.tx.req_prod_pvt);
+    netif_tx_request_t *q = RING_GET_REQUEST(&V.q.tx, V.q.tx.req_prod_pvt);
     q->gref = ref;
     q->offset = off;
     q->size = size;
     q->flags = flags;
     q->id = V.next_id++;
-    V.tx.req_prod_pvt++;
+    V.q.tx.req_prod_pvt++;
     return q;
 }
 
@@ -151,18 +165,18 @@ static netif_tx_request_t *tx_slot(grant_ref_t ref, uint16_t off, uint16_t size,
 static bool tx_submit(unsigned n, int16_t *st)
 {
     int notify;
-    RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&V.tx, notify);
+    RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&V.q.tx, notify);
     if (notify)
-        xen_evtchn_send(V.port);
+        xen_evtchn_send(V.q.port);
     unsigned got = 0;
     uint64_t end = xen_system_time() + 10 * SEC;
     while (got < n && xen_system_time() < end) {
-        while (RING_HAS_UNCONSUMED_RESPONSES(&V.tx) && got < n) {
-            st[got++] = RING_GET_RESPONSE(&V.tx, V.tx.rsp_cons)->status;
-            V.tx.rsp_cons++;
+        while (RING_HAS_UNCONSUMED_RESPONSES(&V.q.tx) && got < n) {
+            st[got++] = RING_GET_RESPONSE(&V.q.tx, V.q.tx.rsp_cons)->status;
+            V.q.tx.rsp_cons++;
         }
         int more;
-        RING_FINAL_CHECK_FOR_RESPONSES(&V.tx, more);
+        RING_FINAL_CHECK_FOR_RESPONSES(&V.q.tx, more);
         if (!more && got < n)
             xen_irq_window(2000);
     }
@@ -187,9 +201,9 @@ static int rx_frame(uint64_t ns, uint16_t *flags, struct netif_extra_info *extra
     unsigned len = 0;
     bool in_frame = false, want_extra = false;
     while (xen_system_time() < end) {
-        while (RING_HAS_UNCONSUMED_RESPONSES(&V.rx)) {
-            RING_IDX i = V.rx.rsp_cons++;
-            netif_rx_response_t *p = RING_GET_RESPONSE(&V.rx, i);
+        while (RING_HAS_UNCONSUMED_RESPONSES(&V.q.rx)) {
+            RING_IDX i = V.q.rx.rsp_cons++;
+            netif_rx_response_t *p = RING_GET_RESPONSE(&V.q.rx, i);
             netif_rx_response_t rsp = *p;
             rx_post(i);
             if (want_extra) {
@@ -212,7 +226,7 @@ static int rx_frame(uint64_t ns, uint16_t *flags, struct netif_extra_info *extra
         }
         rx_push();
         int more;
-        RING_FINAL_CHECK_FOR_RESPONSES(&V.rx, more);
+        RING_FINAL_CHECK_FOR_RESPONSES(&V.q.rx, more);
         if (!more)
             xen_irq_window(2000);
     }
@@ -426,18 +440,127 @@ static void send_sg_csum_gso(void)
                 (uint16_t)((s == 0 ? NETTXF_extra_info | NETTXF_csum_blank | NETTXF_data_validated : 0) |
                            (s + 1 < nslots ? NETTXF_more_data : 0)));
         if (s == 0) {
-            struct netif_extra_info *e = (struct netif_extra_info *)RING_GET_REQUEST(&V.tx, V.tx.req_prod_pvt);
+            struct netif_extra_info *e = (struct netif_extra_info *)RING_GET_REQUEST(&V.q.tx, V.q.tx.req_prod_pvt);
             memset(e, 0, sizeof(*e));
             e->type = XEN_NETIF_EXTRA_TYPE_GSO;
             e->u.gso.size = 1448;
             e->u.gso.type = XEN_NETIF_GSO_TYPE_TCPV4;
-            V.tx.req_prod_pvt++;
+            V.q.tx.req_prod_pvt++;
         }
     }
     int16_t gst[8];
     bool ok = tx_submit(nslots + 1, gst);
     check(ok && gst[0] == 0 && gst[1] == NETIF_RSP_NULL && gst[nslots] == 0, "net.tx_gso_tcpv4", "ok %d %d %d", ok,
           gst[0], gst[1]);
+}
+
+/* ---- reset, then two queues with split event channels ------------------------------------ */
+static uint8_t q1_pages[2][XEN_PAGE] XEN_PAGE_ALIGNED;
+static struct queue Q[2];
+static unsigned cur;
+
+static void use_queue(unsigned i)
+{
+    Q[cur] = V.q;
+    V.q = Q[i];
+    cur = i;
+}
+
+static bool reset(void)
+{
+    bool ok = true;
+    for (unsigned k = 0; k < 3; k++) {
+        static const unsigned fe[] = {XenbusStateClosing, XenbusStateClosed, XenbusStateInitialising};
+        static const unsigned be[] = {XenbusStateClosing, XenbusStateClosed, XenbusStateInitWait};
+        xs_writef(V.fe, "state", "%lu", fe[k]);
+        ok = wait_be_state(be[k]) && ok;
+    }
+    return ok;
+}
+
+static bool connect_two_queues(void)
+{
+    char key[64];
+    uint8_t *pages[2][2] = {{tx_ring_page, rx_ring_page}, {q1_pages[0], q1_pages[1]}};
+    for (unsigned i = 0; i < 2; i++) {
+        struct queue *q = &Q[i];
+        memset(pages[i][0], 0, XEN_PAGE);
+        memset(pages[i][1], 0, XEN_PAGE);
+        SHARED_RING_INIT((netif_tx_sring_t *)pages[i][0]);
+        SHARED_RING_INIT((netif_rx_sring_t *)pages[i][1]);
+        FRONT_RING_INIT(&q->tx, (netif_tx_sring_t *)pages[i][0], XEN_PAGE);
+        FRONT_RING_INIT(&q->rx, (netif_rx_sring_t *)pages[i][1], XEN_PAGE);
+        grant(REF_TX_RING + 2 * i + 2, pages[i][0], false);
+        grant(REF_RX_RING + 2 * i + 2, pages[i][1], false);
+        if (xen_evtchn_alloc_unbound(0, &q->port) || xen_evtchn_alloc_unbound(0, &q->rx_port))
+            return false;
+        q->rx_base = i * (NRX / 2);
+        q->nrx = NRX / 2;
+        snprintf(key, sizeof(key), "queue-%u/tx-ring-ref", i);
+        xs_writef(V.fe, key, "%lu", REF_TX_RING + 2 * i + 2);
+        snprintf(key, sizeof(key), "queue-%u/rx-ring-ref", i);
+        xs_writef(V.fe, key, "%lu", REF_RX_RING + 2 * i + 2);
+        snprintf(key, sizeof(key), "queue-%u/event-channel-tx", i);
+        xs_writef(V.fe, key, "%lu", q->port);
+        snprintf(key, sizeof(key), "queue-%u/event-channel-rx", i);
+        xs_writef(V.fe, key, "%lu", q->rx_port);
+    }
+    static const char *stale[] = {"tx-ring-ref", "rx-ring-ref", "event-channel"};
+    for (unsigned k = 0; k < 3; k++) {
+        snprintf(key, sizeof(key), "%s/%s", V.fe, stale[k]);
+        xs_rm(0, key);
+    }
+    xs_writef(V.fe, "multi-queue-num-queues", "%lu", 2);
+    cur = 0;
+    V.q = Q[0];
+    for (unsigned i = 0; i < 2; i++) {
+        use_queue(i);
+        for (unsigned k = 0; k < V.q.nrx; k++)
+            rx_post(k);
+    }
+    xs_writef(V.fe, "state", "%lu", XenbusStateConnected);
+    bool ok = wait_be_state(XenbusStateConnected);
+    for (unsigned i = 0; i < 2; i++) {
+        use_queue(i);
+        rx_push();
+    }
+    return ok;
+}
+
+/* After a reset: two queues, split channels; a frame out of queue 1, 16 flows in over both. */
+static void test_multiqueue(void)
+{
+    check(read_num(V.be, "multi-queue-max-queues") >= 2 && read_num(V.be, "feature-split-event-channels") == 1,
+          "net.mq.keys", "backend keys");
+    if (!check(reset(), "net.reset", "states") || !check(connect_two_queues(), "net.mq.connected", "handshake"))
+        return;
+    use_queue(1);
+    unsigned len = udp(9996, 100, 6, 1);
+    check(send1(len, 0) == NETIF_RSP_OKAY, "net.mq.tx_queue_1", "status");
+    unsigned seen = 0, per_queue[2] = {0, 0};
+    bool good = true;
+    uint64_t end = xen_system_time() + 30 * SEC;
+    while (seen != 0xffff && xen_system_time() < end) {
+        for (unsigned i = 0; i < 2; i++) {
+            use_queue(i);
+            uint16_t fl;
+            struct netif_extra_info ex;
+            int n = rx_frame(20 * MS, &fl, &ex);
+            if (n != 42 + 64 || get16(in + 12) != 0x0800 || in[23] != 17 || get16(in + 36) < 6000 || get16(in + 36) > 6015)
+                continue;
+            unsigned flow = get16(in + 36) - 6000u;
+            for (unsigned k = 0; k < 64; k++)
+                good = good && in[42 + k] == (uint8_t)(flow * 13 + k);
+            seen |= 1u << flow;
+            per_queue[i]++;
+        }
+    }
+    check(seen == 0xffff && good, "net.mq.rx_16_flows", "flows %#x good %d", seen, good);
+    check(per_queue[0] > 0 && per_queue[1] > 0, "net.mq.rx_both_queues", "%u + %u", per_queue[0], per_queue[1]);
+    /* the first push on each ring notifies (rsp_event starts at 1): wait for both upcalls to be taken */
+    bool tx_seen = xen_wait_port(Q[1].port, 1, 5 * SEC), rx_seen = xen_wait_port(Q[1].rx_port, 1, 5 * SEC);
+    check(tx_seen && rx_seen, "net.mq.split_ports_notified",
+          "tx %u rx %u", xen_ports[Q[1].port].count, xen_ports[Q[1].rx_port].count);
 }
 
 /* ---- the hostile frontend ------------------------------------------------------------ */
@@ -469,18 +592,18 @@ static void hostile(void)
     check(tx_submit(2, st) && st[0] == NETIF_RSP_ERROR && st[1] == NETIF_RSP_ERROR, "hostile.slots_exceed_size",
           "%d %d", st[0], st[1]);
     tx_slot(REF_TX(0), 0, 142, NETTXF_extra_info);
-    struct netif_extra_info *e = (struct netif_extra_info *)RING_GET_REQUEST(&V.tx, V.tx.req_prod_pvt++);
+    struct netif_extra_info *e = (struct netif_extra_info *)RING_GET_REQUEST(&V.q.tx, V.q.tx.req_prod_pvt++);
     memset(e, 0, sizeof(*e));
     e->type = 9;
     check(tx_submit(2, st) && st[0] == NETIF_RSP_ERROR, "hostile.unknown_extra", "%d", st[0]);
     /* req_prod a thousand requests ahead: nothing is served; then the real index and a kick */
-    RING_IDX real = V.tx.req_prod_pvt;
-    V.tx.sring->req_prod = real + 1000;
+    RING_IDX real = V.q.tx.req_prod_pvt;
+    V.q.tx.sring->req_prod = real + 1000;
     xen_mb();
-    xen_evtchn_send(V.port);
+    xen_evtchn_send(V.q.port);
     xen_delay_ns(50 * MS);
-    check(V.tx.sring->rsp_prod == V.tx.rsp_cons, "hostile.far_ahead_not_served", "rsp_prod %u", V.tx.sring->rsp_prod);
-    V.tx.sring->req_prod = real;
+    check(V.q.tx.sring->rsp_prod == V.q.tx.rsp_cons, "hostile.far_ahead_not_served", "rsp_prod %u", V.q.tx.sring->rsp_prod);
+    V.q.tx.sring->req_prod = real;
     xen_mb();
     check(bad(REF_TX(0), 0, 142) == NETIF_RSP_OKAY, "hostile.good_frame_after", "status");
 }
@@ -501,14 +624,14 @@ static void bench_tx(unsigned len, unsigned count)
     printf("BENCH-START tx %u %u\n", len, count);
     uint64_t end = xen_system_time() + 600 * SEC;
     while (done < count && xen_system_time() < end) {
-        while (sent < count && RING_SIZE(&V.tx) - (V.tx.req_prod_pvt - V.tx.rsp_cons) >= slots + gso) {
+        while (sent < count && RING_SIZE(&V.q.tx) - (V.q.tx.req_prod_pvt - V.q.tx.rsp_cons) >= slots + gso) {
             for (unsigned s = 0; s < slots; s++) {
                 unsigned n = len - s * XEN_PAGE < XEN_PAGE ? len - s * XEN_PAGE : XEN_PAGE;
                 tx_slot(REF_TX(s), 0, (uint16_t)(s == 0 ? len : n),
                         (uint16_t)((s == 0 && gso ? NETTXF_extra_info | NETTXF_csum_blank : 0) |
                                    (s + 1 < slots ? NETTXF_more_data : 0)));
                 if (s == 0 && gso) {
-                    struct netif_extra_info *e = (struct netif_extra_info *)RING_GET_REQUEST(&V.tx, V.tx.req_prod_pvt++);
+                    struct netif_extra_info *e = (struct netif_extra_info *)RING_GET_REQUEST(&V.q.tx, V.q.tx.req_prod_pvt++);
                     memset(e, 0, sizeof(*e));
                     e->type = XEN_NETIF_EXTRA_TYPE_GSO;
                     e->u.gso.size = 1448;
@@ -518,17 +641,17 @@ static void bench_tx(unsigned len, unsigned count)
             sent++;
         }
         int notify;
-        RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&V.tx, notify);
+        RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&V.q.tx, notify);
         if (notify)
-            xen_evtchn_send(V.port);
-        while (RING_HAS_UNCONSUMED_RESPONSES(&V.tx)) {
-            netif_tx_response_t *p = RING_GET_RESPONSE(&V.tx, V.tx.rsp_cons++);
+            xen_evtchn_send(V.q.port);
+        while (RING_HAS_UNCONSUMED_RESPONSES(&V.q.tx)) {
+            netif_tx_response_t *p = RING_GET_RESPONSE(&V.q.tx, V.q.tx.rsp_cons++);
             errors += p->status == NETIF_RSP_ERROR;
             rsps++;
         }
         done = rsps / (slots + gso);     /* a response per slot, the extra's included */
         int more;
-        RING_FINAL_CHECK_FOR_RESPONSES(&V.tx, more);
+        RING_FINAL_CHECK_FOR_RESPONSES(&V.q.tx, more);
         if (!more)
             xen_irq_window(200);
     }
@@ -603,7 +726,9 @@ int main(const struct hvm_start_info *si)
     check(ping(), "net.icmp_echo_reply", "no matching reply");
     receive_injected();
     send_sg_csum_gso();
-    check(xen_ports[V.port].count > 0, "net.notified", "no event on port %u", V.port);
+    check(xen_wait_port(V.q.port, 1, 5 * SEC), "net.notified", "no event on port %u", V.q.port);
+    if (!xk_cmdline_has("xk.net_hostile"))
+        test_multiqueue();
     puts("NET-DONE");
     return 0;
 }

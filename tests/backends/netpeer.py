@@ -96,6 +96,13 @@ def gso_tcp_to_guest(mac: bytes, total: int = 20000) -> tuple[bytes, bytes]:
     return VNET.pack(1, 1, 54, 1448, 34, 16), frame
 
 
+def udp_flow_to_guest(mac: bytes, flow: int) -> bytes:
+    """One of 16 flows to the guest's ports 6000-6015: 64 payload bytes, byte k = flow*13 + k."""
+    payload = bytes((flow * 13 + k) % 256 for k in range(64))
+    u = struct.pack("!HHHH", 7000 + flow, 6000 + flow, 72, 0) + payload
+    return eth(mac, PEER_MAC, 0x0800) + ip4(17, 72, PEER_IP, GUEST_IP) + u
+
+
 class Peer(threading.Thread):
     """Runs beside the VMM until stopped; ``frames``: (vnet header, frame) from the guest, in order."""
 
@@ -163,3 +170,6 @@ class Peer(threading.Thread):
                 s.send(plain + injected(self.mac, length, seed))
             s.send(b"".join(partial_udp_to_guest(self.mac)))
             s.send(b"".join(gso_tcp_to_guest(self.mac)))
+        elif frame == udp(self.mac, 9996, 100, 6, "full"):         # the guest's second queue is up
+            for flow in range(16):
+                s.send(plain + udp_flow_to_guest(self.mac, flow))

@@ -91,9 +91,12 @@ def test_netfront_sends_and_receives(tmp_path, kernel):
     r = run(tmp_path, kernel, "xk.trap=page", [f"mac={MAC}, vifname={name}"], peer)
     assert assert_passed(r) >= 12
     for check in ("net.arp_answered", "net.icmp_echo_reply", "net.rx_60", "net.rx_1514", "net.rx_9014_three_slots",
-                  "net.rx_csum_blank", "net.rx_gso_tcpv4", "net.tx_sg_three_slots", "net.tx_csum_blank", "net.tx_gso_tcpv4"):
+                  "net.rx_csum_blank", "net.rx_gso_tcpv4", "net.tx_sg_three_slots", "net.tx_csum_blank", "net.tx_gso_tcpv4",
+                  "net.reset", "net.mq.connected", "net.mq.tx_queue_1", "net.mq.rx_16_flows", "net.mq.rx_both_queues",
+                  "net.mq.split_ports_notified"):
         assert f"PASS {check}" in r.stdout
     check_frames(peer)
+    assert netpeer.udp(peer.mac, 9996, 100, 6, "full") in [f for _h, f in peer.frames]   # out of queue 1
     assert not os.path.exists(f"/sys/class/net/{name}")          # the tap went with the VM
 
 

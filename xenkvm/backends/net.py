@@ -44,9 +44,9 @@ from xenkvm.xen.gnttab import GrantError
 
 from . import netpkt
 from ._netif_cffi import ffi, lib
-from .netring import RING, NetifRings, open_netif
+from .netring import RING, NetifRings, open_queues
 from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap
-from .xenbus import XenbusDevice
+from .xenbus import ConnectError, XenbusDevice
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ RX_MORE, RX_EXTRA = lib.NETRXF_more_data, lib.NETRXF_extra_info
 RX_GSO = {netpkt.GSO_TCPV4: lib.XEN_NETIF_GSO_TYPE_TCPV4, netpkt.GSO_TCPV6: lib.XEN_NETIF_GSO_TYPE_TCPV6}
 HDR = netpkt.VNET_HDR_LEN
 FRAME_MAX = 65536 + 64
+MAX_QUEUES = 4                           #: multi-queue-max-queues (one tap queue fd each)
 
 
 class Malformed(Exception):
@@ -76,14 +77,14 @@ class VifDevice(XenbusDevice):
         self.spec = spec
         self.tap = Tap(self.name, spec.bridge)
         self.name = self.tap.name
-        self.rings: NetifRings | None = None
+        self.queues: list[NetifRings] = []
         self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_malformed": 0, "tx_dropped": 0, "bad_index": 0,
                       "rx_packets": 0, "rx_bytes": 0, "rx_dropped": 0,
                       "tx_busy_ns": 0, "rx_busy_ns": 0}   #: busy: time serving (benchmarks/bench_netback.py)
         self._tx_buf = bytearray(HDR + 65536)
         self._tx_mv = memoryview(self._tx_buf)
         self._gso = ffi.new("struct xkn_gso *")
-        self._rx: RxWorker | None = None
+        self._rx: list[RxWorker] = []
 
     # -- xenstore ----------------------------------------------------------------------
     def frontend_keys(self) -> dict[str, str]:
@@ -93,7 +94,8 @@ class VifDevice(XenbusDevice):
         keys = {"mac": self.spec.mac, "handle": str(self.devid), "type": "vif", "vifname": self.name,
                 "hotplug-status": "connected", "feature-rx-copy": "1", "feature-rx-flip": "0",
                 "feature-sg": "1", "feature-gso-tcpv4": "1", "feature-gso-tcpv6": "1",
-                "feature-ipv6-csum-offload": "1"}
+                "feature-ipv6-csum-offload": "1", "feature-split-event-channels": "1",
+                "multi-queue-max-queues": str(MAX_QUEUES)}
         if self.spec.bridge:
             keys["bridge"] = self.spec.bridge
         if self.spec.ip:
@@ -101,33 +103,44 @@ class VifDevice(XenbusDevice):
         return keys
 
     def connect(self, frontend: dict[str, str]) -> None:
-        self.rings = open_netif(self.domain, frontend, self._notified)
-        f = self.rings.features
+        f, self.queues = open_queues(self.domain, frontend, self._tx_kick, self._rx_kick, MAX_QUEUES)
         self.tap.set_offload((TUN_F_CSUM if f.csum else 0) | (TUN_F_TSO4 if f.gso_tcpv4 and f.csum else 0)
                              | (TUN_F_TSO6 if f.gso_tcpv6 and f.csum and f.ipv6_csum else 0))
-        self._rx = RxWorker(self, self.rings)
-        log.info("%s: connected, tap %s, port %d, %s", self.backend.label, self.name, self.rings.port,
-                 ", ".join(k for k, v in vars(f).items() if v) or "no offloads")
+        try:
+            for q in self.queues:
+                q.fd = self.tap.fd if q.index == 0 else self.tap.add_queue()
+        except OSError as e:
+            self.disconnect()
+            raise ConnectError(f"tap {self.name}: queue: {e.strerror}") from None
+        self._rx = [RxWorker(self, q) for q in self.queues]
+        q0 = self.queues[0]
+        log.info("%s: connected, tap %s, %d queue(s), ports %d/%d, %s", self.backend.label, self.name,
+                 len(self.queues), q0.tx_port, q0.rx_port, ", ".join(k for k, v in vars(f).items() if v) or "no offloads")
 
     def disconnect(self) -> None:
-        rx, self._rx = self._rx, None
-        if rx is not None:
+        workers, self._rx = self._rx, []
+        for rx in workers:
             rx.stop()
-        rings, self.rings = self.rings, None
-        if rings is not None:
-            rings.close(self.domain)
+        queues, self.queues = self.queues, []
+        for q in queues:
+            q.close(self.domain)
+        if queues:
+            self.tap.remove_queues()
             self.tap.set_offload(0)
 
     def close(self) -> None:
         self.disconnect()
         self.tap.close()
 
-    def _notified(self) -> None:
-        """The frontend's event (I/O thread): tx work for the worker, maybe rx buffers for the rx thread."""
+    def _tx_kick(self, _queue: int) -> None:
+        """A tx event (I/O thread): every queue's tx is served on the worker, kicks coalesced."""
         self.backend.kick()
-        rx = self._rx
-        if rx is not None:
-            rx.wake()
+
+    def _rx_kick(self, queue: int) -> None:
+        """An rx event (I/O thread): the frontend posted buffers on ``queue``."""
+        workers = self._rx
+        if queue < len(workers):
+            workers[queue].wake()
 
     # -- tx --------------------------------------------------------------------------------
     def service(self) -> None:
@@ -139,8 +152,11 @@ class VifDevice(XenbusDevice):
             self.stats["tx_busy_ns"] += time.perf_counter_ns() - start
 
     def _tx_service(self) -> None:
-        r = self.rings
-        while r is not None:
+        for q in self.queues:
+            self._tx_queue(q)
+
+    def _tx_queue(self, r: NetifRings) -> None:
+        while True:
             n = lib.xkn_tx_peek(r.tx_page, r.tx_cons, r.tx_reqs, RING)
             if n < 0:
                 self._count("bad_index", f"req_prod {lib.xkn_req_prod(r.tx_page)} is more than a ring "
@@ -153,7 +169,7 @@ class VifDevice(XenbusDevice):
                 continue
             used = self._tx_batch(r, n)
             if used and lib.xkn_tx_push(r.tx_page, r.tx_rsp_prod, r.tx_rsps, used):
-                self.domain.evtchn.notify(r.port)
+                self.domain.evtchn.notify(r.tx_port)
             if used < n and not lib.xkn_tx_arm_after(r.tx_page, r.tx_cons + n - used):
                 return      # the last packet is not complete: the frontend notifies when it is
 
@@ -278,7 +294,7 @@ class RxWorker:
         self._buf = bytearray(FRAME_MAX)
         self._mv = memoryview(self._buf)
         self._len = 0                      #: a frame read and not delivered yet (no rx buffers)
-        self._thread = threading.Thread(target=self._run, name=f"{dev.backend.label}-rx", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{dev.backend.label}-rx{rings.index}", daemon=True)
         self._thread.start()
 
     def wake(self) -> None:
@@ -294,7 +310,7 @@ class RxWorker:
     def _run(self) -> None:
         poll = select.poll()
         poll.register(self._wake_fd, select.POLLIN)
-        tap_fd, polling_tap = self.dev.tap.fd, False
+        tap_fd, polling_tap = self.r.fd, False
         try:
             while not self._stop:
                 start = time.perf_counter_ns()
@@ -321,7 +337,7 @@ class RxWorker:
         while nrsp + MAX_SLOTS + 1 <= RING and not self._stop:
             if not self._len:
                 try:
-                    self._len = os.readv(dev.tap.fd, [mv])
+                    self._len = os.readv(r.fd, [mv])
                 except BlockingIOError:
                     break
                 if self._len <= HDR:
@@ -348,7 +364,7 @@ class RxWorker:
             nrsp += self._fill(nrsp, size, need, csum, gso, gso_size)
             self._len = 0
         if nrsp and lib.xkn_rx_push(r.rx_page, r.rx_rsp_prod, r.rx_rsps, nrsp):
-            dev.domain.evtchn.notify(r.port)
+            dev.domain.evtchn.notify(r.rx_port)
         return want_tap
 
     def _fill(self, at: int, size: int, need: int, csum: int, gso: int, gso_size: int) -> int:

@@ -1,11 +1,14 @@
-"""The tx and rx rings of a vif, mapped from the frontend's grants, and what it negotiated.
+"""The tx and rx rings of a vif's queues, mapped from the frontend's grants, and what it negotiated.
 
 ``open_netif`` reads the frontend's keys (io/netif.h, Linux netfront's
 ``talk_to_netback``): ``tx-ring-ref``, ``rx-ring-ref``, ``event-channel``,
 ``request-rx-copy`` (must be 1: "rx-flip" is gone from modern Xen, as here),
 ``feature-rx-notify`` (mandatory, as Linux netback has it since 3.x),
 ``feature-sg``, ``feature-gso-tcpv4``, ``feature-gso-tcpv6``,
-``feature-no-csum-offload``, ``feature-ipv6-csum-offload``.  Every key is the
+``feature-no-csum-offload``, ``feature-ipv6-csum-offload``; per queue
+(under ``queue-N/`` with ``multi-queue-num-queues`` > 1) ``event-channel``
+or, with ``feature-split-event-channels``, ``event-channel-tx`` and
+``event-channel-rx``.  Every key is the
 guest's and checked; a missing or malformed one, a ring grant that does not
 map, or a port that is not unbound to dom0 is a ConnectError (one line) and
 whatever was mapped or bound by then is released.
@@ -37,12 +40,14 @@ class Features:
 
 
 class NetifRings:
-    """The back end of one vif's tx and rx rings and its event channel."""
+    """The back end of one queue: its tx and rx rings, its event channel(s), its tap queue fd."""
 
-    def __init__(self, mappings: list, port: int, features: Features):
+    def __init__(self, index: int, mappings: list, tx_port: int, rx_port: int, features: Features):
+        self.index = index
         self.mappings = mappings
-        self.port = port
+        self.tx_port, self.rx_port = tx_port, rx_port     #: equal unless split event channels
         self.features = features
+        self.fd = -1                                      #: the tap queue its rx reads (net.py sets it)
         self._bufs = [ffi.from_buffer(m.view) for m in mappings]
         self.tx_page, self.rx_page = self._bufs
         self.tx_cons = 0
@@ -55,8 +60,9 @@ class NetifRings:
         self.rx_rsps = ffi.new("netif_rx_response_t[]", RING)
 
     def close(self, domain) -> None:
-        """Close the event channel and unmap both rings."""
-        domain.evtchn.close_vmm_port(self.port)
+        """Close the event channel(s) and unmap both rings."""
+        for port in {self.tx_port, self.rx_port}:
+            domain.evtchn.close_vmm_port(port)
         self._bufs.clear()
         self.tx_page = self.rx_page = None
         for m in self.mappings:
@@ -74,8 +80,6 @@ def negotiated(keys: dict[str, str]) -> Features:
         raise ConnectError("request-rx-copy is not 1 (only rx-copy is supported)")
     if not _flag(keys, "feature-rx-notify"):
         raise ConnectError("feature-rx-notify is mandatory")
-    if "multi-queue-num-queues" in keys and keys["multi-queue-num-queues"].strip() != "1":
-        raise ConnectError("multi-queue-num-queues: only one queue is offered")
     sg = _flag(keys, "feature-sg")
     return Features(sg=sg, gso_tcpv4=sg and _flag(keys, "feature-gso-tcpv4"),
                     gso_tcpv6=sg and _flag(keys, "feature-gso-tcpv6"),
@@ -83,19 +87,54 @@ def negotiated(keys: dict[str, str]) -> Features:
                     ipv6_csum=_flag(keys, "feature-ipv6-csum-offload"))
 
 
-def open_netif(domain, keys: dict[str, str], on_notify: Callable[[], None]) -> NetifRings:
-    """Map both rings and bind the event channel; all or nothing."""
+def open_queues(domain, keys: dict[str, str], on_tx: Callable[[int], None], on_rx: Callable[[int], None],
+                max_queues: int) -> tuple[Features, list[NetifRings]]:
+    """Map and bind every queue (``multi-queue-num-queues``, keys under ``queue-N/``); all or nothing.
+
+    ``on_tx(q)`` / ``on_rx(q)`` run when queue q's tx / rx event channel fires (both for one channel).
+    """
     features = negotiated(keys)
-    refs = [_number(keys, "tx-ring-ref", 1 << 32), _number(keys, "rx-ring-ref", 1 << 32)]
-    port = _number(keys, "event-channel", 1 << 17)
+    count = 1
+    if "multi-queue-num-queues" in keys:
+        count = _number(keys, "multi-queue-num-queues", max_queues + 1)
+        if count == 0:
+            raise ConnectError("multi-queue-num-queues 0")
+    queues: list[NetifRings] = []
+    try:
+        for q in range(count):
+            where = f"queue-{q}/" if count > 1 else ""
+            sub = {k[len(where):]: v for k, v in keys.items() if k.startswith(where)}
+            queues.append(_open_queue(domain, q, sub, where, features, on_tx, on_rx))
+    except ConnectError:
+        for queue in queues:
+            queue.close(domain)
+        raise
+    return features, queues
+
+
+def _open_queue(domain, q: int, keys: dict[str, str], where: str, features: Features, on_tx, on_rx) -> NetifRings:
+    refs = [_number(keys, "tx-ring-ref", 1 << 32, where), _number(keys, "rx-ring-ref", 1 << 32, where)]
+    if "event-channel-tx" in keys or "event-channel-rx" in keys:        # feature-split-event-channels
+        ports = [_number(keys, "event-channel-tx", 1 << 17, where), _number(keys, "event-channel-rx", 1 << 17, where)]
+        if ports[0] == ports[1]:
+            raise ConnectError(f"{where}event-channel-tx and -rx are the same port {ports[0]}")
+        callbacks = [lambda: on_tx(q), lambda: on_rx(q)]
+    else:
+        ports = [_number(keys, "event-channel", 1 << 17, where)]
+        callbacks = [lambda: (on_tx(q), on_rx(q))]
     try:
         mappings = domain.gnttab.map_refs(domain.domid, refs, True)
     except GrantError as e:
-        raise ConnectError(f"tx/rx-ring-ref {refs}: {e}") from None
+        raise ConnectError(f"{where}tx/rx-ring-ref {refs}: {e}") from None
+    bound: list[int] = []
     try:
-        domain.evtchn.bind_vmm_to_guest_port(port, on_notify)
+        for port, cb in zip(ports, callbacks):
+            domain.evtchn.bind_vmm_to_guest_port(port, cb)
+            bound.append(port)
     except EvtchnError as e:
+        for p in bound:
+            domain.evtchn.close_vmm_port(p)
         for m in mappings:
             m.unmap()
-        raise ConnectError(f"event-channel {port}: {e}") from None
-    return NetifRings(mappings, port, features)
+        raise ConnectError(f"{where}event channel {port}: {e}") from None
+    return NetifRings(q, mappings, ports[0], ports[-1], features)
