@@ -29,7 +29,9 @@
  * xk.net_hostile: before that, malformed tx packets (an ungranted ref, a slot
  * crossing its page, 19 slots, slots larger than the packet, a runt, an
  * unknown extra type, req_prod 1000 ahead): each answered NETIF_RSP_ERROR
- * (or nothing served, for the index), then everything above still works.
+ * (or nothing served, for the index); on rx, req_prod 1000 ahead (nothing
+ * delivered until it is sane again and kicked) and a revoked rx buffer (that
+ * slot answered with an error); then everything above still works.
  * xk.net_bench (benchmarks/bench_netback.py): xk.net_bench_frames frames of
  * 64 and 1514 bytes and an eighth as many 60000-byte GSO frames sent with the
  * tx ring kept full, then the same sizes counted as the host injects them.
@@ -193,6 +195,8 @@ static int16_t send1(unsigned len, uint16_t flags)
     return tx_submit(1, &st) ? st : 99;
 }
 
+static unsigned rx_errors;          /* rx responses with a negative status */
+
 /* ---- rx --------------------------------------------------------------------------- */
 /* The next frame (more_data slots gathered) into `in`; its length, or -1 after `ns`. */
 static int rx_frame(uint64_t ns, uint16_t *flags, struct netif_extra_info *extra)
@@ -216,6 +220,7 @@ static int rx_frame(uint64_t ns, uint16_t *flags, struct netif_extra_info *extra
                 want_extra = rsp.flags & NETRXF_extra_info;
                 in_frame = true;
             }
+            rx_errors += rsp.status < 0;
             if (rsp.status > 0 && len + (unsigned)rsp.status <= sizeof(in) && rsp.offset + rsp.status <= XEN_PAGE)
                 memcpy(in + len, rxbuf[rsp.id % NRX] + rsp.offset, (unsigned)rsp.status);
             len += rsp.status > 0 ? (unsigned)rsp.status : 0;
@@ -302,22 +307,29 @@ static unsigned udp(uint16_t dport, unsigned n, unsigned seed, int csum)
     return off + 8 + n;
 }
 
+static const uint8_t bcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+
+/* Who has 10.99.0.1, tell 10.99.0.2: 42 bytes in `frame`. */
+static unsigned arp_frame(void)
+{
+    unsigned off = eth(bcast, 0x0806);
+    uint8_t *a = frame + off;
+    put16(a, 1);
+    put16(a + 2, 0x0800);
+    a[4] = 6;
+    a[5] = 4;
+    put16(a + 6, 1);
+    memcpy(a + 8, V.mac, 6);
+    memcpy(a + 14, my_ip, 4);
+    memset(a + 18, 0, 6);
+    memcpy(a + 24, peer_ip, 4);
+    return off + 28;
+}
+
 static bool arp(void)
 {
-    static const uint8_t bcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
     for (unsigned attempt = 0; attempt < 100; attempt++) {
-        unsigned off = eth(bcast, 0x0806);
-        uint8_t *a = frame + off;
-        put16(a, 1);
-        put16(a + 2, 0x0800);
-        a[4] = 6;
-        a[5] = 4;
-        put16(a + 6, 1);
-        memcpy(a + 8, V.mac, 6);
-        memcpy(a + 14, my_ip, 4);
-        memset(a + 18, 0, 6);
-        memcpy(a + 24, peer_ip, 4);
-        if (send1(off + 28, 0) != NETIF_RSP_OKAY)
+        if (send1(arp_frame(), 0) != NETIF_RSP_OKAY)
             return false;
         uint64_t end = xen_system_time() + 200 * MS;
         while (xen_system_time() < end) {
@@ -606,6 +618,31 @@ static void hostile(void)
     V.q.tx.sring->req_prod = real;
     xen_mb();
     check(bad(REF_TX(0), 0, 142) == NETIF_RSP_OKAY, "hostile.good_frame_after", "status");
+    /* rx: req_prod 1000 ahead while the peer answers our ARP: nothing delivered until we fix it and kick */
+    uint16_t fl;
+    struct netif_extra_info ex;
+    while (rx_frame(100 * MS, &fl, &ex) >= 0)
+        ;                               /* whatever the host sent so far */
+    RING_IDX rx_real = V.q.rx.req_prod_pvt;
+    V.q.rx.sring->req_prod = rx_real + 1000;
+    xen_mb();
+    check(send1(arp_frame(), 0) == NETIF_RSP_OKAY, "hostile.rx.arp_sent", "status");
+    xen_delay_ns(300 * MS);
+    check(V.q.rx.sring->rsp_prod == V.q.rx.rsp_cons, "hostile.rx.far_ahead_not_served", "rsp_prod %u cons %u",
+          V.q.rx.sring->rsp_prod, V.q.rx.rsp_cons);
+    /* rx: the next buffer's grant revoked: that slot is answered with an error, the next frames land */
+    unsigned victim = V.q.rx_base + V.q.rx.rsp_cons % V.q.nrx;
+    gnt[REF_RX(victim)].flags = 0;
+    V.q.rx.sring->req_prod = rx_real;
+    xen_mb();
+    xen_evtchn_send(V.q.rx_port);
+    uint64_t end = xen_system_time() + 10 * SEC;
+    while (!rx_errors && xen_system_time() < end) {
+        if (rx_frame(200 * MS, &fl, &ex) < 0)
+            send1(arp_frame(), 0);
+    }
+    check(rx_errors >= 1, "hostile.rx.revoked_buffer_error", "%u errors", rx_errors);
+    grant(REF_RX(victim), rxbuf[victim], false);
 }
 
 /* ---- benchmarks/bench_netback.py ------------------------------------------------------ */

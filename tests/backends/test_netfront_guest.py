@@ -74,13 +74,15 @@ def check_frames(peer: Peer) -> None:
     assert netpeer.arp_request(mac) in frames
     assert netpeer.icmp_echo(mac) in frames
     assert netpeer.udp(mac, 9999, 3000 - 42, 1, "full") in frames          # three tx slots gathered
-    (hdr, frame), = [(h, f) for h, f in peer.frames if f[36:38] == (9998).to_bytes(2, "big")]   # UDP to 9998: csum_blank
+    # UDP to 9998: csum_blank
+    (hdr, frame), = [(h, f) for h, f in peer.frames if f[36:38] == (9998).to_bytes(2, "big")]
     assert frame == netpeer.udp(mac, 9998, 200, 2, "partial")
     flags, gso_type, _hl, _gs, start, offset = hdr
     assert flags & 1 and (start, offset) == (34, 6)
     done = frame[:start + offset] + (~csum(frame[start:], 0) & 0xFFFF).to_bytes(2, "big") + frame[start + offset + 2:]
     assert csum(done[start:], netpeer.pseudo(17, len(frame) - start)) == 0xFFFF     # a valid UDP checksum
-    (hdr, frame), = [(h, f) for h, f in peer.frames if f[36:38] == (9997).to_bytes(2, "big")]   # TCP to 9997: GSO
+    # TCP to 9997: GSO
+    (hdr, frame), = [(h, f) for h, f in peer.frames if f[36:38] == (9997).to_bytes(2, "big")]
     assert frame == netpeer.tcp_gso(mac)
     assert hdr[1] == 1 and hdr[3] == 1448 and hdr[0] & 1 and (hdr[4], hdr[5]) == (34, 16)
 
@@ -91,7 +93,8 @@ def test_netfront_sends_and_receives(tmp_path, kernel):
     r = run(tmp_path, kernel, "xk.trap=page", [f"mac={MAC}, vifname={name}"], peer)
     assert assert_passed(r) >= 12
     for check in ("net.arp_answered", "net.icmp_echo_reply", "net.rx_60", "net.rx_1514", "net.rx_9014_three_slots",
-                  "net.rx_csum_blank", "net.rx_gso_tcpv4", "net.tx_sg_three_slots", "net.tx_csum_blank", "net.tx_gso_tcpv4",
+                  "net.rx_csum_blank", "net.rx_gso_tcpv4", "net.tx_sg_three_slots", "net.tx_csum_blank",
+                  "net.tx_gso_tcpv4",
                   "net.reset", "net.mq.connected", "net.mq.tx_queue_1", "net.mq.rx_16_flows", "net.mq.rx_both_queues",
                   "net.mq.split_ports_notified"):
         assert f"PASS {check}" in r.stdout
@@ -107,12 +110,15 @@ def test_hostile_netfront_keeps_the_vif_up(tmp_path, kernel):
     assert assert_passed(r) >= 20
     for check in ("hostile.ungranted_ref", "hostile.huge_ref", "hostile.slot_crosses_page", "hostile.runt",
                   "hostile.nineteen_slots", "hostile.slots_exceed_size", "hostile.unknown_extra",
-                  "hostile.far_ahead_not_served", "hostile.good_frame_after"):
+                  "hostile.far_ahead_not_served", "hostile.good_frame_after", "hostile.rx.far_ahead_not_served",
+                  "hostile.rx.revoked_buffer_error"):
         assert f"PASS {check}" in r.stdout
     assert "tx malformed" in r.stderr and "the vif stays up" in r.stderr
-    assert "bad index" in r.stderr
+    assert "bad index" in r.stderr and "rx req_prod more than a ring ahead" in r.stderr
+    assert "rx dropped: rx buffer grant" in r.stderr
     check_frames(peer)
-    bad = [f for _h, f in peer.frames if f[36:38] == (9999).to_bytes(2, "big") and f[14 + 20 + 8:14 + 20 + 9] == b"\x04"]
+    bad = [f for _h, f in peer.frames
+           if f[36:38] == (9999).to_bytes(2, "big") and f[14 + 20 + 8:14 + 20 + 9] == b"\x04"]
     assert len(bad) == 1                                         # only the good 142-byte frame got out
 
 

@@ -78,8 +78,8 @@ class VifDevice(XenbusDevice):
         self.tap = Tap(self.name, spec.bridge)
         self.name = self.tap.name
         self.queues: list[NetifRings] = []
-        self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_malformed": 0, "tx_dropped": 0, "bad_index": 0,
-                      "rx_packets": 0, "rx_bytes": 0, "rx_dropped": 0,
+        self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_malformed": 0, "tx_dropped": 0, "tx_bad_index": 0,
+                      "rx_packets": 0, "rx_bytes": 0, "rx_dropped": 0, "rx_bad_index": 0,
                       "tx_busy_ns": 0, "rx_busy_ns": 0}   #: busy: time serving (benchmarks/bench_netback.py)
         self._tx_buf = bytearray(HDR + 65536)
         self._tx_mv = memoryview(self._tx_buf)
@@ -115,7 +115,8 @@ class VifDevice(XenbusDevice):
         self._rx = [RxWorker(self, q) for q in self.queues]
         q0 = self.queues[0]
         log.info("%s: connected, tap %s, %d queue(s), ports %d/%d, %s", self.backend.label, self.name,
-                 len(self.queues), q0.tx_port, q0.rx_port, ", ".join(k for k, v in vars(f).items() if v) or "no offloads")
+                 len(self.queues), q0.tx_port, q0.rx_port,
+                 ", ".join(k for k, v in vars(f).items() if v) or "no offloads")
 
     def disconnect(self) -> None:
         workers, self._rx = self._rx, []
@@ -159,7 +160,7 @@ class VifDevice(XenbusDevice):
         while True:
             n = lib.xkn_tx_peek(r.tx_page, r.tx_cons, r.tx_reqs, RING)
             if n < 0:
-                self._count("bad_index", f"req_prod {lib.xkn_req_prod(r.tx_page)} is more than a ring "
+                self._count("tx_bad_index", f"req_prod {lib.xkn_req_prod(r.tx_page)} is more than a ring "
                                          f"ahead of req_cons {r.tx_cons}; ignored until it is sane")
                 lib.xkn_tx_arm_after(r.tx_page, r.tx_cons)   # any sane push from req_cons notifies
                 return
@@ -353,7 +354,7 @@ class RxWorker:
                 continue
             avail = lib.xkn_rx_peek(r.rx_page, r.rx_cons, r.rx_reqs, need)
             if avail < 0:
-                dev._count("bad_index", "rx req_prod more than a ring ahead; waiting for a sane one")
+                dev._count("rx_bad_index", "rx req_prod more than a ring ahead; waiting for a sane one and a kick")
                 want_tap = False
                 break
             if avail < need:
