@@ -3,27 +3,32 @@
 Keys follow Linux's xen-netback and libxl (io/netif.h): the backend node has
 ``mac``, ``bridge``, ``handle``, ``type``, ``feature-rx-copy`` = 1,
 ``feature-rx-flip`` = 0, ``feature-sg``, ``feature-gso-tcpv4``,
-``feature-gso-tcpv6``, ``feature-ipv6-csum-offload``; the frontend node
-``mac`` and ``handle``.  The frontend answers with the keys netring.py reads.
+``feature-gso-tcpv6``, ``feature-ipv6-csum-offload``,
+``feature-split-event-channels``, ``multi-queue-max-queues``; the frontend
+node ``mac`` and ``handle``.  The frontend answers with the keys netring.py
+reads; each queue gets its own tap queue fd (IFF_MULTI_QUEUE).
 
-**Tx** (guest -> host) runs on the device's xenbus worker, per kick: every
-request up to ``req_prod`` is copied out of the ring (C), each packet's slots
-are checked, gathered by grant copy into one preallocated buffer behind the
-``virtio_net_hdr`` netpkt.py builds (checksum and GSO offload) and written to
-the tap in one ``write``.  Responses go back in one push per batch.  A
-malformed packet is dropped, its slots answered ``NETIF_RSP_ERROR``, counted
-(``stats``; a log line on the first and every 100th) and the vif stays up:
-a bad grant, a slot crossing its page (io/netif.h: "the
-fragment must not cross a page boundary"), slot sizes adding up to more than
-the first slot's ``size`` (the packet's), a runt, more than
-``XEN_NETIF_NR_SLOTS_MIN`` (18) slots, an unknown extra, an offload whose
-headers cannot be found.  A producer index more than a ring ahead is refused
-as a whole (nothing consumed, counted) until the frontend publishes a sane
-one; Linux netback would disable the vif instead.
+**Tx** (guest -> host) runs on the device's xenbus worker, per kick, for
+every queue: every request up to ``req_prod`` is copied out of the ring (C),
+each packet's slots are checked, gathered by grant copy into one
+preallocated buffer behind the ``virtio_net_hdr`` netpkt.py builds (checksum
+and GSO offload) and written to the tap in one ``write``.  Responses go back
+in one push per batch.  io/netif.h's wire format: fragment 1's ``size`` is
+the total packet size, extras follow it, and "the actual size of fragment 1
+can only be determined by subtracting the sizes of fragments 2..N from the
+total packet size"; a frontend may use "slots up to" XEN_NETIF_NR_SLOTS_MIN
+(18).  A malformed packet is dropped, its slots answered
+``NETIF_RSP_ERROR``, counted (``stats``; a log line on the first and every
+100th) and the vif stays up: a bad grant, a slot running past the end of its
+page, fragments 2..N larger than the total, a runt (under an Ethernet
+header), more than 18 slots, an unknown extra, an offload whose headers
+cannot be found.  A producer index more than a ring ahead is refused as a
+whole (nothing consumed, counted) until the frontend publishes a sane one;
+Linux netback would disable the vif instead.
 
-**Rx** (host -> guest) runs on one thread per connected vif, which waits on
-the tap and on the event channel (an eventfd): frames are read into one
-buffer and copied into the guest's posted rx buffers by grant copy, one page
+**Rx** (host -> guest) runs on one thread per connected queue, which waits on
+its tap queue fd and on its rx event channel (an eventfd): frames are read
+into one buffer and copied into the guest's posted rx buffers by grant copy, one page
 per slot (``NETRXF_more_data`` between them; without ``feature-sg`` a frame
 must fit one page), a GSO frame with its extra slot.  With no posted buffer
 the thread re-arms ``req_event`` (``feature-rx-notify``) and stops reading:

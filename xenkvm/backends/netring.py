@@ -1,15 +1,15 @@
 """The tx and rx rings of a vif's queues, mapped from the frontend's grants, and what it negotiated.
 
-``open_netif`` reads the frontend's keys (io/netif.h, Linux netfront's
+``open_queues`` reads the frontend's keys (io/netif.h, Linux netfront's
 ``talk_to_netback``): ``tx-ring-ref``, ``rx-ring-ref``, ``event-channel``,
-``request-rx-copy`` (must be 1: "rx-flip" is gone from modern Xen, as here),
-``feature-rx-notify`` (mandatory, as Linux netback has it since 3.x),
+``request-rx-copy`` (must be 1: only rx-copy, as Linux netback, which dropped rx-flip),
+``feature-rx-notify`` (mandatory, as in Linux netback; io/netif.h: without it
+"the backend will assume that it cannot safely queue packets"),
 ``feature-sg``, ``feature-gso-tcpv4``, ``feature-gso-tcpv6``,
 ``feature-no-csum-offload``, ``feature-ipv6-csum-offload``; per queue
 (under ``queue-N/`` with ``multi-queue-num-queues`` > 1) ``event-channel``
 or, with ``feature-split-event-channels``, ``event-channel-tx`` and
-``event-channel-rx``.  Every key is the
-guest's and checked; a missing or malformed one, a ring grant that does not
+``event-channel-rx``.  Every key is the guest's and checked; a missing or malformed one, a ring grant that does not
 map, or a port that is not unbound to dom0 is a ConnectError (one line) and
 whatever was mapped or bound by then is released.
 """
