@@ -41,7 +41,7 @@ from xenkvm.config import GuestConfig, XenConfig  # noqa: E402
 from xenkvm.diskspec import parse_disk  # noqa: E402
 from xenkvm.machine.devices.console import ConsoleSink  # noqa: E402
 from xenkvm.build import build_machine, xen_domain  # noqa: E402
-from xenkvm.machine.machine import ExitStatus, Machine  # noqa: E402
+from xenkvm.machine.machine import ExitStatus  # noqa: E402
 
 IMAGE_MIB = 64
 

@@ -7,28 +7,18 @@
 #ifndef XEN_BLKFRONT_H
 #define XEN_BLKFRONT_H
 
-#include "xen_guest.h"
+#include "xen_front.h"
 
-#define xen_mb()  __asm__ volatile("mfence" ::: "memory")
-#define xen_rmb() __asm__ volatile("" ::: "memory")
-#define xen_wmb() __asm__ volatile("" ::: "memory")
-#include <xen/io/ring.h>
 #include <xen/io/blkif.h>
-#include <xen/io/xenbus.h>
 #include <xen/io/protocols.h>
 
-#define GRANT_GPFN  0xF0000ULL
-#define SEC         1000000000ULL
-#define MS          1000000ULL
 #define NDATA       12
 #define NDISK       2
 
-static volatile grant_entry_v1_t *gnt = (volatile grant_entry_v1_t *)(uintptr_t)(GRANT_GPFN << 12);
 static uint8_t ring_pages[NDISK][2][XEN_PAGE] XEN_PAGE_ALIGNED;
 static uint8_t data[NDATA][XEN_PAGE] XEN_PAGE_ALIGNED;
 static uint8_t rdata[NDATA][XEN_PAGE] XEN_PAGE_ALIGNED;
 static struct blkif_request_segment indirect_segs[XEN_PAGE / sizeof(struct blkif_request_segment)] XEN_PAGE_ALIGNED;
-static struct xs_reply r;
 
 struct vbd {
     char fe[64], be[96];
@@ -53,14 +43,6 @@ static unsigned ndisks;
 #define REF_INDIRECT    70
 #define REF_NONE        500
 
-static void grant(unsigned ref, const void *page, bool readonly)
-{
-    gnt[ref].domid = 0;
-    gnt[ref].frame = (uint32_t)((uintptr_t)page >> 12);
-    __asm__ volatile("sfence" ::: "memory");
-    gnt[ref].flags = GTF_permit_access | (readonly ? GTF_readonly : 0);
-}
-
 static uint8_t pat(uint64_t sector, unsigned i, unsigned seed)
 {
     return (uint8_t)(sector * 31 + i * 7 + seed);
@@ -80,32 +62,6 @@ static bool same(const uint8_t *p, uint64_t sector, unsigned nsect, unsigned see
             if (p[s * 512 + i] != pat(sector + s, i, seed))
                 return false;
     return true;
-}
-
-/* ---- xenstore helpers ---------------------------------------------------- */
-static long xs_readf(const char *dir, const char *key, struct xs_reply *out)
-{
-    char path[160];
-    snprintf(path, sizeof(path), "%s/%s", dir, key);
-    return xs_read(0, path, out);
-}
-
-static long xs_writef(const char *dir, const char *key, const char *fmt, unsigned long v)
-{
-    char path[160], val[32];
-    snprintf(path, sizeof(path), "%s/%s", dir, key);
-    snprintf(val, sizeof(val), fmt, v);
-    return xs_write(0, path, val);
-}
-
-static long read_num(const char *dir, const char *key)
-{
-    if (xs_readf(dir, key, &r))
-        return -1;
-    long v = 0;
-    for (const char *c = r.body; *c >= '0' && *c <= '9'; c++)
-        v = v * 10 + (*c - '0');
-    return v;
 }
 
 /* Poll the backend's state (bounded in pvclock time). */

@@ -20,7 +20,10 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
       hypervisor_log: stderr   # console_io output: stderr ("(XEN) " lines) | file:PATH | none
     disks:                     # optional, Xen guests: PV disks in xl.cfg(5) spelling (xenkvm/diskspec.py)
       - "format=raw, vdev=xvda, access=rw, target=root.img"
-    vifs: ["mac=00:16:3e:00:00:01, bridge=xenbr0"]   # optional: PV NICs in xl.cfg(5) spelling
+    vifs:                      # optional, Xen guests: PV NICs in xl.cfg(5) spelling (xenkvm/vifspec.py)
+      - "mac=00:16:3e:01:02:03, bridge=br0"
+    consoles:                  # optional, Xen guests: device/console/1.. (xenkvm/consolespec.py)
+      - {backend: pty}
     uuid: 6f2a...              # optional; default derived from name and domid
     maxmem: 256M               # optional, >= memory (the balloon's static maximum)
     maxvcpus: 2                # optional, >= vcpus
@@ -107,8 +110,10 @@ class GuestConfig:
     xen: XenConfig | None = None
     #: PV disks (xl.cfg ``disk`` spellings, xenkvm/diskspec.py); served by xenkvm/backends
     disks: tuple = ()
-    #: PV network interfaces (xl.cfg ``vif`` spellings); served by the net backend
+    #: PV NICs (xl.cfg ``vif`` spellings, xenkvm/vifspec.py); host taps served by xenkvm/backends/net.py
     vifs: tuple = ()
+    #: extra PV consoles device/console/1.. (xenkvm/consolespec.py); xenkvm/backends/console.py
+    consoles: tuple = ()
     uuid: str | None = None
     maxmem: int | None = None
     maxvcpus: int | None = None
@@ -189,7 +194,17 @@ def _validate(raw: dict[str, Any], base: Path, origin: str) -> GuestConfig:
         from xenkvm.diskspec import parse_disks
         if "xen" not in kw:
             raise ConfigError("disks: PV disks need the Xen personality (add 'xen:')")
-        kw["disks"] = parse_disks(raw["disks"], base)
+        kw["disks"] = parse_disks(list(_specs(raw["disks"], "disks")), base)
+    if raw.get("vifs"):
+        from xenkvm.vifspec import parse_vifs
+        if "xen" not in kw:
+            raise ConfigError("vifs: PV NICs need the Xen personality (add 'xen:')")
+        kw["vifs"] = parse_vifs(list(_specs(raw["vifs"], "vifs")), kw["name"])
+    if raw.get("consoles"):
+        from xenkvm.consolespec import parse_consoles
+        if "xen" not in kw:
+            raise ConfigError("consoles: PV consoles need the Xen personality (add 'xen:')")
+        kw["consoles"] = parse_consoles(raw["consoles"], base)
     kw.update(_domain_fields(raw, kw))
     return GuestConfig(**kw)
 
@@ -200,9 +215,7 @@ MAX_SPEC_LEN = 1024
 
 
 def _specs(value: Any, key: str) -> tuple[str, ...]:
-    """A list of xl.cfg device strings (``disk``/``vif``), kept as written for the backends."""
-    if isinstance(value, str):
-        value = [value]
+    """A bounded list of xl.cfg device strings (``disk``/``vif``), checked before they are parsed."""
     if not isinstance(value, (list, tuple)) or len(value) > MAX_DEVICE_SPECS:
         raise ConfigError(f"{key}: expected a list of at most {MAX_DEVICE_SPECS} strings, got {value!r:.80}")
     for v in value:
@@ -212,10 +225,8 @@ def _specs(value: Any, key: str) -> tuple[str, ...]:
 
 
 def _domain_fields(raw: dict[str, Any], kw: dict[str, Any]) -> dict[str, Any]:
-    """The toolstack's keys (uuid, maxmem, maxvcpus, on_*, vifs), checked (disks: _validate)."""
+    """The toolstack's keys (uuid, maxmem, maxvcpus, on_*), checked (disks, vifs, consoles: _validate)."""
     out: dict[str, Any] = {}
-    if raw.get("vifs"):
-        out["vifs"] = _specs(raw["vifs"], "vifs")
     if raw.get("uuid") is not None:
         if not isinstance(raw["uuid"], str) or not _UUID.fullmatch(raw["uuid"]):
             raise ConfigError(f"uuid: expected a UUID like 6f1c0a2e-8d5b-4c3e-9a7f-0b1c2d3e4f50, got {raw['uuid']!r:.80}")

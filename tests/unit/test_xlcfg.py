@@ -55,7 +55,7 @@ def test_pvh_domain(tmp_path):
         LifecycleAction.DESTROY, LifecycleAction.RESTART, LifecycleAction.PRESERVE)
     assert [(d.target, d.vdev, d.readonly) for d in cfg.disks] == [
         (tmp_path / "web01.img", "xvda", False), (tmp_path / "data.img", "xvdb", True)]
-    assert cfg.vifs == ("mac=00:16:3e:01:02:03,bridge=xenbr0",)
+    assert [(v.mac, v.bridge) for v in cfg.vifs] == [("00:16:3e:01:02:03", "xenbr0")]
 
 
 def test_hvm_gets_linux_boot_and_platform_pci(tmp_path):

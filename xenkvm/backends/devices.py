@@ -13,8 +13,10 @@ import threading
 from typing import TYPE_CHECKING
 
 from xenkvm.config import ConfigError
+from xenkvm.consolespec import ConsoleSpec
 from xenkvm.machine.extension import MachineExtension
 from xenkvm.diskspec import DiskSpec, vdev_to_devid
+from xenkvm.vifspec import VifSpec
 
 from .xenbus import XenbusBackend, XenbusDevice
 from .xsclient import VmmXsClient
@@ -45,11 +47,12 @@ class DeviceManager(MachineExtension):
         return self._xs
 
     def attach_configured(self) -> None:
-        """Attach the disks of the guest definition."""
-        for spec in getattr(self.domain.machine.cfg, "disks", ()):
+        """Attach the disks, vifs and extra consoles of the guest definition."""
+        cfg = self.domain.machine.cfg
+        for spec in (*getattr(cfg, "disks", ()), *getattr(cfg, "vifs", ()), *getattr(cfg, "consoles", ())):
             self.attach(spec)
 
-    def attach(self, spec: DiskSpec | XenbusDevice) -> XenbusBackend:
+    def attach(self, spec: DiskSpec | VifSpec | ConsoleSpec | XenbusDevice) -> XenbusBackend:
         """Plug a device in (a DiskSpec, or a ready XenbusDevice); DeviceError if it cannot be."""
         device = self._device(spec)
         key = (device.type, device.devid)
@@ -62,10 +65,22 @@ class DeviceManager(MachineExtension):
         backend.create()
         return backend
 
-    @staticmethod
-    def _device(spec: DiskSpec | XenbusDevice) -> XenbusDevice:
+    def _device(self, spec: DiskSpec | VifSpec | ConsoleSpec | XenbusDevice) -> XenbusDevice:
         if isinstance(spec, XenbusDevice):
             return spec
+        if isinstance(spec, ConsoleSpec):
+            from .console import ConsoleDevice
+            try:
+                return ConsoleDevice(spec, self.domain.machine.cfg.name)
+            except OSError as e:
+                raise DeviceError(f"console {spec.devid}: {spec.path or 'pty'}: {e.strerror}") from None
+        if isinstance(spec, VifSpec):
+            from .net import VifDevice
+            from .tap import TapError
+            try:
+                return VifDevice(spec, self.domain.domid)
+            except TapError as e:
+                raise DeviceError(str(e)) from None
         from .block import BlockDevice
         try:
             return BlockDevice(spec)
@@ -75,7 +90,7 @@ class DeviceManager(MachineExtension):
     def find(self, vdev: str | int, type_: str = "vbd") -> XenbusBackend:
         """The live backend of ``vdev`` (``xvdb``, or its device id)."""
         try:
-            devid = vdev if isinstance(vdev, int) else vdev_to_devid(vdev)
+            devid = vdev if isinstance(vdev, int) else int(vdev) if type_ in ("vif", "console") else vdev_to_devid(vdev)
         except ValueError:
             raise DeviceError(f"{vdev!r} is not a device name") from None
         backend = self.backends.get((type_, devid))

@@ -1,0 +1,401 @@
+"""The network backend (vif): a host tap device served over netif tx and rx rings.
+
+Keys follow Linux's xen-netback and libxl (io/netif.h): the backend node has
+``mac``, ``bridge``, ``handle``, ``type``, ``feature-rx-copy`` = 1,
+``feature-rx-flip`` = 0, ``feature-sg``, ``feature-gso-tcpv4``,
+``feature-gso-tcpv6``, ``feature-ipv6-csum-offload``,
+``feature-split-event-channels``, ``multi-queue-max-queues``; the frontend
+node ``mac`` and ``handle``.  The frontend answers with the keys netring.py
+reads; each queue gets its own tap queue fd (IFF_MULTI_QUEUE).
+
+**Tx** (guest -> host) runs on the device's xenbus worker, per kick, for
+every queue: every request up to ``req_prod`` is copied out of the ring (C),
+each packet's slots are checked, gathered by grant copy into one
+preallocated buffer behind the ``virtio_net_hdr`` netpkt.py builds (checksum
+and GSO offload) and written to the tap in one ``write``.  Responses go back
+in one push per batch.  io/netif.h's wire format: fragment 1's ``size`` is
+the total packet size, extras follow it, and "the actual size of fragment 1
+can only be determined by subtracting the sizes of fragments 2..N from the
+total packet size"; a frontend may use "slots up to" XEN_NETIF_NR_SLOTS_MIN
+(18).  A malformed packet is dropped, its slots answered
+``NETIF_RSP_ERROR``, counted (``stats``; a log line on the first and every
+100th) and the vif stays up: a bad grant, a slot running past the end of its
+page, fragments 2..N larger than the total, a runt (under an Ethernet
+header), more than 18 slots, an unknown extra, an offload whose headers
+cannot be found.  A producer index more than a ring ahead is refused as a
+whole (nothing consumed, counted) until the frontend publishes a sane one;
+Linux netback would disable the vif instead.
+
+**Rx** (host -> guest) runs on one thread per connected queue, which waits on
+its tap queue fd and on its rx event channel (an eventfd): frames are read
+into one buffer and copied into the guest's posted rx buffers by grant copy, one page
+per slot (``NETRXF_more_data`` between them; without ``feature-sg`` a frame
+must fit one page), a GSO frame with its extra slot.  With no posted buffer
+the thread re-arms ``req_event`` (``feature-rx-notify``) and stops reading:
+frames wait in the tap's queue (and the kernel drops past it), as in netback.
+(A thread of its own, not the I/O thread: a tap busy with host traffic must
+not delay vCPU timers and other devices' kicks.)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+
+from xenkvm.vifspec import VifSpec
+from xenkvm.xen.gnttab import GrantError
+
+from . import netpkt
+from ._netif_cffi import ffi, lib
+from .netring import RING, NetifRings, open_queues
+from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap
+from .xenbus import ConnectError, XenbusDevice
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+MAX_SLOTS = lib.XEN_NETIF_NR_SLOTS_MIN
+MORE, EXTRA, CSUM_BLANK = lib.NETTXF_more_data, lib.NETTXF_extra_info, lib.NETTXF_csum_blank
+OKAY, ERROR, NULL = lib.NETIF_RSP_OKAY, lib.NETIF_RSP_ERROR, lib.NETIF_RSP_NULL
+GSO_TYPES = {lib.XEN_NETIF_GSO_TYPE_TCPV4: "gso_tcpv4", lib.XEN_NETIF_GSO_TYPE_TCPV6: "gso_tcpv6"}
+RX_CSUM_BLANK, RX_VALIDATED = lib.NETRXF_csum_blank, lib.NETRXF_data_validated
+RX_MORE, RX_EXTRA = lib.NETRXF_more_data, lib.NETRXF_extra_info
+RX_GSO = {netpkt.GSO_TCPV4: lib.XEN_NETIF_GSO_TYPE_TCPV4, netpkt.GSO_TCPV6: lib.XEN_NETIF_GSO_TYPE_TCPV6}
+HDR = netpkt.VNET_HDR_LEN
+FRAME_MAX = 65536 + 64
+MAX_QUEUES = 4                           #: multi-queue-max-queues (one tap queue fd each)
+
+
+class Malformed(Exception):
+    """A tx packet the frontend should not have sent (the reason, for the log)."""
+
+
+class VifDevice(XenbusDevice):
+    """A vif: the tap lives as long as the device, the rings as long as a connection."""
+
+    type = "vif"
+
+    def __init__(self, spec: VifSpec, domid: int):
+        super().__init__(spec.devid, spec.vifname or f"vif{domid}.{spec.devid}")
+        self.spec = spec
+        self.tap = Tap(self.name, spec.bridge)
+        self.name = self.tap.name
+        self.queues: list[NetifRings] = []
+        self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_malformed": 0, "tx_dropped": 0, "tx_bad_index": 0,
+                      "rx_packets": 0, "rx_bytes": 0, "rx_dropped": 0, "rx_bad_index": 0,
+                      "tx_busy_ns": 0, "rx_busy_ns": 0}   #: busy: CPU time serving (bench_netback.py)
+        self._tx_buf = bytearray(HDR + 65536)
+        self._tx_mv = memoryview(self._tx_buf)
+        self._gso = ffi.new("struct xkn_gso *")
+        self._rx: list[RxWorker] = []
+
+    # -- xenstore ----------------------------------------------------------------------
+    def frontend_keys(self) -> dict[str, str]:
+        return {"mac": self.spec.mac, "handle": str(self.devid)}
+
+    def backend_keys(self) -> dict[str, str]:
+        keys = {"mac": self.spec.mac, "handle": str(self.devid), "type": "vif", "vifname": self.name,
+                "hotplug-status": "connected", "feature-rx-copy": "1", "feature-rx-flip": "0",
+                "feature-sg": "1", "feature-gso-tcpv4": "1", "feature-gso-tcpv6": "1",
+                "feature-ipv6-csum-offload": "1", "feature-split-event-channels": "1",
+                "multi-queue-max-queues": str(MAX_QUEUES)}
+        if self.spec.bridge:
+            keys["bridge"] = self.spec.bridge
+        if self.spec.ip:
+            keys["ip"] = self.spec.ip
+        return keys
+
+    def connect(self, frontend: dict[str, str]) -> None:
+        f, self.queues = open_queues(self.domain, frontend, self._tx_kick, self._rx_kick, MAX_QUEUES)
+        self.tap.set_offload((TUN_F_CSUM if f.csum else 0) | (TUN_F_TSO4 if f.gso_tcpv4 and f.csum else 0)
+                             | (TUN_F_TSO6 if f.gso_tcpv6 and f.csum and f.ipv6_csum else 0))
+        try:
+            for q in self.queues:
+                q.fd = self.tap.fd if q.index == 0 else self.tap.add_queue()
+        except OSError as e:
+            self.disconnect()
+            raise ConnectError(f"tap {self.name}: queue: {e.strerror}") from None
+        self._rx = [RxWorker(self, q) for q in self.queues]
+        q0 = self.queues[0]
+        log.info("%s: connected, tap %s, %d queue(s), ports %d/%d, %s", self.backend.label, self.name,
+                 len(self.queues), q0.tx_port, q0.rx_port,
+                 ", ".join(k for k, v in vars(f).items() if v) or "no offloads")
+
+    def disconnect(self) -> None:
+        workers, self._rx = self._rx, []
+        for rx in workers:
+            rx.stop()
+        queues, self.queues = self.queues, []
+        for q in queues:
+            q.close(self.domain)
+        if queues:
+            self.tap.remove_queues()
+            self.tap.set_offload(0)
+
+    def close(self) -> None:
+        self.disconnect()
+        self.tap.close()
+
+    def _tx_kick(self, _queue: int) -> None:
+        """A tx event (I/O thread): every queue's tx is served on the worker, kicks coalesced."""
+        self.backend.kick()
+
+    def _rx_kick(self, queue: int) -> None:
+        """An rx event (I/O thread): the frontend posted buffers on ``queue``."""
+        workers = self._rx
+        if queue < len(workers):
+            workers[queue].wake()
+
+    # -- tx --------------------------------------------------------------------------------
+    def service(self) -> None:
+        """Send every complete packet the frontend queued; re-arm ``req_event``."""
+        start = time.thread_time_ns()
+        try:
+            self._tx_service()
+        finally:
+            self.stats["tx_busy_ns"] += time.thread_time_ns() - start
+
+    def _tx_service(self) -> None:
+        for q in self.queues:
+            self._tx_queue(q)
+
+    def _tx_queue(self, r: NetifRings) -> None:
+        while True:
+            n = lib.xkn_tx_peek(r.tx_page, r.tx_cons, r.tx_reqs, RING)
+            if n < 0:
+                self._count("tx_bad_index", f"req_prod {lib.xkn_req_prod(r.tx_page)} is more than a ring "
+                                         f"ahead of req_cons {r.tx_cons}; ignored until it is sane")
+                lib.xkn_tx_arm_after(r.tx_page, r.tx_cons)   # any sane push from req_cons notifies
+                return
+            if n == 0:
+                if not lib.xkn_tx_final_check(r.tx_page, r.tx_cons):
+                    return
+                continue
+            used = self._tx_batch(r, n)
+            if used and lib.xkn_tx_push(r.tx_page, r.tx_rsp_prod, r.tx_rsps, used):
+                self.domain.evtchn.notify(r.tx_port)
+            if used < n and not lib.xkn_tx_arm_after(r.tx_page, r.tx_cons + n - used):
+                return      # the last packet is not complete: the frontend notifies when it is
+
+    def _tx_batch(self, r: NetifRings, n: int) -> int:
+        """Send the complete packets among the ``n`` requests copied out; how many requests were used."""
+        i = 0
+        while i < n:
+            used = self._tx_packet(r, i, n)
+            if used == 0:
+                break
+            i += used
+        r.tx_cons += i
+        return i
+
+    def _tx_packet(self, r: NetifRings, i: int, n: int) -> int:
+        """One packet from request ``i``: sent, or dropped and counted; 0 if its slots are not all there."""
+        reqs, rsps = r.tx_reqs, r.tx_rsps
+        try:
+            slots, extras, gso = self._tx_slots(r, i, n)
+        except _Incomplete:
+            return 0
+        except Malformed as e:
+            end = e.args[1]
+            for k in range(i, end):
+                rsps[k].id, rsps[k].status = reqs[k].id, ERROR
+            self._count("tx_malformed", e.args[0])
+            return end - i
+        status = OKAY
+        try:
+            self._send(r, slots, gso)
+        except Malformed as e:
+            status = ERROR
+            self._count("tx_malformed", e.args[0])
+        end = max(slots[-1], extras[-1] if extras else i) + 1
+        for k in range(i, end):
+            rsps[k].id = reqs[k].id
+            rsps[k].status = NULL if k in extras else status
+        return end - i
+
+    def _tx_slots(self, r: NetifRings, i: int, n: int) -> tuple[list[int], list[int], tuple[int, int]]:
+        """Indexes of the packet's data slots and extras, and its GSO (type, size); checked."""
+        reqs, f = r.tx_reqs, r.features
+        slots, extras, gso, j, problem = [i], [], (0, 0), i + 1, ""
+        more_extras = bool(reqs[i].flags & EXTRA)
+        while more_extras:
+            if j >= n:
+                raise _Incomplete
+            t = lib.xkn_tx_gso(ffi.addressof(reqs, j), self._gso)
+            more_extras, t = t < 0, (-t - 1 if t < 0 else t)
+            extras.append(j)
+            j += 1
+            if t == lib.XEN_NETIF_EXTRA_TYPE_GSO:
+                if not getattr(f, GSO_TYPES.get(self._gso.type, "none"), False):
+                    problem = f"GSO type {self._gso.type} not negotiated"
+                gso = (self._gso.type, self._gso.size)
+            elif not lib.XEN_NETIF_EXTRA_TYPE_NONE < t < lib.XEN_NETIF_EXTRA_TYPE_MAX:
+                problem = f"extra type {t}"
+        more = bool(reqs[i].flags & MORE)
+        while more:       # the data slots follow the extras; each says whether another follows
+            if j >= n:
+                raise _Incomplete
+            slots.append(j)
+            more = bool(reqs[j].flags & MORE)
+            j += 1
+        if len(slots) > MAX_SLOTS:
+            problem = f"{len(slots)} slots (at most {MAX_SLOTS})"
+        if problem:
+            raise Malformed(problem, j)
+        return slots, extras, gso
+
+    def _send(self, r: NetifRings, slots: list[int], gso: tuple[int, int]) -> None:
+        """Check the sizes, gather the slots by grant copy, write header + frame to the tap."""
+        reqs, dom, buf = r.tx_reqs, self.domain, self._tx_mv
+        total = reqs[slots[0]].size
+        rest = sum(reqs[k].size for k in slots[1:])
+        if total < 14 or rest > total:
+            raise Malformed(f"packet size {total}, slots after the first {rest}")
+        pos = HDR
+        for n, k in enumerate(slots):
+            q = reqs[k]
+            length = total - rest if n == 0 else q.size
+            if q.offset + length > PAGE:
+                raise Malformed(f"slot {q.offset}+{length} crosses its page")
+            try:
+                buf[pos:pos + length] = dom.gnttab.copy_from(dom.domid, q.gref, q.offset, length)
+            except GrantError as e:
+                raise Malformed(f"grant {q.gref}: {e}") from None
+            pos += length
+        head = bytes(buf[HDR:HDR + 128])
+        hdr = netpkt.tx_vnet_hdr(head, bool(reqs[slots[0]].flags & CSUM_BLANK), gso[0], gso[1])
+        if hdr is None:
+            raise Malformed("checksum/GSO offload asked for a packet without a TCP/UDP header")
+        buf[:HDR] = hdr
+        try:
+            os.write(self.tap.fd, buf[:pos])
+        except OSError as e:     # the host side is congested or down: dropped, as a NIC drops
+            self._count("tx_dropped", f"tap write: {e.strerror}")
+            return
+        self.stats["tx_packets"] += 1
+        self.stats["tx_bytes"] += total
+
+    def _count(self, what: str, why: str) -> None:
+        self.stats[what] += 1
+        n = self.stats[what]
+        if n == 1 or n % 100 == 0:
+            log.warning("%s: %s: %s (%d so far); the vif stays up", self.backend.label, what.replace("_", " "),
+                        why, n)
+
+
+class _Incomplete(Exception):
+    """The packet's remaining slots are not produced yet."""
+
+
+class RxWorker:
+    """The rx thread of one connection: tap frames into the guest's posted buffers."""
+
+    def __init__(self, dev: VifDevice, rings: NetifRings):
+        self.dev, self.r = dev, rings
+        self.features = rings.features
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._stop = False
+        self._buf = bytearray(FRAME_MAX)
+        self._mv = memoryview(self._buf)
+        self._len = 0                      #: a frame read and not delivered yet (no rx buffers)
+        self._thread = threading.Thread(target=self._run, name=f"{dev.backend.label}-rx{rings.index}", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        os.eventfd_write(self._wake_fd, 1)
+
+    def stop(self) -> None:
+        """End the thread before the rings are unmapped."""
+        self._stop = True
+        self.wake()
+        self._thread.join()
+        os.close(self._wake_fd)
+
+    def _run(self) -> None:
+        poll = select.poll()
+        poll.register(self._wake_fd, select.POLLIN)
+        tap_fd, polling_tap = self.r.fd, False
+        try:
+            while not self._stop:
+                start = time.thread_time_ns()
+                want_tap = self._deliver()
+                self.dev.stats["rx_busy_ns"] += time.thread_time_ns() - start
+                if want_tap != polling_tap:
+                    if want_tap:
+                        poll.register(tap_fd, select.POLLIN)
+                    else:
+                        poll.unregister(tap_fd)
+                    polling_tap = want_tap
+                poll.poll()
+                try:
+                    os.eventfd_read(self._wake_fd)
+                except BlockingIOError:
+                    pass
+        except Exception:
+            log.exception("%s: rx thread failed; rx stopped", self.dev.backend.label)
+
+    def _deliver(self) -> bool:
+        """Frames into buffers while both last; True: wait for the tap, False: wait for the frontend."""
+        r, dev, mv = self.r, self.dev, self._mv
+        nrsp, want_tap = 0, True
+        while nrsp + MAX_SLOTS + 1 <= RING and not self._stop:
+            if not self._len:
+                try:
+                    self._len = os.readv(r.fd, [mv])
+                except BlockingIOError:
+                    break
+                if self._len <= HDR:
+                    self._len = 0
+                    continue
+            size = self._len - HDR
+            csum, gso_type, gso_size = netpkt.rx_offload(mv[:HDR])
+            gso = RX_GSO.get(gso_type, 0)
+            need = (size + PAGE - 1) // PAGE + (1 if gso else 0)
+            if (need > 1 and not self.features.sg) or need > MAX_SLOTS or (gso_type and not gso):
+                self._len = 0
+                dev._count("rx_dropped", f"a {size}-byte frame (gso {gso_type}) the frontend cannot take")
+                continue
+            avail = lib.xkn_rx_peek(r.rx_page, r.rx_cons, r.rx_reqs, need)
+            if avail < 0:
+                dev._count("rx_bad_index", "rx req_prod more than a ring ahead; waiting for a sane one and a kick")
+                want_tap = False
+                break
+            if avail < need:
+                if not lib.xkn_tx_arm_after(r.rx_page, r.rx_cons + avail):   # feature-rx-notify
+                    want_tap = False
+                    break
+                continue
+            nrsp += self._fill(nrsp, size, need, csum, gso, gso_size)
+            self._len = 0
+        if nrsp and lib.xkn_rx_push(r.rx_page, r.rx_rsp_prod, r.rx_rsps, nrsp):
+            dev.domain.evtchn.notify(r.rx_port)
+        return want_tap
+
+    def _fill(self, at: int, size: int, need: int, csum: int, gso: int, gso_size: int) -> int:
+        """Copy the frame into the ``need`` buffers peeked; write their responses from ``rsps[at]``."""
+        r, dom = self.r, self.dev.domain
+        reqs, rsps, data = r.rx_reqs, r.rx_rsps, self._mv[HDR:HDR + size]
+        first = (RX_CSUM_BLANK | RX_VALIDATED if csum & netpkt.F_NEEDS_CSUM
+                 else RX_VALIDATED if csum & netpkt.F_DATA_VALID else 0) | (RX_EXTRA if gso else 0)
+        pos = 0
+        for s in range(need):
+            p = ffi.addressof(rsps, at + s)
+            if gso and s == 1:
+                lib.xkn_extra_gso(p, gso_size, gso)
+                continue
+            q, n = reqs[s], min(PAGE, size - pos)
+            p.id, p.offset = q.id, 0
+            p.flags = (first if s == 0 else 0) | (RX_MORE if pos + n < size else 0)
+            try:
+                dom.gnttab.copy_to(dom.domid, q.gref, 0, data[pos:pos + n])
+                p.status = n
+            except GrantError as e:
+                p.status = ERROR
+                self.dev._count("rx_dropped", f"rx buffer grant {q.gref}: {e}")
+            pos += n
+        r.rx_cons += need
+        self.dev.stats["rx_packets"] += 1
+        self.dev.stats["rx_bytes"] += size
+        return need
