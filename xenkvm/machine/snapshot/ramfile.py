@@ -1,0 +1,118 @@
+"""Guest memory as a sparse file that a restore maps copy-on-write.
+
+Layout: one header page (:data:`HEADER`: magic, the snapshot id, the data size), then each
+saved region's bytes at a page-aligned offset.  Only non-zero 4 KiB pages are written, found
+with one numpy reduction per region (no per-byte Python); zero pages stay holes, so the file
+costs disk only for what the guest touched.  A restore maps each region ``MAP_PRIVATE`` from
+the file: pages are read on first touch and the guest's writes go to private copies, so
+restore cost does not grow with RAM and the file stays unchanged for the next restore.
+``prefault`` adds ``MAP_POPULATE`` (the whole cost up front, then no faults while running).
+
+The file's identity (snapshot id) and size are checked at restore; its content is not
+checksummed (that would read every page and defeat the lazy restore): docs/snapshots.md.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from xenkvm.machine.snapshot.format import SnapshotError
+
+PAGE = 4096
+RAM_MAGIC = b"XKSNRAM\n"
+HEADER = struct.Struct("<8s16sQ")   #: magic, snapshot id (16 bytes), bytes of region data
+#: what a writer hands in: (name, gpa, bytes of the region), e.g. machine.memory.Region fields
+RegionData = tuple[str, int, memoryview]
+
+
+@dataclass(frozen=True)
+class RamRegion:
+    """One region in the RAM file: where the guest sees it and where its bytes are."""
+
+    name: str
+    gpa: int
+    size: int
+    offset: int
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "gpa": self.gpa, "size": self.size, "offset": self.offset}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RamRegion":
+        r = cls(str(d["name"]), int(d["gpa"]), int(d["size"]), int(d["offset"]))
+        if r.size <= 0 or r.size % PAGE or r.offset % PAGE or r.gpa % PAGE or r.offset < PAGE:
+            raise ValueError(f"RAM region {r.name}: bad geometry")
+        return r
+
+
+def nonzero_pages(view: memoryview) -> np.ndarray:
+    """Indices of the 4 KiB pages of ``view`` that hold any non-zero byte."""
+    words = np.frombuffer(view, dtype=np.uint64).reshape(-1, PAGE // 8)
+    return np.flatnonzero(words.any(axis=1))
+
+
+def _runs(pages: np.ndarray) -> Iterable[tuple[int, int]]:
+    """(first, count) runs of consecutive page indices."""
+    if not len(pages):
+        return []
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(pages)]))
+    return [(int(pages[s]), int(e - s)) for s, e in zip(starts, ends)]
+
+
+def write_ram(path: str, snapshot_id: bytes, regions: list[RegionData]) -> tuple[list[RamRegion], int]:
+    """Write the RAM file; returns its regions and how many pages were written (non-zero)."""
+    layout, offset = [], PAGE
+    for name, gpa, view in regions:
+        layout.append(RamRegion(name, gpa, len(view), offset))
+        offset += len(view)
+    written = 0
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, offset)  # all holes; only non-zero pages get blocks
+        os.pwrite(fd, HEADER.pack(RAM_MAGIC, snapshot_id, offset - PAGE), 0)
+        for r, (_name, _gpa, view) in zip(layout, regions):
+            for first, count in _runs(nonzero_pages(view)):
+                os.pwrite(fd, view[first * PAGE:(first + count) * PAGE], r.offset + first * PAGE)
+                written += count
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return layout, written
+
+
+def open_ram(path: str, snapshot_id: bytes, layout: list[RamRegion]) -> int:
+    """Open and check the RAM file (identity, size); returns a read-only fd for :func:`map_region`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SnapshotError(f"{path}: cannot open the snapshot's RAM file: {e.strerror or e}") from None
+    try:
+        head = os.pread(fd, HEADER.size, 0)
+        if len(head) < HEADER.size or not head.startswith(RAM_MAGIC):
+            raise SnapshotError(f"{path}: not a xenkvm snapshot RAM file")
+        _magic, sid, size = HEADER.unpack(head)
+        if sid != snapshot_id:
+            raise SnapshotError(f"{path}: the RAM file belongs to another snapshot")
+        need = max((r.offset + r.size for r in layout), default=PAGE)
+        if size != need - PAGE or os.fstat(fd).st_size < need:
+            raise SnapshotError(f"{path}: truncated RAM file ({os.fstat(fd).st_size} bytes, need {need})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def map_region(fd: int, region: RamRegion, prefault: bool) -> mmap.mmap:
+    """``region`` of the RAM file mapped private and writable (copy-on-write)."""
+    flags = mmap.MAP_PRIVATE | (mmap.MAP_POPULATE if prefault else 0)
+    return mmap.mmap(fd, region.size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                     offset=region.offset)
