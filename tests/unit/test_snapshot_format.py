@@ -126,3 +126,20 @@ def test_ram_file_of_another_snapshot_or_truncated_refused(tmp_path):
     open(path, "wb").write(b"junk")
     with pytest.raises(SnapshotError, match="not a xenkvm snapshot RAM file"):
         ramfile.open_ram(path, b"a" * 16, layout)
+
+
+def test_prefault_maps_the_data_extents_and_reads_the_same(tmp_path):
+    npages = 4096
+    used = set(range(0, 20)) | {1000, 4095}
+    mm = _region(used, npages)
+    path = str(tmp_path / "ram")
+    layout, _ = ramfile.write_ram(path, b"p" * 16, [("ram-low", 0, memoryview(mm))])
+    fd = ramfile.open_ram(path, b"p" * 16, layout)
+    try:
+        extents = ramfile.data_extents(fd, layout[0].offset, layout[0].size)
+        covered = {(o - layout[0].offset) // PAGE + i for o, n in extents for i in range(n // PAGE)}
+        assert used <= covered and len(covered) < npages // 4     # data only, not the holes
+        back = ramfile.map_region(fd, layout[0], prefault=True)
+    finally:
+        os.close(fd)
+    assert back[:] == mm[:]
