@@ -97,3 +97,18 @@ def test_irqchip_pit_and_clock_round_trip(two_vms):
 def _pit_fields(blob: bytes) -> list[tuple[int, int, int, int]]:
     p = ffi.cast("struct kvm_pit_state2 *", ffi.from_buffer(blob))
     return [(c.count, c.mode, c.gate, c.rw_mode) for c in p.channels] + [(p.flags, 0, 0, 0)]
+
+
+@pytest.mark.parametrize("delta", [100_000, -100_000])
+def test_another_tsc_rate_is_set_or_refused(two_vms, delta):
+    """KVM may take another rate (scaling, or catch-up mode for a faster one) or refuse it;
+    a restore must end with the saved rate or a one-line refusal, never run at the wrong one."""
+    src, dst = Vcpu(two_vms[0], 0), Vcpu(two_vms[1], 0)
+    saved = state.capture_vcpu(src, [])
+    saved["tsc_khz"] += delta
+    try:
+        state.apply_vcpu(dst, saved)
+    except state.SnapshotError as e:
+        assert "kHz TSC" in str(e) and "\n" not in str(e)
+    else:
+        assert dst.get_tsc_khz() == saved["tsc_khz"]

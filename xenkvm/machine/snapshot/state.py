@@ -68,11 +68,26 @@ def capture_vcpu(vcpu: Vcpu, msr_indices: list[int]) -> dict[str, Any]:
 
 def apply_vcpu(vcpu: Vcpu, st: dict[str, Any]) -> None:
     """Load a saved vCPU state into a fresh vCPU of the same configuration (its own thread)."""
+    _match_tsc_rate(vcpu, int(st["tsc_khz"]))
     for kind in st["order"]:
         if kind == "msrs":
             _write_msrs(vcpu, {int(k, 16): int(v) for k, v in st["msrs"].items()})
         else:
             vcpu.set_state_blob(kind, unb64(st[kind]))
+
+
+def _match_tsc_rate(vcpu: Vcpu, khz: int) -> None:
+    """The guest's TSC must tick at the saved rate: set it (KVM_CAP_TSC_CONTROL) or refuse."""
+    if vcpu.get_tsc_khz() == khz:
+        return
+    try:
+        vcpu.set_tsc_khz(khz)
+        why = "" if vcpu.get_tsc_khz() == khz else "it did not take"
+    except KvmError as e:
+        why = str(e)
+    if why:
+        raise SnapshotError(f"vcpu{vcpu.id}: saved with a {khz} kHz TSC, this host runs "
+                            f"{vcpu.get_tsc_khz()} kHz and cannot set that rate ({why})")
 
 
 def _write_msrs(vcpu: Vcpu, values: dict[int, int]) -> None:
