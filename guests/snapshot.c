@@ -13,7 +13,9 @@
  * across the request (r12-r15), an MSR the guest wrote (KERNEL_GS_BASE), the TSC still
  * moving forward, and a periodic LAPIC timer still ticking (the LAPIC, IDT and IF state).
  *
- * Command line: xk.fill_mib=N (default 1; ring 0 is slow on PVM) sizes the pattern (the benchmark's big guests).
+ * Command line: xk.fill_mib=N (default 1; ring 0 is slow on PVM) sizes the pattern (the
+ * benchmark's big guests); xk.smp starts the AP with APIC ID 1 counting in a loop before the
+ * request, and checks after it that the AP still runs (its count grows) and finishes.
  */
 #include "xk.h"
 
@@ -28,6 +30,18 @@
 #define TICKS_EACH_SIDE 3
 
 static volatile uint32_t ticks;
+static volatile uint64_t ap_count;
+static volatile uint32_t ap_stop;
+
+static void ap_work(unsigned cpu, uint32_t apic_id)
+{
+    (void)cpu;
+    (void)apic_id;
+    while (!__atomic_load_n(&ap_stop, __ATOMIC_ACQUIRE)) {
+        __atomic_fetch_add(&ap_count, 1, __ATOMIC_RELAXED);
+        cpu_relax();
+    }
+}
 
 static void on_timer(unsigned vector)
 {
@@ -113,7 +127,12 @@ int main(const struct hvm_start_info *si)
             mib = mib * 10 + (uint64_t)(*c - '0');
     }
     uint64_t pages = mib << 8;
+    bool smp = xk_cmdline_has("xk.smp");
     puts("before snapshot: filling RAM, starting the timer");
+    if (smp)
+        lapic_enable();                 /* the IPIs that start the AP need it */
+    if (smp && !check(smp_start_ap(1, 1, ap_work), "smp.start", "the AP did not come up"))
+        return 1;
     fill(pages);
     wrmsr(MSR_KERNEL_GS, GS_VALUE);
     start_timer();
@@ -132,5 +151,13 @@ int main(const struct hvm_start_info *si)
     uint32_t t0 = ticks;
     wait_ticks(TICKS_EACH_SIDE);
     check(ticks >= t0 + TICKS_EACH_SIDE, "timer", "%u ticks after the snapshot", ticks - t0);
+    if (smp) {
+        uint64_t c0 = ap_count;
+        wait_ticks(1);
+        uint64_t c1 = ap_count;
+        __atomic_store_n(&ap_stop, 1, __ATOMIC_RELEASE);
+        bool done = smp_wait_done(2, 20000000u);
+        check(c1 > c0 && done, "smp.ap_runs", "AP count %lu -> %lu, done %d", c0, c1, done);
+    }
     return 0;
 }
