@@ -6,6 +6,8 @@ here (docs/architecture.md).
 """
 from __future__ import annotations
 
+import dataclasses
+
 from xenkvm.config import GuestConfig
 from xenkvm.kvm.system import Kvm
 from xenkvm.machine.devices.console import ConsoleSink
@@ -33,11 +35,15 @@ def xen_domain(machine: Machine) -> XenDomain | None:
 
 
 def restore_machine(path: str, *, prefault: bool = False, sink: ConsoleSink | None = None,
-                    trace: bool = False, kvm: Kvm | None = None) -> Machine:
+                    trace: bool = False, kvm: Kvm | None = None, xenstore_socket: str | None = None) -> Machine:
     """A Machine resumed from snapshot ``path`` (its RAM file mapped copy-on-write; ``prefault``:
-    all of it read in now): built from the saved config, state loaded, ready for ``run()``.
+    its data pages mapped in now): built from the saved config, state loaded, ready for ``run()``.
+    ``xenstore_socket`` moves a Xen domain's embedded xenstored (parallel restores need one each).
     A foreign, truncated, corrupted or newer snapshot raises SnapshotError (one line)."""
     loaded = snap.load(path, prefault=prefault)
+    if xenstore_socket and loaded.cfg.xen is not None:
+        loaded.cfg = dataclasses.replace(loaded.cfg, xen=dataclasses.replace(loaded.cfg.xen,
+                                                                            xenstore_socket=xenstore_socket))
     try:
         machine = Machine(loaded.cfg, sink=sink, trace=trace, kvm=kvm, snapshot=loaded)
         try:

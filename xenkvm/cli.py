@@ -117,7 +117,8 @@ def _run_restored(args: argparse.Namespace) -> int:
         raise ConfigError("run --restore: the snapshot holds the guest; give no guest, --kernel or "
                           "--snapshot-on-port")
     sink = open_sink(args.console) if args.console else None
-    return _run_machine(restore_machine(args.restore, prefault=args.prefault, sink=sink, trace=args.trace))
+    return _run_machine(restore_machine(args.restore, prefault=args.prefault, sink=sink, trace=args.trace,
+                                        xenstore_socket=args.xenstore_socket))
 
 
 def _run_machine(machine) -> int:

@@ -101,15 +101,3 @@ def test_damaged_snapshot_refused_with_one_line(snapshot, tmp_path, damage):
     assert "Traceback" not in r.stderr
     with pytest.raises(SnapshotError):
         restore_machine(str(bad), sink=ConsoleSink(None))
-
-
-def test_xen_domain_snapshot_refused_and_guest_runs_on(tmp_path):
-    """Until the Xen side is saved, a Xen domain's snapshot fails with one logged line, writes
-    nothing, and the guest (the same test guest, with the Xen ABI attached) runs on to its end."""
-    path = tmp_path / "xen.snap"
-    r = xenkvm("run", "guests/snapshot.yaml", "--xen", "--xenstore-socket", str(tmp_path / "xs.sock"),
-               "--snapshot-on-port", str(path))
-    assert r.returncode == 0 and PASSED in r.stdout, r.stdout + r.stderr
-    errors = [line for line in r.stderr.splitlines() if "snapshot" in line]
-    assert len(errors) == 1 and "Xen domains cannot be snapshotted yet" in errors[0], r.stderr
-    assert not path.exists() and not Path(str(path) + ".ram").exists()

@@ -320,7 +320,6 @@ class Machine:
             for vcpu, st in zip(self.vcpus, sec["vcpus"]):
                 snapstate.apply_vcpu(vcpu, st)
             snapstate.apply_devices(self, sec["devices"])
-            loaded.copy_extra_regions(self.mem)
         except (KeyError, TypeError, ValueError, KvmError) as e:
             raise SnapshotError(f"{loaded.path}: state not accepted: {e}") from None
         self.clock = self.clock.resumed_at(int(sec["vm"]["guest_ns"]))
@@ -328,6 +327,7 @@ class Machine:
         saved_ext = sec["extensions"]
         for ext in self.extensions:
             ext.restore_state(saved_ext.get(type(ext).__name__))
+        loaded.copy_extra_regions(self.mem)   # after the extensions re-created theirs (grant frames)
         self.restored = True
 
     # -- running -------------------------------------------------------------------

@@ -97,7 +97,11 @@ def finish(machine: "Machine", path: str, parking: Parking) -> SnapshotInfo:
     """Wait until every vCPU is parked, save the rest, write the files, resume (not a vCPU thread)."""
     vcpus = parking.wait(PARK_TIMEOUT_S)
     t0 = time.monotonic()
+    held = []
     try:
+        for ext in machine.extensions:
+            ext.snapshot_begin()
+            held.append(ext)
         sections = {"config": config_to_json(machine.cfg),
                     "vcpus": [vcpus[i] for i in range(len(machine.vcpus))],
                     "vm": state.capture_vm(machine), "devices": state.capture_devices(machine),
@@ -110,6 +114,8 @@ def finish(machine: "Machine", path: str, parking: Parking) -> SnapshotInfo:
                                                   "regions": [r.to_json() for r in layout]}, sections=[])
         write_state(path, index, sections)
     finally:
+        for ext in reversed(held):
+            ext.snapshot_end()
         parking.release()
     paused = time.monotonic() - t0
     log.info("snapshot %s: %d non-zero pages of %d MiB, vCPUs paused %.3f s", path, written,
