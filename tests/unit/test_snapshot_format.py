@@ -1,15 +1,20 @@
 """The snapshot file format and RAM file: round trips, and every damaged file refused with one line."""
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from xenkvm.config import BootMode, GuestConfig, HypercallTrap, XenConfig
 from xenkvm.machine.snapshot import ramfile
-from xenkvm.machine.snapshot.format import FORMAT_VERSION, MAGIC, Index, SnapshotError, read_state, write_state
+from xenkvm.machine.snapshot.format import (FORMAT_VERSION, MAGIC, Index, SnapshotError, canonical, read_state,
+                                            write_state)
+from xenkvm.machine.snapshot.snapshot import config_from_json, config_to_json
 
 PAGE = 4096
 
@@ -143,3 +148,15 @@ def test_prefault_maps_the_data_extents_and_reads_the_same(tmp_path):
     finally:
         os.close(fd)
     assert back[:] == mm[:]
+
+
+def test_guest_config_round_trips_with_its_xen_section():
+    cfg = GuestConfig(name="g", kernel=Path("/k"), initrd=Path("/i"), cmdline="a b", memory=64 << 20, vcpus=2,
+                      boot=BootMode.PVH, console="none",
+                      xen=XenConfig(version=(4, 19), domid=3, hypercall_trap=HypercallTrap.PATCH, test_device=True,
+                                    xenstore_socket="/tmp/s", platform_pci=False, hypervisor_log="none"))
+    doc = config_to_json(cfg)
+    assert config_from_json(doc) == cfg
+    assert config_from_json(json.loads(canonical(doc))) == cfg
+    plain = GuestConfig(name="p", kernel=Path("/k"))
+    assert config_from_json(config_to_json(plain)) == plain
