@@ -97,7 +97,7 @@ def test_ram_file_writes_only_nonzero_pages_and_maps_back(tmp_path):
     mm = _region(used, npages)
     path = str(tmp_path / "ram")
     sid = b"i" * 16
-    layout, written = ramfile.write_ram(path, sid, [("ram-low", 0, memoryview(mm))])
+    layout, written = ramfile.write_ram(path, sid, [("ram-low", 0, memoryview(mm), None)])
     assert written == len(used)
     st = os.stat(path)
     assert st.st_size == PAGE + npages * PAGE
@@ -122,7 +122,7 @@ def test_nonzero_pages_sees_the_last_byte_of_a_page():
 def test_ram_file_of_another_snapshot_or_truncated_refused(tmp_path):
     mm = _region({3}, 16)
     path = str(tmp_path / "ram")
-    layout, _ = ramfile.write_ram(path, b"a" * 16, [("ram-low", 0, memoryview(mm))])
+    layout, _ = ramfile.write_ram(path, b"a" * 16, [("ram-low", 0, memoryview(mm), None)])
     with pytest.raises(SnapshotError, match="another snapshot"):
         ramfile.open_ram(path, b"b" * 16, layout)
     os.truncate(path, PAGE * 8)
@@ -138,7 +138,7 @@ def test_prefault_maps_the_data_extents_and_reads_the_same(tmp_path):
     used = set(range(0, 20)) | {1000, 4095}
     mm = _region(used, npages)
     path = str(tmp_path / "ram")
-    layout, _ = ramfile.write_ram(path, b"p" * 16, [("ram-low", 0, memoryview(mm))])
+    layout, _ = ramfile.write_ram(path, b"p" * 16, [("ram-low", 0, memoryview(mm), None)])
     fd = ramfile.open_ram(path, b"p" * 16, layout)
     try:
         extents = ramfile.data_extents(fd, layout[0].offset, layout[0].size)
@@ -160,3 +160,19 @@ def test_guest_config_round_trips_with_its_xen_section():
     assert config_from_json(json.loads(canonical(doc))) == cfg
     plain = GuestConfig(name="p", kernel=Path("/k"))
     assert config_from_json(config_to_json(plain)) == plain
+
+
+def test_only_touched_pages_of_anonymous_memory_are_scanned(tmp_path):
+    npages = 256
+    mm = _region({3, 200}, npages)     # pages 3 and 200 written; the rest never touched
+    addr = int(np.frombuffer(mm, np.uint8).ctypes.data)
+    touched = ramfile.touched_pages(addr, npages)
+    assert touched is not None and {3, 200} <= set(touched.tolist()) and len(touched) < npages // 2
+    path = str(tmp_path / "ram")
+    layout, written = ramfile.write_ram(path, b"t" * 16, [("ram-low", 0, memoryview(mm), addr)])
+    assert written == 2
+    fd = ramfile.open_ram(path, b"t" * 16, layout)
+    try:
+        assert ramfile.map_region(fd, layout[0], prefault=False)[:] == mm[:]
+    finally:
+        os.close(fd)

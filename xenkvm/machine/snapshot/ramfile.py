@@ -28,8 +28,11 @@ PAGE = 4096
 RAM_MAGIC = b"XKSNRAM\n"
 HEADER = struct.Struct("<8s16sQ")   #: magic, snapshot id (16 bytes), bytes of region data
 MADV_POPULATE_READ = 22             #: <linux/mman.h> (5.14); Python's mmap module lacks the name
-#: what a writer hands in: (name, gpa, bytes of the region), e.g. machine.memory.Region fields
-RegionData = tuple[str, int, memoryview]
+#: what a writer hands in: (name, gpa, bytes of the region, host address if it is anonymous
+#: memory, else None), e.g. machine.memory.Region fields
+RegionData = tuple[str, int, memoryview, "int | None"]
+PAGEMAP_PRESENT_OR_SWAPPED = np.uint64(3 << 62)   #: /proc/pid/pagemap bits 63 and 62
+SCAN_CHUNK = 4096                                  #: pages compared per numpy step (16 MiB)
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,29 @@ class RamRegion:
         return r
 
 
-def nonzero_pages(view: memoryview) -> np.ndarray:
-    """Indices of the 4 KiB pages of ``view`` that hold any non-zero byte."""
+def nonzero_pages(view: memoryview, candidates: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the 4 KiB pages of ``view`` that hold any non-zero byte (among ``candidates``)."""
     words = np.frombuffer(view, dtype=np.uint64).reshape(-1, PAGE // 8)
-    return np.flatnonzero(words.any(axis=1))
+    if candidates is None:
+        return np.flatnonzero(words.any(axis=1))
+    found = [c[words[c].any(axis=1)] for c in (candidates[i:i + SCAN_CHUNK]
+                                                for i in range(0, len(candidates), SCAN_CHUNK))]
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
+def touched_pages(host_addr: int, npages: int) -> np.ndarray | None:
+    """Pages of an anonymous mapping that were ever faulted in (present or swapped out), from
+    /proc/self/pagemap; the others are zero and need not be read (reading them would also map
+    the zero page into each).  None when pagemap cannot be read: scan everything then."""
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(host_addr // PAGE * 8)
+            raw = f.read(npages * 8)
+    except OSError:
+        return None
+    if len(raw) != npages * 8:
+        return None
+    return np.flatnonzero(np.frombuffer(raw, dtype=np.uint64) & PAGEMAP_PRESENT_OR_SWAPPED)
 
 
 def _runs(pages: np.ndarray) -> Iterable[tuple[int, int]]:
@@ -71,7 +93,7 @@ def _runs(pages: np.ndarray) -> Iterable[tuple[int, int]]:
 def write_ram(path: str, snapshot_id: bytes, regions: list[RegionData]) -> tuple[list[RamRegion], int]:
     """Write the RAM file; returns its regions and how many pages were written (non-zero)."""
     layout, offset = [], PAGE
-    for name, gpa, view in regions:
+    for name, gpa, view, _anon in regions:
         layout.append(RamRegion(name, gpa, len(view), offset))
         offset += len(view)
     written = 0
@@ -80,8 +102,9 @@ def write_ram(path: str, snapshot_id: bytes, regions: list[RegionData]) -> tuple
     try:
         os.ftruncate(fd, offset)  # all holes; only non-zero pages get blocks
         os.pwrite(fd, HEADER.pack(RAM_MAGIC, snapshot_id, offset - PAGE), 0)
-        for r, (_name, _gpa, view) in zip(layout, regions):
-            for first, count in _runs(nonzero_pages(view)):
+        for r, (_name, _gpa, view, anon) in zip(layout, regions):
+            candidates = touched_pages(anon, len(view) // PAGE) if anon is not None else None
+            for first, count in _runs(nonzero_pages(view, candidates)):
                 os.pwrite(fd, view[first * PAGE:(first + count) * PAGE], r.offset + first * PAGE)
                 written += count
         os.fsync(fd)

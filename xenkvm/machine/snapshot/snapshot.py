@@ -107,7 +107,8 @@ def finish(machine: "Machine", path: str, parking: Parking) -> SnapshotInfo:
                     "vm": state.capture_vm(machine), "devices": state.capture_devices(machine),
                     "extensions": {type(ext).__name__: ext.save_state() for ext in machine.extensions}}
         sid = secrets.token_bytes(16)
-        regions = [(r.name, r.gpa, r.view) for r in machine.mem.regions]
+        regions = [(r.name, r.gpa, r.view, r.host_addr if r.backing is None else None)
+                   for r in machine.mem.regions]
         layout, written = ramfile.write_ram(ram_path(path), sid, regions)
         index = Index(xenkvm=xenkvm_version(), config_sha256=hashlib.sha256(canonical(sections["config"])).hexdigest(),
                       snapshot_id=sid.hex(), ram={"file": os.path.basename(ram_path(path)),
