@@ -75,3 +75,14 @@ def test_unsupported_xen_state_refused_and_guest_runs_on(tmp_path):
     errors = [line for line in r.stderr.splitlines() if "snapshot" in line]
     assert len(errors) == 1 and "platform PCI device" in errors[0], r.stderr
     assert not path.exists() and not Path(str(path) + ".ram").exists()
+
+
+@pytest.mark.breakpoint
+def test_breakpoint_trap_restored(tmp_path):
+    """Hypercalls through the guest's own vmcall/vmmcall on hardware breakpoints: the restored
+    machine sets the breakpoints again (they are host state, not in the vCPU's saved state)."""
+    path = tmp_path / "direct.snap"
+    r = _run("guests/xen_snapshot_direct.yaml", "--snapshot-on-port", str(path), sock=tmp_path / "a.sock")
+    assert r.returncode == 0 and _passed(r.stdout) and "trap: direct" in r.stdout, r.stdout + r.stderr
+    r = _run("--restore", str(path), sock=tmp_path / "b.sock")
+    _resumed(r.stdout, r.stderr, r.returncode)
