@@ -6,11 +6,14 @@ here (docs/architecture.md).
 """
 from __future__ import annotations
 
+import dataclasses
+
 from xenkvm.backends import DeviceManager
 from xenkvm.config import GuestConfig
 from xenkvm.kvm.system import Kvm
 from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.machine.machine import Machine
+from xenkvm.machine.snapshot import snapshot as snap
 from xenkvm.xen.domain import XenDomain
 
 
@@ -34,3 +37,27 @@ def build_machine(cfg: GuestConfig, *, sink: ConsoleSink | None = None, trace: b
 def xen_domain(machine: Machine) -> XenDomain | None:
     """The Xen personality attached to ``machine``, if any."""
     return next((ext for ext in machine.extensions if isinstance(ext, XenDomain)), None)
+
+
+def restore_machine(path: str, *, prefault: bool = False, sink: ConsoleSink | None = None,
+                    trace: bool = False, kvm: Kvm | None = None, xenstore_socket: str | None = None) -> Machine:
+    """A Machine resumed from snapshot ``path`` (its RAM file mapped copy-on-write; ``prefault``:
+    its data pages mapped in now): built from the saved config, state loaded, ready for ``run()``.
+    ``xenstore_socket`` moves a Xen domain's embedded xenstored (parallel restores need one each).
+    A foreign, truncated, corrupted or newer snapshot raises SnapshotError (one line)."""
+    loaded = snap.load(path, prefault=prefault)
+    if xenstore_socket and loaded.cfg.xen is not None:
+        loaded.cfg = dataclasses.replace(loaded.cfg, xen=dataclasses.replace(loaded.cfg.xen,
+                                                                            xenstore_socket=xenstore_socket))
+    try:
+        machine = Machine(loaded.cfg, sink=sink, trace=trace, kvm=kvm, snapshot=loaded)
+        try:
+            if loaded.cfg.xen is not None:
+                machine.attach(XenDomain(machine, loaded.cfg.xen, trace=trace))
+            machine.apply_snapshot(loaded)
+        except BaseException:
+            machine.close()
+            raise
+    finally:
+        loaded.close()
+    return machine

@@ -14,6 +14,7 @@ import dataclasses
 from xenkvm.config import BootMode, ConfigError, HypercallTrap, XenConfig, load_config, parse_hypervisor_log
 from xenkvm.machine.boot import BootError
 from xenkvm.kvm.errors import KvmError
+from xenkvm.machine.snapshot.format import SnapshotError
 from xenkvm.toolstack.protocol import ApiError
 
 log = logging.getLogger("xenkvm")
@@ -44,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="where console_io output (Xen's own console) goes: stderr, none or file:PATH "
                           "(implies --xen; default stderr, each line prefixed \"(XEN) \")")
 
+    run.add_argument("--restore", metavar="FILE",
+                     help="resume the guest saved in snapshot FILE (FILE.ram beside it) instead of booting")
+    run.add_argument("--prefault", action="store_true",
+                     help="with --restore: read all of the guest's RAM in now, not on first touch")
+    run.add_argument("--snapshot-on-port", metavar="FILE",
+                     help="tests: a guest write to port 0xee (layout.SNAPSHOT_PORT) snapshots it to FILE "
+                          "and it runs on")
     sub.add_parser("info", help="describe this host's KVM, capabilities and hypercall traps")
 
     sd = sub.add_parser("shutdown", help="ask a Xen guest to power off (as xl shutdown NAME); "
@@ -103,10 +111,11 @@ def _setup_logging(verbose: int, trace: bool = False) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from xenkvm.build import build_machine
-    from xenkvm.machine.status import ExitStatus
 
     overrides = {"kernel": args.kernel, "initrd": args.initrd, "cmdline": args.cmdline,
                  "memory": args.memory, "vcpus": args.vcpus, "boot": args.boot, "console": args.console}
+    if args.restore:
+        return _run_restored(args)
     if args.guest is None and args.kernel is None:
         raise ConfigError("run: give a guest definition (YAML) or --kernel")
     cfg = load_config(args.guest, overrides)
@@ -121,6 +130,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, xen=xen)
     _refuse_xen_console_without_xen(cfg)
     machine = build_machine(cfg, trace=args.trace)
+    if args.snapshot_on_port:
+        from xenkvm.machine.layout import SNAPSHOT_PORT
+        machine.snapshot_on_port(SNAPSHOT_PORT, args.snapshot_on_port)
+    return _run_machine(machine)
+
+
+def _run_restored(args: argparse.Namespace) -> int:
+    """``run --restore FILE``: the saved guest, resumed (its own config; --console may redirect)."""
+    from xenkvm.build import restore_machine
+    from xenkvm.machine.devices.console import open_sink
+    if args.guest or args.kernel or args.snapshot_on_port:
+        raise ConfigError("run --restore: the snapshot holds the guest; give no guest, --kernel or "
+                          "--snapshot-on-port")
+    sink = open_sink(args.console) if args.console else None
+    return _run_machine(restore_machine(args.restore, prefault=args.prefault, sink=sink, trace=args.trace,
+                                        xenstore_socket=args.xenstore_socket))
+
+
+def _run_machine(machine) -> int:
+    from xenkvm.machine.status import ExitStatus
+    cfg = machine.cfg
     try:
         result = machine.run()
     finally:
@@ -329,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             return cmd_info(args)
         return _toolstack_command(args)
-    except (ConfigError, BootError) as e:
+    except (ConfigError, BootError, SnapshotError) as e:
         print(f"xenkvm: {e}", file=sys.stderr)
         return 2
     except ApiError as e:

@@ -336,3 +336,47 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None
         if overrides and overrides.get(key) is not None:
             raw[key] = str(Path(overrides[key]).expanduser().resolve())
     return _validate(raw, base, origin)
+
+
+# -- JSON (snapshots keep the guest definition they were taken from) --------------------
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def config_to_json(cfg: GuestConfig) -> dict[str, Any]:
+    """``cfg`` as JSON-ready values (paths and enums as strings, devices as mappings)."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _opt_path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def config_from_json(d: dict[str, Any]) -> GuestConfig:
+    """The GuestConfig :func:`config_to_json` wrote (values were checked when it was first loaded)."""
+    from xenkvm.consolespec import ConsoleSpec
+    from xenkvm.diskspec import DiskSpec
+    from xenkvm.vifspec import VifSpec
+    d = dict(d)
+    xen = d.pop("xen", None)
+    if xen is not None:
+        xen = XenConfig(**{**xen, "version": tuple(xen["version"]),
+                           "hypercall_trap": HypercallTrap(xen["hypercall_trap"])})
+    devices = {
+        "disks": tuple(DiskSpec(**{**x, "target": Path(x["target"])}) for x in d.get("disks", ())),
+        "vifs": tuple(VifSpec(**x) for x in d.get("vifs", ())),
+        "consoles": tuple(ConsoleSpec(**{**x, "path": _opt_path(x.get("path"))}) for x in d.get("consoles", ())),
+    }
+    actions = {k: LifecycleAction(d[k]) for k in ("on_poweroff", "on_reboot", "on_crash") if k in d}
+    return GuestConfig(**{**d, **devices, **actions, "kernel": Path(d["kernel"]), "initrd": _opt_path(d["initrd"]),
+                          "boot": BootMode(d["boot"]), "xen": xen})

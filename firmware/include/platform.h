@@ -23,6 +23,7 @@
 /* I/O ports */
 #define XK_COM1             0x3F8
 #define XK_DEBUG_PORT       0xE9
+#define XK_SNAPSHOT_PORT    0xEE   /* run --snapshot-on-port FILE: a write snapshots the guest there */
 #define XK_PM_BASE          0x600
 #define XK_PM1A_EVT         0x600
 #define XK_PM1A_CNT         0x604

@@ -74,10 +74,16 @@ class Vcpu:
 
     # -- running -------------------------------------------------------------
     def run(self) -> int:
-        """KVM_RUN once (GIL released); returns the exit reason, KVM_EXIT_INTR on a signal."""
+        """KVM_RUN once (GIL released); returns the exit reason, KVM_EXIT_INTR on a signal.
+
+        On EINTR ``kvm_run.exit_reason`` is made KVM_EXIT_INTR too: KVM leaves the previous
+        exit's reason there when ``immediate_exit`` makes it return right after completing
+        that exit, and readers of ``run_struct`` (snapshot parking) must see this return.
+        """
         ret = lib.xk_ioctl(self.fd, lib.KVM_RUN, ffi.NULL)
         if ret < 0:
             if ret in (-EINTR, -EAGAIN):
+                self.run_struct.exit_reason = lib.KVM_EXIT_INTR
                 return lib.KVM_EXIT_INTR
             raise KvmError("KVM_RUN", -ret, f"vcpu {self.id}")
         return self.run_struct.exit_reason
@@ -276,6 +282,49 @@ class Vcpu:
     def get_tsc_khz(self) -> int:
         return check("KVM_GET_TSC_KHZ", lib.xk_ioctl_val(self.fd, lib.KVM_GET_TSC_KHZ, 0))
 
+    # -- whole state, as the kernel's struct bytes (snapshots) ------------------------
+    def _get_raw(self, name: str, req: int, ctype: str, size: int | None = None) -> bytes:
+        n = max(size or 0, ffi.sizeof(ctype))
+        buf = ffi.new("char[]", n)
+        self._ioctl(name, req, buf)
+        return bytes(ffi.buffer(buf, n))
+
+    def _set_raw(self, name: str, req: int, ctype: str, data: bytes, size: int | None = None) -> None:
+        n = max(size or 0, ffi.sizeof(ctype))
+        if len(data) != n:
+            raise KvmError(name, 22, f"{len(data)} bytes of state, this host's {ctype} takes {n}")
+        self._ioctl(name, req, ffi.from_buffer(bytearray(data)))
+
+    def get_state_blob(self, kind: str) -> bytes:
+        """One piece of vCPU state as raw bytes: ``kind`` is a key of :data:`STATE_IOCTLS`."""
+        get, _set, ctype = STATE_IOCTLS[kind]
+        return self._get_raw(get, getattr(lib, get), ctype, self._xsave_size(kind))
+
+    def set_state_blob(self, kind: str, data: bytes) -> None:
+        _get, set_, ctype = STATE_IOCTLS[kind]
+        self._set_raw(set_, getattr(lib, set_), ctype, data, self._xsave_size(kind))
+
+    def _xsave_size(self, kind: str) -> int | None:
+        """KVM_CAP_XSAVE2 gives the XSAVE area size when it exceeds struct kvm_xsave (AMX)."""
+        return self.vm.check_extension(lib.KVM_CAP_XSAVE2) or None if kind == "xsave2" else None
+
     def xen_set_attr(self, attr_type: int, payload: bytes) -> None:
         buf = xen_attr_buffer(lib.XK_XEN_VCPU_ATTR_SIZE, lib.XK_XEN_VCPU_ATTR_U_OFFSET, attr_type, payload)
         self._ioctl("KVM_XEN_VCPU_SET_ATTR", lib.KVM_XEN_VCPU_SET_ATTR, buf)
+
+
+#: vCPU state pieces a snapshot saves: kind -> (get ioctl, set ioctl, struct).  "xsave2" reads
+#: with KVM_GET_XSAVE2 (any size) and writes with KVM_SET_XSAVE, as api.rst documents.
+STATE_IOCTLS = {
+    "regs": ("KVM_GET_REGS", "KVM_SET_REGS", "struct kvm_regs"),
+    "sregs": ("KVM_GET_SREGS", "KVM_SET_SREGS", "struct kvm_sregs"),
+    "sregs2": ("KVM_GET_SREGS2", "KVM_SET_SREGS2", "struct kvm_sregs2"),
+    "fpu": ("KVM_GET_FPU", "KVM_SET_FPU", "struct kvm_fpu"),
+    "xsave": ("KVM_GET_XSAVE", "KVM_SET_XSAVE", "struct kvm_xsave"),
+    "xsave2": ("KVM_GET_XSAVE2", "KVM_SET_XSAVE", "struct kvm_xsave"),
+    "xcrs": ("KVM_GET_XCRS", "KVM_SET_XCRS", "struct kvm_xcrs"),
+    "lapic": ("KVM_GET_LAPIC", "KVM_SET_LAPIC", "struct kvm_lapic_state"),
+    "events": ("KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS", "struct kvm_vcpu_events"),
+    "debugregs": ("KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS", "struct kvm_debugregs"),
+    "mp_state": ("KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "struct kvm_mp_state"),
+}

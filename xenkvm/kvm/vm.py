@@ -197,9 +197,50 @@ class Vm:
         ffi.memmove(buf, payload, min(len(payload), lib.XK_XEN_EVTCHN_SIZE))
         self._ioctl("KVM_XEN_HVM_EVTCHN_SEND", lib.KVM_XEN_HVM_EVTCHN_SEND, buf)
 
+    # -- whole state (snapshots) ----------------------------------------------------
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """KVM_GET_IRQCHIP for one chip (KVM_IRQCHIP_PIC_MASTER/_SLAVE/_IOAPIC), as struct bytes."""
+        chip = ffi.new("struct kvm_irqchip *")
+        chip.chip_id = chip_id
+        self._ioctl("KVM_GET_IRQCHIP", lib.KVM_GET_IRQCHIP, chip)
+        return bytes(ffi.buffer(chip))
+
+    def set_irqchip(self, data: bytes) -> None:
+        self._ioctl("KVM_SET_IRQCHIP", lib.KVM_SET_IRQCHIP, _struct_from("struct kvm_irqchip", data))
+
+    def get_pit2(self) -> bytes:
+        pit = ffi.new("struct kvm_pit_state2 *")
+        self._ioctl("KVM_GET_PIT2", lib.KVM_GET_PIT2, pit)
+        return bytes(ffi.buffer(pit))
+
+    def set_pit2(self, data: bytes) -> None:
+        self._ioctl("KVM_SET_PIT2", lib.KVM_SET_PIT2, _struct_from("struct kvm_pit_state2", data))
+
+    def get_clock(self) -> int:
+        """The kvmclock's current value in ns (KVM_GET_CLOCK)."""
+        data = ffi.new("struct kvm_clock_data *")
+        self._ioctl("KVM_GET_CLOCK", lib.KVM_GET_CLOCK, data)
+        return data.clock
+
+    def set_clock(self, ns: int) -> None:
+        """Make the kvmclock read ``ns`` now (KVM_SET_CLOCK, no flags: the value applies at once)."""
+        data = ffi.new("struct kvm_clock_data *")
+        data.clock = ns
+        self._ioctl("KVM_SET_CLOCK", lib.KVM_SET_CLOCK, data)
+
     # -- vCPUs --------------------------------------------------------------------
     def create_vcpu_fd(self, vcpu_id: int) -> int:
         return check("KVM_CREATE_VCPU", lib.xk_ioctl_val(self.fd, lib.KVM_CREATE_VCPU, vcpu_id))
+
+
+def _struct_from(ctype: str, data: bytes) -> object:
+    """A ``ctype *`` holding ``data``, which must be exactly this host's struct size."""
+    size = ffi.sizeof(ctype)
+    if len(data) != size:
+        raise KvmError(ctype, 22, f"{len(data)} bytes of state, this host's struct takes {size}")
+    p = ffi.new(f"{ctype} *")
+    ffi.memmove(p, data, size)
+    return p
 
 
 def xen_attr_buffer(size: int, u_offset: int, attr_type: int, payload: bytes) -> object:

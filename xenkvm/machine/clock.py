@@ -11,6 +11,8 @@ is ``MONOTONIC``), so timer code can be run on a clock a test advances.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -79,6 +81,10 @@ class GuestClock:
     def ns(self) -> int:
         """Guest nanoseconds since the machine was created."""
         return (self.host.now_ns() - self.boot_ns) * self.num // self.den
+
+    def resumed_at(self, guest_ns: int) -> "GuestClock":
+        """The same clock, continued: it reads ``guest_ns`` now (a restored snapshot)."""
+        return dataclasses.replace(self, boot_ns=self.host.now_ns() - guest_ns * self.den // self.num)
 
     def monotonic_at(self, guest_ns: int) -> int:
         """The host monotonic time at which the guest clock reads ``guest_ns``."""

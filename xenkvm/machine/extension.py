@@ -13,6 +13,9 @@ guest's config has a ``xen:`` section).  The machine calls it at fixed points:
 ``stop()``                the run is ending (any thread; must not block)
 ``close()``               ``Machine.close``, in reverse order of attaching
 ``input_sink()``          each host keystroke: the console that takes it
+``snapshot_begin/_end()`` around a snapshot's capture and writes, every vCPU parked
+``save_state()``          a snapshot, every vCPU parked: the extension's state
+``restore_state(st)``     a restored machine, before it runs (instead of ``install``)
 ========================  ====================================================
 
 Exits and ports an extension handles are registered on the machine
@@ -59,6 +62,22 @@ class MachineExtension:
 
     def close(self) -> None:
         """The machine is being closed: release host resources (sockets, files, threads)."""
+
+    def save_state(self) -> dict | None:
+        """Snapshots: this extension's state as JSON-able data, read while every vCPU is parked
+        (Machine.snapshot); raise machine.snapshot.format.SnapshotError if it cannot be saved."""
+        return None
+
+    def snapshot_begin(self) -> None:
+        """Snapshots: every vCPU is parked; hold this extension's other threads still (timers,
+        service threads) until :meth:`snapshot_end`, so its state and guest RAM agree."""
+
+    def snapshot_end(self) -> None:
+        """Snapshots: the files are written (or the snapshot failed); let those threads go."""
+
+    def restore_state(self, state: dict | None) -> None:
+        """Snapshots: load what :meth:`save_state` returned, on a machine built from the same
+        config and not yet run; it replaces ``install`` for a restored machine."""
 
     def input_sink(self) -> InputSink | None:
         """The console host keystrokes go to now, or None for the machine's UART."""

@@ -32,6 +32,7 @@ RESET_VALUE = 0x06
 I8042_CMD = 0x64             #: write 0xfe to pulse the reset line
 HYPERCALL_PORT = 0xEA        #: hypercall-page stubs: `mov eax, nr; out HYPERCALL_PORT, eax; ret`
 XEN_TESTDEV_PORT = 0xEC      #: the test backend (xen.test_device: true), 32-bit writes only
+SNAPSHOT_PORT = 0xEE         #: `run --snapshot-on-port FILE`: any write takes a snapshot there (tests)
 
 # --- MMIO ----------------------------------------------------------------------
 IOAPIC_BASE = 0xFEC0_0000

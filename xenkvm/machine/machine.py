@@ -39,6 +39,9 @@ from xenkvm.machine.host import Host
 from xenkvm.machine.ioloop import IoLoop
 from xenkvm.machine.loader import load_guest
 from xenkvm.machine.memory import GuestMemory
+from xenkvm.machine.snapshot import snapshot as snap
+from xenkvm.machine.snapshot import state as snapstate
+from xenkvm.machine.snapshot.format import SnapshotError
 from xenkvm.machine.status import ExitStatus, RunResult
 from xenkvm.machine.vcpu_loop import KICK_SIGNAL, ExitHandler, HaltWatch, VcpuRunner, describe_exit, traced
 
@@ -59,14 +62,16 @@ class Machine:
     """
 
     def __init__(self, cfg: GuestConfig, *, sink: ConsoleSink | None = None, trace: bool = False,
-                 kvm: Kvm | None = None):
+                 kvm: Kvm | None = None, snapshot: "snap.Loaded | None" = None):
+        """``snapshot``: build the machine a snapshot holds (its RAM mapped from the snapshot's
+        file); :meth:`apply_snapshot` then loads its state, and ``run`` resumes instead of booting."""
         self.cfg = cfg
         self.trace = trace
         self.kvm = kvm or Kvm()
         self.host = Host.probe(self.kvm)
         self.console = sink or open_sink(cfg.console)
         self.vm = Vm(self.kvm)
-        self.mem = GuestMemory(cfg.memory)
+        self.mem = GuestMemory(cfg.memory, snapshot.ram_backing if snapshot is not None else None)
         self.mem.on_region_added(self.vm.map_region, self.vm.unmap_region)
         self._setup_platform()
         self.io = IoLoop()
@@ -92,6 +97,9 @@ class Machine:
         #: test seam: called on each vCPU thread after its work queue is drained, before KVM_RUN
         self.before_run: Callable[[Vcpu], None] | None = None
         self.gaps = Gaps(self) if self.host.emulates_ring0 else None
+        self.restored = False   #: state loaded from a snapshot: run resumes it instead of booting
+        #: snapshots the guest asked for (snapshot_on_port), and the last one's outcome
+        self.snapshot_results: list[snap.SnapshotInfo | SnapshotError] = []
 
     # -- construction ---------------------------------------------------------
     def _setup_platform(self) -> None:
@@ -113,7 +121,8 @@ class Machine:
         i8042 = I8042Reset(self.reset)
         self.bus.register(0x60, 1, i8042)
         self.bus.register(layout.I8042_CMD, 1, i8042)
-        self.bus.register(0x70, 2, CmosRtc())
+        self.rtc = CmosRtc()
+        self.bus.register(0x70, 2, self.rtc)
         self.pci = PciBus(self.bus)  # mechanism #1 at 0xcf8/0xcfc, host bridge at 00:00.0 (DSDT: \\_SB.PCI0)
 
     def _setup_cpuid(self) -> None:
@@ -265,6 +274,62 @@ class Machine:
                   f"efer={s.efer:#x}", f"cs={s.cs.selector:#x}"]
         return "\n".join("  " + " ".join(cells[i:i + 4]) for i in range(0, len(cells), 4))
 
+    # -- snapshots -------------------------------------------------------------------
+    def snapshot(self, path: str) -> "snap.SnapshotInfo":
+        """Save the running machine to ``path`` (+ ``path.ram``) and keep it running.
+
+        Every vCPU is parked out of KVM_RUN at a consistent point and reads its own state;
+        then the VM, devices and extensions are saved and the vCPUs go on.  Call it from
+        any thread but a vCPU's (an exit handler uses :meth:`request_snapshot`).
+        """
+        if any(r.thread_id == threading.get_ident() for r in self.runners):
+            raise RuntimeError("Machine.snapshot from a vCPU thread: use request_snapshot")
+        return snap.finish(self, path, snap.start(self, path))
+
+    def request_snapshot(self, path: str, done: Callable[[object], None] | None = None) -> None:
+        """Start a snapshot from any thread (a vCPU's exit handler too): every vCPU parks at its
+        next exit, the caller's included, so a guest's request is saved at the requesting
+        instruction; a helper thread finishes it and calls ``done(info or SnapshotError)``."""
+        parking = snap.start(self, path)
+
+        def finish() -> None:
+            try:
+                outcome: object = snap.finish(self, path, parking)
+            except (SnapshotError, OSError) as e:
+                log.error("snapshot %s failed: %s", path, e)
+                outcome = e if isinstance(e, SnapshotError) else SnapshotError(f"{path}: {e}")
+            self.snapshot_results.append(outcome)  # type: ignore[arg-type]
+            if done is not None:
+                done(outcome)
+        threading.Thread(target=finish, name="snapshot", daemon=True).start()
+
+    def snapshot_on_port(self, port: int, path: str) -> None:
+        """Tests: a guest write to ``port`` takes a snapshot to ``path`` at that instruction."""
+        self.register_port_hook(port, lambda vcpu: self.request_snapshot(path))
+
+    def apply_snapshot(self, loaded: "snap.Loaded") -> None:
+        """Load a snapshot's state into this machine (built with ``snapshot=loaded``, not run).
+
+        vCPU state is set from this thread before any vCPU thread exists, as booting does.
+        """
+        sec = loaded.sections
+        if len(sec["vcpus"]) != len(self.vcpus):
+            raise SnapshotError(f"{loaded.path}: {len(sec['vcpus'])} vCPUs saved, {len(self.vcpus)} configured")
+        try:
+            snapstate.apply_vm(self, sec["vm"])
+            for vcpu, st in zip(self.vcpus, sec["vcpus"]):
+                snapstate.apply_vcpu(vcpu, st)
+            snapstate.apply_devices(self, sec["devices"])
+        except (KeyError, TypeError, ValueError, KvmError) as e:
+            raise SnapshotError(f"{loaded.path}: state not accepted: {e}") from None
+        self.clock = self.clock.resumed_at(int(sec["vm"]["guest_ns"]))
+        self.pm.clock = self.clock
+        saved_ext = sec["extensions"]
+        for ext in self.extensions:
+            ext.restore_state(saved_ext.get(type(ext).__name__))
+        loaded.copy_extra_regions(self.mem)   # after the extensions re-created theirs (grant frames)
+        self.restored = True
+
     # -- running -------------------------------------------------------------------
     def boot(self) -> None:
         """Load the guest, put the BSP at its entry point, then let each extension install."""
@@ -273,8 +338,9 @@ class Machine:
             ext.install(entry)
 
     def run(self, on_started: Callable[["Machine"], None] | None = None) -> RunResult:
-        """Boot, run every vCPU in its own thread, and wait for a stop."""
-        self.boot()
+        """Boot (or resume a restored snapshot), run every vCPU in its own thread, wait for a stop."""
+        if not self.restored:
+            self.boot()
         handlers = self.exit_handlers
         if self.trace:
             handlers = {reason: traced(h, reason) for reason, h in handlers.items()}

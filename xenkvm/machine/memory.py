@@ -91,6 +91,8 @@ class Region:
     ram: bool = True
     reserved: bool = False  #: listed as e820 reserved so the guest never reuses the range
     slot: int = -1
+    #: makes the host mapping instead of an anonymous one (a snapshot's RAM file, copy-on-write)
+    backing: Callable[[int], mmap.mmap] | None = field(default=None, repr=False)
     mm: mmap.mmap = field(init=False, repr=False)
     view: memoryview = field(init=False, repr=False)
     host_addr: int = field(init=False, repr=False)
@@ -99,8 +101,11 @@ class Region:
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % PAGE_SIZE or self.gpa % PAGE_SIZE:
             raise ValueError(f"region {self.name}: {self.gpa:#x}+{self.size:#x} is not page aligned")
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-        self.mm = mmap.mmap(-1, self.size, flags=flags)
+        if self.backing is not None:
+            self.mm = self.backing(self.size)
+        else:
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+            self.mm = mmap.mmap(-1, self.size, flags=flags)
         self.view = memoryview(self.mm)
         self.host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.mm)))
         self.host_ptr = ffi.cast("char *", self.host_addr)
@@ -113,7 +118,9 @@ class Region:
 class GuestMemory:
     """The guest's physical address space: RAM plus regions added at run time."""
 
-    def __init__(self, ram_size: int):
+    def __init__(self, ram_size: int, ram_backing: Callable[[str, int], Callable[[int], mmap.mmap]] | None = None):
+        """``ram_backing(name, gpa)``, when given, supplies each RAM region's ``Region.backing``
+        (a restored snapshot maps its RAM file there instead of anonymous memory)."""
         if ram_size < 2 * 1024 * 1024 or ram_size % PAGE_SIZE:
             raise ValueError(f"guest RAM of {ram_size} bytes: need a page multiple of at least 2 MiB")
         self.ram_size = ram_size
@@ -126,9 +133,10 @@ class GuestMemory:
         #: bumped whenever a region leaves: pointers from :meth:`cptr` taken before are stale
         self.generation = 0
         low = min(ram_size, LOW_RAM_TOP)
-        self._insert(Region(0, low, "ram-low"))
+        back = ram_backing or (lambda name, gpa: None)
+        self._insert(Region(0, low, "ram-low", backing=back("ram-low", 0)))
         if ram_size > low:
-            self._insert(Region(HIGH_RAM_BASE, ram_size - low, "ram-high"))
+            self._insert(Region(HIGH_RAM_BASE, ram_size - low, "ram-high", backing=back("ram-high", HIGH_RAM_BASE)))
 
     # -- regions -----------------------------------------------------------
     @property

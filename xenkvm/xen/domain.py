@@ -26,7 +26,9 @@ from xenkvm.config import BootMode, XenConfig
 from xenkvm.machine import layout
 from xenkvm.machine.boot.common import boot_memmap
 from xenkvm.machine.extension import InputSink, MachineExtension
+from xenkvm.machine.snapshot.format import SnapshotError
 from xenkvm.xen import platform_pci
+from xenkvm.xen import snapshot as xensnap
 from xenkvm.xen.abi import HvmParam
 from xenkvm.xen.console import ConsoleIo, HypervisorLog, PrimaryConsole
 from xenkvm.xen.cpuid import xen_leaves
@@ -122,6 +124,7 @@ class XenDomain(MachineExtension):
         self.console_input = InputQueue()
         self.traps: list = []
         self.platform = None    #: xen.platform_pci.XenPlatform once attached (HVM mode)
+        self.testdev: TestDevice | None = None   #: the test backend (xen.test_device) once installed
         self.dispatcher = Dispatcher(self, trace=trace)
         #: what this guest may make us allocate (xen/limits.py: Xen's domU defaults)
         self.limits = Limits().for_vm(machine.vm)
@@ -167,7 +170,8 @@ class XenDomain(MachineExtension):
             trap.install()
         log.info("hypercall traps: %s", ", ".join(t.name for t in self.traps))
         if self.cfg.test_device:
-            self.machine.register_ports(layout.XEN_TESTDEV_PORT, 4, TestDevice(self))
+            self.testdev = TestDevice(self)
+            self.machine.register_ports(layout.XEN_TESTDEV_PORT, 4, self.testdev)
         if self.platform is None and (self.cfg.platform_pci or entry.mode is BootMode.LINUX):
             platform_pci.attach(self)   # sets self.platform
 
@@ -182,6 +186,37 @@ class XenDomain(MachineExtension):
     def close(self) -> None:
         """Stop the embedded xenstored and remove its socket."""
         self.store.close()
+
+    def save_state(self) -> dict | None:
+        """Snapshots: the Xen side (xen/snapshot.py; refuses what it cannot save yet)."""
+        return xensnap.save(self)
+
+    def snapshot_begin(self) -> None:
+        """Hold the domain and the xenstored still (timers, rings) until guest RAM is written."""
+        self.lock.acquire()
+        self.store.core.lock.acquire()
+
+    def snapshot_end(self) -> None:
+        self.store.core.lock.release()
+        self.lock.release()
+
+    def restore_state(self, state: dict | None) -> None:
+        """A restored machine: the saved Xen state, then what ``install`` registers (traps,
+        test device), without touching guest memory the snapshot already holds."""
+        if state is None:
+            raise SnapshotError(f"dom{self.domid}: the snapshot has no Xen state")
+        try:
+            testdev_last = xensnap.restore(self, state)
+        except (KeyError, TypeError, ValueError) as e:
+            raise SnapshotError(f"dom{self.domid}: Xen state not accepted: {e}") from None
+        for vcpu in self.machine.vcpus:
+            vcpu.enable_sync_sregs()
+        for trap in self.traps:
+            xensnap.reinstall(self, trap)
+        if self.cfg.test_device:
+            self.testdev = TestDevice(self)
+            self.testdev.last = testdev_last if testdev_last is not None else self.testdev.last
+            self.machine.register_ports(layout.XEN_TESTDEV_PORT, 4, self.testdev)
 
     def input_sink(self) -> InputSink | None:
         """Host keystrokes go to the primary console ring once the guest has used it (Linux

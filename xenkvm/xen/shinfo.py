@@ -114,6 +114,18 @@ class SharedInfo:
             self.update_time(state.id)
         log.info("shared_info mapped at %#x", gpa)
 
+    def restored(self, gpa: int | None) -> None:
+        """A snapshot was loaded: shared_info is at ``gpa`` again (its content came back with
+        RAM), the guest TSC continues from its saved value (a new offset to the host's), and
+        every pvclock is re-published against both."""
+        vcpu0 = self.domain.machine.vcpus[0]
+        self.tsc_offset = vcpu0.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC] - host_tsc()
+        self.gpa = gpa
+        if gpa is not None:
+            self._write_wallclock()
+        for state in self.domain.vcpus:
+            self.update_time(state.id)
+
     def vcpu_info_gpa(self, vcpu_id: int) -> int | None:
         state = self.domain.vcpu_state(vcpu_id)
         if state.vcpu_info_gpa is not None:

@@ -258,6 +258,23 @@ class PciBus:
         log.debug("PCI 00:%02x.0: %s", slot, device.name)
         return device
 
+    def to_state(self) -> dict:
+        """The address latch and each function's configuration space (BAR placement follows)."""
+        return {"address": self.address, "slots": {str(s): d.config.hex() for s, d in self.slots.items()}}
+
+    def from_state(self, st: dict) -> None:
+        """Reload configuration spaces into the same devices (the restored machine made them)."""
+        saved = {int(s): bytes.fromhex(c) for s, c in st["slots"].items()}
+        if set(saved) != set(self.slots):
+            raise ValueError(f"PCI slots {sorted(saved)} saved, {sorted(self.slots)} present")
+        self.address = int(st["address"]) & 0xFFFF_FFFF
+        for slot, config in saved.items():
+            dev = self.slots[slot]
+            if len(config) != len(dev.config) or config[:4] != bytes(dev.config[:4]):
+                raise ValueError(f"PCI 00:{slot:02x}.0 is not the saved device")
+            dev.config[:] = config
+            self._update(dev)
+
     def find(self, vendor: int, device: int) -> tuple[int, PciDevice] | None:
         for slot, d in sorted(self.slots.items()):
             if d.config_read(Reg.VENDOR_ID, 2) == vendor and d.config_read(Reg.DEVICE_ID, 2) == device:

@@ -28,6 +28,13 @@ class AcpiPm:
         self.pm1_cnt = SCI_EN  # no SMM: the OS owns ACPI from the start
         self.clock = clock or GuestClock()  #: guest time, dilated like every guest clock
 
+    def to_state(self) -> dict:
+        """PM1 status, enable and control (the PM timer follows the machine's clock)."""
+        return {"pm1_sts": self.pm1_sts, "pm1_en": self.pm1_en, "pm1_cnt": self.pm1_cnt}
+
+    def from_state(self, st: dict) -> None:
+        self.pm1_sts, self.pm1_en, self.pm1_cnt = (int(st[k]) & 0xFFFF for k in ("pm1_sts", "pm1_en", "pm1_cnt"))
+
     def pio_read(self, offset: int, size: int) -> int:
         if offset < 2:
             return (self.pm1_sts >> (8 * offset)) & _mask(size)

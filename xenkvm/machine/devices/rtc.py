@@ -23,6 +23,16 @@ class CmosRtc:
         self.nvram[REG_B] = 0x02  # 24-hour, BCD, no interrupts
         self.nvram[REG_D] = 0x80  # RAM and time valid
 
+    def to_state(self) -> dict:
+        """The index register and CMOS bytes (the time itself is the host's, read live)."""
+        return {"index": self.index, "nvram": self.nvram.hex()}
+
+    def from_state(self, st: dict) -> None:
+        nvram = bytes.fromhex(st["nvram"])
+        if len(nvram) != len(self.nvram):
+            raise ValueError(f"CMOS state of {len(nvram)} bytes")
+        self.index, self.nvram[:] = int(st["index"]) & 0x7F, nvram
+
     def pio_read(self, offset: int, size: int) -> int:
         if offset == 0:
             return 0xFF

@@ -53,6 +53,24 @@ class Serial16550:
         self._thre_pending = False
         self._irq_level = 0
 
+    # -- snapshots ---------------------------------------------------------
+    _STATE = ("ier", "lcr", "mcr", "scr", "fcr", "dll", "dlm")
+
+    def to_state(self) -> dict:
+        """The registers, pending input and interrupt state (machine/snapshot)."""
+        with self._lock:
+            st = {k: getattr(self, k) for k in self._STATE}
+            st.update(rx=list(self._rx), thre_pending=self._thre_pending, irq_level=self._irq_level)
+            return st
+
+    def from_state(self, st: dict) -> None:
+        with self._lock:
+            for k in self._STATE:
+                setattr(self, k, int(st[k]) & 0xFF)
+            self._rx = collections.deque(int(b) & 0xFF for b in st["rx"][:RX_QUEUE_MAX])
+            self._thre_pending = bool(st["thre_pending"])
+            self._irq_level = int(bool(st["irq_level"]))
+
     # -- host side ---------------------------------------------------------
     def push_input(self, data: bytes) -> int:
         """Queue host keystrokes for the guest; returns how many were accepted."""
