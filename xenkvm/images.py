@@ -23,6 +23,9 @@ the kernel's ``xenfs.ko``: ``initramfs-xen.cpio.gz``, whose ``/init``
 round trip with the host, prints :data:`XEN_MARKER`, dumps ``dmesg`` between
 markers and powers off.  It also writes ``guests/linux-pvh.yaml`` and
 ``guests/linux-hvm.yaml`` (docs/linux-xen.md).
+
+Past ~400 lines on purpose: most of it is the two initramfs ``/init`` scripts, kept
+beside the code that packs them.
 """
 from __future__ import annotations
 

@@ -35,6 +35,9 @@ the thread re-arms ``req_event`` (``feature-rx-notify``) and stops reading:
 frames wait in the tap's queue (and the kernel drops past it), as in netback.
 (A thread of its own, not the I/O thread: a tap busy with host traffic must
 not delay vCPU timers and other devices' kicks.)
+
+Just past ~400 lines: the vif's tx and rx paths with their per-request checks belong to one
+device object; the ring setup (netring.py) and header translation (netpkt.py) are apart.
 """
 from __future__ import annotations
 

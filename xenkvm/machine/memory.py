@@ -13,6 +13,9 @@ The Xen layer reaches guest memory only through this class: pages by gfn,
 RAM lookups (``is_ram``, ``region_at``, ``top_of_ram``) instead of walking the
 regions, and 32-bit and bit atomics on words the running vCPUs share with us
 (event-channel pending bits, FIFO event words, grant entry flags).
+
+Past ~400 lines on purpose: the single owner of guest RAM and of every way into it
+(bytes, structs, pages, host pointers, atomics), so no other module maps or walks it.
 """
 from __future__ import annotations
 

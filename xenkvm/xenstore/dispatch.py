@@ -6,6 +6,9 @@ request type has one short handler (the table mirrors C xenstored's
 back as XS_ERROR while the connection lives on.  Transports (socket, ring) feed
 decoded :class:`Message` objects to :meth:`Xenstored.handle` with ``lock`` held
 and push out whatever the connections queued.
+
+Past ~400 lines on purpose: one short handler per wire request type, in one table as C
+xenstored's ``wire_funcs``, so the whole protocol reads in one place.
 """
 
 from __future__ import annotations
