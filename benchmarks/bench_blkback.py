@@ -30,13 +30,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
+from benchlib import ConsoleLines  # noqa: E402  (this script's folder)
 from xenkvm.config import GuestConfig, XenConfig  # noqa: E402
 from xenkvm.diskspec import parse_disk  # noqa: E402
 from xenkvm.machine.devices.console import ConsoleSink  # noqa: E402
@@ -46,22 +46,16 @@ from xenkvm.machine.machine import ExitStatus  # noqa: E402
 IMAGE_MIB = 64
 
 
-class Marks:
+class Marks(ConsoleLines):
     """Turns the guest's BENCH-START/BENCH-END lines into per-row host timings and backend stats."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.rows: list[dict] = []
         self.device = None
-        self._buf = b""
         self._cur: dict | None = None
 
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-        while b"\n" in self._buf:
-            line, self._buf = self._buf.split(b"\n", 1)
-            self._line(line.decode(errors="replace").strip())
-
-    def _line(self, line: str) -> None:
+    def line(self, line: str) -> None:
         stats = self.device.stats if self.device is not None else {"busy_ns": 0, "requests": 0}
         if line.startswith("BENCH-START"):
             _, op, kib, count = line.split()

@@ -51,6 +51,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "xen")]
 from evtchnfakes import Caller, FakeDomain  # noqa: E402
 from test_evtchn import ARG, ARR, CB, SH_PENDING, SHINFO, VI_SEL  # noqa: E402
 import xenkvm  # noqa: E402
+from benchlib import min_thread_cpu_ns  # noqa: E402  (this script's folder)
 from xenkvm.xen.abi import EvtchnOp, Hypercall, ffi  # noqa: E402
 
 BATCH = 2000
@@ -73,14 +74,7 @@ def per_op(fn, n=BATCH, batches=BATCHES) -> float:
 
 def per_op_cpu(fn, n=BATCH, batches=CPU_BATCHES) -> float:
     """Minimum thread-CPU ns per call of fn() over timed batches of n calls (``--cpu``)."""
-    fn()
-    best = float("inf")
-    for _ in range(batches):
-        t0 = time.thread_time_ns()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.thread_time_ns() - t0) / n)
-    return best
+    return min_thread_cpu_ns(fn, n, batches)
 
 
 def setup():

@@ -43,6 +43,7 @@ ROOT = _tree()
 sys.path[:0] = [str(ROOT)]
 
 import xenkvm  # noqa: E402
+from benchlib import min_thread_cpu_ns  # noqa: E402  (this script's folder)
 
 from xenkvm.machine.memory import GuestMemory  # noqa: E402
 from xenkvm.xen.abi import DOMID_SELF, GnttabOp, Hypercall, XenStruct, lib  # noqa: E402
@@ -116,14 +117,7 @@ def rate(fn, seconds: float) -> float:
 
 def cpu_rate(fn, n: int = 400, batches: int = 25) -> float:
     """Calls per second of ``fn`` from the minimum thread CPU time of ``batches`` batches (``--cpu``)."""
-    fn()
-    best = float("inf")
-    for _ in range(batches):
-        t0 = time.thread_time_ns()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.thread_time_ns() - t0) / n)
-    return 1e9 / best
+    return 1e9 / min_thread_cpu_ns(fn, n, batches)
 
 
 def table(version: int) -> tuple[Domain, GrantTable]:

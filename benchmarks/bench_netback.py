@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
+from benchlib import ConsoleLines  # noqa: E402  (this script's folder)
 from xenkvm.backends.netpkt import VNET_HDR  # noqa: E402
 from xenkvm.backends.tap import TUN_F_CSUM, TUN_F_TSO4, Tap  # noqa: E402
 from xenkvm.config import GuestConfig, XenConfig  # noqa: E402
@@ -59,23 +60,17 @@ def frame(size: int) -> tuple[bytes, bytes]:
     return VNET_HDR.pack(1, 1, 54, 1448, 34, 16), body + bytes(size - len(body))
 
 
-class Bench:
+class Bench(ConsoleLines):
     """The guest's BENCH-START/END lines turned into per-row timings and backend busy times."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.rows: list[dict] = []
         self.device = None
         self.injector: threading.Thread | None = None
-        self._buf = b""
         self._cur: dict | None = None
 
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-        while b"\n" in self._buf:
-            line, self._buf = self._buf.split(b"\n", 1)
-            self._line(line.decode(errors="replace").strip())
-
-    def _line(self, line: str) -> None:
+    def line(self, line: str) -> None:
         st = self.device.stats
         if line.startswith("BENCH-START"):
             _, way, size, count = line.split()
