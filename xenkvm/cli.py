@@ -107,6 +107,7 @@ def _setup_logging(verbose: int, trace: bool = False) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="xenkvm: %(levelname)s: %(name)s: %(message)s")
     if trace:
         logging.getLogger("xenkvm.trace").setLevel(logging.INFO)
+    logging.getLogger("xenkvm.backends.console.tty").setLevel(logging.INFO)   # a console's pty path
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -35,8 +35,8 @@ from .xenbus import ConnectError, XenbusDevice
 
 log = logging.getLogger(__name__)
 #: the pty path is what a user needs to attach (as ``xl console`` finds it): shown without -v
+#: the pty path of each console, for the user: the CLI shows this logger at INFO without -v
 tty_log = logging.getLogger(__name__ + ".tty")
-tty_log.setLevel(logging.INFO)
 LIMIT = 1048576                 #: libxl's LIBXL_XENCONSOLE_LIMIT
 
 
