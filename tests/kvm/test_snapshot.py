@@ -45,6 +45,7 @@ def _resumed(r: subprocess.CompletedProcess, passed: str = PASSED) -> None:
     assert BEFORE not in r.stdout and passed in r.stdout, r.stdout
 
 
+@pytest.mark.tsc_restore
 def test_two_vcpus_parked_and_restored(tmp_path):
     """Both vCPUs parked at once (the AP mid-loop), both resumed: the AP counts on and finishes."""
     path = tmp_path / "smp.snap"
@@ -54,15 +55,18 @@ def test_two_vcpus_parked_and_restored(tmp_path):
     _resumed(xenkvm("run", "--restore", str(path)), passed)
 
 
+@pytest.mark.tsc_restore
 def test_restored_three_times_in_a_row(snapshot):
     for _ in range(3):
         _resumed(xenkvm("run", "--restore", str(snapshot)))
 
 
+@pytest.mark.tsc_restore
 def test_restored_prefaulted(snapshot):
     _resumed(xenkvm("run", "--restore", str(snapshot), "--prefault"))
 
 
+@pytest.mark.tsc_restore
 def test_restored_twice_in_parallel(snapshot):
     procs = [subprocess.Popen([sys.executable, "-m", "xenkvm", "run", "--restore", str(snapshot)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -72,6 +76,7 @@ def test_restored_twice_in_parallel(snapshot):
         _resumed(subprocess.CompletedProcess(p.args, p.returncode, out, err))
 
 
+@pytest.mark.tsc_restore
 def test_restore_in_process_keeps_the_snapshot_unchanged(snapshot):
     before = Path(str(snapshot) + ".ram").read_bytes()
     sink = ConsoleSink(None)
