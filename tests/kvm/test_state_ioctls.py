@@ -50,10 +50,10 @@ def test_every_vcpu_piece_round_trips_into_another_vcpu(two_vms):
     for kind in saved["order"]:
         if kind != "msrs":
             assert again[kind] == saved[kind], kind
-    # the TSC moves on between the two reads, and so does Hyper-V's reference time counter
-    # (HV_X64_MSR_TIME_REF_COUNT, 0x40000020: listed by kvm_amd/kvm_intel, not by PVM);
-    # every other MSR must be equal
-    running = {f"{state.MSR_IA32_TSC:#x}", "0x40000020"}
+    # the TSC moves on between the two reads, and so do Hyper-V's vCPU run time and reference
+    # time counters (HV_X64_MSR_VP_RUNTIME 0x40000010, HV_X64_MSR_TIME_REF_COUNT 0x40000020:
+    # listed by kvm_amd/kvm_intel, not by PVM); every other MSR must be equal
+    running = {f"{state.MSR_IA32_TSC:#x}", "0x40000010", "0x40000020"}
     assert {k: v for k, v in again["msrs"].items() if k not in running} == \
         {k: v for k, v in saved["msrs"].items() if k not in running}
     assert saved["msrs"]["0xc0000102"] == 0xFFFF888012345000
