@@ -97,6 +97,8 @@ def _toolstack_parsers(sub) -> None:
     rb.add_argument("name")
     rb.add_argument("-w", "--wait", action="store_true", help="wait until it has come back")
     rb.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits (default 120)")
+    from xenkvm.toolstack.devcmds import add_parsers as add_device_parsers
+    add_device_parsers(sub)
     cf = sub.add_parser("config", help="convert a domain configuration")
     cf.add_argument("--to-yaml", action="store_true", help="print an xl.cfg file as the YAML guest definition")
     cf.add_argument("config")
@@ -298,7 +300,10 @@ def _vmm_args(argv: list[str]) -> argparse.Namespace | None:
 
 def _toolstack_command(args: argparse.Namespace) -> int:
     from xenkvm.toolstack import commands as ts
+    from xenkvm.toolstack.devcmds import COMMANDS as DEVICE_COMMANDS
 
+    if args.command in DEVICE_COMMANDS:
+        return DEVICE_COMMANDS[args.command](args)
     simple = {"pause": "pause", "unpause": "unpause"}
     if args.command in simple:
         return ts.cmd_simple(args, simple[args.command])

@@ -29,6 +29,7 @@ from xenkvm.config import GuestConfig, LifecycleAction
 from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.machine.machine import Machine
 from xenkvm.machine.status import ExitStatus, RunResult
+from xenkvm.toolstack.devices import DeviceOps
 from xenkvm.toolstack.pause import Pauser
 from xenkvm.toolstack.protocol import RESERVED_OPS, ApiError, ErrorCode
 from xenkvm.toolstack.rundir import DomainDir, DomainRecord, process_start_time
@@ -164,6 +165,7 @@ class DomainProcess:
              "dmesg": self.op_dmesg}
         for op in RESERVED_OPS:
             h[op] = self._op_reserved
+        h.update(DeviceOps(self._devices, self.cfg.name).handlers())
         return h
 
     def _running(self) -> tuple[Machine, Pauser]:
@@ -179,6 +181,14 @@ class DomainProcess:
         if xen is None:
             raise ApiError(ErrorCode.NOT_SUPPORTED, f"{self.cfg.name} has no Xen personality (no xenstore)")
         return xen.store.core, f"/local/domain/{xen.domid}"
+
+    def _devices(self):
+        """The running guest's hot-plug API (xenkvm/backends/devices.py), for the device ops."""
+        machine, _ = self._running()
+        xen = xen_domain(machine)
+        if xen is None or getattr(xen, "devices", None) is None:
+            raise ApiError(ErrorCode.NOT_SUPPORTED, f"{self.cfg.name} has no PV device backends (no Xen personality)")
+        return xen.devices
 
     def op_info(self, args: dict) -> dict:
         with self._lock:
