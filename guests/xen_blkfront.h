@@ -247,7 +247,13 @@ static int16_t indirect(struct vbd *d, uint8_t op, uint64_t sector, unsigned nse
     iq->sector_number = sector;
     iq->handle = (blkif_vdev_t)d->id;
     iq->indirect_grefs[0] = indirect_ref;
-    return one(d, q);
+    int16_t st = one(d, q);
+    /* The response names the inner operation, as Linux's blkback answers (pending_req->operation
+     * is indirect_op) and as Linux's blkfront checks ("response has wrong operation"). */
+    uint8_t rop = RING_GET_RESPONSE(&d->ring, d->ring.rsp_cons - 1)->operation;
+    if (st != 99)
+        check(rop == op, "blk.indirect_rsp_op", "response operation %u for indirect_op %u", rop, op);
+    return st;
 }
 
 static void use_queue(struct vbd *d, unsigned q)

@@ -230,7 +230,10 @@ int xkb_serve(int fd, uint64_t nsectors, int readonly, char **rw_table, char **r
         blkif_response_t *p = &rsps[i];
         int status = XKB_SLOW;
         p->id = q->id;
-        p->operation = q->operation;
+        /* An indirect request is answered with its inner operation (Linux's blkback does; its
+         * blkfront refuses anything else: "response has wrong operation"). */
+        p->operation = q->operation == BLKIF_OP_INDIRECT
+                       ? ((const struct blkif_request_indirect *)q)->indirect_op : q->operation;
         if (q->operation == BLKIF_OP_READ || q->operation == BLKIF_OP_WRITE)
             status = q->nr_segments < 1 || q->nr_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST ? BLKIF_RSP_ERROR
                      : xkb_rw(fd, nsectors, readonly, rw_table, ro_table, table_size, q->operation,

@@ -152,7 +152,9 @@ class BlockDevice(XenbusDevice):
 
     def _serve(self, req, rsp) -> None:
         rsp.id = req.id
-        rsp.operation = req.operation
+        rsp.operation = req.operation    # an indirect request's inner op, as Linux's blkback answers
+        if req.operation == OP_INDIRECT:
+            rsp.operation = ffi.cast("struct blkif_request_indirect *", ffi.addressof(req)).indirect_op
         op = self._ops.get(req.operation)
         status = EOPNOTSUPP if op is None else op(req)
         rsp.status = status
