@@ -10,10 +10,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # (integration tests), busybox and cpio (Linux initramfs), gcc/make for guests, QEMU (the
 # hardware-KVM rig, docs/hw-rig.md, and the boot benchmark's baseline).
 DEB_PKGS := gcc make libxen-dev xenstore-utils busybox-static cpio acpica-tools python3-venv qemu-system-x86
+# e2fsprogs: mke2fs -d builds the Debian guest's root file system image, debugfs/e2fsck check it.
+DEB_PKGS += e2fsprogs
 GUEST ?= guests/hello.yaml
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: all build deps venv guests run test test-quick test-hw check test-linux linux-image linux-xen-image bench info clean distclean
+.PHONY: all build deps venv guests run test test-quick test-hw check test-linux linux-image linux-xen-image rootfs-image bench info clean distclean
 
 all: build
 
@@ -50,13 +52,13 @@ info: build
 # Xen PVH with 2 vCPUs, Xen HVM with 2 vCPUs; minutes each on our PVM hosts), then the
 # hardware-KVM selection again inside the nested SVM rig (test-hw).  The lifecycle variants
 # of the Xen boot (marker linux_more) run in test-linux, to keep CI within its budget.
-test: build linux-image linux-xen-image
+test: build linux-image linux-xen-image rootfs-image
 	$(PYTEST) -m "not linux_more" tests
 	$(PY) -m xenkvm.rig test
 
 # The `hw` selection (guest tests, the plain, Xen PVH and HVM Debian boots, the balloon test) under hardware KVM: inside
 # a QEMU TCG machine with AMD SVM whose kvm_amd gives /dev/kvm (docs/hw-rig.md).
-test-hw: build linux-image linux-xen-image
+test-hw: build linux-image linux-xen-image rootfs-image
 	$(PY) -m xenkvm.rig test
 
 # Everything but the Debian kernel boots (about a minute).
@@ -75,7 +77,12 @@ linux-image: build
 linux-xen-image: build
 	$(PY) -m xenkvm.images linux-xen --cache $(CACHE)/linux
 
-test-linux: linux-image linux-xen-image
+# Debian's root file system on xvda: an ext4 image (mke2fs -d) from Debian's busybox-static and
+# the initramfs that loads xen-blkfront and switch_roots into it (xenkvm/rootfs.py).
+rootfs-image: build
+	$(PY) -m xenkvm.images rootfs --cache $(CACHE)/linux
+
+test-linux: linux-image linux-xen-image rootfs-image
 	$(PYTEST) -m linux -s tests
 
 bench: build

@@ -460,9 +460,16 @@ def main(argv: list[str] | None = None) -> int:
     xx.add_argument("--cache", default=".cache/linux", help="download/unpack directory")
     xx.add_argument("--guests", default=str(REPO_ROOT / "guests"),
                     help="where to write linux-pvh.yaml and linux-hvm.yaml ('' for none)")
+    rf = sub.add_parser("rootfs", help="an ext4 root image on xvda (mke2fs -d) and the initramfs that mounts it")
+    rf.add_argument("--cache", default=".cache/linux", help="download/unpack directory")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="images: %(message)s")
     try:
+        if args.image == "rootfs":
+            from xenkvm.rootfs import build_rootfs
+            rimg = build_rootfs(Path(args.cache))
+            print(f"kernel    {rimg.vmlinuz}\ninitramfs {rimg.initramfs}\nrootfs    {rimg.image}")
+            return 0
         if args.image == "linux-xen":
             img = build_linux_xen(Path(args.cache), Path(args.guests) if args.guests else None)
         else:
