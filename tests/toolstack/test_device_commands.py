@@ -4,7 +4,8 @@ them (subprocesses, the real control socket) against guests/xen_blkfront (``xk.b
 guest connects and reads it (the pattern of seed 2) and says ``connected``; ``block-detach`` waits
 until the guest has closed it and both nodes are gone; the guest then checks xvda still works and
 powers off (kept as ``shutdown`` by ``on_poweroff = "preserve"`` so its console can be read).
-Bad specs get one line each and the domain keeps running.
+Bad specs get one line each and the domain (guests/managed_domu, which runs until shut down) keeps
+running.
 """
 from __future__ import annotations
 
@@ -42,10 +43,12 @@ def xenkvm(run_dir: Path, *args: str, cwd: Path = ROOT) -> subprocess.CompletedP
                           errors="replace", timeout=TIMEOUT, env={**os.environ, "XENKVM_RUN_DIR": str(run_dir)})
 
 
-def wait_for(cond, what: str, bound: float = TIMEOUT) -> None:
+def wait_for(cond, what: str, bound: float = TIMEOUT, run_dir: Path | None = None) -> None:
     end = time.monotonic() + bound
     while not cond():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
+        if time.monotonic() > end:
+            text = console_text(run_dir) if run_dir is not None and state(run_dir) else ""
+            raise AssertionError(f"timed out waiting for {what}; console:\n{text[-3000:]}")
         time.sleep(0.1)
 
 
@@ -126,24 +129,23 @@ def test_block_attach_list_detach_while_the_guest_runs(domains):
     from xenkvm.xenstore import XenstoreError
     from xenkvm.xenstore.client import XsClient
     run_dir, work = domains("xen_blkfront.elf", "xk.trap=page xk.blk_hotplug")
-    check_bad_specs(run_dir, work)
     with XsClient(str(run_dir / NAME / "xenstore.sock"), timeout=10) as xs:
         def flag() -> bytes | None:
             try:
                 return xs.read(FLAG)
             except XenstoreError:
                 return None
-        wait_for(lambda: flag() == b"ready", "the guest to be ready for xvdb")
+        wait_for(lambda: flag() == b"ready", "the guest to be ready for xvdb", run_dir=run_dir)
         r = xenkvm(run_dir, "block-attach", NAME, "vdev=xvdb", "access=rw", "target=b.img", cwd=work)
         assert r.returncode == 0, r.stderr
         row = block_list(run_dir)["xvdb"]
         assert (row["devid"], row["mode"], row["target"]) == (51728, "w", str(work / "b.img"))
-        wait_for(lambda: flag() == b"connected", "the guest to connect xvdb")
+        wait_for(lambda: flag() == b"connected", "the guest to connect xvdb", run_dir=run_dir)
         assert block_list(run_dir)["xvdb"]["frontend_state"] == 4
         r = xenkvm(run_dir, "block-detach", NAME, "xvdb")
         assert r.returncode == 0, r.stderr
         assert list(block_list(run_dir)) == ["xvda"]          # gone by the time block-detach returns
-    wait_for(lambda: state(run_dir) == "shutdown", "the guest to power off")
+    wait_for(lambda: state(run_dir) == "shutdown", "the guest to power off", run_dir=run_dir)
     text = console_text(run_dir)
     assert "FAIL" not in text, text[-3000:]
     for name in ("hotplug.read", "hotplug.unplug_requested", "hotplug.frontend_node_removed",
@@ -158,6 +160,7 @@ def test_network_attach_list_detach(domains):
     """A vif on a guest without netfront (guests/managed_domu runs until shut down): its tap appears, is
     listed, and detaching it by MAC removes it (a frontend that never connected is removed at once)."""
     run_dir, work = domains("managed_domu.elf", "xk.trap=page")
+    check_bad_specs(run_dir, work)
     r = xenkvm(run_dir, "network-attach", NAME, "mac=00:16:3e:12:34:56")
     assert r.returncode == 0, r.stderr
     rows = json.loads(xenkvm(run_dir, "network-list", NAME, "--json").stdout)
