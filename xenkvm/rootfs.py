@@ -47,7 +47,7 @@ MKE2FS_ARGS = ("-q", "-F", "-t", "ext4", "-N", "8192", "-E", "root_owner=0:0,laz
 BLKFRONT = "drivers/block/xen-blkfront.ko"
 #: For the same image under QEMU virtio-blk (``xenkvm.root=/dev/vda``, the disk benchmark's
 #: baseline): the cloud kernel builds virtio as modules; in load order, below lib/modules/<abi>/kernel.
-VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
+VIRTIO_MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
                   "virtio_blk")
 VIRTIO_PATHS = {"virtio_blk": "drivers/block/virtio_blk.ko"}
 RUN_SCRIPT = "/xenkvm/run"
@@ -191,7 +191,8 @@ def build_rootfs(cache: Path) -> RootfsImage:
     _write_if_changed(initramfs, build_disk_initramfs(busybox.read_bytes(), kernel_module(kroot, BLKFRONT), virtio))
     image = cache / "rootfs.ext4"
     stamp = cache / "rootfs.stamp"
-    want = hashlib.sha256(busybox.read_bytes() + ROOTFS_INIT.encode() + f"{ROOTFS_SIZE_MIB} {MKE2FS_ARGS}".encode()).hexdigest()
+    inputs = busybox.read_bytes() + ROOTFS_INIT.encode() + f"{ROOTFS_SIZE_MIB} {MKE2FS_ARGS}".encode()
+    want = hashlib.sha256(inputs).hexdigest()
     if not image.is_file() or not stamp.is_file() or stamp.read_text() != want:
         with tempfile.TemporaryDirectory(prefix="rootfs-", dir=cache) as tmp:
             stage_tree(Path(tmp) / "tree", busybox)
