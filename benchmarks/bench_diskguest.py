@@ -1,0 +1,155 @@
+"""Disk throughput inside Debian's kernel: xenkvm's block backend vs QEMU virtio-blk, in one rig run.
+
+    python benchmarks/bench_diskguest.py [--size 128] [--seconds 5] [--timeout 3000]
+
+benchmarks/diskbench.c (built here with ``gcc -static``) measures sequential 1 MiB
+write and read MB/s and 4 KiB random-read IOPS at queue depth 1 and 32 (32 threads),
+with O_DIRECT where the file system allows it.  It runs, side by side:
+
+* on this host, on a file in /tmp (the floor of this machine);
+* inside the nested SVM rig (docs/hw-rig.md), in one L1 boot:
+  - on a file in L1 (the floor there: L1's files live in RAM, tmpfs, so buffered);
+  - in Debian's cloud kernel as a Xen PVH guest of xenkvm, root on xvda (the image of
+    ``make rootfs-image``), against a second disk ``xvdb`` (an L1 file, served by
+    xenkvm/backends/block.py);
+  - in the same kernel, initramfs and image under ``qemu-system-x86_64 -accel kvm``
+    with virtio-blk (``-drive if=virtio``, QEMU's default cache=writeback), against ``vdb``.
+
+Both guests get 256 MiB and one vCPU.  QEMU TCG emulates L1, so absolute figures depend
+on the host's load; compare the rows of one run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CACHE = ROOT / ".cache" / "linux"
+BINARY = CACHE / "diskbench"
+LINE = re.compile(r"^DISKBENCH (\S+) ([\d.]+) (\S+) direct=(\d)", re.M)
+#: The guest's /xenkvm/run: the benchmark on the second disk, whichever driver named it.
+GUEST_SCRIPT = """#!/bin/sh
+for d in /dev/xvdb /dev/vdb; do [ -b $d ] && dev=$d; done
+echo "diskbench on $dev"
+/xenkvm/diskbench $dev {size} {seconds}
+"""
+
+
+def build_binary() -> Path:
+    src = ROOT / "benchmarks" / "diskbench.c"
+    if not BINARY.is_file() or BINARY.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run(["gcc", "-static", "-O2", "-pthread", "-Wall", "-o", str(BINARY), str(src)], check=True)
+    return BINARY
+
+
+def run_bench(label: str, cmd: list[str], timeout: float) -> dict[str, str]:
+    """Run ``cmd`` (which prints DISKBENCH lines somewhere in its output) and report its figures."""
+    t = time.monotonic()
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
+        text = res.stdout + res.stderr
+    except subprocess.TimeoutExpired as e:
+        text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+    rows = {name: f"{value} {unit}" + ("" if direct == "1" else " (buffered)")
+            for name, value, unit, direct in LINE.findall(text)}
+    print(f"{label:<34} " + "  ".join(f"{k} {v}" for k, v in rows.items())
+          + f"   [{time.monotonic() - t:.0f} s]", flush=True)
+    if len(rows) < 4:
+        print(f"  {label}: incomplete; output tail:\n  " + "\n  ".join(text.splitlines()[-15:]), flush=True)
+    return rows
+
+
+def guest_image(work: Path, size_mib: int, seconds: float) -> tuple[Path, Path]:
+    """A copy of the root image with diskbench and its script, and an empty second disk."""
+    from xenkvm.rootfs import install_binary, install_script
+    root = work / "root.ext4"
+    subprocess.run(["cp", "--sparse=always", str(CACHE / "rootfs.ext4"), str(root)], check=True)
+    install_binary(root, BINARY, "/xenkvm/diskbench")
+    install_script(root, GUEST_SCRIPT.format(size=size_mib, seconds=seconds))
+    disk = work / "bench.img"
+    with open(disk, "wb") as f:
+        f.truncate((size_mib + 16) << 20)
+    return root, disk
+
+
+def xenkvm_cmd(work: Path, root: Path, disk: Path) -> list[str]:
+    from xenkvm.images import XEN_CMDLINE
+    cfg = work / "disk.yaml"
+    cfg.write_text(
+        f"name: diskbench\nkernel: {CACHE / 'vmlinuz'}\ninitrd: {CACHE / 'initramfs-disk.cpio.gz'}\n"
+        f"boot: pvh\nmemory: 256M\nvcpus: 1\nconsole: stdio\ncmdline: \"{XEN_CMDLINE} pci=off\"\n"
+        f"xen:\n  version: \"4.17\"\n  domid: 1\n  hypercall_trap: auto\n"
+        f"disks:\n  - \"format=raw, vdev=xvda, access=rw, target={root}\"\n"
+        f"  - \"format=raw, vdev=xvdb, access=rw, target={disk}\"\n")
+    return [sys.executable, "-m", "xenkvm", "run", str(cfg)]
+
+
+def qemu_cmd(root: Path, disk: Path) -> list[str]:
+    from xenkvm.images import XEN_CMDLINE
+    cmdline = XEN_CMDLINE.replace("console=hvc0 earlyprintk=xen", "console=ttyS0") + " xenkvm.root=/dev/vda"
+    return [shutil.which("qemu-system-x86_64") or "qemu-system-x86_64", "-accel", "kvm", "-cpu", "host",
+            "-m", "256", "-smp", "1", "-nographic", "-no-reboot", "-kernel", str(CACHE / "vmlinuz"),
+            "-initrd", str(CACHE / "initramfs-disk.cpio.gz"), "-append", cmdline,
+            "-drive", f"file={root},if=virtio,format=raw", "-drive", f"file={disk},if=virtio,format=raw"]
+
+
+def inner(size: int, seconds: float, timeout: float) -> int:
+    """In L1: the floor, xenkvm, QEMU."""
+    with tempfile.TemporaryDirectory(prefix="diskbench-") as tmp:
+        work = Path(tmp)
+        floor = work / "floor.img"
+        floor.write_bytes(b"")
+        run_bench("L1 file (floor, tmpfs)", [str(BINARY), str(floor), str(size), str(seconds)], timeout)
+        floor.unlink()
+        for label, make in (("xenkvm PV block, Debian xvdb", lambda r, d: xenkvm_cmd(work, r, d)),
+                            ("QEMU -accel kvm virtio-blk, vdb", qemu_cmd)):
+            sub = work / label.split()[0]
+            sub.mkdir()
+            root, disk = guest_image(sub, size, seconds)
+            run_bench(label, make(root, disk), timeout)
+            shutil.rmtree(sub)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=128, help="MiB written and read sequentially (default 128)")
+    p.add_argument("--seconds", type=float, default=5.0, help="seconds per random-read phase (default 5)")
+    p.add_argument("--timeout", type=float, default=3000, help="seconds for the whole rig run")
+    p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.inner:
+        return inner(a.size, a.seconds, a.timeout / 3)
+    for f in ("vmlinuz", "initramfs-disk.cpio.gz", "rootfs.ext4"):
+        if not (CACHE / f).is_file():
+            print("bench_diskguest: no root file system image: run `make rootfs-image` first", file=sys.stderr)
+            return 2
+    build_binary()
+    with tempfile.TemporaryDirectory(prefix="diskbench-", dir="/tmp") as tmp:
+        floor = Path(tmp) / "floor.img"
+        floor.write_bytes(b"")
+        run_bench("this host's file (floor)", [str(BINARY), str(floor), str(a.size), str(a.seconds)], 600)
+    from xenkvm.rig import image, runner
+    try:
+        l1 = image.build(ROOT / ".cache" / "rig")
+        with tempfile.TemporaryDirectory(prefix="xenkvm-rig-") as tmp:
+            cmd = [sys.executable, "benchmarks/bench_diskguest.py", "--inner", "--size", str(a.size),
+                   "--seconds", str(a.seconds), "--timeout", str(a.timeout)]
+            res = runner.run(l1, cmd, cwd=ROOT, out_dir=Path(tmp), timeout=a.timeout, echo=sys.stdout)
+    except (image.RigImageError, runner.RigError) as e:
+        print(f"bench_diskguest: {e}", file=sys.stderr)
+        return 1
+    return 0 if res.status == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
