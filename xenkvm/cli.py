@@ -85,6 +85,8 @@ def _toolstack_parsers(sub) -> None:
     cr.add_argument("-c", dest="console", action="store_true", help="attach its console after starting")
     cr.add_argument("-F", dest="foreground", action="store_true",
                     help="stay in the foreground with the console on this terminal (as `run`)")
+    cr.add_argument("--xenstore", choices=("shared", "embedded"), default="shared",
+                    help="the host's shared xenstored (default; started on demand) or one in the VMM")
     ls = sub.add_parser("list", help="list managed domains (name, domid, memory, vCPUs, state, uptime)")
     ls.add_argument("--json", action="store_true", help="one JSON array instead of the table")
     for name, text in (("console", "attach to a domain's console (detach with Ctrl-])"),
@@ -344,6 +346,13 @@ def _mem_set(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["xenstored"] and "--shared" in argv:
+        from xenkvm.toolstack.xenstored import main as shared_main
+        try:
+            return shared_main(argv[1:])
+        except ConfigError as e:
+            print(f"xenkvm: {e}", file=sys.stderr)
+            return 2
     if argv[:1] == ["xenstored"]:
         from xenkvm.xenstore.daemon import main as xenstored_main
         return xenstored_main(argv[1:])

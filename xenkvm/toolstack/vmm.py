@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from xenkvm.build import build_machine, xen_domain
@@ -33,6 +34,7 @@ from xenkvm.toolstack.pause import Pauser
 from xenkvm.toolstack.protocol import RESERVED_OPS, ApiError, ErrorCode
 from xenkvm.toolstack.rundir import DomainDir, DomainRecord, process_start_time
 from xenkvm.toolstack.server import ControlServer
+from xenkvm.toolstack.xenstored import SharedXenstored
 from xenkvm.xenstore.layout import vm_uuid
 
 log = logging.getLogger(__name__)
@@ -53,12 +55,15 @@ class State(str, enum.Enum):
     DYING = "dying"
 
 
-def managed_config(cfg: GuestConfig, d: DomainDir, domid: int, foreground: bool) -> GuestConfig:
-    """``cfg`` with what the toolstack decides: domid, the xenstore socket, the logs, the console."""
-    xen = cfg.xen
+def managed_config(cfg: GuestConfig, d: DomainDir, rec: DomainRecord, foreground: bool) -> GuestConfig:
+    """``cfg`` with what the toolstack decides: domid, the xenstore, the logs, the console."""
+    xen, shared = cfg.xen, rec.xenstored
     if xen is not None:
-        xen = dataclasses.replace(xen, domid=domid, xenstore_socket=str(d.xenstore),
+        xen = dataclasses.replace(xen, domid=rec.domid, xenstore_socket=str(d.xenstore),
                                   hypervisor_log=f"file:{d.hypervisor_log}")
+        if shared:      # the host's xenstored (toolstack/xenstored.py) instead of an embedded one
+            xsd = SharedXenstored(Path(shared))
+            xen = dataclasses.replace(xen, xenstore_socket=str(xsd.socket), xenstored=str(xsd.introduce))
     return dataclasses.replace(cfg, xen=xen, console="stdio" if foreground else "none")
 
 
@@ -67,7 +72,7 @@ class DomainProcess:
 
     def __init__(self, cfg: GuestConfig, d: DomainDir, rec: DomainRecord, *, foreground: bool = False):
         self.dir, self.rec = d, rec
-        self.cfg = managed_config(cfg, d, rec.domid, foreground)
+        self.cfg = managed_config(cfg, d, rec, foreground)
         self.sink = ConsoleSink(os.fdopen(os.dup(1), "wb", buffering=0) if foreground else None, CONSOLE_RING)
         self.state = State.STARTING
         self.machine: Machine | None = None
@@ -178,7 +183,7 @@ class DomainProcess:
         xen = xen_domain(machine)
         if xen is None:
             raise ApiError(ErrorCode.NOT_SUPPORTED, f"{self.cfg.name} has no Xen personality (no xenstore)")
-        return xen.store.core, f"/local/domain/{xen.domid}"
+        return xen.store, f"/local/domain/{xen.domid}"
 
     def op_info(self, args: dict) -> dict:
         with self._lock:
@@ -196,8 +201,8 @@ class DomainProcess:
         action = args.get("action", "poweroff")
         if action not in SHUTDOWN_ACTIONS:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, f"action: expected one of {', '.join(SHUTDOWN_ACTIONS)}")
-        core, home = self._store()
-        core.write_path(f"{home}/control/shutdown", action)
+        store, home = self._store()
+        store.write_path(f"{home}/control/shutdown", action)
         return {"requested": action, "generation": self.generation}
 
     def op_destroy(self, args: dict) -> dict:
@@ -218,14 +223,14 @@ class DomainProcess:
         size = args.get("bytes")
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 4096:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "bytes: expected a positive multiple of 4096")
-        core, home = self._store()
-        raw = core.read_path(f"{home}/memory/static-max") or b""
+        store, home = self._store()
+        raw = store.read_path(f"{home}/memory/static-max") or b""
         if not raw.isdigit():
             raise ApiError(ErrorCode.INTERNAL, f"memory/static-max is {raw[:32]!r}")
         if size >> 10 > int(raw):
             raise ApiError(ErrorCode.INVALID_ARGUMENT, f"{size >> 20} MiB is above the static maximum "
                            f"of {int(raw) >> 10} MiB")
-        core.write_path(f"{home}/memory/target", str(size >> 10))
+        store.write_path(f"{home}/memory/target", str(size >> 10))
         return {"target_kib": size >> 10}
 
     def op_dmesg(self, args: dict) -> dict:

@@ -133,6 +133,19 @@ class StoreService:
         self._running = True
 
     @property
+    def lock(self):
+        """The store's lock (XenDomain.snapshot_begin holds it)."""
+        return self.core.lock
+
+    def write_path(self, path: str, value: bytes | str = b"") -> None:
+        """Privileged write as the domain's toolstack (control operations)."""
+        self.core.write_path(path, value)
+
+    def read_path(self, path: str) -> bytes | None:
+        """Privileged read; None if missing."""
+        return self.core.read_path(path)
+
+    @property
     def socket_path(self) -> str | None:
         """Where host tools reach this store (None: not listening)."""
         return self.server.socket_path if self._listening else None
