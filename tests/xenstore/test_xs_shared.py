@@ -123,6 +123,9 @@ def test_domids_are_unique_and_reused_after_release(daemon):
     first = Vmm(intro, 1)
     again = Vmm(intro, 1)
     assert again.reply["ok"] is False and "in use" in again.reply["error"]
+    with XsClient(sock) as xs:                       # dom0 releases it behind its VMM's back:
+        xs.call(XsType.RELEASE, b"1\0")               # still claimed until the VMM lets go
+    assert Vmm(intro, 1).reply["ok"] is False
     first.release()
     third = Vmm(intro, 1, "third")
     assert third.reply["ok"] is True
@@ -166,6 +169,8 @@ def test_garbage_on_the_introduce_socket_gets_errors(daemon):
         ({**good, "info": {**info(), "vcpus": -1}}, [sealed_memfd(), efd(), efd()]),
         ({**good, "info": {**info(), "name": "x" * 300}}, [sealed_memfd(), efd(), efd()]),
         ({**good, "info": {**info(), "extra": 1}}, [sealed_memfd(), efd(), efd()]),
+        ({**good, "info": {**info(), "uuid": "../../local"}}, [sealed_memfd(), efd(), efd()]),
+        ({**good, "info": {**info(), "uuid": "a/b"}}, [sealed_memfd(), efd(), efd()]),
         ({**good, "info": "guest"}, [sealed_memfd(), efd(), efd()]),
     ]
     assert request(link, b"{}")["ok"] is False      # accepted: the connection's descriptor counts
@@ -222,3 +227,47 @@ def test_xenstore_utils_against_the_shared_store(daemon):
     finally:
         watch.kill()
     assert run("xenstore-read", "/local/domain/5/name").returncode != 0
+
+
+def test_vmm_watch_client_concurrent_requests_and_callbacks(daemon):
+    """XsWatchClient: the VMM's dom0 connection to the daemon (its backends and control ops)."""
+    import queue
+    import threading
+
+    from xenkvm.xenstore.watchclient import XsWatchClient
+    proc, sock, _ = daemon
+    client = XsWatchClient(sock, timeout=WAIT)
+    events: queue.Queue = queue.Queue()
+    token = client.watch("/w", lambda path, tok: events.put((path, tok)))
+    assert events.get(timeout=WAIT) == ("/w", token)            # the initial event
+    failures: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            for j in range(40):
+                client.write(f"/w/{i}", str(j))
+                assert client.read(f"/w/{i}") == str(j)
+        except BaseException as e:      # noqa: BLE001 - reported by the main thread
+            failures.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert failures == []
+    seen = set()
+    while len(seen) < 4:
+        seen.add(events.get(timeout=WAIT)[0])
+    assert seen == {f"/w/{i}" for i in range(4)}
+    client.unwatch("/w", token)
+    assert client.read("/missing") is None and client.directory("/missing") == []
+    with pytest.raises(XenstoreError) as e:
+        client.write("/bad//path", "x")
+    assert e.value.err == XsError.EINVAL
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(WAIT)
+    with pytest.raises(XenstoreError) as e:
+        client.read("/w/0")                                      # the daemon is gone: EIO, no hang
+    assert e.value.err == XsError.EIO
+    client.close()

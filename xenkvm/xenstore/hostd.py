@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from . import introduce as wire
 from .layout import write_tree, initial_tree
-from .protocol import RING_PAGE_SIZE
+from .protocol import RING_PAGE_SIZE, XenstoreError
 from .ring import RingConnection
 from .server import XenstoreServer
 
@@ -144,7 +144,7 @@ class IntroduceServer:
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 raise wire.IntroduceError("message or descriptors truncated (too large)")
             reply = self._handle(link, wire.decode(data), fds)
-        except (wire.IntroduceError, OSError, ValueError) as exc:
+        except (wire.IntroduceError, XenstoreError, OSError, ValueError) as exc:
             log.warning("introduce: refused a request: %s", exc)
             reply = {"ok": False, "error": str(exc)}
         finally:
@@ -181,13 +181,20 @@ class IntroduceServer:
         self._claim(req.domid)
         page = mmap.mmap(fds[0], RING_PAGE_SIZE, flags=mmap.MAP_SHARED,
                          prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=req.page_offset)
-        link.domid, link.uuid, link.page = req.domid, req.info.uuid, page
-        link.kick, link.notify = fds[1], fds[2]
-        os.set_blocking(link.kick, False)
-        os.set_blocking(link.notify, False)
         core = self.server.core
         with core.lock:
-            write_tree(core, initial_tree(req.info))
+            try:
+                write_tree(core, initial_tree(req.info))
+            except XenstoreError:
+                for path in _domain_paths(core, req.domid, req.info.uuid):
+                    if path in core.store.nodes:
+                        core.rm_path(path)
+                page.close()
+                raise
+            link.kick, link.notify = fds[1], fds[2]
+            os.set_blocking(link.kick, False)
+            os.set_blocking(link.notify, False)
+            link.domid, link.uuid, link.page = req.domid, req.info.uuid, page
             link.ring = core.attach_ring(req.domid, page, link.signal_guest, port=req.info.store_port,
                                          gfn=req.info.store_gfn)
         self._by_domid[req.domid] = link
@@ -196,11 +203,16 @@ class IntroduceServer:
         return {"ok": True, "domid": req.domid}
 
     def _claim(self, domid: int) -> None:
-        """Refuse a domid still in use; one whose VMM has gone is released first."""
+        """Refuse a domid still in use; one whose VMM has gone is released first.
+
+        A domain a dom0 client released with XS_RELEASE stays claimed until its
+        VMM's connection says so: its release would otherwise remove a newcomer's tree.
+        """
         owner = self._by_domid.get(domid)
         if owner is not None and owner.peer_gone():
             self._close_link(owner)
-        if self.server.core.domains.get(domid) is not None:
+            owner = None
+        if owner is not None or self.server.core.domains.get(domid) is not None:
             raise wire.IntroduceError(f"domid {domid} is in use")
 
     def _on_kick(self, link: DomainLink) -> None:
@@ -215,7 +227,7 @@ class IntroduceServer:
     def release(self, link: DomainLink) -> None:
         """Remove the domain's subtree, release it (``@releaseDomain``), close its descriptors."""
         domid, core = link.domid, self.server.core
-        if domid is None:
+        if domid is None or self._by_domid.get(domid) is not link:
             return
         self.server.unregister(link.kick)
         with core.lock:
@@ -223,7 +235,7 @@ class IntroduceServer:
                 if path in core.store.nodes:
                     core.rm_path(path)
             core.release_domain(domid)
-        self._by_domid.pop(domid, None)
+        del self._by_domid[domid]
         for fd in (link.kick, link.notify):
             os.close(fd)
         link.domid, link.ring, link.kick, link.notify = None, None, -1, -1

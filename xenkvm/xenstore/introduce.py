@@ -28,6 +28,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass, fields
 from typing import Any
@@ -42,6 +43,8 @@ MAX_DOMID = 0x7FEF          #: DOMID_FIRST_RESERVED - 1
 _INFO_INT = {"vcpus": 4096, "memory_kib": 1 << 40, "store_port": 1 << 17, "store_gfn": 1 << 40,
              "console_port": 1 << 17, "console_gfn": 1 << 40}
 _INFO_STR = {"name": 256, "uuid": 64}
+#: the uuid names /vm/<uuid>: one path element of the characters a uuid has
+_UUID = re.compile(r"[0-9A-Za-z-]{1,64}")
 
 
 class IntroduceError(Exception):
@@ -99,6 +102,8 @@ def parse_info(raw: Any, domid: int) -> DomainInfo:
         if not isinstance(value, str) or not 0 < len(value) <= limit or "\0" in value:
             raise IntroduceError(f"info.{key}: expected a string of 1..{limit} characters")
         kw[key] = value
+    if not _UUID.fullmatch(kw["uuid"]):
+        raise IntroduceError("info.uuid: expected hex digits and dashes")
     for key, limit in _INFO_INT.items():
         if key.startswith("console_") and raw.get(key) is None:
             kw[key] = None
