@@ -8,6 +8,8 @@
  *   "PROBE <path> WRITE <result>"  the guest reads that path and tries to write it;
  *                                  <result> is "OK <value>" or the xenstore error name
  *   "OWN <value>"                  then its own data/secret, read again
+ *   "VCPU <path> <value>"          each change of a cpu/N/availability (xenkvm vcpu-set),
+ *                                  as Linux's xen cpu_hotplug watches them
  *
  * Polled like managed_domu (no interrupts); runs until destroyed.
  */
@@ -23,11 +25,21 @@ static void say_result(const char *path, const char *op, long rc)
         printf("PROBE %s %s %s\n", path, op, xs_last && xs_last->type == XS_ERROR ? xs_last->body : "EIO?");
 }
 
-static void on_probe(void)
+static void on_cpu(const char *path)
+{
+    if (strstr(path, "/availability") && xs_read(0, path, &r) == 0)
+        printf("VCPU %s %s\n", path, r.body);
+}
+
+static void on_event(void)
 {
     char path[128], token[32], target[128];
     if (!xs_next_watch_event(path, sizeof(path), token, sizeof(token)))
         return;
+    if (!strcmp(token, "cpu")) {
+        on_cpu(path);
+        return;
+    }
     if (xs_read(0, "data/probe", &r) != 0 || !r.body[0])
         return;
     snprintf(target, sizeof(target), "%s", r.body);
@@ -55,14 +67,15 @@ int main(const struct hvm_start_info *si)
     snprintf(domid, sizeof(domid), "%s", r.body);
     snprintf(secret, sizeof(secret), "secret-of-%s", domid);
     if (xs_write(0, "data/secret", secret) != 0 || xs_watch("data/probe", "probe") != 0
-        || !xs_next_watch_event(path, sizeof(path), token, sizeof(token))) {   /* the initial event */
-        puts("NEIGHBOUR-FAILED: cannot write data/secret or watch data/probe");
+        || !xs_next_watch_event(path, sizeof(path), token, sizeof(token))   /* the initial event */
+        || xs_watch("cpu", "cpu") != 0 || !xs_next_watch_event(path, sizeof(path), token, sizeof(token))) {
+        puts("NEIGHBOUR-FAILED: cannot write data/secret or watch data/probe and cpu");
         return 1;
     }
     printf("NEIGHBOUR-UP %s\n", domid);
     for (;;) {
         if (xs_watch_event_ready())
-            on_probe();
+            on_event();
         cpu_relax();
     }
 }

@@ -99,6 +99,9 @@ def _toolstack_parsers(sub) -> None:
     rb.add_argument("name")
     rb.add_argument("-w", "--wait", action="store_true", help="wait until it has come back")
     rb.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits (default 120)")
+    vs = sub.add_parser("vcpu-set", help="set how many of a Xen guest's maxvcpus are online (as xl vcpu-set)")
+    vs.add_argument("name")
+    vs.add_argument("count", type=int, help="vCPUs online, 1 to maxvcpus (cpu/N/availability)")
     cf = sub.add_parser("config", help="convert a domain configuration")
     cf.add_argument("--to-yaml", action="store_true", help="print an xl.cfg file as the YAML guest definition")
     cf.add_argument("config")
@@ -307,7 +310,7 @@ def _toolstack_command(args: argparse.Namespace) -> int:
     if args.command == "reboot":
         return ts.cmd_shutdown_api(args, "reboot")
     table = {"create": ts.cmd_create, "list": ts.cmd_list, "console": ts.cmd_console, "destroy": ts.cmd_destroy,
-             "dmesg": ts.cmd_dmesg, "config": ts.cmd_config, "_vmm": ts.cmd_vmm}
+             "dmesg": ts.cmd_dmesg, "config": ts.cmd_config, "_vmm": ts.cmd_vmm, "vcpu-set": ts.cmd_vcpu_set}
     return table[args.command](args)
 
 

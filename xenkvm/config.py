@@ -26,7 +26,7 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
       - {backend: pty}
     uuid: 6f2a...              # optional; default derived from name and domid
     maxmem: 256M               # optional, >= memory (the balloon's static maximum)
-    maxvcpus: 2                # optional, >= vcpus
+    maxvcpus: 2                # optional, >= vcpus (a Xen guest gets this many vCPUs, the rest offline)
     on_poweroff: destroy       # destroy | restart | preserve (xl.cfg(5); managed domains)
     on_reboot: restart
     on_crash: destroy

@@ -57,11 +57,11 @@ def run_dir(built_guests):
     shutil.rmtree(run, ignore_errors=True)
 
 
-def guest_cfg(run_dir: Path, name: str) -> Path:
+def guest_cfg(run_dir: Path, name: str, extra: str = "") -> Path:
     cfg = run_dir.parent / f"{run_dir.name}-{name}.yaml"
     cfg.write_text(f"name: {name}\nkernel: {GUESTS / 'out' / 'managed_neighbour.elf'}\n"
                    "cmdline: \"xk.trap=page\"\nmemory: 32M\nvcpus: 1\n"
-                   "xen:\n  version: \"4.17\"\n  hypercall_trap: auto\n")
+                   "xen:\n  version: \"4.17\"\n  hypercall_trap: auto\n" + extra)
     return cfg
 
 
@@ -182,3 +182,28 @@ def test_embedded_store_on_request(run_dir):
     assert not (run_dir / ".xenstored").exists()
     with XsClient(str(run_dir / "alone" / "xenstore.sock"), timeout=30) as xs:
         assert xs.read("/local/domain/1/data/secret") == b"secret-of-1"
+
+
+def test_vcpu_set_toggles_cpu_availability(run_dir):
+    """``vcpu-set``: maxvcpus vCPUs exist, cpu/N/availability says which the guest should use."""
+    r = xenkvm(run_dir, "create", str(guest_cfg(run_dir, "hot", "maxvcpus: 3\n")))
+    assert r.returncode == 0, r.stderr
+    con = Console(run_dir, "hot")
+    con.read_until(rb"^NEIGHBOUR-UP 1\r?\n")
+    row = listing(run_dir)["hot"]
+    assert (row["vcpus"], row["maxvcpus"]) == (1, 3)
+    with store(run_dir) as xs:
+        assert [xs.read(f"/local/domain/1/cpu/{i}/availability") for i in range(3)] == \
+            [b"online", b"offline", b"offline"]
+    assert xenkvm(run_dir, "vcpu-set", "hot", "3").returncode == 0
+    con.read_until(rb"^VCPU cpu/1/availability online\r?\n")
+    con.read_until(rb"^VCPU cpu/2/availability online\r?\n")
+    assert listing(run_dir)["hot"]["vcpus"] == 3
+    con.out.clear()
+    assert xenkvm(run_dir, "vcpu-set", "hot", "2").returncode == 0
+    con.read_until(rb"^VCPU cpu/2/availability offline\r?\n")
+    for bad in ("4", "0"):
+        r = xenkvm(run_dir, "vcpu-set", "hot", bad)
+        assert r.returncode == 1 and "count: expected 1 to 3" in r.stderr, r.stderr
+    assert listing(run_dir)["hot"]["vcpus"] == 2
+    con.close()

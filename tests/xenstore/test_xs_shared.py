@@ -169,6 +169,7 @@ def test_garbage_on_the_introduce_socket_gets_errors(daemon):
         ({**good, "info": {**info(), "vcpus": -1}}, [sealed_memfd(), efd(), efd()]),
         ({**good, "info": {**info(), "name": "x" * 300}}, [sealed_memfd(), efd(), efd()]),
         ({**good, "info": {**info(), "extra": 1}}, [sealed_memfd(), efd(), efd()]),
+        ({**good, "info": {**info(), "online_vcpus": 2}}, [sealed_memfd(), efd(), efd()]),   # > vcpus
         ({**good, "info": {**info(), "uuid": "../../local"}}, [sealed_memfd(), efd(), efd()]),
         ({**good, "info": {**info(), "uuid": "a/b"}}, [sealed_memfd(), efd(), efd()]),
         ({**good, "info": "guest"}, [sealed_memfd(), efd(), efd()]),
@@ -271,3 +272,13 @@ def test_vmm_watch_client_concurrent_requests_and_callbacks(daemon):
         client.read("/w/0")                                      # the daemon is gone: EIO, no hang
     assert e.value.err == XsError.EIO
     client.close()
+
+
+def test_initial_tree_marks_vcpus_past_online_offline():
+    """xl's maxvcpus: every created vCPU has cpu/N/availability, those past ``vcpus`` offline."""
+    from xenkvm.xenstore.layout import DomainInfo, initial_tree
+    tree = {e.path: e.value for e in initial_tree(DomainInfo(7, "g", "u", vcpus=3, memory_kib=1024,
+                                                             store_port=1, store_gfn=2, online_vcpus=1))}
+    assert [tree[f"/local/domain/7/cpu/{i}/availability"] for i in range(3)] == ["online", "offline", "offline"]
+    full = {e.path: e.value for e in initial_tree(DomainInfo(7, "g", "u", 2, 1024, 1, 2))}
+    assert [full[f"/local/domain/7/cpu/{i}/availability"] for i in range(2)] == ["online", "online"]

@@ -219,6 +219,12 @@ def cmd_mem_set_api(name: str, size_text: str) -> int:
     return 0
 
 
+def cmd_vcpu_set(args) -> int:
+    """``vcpu-set NAME N``: N of the domain's maxvcpus online (xenstore cpu/*/availability)."""
+    call(args.name, "vcpu-set", count=args.count)
+    return 0
+
+
 def cmd_dmesg(args) -> int:
     sys.stdout.write(call(args.name, "dmesg")["text"])
     return 0

@@ -80,6 +80,7 @@ class DomainProcess:
         self.generation = 0            #: how many machines this domain has booted (restarts + 1)
         self.started = time.time()
         self.last_result: RunResult | None = None
+        self.online_vcpus = self.cfg.vcpus     #: what cpu/N/availability says (``vcpu-set``)
         self._destroy = threading.Event()
         self._lock = threading.Lock()
         self.server = ControlServer(str(d.control), self._handlers(), console_input=self._console_input,
@@ -124,6 +125,7 @@ class DomainProcess:
         with self._lock:
             self.machine, self.pauser = machine, Pauser(machine, xen_domain(machine))
             self.generation += 1
+            self.online_vcpus = self.cfg.vcpus          # a new machine starts as configured
         if self.generation == 1 and (self.cfg.disks or self.cfg.vifs) \
                 and not hasattr(xen_domain(machine), "devices"):
             log.warning("%s: disk/vif entries are kept in the config, but this build has no PV backends "
@@ -166,7 +168,7 @@ class DomainProcess:
     def _handlers(self) -> dict[str, Any]:
         h = {"info": self.op_info, "shutdown": self.op_shutdown, "destroy": self.op_destroy,
              "pause": self.op_pause, "unpause": self.op_unpause, "mem-set": self.op_mem_set,
-             "dmesg": self.op_dmesg}
+             "dmesg": self.op_dmesg, "vcpu-set": self.op_vcpu_set}
         for op in RESERVED_OPS:
             h[op] = self._op_reserved
         return h
@@ -191,7 +193,8 @@ class DomainProcess:
         state = State.PAUSED if paused and self.state is State.RUNNING else self.state
         uuid = self.rec.uuid or vm_uuid(self.cfg.name, self.rec.domid)    # what the guest's store says
         return {"name": self.cfg.name, "domid": self.rec.domid, "uuid": uuid, "pid": os.getpid(),
-                "state": state.value, "memory": self.cfg.memory, "vcpus": self.cfg.vcpus,
+                "state": state.value, "memory": self.cfg.memory, "vcpus": self.online_vcpus,
+                "maxvcpus": self.cfg.maxvcpus or self.cfg.vcpus,
                 "created": self.started, "uptime": round(time.time() - self.started, 3),
                 "generation": self.generation,
                 "last_exit": self.last_result.message if self.last_result else None}
@@ -232,6 +235,20 @@ class DomainProcess:
                            f"of {int(raw) >> 10} MiB")
         store.write_path(f"{home}/memory/target", str(size >> 10))
         return {"target_kib": size >> 10}
+
+    def op_vcpu_set(self, args: dict) -> dict:
+        """``cpu/N/availability`` "online" for N < ``count``, "offline" above, for every vCPU the
+        machine has (``maxvcpus``), as ``xl vcpu-set``: the guest's PV hotplug acts on it."""
+        count = args.get("count")
+        machine, _ = self._running()
+        created = len(machine.vcpus)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= created:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"count: expected 1 to {created} (maxvcpus)")
+        store, home = self._store()
+        for i in range(created):
+            store.write_path(f"{home}/cpu/{i}/availability", "online" if i < count else "offline")
+        self.online_vcpus = count
+        return {"vcpus": count, "maxvcpus": created}
 
     def op_dmesg(self, args: dict) -> dict:
         """The tail of Xen's console (console_io output), at most DMESG_MAX bytes."""

@@ -100,6 +100,7 @@ class StoreService:
         return DomainInfo(
             domid=self.domid, name=cfg.name, uuid=getattr(cfg, "uuid", None) or vm_uuid(cfg.name, self.domid),
             vcpus=len(d.vcpus), memory_kib=d.mem.ram_size >> 10,
+            online_vcpus=min(getattr(cfg, "vcpus", len(d.vcpus)), len(d.vcpus)),   # the rest: maxvcpus
             store_port=self.port, store_gfn=self.gfn,
             console_port=getattr(console, "port", None), console_gfn=getattr(console, "gfn", None))
 

@@ -41,7 +41,8 @@ MAX_MESSAGE = 8192
 FDS = 3                     #: memfd, kick eventfd, notify eventfd
 MAX_DOMID = 0x7FEF          #: DOMID_FIRST_RESERVED - 1
 _INFO_INT = {"vcpus": 4096, "memory_kib": 1 << 40, "store_port": 1 << 17, "store_gfn": 1 << 40,
-             "console_port": 1 << 17, "console_gfn": 1 << 40}
+             "console_port": 1 << 17, "console_gfn": 1 << 40, "online_vcpus": 4097}
+_OPTIONAL = ("console_port", "console_gfn", "online_vcpus")
 _INFO_STR = {"name": 256, "uuid": 64}
 #: the uuid names /vm/<uuid>: one path element of the characters a uuid has
 _UUID = re.compile(r"[0-9A-Za-z-]{1,64}")
@@ -105,7 +106,7 @@ def parse_info(raw: Any, domid: int) -> DomainInfo:
     if not _UUID.fullmatch(kw["uuid"]):
         raise IntroduceError("info.uuid: expected hex digits and dashes")
     for key, limit in _INFO_INT.items():
-        if key.startswith("console_") and raw.get(key) is None:
+        if key in _OPTIONAL and raw.get(key) is None:
             kw[key] = None
             continue
         kw[key] = _int(raw, key, limit)
@@ -114,6 +115,8 @@ def parse_info(raw: Any, domid: int) -> DomainInfo:
     kw["hvm"] = raw.get("hvm", False)
     if kw["vcpus"] < 1:
         raise IntroduceError("info.vcpus: expected at least 1")
+    if kw["online_vcpus"] is not None and not 1 <= kw["online_vcpus"] <= kw["vcpus"]:
+        raise IntroduceError("info.online_vcpus: expected 1..vcpus")
     return DomainInfo(domid=domid, **kw)
 
 
