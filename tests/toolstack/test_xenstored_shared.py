@@ -172,6 +172,21 @@ def test_backends_serve_disks_through_the_shared_store(run_dir):
     assert "dom1 (xen-blkfront) introduced" in log and "dom1 released" in log
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+                    reason="needs root and /dev/net/tun for the vif's tap")
+def test_netback_through_the_shared_store(run_dir):
+    """netback's xenbus handshake (and its rings) for a domain on the shared store."""
+    cfg = run_dir.parent / f"{run_dir.name}-net.yaml"
+    cfg.write_text(f"name: xsd-netfront\nkernel: {GUESTS / 'out' / 'xen_netfront.elf'}\n"
+                   "cmdline: \"xk.trap=page xk.net_selftest\"\nmemory: 64M\nvcpus: 1\n"
+                   "xen:\n  version: \"4.17\"\n  hypercall_trap: auto\n"
+                   "vifs:\n  - \"mac=00:16:3e:0a:0b:0d, vifname=xkxsd0\"\n")
+    r = xenkvm(run_dir, "create", "-F", str(cfg))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r"^SUMMARY: [1-9]\d* passed, 0 failed", r.stdout, re.M), r.stdout[-3000:]
+    assert "dom1 (xsd-netfront) introduced" in (run_dir / ".xenstored" / "xenstored.log").read_text()
+
+
 def test_embedded_store_on_request(run_dir):
     """``create --xenstore embedded``: the domain's own xenstored, no shared daemon."""
     r = xenkvm(run_dir, "create", "--xenstore", "embedded", str(guest_cfg(run_dir, "alone")))
