@@ -85,6 +85,8 @@ def _toolstack_parsers(sub) -> None:
     cr.add_argument("-c", dest="console", action="store_true", help="attach its console after starting")
     cr.add_argument("-F", dest="foreground", action="store_true",
                     help="stay in the foreground with the console on this terminal (as `run`)")
+    cr.add_argument("--xenstore", choices=("shared", "embedded"), default="shared",
+                    help="the host's shared xenstored (default; started on demand) or one in the VMM")
     ls = sub.add_parser("list", help="list managed domains (name, domid, memory, vCPUs, state, uptime)")
     ls.add_argument("--json", action="store_true", help="one JSON array instead of the table")
     for name, text in (("console", "attach to a domain's console (detach with Ctrl-])"),
@@ -99,6 +101,9 @@ def _toolstack_parsers(sub) -> None:
     rb.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits (default 120)")
     from xenkvm.toolstack.devcmds import add_parsers as add_device_parsers
     add_device_parsers(sub)
+    vs = sub.add_parser("vcpu-set", help="set how many of a Xen guest's maxvcpus are online (as xl vcpu-set)")
+    vs.add_argument("name")
+    vs.add_argument("count", type=int, help="vCPUs online, 1 to maxvcpus (cpu/N/availability)")
     cf = sub.add_parser("config", help="convert a domain configuration")
     cf.add_argument("--to-yaml", action="store_true", help="print an xl.cfg file as the YAML guest definition")
     cf.add_argument("config")
@@ -310,7 +315,7 @@ def _toolstack_command(args: argparse.Namespace) -> int:
     if args.command == "reboot":
         return ts.cmd_shutdown_api(args, "reboot")
     table = {"create": ts.cmd_create, "list": ts.cmd_list, "console": ts.cmd_console, "destroy": ts.cmd_destroy,
-             "dmesg": ts.cmd_dmesg, "config": ts.cmd_config, "_vmm": ts.cmd_vmm}
+             "dmesg": ts.cmd_dmesg, "config": ts.cmd_config, "_vmm": ts.cmd_vmm, "vcpu-set": ts.cmd_vcpu_set}
     return table[args.command](args)
 
 
@@ -349,6 +354,13 @@ def _mem_set(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["xenstored"] and "--shared" in argv:
+        from xenkvm.toolstack.xenstored import main as shared_main
+        try:
+            return shared_main(argv[1:])
+        except ConfigError as e:
+            print(f"xenkvm: {e}", file=sys.stderr)
+            return 2
     if argv[:1] == ["xenstored"]:
         from xenkvm.xenstore.daemon import main as xenstored_main
         return xenstored_main(argv[1:])

@@ -26,7 +26,7 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
       - {backend: pty}
     uuid: 6f2a...              # optional; default derived from name and domid
     maxmem: 256M               # optional, >= memory (the balloon's static maximum)
-    maxvcpus: 2                # optional, >= vcpus
+    maxvcpus: 2                # optional, >= vcpus (a Xen guest gets this many vCPUs, the rest offline)
     on_poweroff: destroy       # destroy | restart | preserve (xl.cfg(5); managed domains)
     on_reboot: restart
     on_crash: destroy
@@ -85,6 +85,10 @@ class XenConfig:
     test_device: bool = False
     #: the embedded xenstored's socket (None: $XENSTORED_PATH, else ${XENSTORED_RUNDIR:-/run/xenstored}/socket)
     xenstore_socket: str | None = None
+    #: the introduce socket of a shared host xenstored (xenkvm/xenstore/hostd.py): when set, the
+    #: domain's ring goes to that daemon instead of an embedded one, and ``xenstore_socket`` is
+    #: the daemon's client socket (``xenkvm create`` sets both)
+    xenstored: str | None = None
     #: the Xen platform PCI device (5853:0001) and the unplug ports at 0x10, as an HVM guest
     #: sees them (always on for the Linux boot protocol; off by default for PVH)
     platform_pci: bool = False
@@ -288,6 +292,11 @@ def _xen(raw: Any) -> XenConfig:
         if not isinstance(path, str) or not path or len(path.encode()) > 107:
             raise ConfigError(f"xen.xenstore_socket: expected a socket path of at most 107 bytes, got {path!r}")
         kw["xenstore_socket"] = path
+    if raw.get("xenstored") is not None:
+        path = raw["xenstored"]
+        if not isinstance(path, str) or not path or len(path.encode()) > 107:
+            raise ConfigError(f"xen.xenstored: expected a socket path of at most 107 bytes, got {path!r}")
+        kw["xenstored"] = path
     if "test_device" in raw:
         if not isinstance(raw["test_device"], bool):
             raise ConfigError(f"xen.test_device: expected true or false, got {raw['test_device']!r}")

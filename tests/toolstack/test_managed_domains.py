@@ -95,7 +95,16 @@ def running(built_guests):
     create(run_dir)
     yield run_dir
     xenkvm(run_dir, "destroy", "managed-domu")
+    xenkvm(run_dir, "xenstored", "--shared", "--stop")
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _stop_shared_xenstored(tmp_path):
+    """The tests that create in ``tmp_path / "run"``: stop the shared xenstored create started."""
+    yield
+    if (tmp_path / "run" / ".xenstored").exists():
+        xenkvm(tmp_path / "run", "xenstored", "--shared", "--stop")
 
 
 def control(run_dir: Path) -> ControlClient:
@@ -106,7 +115,7 @@ def test_create_from_xl_cfg_and_list(running):
     row = listing(running)["managed-domu"]
     assert (row["domid"], row["memory"], row["vcpus"], row["state"]) == (1, 64 << 20, 1, "running")
     from xenkvm.xenstore.client import XsClient
-    with XsClient(str(running / "managed-domu" / "xenstore.sock"), timeout=10) as xs:
+    with XsClient(str(running / ".xenstored" / "socket"), timeout=10) as xs:
         assert xs.read("/local/domain/1/name") == b"managed-domu"
         assert xs.read("/local/domain/1/vm").decode().endswith(row["uuid"])
     r = xenkvm(running, "list")
@@ -179,7 +188,7 @@ def test_mem_set_through_the_api(running):
     from xenkvm.xenstore.client import XsClient
     r = xenkvm(running, "mem-set", "managed-domu", "32M")
     assert r.returncode == 0, r.stderr
-    with XsClient(str(running / "managed-domu" / "xenstore.sock"), timeout=10) as xs:
+    with XsClient(str(running / ".xenstored" / "socket"), timeout=10) as xs:
         assert xs.read("/local/domain/1/memory/target") == str(32 << 10).encode()
     r = xenkvm(running, "mem-set", "managed-domu", "1G")
     assert r.returncode == 1 and "static maximum" in r.stderr
@@ -254,7 +263,7 @@ def test_reboot_restarts_then_shutdown_wait(built_guests, tmp_path):
     con.read_until(rb'shutdown request: "poweroff"')
     con.close()
     assert listing(run_dir) == {}                     # on_poweroff = "destroy"
-    assert list(run_dir.iterdir()) == [run_dir / ".lock"]
+    assert sorted(run_dir.iterdir()) == [run_dir / ".lock", run_dir / ".xenstored"]   # the store stays
 
 
 def test_destroy(built_guests, tmp_path):
@@ -288,7 +297,7 @@ def test_on_crash_preserve_keeps_the_domain_listed(built_guests, tmp_path):
     create(run_dir)
     con = Console(run_dir)
     con.read_until(rb"^TOOLSTACK-UP$")
-    with XsClient(str(run_dir / "managed-domu" / "xenstore.sock"), timeout=10) as xs:
+    with XsClient(str(run_dir / ".xenstored" / "socket"), timeout=10) as xs:
         xs.write("/local/domain/1/control/shutdown", "crash")      # the guest calls SCHEDOP_shutdown(crash)
     deadline = time.monotonic() + TIMEOUT
     while listing(run_dir)["managed-domu"]["state"] != "crashed":

@@ -43,7 +43,8 @@ class DeviceManager(MachineExtension):
     @property
     def xs(self) -> VmmXsClient:
         if self._xs is None:
-            self._xs = VmmXsClient(self.domain.store.core)
+            store = self.domain.store       # a shared xenstored: a socket connection to it
+            self._xs = store.dom0_client() if store.core is None else VmmXsClient(store.core)
         return self._xs
 
     def attach_configured(self) -> None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from xenkvm.xenstore import Perm, XenstoreError, Xenstored, XsError, XsType
+from xenkvm.xenstore import XenstoreError, Xenstored, XsError, XsType
+from xenkvm.xenstore.ops import XsOps, arg
 from xenkvm.xenstore.protocol import HEADER, HEADER_SIZE, Message
 
 log = logging.getLogger(__name__)
@@ -24,11 +25,7 @@ log = logging.getLogger(__name__)
 WatchFn = Callable[[str, str], None]
 
 
-def _arg(text: str) -> bytes:
-    return text.encode() + b"\0"
-
-
-class VmmXsClient:
+class VmmXsClient(XsOps):
     """A privileged (dom0) connection to ``core`` used from VMM threads.
 
     ``domid``/``privileged`` make an unprivileged guest's connection instead
@@ -83,57 +80,20 @@ class VmmXsClient:
             raise XenstoreError(XsError[reply[1].rstrip(b"\0").decode()])
         return reply[1]
 
-    def read(self, path: str) -> str | None:
-        """The value at ``path`` (None if absent); bytes that are not UTF-8 are replaced."""
-        try:
-            return self.call(XsType.READ, _arg(path)).decode("utf-8", "replace")
-        except XenstoreError as e:
-            if e.err == XsError.ENOENT:
-                return None
-            raise
-
-    def write(self, path: str, value: str | int) -> None:
-        """WRITE (creates parents, inheriting their permissions)."""
-        self.call(XsType.WRITE, _arg(path) + str(value).encode())
-
-    def mkdir(self, path: str, perms: tuple[Perm, ...] | None = None) -> None:
-        """MKDIR, then SET_PERMS if ``perms`` is given."""
-        self.call(XsType.MKDIR, _arg(path))
-        if perms is not None:
-            self.call(XsType.SET_PERMS, _arg(path) + b"".join(_arg(p.wire()) for p in perms))
-
-    def directory(self, path: str) -> list[str]:
-        """Child names ([] if absent)."""
-        try:
-            data = self.call(XsType.DIRECTORY, _arg(path))
-        except XenstoreError as e:
-            if e.err == XsError.ENOENT:
-                return []
-            raise
-        return [s.decode("utf-8", "replace") for s in data.split(b"\0")[:-1]]
-
-    def rm(self, path: str) -> None:
-        """RM (a missing node is fine)."""
-        try:
-            self.call(XsType.RM, _arg(path))
-        except XenstoreError as e:
-            if e.err != XsError.ENOENT:
-                raise
-
     def watch(self, path: str, fn: WatchFn) -> str:
         """WATCH ``path``; ``fn(path, token)`` runs for the initial event and each change."""
         with self.core.lock:      # one client serves every device's worker
             self._next_token += 1
             token = f"xenkvm-backend-{self._next_token}"
             self._watches[token] = fn
-        self.call(XsType.WATCH, _arg(path) + _arg(token))
+        self.call(XsType.WATCH, arg(path) + arg(token))
         return token
 
     def unwatch(self, path: str, token: str) -> None:
         """UNWATCH; no more callbacks for ``token``."""
         self._watches.pop(token, None)
         try:
-            self.call(XsType.UNWATCH, _arg(path) + _arg(token))
+            self.call(XsType.UNWATCH, arg(path) + arg(token))
         except XenstoreError as e:
             log.debug("unwatch %s: %s", path, e)
 

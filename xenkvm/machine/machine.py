@@ -79,7 +79,9 @@ class Machine:
         #: ports whose exits need the vCPU (e.g. the hypercall-page port), checked before the bus
         self.port_hooks: dict[int, ExitHandler] = {}
         self._setup_devices()
-        self.vcpus = [Vcpu(self.vm, i) for i in range(cfg.vcpus)]
+        # a Xen guest gets maxvcpus vCPUs, those past ``vcpus`` offline in its xenstore (as xl)
+        created = cfg.maxvcpus if cfg.xen is not None and cfg.maxvcpus else cfg.vcpus
+        self.vcpus = [Vcpu(self.vm, i) for i in range(created)]
         self.runners = [VcpuRunner(v) for v in self.vcpus]
         self.tsc_khz = self.vcpus[0].get_tsc_khz()
         self.clock = GuestClock.for_tsc(self.tsc_khz, self.host.dilated_tsc_khz)

@@ -158,12 +158,14 @@ class GuestMemory:
         for region in self._regions:
             listener(region)
 
-    def add_region(self, gpa: int, size: int, name: str, *, reserved: bool = False) -> Region:
+    def add_region(self, gpa: int, size: int, name: str, *, reserved: bool = False,
+                   backing: Callable[[int], mmap.mmap] | None = None) -> Region:
         """Back a new range outside RAM (grant frames, special pages) with a memslot.
 
         The guest may name any free frame (Linux puts grant frames just above
         RAM), so anything not overlapping an existing region, the IOAPIC/LAPIC
-        window or the physical-address limit is accepted.
+        window or the physical-address limit is accepted.  ``backing`` makes the host
+        mapping (a memfd another process maps too) instead of anonymous memory.
         """
         if gpa < 0 or size <= 0 or gpa + size > MAX_GPA:
             raise GuestMemoryError(gpa, size, "beyond the guest physical address width")
@@ -172,7 +174,7 @@ class GuestMemory:
         for r in self._regions:
             if gpa < r.end and r.gpa < gpa + size:
                 raise GuestMemoryError(gpa, size, f"overlaps region {r.name}")
-        region = Region(gpa, size, name, ram=False, reserved=reserved)
+        region = Region(gpa, size, name, ram=False, reserved=reserved, backing=backing)
         self._announce(region)
         self._insert(region)
         return region

@@ -20,6 +20,7 @@ from xenkvm.toolstack.client import ControlClient
 from xenkvm.toolstack.console import attach
 from xenkvm.toolstack.protocol import ApiError
 from xenkvm.toolstack.rundir import DomainDir, RunDir, process_start_time
+from xenkvm.toolstack.xenstored import SharedXenstored
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,14 @@ class VmmGone(ConfigError):
 def cmd_create(args) -> int:
     cfg = load_guest(args.config)
     run = RunDir()
+    shared = None
+    if cfg.xen is not None and getattr(args, "xenstore", "shared") == "shared":
+        shared = SharedXenstored.of(run)
+        shared.ensure(run)      # started on demand; it stays after the last domain
     d, rec = run.allocate(cfg.name, cfg.uuid, time.time())
+    if shared is not None:
+        rec.xenstored = str(shared.dir)
+        d.write(rec)
     if args.foreground:
         from xenkvm.toolstack.vmm import DomainProcess
         return DomainProcess(cfg, d, rec, foreground=True).run()
@@ -208,6 +216,12 @@ def cmd_mem_set_api(name: str, size_text: str) -> int:
     if size <= 0 or size % 4096:
         raise ConfigError(f"mem-set: {size_text!r} is not a positive whole number of 4 KiB pages")
     call(name, "mem-set", bytes=size)
+    return 0
+
+
+def cmd_vcpu_set(args) -> int:
+    """``vcpu-set NAME N``: N of the domain's maxvcpus online (xenstore cpu/*/availability)."""
+    call(args.name, "vcpu-set", count=args.count)
     return 0
 
 

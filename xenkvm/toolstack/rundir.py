@@ -8,7 +8,8 @@ Layout (``$XENKVM_RUN_DIR``, else ``/run/xenkvm`` as root, else
       NAME/                   0700
         domain.json           name, domid, uuid, the VMM's pid and its start time (0600)
         control.sock          the control API (docs/control-api.md), 0600
-        xenstore.sock         the domain's embedded xenstored
+        xenstore.sock         the domain's embedded xenstored (``create --xenstore embedded``)
+      .xenstored/             the shared xenstored (toolstack/xenstored.py), the default
         hypervisor.log        console_io output (``xenkvm dmesg``)
         vmm.log               the VMM process's own log (stderr)
 
@@ -85,6 +86,9 @@ class DomainRecord:
     pid: int = 0
     start_time: int = 0          #: the VMM's /proc start time, to tell a reused pid apart
     created: float = 0.0         #: wall-clock seconds when ``create`` ran
+    #: the shared xenstored's folder (toolstack/xenstored.py) the domain is introduced to;
+    #: None: an embedded one on ``xenstore.sock``
+    xenstored: str | None = None
 
     def alive(self) -> bool:
         """Whether the VMM process still runs (pid 0: not started yet, counts as alive)."""

@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from xenkvm.build import build_machine, xen_domain
@@ -34,6 +35,7 @@ from xenkvm.toolstack.pause import Pauser
 from xenkvm.toolstack.protocol import RESERVED_OPS, ApiError, ErrorCode
 from xenkvm.toolstack.rundir import DomainDir, DomainRecord, process_start_time
 from xenkvm.toolstack.server import ControlServer
+from xenkvm.toolstack.xenstored import SharedXenstored
 from xenkvm.xenstore.layout import vm_uuid
 
 log = logging.getLogger(__name__)
@@ -54,12 +56,15 @@ class State(str, enum.Enum):
     DYING = "dying"
 
 
-def managed_config(cfg: GuestConfig, d: DomainDir, domid: int, foreground: bool) -> GuestConfig:
-    """``cfg`` with what the toolstack decides: domid, the xenstore socket, the logs, the console."""
-    xen = cfg.xen
+def managed_config(cfg: GuestConfig, d: DomainDir, rec: DomainRecord, foreground: bool) -> GuestConfig:
+    """``cfg`` with what the toolstack decides: domid, the xenstore, the logs, the console."""
+    xen, shared = cfg.xen, rec.xenstored
     if xen is not None:
-        xen = dataclasses.replace(xen, domid=domid, xenstore_socket=str(d.xenstore),
+        xen = dataclasses.replace(xen, domid=rec.domid, xenstore_socket=str(d.xenstore),
                                   hypervisor_log=f"file:{d.hypervisor_log}")
+        if shared:      # the host's xenstored (toolstack/xenstored.py) instead of an embedded one
+            xsd = SharedXenstored(Path(shared))
+            xen = dataclasses.replace(xen, xenstore_socket=str(xsd.socket), xenstored=str(xsd.introduce))
     return dataclasses.replace(cfg, xen=xen, console="stdio" if foreground else "none")
 
 
@@ -68,7 +73,7 @@ class DomainProcess:
 
     def __init__(self, cfg: GuestConfig, d: DomainDir, rec: DomainRecord, *, foreground: bool = False):
         self.dir, self.rec = d, rec
-        self.cfg = managed_config(cfg, d, rec.domid, foreground)
+        self.cfg = managed_config(cfg, d, rec, foreground)
         self.sink = ConsoleSink(os.fdopen(os.dup(1), "wb", buffering=0) if foreground else None, CONSOLE_RING)
         self.state = State.STARTING
         self.machine: Machine | None = None
@@ -76,6 +81,7 @@ class DomainProcess:
         self.generation = 0            #: how many machines this domain has booted (restarts + 1)
         self.started = time.time()
         self.last_result: RunResult | None = None
+        self.online_vcpus = self.cfg.vcpus     #: what cpu/N/availability says (``vcpu-set``)
         self._destroy = threading.Event()
         self._lock = threading.Lock()
         self.server = ControlServer(str(d.control), self._handlers(), console_input=self._console_input,
@@ -120,6 +126,7 @@ class DomainProcess:
         with self._lock:
             self.machine, self.pauser = machine, Pauser(machine, xen_domain(machine))
             self.generation += 1
+            self.online_vcpus = self.cfg.vcpus          # a new machine starts as configured
         if self.generation == 1 and (self.cfg.disks or self.cfg.vifs) \
                 and not hasattr(xen_domain(machine), "devices"):
             log.warning("%s: disk/vif entries are kept in the config, but this build has no PV backends "
@@ -162,7 +169,7 @@ class DomainProcess:
     def _handlers(self) -> dict[str, Any]:
         h = {"info": self.op_info, "shutdown": self.op_shutdown, "destroy": self.op_destroy,
              "pause": self.op_pause, "unpause": self.op_unpause, "mem-set": self.op_mem_set,
-             "dmesg": self.op_dmesg}
+             "dmesg": self.op_dmesg, "vcpu-set": self.op_vcpu_set}
         for op in RESERVED_OPS:
             h[op] = self._op_reserved
         h.update(DeviceOps(self._devices, self.cfg.name).handlers())
@@ -180,7 +187,7 @@ class DomainProcess:
         xen = xen_domain(machine)
         if xen is None:
             raise ApiError(ErrorCode.NOT_SUPPORTED, f"{self.cfg.name} has no Xen personality (no xenstore)")
-        return xen.store.core, f"/local/domain/{xen.domid}"
+        return xen.store, f"/local/domain/{xen.domid}"
 
     def _devices(self):
         """The running guest's hot-plug API (xenkvm/backends/devices.py), for the device ops."""
@@ -196,7 +203,8 @@ class DomainProcess:
         state = State.PAUSED if paused and self.state is State.RUNNING else self.state
         uuid = self.rec.uuid or vm_uuid(self.cfg.name, self.rec.domid)    # what the guest's store says
         return {"name": self.cfg.name, "domid": self.rec.domid, "uuid": uuid, "pid": os.getpid(),
-                "state": state.value, "memory": self.cfg.memory, "vcpus": self.cfg.vcpus,
+                "state": state.value, "memory": self.cfg.memory, "vcpus": self.online_vcpus,
+                "maxvcpus": self.cfg.maxvcpus or self.cfg.vcpus,
                 "created": self.started, "uptime": round(time.time() - self.started, 3),
                 "generation": self.generation,
                 "last_exit": self.last_result.message if self.last_result else None}
@@ -206,8 +214,8 @@ class DomainProcess:
         action = args.get("action", "poweroff")
         if action not in SHUTDOWN_ACTIONS:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, f"action: expected one of {', '.join(SHUTDOWN_ACTIONS)}")
-        core, home = self._store()
-        core.write_path(f"{home}/control/shutdown", action)
+        store, home = self._store()
+        store.write_path(f"{home}/control/shutdown", action)
         return {"requested": action, "generation": self.generation}
 
     def op_destroy(self, args: dict) -> dict:
@@ -228,15 +236,29 @@ class DomainProcess:
         size = args.get("bytes")
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 4096:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "bytes: expected a positive multiple of 4096")
-        core, home = self._store()
-        raw = core.read_path(f"{home}/memory/static-max") or b""
+        store, home = self._store()
+        raw = store.read_path(f"{home}/memory/static-max") or b""
         if not raw.isdigit():
             raise ApiError(ErrorCode.INTERNAL, f"memory/static-max is {raw[:32]!r}")
         if size >> 10 > int(raw):
             raise ApiError(ErrorCode.INVALID_ARGUMENT, f"{size >> 20} MiB is above the static maximum "
                            f"of {int(raw) >> 10} MiB")
-        core.write_path(f"{home}/memory/target", str(size >> 10))
+        store.write_path(f"{home}/memory/target", str(size >> 10))
         return {"target_kib": size >> 10}
+
+    def op_vcpu_set(self, args: dict) -> dict:
+        """``cpu/N/availability`` "online" for N < ``count``, "offline" above, for every vCPU the
+        machine has (``maxvcpus``), as ``xl vcpu-set``: the guest's PV hotplug acts on it."""
+        count = args.get("count")
+        machine, _ = self._running()
+        created = len(machine.vcpus)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= created:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"count: expected 1 to {created} (maxvcpus)")
+        store, home = self._store()
+        for i in range(created):
+            store.write_path(f"{home}/cpu/{i}/availability", "online" if i < count else "offline")
+        self.online_vcpus = count
+        return {"vcpus": count, "maxvcpus": created}
 
     def op_dmesg(self, args: dict) -> dict:
         """The tail of Xen's console (console_io output), at most DMESG_MAX bytes."""

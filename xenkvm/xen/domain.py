@@ -39,6 +39,7 @@ from xenkvm.xen.hypercalls import table
 from xenkvm.xen.limits import Limits
 from xenkvm.xen.reservation import Reservation
 from xenkvm.xen.shinfo import SharedInfo
+from xenkvm.xen.shared_store import MemfdBacking, SharedStoreService
 from xenkvm.xen.store import StoreService
 from xenkvm.xen.testdev import TestDevice
 from xenkvm.xen.timers import VcpuTimers
@@ -128,8 +129,10 @@ class XenDomain(MachineExtension):
         self.dispatcher = Dispatcher(self, trace=trace)
         #: what this guest may make us allocate (xen/limits.py: Xen's domU defaults)
         self.limits = Limits().for_vm(machine.vm)
+        # a shared xenstored maps the ring page itself: the region is a memfd then
+        backing = MemfdBacking("xen-special-pages") if self.cfg.xenstored else None
         self.special = self.mem.add_region(SPECIAL_PAGES_GPA, SPECIAL_PAGES * 4096, "xen-special-pages",
-                                            reserved=True)
+                                            reserved=True, backing=backing)
         self.params[HvmParam.STORE_PFN] = self.special_pfn(STORE_PAGE)
         self.params[HvmParam.CONSOLE_PFN] = self.special_pfn(CONSOLE_PAGE)
         self._build_services()
@@ -148,7 +151,8 @@ class XenDomain(MachineExtension):
         self.console_io = ConsoleIo(HypervisorLog.open(self.cfg.hypervisor_log), self.console_input)
         table.install(self.dispatcher)              # every hypercall (xen/hypercalls/table.py)
         self.console = PrimaryConsole.attach(self)  # CONSOLE_EVTCHN; ring -> machine console
-        self.store = StoreService.attach(self)      # STORE_EVTCHN, initial tree; Machine.run starts its socket
+        # STORE_EVTCHN, initial tree; Machine.run starts its socket (or the shared daemon's link)
+        self.store = (SharedStoreService if self.cfg.xenstored else StoreService).attach(self)
         #: the PV devices and their hot-plug API (xenkvm/backends: a layer above this one, so
         #: ``xenkvm.build`` attaches them); None for a domain built without backends
         self.devices = None
@@ -194,10 +198,10 @@ class XenDomain(MachineExtension):
     def snapshot_begin(self) -> None:
         """Hold the domain and the xenstored still (timers, rings) until guest RAM is written."""
         self.lock.acquire()
-        self.store.core.lock.acquire()
+        self.store.lock.acquire()
 
     def snapshot_end(self) -> None:
-        self.store.core.lock.release()
+        self.store.lock.release()
         self.lock.release()
 
     def restore_state(self, state: dict | None) -> None:

@@ -100,6 +100,7 @@ class StoreService:
         return DomainInfo(
             domid=self.domid, name=cfg.name, uuid=getattr(cfg, "uuid", None) or vm_uuid(cfg.name, self.domid),
             vcpus=len(d.vcpus), memory_kib=d.mem.ram_size >> 10,
+            online_vcpus=min(getattr(cfg, "vcpus", len(d.vcpus)), len(d.vcpus)),   # the rest: maxvcpus
             store_port=self.port, store_gfn=self.gfn,
             console_port=getattr(console, "port", None), console_gfn=getattr(console, "gfn", None))
 
@@ -131,6 +132,19 @@ class StoreService:
                 self.server.socket_path = ""
         self.server.start()
         self._running = True
+
+    @property
+    def lock(self):
+        """The store's lock (XenDomain.snapshot_begin holds it)."""
+        return self.core.lock
+
+    def write_path(self, path: str, value: bytes | str = b"") -> None:
+        """Privileged write as the domain's toolstack (control operations)."""
+        self.core.write_path(path, value)
+
+    def read_path(self, path: str) -> bytes | None:
+        """Privileged read; None if missing."""
+        return self.core.read_path(path)
 
     @property
     def socket_path(self) -> str | None:

@@ -8,6 +8,8 @@ standalone daemon ``xenkvm xenstored``.  Entry points:
   its own thread; :meth:`XenstoreServer.add_ring` attaches a guest's ring page;
 * :class:`RingConnection` -- one domain's ``xenstore_domain_interface`` page;
 * :mod:`.state` -- save/load the whole store; :mod:`.daemon` -- the CLI.
+* :mod:`.hostd` / :mod:`.introduce` -- the shared daemon's introduce socket, where
+  VMMs hand over their domains' rings (memfd + eventfds over SCM_RIGHTS).
 """
 
 from .dispatch import Xenstored

@@ -1,8 +1,10 @@
-"""Standalone daemon: ``xenkvm xenstored [--socket PATH] [--state FILE]``.
+"""Standalone daemon: ``xenkvm xenstored [--socket PATH] [--state FILE] [--introduce PATH]``.
 
 Serves the UNIX socket (Debian's xenstore-utils work against it unmodified:
 point them at it with ``XENSTORED_PATH``), optionally starting from a state
 file, and saves the state back to that file on a clean exit (SIGINT/SIGTERM).
+With ``--introduce`` it is the host's shared xenstored: VMMs hand it their
+domains' rings over that socket (:mod:`.hostd`, docs/xenstore.md).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 
 from . import state
 from .dispatch import Xenstored
+from .hostd import IntroduceServer
 from .quota import Quotas
 from .server import XenstoreServer, default_socket_path
 
@@ -33,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quota", metavar="NAME=VALUE", action="append", default=[],
                         help=f"set a quota ({', '.join(Quotas.names())})")
     parser.add_argument("--pid-file", metavar="FILE", default=None)
+    parser.add_argument("--introduce", metavar="PATH", default=None,
+                        help="serve VMMs' domain introductions on this socket (the shared xenstored)")
     parser.add_argument("-v", "--verbose", action="count", default=0)
     return parser.parse_args(argv)
 
@@ -61,16 +66,21 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", exc)
         return 1
     server = XenstoreServer(core, args.socket or default_socket_path())
+    intro = IntroduceServer(server, args.introduce) if args.introduce else None
     try:
         server.listen()
+        if intro is not None:
+            intro.listen()
     except OSError as exc:
-        log.error("cannot listen on %s: %s", server.socket_path, exc)
+        log.error("cannot listen on %s: %s", exc.filename or server.socket_path, exc.strerror or exc)
+        server.close()
         return 1
-    _serve(server, core, args)
+    _serve(server, core, args, intro)
     return 0
 
 
-def _serve(server: XenstoreServer, core: Xenstored, args: argparse.Namespace) -> None:
+def _serve(server: XenstoreServer, core: Xenstored, args: argparse.Namespace,
+           intro: IntroduceServer | None) -> None:
     """Run until SIGINT/SIGTERM, then save ``--state`` and remove the pid file."""
     if args.pid_file:
         with open(args.pid_file, "w", encoding="ascii") as fh:
@@ -85,6 +95,8 @@ def _serve(server: XenstoreServer, core: Xenstored, args: argparse.Namespace) ->
     try:
         server.serve_forever()
     finally:
+        if intro is not None:
+            intro.close()
         server.close()
         if args.state:
             state.save(core, args.state)

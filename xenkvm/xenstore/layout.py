@@ -53,6 +53,9 @@ class DomainInfo:
     console_port: int | None = None
     console_gfn: int | None = None
     hvm: bool = False   #: HVM (not PVH): libxl adds feature-s3/s4 and hvmloader/
+    #: vCPUs online at boot (xl.cfg ``vcpus``); the rest of the ``vcpus`` created (``maxvcpus``)
+    #: start "offline".  None: all of them online.
+    online_vcpus: int | None = None
 
 
 def vm_uuid(name: str, domid: int) -> str:
@@ -68,7 +71,8 @@ def initial_tree(info: DomainInfo) -> list[TreeEntry]:
     ``control/feature-*``, ``control/sysrq``, ``device/suspend/event-channel``,
     ``data``, ``drivers``, ``feature``, ``attr`` and ``error``; the
     ``platform-feature-*`` flags, ``name``, ``vm`` are plain writes (inherit roperm).
-    ``libxl__build_post``: ``domid``, ``store/*``, ``cpu/N/availability``,
+    ``libxl__build_post``: ``domid``, ``store/*``, ``cpu/N/availability`` (for every vCPU up
+    to ``maxvcpus``: "online" for the first ``vcpus``, then "offline"),
     ``memory/static-max`` and ``memory/target`` (both the RAM size in KiB: the
     guest starts at its target; ``xenkvm mem-set`` moves the target and Linux's
     balloon driver follows it through XENMEM_decrease_reservation/populate_physmap).
@@ -106,7 +110,9 @@ def initial_tree(info: DomainInfo) -> list[TreeEntry]:
         TreeEntry(f"{home}/store/port", str(info.store_port)),
         TreeEntry(f"{home}/store/ring-ref", str(info.store_gfn)),
     ]
-    entries += [TreeEntry(f"{home}/cpu/{i}/availability", "online") for i in range(info.vcpus)]
+    online = info.vcpus if info.online_vcpus is None else info.online_vcpus
+    entries += [TreeEntry(f"{home}/cpu/{i}/availability", "online" if i < online else "offline")
+                for i in range(info.vcpus)]
     if info.console_port is not None:
         entries += [TreeEntry(f"{home}/console/port", str(info.console_port)),
                     TreeEntry(f"{home}/console/ring-ref", str(info.console_gfn))]

@@ -180,6 +180,18 @@ class XenstoreServer:
         """Attach domain ``domid``'s ring page; see :meth:`Xenstored.attach_ring`."""
         return self.core.attach_ring(domid, page, notify, port=port)
 
+    def register(self, fileobj: object, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` on the loop thread whenever ``fileobj`` is readable
+        (the shared daemon's introduce socket and each domain's kick eventfd)."""
+        self._sel.register(fileobj, selectors.EVENT_READ, lambda key, mask: callback())
+
+    def unregister(self, fileobj: object) -> None:
+        """Stop watching ``fileobj`` (a no-op if it is not registered)."""
+        try:
+            self._sel.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
     def schedule(self, ring: RingConnection) -> None:
         """Thread-safe, non-blocking kick: process ``ring`` on the loop thread."""
         with self._pending_lock:
