@@ -21,7 +21,6 @@ on the host's load; compare the rows of one run.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess

@@ -98,6 +98,7 @@ def domains():
     yield lambda *a: made.append(start(*a)) or made[-1]
     for run_dir, work in made:
         xenkvm(run_dir, "destroy", NAME)
+        xenkvm(run_dir, "xenstored", "--shared", "--stop")   # create started it for this run directory
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -129,7 +130,7 @@ def test_block_attach_list_detach_while_the_guest_runs(domains):
     from xenkvm.xenstore import XenstoreError
     from xenkvm.xenstore.client import XsClient
     run_dir, work = domains("xen_blkfront.elf", "xk.trap=page xk.blk_hotplug")
-    with XsClient(str(run_dir / NAME / "xenstore.sock"), timeout=10) as xs:
+    with XsClient(str(run_dir / ".xenstored" / "socket"), timeout=10) as xs:   # the shared xenstored
         def flag() -> bytes | None:
             try:
                 return xs.read(FLAG)
