@@ -86,8 +86,9 @@ class VifDevice(XenbusDevice):
         self.tap = Tap(self.name, spec.bridge)
         self.name = self.tap.name
         self.queues: list[NetifRings] = []
-        self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_malformed": 0, "tx_dropped": 0, "tx_bad_index": 0,
-                      "rx_packets": 0, "rx_bytes": 0, "rx_dropped": 0, "rx_bad_index": 0,
+        self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_gso": 0, "tx_malformed": 0, "tx_dropped": 0,
+                      "tx_bad_index": 0, "rx_packets": 0, "rx_bytes": 0, "rx_gso": 0, "rx_dropped": 0,
+                      "rx_bad_index": 0,
                       "tx_busy_ns": 0, "rx_busy_ns": 0}   #: busy: CPU time serving (bench_netback.py)
         self._tx_buf = bytearray(HDR + 65536)
         self._tx_mv = memoryview(self._tx_buf)
@@ -99,10 +100,11 @@ class VifDevice(XenbusDevice):
         return {"mac": self.spec.mac, "handle": str(self.devid)}
 
     def backend_keys(self) -> dict[str, str]:
+        offload = "1" if self.spec.offload else "0"     # offload=off: no GSO, no IPv6 csum offload
         keys = {"mac": self.spec.mac, "handle": str(self.devid), "type": "vif", "vifname": self.name,
                 "hotplug-status": "connected", "feature-rx-copy": "1", "feature-rx-flip": "0",
-                "feature-sg": "1", "feature-gso-tcpv4": "1", "feature-gso-tcpv6": "1",
-                "feature-ipv6-csum-offload": "1", "feature-split-event-channels": "1",
+                "feature-sg": "1", "feature-gso-tcpv4": offload, "feature-gso-tcpv6": offload,
+                "feature-ipv6-csum-offload": offload, "feature-split-event-channels": "1",
                 "multi-queue-max-queues": str(MAX_QUEUES)}
         if self.spec.bridge:
             keys["bridge"] = self.spec.bridge
@@ -111,9 +113,11 @@ class VifDevice(XenbusDevice):
         return keys
 
     def connect(self, frontend: dict[str, str]) -> None:
-        f, self.queues = open_queues(self.domain, frontend, self._tx_kick, self._rx_kick, MAX_QUEUES)
-        self.tap.set_offload((TUN_F_CSUM if f.csum else 0) | (TUN_F_TSO4 if f.gso_tcpv4 and f.csum else 0)
-                             | (TUN_F_TSO6 if f.gso_tcpv6 and f.csum and f.ipv6_csum else 0))
+        f, self.queues = open_queues(self.domain, frontend, self._tx_kick, self._rx_kick, MAX_QUEUES,
+                                     self.spec.offload)
+        csum = f.csum and self.spec.offload       # offload=off: the host finishes every frame it hands us
+        self.tap.set_offload((TUN_F_CSUM if csum else 0) | (TUN_F_TSO4 if f.gso_tcpv4 and csum else 0)
+                             | (TUN_F_TSO6 if f.gso_tcpv6 and csum and f.ipv6_csum else 0))
         try:
             for q in self.queues:
                 q.fd = self.tap.fd if q.index == 0 else self.tap.add_queue()
@@ -138,7 +142,10 @@ class VifDevice(XenbusDevice):
             self.tap.set_offload(0)
 
     def close(self) -> None:
+        """Unplug or VM end: stop serving, log the counters (what a user asks ``ip -s link`` for), drop the tap."""
         self.disconnect()
+        log.info("%s: tap %s: %s", self.backend.label, self.name,
+                 " ".join(f"{k}={v}" for k, v in self.stats.items() if not k.endswith("_ns")))
         self.tap.close()
 
     def _tx_kick(self, _queue: int) -> None:
@@ -279,6 +286,8 @@ class VifDevice(XenbusDevice):
             return
         self.stats["tx_packets"] += 1
         self.stats["tx_bytes"] += total
+        if gso[0]:
+            self.stats["tx_gso"] += 1
 
     def _count(self, what: str, why: str) -> None:
         self.stats[what] += 1
@@ -401,4 +410,6 @@ class RxWorker:
         r.rx_cons += need
         self.dev.stats["rx_packets"] += 1
         self.dev.stats["rx_bytes"] += size
+        if gso:
+            self.dev.stats["rx_gso"] += 1
         return need
