@@ -19,9 +19,10 @@ log = logging.getLogger("xenkvm.rig")
 
 #: What L1 needs: virtio-pci and 9p for the host's root and the results share, overlayfs
 #: for a writable root over the read-only share, kvm_amd for /dev/kvm, tun for the vifs'
-#: taps (devtmpfs makes /dev/net/tun when it loads; the init script checks it) and bridge
-#: for a vif's ``bridge=`` (test_netfront_guest.py).
-WANTED_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd", "tun", "bridge")
+#: taps (devtmpfs makes /dev/net/tun when it loads; the init script checks it), bridge
+#: for a vif's ``bridge=`` (test_netfront_guest.py) and vhost_net for QEMU's virtio-net,
+#: the comparison row of benchmarks/bench_rig_net.py (/dev/vhost-net, as a KVM user has it).
+WANTED_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd", "tun", "bridge", "vhost_net")
 
 #: Console lines of the init script, parsed by the runner.
 READY = "XENKVM-RIG-READY"
