@@ -102,7 +102,7 @@ def inner(size: int, timeout: float) -> int:
         x = run_xenkvm(ns, tmp / "x", vifs=(("xkn0", "eth0", "10.90.0", "on"),), size=size, timeout=timeout)
     with netboot.netns(f"xkq{os.getpid()}") as ns:
         q = run_qemu(ns, tmp / "q", size, timeout)
-    print(f"TCP, {size >> 10} KiB each way, MB/s as the host timed it (boots: xenkvm {x.elapsed:.0f} s, "
+    print(f"TCP, {size >> 10} KiB each way, MB/s as the host timed it (guest runs: xenkvm {x.elapsed:.0f} s, "
           f"QEMU {q.elapsed:.0f} s wall, {q.stderr.strip().splitlines()[-1]})")
     print(f"{'row':<28} {'guest->host':>10} {'host->guest':>10}  checks")
     print(row("xenkvm vif (Xen PVH)", size, x.seconds("10.90.0"), x.transfers("eth0", "10.90.0", size)))
