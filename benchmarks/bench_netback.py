@@ -21,6 +21,11 @@ frames (TCPv4, mss 1448):
 The guest's frames are addressed to a MAC nobody has: the host stack drops
 them at once.  Needs root (taps).  ``--frames`` sets the 64/1514-byte count
 (GSO rows use an eighth).
+
+``--compare OLD_TREE`` measures another checkout (its cffi modules built, e.g.
+``git archive`` of the commit before a change) against this one, interleaved
+``--runs`` times (each side with this script, ``--tree``), and prints the best
+backend busy figure of each side per row: before/after in one run.
 """
 from __future__ import annotations
 
@@ -34,7 +39,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+#: The checkout whose xenkvm is measured (``--tree DIR``, else this one): set before it is imported.
+TREE = Path(sys.argv[sys.argv.index("--tree") + 1]).resolve() if "--tree" in sys.argv[:-1] else ROOT
+sys.path[:0] = [str(TREE)]
 
 from benchlib import ConsoleLines  # noqa: E402  (this script's folder)
 from xenkvm.backends.netpkt import VNET_HDR  # noqa: E402
@@ -170,15 +177,46 @@ def floor(way: str, size: int, count: int) -> float:
         tap.close()
 
 
+def compare(old: Path, runs: int, frames: int) -> int:
+    """Old tree and this one, interleaved; best backend busy time of each per row."""
+    best: dict[str, dict[str, float]] = {"old": {}, "new": {}}
+    sizes: dict[str, int] = {}
+    for _ in range(max(1, runs)):
+        for side, tree in (("old", old), ("new", ROOT)):
+            out = subprocess.run([sys.executable, __file__, "--tsv", "--frames", str(frames), "--tree", str(tree)],
+                                 check=True, capture_output=True, text=True).stdout
+            for line in out.splitlines():
+                row, count, size, busy = line.split("\t")
+                sizes[row] = int(count) * int(size)
+                best[side][row] = min(best[side].get(row, float("inf")), float(busy))
+    print(f"backend busy, best of {runs} interleaved runs: {old} (old) vs {ROOT} (new)")
+    print(f"{'row':<12} {'old MB/s':>10} {'new MB/s':>10} {'new/old':>8}")
+    for row, nbytes in sizes.items():
+        o, n = best["old"].get(row), best["new"][row]
+        print(f"{row:<12} {nbytes / o / 1e6 if o else float('nan'):>10.1f} {nbytes / n / 1e6:>10.1f} "
+              f"{o / n if o else float('nan'):>7.2f}x")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=2000, help="64/1514-byte frames per row (default 2000)")
+    ap.add_argument("--tree", type=Path, help="measure this checkout's xenkvm (read before import)")
+    ap.add_argument("--tsv", action="store_true", help="print row<TAB>count<TAB>size<TAB>busy-seconds only")
+    ap.add_argument("--compare", type=Path, metavar="OLD_TREE", help="old tree vs this one, interleaved")
+    ap.add_argument("--runs", type=int, default=3, help="interleaved runs of --compare (default 3)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_netback: needs root for taps; skipped")
         return 0
     subprocess.run(["make", "-s", "-C", str(ROOT / "guests")], check=True)
+    if args.compare:
+        return compare(args.compare.resolve(), args.runs, args.frames)
     rows = run_backend(args.frames)
+    if args.tsv:
+        for r in rows:
+            print(f"{r['way']} {r['size']}\t{r['count']}\t{r['size']}\t{r['busy']}")
+        return 0
     print(f"{'row':<12} {'backend busy':>26} {'guest wall':>24} {'python tap floor':>26} {'busy/floor':>10}")
     for r in rows:
         n, size = r["count"], r["size"]

@@ -96,7 +96,7 @@ XENSTORE_TOOLS = ("xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-li
                   "xenstore-exists", "xenstore-watch", "xenstore-chmod")
 #: Kernel modules copied into the Xen initramfs (paths below lib/modules/<abi>/kernel), in
 #: load order: xenfs (/proc/xen, the classic xenstore device path) needs xen-privcmd.
-XEN_MODULES = ("drivers/xen/xen-privcmd.ko", "drivers/xen/xenfs/xenfs.ko")
+XEN_MODULES = ("drivers/xen/xen-privcmd.ko", "drivers/xen/xenfs/xenfs.ko", "drivers/net/xen-netfront.ko")
 XEN_APPLETS = APPLETS + ("insmod", "lsmod", "usleep", "setsid", "cttyhack", "tr", "head", "tail",
                          "timeout", "seq", "wc", "sed", "env", "stty", "dd", "rm")
 

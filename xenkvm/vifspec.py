@@ -8,7 +8,10 @@
 Keys: ``mac`` (unicast, six hex octets), ``bridge`` (an existing host bridge
 the tap is enslaved to), ``vifname`` (the host tap's name: at most 15
 characters, no ``/``, ``:`` or white space), ``ip`` (written to the backend
-node as libxl does; not enforced), ``type`` (``vif`` or ``ioemu``: both get
+node as libxl does; not enforced), ``offload`` (``on``, the default, or
+``off``: xenkvm's own key; the backend then offers no GSO/TSO and no IPv6
+checksum offload and the tap hands it only finished frames; Linux netfront
+still leaves IPv4 checksums to every backend, which the backend completes), ``type`` (``vif`` or ``ioemu``: both get
 the PV device), ``model`` and ``script`` (accepted for existing
 configurations; the VMM plugs the tap itself).  Every problem is a
 ConfigError naming the key.
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 
 from xenkvm.config import ConfigError
 
-KEYS = ("mac", "bridge", "vifname", "ip", "type", "model", "script")
+KEYS = ("mac", "bridge", "vifname", "ip", "type", "model", "script", "offload")
 XEN_OUI = (0x00, 0x16, 0x3E)
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 IFNAMSIZ = 16
@@ -41,6 +44,7 @@ class VifSpec:
     bridge: str | None = None
     vifname: str | None = None
     ip: str | None = None
+    offload: bool = True      #: offer GSO/TSO v4/v6 and IPv6 checksum offload (``offload=off``: none)
 
 
 def generated_mac(name: str, devid: int) -> str:
@@ -95,7 +99,10 @@ def parse_vif(text: object, devid: int, domain_name: str) -> VifSpec:
     mac = _mac(keys["mac"]) if "mac" in keys else generated_mac(domain_name, devid)
     bridge = check_ifname(keys["bridge"], "bridge") if "bridge" in keys else None
     vifname = check_ifname(keys["vifname"], "vifname") if "vifname" in keys else None
-    return VifSpec(devid=devid, mac=mac, bridge=bridge, vifname=vifname, ip=keys.get("ip") or None)
+    if keys.get("offload", "on") not in ("on", "off"):
+        raise ConfigError(f"vifs: offload={keys['offload']!r}: expected on or off")
+    return VifSpec(devid=devid, mac=mac, bridge=bridge, vifname=vifname, ip=keys.get("ip") or None,
+                   offload=keys.get("offload", "on") == "on")
 
 
 def parse_vifs(value: object, domain_name: str) -> tuple[VifSpec, ...]:

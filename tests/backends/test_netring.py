@@ -36,6 +36,16 @@ def test_gso_needs_sg():
     assert not f.gso_tcpv4
 
 
+def test_offload_off_withdraws_gso_and_ipv6_csum():
+    """A vif with ``offload=off`` offered none: the frontend's keys for them do not count."""
+    keys = {**BASE, "tx-ring-ref": "8", "rx-ring-ref": "9", "event-channel": "5", "feature-sg": "1",
+            "feature-gso-tcpv4": "1", "feature-gso-tcpv6": "1", "feature-ipv6-csum-offload": "1"}
+    on, _ = open_queues(Domain(), keys, noop, noop, 4)
+    off, _ = open_queues(Domain(), keys, noop, noop, 4, offload=False)
+    assert on.gso_tcpv4 and on.gso_tcpv6 and on.ipv6_csum
+    assert off.sg and off.csum and not (off.gso_tcpv4 or off.gso_tcpv6 or off.ipv6_csum)
+
+
 def test_two_queues_split_channels_and_callbacks():
     d, seen = Domain(), []
     bound = {}

@@ -23,12 +23,17 @@ def test_generated_mac_is_xen_prefix_and_stable():
 @pytest.mark.parametrize("spec,needle", [
     ("mac=00:16:3e:01:02", "mac="), ("mac=01:16:3e:01:02:03", "multicast"), ("macc=00:16:3e:01:02:03", "'macc'"),
     ("vifname=a/b", "vifname="), ("vifname=abcdefghijklmnop", "vifname="), ("bridge=br 0", "bridge="),
-    ("type=tap", "type="), ("bridge", "key=value"), ("bridge=a, bridge=b", "twice"), (42, "expected a string"),
+    ("type=tap", "type="), ("offload=no", "offload="), ("bridge", "key=value"), ("bridge=a, bridge=b", "twice"), (42, "expected a string"),
 ])
 def test_bad_specs_name_the_key(spec, needle):
     with pytest.raises(ConfigError) as e:
         parse_vif(spec, 0, "d")
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_offload_key():
+    assert parse_vif("", 0, "d").offload and parse_vif("offload=on", 0, "d").offload
+    assert not parse_vif("offload=off, bridge=br0", 0, "d").offload
 
 
 def test_duplicates_and_list():

@@ -84,9 +84,11 @@ def test_generic_kernel_package_matches_the_cloud_abi():
 
 def test_l1_initramfs_loads_modules_in_order(tmp_path):
     mods = {"virtio-pci": "virtio", "virtio": "", "9pnet_virtio": "9pnet,virtio", "9pnet": "",
-            "9p": "9pnet", "overlay": "", "kvm-amd": "kvm", "kvm": ""}
+            "9p": "9pnet", "overlay": "", "kvm-amd": "kvm", "kvm": "", "tun": "", "bridge": "stp,llc",
+            "stp": "llc", "llc": "", "vhost_net": "vhost", "vhost": ""}
     cpio, order = image.build_initramfs(b"\x7fELF busybox", tree(tmp_path, mods))
-    assert order == ("virtio", "virtio_pci", "9pnet", "9pnet_virtio", "9p", "overlay", "kvm", "kvm_amd")
+    assert order == ("virtio", "virtio_pci", "9pnet", "9pnet_virtio", "9p", "overlay", "kvm", "kvm_amd",
+                     "tun", "llc", "stp", "bridge", "vhost", "vhost_net")
     raw = cpio.to_bytes()
     listed = raw.split(b"lib/modules/load-order\0", 1)[1]
     assert listed.lstrip(b"\0").startswith("".join(f"{m}.ko\n" for m in order).encode())
@@ -169,4 +171,5 @@ def test_real_generic_kernel_resolves_kvm_amd():
     moddir = sorted((ROOT / ".cache" / "rig" / "kernel" / "lib" / "modules").iterdir())[-1]
     names = [m.name for m in kmod.ModuleTree(moddir).load_order(list(image.WANTED_MODULES))]
     assert names.index("kvm") < names.index("kvm_amd") and names.index("ccp") < names.index("kvm_amd")
-    assert names.index("9pnet") < names.index("9p") and "overlay" in names
+    assert names.index("9pnet") < names.index("9p") and "overlay" in names and "tun" in names
+    assert names.index("stp") < names.index("bridge") and names.index("vhost") < names.index("vhost_net")

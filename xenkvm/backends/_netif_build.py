@@ -16,6 +16,13 @@ of the ring protocol with real barriers, so no Python touches ring bytes:
   asks for a notification after a given producer index (an incomplete packet).
 
 Rings are one page each (netif has no multi-page rings): 256 entries.
+
+``xkg_copy_v1`` is the batched grant copy of gntcopy.py: for each (ref,
+offset, length, host pointer) segment of a v1 grant table it does what
+``GrantTable.copy_from``/``copy_to`` do for a ref nobody holds pinned (check the
+entry, set GTF_reading/GTF_writing by compare-and-swap, find the granted frame
+in guest memory, copy, clear the bits), all in one call; a segment it cannot
+serve that way is left to the Python path, which gives the exact error.
 """
 from __future__ import annotations
 
@@ -66,6 +73,17 @@ int xkn_rx_final_check(char *page, uint32_t req_cons);
 int xkn_tx_arm_after(char *page, uint32_t seen_prod);
 void xkn_extra_gso(netif_rx_response_t *slot, uint16_t size, uint8_t type);
 int xkn_tx_gso(const netif_tx_request_t *slot, struct xkn_gso *out);
+#define XKG_DONE ...
+#define XKG_PYTHON ...
+#define XKG_CAS_RETRIES ...
+struct xkg_region { uint64_t gfn; uint64_t pages; char *host; };
+struct xkg_seg { uint32_t ref; uint16_t offset; uint16_t length; char *buf; int32_t status; };
+int xkg_copy_v1(char **frames, uint32_t nframes, uint16_t ldomid, const struct xkg_region *regions,
+                uint32_t nregions, const uint32_t *active, uint32_t nactive, struct xkg_seg *segs,
+                uint32_t nsegs, int to_guest);
+int xkn_tx_segs(const netif_tx_request_t *reqs, int first, int rest, int nrest, char *base, struct xkg_seg *segs);
+int xkn_rx_segs(const netif_rx_request_t *reqs, int need, uint32_t size, uint16_t first_flags, uint8_t gso,
+                uint16_t gso_size, char *data, netif_rx_response_t *rsps, struct xkg_seg *segs);
 """
 
 SOURCE = r"""
@@ -158,6 +176,142 @@ int xkn_tx_gso(const netif_tx_request_t *slot, struct xkn_gso *out)
     const struct netif_extra_info *e = (const struct netif_extra_info *)slot;
     memcpy(out, &e->u.gso, sizeof(*out));
     return (e->flags & XEN_NETIF_EXTRA_FLAG_MORE) ? -(int)e->type - 1 : e->type;
+}
+
+/* --- batched grant copy (gntcopy.py) ------------------------------------------------------- */
+#define XKG_DONE 0
+#define XKG_PYTHON 1            /* not served here: the Python path copies it or raises its error */
+#define XKG_CAS_RETRIES 5       /* as entries.py CAS_RETRIES (Xen's _set_status_v1 bound) */
+#define XKG_PER_FRAME (4096 / sizeof(struct grant_entry_v1))
+#define XKG_BUSY (GTF_reading | GTF_writing)
+struct xkg_region { uint64_t gfn; uint64_t pages; char *host; };
+struct xkg_seg { uint32_t ref; uint16_t offset; uint16_t length; char *buf; int32_t status; };
+_Static_assert(offsetof(struct grant_entry_v1, flags) == 0 && offsetof(struct grant_entry_v1, domid) == 2,
+               "flags and domid share the 32-bit word the busy bits are swapped in");
+
+static int xkg_is_active(const uint32_t *active, uint32_t n, uint32_t ref)
+{
+    uint32_t lo = 0, hi = n;              /* active: sorted */
+    while (lo < hi) {
+        uint32_t mid = (lo + hi) / 2;
+        if (active[mid] == ref)
+            return 1;
+        if (active[mid] < ref) lo = mid + 1; else hi = mid;
+    }
+    return 0;
+}
+
+static char *xkg_page(const struct xkg_region *r, uint32_t n, uint64_t gfn)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (gfn >= r[i].gfn && gfn - r[i].gfn < r[i].pages)
+            return r[i].host + ((gfn - r[i].gfn) << 12);
+    return NULL;
+}
+
+/* Xen's _set_status_v1 for a ref not pinned yet: the type must be exactly GTF_permit_access and
+ * the domid ours, a write of a GTF_readonly grant fails; compare-and-swap, bounded retries.
+ * 1 if the busy bits are set (the caller clears them), 0 if refused or unstable. */
+static int xkg_claim_v1(uint32_t *word, uint16_t ldomid, int readonly)
+{
+    uint32_t old = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < XKG_CAS_RETRIES; i++) {
+        uint16_t flags = old & 0xFFFF, dom = old >> 16;
+        if ((flags & GTF_type_mask) != GTF_permit_access || dom != ldomid)
+            return 0;
+        if (!readonly && (flags & GTF_readonly))
+            return 0;
+        uint32_t want = old | GTF_reading | (readonly ? 0 : GTF_writing);
+        if (__atomic_compare_exchange_n(word, &old, want, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            return 1;
+    }
+    return 0;
+}
+
+int xkg_copy_v1(char **frames, uint32_t nframes, uint16_t ldomid, const struct xkg_region *regions,
+                uint32_t nregions, const uint32_t *active, uint32_t nactive, struct xkg_seg *segs,
+                uint32_t nsegs, int to_guest)
+{
+    int left = 0;
+    for (uint32_t i = 0; i < nsegs; i++) {
+        struct xkg_seg *s = &segs[i];
+        s->status = XKG_PYTHON;
+        left++;
+        if ((uint32_t)s->offset + s->length > 4096 || s->ref >= nframes * XKG_PER_FRAME
+            || xkg_is_active(active, nactive, s->ref))
+            continue;
+        struct grant_entry_v1 *e = (struct grant_entry_v1 *)frames[s->ref / XKG_PER_FRAME] + s->ref % XKG_PER_FRAME;
+        uint32_t *word = (uint32_t *)e;
+        if (!xkg_claim_v1(word, ldomid, !to_guest))
+            continue;
+        char *page = xkg_page(regions, nregions, __atomic_load_n(&e->frame, __ATOMIC_RELAXED));
+        if (page != NULL) {
+            if (to_guest)
+                memcpy(page + s->offset, s->buf, s->length);
+            else
+                memcpy(s->buf, page + s->offset, s->length);
+            s->status = XKG_DONE;
+            left--;
+        }
+        __atomic_fetch_and(word, ~(uint32_t)XKG_BUSY, __ATOMIC_SEQ_CST);   /* the last pin went */
+    }
+    return left;
+}
+
+/* The data slots of one tx packet as copy segments into `base`: slot `first`, then `nrest` slots
+ * from `rest` (the extras sit between).  io/netif.h: fragment 1's size is the total packet size and
+ * "the actual size of fragment 1 can only be determined by subtracting the sizes of fragments 2..N
+ * from the total packet size"; a slot may not run past its page.  Returns the packet size; -1 if
+ * the total is under an Ethernet header or fragments 2..N exceed it; -(2 + k) if slot k crosses
+ * its page. */
+int xkn_tx_segs(const netif_tx_request_t *reqs, int first, int rest, int nrest, char *base, struct xkg_seg *segs)
+{
+    uint32_t total = reqs[first].size, others = 0, pos = 0;
+    for (int k = 0; k < nrest; k++)
+        others += reqs[rest + k].size;
+    if (total < 14 || others > total)
+        return -1;
+    for (int k = 0; k <= nrest; k++) {
+        const netif_tx_request_t *q = &reqs[k == 0 ? first : rest + k - 1];
+        uint32_t len = k == 0 ? total - others : q->size;
+        if ((uint32_t)q->offset + len > 4096)
+            return -(2 + k);
+        segs[k].ref = q->gref;
+        segs[k].offset = q->offset;
+        segs[k].length = len;
+        segs[k].buf = base + pos;
+        pos += len;
+    }
+    return total;
+}
+
+/* One frame of `size` bytes at `data` into the `need` rx buffers peeked (reqs[0..need)), responses
+ * from rsps[0]: a page per slot at offset 0, NETRXF_more_data on all but the last, `first_flags` on
+ * the first; with a GSO type slot 1 is its extra (netif.h: the extra follows the first response).
+ * Returns the number of copy segments written (the data slots, in order). */
+int xkn_rx_segs(const netif_rx_request_t *reqs, int need, uint32_t size, uint16_t first_flags, uint8_t gso,
+                uint16_t gso_size, char *data, netif_rx_response_t *rsps, struct xkg_seg *segs)
+{
+    uint32_t pos = 0;
+    int n = 0;
+    for (int s = 0; s < need; s++) {
+        if (gso && s == 1) {
+            xkn_extra_gso(&rsps[s], gso_size, gso);
+            continue;
+        }
+        uint32_t len = size - pos < 4096 ? size - pos : 4096;
+        rsps[s].id = reqs[s].id;
+        rsps[s].offset = 0;
+        rsps[s].status = len;
+        rsps[s].flags = (s == 0 ? first_flags : 0) | (pos + len < size ? NETRXF_more_data : 0);
+        segs[n].ref = reqs[s].gref;
+        segs[n].offset = 0;
+        segs[n].length = len;
+        segs[n].buf = data + pos;
+        n++;
+        pos += len;
+    }
+    return n;
 }
 """
 

@@ -48,10 +48,10 @@ import threading
 import time
 
 from xenkvm.vifspec import VifSpec
-from xenkvm.xen.gnttab import GrantError
 
 from . import netpkt
 from ._netif_cffi import ffi, lib
+from .gntcopy import BatchCopy
 from .netring import RING, NetifRings, open_queues
 from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap
 from .xenbus import ConnectError, XenbusDevice
@@ -64,7 +64,7 @@ MORE, EXTRA, CSUM_BLANK = lib.NETTXF_more_data, lib.NETTXF_extra_info, lib.NETTX
 OKAY, ERROR, NULL = lib.NETIF_RSP_OKAY, lib.NETIF_RSP_ERROR, lib.NETIF_RSP_NULL
 GSO_TYPES = {lib.XEN_NETIF_GSO_TYPE_TCPV4: "gso_tcpv4", lib.XEN_NETIF_GSO_TYPE_TCPV6: "gso_tcpv6"}
 RX_CSUM_BLANK, RX_VALIDATED = lib.NETRXF_csum_blank, lib.NETRXF_data_validated
-RX_MORE, RX_EXTRA = lib.NETRXF_more_data, lib.NETRXF_extra_info
+RX_EXTRA = lib.NETRXF_extra_info
 RX_GSO = {netpkt.GSO_TCPV4: lib.XEN_NETIF_GSO_TYPE_TCPV4, netpkt.GSO_TCPV6: lib.XEN_NETIF_GSO_TYPE_TCPV6}
 HDR = netpkt.VNET_HDR_LEN
 FRAME_MAX = 65536 + 64
@@ -86,11 +86,14 @@ class VifDevice(XenbusDevice):
         self.tap = Tap(self.name, spec.bridge)
         self.name = self.tap.name
         self.queues: list[NetifRings] = []
-        self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_malformed": 0, "tx_dropped": 0, "tx_bad_index": 0,
-                      "rx_packets": 0, "rx_bytes": 0, "rx_dropped": 0, "rx_bad_index": 0,
+        self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_gso": 0, "tx_malformed": 0, "tx_dropped": 0,
+                      "tx_bad_index": 0, "rx_packets": 0, "rx_bytes": 0, "rx_gso": 0, "rx_dropped": 0,
+                      "rx_bad_index": 0,
                       "tx_busy_ns": 0, "rx_busy_ns": 0}   #: busy: CPU time serving (bench_netback.py)
         self._tx_buf = bytearray(HDR + 65536)
         self._tx_mv = memoryview(self._tx_buf)
+        self._tx_ptr = ffi.from_buffer(self._tx_buf)
+        self._tx_copy: BatchCopy | None = None       #: the tx worker's (connect)
         self._gso = ffi.new("struct xkn_gso *")
         self._rx: list[RxWorker] = []
 
@@ -99,10 +102,11 @@ class VifDevice(XenbusDevice):
         return {"mac": self.spec.mac, "handle": str(self.devid)}
 
     def backend_keys(self) -> dict[str, str]:
+        offload = "1" if self.spec.offload else "0"     # offload=off: no GSO, no IPv6 csum offload
         keys = {"mac": self.spec.mac, "handle": str(self.devid), "type": "vif", "vifname": self.name,
                 "hotplug-status": "connected", "feature-rx-copy": "1", "feature-rx-flip": "0",
-                "feature-sg": "1", "feature-gso-tcpv4": "1", "feature-gso-tcpv6": "1",
-                "feature-ipv6-csum-offload": "1", "feature-split-event-channels": "1",
+                "feature-sg": "1", "feature-gso-tcpv4": offload, "feature-gso-tcpv6": offload,
+                "feature-ipv6-csum-offload": offload, "feature-split-event-channels": "1",
                 "multi-queue-max-queues": str(MAX_QUEUES)}
         if self.spec.bridge:
             keys["bridge"] = self.spec.bridge
@@ -111,15 +115,18 @@ class VifDevice(XenbusDevice):
         return keys
 
     def connect(self, frontend: dict[str, str]) -> None:
-        f, self.queues = open_queues(self.domain, frontend, self._tx_kick, self._rx_kick, MAX_QUEUES)
-        self.tap.set_offload((TUN_F_CSUM if f.csum else 0) | (TUN_F_TSO4 if f.gso_tcpv4 and f.csum else 0)
-                             | (TUN_F_TSO6 if f.gso_tcpv6 and f.csum and f.ipv6_csum else 0))
+        f, self.queues = open_queues(self.domain, frontend, self._tx_kick, self._rx_kick, MAX_QUEUES,
+                                     self.spec.offload)
+        csum = f.csum and self.spec.offload       # offload=off: the host finishes every frame it hands us
+        self.tap.set_offload((TUN_F_CSUM if csum else 0) | (TUN_F_TSO4 if f.gso_tcpv4 and csum else 0)
+                             | (TUN_F_TSO6 if f.gso_tcpv6 and csum and f.ipv6_csum else 0))
         try:
             for q in self.queues:
                 q.fd = self.tap.fd if q.index == 0 else self.tap.add_queue()
         except OSError as e:
             self.disconnect()
             raise ConnectError(f"tap {self.name}: queue: {e.strerror}") from None
+        self._tx_copy = BatchCopy(self.domain, MAX_SLOTS)
         self._rx = [RxWorker(self, q) for q in self.queues]
         q0 = self.queues[0]
         log.info("%s: connected, tap %s, %d queue(s), ports %d/%d, %s", self.backend.label, self.name,
@@ -138,7 +145,10 @@ class VifDevice(XenbusDevice):
             self.tap.set_offload(0)
 
     def close(self) -> None:
+        """Unplug or VM end: stop serving, log the counters (what a user asks ``ip -s link`` for), drop the tap."""
         self.disconnect()
+        log.info("%s: tap %s: %s", self.backend.label, self.name,
+                 " ".join(f"{k}={v}" for k, v in self.stats.items() if not k.endswith("_ns")))
         self.tap.close()
 
     def _tx_kick(self, _queue: int) -> None:
@@ -251,22 +261,21 @@ class VifDevice(XenbusDevice):
 
     def _send(self, r: NetifRings, slots: list[int], gso: tuple[int, int]) -> None:
         """Check the sizes, gather the slots by grant copy, write header + frame to the tap."""
-        reqs, dom, buf = r.tx_reqs, self.domain, self._tx_mv
-        total = reqs[slots[0]].size
-        rest = sum(reqs[k].size for k in slots[1:])
-        if total < 14 or rest > total:
-            raise Malformed(f"packet size {total}, slots after the first {rest}")
-        pos = HDR
-        for n, k in enumerate(slots):
-            q = reqs[k]
-            length = total - rest if n == 0 else q.size
-            if q.offset + length > PAGE:
-                raise Malformed(f"slot {q.offset}+{length} crosses its page")
-            try:
-                buf[pos:pos + length] = dom.gnttab.copy_from(dom.domid, q.gref, q.offset, length)
-            except GrantError as e:
-                raise Malformed(f"grant {q.gref}: {e}") from None
-            pos += length
+        reqs, buf, copy = r.tx_reqs, self._tx_mv, self._tx_copy
+        total = lib.xkn_tx_segs(reqs, slots[0], slots[1] if len(slots) > 1 else 0, len(slots) - 1,
+                                self._tx_ptr + HDR, copy.segs)      # the data slots follow each other
+        if total < 0:
+            first, rest = reqs[slots[0]].size, sum(reqs[k].size for k in slots[1:])
+            if total == -1:
+                raise Malformed(f"packet size {first}, slots after the first {rest}")
+            q = reqs[slots[-total - 2]]
+            raise Malformed(f"slot {q.offset}+{first - rest if total == -2 else q.size} crosses its page")
+        pos = HDR + total
+        copy.filled(len(slots))
+        errors = copy.run(to_guest=False)        # gntcopy.py: Xen's grant checks, one C call
+        if errors:
+            i, e = next(iter(errors.items()))
+            raise Malformed(f"grant {copy.segs[i].ref}: {e}")
         head = bytes(buf[HDR:HDR + 128])
         hdr = netpkt.tx_vnet_hdr(head, bool(reqs[slots[0]].flags & CSUM_BLANK), gso[0], gso[1])
         if hdr is None:
@@ -279,6 +288,8 @@ class VifDevice(XenbusDevice):
             return
         self.stats["tx_packets"] += 1
         self.stats["tx_bytes"] += total
+        if gso[0]:
+            self.stats["tx_gso"] += 1
 
     def _count(self, what: str, why: str) -> None:
         self.stats[what] += 1
@@ -302,6 +313,8 @@ class RxWorker:
         self._stop = False
         self._buf = bytearray(FRAME_MAX)
         self._mv = memoryview(self._buf)
+        self._data = ffi.from_buffer(self._buf) + HDR
+        self._copy = BatchCopy(dev.domain, MAX_SLOTS)
         self._len = 0                      #: a frame read and not delivered yet (no rx buffers)
         self._thread = threading.Thread(target=self._run, name=f"{dev.backend.label}-rx{rings.index}", daemon=True)
         self._thread.start()
@@ -378,27 +391,18 @@ class RxWorker:
 
     def _fill(self, at: int, size: int, need: int, csum: int, gso: int, gso_size: int) -> int:
         """Copy the frame into the ``need`` buffers peeked; write their responses from ``rsps[at]``."""
-        r, dom = self.r, self.dev.domain
-        reqs, rsps, data = r.rx_reqs, r.rx_rsps, self._mv[HDR:HDR + size]
+        r, copy = self.r, self._copy
+        reqs, rsps = r.rx_reqs, r.rx_rsps
         first = (RX_CSUM_BLANK | RX_VALIDATED if csum & netpkt.F_NEEDS_CSUM
                  else RX_VALIDATED if csum & netpkt.F_DATA_VALID else 0) | (RX_EXTRA if gso else 0)
-        pos = 0
-        for s in range(need):
-            p = ffi.addressof(rsps, at + s)
-            if gso and s == 1:
-                lib.xkn_extra_gso(p, gso_size, gso)
-                continue
-            q, n = reqs[s], min(PAGE, size - pos)
-            p.id, p.offset = q.id, 0
-            p.flags = (first if s == 0 else 0) | (RX_MORE if pos + n < size else 0)
-            try:
-                dom.gnttab.copy_to(dom.domid, q.gref, 0, data[pos:pos + n])
-                p.status = n
-            except GrantError as e:
-                p.status = ERROR
-                self.dev._count("rx_dropped", f"rx buffer grant {q.gref}: {e}")
-            pos += n
+        copy.filled(lib.xkn_rx_segs(reqs, need, size, first, gso, gso_size, self._data, ffi.addressof(rsps, at),
+                                    copy.segs))
+        for i, e in copy.run(to_guest=True).items():     # gntcopy.py: Xen's grant checks, one C call
+            rsps[at + (i + 1 if gso and i else i)].status = ERROR     # the GSO extra is slot 1
+            self.dev._count("rx_dropped", f"rx buffer grant {copy.segs[i].ref}: {e}")
         r.rx_cons += need
         self.dev.stats["rx_packets"] += 1
         self.dev.stats["rx_bytes"] += size
+        if gso:
+            self.dev.stats["rx_gso"] += 1
         return need

@@ -74,26 +74,31 @@ def _flag(keys: dict[str, str], name: str) -> bool:
     return keys.get(name, "0").strip() == "1"
 
 
-def negotiated(keys: dict[str, str]) -> Features:
-    """The frontend's feature keys; rx-copy and rx-notify are required."""
+def negotiated(keys: dict[str, str], offload: bool = True) -> Features:
+    """The frontend's feature keys; rx-copy and rx-notify are required.
+
+    Without ``offload`` the backend offered no GSO and no IPv6 checksum offload, so a
+    frontend's ``feature-gso-tcpv4``/``-tcpv6``/``feature-ipv6-csum-offload`` do not count
+    (a GSO extra is then refused as not negotiated)."""
     if not _flag(keys, "request-rx-copy"):
         raise ConnectError("request-rx-copy is not 1 (only rx-copy is supported)")
     if not _flag(keys, "feature-rx-notify"):
         raise ConnectError("feature-rx-notify is mandatory")
     sg = _flag(keys, "feature-sg")
-    return Features(sg=sg, gso_tcpv4=sg and _flag(keys, "feature-gso-tcpv4"),
-                    gso_tcpv6=sg and _flag(keys, "feature-gso-tcpv6"),
+    return Features(sg=sg, gso_tcpv4=offload and sg and _flag(keys, "feature-gso-tcpv4"),
+                    gso_tcpv6=offload and sg and _flag(keys, "feature-gso-tcpv6"),
                     csum=not _flag(keys, "feature-no-csum-offload"),
-                    ipv6_csum=_flag(keys, "feature-ipv6-csum-offload"))
+                    ipv6_csum=offload and _flag(keys, "feature-ipv6-csum-offload"))
 
 
 def open_queues(domain, keys: dict[str, str], on_tx: Callable[[int], None], on_rx: Callable[[int], None],
-                max_queues: int) -> tuple[Features, list[NetifRings]]:
+                max_queues: int, offload: bool = True) -> tuple[Features, list[NetifRings]]:
     """Map and bind every queue (``multi-queue-num-queues``, keys under ``queue-N/``); all or nothing.
 
-    ``on_tx(q)`` / ``on_rx(q)`` run when queue q's tx / rx event channel fires (both for one channel).
+    ``on_tx(q)`` / ``on_rx(q)`` run when queue q's tx / rx event channel fires (both for one channel);
+    ``offload``: whether the backend offered GSO and IPv6 checksum offload (:func:`negotiated`).
     """
-    features = negotiated(keys)
+    features = negotiated(keys, offload)
     count = 1
     if "multi-queue-num-queues" in keys:
         count = _number(keys, "multi-queue-num-queues", max_queues + 1)

@@ -18,8 +18,11 @@ from xenkvm.rig.kmod import ModuleTree
 log = logging.getLogger("xenkvm.rig")
 
 #: What L1 needs: virtio-pci and 9p for the host's root and the results share, overlayfs
-#: for a writable root over the read-only share, kvm_amd for /dev/kvm.
-WANTED_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd")
+#: for a writable root over the read-only share, kvm_amd for /dev/kvm, tun for the vifs'
+#: taps (devtmpfs makes /dev/net/tun when it loads; the init script checks it), bridge
+#: for a vif's ``bridge=`` (test_netfront_guest.py) and vhost_net for QEMU's virtio-net,
+#: the comparison row of benchmarks/bench_rig_net.py (/dev/vhost-net, as a KVM user has it).
+WANTED_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd", "tun", "bridge", "vhost_net")
 
 #: Console lines of the init script, parsed by the runner.
 READY = "XENKVM-RIG-READY"
@@ -53,6 +56,7 @@ while read -r m; do
     insmod "/lib/modules/$m" || fail "insmod $m failed"
 done < /lib/modules/load-order
 [ -c /dev/kvm ] || fail "kvm_amd loaded but there is no /dev/kvm"
+[ -c /dev/net/tun ] || fail "tun loaded but there is no /dev/net/tun"
 mkdir -p /host /upper /root /out
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 {HOST_TAG} /host \\
     || fail "cannot mount the host's root over 9p"

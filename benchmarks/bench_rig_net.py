@@ -1,0 +1,144 @@
+"""TCP throughput guest<->host in the rig: xenkvm's vif vs QEMU virtio-net on a tap, beside loopback.
+
+    python benchmarks/bench_rig_net.py [--bytes N] [--timeout 3000]   # boots the rig (docs/hw-rig.md)
+    python benchmarks/bench_rig_net.py --inner                        # inside L1 (or any hardware KVM host)
+
+In one L1 (QEMU TCG with SVM), side by side, with the same Debian cloud kernel and
+the same guest init (tests/linux/netboot.py: busybox ``nc`` sends N random bytes to
+the host and receives N back, both checksummed):
+
+* **xenkvm vif**: the kernel as a Xen PVH guest, xen-netfront on our vif
+  (GSO/TSO and checksum offload on), its tap in a network namespace;
+* **QEMU virtio-net**: ``qemu-system-x86_64 -accel kvm -cpu host`` with
+  ``virtio-net-pci`` on a tap in the same kind of namespace (what a KVM user would
+  pick instead; vhost-net when L1 has it, else QEMU's own virtio-net);
+* **loopback floor**: the same N bytes over TCP on L1's 127.0.0.1 from Python, the
+  host-side helper's own ceiling.
+
+Figures are MB/s as the host side timed them (accept to close).  L1 is emulated,
+so absolute figures depend on how busy the host's CPUs are; the ratios between the
+rows of one run are what to read.  Needs root.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.linux import netboot  # noqa: E402
+from tests.linux.test_linux_net import run_xenkvm  # noqa: E402
+
+QEMU_CMDLINE = ("console=ttyS0 rdinit=/net-init panic=-1 quiet loglevel=4 nokaslr mitigations=off nowatchdog "
+                "random.trust_cpu=on cryptomgr.notests")
+
+
+def loopback_in_ns(size: int) -> tuple[float, float]:
+    """:func:`loopback` in a fresh namespace (L1's own has no ``lo`` up)."""
+    with netboot.netns(f"xkl{os.getpid()}") as ns:
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, __file__, "--loopback", "--bytes", str(size)],
+                             check=True, capture_output=True, text=True).stdout
+    secs = float(out.split()[-1])
+    return secs, secs
+
+
+def loopback(size: int) -> tuple[float, float]:
+    """(send, receive) seconds of ``size`` bytes over TCP on 127.0.0.1: connect to the last byte read."""
+    data = os.urandom(size)
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        port = srv.getsockname()[1]
+
+        def sink() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                while conn.recv(1 << 16):
+                    pass
+
+        t = threading.Thread(target=sink, daemon=True)
+        t.start()
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            c.sendall(data)
+        t.join()
+        secs = time.monotonic() - t0
+    return secs, secs      # one direction is the other on loopback
+
+
+def run_qemu(ns: str, tmp: Path, size: int, timeout: float) -> netboot.NetRun:
+    """The same kernel and init under QEMU/KVM with virtio-net-pci on tap qtap0 (in ``ns``)."""
+    mods = netboot.kernel_modules(["virtio_pci", "virtio_net"])
+    init = netboot.net_init(list(mods), [("eth0", "10.92.0")], size)
+    initrd = netboot.initramfs(tmp / "qemu.cpio.gz", init, mods)
+    console = tmp / "qemu-console.log"
+    vhost = "on" if os.path.exists("/dev/vhost-net") else "off"
+    cmd = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256", "-smp", "1", "-nodefaults",
+           "-display", "none", "-no-reboot", "-serial", f"file:{console}", "-kernel", str(netboot.KERNEL),
+           "-initrd", str(initrd), "-append", QEMU_CMDLINE,
+           "-netdev", f"tap,id=n0,ifname=qtap0,script=no,downscript=no,vhost={vhost}",
+           "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:5a:00:02"]
+    r = netboot.run_in_ns(ns, cmd, [("qtap0", "10.92.0")], size, console, timeout)
+    r.stderr += f"\n(vhost={vhost})"
+    return r
+
+
+def row(name: str, size: int, secs: tuple[float, float], problems: list[str]) -> str:
+    mbs = lambda s: f"{size / s / 1e6:>10.2f}" if s == s and s > 0 else f"{'-':>10}"  # noqa: E731
+    return f"{name:<28} {mbs(secs[0])} {mbs(secs[1])}  {'; '.join(problems) or 'verified'}"
+
+
+def inner(size: int, timeout: float) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-rig-net-"))
+    (tmp / "x").mkdir()
+    (tmp / "q").mkdir()
+    with netboot.netns(f"xkb{os.getpid()}") as ns:
+        x = run_xenkvm(ns, tmp / "x", vifs=(("xkn0", "eth0", "10.90.0", "on"),), size=size, timeout=timeout)
+    with netboot.netns(f"xkq{os.getpid()}") as ns:
+        q = run_qemu(ns, tmp / "q", size, timeout)
+    print(f"TCP, {size >> 10} KiB each way, MB/s as the host timed it (guest runs: xenkvm {x.elapsed:.0f} s, "
+          f"QEMU {q.elapsed:.0f} s wall, {q.stderr.strip().splitlines()[-1]})")
+    print(f"{'row':<28} {'guest->host':>10} {'host->guest':>10}  checks")
+    print(row("xenkvm vif (Xen PVH)", size, x.seconds("10.90.0"), x.transfers("eth0", "10.90.0", size)))
+    print(row("QEMU virtio-net + tap", size, q.seconds("10.92.0"), q.transfers("eth0", "10.92.0", size)))
+    print(row("loopback floor (L1, Python)", size, loopback_in_ns(size), []))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bytes", type=int, default=2 << 20, help="bytes each way (default 2 MiB)")
+    p.add_argument("--timeout", type=float, default=3000, help="seconds for the whole rig run")
+    p.add_argument("--inner", action="store_true", help="measure here (inside L1)")
+    p.add_argument("--loopback", action="store_true", help="only the loopback floor here: print its seconds")
+    a = p.parse_args(argv)
+    if a.loopback:
+        print(f"{loopback(a.bytes)[0]:.6f}")
+        return 0
+    if os.geteuid() != 0:
+        print("bench_rig_net: needs root (namespaces, taps); skipped")
+        return 0
+    if a.inner:
+        return inner(a.bytes, a.timeout)
+    for need in (netboot.IMAGE, netboot.KERNEL):
+        if not need.is_file():
+            print(f"bench_rig_net: {need} missing: run `make linux-xen-image` first")
+            return 1
+    from xenkvm.rig import image, runner
+    l1 = image.build(ROOT / ".cache" / "rig")
+    with tempfile.TemporaryDirectory(prefix="bench-rig-net-") as out:
+        res = runner.run(l1, [sys.executable, str(Path(__file__).resolve()), "--inner", "--bytes", str(a.bytes)],
+                         cwd=ROOT, out_dir=Path(out), timeout=a.timeout)
+    print(res.output, end="")
+    print(f"(rig: L1 ready after {res.ready_s:.1f} s, {res.total_s:.0f} s in all)")
+    return res.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
