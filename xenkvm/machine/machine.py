@@ -317,8 +317,7 @@ class Machine:
             raise SnapshotError(f"{loaded.path}: {len(sec['vcpus'])} vCPUs saved, {len(self.vcpus)} configured")
         try:
             snapstate.apply_vm(self, sec["vm"])
-            for vcpu, st in zip(self.vcpus, sec["vcpus"]):
-                snapstate.apply_vcpu(vcpu, st)
+            snapstate.apply_vcpus(self.vcpus, sec["vcpus"])
             snapstate.apply_devices(self, sec["devices"])
         except (KeyError, TypeError, ValueError, KvmError) as e:
             raise SnapshotError(f"{loaded.path}: state not accepted: {e}") from None
