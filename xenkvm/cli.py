@@ -97,6 +97,15 @@ def _toolstack_parsers(sub) -> None:
     rb.add_argument("name")
     rb.add_argument("-w", "--wait", action="store_true", help="wait until it has come back")
     rb.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits (default 120)")
+    for name, text in (("snapshot", "save a domain to FILE (and FILE.ram) and let it run on"),
+                       ("save", "save a domain to FILE (and FILE.ram) and stop it, as xl save")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("name")
+        sp.add_argument("file")
+    rs = sub.add_parser("restore", help="resume a domain saved with snapshot or save, as a managed domain")
+    rs.add_argument("file")
+    rs.add_argument("--name", help="the restored domain's name (default: the saved one's)")
+    rs.add_argument("-c", dest="console", action="store_true", help="attach its console after starting")
     cf = sub.add_parser("config", help="convert a domain configuration")
     cf.add_argument("--to-yaml", action="store_true", help="print an xl.cfg file as the YAML guest definition")
     cf.add_argument("config")
@@ -287,10 +296,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _vmm_args(argv: list[str]) -> argparse.Namespace | None:
-    """The hidden ``[-v...] _vmm DIR CONFIG`` form ``create`` starts its background VMM with."""
+    """The hidden ``[-v...] _vmm DIR CONFIG`` form ``create`` starts its background VMM with
+    (``_vmm DIR --restore FILE`` for ``restore``)."""
     verbose = 0
     while argv[:1] == ["-v"]:
         verbose, argv = verbose + 1, argv[1:]
+    if argv[:1] == ["_vmm"] and len(argv) == 4 and argv[2] == "--restore":
+        return argparse.Namespace(command="_vmm", verbose=verbose, dir=argv[1], config=None, restore=argv[3])
     if argv[:1] != ["_vmm"] or len(argv) != 3:
         return None
     return argparse.Namespace(command="_vmm", verbose=verbose, dir=argv[1], config=argv[2])
@@ -304,8 +316,10 @@ def _toolstack_command(args: argparse.Namespace) -> int:
         return ts.cmd_simple(args, simple[args.command])
     if args.command == "reboot":
         return ts.cmd_shutdown_api(args, "reboot")
+    if args.command in ("snapshot", "save"):
+        return ts.cmd_snapshot(args, args.command)
     table = {"create": ts.cmd_create, "list": ts.cmd_list, "console": ts.cmd_console, "destroy": ts.cmd_destroy,
-             "dmesg": ts.cmd_dmesg, "config": ts.cmd_config, "_vmm": ts.cmd_vmm}
+             "dmesg": ts.cmd_dmesg, "config": ts.cmd_config, "_vmm": ts.cmd_vmm, "restore": ts.cmd_restore}
     return table[args.command](args)
 
 

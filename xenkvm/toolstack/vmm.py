@@ -24,13 +24,14 @@ import threading
 import time
 from typing import Any
 
-from xenkvm.build import build_machine, xen_domain
+from xenkvm.build import build_machine, restore_machine, xen_domain
 from xenkvm.config import GuestConfig, LifecycleAction
 from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.machine.machine import Machine
+from xenkvm.machine.snapshot.format import SnapshotError
 from xenkvm.machine.status import ExitStatus, RunResult
 from xenkvm.toolstack.pause import Pauser
-from xenkvm.toolstack.protocol import RESERVED_OPS, ApiError, ErrorCode
+from xenkvm.toolstack.protocol import ApiError, ErrorCode
 from xenkvm.toolstack.rundir import DomainDir, DomainRecord, process_start_time
 from xenkvm.toolstack.server import ControlServer
 from xenkvm.xenstore.layout import vm_uuid
@@ -65,9 +66,15 @@ def managed_config(cfg: GuestConfig, d: DomainDir, domid: int, foreground: bool)
 class DomainProcess:
     """The VMM side of one managed domain (see the module docstring)."""
 
-    def __init__(self, cfg: GuestConfig, d: DomainDir, rec: DomainRecord, *, foreground: bool = False):
+    def __init__(self, cfg: GuestConfig, d: DomainDir, rec: DomainRecord, *, foreground: bool = False,
+                 restore: str | None = None):
+        """``restore``: the first machine resumes that snapshot (``cfg`` is the one saved in it);
+        a restart after that boots the same config afresh."""
         self.dir, self.rec = d, rec
-        self.cfg = managed_config(cfg, d, rec.domid, foreground)
+        self._restore = restore
+        # a restored guest keeps the domid it was saved with: its xenstore paths hold it
+        domid = cfg.xen.domid if restore and cfg.xen is not None else rec.domid
+        self.cfg = managed_config(cfg, d, domid, foreground)
         self.sink = ConsoleSink(os.fdopen(os.dup(1), "wb", buffering=0) if foreground else None, CONSOLE_RING)
         self.state = State.STARTING
         self.machine: Machine | None = None
@@ -115,7 +122,7 @@ class DomainProcess:
         return int(status)
 
     def _boot_once(self) -> RunResult:
-        machine = build_machine(self.cfg, sink=self.sink)
+        machine = self._next_machine()
         with self._lock:
             self.machine, self.pauser = machine, Pauser(machine, xen_domain(machine))
             self.generation += 1
@@ -135,6 +142,14 @@ class DomainProcess:
         self.last_result = result
         log.info("%s: run %d ended: %s", self.cfg.name, self.generation, result.message)
         return result
+
+    def _next_machine(self) -> Machine:
+        """The snapshot being restored (the first time only), else a fresh boot of the config."""
+        path, self._restore = self._restore, None
+        if path is None:
+            return build_machine(self.cfg, sink=self.sink)
+        # the toolstack's name, sockets and logs replace the saved domain's
+        return restore_machine(path, sink=self.sink, configure=lambda saved: self.cfg)
 
     def _action(self, result: RunResult) -> LifecycleAction:
         if result.status is ExitStatus.INTERRUPTED:
@@ -161,9 +176,7 @@ class DomainProcess:
     def _handlers(self) -> dict[str, Any]:
         h = {"info": self.op_info, "shutdown": self.op_shutdown, "destroy": self.op_destroy,
              "pause": self.op_pause, "unpause": self.op_unpause, "mem-set": self.op_mem_set,
-             "dmesg": self.op_dmesg}
-        for op in RESERVED_OPS:
-            h[op] = self._op_reserved
+             "dmesg": self.op_dmesg, "snapshot": self.op_snapshot, "save": self.op_save}
         return h
 
     def _running(self) -> tuple[Machine, Pauser]:
@@ -238,9 +251,28 @@ class DomainProcess:
             data = b""
         return {"text": data.decode("utf-8", "replace")}
 
-    def _op_reserved(self, args: dict) -> dict:
-        raise ApiError(ErrorCode.NOT_SUPPORTED, "save/restore/snapshot are not available in this build "
-                       "(reserved for the snapshot work, issue 13)")
+    def op_snapshot(self, args: dict) -> dict:
+        """Save the running domain to ``file`` (and ``file``.ram) and let it run on
+        (docs/snapshots.md).  Runs on the control thread: other clients wait until it is written."""
+        path = args.get("file")
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "file: expected an absolute path")
+        machine, pauser = self._running()
+        if pauser.paused:
+            raise ApiError(ErrorCode.NOT_RUNNING, f"{self.cfg.name} is paused: unpause it to snapshot it")
+        try:
+            info = machine.snapshot(path)
+        except SnapshotError as e:
+            raise ApiError(ErrorCode.NOT_SUPPORTED, str(e)) from None
+        except OSError as e:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"file: {path}: {e.strerror or e}") from None
+        return {"file": path, "pages": info.pages_written, "paused_s": round(info.paused_s, 3)}
+
+    def op_save(self, args: dict) -> dict:
+        """As ``xl save``: the domain saved to ``file``, then ended once the files are written."""
+        result = self.op_snapshot(args)
+        self.destroy("saved")
+        return {**result, "state": State.DYING.value}
 
     def _console_input(self, data: bytes) -> None:
         """Bytes typed on an attached console: to the guest's active console, on the I/O thread."""
