@@ -1,16 +1,25 @@
 """``xenkvm snapshot/save/restore`` as a user runs them (subprocesses, the control API), with
 guests/managed_domu under /dev/kvm: it prints "TICK n ns" (its Xen system time) every 20 ms,
 echoes keystrokes ("KEY xx") and acts on control/shutdown through a xenstore watch.
+guests/managed_suspend announces control/feature-suspend, so ``save`` is cooperative for it: it
+suspends itself (SHUTDOWN_suspend) and, restored as a new domain, sets its Xen state up again.
 """
 from __future__ import annotations
 
+import os
 import re
+import select
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
-from test_managed_domains import TICK, Console, built_guests, create, listing, xenkvm  # noqa: F401
+from test_managed_domains import GUESTS, TICK, Console, built_guests, create, listing, xenkvm  # noqa: F401
+
+from xenkvm.xenstore.client import XsClient
 
 pytestmark = pytest.mark.kvm
 
@@ -20,7 +29,7 @@ def run_dir(built_guests):  # noqa: F811
     """A run directory of its own, directly under /tmp (UNIX socket paths are short)."""
     d = Path(tempfile.mkdtemp(prefix="xk-sn-", dir="/tmp"))
     yield d
-    for name in ("managed-domu", "copy"):
+    for name in ("managed-domu", "copy", "managed-suspend"):
         xenkvm(d, "destroy", name)
     shutil.rmtree(d, ignore_errors=True)
 
@@ -90,3 +99,92 @@ def test_bad_requests_get_one_line(run_dir, tmp_path):
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "invalid-argument" in r.stderr, r.stderr
     assert re.search(r"No such file", r.stderr)
     assert listing(run_dir)["managed-domu"]["state"] == "running"
+
+
+SUSPEND = "managed-suspend"
+#: the checks after SHUTDOWN_suspend returns, either way
+AFTER_SUSPEND = ("PASS suspend.result", "PASS pvclock", "PASS timer", "PASS evtchn.loopback",
+                 "PASS xs.watch_fires", "PASS events.no_stray")
+
+
+def _finishes_after_ping(run_dir: Path, con: Console, domid: int, start: int = 0) -> str:
+    """The host's write of data/ping reaches the guest's watch; its checks all pass."""
+    con.read_until(rb"^WAITING-PING$", start=start)
+    with XsClient(str(run_dir / SUSPEND / "xenstore.sock"), timeout=10) as xs:
+        xs.write(f"/local/domain/{domid}/data/ping", "1")
+    con.read_until(rb"^SUMMARY: \d+ passed, \d+ failed$", start=start)
+    out = con.out[start:].decode(errors="replace")
+    assert all(a in out for a in AFTER_SUSPEND) and ", 0 failed" in out and "FAIL" not in out, out
+    return out
+
+
+@pytest.mark.parametrize("cfg", ["managed_suspend.yaml", "managed_suspend_fifo.yaml"])
+def test_save_is_cooperative_and_the_restored_guest_reconnects(run_dir, tmp_path, cfg):
+    """SHUTDOWN_suspend returns 0 in the restored domain, which is new: the guest maps shared
+    info, vcpu_info, event channels, the grant frame and its watches again, and all of it works."""
+    row = _create(run_dir, GUESTS / cfg)
+    con = Console(run_dir, SUSPEND)
+    con.read_until(rb"^SUSPEND-READY$")
+    r = xenkvm(run_dir, "save", SUSPEND, str(tmp_path / "s.snap"))
+    assert r.returncode == 0, r.stderr
+    assert SUSPEND not in listing(run_dir)
+    assert b"SUSPEND returned" not in con.out        # saved before it could run on
+    r = xenkvm(run_dir, "restore", str(tmp_path / "s.snap"))
+    assert r.returncode == 0, r.stderr
+    again = Console(run_dir, SUSPEND)
+    again.read_until(rb"^SUSPEND returned 0$")
+    out = _finishes_after_ping(run_dir, again, row["domid"])
+    assert "PASS resume.reconnect" in out and "PASS resume.new_grant_table" in out
+    assert ("PASS fifo" in out) == cfg.endswith("fifo.yaml")
+
+
+def test_a_failed_save_cancels_the_suspend_and_the_guest_runs_on(run_dir, tmp_path):
+    """The save cannot write its file: SHUTDOWN_suspend returns 1 (cancelled), nothing was torn
+    down, and the domain keeps running."""
+    row = _create(run_dir, GUESTS / "managed_suspend.yaml")
+    con = Console(run_dir, SUSPEND)
+    con.read_until(rb"^SUSPEND-READY$")
+    r = xenkvm(run_dir, "save", SUSPEND, str(tmp_path / "missing" / "s.snap"))
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "suspend cancelled" in r.stderr, r.stderr
+    con.read_until(rb"^SUSPEND returned 1$")
+    out = _finishes_after_ping(run_dir, con, row["domid"])
+    assert "PASS cancel.grant_kept" in out
+
+
+def _create(run_dir: Path, cfg: Path) -> dict:
+    r = xenkvm(run_dir, "create", str(cfg))
+    assert r.returncode == 0, r.stderr
+    return listing(run_dir)[SUSPEND]
+
+
+def test_a_suspend_nobody_saves_is_cancelled(built_guests):  # noqa: F811
+    """Under ``xenkvm run`` no save is ever asked for: the guest's SHUTDOWN_suspend returns 1 at
+    once and it runs on with everything in place."""
+    d = Path(tempfile.mkdtemp(prefix="xk-sr-", dir="/tmp"))
+    sock = d / "xs.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "xenkvm", "run", "guests/managed_suspend.yaml",
+                             "--xenstore-socket", str(sock)], cwd=GUESTS.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        out = _read_until(proc, b"SUSPEND-READY\n", b"")
+        with XsClient(str(sock), timeout=10) as xs:
+            xs.write("/local/domain/1/control/shutdown", "suspend")
+            out = _read_until(proc, b"WAITING-PING\n", out)
+            xs.write("/local/domain/1/data/ping", "1")
+        text = _read_until(proc, b"SUMMARY", out).decode(errors="replace")
+        assert proc.wait(120) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
+    assert "SUSPEND returned 1" in text and "PASS cancel.grant_kept" in text, text
+    assert all(a in text for a in AFTER_SUSPEND) and "FAIL" not in text, text
+
+
+def _read_until(proc: subprocess.Popen, marker: bytes, out: bytes, timeout: float = 240) -> bytes:
+    deadline = time.monotonic() + timeout
+    while marker not in out:
+        assert time.monotonic() < deadline and proc.poll() is None, out.decode(errors="replace")
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            out += os.read(proc.stdout.fileno(), 65536)
+    return out

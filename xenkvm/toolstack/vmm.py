@@ -29,11 +29,13 @@ from xenkvm.config import GuestConfig, LifecycleAction
 from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.machine.machine import Machine
 from xenkvm.machine.snapshot.format import SnapshotError
+from xenkvm.machine.snapshot.snapshot import SnapshotInfo
 from xenkvm.machine.status import ExitStatus, RunResult
 from xenkvm.toolstack.pause import Pauser
 from xenkvm.toolstack.protocol import ApiError, ErrorCode
 from xenkvm.toolstack.rundir import DomainDir, DomainRecord, process_start_time
 from xenkvm.toolstack.server import ControlServer
+from xenkvm.xen.suspend import SaveRequest
 from xenkvm.xenstore.layout import vm_uuid
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ DMESG_MAX = 256 * 1024
 RESTART_BURST = 10             #: restarts within RESTART_WINDOW s before giving up (a boot loop)
 RESTART_WINDOW = 60.0
 SHUTDOWN_ACTIONS = ("poweroff", "reboot", "halt")
+SUSPEND_TIMEOUT = 60.0         #: seconds a guest has to suspend after control/shutdown = suspend
 
 
 class State(str, enum.Enum):
@@ -251,15 +254,19 @@ class DomainProcess:
             data = b""
         return {"text": data.decode("utf-8", "replace")}
 
-    def op_snapshot(self, args: dict) -> dict:
-        """Save the running domain to ``file`` (and ``file``.ram) and let it run on
-        (docs/snapshots.md).  Runs on the control thread: other clients wait until it is written."""
+    def _save_target(self, args: dict) -> tuple[Machine, str]:
         path = args.get("file")
         if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "file: expected an absolute path")
         machine, pauser = self._running()
         if pauser.paused:
-            raise ApiError(ErrorCode.NOT_RUNNING, f"{self.cfg.name} is paused: unpause it to snapshot it")
+            raise ApiError(ErrorCode.NOT_RUNNING, f"{self.cfg.name} is paused: unpause it to save it")
+        return machine, path
+
+    def op_snapshot(self, args: dict) -> dict:
+        """Save the running domain to ``file`` (and ``file``.ram) and let it run on
+        (docs/snapshots.md).  Runs on the control thread: other clients wait until it is written."""
+        machine, path = self._save_target(args)
         try:
             info = machine.snapshot(path)
         except SnapshotError as e:
@@ -269,10 +276,36 @@ class DomainProcess:
         return {"file": path, "pages": info.pages_written, "paused_s": round(info.paused_s, 3)}
 
     def op_save(self, args: dict) -> dict:
-        """As ``xl save``: the domain saved to ``file``, then ended once the files are written."""
-        result = self.op_snapshot(args)
+        """As ``xl save``: the domain saved to ``file``, then ended once the files are written.
+        A guest that announces ``control/feature-suspend`` (Linux does) suspends itself first
+        (xen/suspend.py); any other is saved as it runs."""
+        machine, path = self._save_target(args)
+        xen = xen_domain(machine)
+        feature = f"/local/domain/{xen.domid}/control/feature-suspend" if xen is not None else None
+        if xen is not None and xen.store.core.read_path(feature) == b"1":
+            result = {**self._suspend_and_save(xen, path), "suspended": True}
+        else:
+            result = {**self.op_snapshot(args), "suspended": False}
         self.destroy("saved")
         return {**result, "state": State.DYING.value}
+
+    def _suspend_and_save(self, xen, path: str) -> dict:
+        """``control/shutdown = suspend``; the guest's SHUTDOWN_suspend takes the snapshot."""
+        req = SaveRequest(path)
+        try:
+            xen.request_suspend(req)
+        except SnapshotError as e:
+            raise ApiError(ErrorCode.NOT_RUNNING, str(e)) from None
+        xen.store.core.write_path(f"/local/domain/{xen.domid}/control/shutdown", "suspend")
+        if not req.wait(SUSPEND_TIMEOUT) and xen.cancel_suspend(req):
+            raise ApiError(ErrorCode.NOT_SUPPORTED, f"{self.cfg.name} did not suspend within "
+                           f"{SUSPEND_TIMEOUT:g} s of control/shutdown = suspend; not saved")
+        req.wait(SUSPEND_TIMEOUT)     # it suspended just in time: its snapshot completes
+        if not isinstance(req.outcome, SnapshotInfo):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"the save failed, {self.cfg.name} resumed "
+                           f"(suspend cancelled): {req.outcome}")
+        info = req.outcome
+        return {"file": path, "pages": info.pages_written, "paused_s": round(info.paused_s, 3)}
 
     def _console_input(self, data: bytes) -> None:
         """Bytes typed on an attached console: to the guest's active console, on the I/O thread."""
