@@ -29,8 +29,14 @@ static char path[128], token[32];
 
 static bool watch(const char *node, const char *tok)
 {
-    /* registering a watch fires it once at once: consume that event */
-    return xs_watch(node, tok) == 0 && xs_next_watch_event(path, sizeof(path), token, sizeof(token));
+    /* registering a watch fires it once at once: consume that event (and any older one queued
+     * for another watch, e.g. the event of our own acknowledging write of control/shutdown) */
+    if (xs_watch(node, tok) != 0)
+        return false;
+    while (xs_next_watch_event(path, sizeof(path), token, sizeof(token)))
+        if (!strcmp(token, tok))
+            return true;
+    return false;
 }
 
 /* What a new domain lacks until its guest sets it up (Linux: xen_hvm_post_suspend,

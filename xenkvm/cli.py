@@ -102,6 +102,9 @@ def _toolstack_parsers(sub) -> None:
         sp = sub.add_parser(name, help=text)
         sp.add_argument("name")
         sp.add_argument("file")
+        if name == "save":
+            sp.add_argument("--timeout", type=float, default=60.0,
+                            help="seconds a guest that suspends itself has to do so (default 60)")
     rs = sub.add_parser("restore", help="resume a domain saved with snapshot or save, as a managed domain")
     rs.add_argument("file")
     rs.add_argument("--name", help="the restored domain's name (default: the saved one's)")

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from test_managed_domains import GUESTS, TICK, Console, built_guests, create, listing, xenkvm  # noqa: F401
 
+from xenkvm.toolstack.client import ControlClient
+from xenkvm.toolstack.protocol import ApiError, ErrorCode
 from xenkvm.xenstore.client import XsClient
 
 pytestmark = pytest.mark.kvm
@@ -98,6 +100,13 @@ def test_bad_requests_get_one_line(run_dir, tmp_path):
     r = xenkvm(run_dir, "snapshot", "managed-domu", str(tmp_path / "missing" / "x.snap"))
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "invalid-argument" in r.stderr, r.stderr
     assert re.search(r"No such file", r.stderr)
+    with ControlClient(str(run_dir / "managed-domu" / "control.sock"), timeout=30) as c:
+        for args in ({"file": "relative.snap"}, {"file": 7}, {"file": str(tmp_path / "x"), "suspend_timeout": "1"},
+                     {"file": str(tmp_path / "x"), "suspend_timeout": 0}):
+            with pytest.raises(ApiError) as e:
+                c.call("save", **args)
+            assert e.value.code is ErrorCode.INVALID_ARGUMENT, args
+    assert not (tmp_path / "x").exists()
     assert listing(run_dir)["managed-domu"]["state"] == "running"
 
 
@@ -188,3 +197,19 @@ def _read_until(proc: subprocess.Popen, marker: bytes, out: bytes, timeout: floa
         if select.select([proc.stdout], [], [], 1.0)[0]:
             out += os.read(proc.stdout.fileno(), 65536)
     return out
+
+
+def test_a_guest_that_announces_suspend_but_never_suspends_is_not_saved(run_dir, tmp_path):
+    """managed_domu ignores control/shutdown = suspend; with feature-suspend written for it the save
+    waits --timeout seconds, answers one line, writes nothing, and the domain runs on."""
+    row = create(run_dir)
+    with XsClient(str(run_dir / "managed-domu" / "xenstore.sock"), timeout=10) as xs:
+        xs.write(f"/local/domain/{row['domid']}/control/feature-suspend", "1")
+    r = xenkvm(run_dir, "save", "managed-domu", str(tmp_path / "s.snap"), "--timeout", "2")
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "did not suspend" in r.stderr, r.stderr
+    assert not (tmp_path / "s.snap").exists()
+    con = Console(run_dir)
+    con.read_until(rb'^ignoring unknown request "suspend"$')
+    seen = len(con.out)
+    con.read_until(rb"^TICK \d+ \d+$", start=seen)
+    assert listing(run_dir)["managed-domu"]["state"] == "running"

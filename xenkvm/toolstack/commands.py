@@ -140,7 +140,8 @@ def saved_config(path: str, name: str | None = None) -> GuestConfig:
 def cmd_snapshot(args, op: str = "snapshot") -> int:
     """``snapshot NAME FILE`` (the domain runs on) and ``save NAME FILE`` (it stops, as xl save)."""
     path = os.path.abspath(args.file)
-    res = call(args.name, op, timeout=SNAPSHOT_TIMEOUT, file=path)
+    extra = {"suspend_timeout": args.timeout} if op == "save" else {}
+    res = call(args.name, op, timeout=SNAPSHOT_TIMEOUT + extra.get("suspend_timeout", 0), file=path, **extra)
     log.info("%s: %s to %s (%d pages, paused %.3f s)", args.name, op, path, res["pages"], res["paused_s"])
     if op == "save":
         return _wait(args.name, lambda i: i is None, 30.0, "stop")

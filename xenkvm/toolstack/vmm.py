@@ -45,7 +45,7 @@ DMESG_MAX = 256 * 1024
 RESTART_BURST = 10             #: restarts within RESTART_WINDOW s before giving up (a boot loop)
 RESTART_WINDOW = 60.0
 SHUTDOWN_ACTIONS = ("poweroff", "reboot", "halt")
-SUSPEND_TIMEOUT = 60.0         #: seconds a guest has to suspend after control/shutdown = suspend
+SUSPEND_TIMEOUT = 60.0         #: seconds a guest has to suspend after control/shutdown = suspend (default)
 
 
 class State(str, enum.Enum):
@@ -282,14 +282,18 @@ class DomainProcess:
         machine, path = self._save_target(args)
         xen = xen_domain(machine)
         feature = f"/local/domain/{xen.domid}/control/feature-suspend" if xen is not None else None
+        timeout = args.get("suspend_timeout", SUSPEND_TIMEOUT)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "suspend_timeout: expected seconds, more than 0, "
+                           "at most 3600")
         if xen is not None and xen.store.core.read_path(feature) == b"1":
-            result = {**self._suspend_and_save(xen, path), "suspended": True}
+            result = {**self._suspend_and_save(xen, path, float(timeout)), "suspended": True}
         else:
             result = {**self.op_snapshot(args), "suspended": False}
         self.destroy("saved")
         return {**result, "state": State.DYING.value}
 
-    def _suspend_and_save(self, xen, path: str) -> dict:
+    def _suspend_and_save(self, xen, path: str, timeout: float) -> dict:
         """``control/shutdown = suspend``; the guest's SHUTDOWN_suspend takes the snapshot."""
         req = SaveRequest(path)
         try:
@@ -297,9 +301,9 @@ class DomainProcess:
         except SnapshotError as e:
             raise ApiError(ErrorCode.NOT_RUNNING, str(e)) from None
         xen.store.core.write_path(f"/local/domain/{xen.domid}/control/shutdown", "suspend")
-        if not req.wait(SUSPEND_TIMEOUT) and xen.cancel_suspend(req):
+        if not req.wait(timeout) and xen.cancel_suspend(req):
             raise ApiError(ErrorCode.NOT_SUPPORTED, f"{self.cfg.name} did not suspend within "
-                           f"{SUSPEND_TIMEOUT:g} s of control/shutdown = suspend; not saved")
+                           f"{timeout:g} s of control/shutdown = suspend; not saved")
         req.wait(SUSPEND_TIMEOUT)     # it suspended just in time: its snapshot completes
         if not isinstance(req.outcome, SnapshotInfo):
             raise ApiError(ErrorCode.INVALID_ARGUMENT, f"the save failed, {self.cfg.name} resumed "
