@@ -24,9 +24,6 @@ RIG_NO_BREAKPOINTS = ("the rig's L0 is QEMU TCG, which does not fire debug-regis
 RIG_NO_PVCLOCK = ("millisecond Xen timer deadlines checked against the guest's pvclock are not yet shown to hold "
                   "under QEMU TCG's nested timing (one SMP timer-cancel check failed under load; with 2 L1 vCPUs "
                   "L1 marks its TSC unstable and KVM moves guest TSC offsets) (docs/hw-rig.md)")
-RIG_TSC_RESTORE = ("OPEN BUG, issue 13: in the rig a restored guest's TSC went backwards (e.g. 0x6295b746 -> "
-                   "0xe33b18a) though the snapshot restores MSR_IA32_TSC first; passes on PVM; not yet known "
-                   "whether real SVM/VT-x hardware or only QEMU TCG's nested TSC does this (docs/snapshots.md)")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -42,8 +39,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=RIG_NO_BREAKPOINTS))
         elif in_rig and item.get_closest_marker("pvclock"):
             item.add_marker(pytest.mark.skip(reason=RIG_NO_PVCLOCK))
-        elif in_rig and item.get_closest_marker("tsc_restore"):
-            item.add_marker(pytest.mark.skip(reason=RIG_TSC_RESTORE))
 
 
 @pytest.fixture(autouse=True)

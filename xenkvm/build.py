@@ -7,6 +7,7 @@ here (docs/architecture.md).
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from xenkvm.backends import DeviceManager
 from xenkvm.config import GuestConfig
@@ -40,12 +41,16 @@ def xen_domain(machine: Machine) -> XenDomain | None:
 
 
 def restore_machine(path: str, *, prefault: bool = False, sink: ConsoleSink | None = None,
-                    trace: bool = False, kvm: Kvm | None = None, xenstore_socket: str | None = None) -> Machine:
+                    trace: bool = False, kvm: Kvm | None = None, xenstore_socket: str | None = None,
+                    configure: Callable[[GuestConfig], GuestConfig] | None = None) -> Machine:
     """A Machine resumed from snapshot ``path`` (its RAM file mapped copy-on-write; ``prefault``:
     its data pages mapped in now): built from the saved config, state loaded, ready for ``run()``.
-    ``xenstore_socket`` moves a Xen domain's embedded xenstored (parallel restores need one each).
+    ``xenstore_socket`` moves a Xen domain's embedded xenstored (parallel restores need one each);
+    ``configure`` changes what the host side decides (the toolstack's name, logs, sockets).
     A foreign, truncated, corrupted or newer snapshot raises SnapshotError (one line)."""
     loaded = snap.load(path, prefault=prefault)
+    if configure is not None:
+        loaded.cfg = configure(loaded.cfg)
     if xenstore_socket and loaded.cfg.xen is not None:
         loaded.cfg = dataclasses.replace(loaded.cfg, xen=dataclasses.replace(loaded.cfg.xen,
                                                                             xenstore_socket=xenstore_socket))

@@ -104,6 +104,18 @@ def _toolstack_parsers(sub) -> None:
     vs = sub.add_parser("vcpu-set", help="set how many of a Xen guest's maxvcpus are online (as xl vcpu-set)")
     vs.add_argument("name")
     vs.add_argument("count", type=int, help="vCPUs online, 1 to maxvcpus (cpu/N/availability)")
+    for name, text in (("snapshot", "save a domain to FILE (and FILE.ram) and let it run on"),
+                       ("save", "save a domain to FILE (and FILE.ram) and stop it, as xl save")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("name")
+        sp.add_argument("file")
+        if name == "save":
+            sp.add_argument("--timeout", type=float, default=60.0,
+                            help="seconds a guest that suspends itself has to do so (default 60)")
+    rs = sub.add_parser("restore", help="resume a domain saved with snapshot or save, as a managed domain")
+    rs.add_argument("file")
+    rs.add_argument("--name", help="the restored domain's name (default: the saved one's)")
+    rs.add_argument("-c", dest="console", action="store_true", help="attach its console after starting")
     cf = sub.add_parser("config", help="convert a domain configuration")
     cf.add_argument("--to-yaml", action="store_true", help="print an xl.cfg file as the YAML guest definition")
     cf.add_argument("config")
@@ -294,10 +306,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _vmm_args(argv: list[str]) -> argparse.Namespace | None:
-    """The hidden ``[-v...] _vmm DIR CONFIG`` form ``create`` starts its background VMM with."""
+    """The hidden ``[-v...] _vmm DIR CONFIG`` form ``create`` starts its background VMM with
+    (``_vmm DIR --restore FILE`` for ``restore``)."""
     verbose = 0
     while argv[:1] == ["-v"]:
         verbose, argv = verbose + 1, argv[1:]
+    if argv[:1] == ["_vmm"] and len(argv) == 4 and argv[2] == "--restore":
+        return argparse.Namespace(command="_vmm", verbose=verbose, dir=argv[1], config=None, restore=argv[3])
     if argv[:1] != ["_vmm"] or len(argv) != 3:
         return None
     return argparse.Namespace(command="_vmm", verbose=verbose, dir=argv[1], config=argv[2])
@@ -314,8 +329,11 @@ def _toolstack_command(args: argparse.Namespace) -> int:
         return ts.cmd_simple(args, simple[args.command])
     if args.command == "reboot":
         return ts.cmd_shutdown_api(args, "reboot")
+    if args.command in ("snapshot", "save"):
+        return ts.cmd_snapshot(args, args.command)
     table = {"create": ts.cmd_create, "list": ts.cmd_list, "console": ts.cmd_console, "destroy": ts.cmd_destroy,
-             "dmesg": ts.cmd_dmesg, "config": ts.cmd_config, "_vmm": ts.cmd_vmm, "vcpu-set": ts.cmd_vcpu_set}
+             "dmesg": ts.cmd_dmesg, "config": ts.cmd_config, "_vmm": ts.cmd_vmm, "vcpu-set": ts.cmd_vcpu_set,
+             "restore": ts.cmd_restore}
     return table[args.command](args)
 
 

@@ -205,7 +205,7 @@ def test_control_socket_survives_hostile_clients(running):
                           (b'{"v":1,"id":4,"op":"fly"}\n', "unknown-op"),
                           (b'{"v":1,"id":5,"op":"shutdown","args":{"action":"explode"}}\n', "invalid-argument"),
                           (b'{"v":1,"id":6,"op":"mem-set","args":{"bytes":"1G"}}\n', "invalid-argument"),
-                          (b'{"v":1,"id":7,"op":"save"}\n', "not-supported"),
+                          (b'{"v":1,"id":7,"op":"save"}\n', "invalid-argument"),
                           (b"\xff\xfe\x00\x01\n", "bad-request"),
                           (b"[" * 60000 + b"\n", "bad-request")):
             c.send_raw(raw)

@@ -282,6 +282,30 @@ class Vcpu:
     def get_tsc_khz(self) -> int:
         return check("KVM_GET_TSC_KHZ", lib.xk_ioctl_val(self.fd, lib.KVM_GET_TSC_KHZ, 0))
 
+    # -- the TSC offset as a vCPU attribute (devices/vcpu.rst, KVM_VCPU_TSC_CTRL) ---------
+    def _tsc_attr(self, value=None):
+        attr = ffi.new("struct kvm_device_attr *")
+        attr.group = lib.KVM_VCPU_TSC_CTRL
+        attr.attr = lib.KVM_VCPU_TSC_OFFSET
+        attr.addr = int(ffi.cast("uintptr_t", value)) if value is not None else 0
+        return attr
+
+    def has_tsc_offset(self) -> bool:
+        """Whether this host lets userspace read and write the guest's TSC offset (Linux 5.16+)."""
+        return lib.xk_ioctl(self.fd, lib.KVM_HAS_DEVICE_ATTR, self._tsc_attr()) == 0
+
+    def get_tsc_offset(self) -> int:
+        """The L1 TSC offset: guest TSC = the host's TSC (scaled to the guest's rate) + this, mod 2**64."""
+        val = ffi.new("uint64_t *")
+        self._ioctl("KVM_GET_DEVICE_ATTR", lib.KVM_GET_DEVICE_ATTR, self._tsc_attr(val))
+        return int(val[0])
+
+    def set_tsc_offset(self, offset: int) -> None:
+        """Set the offset exactly.  Unlike a host write of MSR_IA32_TSC, KVM never "matches" this
+        to another vCPU's offset (kvm_synchronize_tsc's one-second window)."""
+        val = ffi.new("uint64_t *", offset % (1 << 64))
+        self._ioctl("KVM_SET_DEVICE_ATTR", lib.KVM_SET_DEVICE_ATTR, self._tsc_attr(val))
+
     # -- whole state, as the kernel's struct bytes (snapshots) ------------------------
     def _get_raw(self, name: str, req: int, ctype: str, size: int | None = None) -> bytes:
         n = max(size or 0, ffi.sizeof(ctype))

@@ -79,6 +79,11 @@ class MachineExtension:
         """Snapshots: load what :meth:`save_state` returned, on a machine built from the same
         config and not yet run; it replaces ``install`` for a restored machine."""
 
+    def keeps_saved_regions(self) -> bool:
+        """Snapshots: after :meth:`restore_state`, whether the saved regions outside RAM are copied
+        into the restored machine's (False: this extension started them afresh)."""
+        return True
+
     def input_sink(self) -> InputSink | None:
         """The console host keystrokes go to now, or None for the machine's UART."""
         return None

@@ -288,15 +288,17 @@ class Machine:
             raise RuntimeError("Machine.snapshot from a vCPU thread: use request_snapshot")
         return snap.finish(self, path, snap.start(self, path))
 
-    def request_snapshot(self, path: str, done: Callable[[object], None] | None = None) -> None:
+    def request_snapshot(self, path: str, done: Callable[[object], None] | None = None,
+                         on_saved: Callable[[], None] | None = None) -> None:
         """Start a snapshot from any thread (a vCPU's exit handler too): every vCPU parks at its
         next exit, the caller's included, so a guest's request is saved at the requesting
-        instruction; a helper thread finishes it and calls ``done(info or SnapshotError)``."""
+        instruction; a helper thread finishes it and calls ``done(info or SnapshotError)``;
+        ``on_saved()`` runs when the files are written, before the vCPUs go on."""
         parking = snap.start(self, path)
 
         def finish() -> None:
             try:
-                outcome: object = snap.finish(self, path, parking)
+                outcome: object = snap.finish(self, path, parking, on_saved)
             except (SnapshotError, OSError) as e:
                 log.error("snapshot %s failed: %s", path, e)
                 outcome = e if isinstance(e, SnapshotError) else SnapshotError(f"{path}: {e}")
@@ -319,8 +321,7 @@ class Machine:
             raise SnapshotError(f"{loaded.path}: {len(sec['vcpus'])} vCPUs saved, {len(self.vcpus)} configured")
         try:
             snapstate.apply_vm(self, sec["vm"])
-            for vcpu, st in zip(self.vcpus, sec["vcpus"]):
-                snapstate.apply_vcpu(vcpu, st)
+            snapstate.apply_vcpus(self.vcpus, sec["vcpus"])
             snapstate.apply_devices(self, sec["devices"])
         except (KeyError, TypeError, ValueError, KvmError) as e:
             raise SnapshotError(f"{loaded.path}: state not accepted: {e}") from None
@@ -329,7 +330,8 @@ class Machine:
         saved_ext = sec["extensions"]
         for ext in self.extensions:
             ext.restore_state(saved_ext.get(type(ext).__name__))
-        loaded.copy_extra_regions(self.mem)   # after the extensions re-created theirs (grant frames)
+        if all(ext.keeps_saved_regions() for ext in self.extensions):
+            loaded.copy_extra_regions(self.mem)   # after the extensions re-created theirs (grant frames)
         self.restored = True
 
     # -- running -------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The xl-style commands (create, list, console, shutdown, reboot, destroy, pause, unpause,
-mem-set, dmesg, config --to-yaml), each a function of parsed arguments returning an exit status.
+mem-set, dmesg, config --to-yaml, snapshot, save, restore), each a function of parsed arguments returning an exit status.
 
 They talk to each domain's VMM through its control socket (client.py); user
 mistakes are ConfigError (one line, exit 2), a domain that refuses is one line
@@ -7,6 +7,7 @@ and exit 1.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -25,6 +26,7 @@ from xenkvm.toolstack.xenstored import SharedXenstored
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 300.0      #: seconds for a new VMM to answer on its socket (PVM hosts under load)
+SNAPSHOT_TIMEOUT = 120.0   #: seconds for a snapshot's files to be written (vCPUs park within 10 s)
 WAIT_POLL = 0.2
 
 
@@ -71,10 +73,14 @@ def cmd_create(args) -> int:
     if args.foreground:
         from xenkvm.toolstack.vmm import DomainProcess
         return DomainProcess(cfg, d, rec, foreground=True).run()
+    return _start_vmm(args, cfg, d, rec, [str(Path(args.config).resolve())])
+
+
+def _start_vmm(args, cfg: GuestConfig, d: DomainDir, rec, vmm_args: list[str]) -> int:
+    """Start ``_vmm DIR *vmm_args`` in the background and wait until it answers as running."""
     fd = os.open(d.vmm_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     log_reader = open(d.vmm_log, "rb")        # still readable after a failed VMM removes its folder
-    cmd = [sys.executable, "-m", "xenkvm"] + ["-v"] * max(args.verbose, 1) + ["_vmm", str(d.path),
-                                                                               str(Path(args.config).resolve())]
+    cmd = [sys.executable, "-m", "xenkvm"] + ["-v"] * max(args.verbose, 1) + ["_vmm", str(d.path), *vmm_args]
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True)
     except OSError as e:
@@ -89,7 +95,7 @@ def cmd_create(args) -> int:
         tail = [] if started else log_reader.read().decode(errors="replace").splitlines()[-8:]
     if not started:
         d.remove()
-        print(f"xenkvm: create: {cfg.name} failed to start" + (":\n  " + "\n  ".join(tail) if tail else ""),
+        print(f"xenkvm: {args.command}: {cfg.name} failed to start" + (":\n  " + "\n  ".join(tail) if tail else ""),
               file=sys.stderr)
         return 1
     log.info("created %s (domid %d, pid %d)", cfg.name, rec.domid, proc.pid)
@@ -121,9 +127,42 @@ def cmd_vmm(args) -> int:
     rec = d.read()
     if rec is None:
         raise ConfigError(f"{d.path}: no domain record")
-    proc = DomainProcess(load_guest(args.config), d, rec)
+    if getattr(args, "restore", None):
+        proc = DomainProcess(saved_config(args.restore, rec.name), d, rec, restore=args.restore)
+    else:
+        proc = DomainProcess(load_guest(args.config), d, rec)
     proc.install_signal_handlers()
     return proc.run()
+
+
+# -- snapshots (docs/snapshots.md) ------------------------------------------------------------------
+def saved_config(path: str, name: str | None = None) -> GuestConfig:
+    """The guest config snapshot ``path`` holds (the whole snapshot checked, RAM file included),
+    renamed to ``name``; SnapshotError (one line) for a damaged or foreign one."""
+    from xenkvm.machine.snapshot import snapshot as snap
+    loaded = snap.load(path)
+    loaded.close()
+    return dataclasses.replace(loaded.cfg, name=name) if name else loaded.cfg
+
+
+def cmd_snapshot(args, op: str = "snapshot") -> int:
+    """``snapshot NAME FILE`` (the domain runs on) and ``save NAME FILE`` (it stops, as xl save)."""
+    path = os.path.abspath(args.file)
+    extra = {"suspend_timeout": args.timeout} if op == "save" else {}
+    res = call(args.name, op, timeout=SNAPSHOT_TIMEOUT + extra.get("suspend_timeout", 0), file=path, **extra)
+    log.info("%s: %s to %s (%d pages, paused %.3f s)", args.name, op, path, res["pages"], res["paused_s"])
+    if op == "save":
+        return _wait(args.name, lambda i: i is None, 30.0, "stop")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    """``restore FILE [--name N]``: a managed domain again, resumed where the snapshot was taken."""
+    path = os.path.abspath(args.file)
+    cfg = saved_config(path, args.name)
+    prefer = cfg.xen.domid if cfg.xen is not None else None
+    d, rec = RunDir().allocate(cfg.name, None if args.name else cfg.uuid, time.time(), prefer=prefer)
+    return _start_vmm(args, cfg, d, rec, ["--restore", path])
 
 
 # -- list -----------------------------------------------------------------------------------------

@@ -40,8 +40,6 @@ class ApiError(Exception):
         self.message = message
 
 
-#: Ops reserved for the snapshot work (issue 13): they answer NOT_SUPPORTED until it lands.
-RESERVED_OPS = ("save", "restore", "snapshot")
 
 
 def encode(obj: dict[str, Any]) -> bytes:

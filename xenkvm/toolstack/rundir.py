@@ -151,8 +151,10 @@ class RunDir:
         d = DomainDir(self.path / name)
         return d if d.path.is_dir() else None
 
-    def allocate(self, name: str, uuid: str | None, created: float) -> tuple[DomainDir, DomainRecord]:
-        """A new folder for ``name`` with the lowest free domid (stale folders are reclaimed)."""
+    def allocate(self, name: str, uuid: str | None, created: float,
+                 prefer: int | None = None) -> tuple[DomainDir, DomainRecord]:
+        """A new folder for ``name`` with domid ``prefer`` if it is free (a restored guest's own),
+        else the lowest free one (stale folders are reclaimed)."""
         if not NAME.fullmatch(name):
             raise ConfigError(f"name: {name!r} is not a domain name (letters, digits, '_.-', at most 64)")
         d = DomainDir(self.path / name)
@@ -169,7 +171,8 @@ class RunDir:
                     raise ConfigError(f"name: a domain called {name!r} already exists")
                 if rec is not None:
                     used.add(rec.domid)
-            domid = next((i for i in range(1, MAX_DOMID + 1) if i not in used), None)
+            domid = next((i for i in ([prefer] if prefer else []) + list(range(1, MAX_DOMID + 1))
+                          if i not in used and 1 <= i <= MAX_DOMID), None)
             if domid is None:
                 raise ConfigError("no free domid")
             d.remove()

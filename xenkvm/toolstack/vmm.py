@@ -25,17 +25,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xenkvm.build import build_machine, xen_domain
+from xenkvm.build import build_machine, restore_machine, xen_domain
 from xenkvm.config import GuestConfig, LifecycleAction
 from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.machine.machine import Machine
+from xenkvm.machine.snapshot.format import SnapshotError
+from xenkvm.machine.snapshot.snapshot import SnapshotInfo
 from xenkvm.machine.status import ExitStatus, RunResult
 from xenkvm.toolstack.devices import DeviceOps
 from xenkvm.toolstack.pause import Pauser
-from xenkvm.toolstack.protocol import RESERVED_OPS, ApiError, ErrorCode
+from xenkvm.toolstack.protocol import ApiError, ErrorCode
 from xenkvm.toolstack.rundir import DomainDir, DomainRecord, process_start_time
 from xenkvm.toolstack.server import ControlServer
 from xenkvm.toolstack.xenstored import SharedXenstored
+from xenkvm.xen.suspend import SaveRequest
 from xenkvm.xenstore.layout import vm_uuid
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ DMESG_MAX = 256 * 1024
 RESTART_BURST = 10             #: restarts within RESTART_WINDOW s before giving up (a boot loop)
 RESTART_WINDOW = 60.0
 SHUTDOWN_ACTIONS = ("poweroff", "reboot", "halt")
+SUSPEND_TIMEOUT = 60.0         #: seconds a guest has to suspend after control/shutdown = suspend (default)
 
 
 class State(str, enum.Enum):
@@ -56,11 +60,13 @@ class State(str, enum.Enum):
     DYING = "dying"
 
 
-def managed_config(cfg: GuestConfig, d: DomainDir, rec: DomainRecord, foreground: bool) -> GuestConfig:
-    """``cfg`` with what the toolstack decides: domid, the xenstore, the logs, the console."""
+def managed_config(cfg: GuestConfig, d: DomainDir, rec: DomainRecord, foreground: bool,
+                   domid: int | None = None) -> GuestConfig:
+    """``cfg`` with what the toolstack decides: domid (``rec``'s unless given), the xenstore, the logs,
+    the console."""
     xen, shared = cfg.xen, rec.xenstored
     if xen is not None:
-        xen = dataclasses.replace(xen, domid=rec.domid, xenstore_socket=str(d.xenstore),
+        xen = dataclasses.replace(xen, domid=rec.domid if domid is None else domid, xenstore_socket=str(d.xenstore),
                                   hypervisor_log=f"file:{d.hypervisor_log}")
         if shared:      # the host's xenstored (toolstack/xenstored.py) instead of an embedded one
             xsd = SharedXenstored(Path(shared))
@@ -71,9 +77,15 @@ def managed_config(cfg: GuestConfig, d: DomainDir, rec: DomainRecord, foreground
 class DomainProcess:
     """The VMM side of one managed domain (see the module docstring)."""
 
-    def __init__(self, cfg: GuestConfig, d: DomainDir, rec: DomainRecord, *, foreground: bool = False):
+    def __init__(self, cfg: GuestConfig, d: DomainDir, rec: DomainRecord, *, foreground: bool = False,
+                 restore: str | None = None):
+        """``restore``: the first machine resumes that snapshot (``cfg`` is the one saved in it);
+        a restart after that boots the same config afresh."""
         self.dir, self.rec = d, rec
-        self.cfg = managed_config(cfg, d, rec, foreground)
+        self._restore = restore
+        # a restored guest keeps the domid it was saved with: its xenstore paths hold it
+        domid = cfg.xen.domid if restore and cfg.xen is not None else rec.domid
+        self.cfg = managed_config(cfg, d, rec, foreground, domid)
         self.sink = ConsoleSink(os.fdopen(os.dup(1), "wb", buffering=0) if foreground else None, CONSOLE_RING)
         self.state = State.STARTING
         self.machine: Machine | None = None
@@ -122,7 +134,7 @@ class DomainProcess:
         return int(status)
 
     def _boot_once(self) -> RunResult:
-        machine = build_machine(self.cfg, sink=self.sink)
+        machine = self._next_machine()
         with self._lock:
             self.machine, self.pauser = machine, Pauser(machine, xen_domain(machine))
             self.generation += 1
@@ -143,6 +155,14 @@ class DomainProcess:
         self.last_result = result
         log.info("%s: run %d ended: %s", self.cfg.name, self.generation, result.message)
         return result
+
+    def _next_machine(self) -> Machine:
+        """The snapshot being restored (the first time only), else a fresh boot of the config."""
+        path, self._restore = self._restore, None
+        if path is None:
+            return build_machine(self.cfg, sink=self.sink)
+        # the toolstack's name, sockets and logs replace the saved domain's
+        return restore_machine(path, sink=self.sink, configure=lambda saved: self.cfg)
 
     def _action(self, result: RunResult) -> LifecycleAction:
         if result.status is ExitStatus.INTERRUPTED:
@@ -169,9 +189,8 @@ class DomainProcess:
     def _handlers(self) -> dict[str, Any]:
         h = {"info": self.op_info, "shutdown": self.op_shutdown, "destroy": self.op_destroy,
              "pause": self.op_pause, "unpause": self.op_unpause, "mem-set": self.op_mem_set,
-             "dmesg": self.op_dmesg, "vcpu-set": self.op_vcpu_set}
-        for op in RESERVED_OPS:
-            h[op] = self._op_reserved
+             "dmesg": self.op_dmesg, "vcpu-set": self.op_vcpu_set, "snapshot": self.op_snapshot,
+             "save": self.op_save}
         h.update(DeviceOps(self._devices, self.cfg.name).handlers())
         return h
 
@@ -270,9 +289,62 @@ class DomainProcess:
             data = b""
         return {"text": data.decode("utf-8", "replace")}
 
-    def _op_reserved(self, args: dict) -> dict:
-        raise ApiError(ErrorCode.NOT_SUPPORTED, "save/restore/snapshot are not available in this build "
-                       "(reserved for the snapshot work, issue 13)")
+    def _save_target(self, args: dict) -> tuple[Machine, str]:
+        path = args.get("file")
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "file: expected an absolute path")
+        machine, pauser = self._running()
+        if pauser.paused:
+            raise ApiError(ErrorCode.NOT_RUNNING, f"{self.cfg.name} is paused: unpause it to save it")
+        return machine, path
+
+    def op_snapshot(self, args: dict) -> dict:
+        """Save the running domain to ``file`` (and ``file``.ram) and let it run on
+        (docs/snapshots.md).  Runs on the control thread: other clients wait until it is written."""
+        machine, path = self._save_target(args)
+        try:
+            info = machine.snapshot(path)
+        except SnapshotError as e:
+            raise ApiError(ErrorCode.NOT_SUPPORTED, str(e)) from None
+        except OSError as e:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"file: {path}: {e.strerror or e}") from None
+        return {"file": path, "pages": info.pages_written, "paused_s": round(info.paused_s, 3)}
+
+    def op_save(self, args: dict) -> dict:
+        """As ``xl save``: the domain saved to ``file``, then ended once the files are written.
+        A guest that announces ``control/feature-suspend`` (Linux does) suspends itself first
+        (xen/suspend.py); any other is saved as it runs."""
+        machine, path = self._save_target(args)
+        xen = xen_domain(machine)
+        feature = f"/local/domain/{xen.domid}/control/feature-suspend" if xen is not None else None
+        timeout = args.get("suspend_timeout", SUSPEND_TIMEOUT)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "suspend_timeout: expected seconds, more than 0, "
+                           "at most 3600")
+        if xen is not None and xen.store.core.read_path(feature) == b"1":
+            result = {**self._suspend_and_save(xen, path, float(timeout)), "suspended": True}
+        else:
+            result = {**self.op_snapshot(args), "suspended": False}
+        self.destroy("saved")
+        return {**result, "state": State.DYING.value}
+
+    def _suspend_and_save(self, xen, path: str, timeout: float) -> dict:
+        """``control/shutdown = suspend``; the guest's SHUTDOWN_suspend takes the snapshot."""
+        req = SaveRequest(path)
+        try:
+            xen.request_suspend(req)
+        except SnapshotError as e:
+            raise ApiError(ErrorCode.NOT_RUNNING, str(e)) from None
+        xen.store.core.write_path(f"/local/domain/{xen.domid}/control/shutdown", "suspend")
+        if not req.wait(timeout) and xen.cancel_suspend(req):
+            raise ApiError(ErrorCode.NOT_SUPPORTED, f"{self.cfg.name} did not suspend within "
+                           f"{timeout:g} s of control/shutdown = suspend; not saved")
+        req.wait(SUSPEND_TIMEOUT)     # it suspended just in time: its snapshot completes
+        if not isinstance(req.outcome, SnapshotInfo):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, f"the save failed, {self.cfg.name} resumed "
+                           f"(suspend cancelled): {req.outcome}")
+        info = req.outcome
+        return {"file": path, "pages": info.pages_written, "paused_s": round(info.paused_s, 3)}
 
     def _console_input(self, data: bytes) -> None:
         """Bytes typed on an attached console: to the guest's active console, on the I/O thread."""

@@ -41,6 +41,7 @@ from xenkvm.xen.reservation import Reservation
 from xenkvm.xen.shinfo import SharedInfo
 from xenkvm.xen.shared_store import MemfdBacking, SharedStoreService
 from xenkvm.xen.store import StoreService
+from xenkvm.xen.suspend import SaveRequest
 from xenkvm.xen.testdev import TestDevice
 from xenkvm.xen.timers import VcpuTimers
 from xenkvm.xen.traps import choose
@@ -117,6 +118,11 @@ class XenDomain(MachineExtension):
         self.params: dict[int, int] = {}
         self.vm_assists = 0
         self.shutdown_code: int | None = None
+        #: cooperative save (xen/suspend.py): the toolstack's pending request, and the vCPU that
+        #: suspended while its snapshot is taken; ``resumed_new``: restored as a new domain
+        self.suspend_request: SaveRequest | None = None
+        self.suspended_vcpu: int | None = None
+        self.resumed_new = False
         self.clock = machine.clock
         self.boot_ns = self.clock.boot_ns
         #: (guest ns spent paused before, clock.ns() when the current pause began or None): one
@@ -221,6 +227,25 @@ class XenDomain(MachineExtension):
             self.testdev = TestDevice(self)
             self.testdev.last = testdev_last if testdev_last is not None else self.testdev.last
             self.machine.register_ports(layout.XEN_TESTDEV_PORT, 4, self.testdev)
+
+    def keeps_saved_regions(self) -> bool:
+        """A domain restored from a suspend is a new domain: fresh store/console pages, no grant frames."""
+        return not self.resumed_new
+
+    def request_suspend(self, req: SaveRequest) -> None:
+        """Save the domain when it next suspends (xen/suspend.py); one request at a time."""
+        with self.lock:
+            if self.suspend_request is not None or self.suspended_vcpu is not None:
+                raise SnapshotError(f"dom{self.domid}: a save is already in progress")
+            self.suspend_request = req
+
+    def cancel_suspend(self, req: SaveRequest) -> bool:
+        """Withdraw ``req`` unless the guest has already suspended for it (then it completes)."""
+        with self.lock:
+            if self.suspend_request is req:
+                self.suspend_request = None
+                return True
+            return False
 
     def input_sink(self) -> InputSink | None:
         """Host keystrokes go to the primary console ring once the guest has used it (Linux

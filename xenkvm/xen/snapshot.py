@@ -11,6 +11,9 @@ the console's connection and queued input, console_io's reader flag, the test de
 counters.  Ring contents and indexes (console, xenstore) and every pending/mask bit live in
 guest RAM and come back with it.
 
+A domain saved while suspended (``suspended_vcpu``, xen/suspend.py) is restored as a new
+domain instead (:func:`resume_new_domain`).
+
 Refused with one line (SnapshotError) rather than saved wrong: the platform PCI device
 (HVM guests), a ballooned domain, VMM event-channel ends other than the store's and
 console's (the test device's echo backends), a shared xenstored, the KVM_XEN trap.
@@ -24,6 +27,7 @@ from xenkvm.machine import layout
 from xenkvm.machine.memory import GuestMemoryError
 from xenkvm.machine.snapshot.format import SnapshotError
 from xenkvm.xen.abi import HvmParam
+from xenkvm.xen.suspend import RESUMED
 from xenkvm.xen.trapsites import Site
 from xenkvm.xen.traps import PATCHED, BreakpointTrap, HypercallPageTrap, PatchSite, PatchTrap
 from xenkvm.xenstore import XenstoreServer
@@ -51,6 +55,7 @@ def save(d: "XenDomain") -> dict[str, Any]:
         "console": {"connected": d.console.connected, "pending": bytes(d.console._pending).hex()},
         "console_io_reading": d.console_io.reading,
         "testdev_last": d.testdev.last if d.testdev is not None else None,
+        "suspended_vcpu": d.suspended_vcpu,
     }
 
 
@@ -96,6 +101,9 @@ def restore(d: "XenDomain", st: dict[str, Any]) -> int | None:
     returns the test device's last result (None: it had none) for ``XenDomain`` to re-create it."""
     if st.get("version") != VERSION:
         raise SnapshotError(f"dom{d.domid}: Xen state version {st.get('version')} (this xenkvm reads {VERSION})")
+    if st.get("suspended_vcpu") is not None:
+        resume_new_domain(d, st)
+        return None
     if (st["store_port"], st["console_port"]) != (d.store.port, d.console.port):
         raise SnapshotError(f"dom{d.domid}: store/console ports differ from the saved ones")
     d.clock = d.machine.clock          # system time continues from the saved instant
@@ -118,6 +126,32 @@ def restore(d: "XenDomain", st: dict[str, Any]) -> int | None:
         d.shinfo.restored(st["shinfo_gpa"])
         d.traps = [_trap_from(d, t) for t in st["traps"]]
     return st.get("testdev_last")
+
+
+def resume_new_domain(d: "XenDomain", st: dict[str, Any]) -> None:
+    """A domain saved in SHUTDOWN_suspend (xen/suspend.py) comes back as Xen's restore makes it:
+    a new domain, as this XenDomain was built: no event channels but the store's and console's
+    (set up by the toolstack, their ports in the HVM params), no shared_info, vcpu_info, timers
+    or grant frames mapped, the domain's initial xenstore tree without watches, cleared store
+    and console pages.  Kept: each vCPU's online state and the hypercall traps (the hypercall
+    page or patched sites are guest RAM); the suspending vCPU's hypercall returns 0 there, and
+    the guest re-registers the rest (Linux: xen_hvm_post_suspend, xen_irq_resume, gnttab_resume,
+    xs_resume)."""
+    vcpu_id = int(st["suspended_vcpu"])
+    if not 0 <= vcpu_id < len(d.vcpus):
+        raise SnapshotError(f"dom{d.domid}: suspended vCPU {vcpu_id} is not in the snapshot")
+    d.clock = d.machine.clock          # system time continues from the saved instant
+    d.boot_ns = d.clock.boot_ns
+    with d.lock:
+        for v, saved in zip(d.vcpus, st["vcpus"]):
+            v.up = bool(saved["up"])
+        d.shinfo.restored(None)
+        d.traps = [_trap_from(d, t) for t in st["traps"]]
+        d.resumed_new = True
+    vcpu = d.machine.vcpus[vcpu_id]
+    regs = vcpu.get_regs()
+    regs.rax = RESUMED
+    vcpu.set_regs(regs)
 
 
 def reinstall(d: "XenDomain", trap) -> None:

@@ -63,8 +63,11 @@ def start(machine: "Machine", path: str) -> Parking:
     return parking
 
 
-def finish(machine: "Machine", path: str, parking: Parking) -> SnapshotInfo:
-    """Wait until every vCPU is parked, save the rest, write the files, resume (not a vCPU thread)."""
+def finish(machine: "Machine", path: str, parking: Parking,
+           on_saved: Callable[[], None] | None = None) -> SnapshotInfo:
+    """Wait until every vCPU is parked, save the rest, write the files, resume (not a vCPU thread).
+    ``on_saved`` runs once the files are written, before any vCPU runs again (a save that stops
+    the machine there: xen/suspend.py)."""
     vcpus = parking.wait(PARK_TIMEOUT_S)
     t0 = time.monotonic()
     held = []
@@ -84,6 +87,8 @@ def finish(machine: "Machine", path: str, parking: Parking) -> SnapshotInfo:
                       snapshot_id=sid.hex(), ram={"file": os.path.basename(ram_path(path)),
                                                   "regions": [r.to_json() for r in layout]}, sections=[])
         write_state(path, index, sections)
+        if on_saved is not None:
+            on_saved()
     finally:
         for ext in reversed(held):
             ext.snapshot_end()

@@ -63,17 +63,58 @@ def capture_vcpu(vcpu: Vcpu, msr_indices: list[int]) -> dict[str, Any]:
         else:
             st[kind] = b64(vcpu.get_state_blob(kind))
     st["tsc_khz"] = vcpu.get_tsc_khz()
+    if vcpu.has_tsc_offset():
+        st["tsc_offset"] = vcpu.get_tsc_offset()
     return st
 
 
-def apply_vcpu(vcpu: Vcpu, st: dict[str, Any]) -> None:
-    """Load a saved vCPU state into a fresh vCPU of the same configuration (its own thread)."""
+def apply_vcpus(vcpus: list[Vcpu], states: list[dict[str, Any]]) -> None:
+    """Load saved vCPU states into fresh vCPUs of the same configuration, in order."""
+    shift = TscShift()
+    for vcpu, st in zip(vcpus, states):
+        apply_vcpu(vcpu, st, shift)
+
+
+def apply_vcpu(vcpu: Vcpu, st: dict[str, Any], shift: "TscShift | None" = None) -> None:
+    """Load a saved vCPU state into a fresh vCPU: the TSC's rate, then its value, then the rest."""
     _match_tsc_rate(vcpu, int(st["tsc_khz"]))
+    msrs = {int(k, 16): int(v) for k, v in st["msrs"].items()}
+    if MSR_IA32_TSC in msrs and vcpu.has_tsc_offset():
+        (shift or TscShift()).apply(vcpu, msrs.pop(MSR_IA32_TSC), st.get("tsc_offset"))
     for kind in st["order"]:
         if kind == "msrs":
-            _write_msrs(vcpu, {int(k, 16): int(v) for k, v in st["msrs"].items()})
+            _write_msrs(vcpu, msrs)
         else:
             vcpu.set_state_blob(kind, unb64(st[kind]))
+
+
+class TscShift:
+    """Puts each restored vCPU's TSC back through the TSC offset attribute, not MSR_IA32_TSC.
+
+    A host write of MSR_IA32_TSC goes through KVM's kvm_synchronize_tsc, which takes a value
+    within one second's worth of cycles of "the last write plus the time since" as an attempt
+    to synchronise with it and keeps the *old* offset instead.  The last write of a fresh VM is
+    vCPU creation's zero, so a guest saved less than about a second of TSC after it started came
+    back with its TSC counting from vCPU creation: backwards (seen under Linux 6.1; newer KVM
+    only matches after a first user write).  The offset attribute is applied as given.
+
+    The first vCPU's TSC continues from its saved value; every other one keeps its saved
+    offset's distance from the first, so TSCs in step before the snapshot stay in step (their
+    values were read at slightly different instants while the vCPUs parked).
+    """
+
+    def __init__(self) -> None:
+        self.delta: int | None = None   #: new offset - saved offset, set by the first vCPU
+
+    def apply(self, vcpu: Vcpu, saved_tsc: int, saved_offset: int | None) -> None:
+        if self.delta is None or saved_offset is None:
+            current = vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+            offset = vcpu.get_tsc_offset() + saved_tsc - current
+            if saved_offset is not None:
+                self.delta = offset - saved_offset
+        else:
+            offset = saved_offset + self.delta
+        vcpu.set_tsc_offset(offset)
 
 
 def _match_tsc_rate(vcpu: Vcpu, khz: int) -> None:
@@ -91,7 +132,7 @@ def _match_tsc_rate(vcpu: Vcpu, khz: int) -> None:
 
 
 def _write_msrs(vcpu: Vcpu, values: dict[int, int]) -> None:
-    # the TSC first: KVM derives TSC_ADJUST and the TSC deadline from it
+    # the TSC first (when it is written as an MSR): KVM derives TSC_ADJUST and the TSC deadline from it
     ordered = dict(sorted(values.items(), key=lambda kv: kv[0] != MSR_IA32_TSC))
     try:
         vcpu.set_msrs(ordered)

@@ -7,6 +7,7 @@ from xenkvm.xen.abi import DOMID_SELF, Errno, SchedOp, Shutdown, XenStruct
 from xenkvm.xen.dispatch import Call
 from xenkvm.xen.errors import HypercallError, einval
 from xenkvm.xen.evtchn.poll import sched_poll
+from xenkvm.xen.suspend import guest_suspends
 
 
 log = logging.getLogger(__name__)
@@ -20,10 +21,12 @@ def shutdown_domain(call: Call, reason: int) -> int:
         why = Shutdown(reason)
     except ValueError:
         raise einval(f"shutdown reason {reason}") from None
+    if why is Shutdown.suspend:
+        return guest_suspends(call)       # saved if the toolstack asked, else cancelled (xen/suspend.py)
     machine = call.domain.machine
     status = {Shutdown.poweroff: ExitStatus.POWEROFF, Shutdown.reboot: ExitStatus.RESET,
               Shutdown.soft_reset: ExitStatus.RESET, Shutdown.crash: ExitStatus.GUEST_CRASH,
-              Shutdown.watchdog: ExitStatus.GUEST_CRASH, Shutdown.suspend: ExitStatus.POWEROFF}[why]
+              Shutdown.watchdog: ExitStatus.GUEST_CRASH}[why]
     log.info("vcpu%d: SCHEDOP_shutdown(%s)", call.vcpu_id, why.name)
     machine.stop(status, f"guest shut down ({why.name}) via SCHEDOP_shutdown")
     return 0

@@ -1,0 +1,215 @@
+"""``xenkvm snapshot/save/restore`` as a user runs them (subprocesses, the control API), with
+guests/managed_domu under /dev/kvm: it prints "TICK n ns" (its Xen system time) every 20 ms,
+echoes keystrokes ("KEY xx") and acts on control/shutdown through a xenstore watch.
+guests/managed_suspend announces control/feature-suspend, so ``save`` is cooperative for it: it
+suspends itself (SHUTDOWN_suspend) and, restored as a new domain, sets its Xen state up again.
+"""
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from test_managed_domains import GUESTS, TICK, Console, built_guests, create, listing, xenkvm  # noqa: F401
+
+from xenkvm.toolstack.client import ControlClient
+from xenkvm.toolstack.protocol import ApiError, ErrorCode
+from xenkvm.xenstore.client import XsClient
+
+pytestmark = pytest.mark.kvm
+
+
+@pytest.fixture
+def run_dir(built_guests):  # noqa: F811
+    """A run directory of its own, directly under /tmp (UNIX socket paths are short)."""
+    d = Path(tempfile.mkdtemp(prefix="xk-sn-", dir="/tmp"))
+    yield d
+    for name in ("managed-domu", "copy", "managed-suspend"):
+        xenkvm(d, "destroy", name)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _ticks(out: bytes) -> list[tuple[int, int]]:
+    return [(int(n), int(ns)) for n, ns in TICK.findall(out)]
+
+
+def _resumed(run_dir: Path, name: str, last: tuple[int, int]) -> Console:
+    """The restored domain's console: ticks go on after ``last`` (never a boot), keys answer."""
+    con = Console(run_dir, name)
+    con.read_until(rb"^TICK \d+ \d+$")
+    first = _ticks(con.out)[0]
+    assert first[0] > last[0] and first[1] > last[1], (first, last)
+    assert b"TOOLSTACK-UP" not in con.out                  # resumed, not booted
+    con.client.sock.sendall(b"q")
+    con.read_until(rb"^KEY 71$")
+    return con
+
+
+def test_snapshot_runs_on_and_restores_as_another_domain(run_dir, tmp_path):
+    create(run_dir)
+    con = Console(run_dir)
+    con.read_until(rb"^TOOLSTACK-UP$")
+    con.read_until(rb"^TICK \d+ \d+$")
+    r = xenkvm(run_dir, "snapshot", "managed-domu", str(tmp_path / "domu.snap"))
+    assert r.returncode == 0, r.stderr
+    seen = len(con.out)
+    con.read_until(rb"^TICK \d+ \d+$", start=seen)          # the original runs on
+    last = _ticks(con.out[:seen])[-1]
+    r = xenkvm(run_dir, "restore", str(tmp_path / "domu.snap"), "--name", "copy")
+    assert r.returncode == 0, r.stderr
+    rows = listing(run_dir)
+    assert rows["copy"]["state"] == rows["managed-domu"]["state"] == "running"
+    assert rows["copy"]["domid"] != rows["managed-domu"]["domid"]
+    _resumed(run_dir, "copy", last).close()
+    # the host's control/shutdown write reaches the restored guest's xenstore watch
+    r = xenkvm(run_dir, "shutdown", "copy", "-w", "--timeout", "120")
+    assert r.returncode == 0, r.stderr
+    assert "copy" not in listing(run_dir) and listing(run_dir)["managed-domu"]["state"] == "running"
+
+
+def test_save_stops_the_domain_and_restore_brings_it_back(run_dir, tmp_path):
+    row = create(run_dir)
+    con = Console(run_dir)
+    con.read_until(rb"^TICK \d+ \d+$")
+    r = xenkvm(run_dir, "save", "managed-domu", str(tmp_path / "domu.snap"))
+    assert r.returncode == 0, r.stderr
+    last = _ticks(con.out)[-1]
+    assert listing(run_dir) == {}
+    r = xenkvm(run_dir, "restore", str(tmp_path / "domu.snap"))
+    assert r.returncode == 0, r.stderr
+    again = listing(run_dir)["managed-domu"]
+    assert (again["state"], again["domid"]) == ("running", row["domid"])
+    _resumed(run_dir, "managed-domu", last).close()
+
+
+def test_bad_requests_get_one_line(run_dir, tmp_path):
+    bad = tmp_path / "bad.snap"
+    bad.write_bytes(b"not a snapshot at all")
+    r = xenkvm(run_dir, "restore", str(bad))
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and str(bad) in r.stderr, r.stderr
+    r = xenkvm(run_dir, "snapshot", "nobody", str(tmp_path / "x.snap"))
+    assert r.returncode == 2 and "no domain called" in r.stderr
+    create(run_dir)
+    r = xenkvm(run_dir, "snapshot", "managed-domu", str(tmp_path / "missing" / "x.snap"))
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "invalid-argument" in r.stderr, r.stderr
+    assert re.search(r"No such file", r.stderr)
+    with ControlClient(str(run_dir / "managed-domu" / "control.sock"), timeout=30) as c:
+        for args in ({"file": "relative.snap"}, {"file": 7}, {"file": str(tmp_path / "x"), "suspend_timeout": "1"},
+                     {"file": str(tmp_path / "x"), "suspend_timeout": 0}):
+            with pytest.raises(ApiError) as e:
+                c.call("save", **args)
+            assert e.value.code is ErrorCode.INVALID_ARGUMENT, args
+    assert not (tmp_path / "x").exists()
+    assert listing(run_dir)["managed-domu"]["state"] == "running"
+
+
+SUSPEND = "managed-suspend"
+#: the checks after SHUTDOWN_suspend returns, either way
+AFTER_SUSPEND = ("PASS suspend.result", "PASS pvclock", "PASS timer", "PASS evtchn.loopback",
+                 "PASS xs.watch_fires", "PASS events.no_stray")
+
+
+def _finishes_after_ping(run_dir: Path, con: Console, domid: int, start: int = 0) -> str:
+    """The host's write of data/ping reaches the guest's watch; its checks all pass."""
+    con.read_until(rb"^WAITING-PING$", start=start)
+    with XsClient(str(run_dir / SUSPEND / "xenstore.sock"), timeout=10) as xs:
+        xs.write(f"/local/domain/{domid}/data/ping", "1")
+    con.read_until(rb"^SUMMARY: \d+ passed, \d+ failed$", start=start)
+    out = con.out[start:].decode(errors="replace")
+    assert all(a in out for a in AFTER_SUSPEND) and ", 0 failed" in out and "FAIL" not in out, out
+    return out
+
+
+@pytest.mark.parametrize("cfg", ["managed_suspend.yaml", "managed_suspend_fifo.yaml"])
+def test_save_is_cooperative_and_the_restored_guest_reconnects(run_dir, tmp_path, cfg):
+    """SHUTDOWN_suspend returns 0 in the restored domain, which is new: the guest maps shared
+    info, vcpu_info, event channels, the grant frame and its watches again, and all of it works."""
+    row = _create(run_dir, GUESTS / cfg)
+    con = Console(run_dir, SUSPEND)
+    con.read_until(rb"^SUSPEND-READY$")
+    r = xenkvm(run_dir, "save", SUSPEND, str(tmp_path / "s.snap"))
+    assert r.returncode == 0, r.stderr
+    assert SUSPEND not in listing(run_dir)
+    assert b"SUSPEND returned" not in con.out        # saved before it could run on
+    r = xenkvm(run_dir, "restore", str(tmp_path / "s.snap"))
+    assert r.returncode == 0, r.stderr
+    again = Console(run_dir, SUSPEND)
+    again.read_until(rb"^SUSPEND returned 0$")
+    out = _finishes_after_ping(run_dir, again, row["domid"])
+    assert "PASS resume.reconnect" in out and "PASS resume.new_grant_table" in out
+    assert ("PASS fifo" in out) == cfg.endswith("fifo.yaml")
+
+
+def test_a_failed_save_cancels_the_suspend_and_the_guest_runs_on(run_dir, tmp_path):
+    """The save cannot write its file: SHUTDOWN_suspend returns 1 (cancelled), nothing was torn
+    down, and the domain keeps running."""
+    row = _create(run_dir, GUESTS / "managed_suspend.yaml")
+    con = Console(run_dir, SUSPEND)
+    con.read_until(rb"^SUSPEND-READY$")
+    r = xenkvm(run_dir, "save", SUSPEND, str(tmp_path / "missing" / "s.snap"))
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "suspend cancelled" in r.stderr, r.stderr
+    con.read_until(rb"^SUSPEND returned 1$")
+    out = _finishes_after_ping(run_dir, con, row["domid"])
+    assert "PASS cancel.grant_kept" in out
+
+
+def _create(run_dir: Path, cfg: Path) -> dict:
+    r = xenkvm(run_dir, "create", str(cfg))
+    assert r.returncode == 0, r.stderr
+    return listing(run_dir)[SUSPEND]
+
+
+def test_a_suspend_nobody_saves_is_cancelled(built_guests):  # noqa: F811
+    """Under ``xenkvm run`` no save is ever asked for: the guest's SHUTDOWN_suspend returns 1 at
+    once and it runs on with everything in place."""
+    d = Path(tempfile.mkdtemp(prefix="xk-sr-", dir="/tmp"))
+    sock = d / "xs.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "xenkvm", "run", "guests/managed_suspend.yaml",
+                             "--xenstore-socket", str(sock)], cwd=GUESTS.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        out = _read_until(proc, b"SUSPEND-READY\n", b"")
+        with XsClient(str(sock), timeout=10) as xs:
+            xs.write("/local/domain/1/control/shutdown", "suspend")
+            out = _read_until(proc, b"WAITING-PING\n", out)
+            xs.write("/local/domain/1/data/ping", "1")
+        text = _read_until(proc, b"SUMMARY", out).decode(errors="replace")
+        assert proc.wait(120) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
+    assert "SUSPEND returned 1" in text and "PASS cancel.grant_kept" in text, text
+    assert all(a in text for a in AFTER_SUSPEND) and "FAIL" not in text, text
+
+
+def _read_until(proc: subprocess.Popen, marker: bytes, out: bytes, timeout: float = 240) -> bytes:
+    deadline = time.monotonic() + timeout
+    while marker not in out:
+        assert time.monotonic() < deadline and proc.poll() is None, out.decode(errors="replace")
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            out += os.read(proc.stdout.fileno(), 65536)
+    return out
+
+
+def test_a_guest_that_announces_suspend_but_never_suspends_is_not_saved(run_dir, tmp_path):
+    """managed_domu ignores control/shutdown = suspend; with feature-suspend written for it the save
+    waits --timeout seconds, answers one line, writes nothing, and the domain runs on."""
+    row = create(run_dir)
+    with XsClient(str(run_dir / "managed-domu" / "xenstore.sock"), timeout=10) as xs:
+        xs.write(f"/local/domain/{row['domid']}/control/feature-suspend", "1")
+    r = xenkvm(run_dir, "save", "managed-domu", str(tmp_path / "s.snap"), "--timeout", "2")
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "did not suspend" in r.stderr, r.stderr
+    assert not (tmp_path / "s.snap").exists()
+    con = Console(run_dir)
+    con.read_until(rb'^ignoring unknown request "suspend"$')
+    seen = len(con.out)
+    con.read_until(rb"^TICK \d+ \d+$", start=seen)
+    assert listing(run_dir)["managed-domu"]["state"] == "running"
