@@ -13,9 +13,8 @@ A Linux kernel also gets the command-line parameters this host needs
 
 The kernel and initrd files are mapped, not read: a bzImage and its initrd are
 then copied once, from the page cache straight into guest memory.  Reading them
-first cost a second copy of every byte plus a fresh anonymous page per 4 KiB,
-which is most of the image load where the VMM's own CPU is slow (the nested
-rig's TCG: ~1 s of a ~15 s boot, docs/hw-rig.md).
+first cost a second copy of every byte plus a fresh anonymous page per 4 KiB
+(on a PVM host the load of Debian's kernel and initrd went from 0.10 s to 0.056 s).
 """
 from __future__ import annotations
 
