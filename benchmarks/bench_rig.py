@@ -1,12 +1,13 @@
 """Hardware-KVM figures from the nested SVM rig (docs/hw-rig.md), in one rig run.
 
-    python benchmarks/bench_rig.py [--skip-host] [--rounds 3] [-n 20000] [--timeout 3000]
+    python benchmarks/bench_rig.py [--skip-host] [--rounds 3] [--boot-rounds 3] [-n 20000] [--timeout 3000]
 
 * L1 boot: QEMU TCG start to L1 ready (kvm_amd loaded, host root mounted), wall
   time and L1's own uptime then;
 * plain boot of guests/linux.yaml inside L1, side by side: xenkvm vs
   ``qemu-system-x86_64 -accel kvm -cpu host`` on the same kernel, initrd and
-  command line (benchmarks/bench_boot.py --qemu-cpu host), and the ratio; in the same
+  command line (benchmarks/bench_boot.py --qemu-cpu host), ``--boot-rounds`` of each
+  interleaved, and the ratio of the best of each; in the same
   call the same kernel booted by xenkvm as a Xen PVH and a Xen HVM guest (2 vCPUs,
   guests/linux-pvh.yaml, linux-hvm.yaml; QEMU has no row: without KVM_XEN it cannot);
 * where xenkvm's time goes in that boot (benchmarks/profile_rig_boot.py):
@@ -35,12 +36,12 @@ sys.path.insert(0, str(ROOT))
 from xenkvm.rig import image, runner  # noqa: E402
 
 
-def inner_script(n: int, rounds: int) -> list[str]:
-    """The command run inside L1: the boot pair, the boot profile, the hypercall benchmark."""
+def inner_script(n: int, rounds: int, boot_rounds: int) -> list[str]:
+    """The command run inside L1: the boot pairs, the boot profile, the hypercall benchmark."""
     py = sys.executable
     steps = [
         "echo '=== boots in the rig: plain xenkvm vs qemu -accel kvm -cpu host, Xen PVH and HVM ==='",
-        f"{py} benchmarks/bench_boot.py --qemu-cpu host --ours-timeout 900 --qemu-timeout 900",
+        f"{py} benchmarks/bench_boot.py --qemu-cpu host --rounds {boot_rounds} --ours-timeout 900 --qemu-timeout 900",
         "echo '=== where xenkvm spends the rig boot ==='",
         f"{py} benchmarks/profile_rig_boot.py",
         "echo '=== hypercall round trip in the rig ==='",
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", type=int, default=20_000, help="hypercalls per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--boot-rounds", type=int, default=3, help="plain boots of QEMU and of xenkvm, interleaved")
     p.add_argument("--timeout", type=float, default=3000, help="seconds for the whole rig run")
     p.add_argument("--skip-host", action="store_true", help="skip the hypercall benchmark on this host")
     a = p.parse_args(argv)
@@ -71,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         l1 = image.build(ROOT / ".cache" / "rig")
         with tempfile.TemporaryDirectory(prefix="xenkvm-rig-") as tmp:
             t = time.monotonic()
-            res = runner.run(l1, inner_script(a.n, a.rounds), cwd=ROOT, out_dir=Path(tmp), timeout=a.timeout,
-                             echo=sys.stdout)
+            res = runner.run(l1, inner_script(a.n, a.rounds, a.boot_rounds), cwd=ROOT, out_dir=Path(tmp),
+                             timeout=a.timeout, echo=sys.stdout)
     except (image.RigImageError, runner.RigError) as e:
         print(f"bench_rig: {e}", file=sys.stderr)
         return 1

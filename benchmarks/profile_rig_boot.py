@@ -9,8 +9,9 @@ Phases, each timed on its own:
   the slowest modules, cumulative);
 * building the Machine (KVM VM, devices, CPUID) and booting it (``load_guest``:
   reading the bzImage and initrd, the boot-protocol setup);
-* the run to power-off, with every VM exit counted by reason and the host time
-  in its handler; the rest of the run is guest time (KVM_RUN) and wake-ups.
+* the run to power-off, with every VM exit counted by kind (port I/O per port and
+  direction, MMIO per page, else the exit reason) and the host time in its handler;
+  the rest of the run is guest time (KVM_RUN) and wake-ups.
 """
 from __future__ import annotations
 
@@ -53,28 +54,42 @@ def slowest_imports(top: int = 8) -> list[tuple[float, str]]:
 
 
 class ExitCounter:
-    """Wraps each exit handler: count and host seconds per exit reason."""
+    """Wraps each exit handler: count and host seconds per exit kind (port I/O per port and
+    direction, MMIO per page, the rest per exit reason)."""
 
-    def __init__(self, handlers: dict):
+    def __init__(self, handlers: dict, names: dict[int, str], io_out: int):
+        self.io_out = io_out
         self.count: collections.Counter = collections.Counter()
         self.seconds: collections.Counter = collections.Counter()
+        self.names = names
         self.wrapped = {reason: self._wrap(reason, h) for reason, h in handlers.items()}
+
+    def kind(self, reason: int, vcpu) -> str:
+        name = self.names.get(reason, str(reason))
+        if name == "IO":
+            io = vcpu.exit_io
+            return f"IO {'out' if io.direction == self.io_out else 'in'} {io.port:#06x}"
+        if name == "MMIO":
+            return f"MMIO {vcpu.exit_mmio.phys_addr & ~0xFFF:#x}"
+        return name
 
     def _wrap(self, reason: int, handler):
         clock = time.perf_counter
 
         def counted(vcpu) -> None:
+            kind = self.kind(reason, vcpu)     # before the handler: it may complete the exit
             t = clock()
             handler(vcpu)
-            self.seconds[reason] += clock() - t
-            self.count[reason] += 1
+            self.seconds[kind] += clock() - t
+            self.count[kind] += 1
         return counted
 
 
-def profile_run(guest: Path) -> None:
+def profile_run(guest: Path, top: int = 15) -> None:
     t = time.perf_counter()
     from xenkvm.config import load_config
     from xenkvm.build import build_machine
+    from xenkvm.kvm._kvm_cffi import lib
     from xenkvm.machine.vcpu_loop import EXIT_NAMES
     t_import = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as d:
@@ -83,7 +98,7 @@ def profile_run(guest: Path) -> None:
         cfg = load_config(guest, {"console": f"file:{console}"})
         m = build_machine(cfg)
         t_machine = time.perf_counter() - t
-        counter = ExitCounter(m.exit_handlers)
+        counter = ExitCounter(m.exit_handlers, EXIT_NAMES, lib.KVM_EXIT_IO_OUT)
         m.exit_handlers = counter.wrapped
         boot = m.boot
         phases: dict[str, float] = {}
@@ -109,10 +124,11 @@ def profile_run(guest: Path) -> None:
           f"(marker {'seen' if seen else 'MISSING'}, {result.status.name})")
     print(f"  host time in exit handlers          {in_handlers:7.2f} s")
     print(f"  guest time and waits (the rest)     {t_run - t_load - in_handlers:7.2f} s")
-    print(f"{'exit':<16} {'count':>8} {'ms total':>10} {'us/exit':>8}")
-    for reason, n in counter.count.most_common():
-        s = counter.seconds[reason]
-        print(f"{EXIT_NAMES.get(reason, str(reason)):<16} {n:>8} {s * 1e3:>10.1f} {s / n * 1e6:>8.1f}")
+    n_all = sum(counter.count.values())
+    print(f"{'exit (' + str(n_all) + ' in all)':<22} {'count':>8} {'ms total':>10} {'us/exit':>8}")
+    for kind, n in counter.count.most_common(top):
+        s = counter.seconds[kind]
+        print(f"{kind:<22} {n:>8} {s * 1e3:>10.1f} {s / n * 1e6:>8.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:

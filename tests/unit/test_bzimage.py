@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +13,7 @@ from xenkvm.machine import layout
 from xenkvm.machine.boot import BootError
 from xenkvm.machine.boot._abi_cffi import ffi
 from xenkvm.machine.boot.bzimage import load_bzimage, parse_setup_header
+from xenkvm.machine.loader import map_file, unmap
 from xenkvm.machine.memory import PAGE_SIZE
 
 MiB = 1 << 20
@@ -71,6 +73,34 @@ def test_load_relocatable_kernel(mem, build_bzimage):
     for name in ("setup_sects", "syssize", "version", "pref_address", "init_size", "payload_length"):
         assert _zp(mem, name) == struct.unpack_from("<" + BZ[name][1], image, BZ[name][0])[0]
     assert mem.read(ZP, 0x70) == bytes(0x70) and mem.read(ZP + 0x1EF, 1) == b"\0"
+
+
+def test_load_from_mapped_files(mem, build_bzimage, tmp_path):
+    """The loader maps the kernel and initrd files (loader.map_file) instead of reading
+    them: loading from the mappings puts the same bytes in the guest as from bytes."""
+    image, initrd = build_bzimage(b"PAYLOAD!" * 8), bytes(range(256)) * 40
+    (tmp_path / "k").write_bytes(image)
+    (tmp_path / "rd").write_bytes(initrd)
+    k, rd = map_file(tmp_path / "k"), map_file(tmp_path / "rd")
+    boot = load_bzimage(mem, k, "console=ttyS0", rd)
+    unmap(k)
+    unmap(rd)
+    assert k.closed and rd.closed
+    assert mem.read(boot.kernel_addr, len(image) - 5 * 512) == image[5 * 512:]
+    assert mem.read(boot.initrd_addr, boot.initrd_size) == initrd
+
+
+def test_map_file_reads_what_cannot_be_mapped(tmp_path):
+    """An empty file cannot be mapped, a character device is not a file: both are read."""
+    (tmp_path / "empty").write_bytes(b"")
+    assert map_file(tmp_path / "empty") == b""
+    assert map_file(Path("/dev/null")) == b""
+    (tmp_path / "x").write_bytes(b"abc")
+    k = map_file(tmp_path / "x")
+    view = memoryview(k)
+    unmap(k)        # a live view: stays mapped until the view goes, no error
+    assert bytes(view) == b"abc"
+    view.release()
 
 
 def test_zero_page_e820(mem, build_bzimage):

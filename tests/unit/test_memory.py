@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from xenkvm.kvm._kvm_cffi import ffi
 from xenkvm.machine.memory import (HIGH_RAM_BASE, LOW_RAM_TOP, E820Type, GuestMemory,
                                    GuestMemoryError, RegionRefused)
 
@@ -247,3 +248,29 @@ def test_atomics_on_guest_words(mem):
     for bad in (0x102, 16 * MiB):            # unaligned; outside guest memory
         with pytest.raises(GuestMemoryError):
             mem.atomic_or32(bad, 1)
+
+
+def test_big_regions_are_huge_page_aligned_with_their_gpa():
+    """KVM maps guest RAM with 2 MiB pages only where host address and GPA agree modulo
+    2 MiB (else it disallows them for the whole memslot), so RAM is mapped that way."""
+    mem = GuestMemory(64 * MiB)
+    mem.add_region(HIGH_RAM_BASE + 3 * MiB, 4 * MiB, "odd")     # a GPA not 2 MiB aligned
+    for r in mem.regions:
+        if r.size >= 2 * MiB:
+            assert r.host_addr % (2 * MiB) == r.gpa % (2 * MiB), r.name
+
+
+def test_aligned_region_accessors_agree():
+    """The padding that aligns a region is invisible: the view, the numpy array, the C
+    pointer and discard all address the same bytes."""
+    mem = GuestMemory(64 * MiB)
+    gpa = 5 * MiB + 0x3000
+    mem.write(gpa, b"\x11" * 8)
+    assert mem.array(gpa, 1, np.uint64)[0] == 0x1111111111111111
+    assert ffi.unpack(mem.cptr(gpa, 8), 8) == b"\x11" * 8
+    mem.discard(gpa - 0x3000, 0x4000)
+    assert mem.read(gpa, 8) == bytes(8)
+    assert mem.read(gpa + 0x1000, 1) == b"\x00"
+    mem.write(gpa + 0x1000, b"\x22")
+    mem.discard(gpa, 0x1000)
+    assert mem.read(gpa + 0x1000, 1) == b"\x22"          # only the pages asked for

@@ -17,8 +17,12 @@ from xenkvm.build import build_machine, xen_domain
 
 
 class FakeCaller:
-    def __init__(self, vcpu_id: int = 0):
+    def __init__(self, vcpu_id: int = 0, vcpu=None):
         self.id = vcpu_id
+        self._vcpu = vcpu       #: the real vCPU, for the MSR reads of a pvclock resync
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        return self._vcpu.get_msrs(indices)
 
     def translate(self, gva: int) -> int | None:
         return gva if gva < 1 << 40 else None
@@ -43,6 +47,6 @@ def hcall(xen_machine):
     """hcall(nr, *args, vcpu=0) -> signed result, through the real dispatcher."""
     def call(nr: int, *args: int, vcpu: int = 0) -> int:
         padded = tuple(args) + (0,) * (6 - len(args))
-        r = xen_machine.xen.dispatcher.dispatch(FakeCaller(vcpu), int(nr), padded)
+        r = xen_machine.xen.dispatcher.dispatch(FakeCaller(vcpu, xen_machine.vcpus[vcpu]), int(nr), padded)
         return r - (1 << 64) if r >> 63 else r
     return call

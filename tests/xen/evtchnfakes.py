@@ -117,7 +117,8 @@ class FakeDomain:
         self.machine = SimpleNamespace(console=ConsoleSink(None), cfg=SimpleNamespace(name=name, console="none"),
                                        io=self.io)
         self.console_input = InputQueue()
-        self.shinfo = SimpleNamespace(gpa=SHINFO if shinfo else None)
+        # a stable-TSC host: no pvclock to resync (tests/xen/test_core_hypercalls.py has the real one)
+        self.shinfo = SimpleNamespace(gpa=SHINFO if shinfo else None, resync=lambda vcpu: None)
         self.upcalls = Upcalls(clock)
         self.dispatcher = Dispatcher(self)
         self.evtchn = EventChannels(self)

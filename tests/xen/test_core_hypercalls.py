@@ -8,7 +8,7 @@ import pytest
 
 from xenkvm.machine.machine import ExitStatus
 from xenkvm.xen.abi import Errno, HvmOp, HvmParam, Hypercall, MemOp, SchedOp, VcpuOp, XenVer, ffi, lib
-from xenkvm.xen.shinfo import PVCLOCK_TSC_STABLE, TscScale, host_tsc_stable
+from xenkvm.xen.shinfo import MSR_IA32_TSC, PVCLOCK_TSC_STABLE, TscScale, host_tsc_stable
 
 pytestmark = pytest.mark.kvm
 BUF = 0x10_0000        # scratch guest memory for hypercall arguments
@@ -200,3 +200,43 @@ def test_stats_count_calls(hcall, xen_machine):
     for _ in range(3):
         hcall(Hypercall.xen_version, XenVer.version, 0)
     assert xen_machine.xen.dispatcher.stats[Hypercall.xen_version].count >= 3
+
+
+def _pvclock_error_ns(xen_machine, vcpu_id: int) -> int:
+    """How far vCPU ``vcpu_id``'s pvclock, applied to its real guest TSC, is from Xen system time."""
+    t = (SHINFO_PFN << 12) + vcpu_id * ffi.sizeof("struct vcpu_info") + ffi.offsetof("struct vcpu_info", "time")
+    tsc_ts, sys_time, mul, shift = struct.unpack_from("<QQIb", xen_machine.mem.read(t + 8, 21))
+    guest_tsc = xen_machine.vcpus[vcpu_id].get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+    return sys_time + TscScale(mul, shift).ns(guest_tsc - tsc_ts) - xen_machine.xen.now_ns()
+
+
+def test_pvclock_follows_a_vcpu_whose_tsc_moved(hcall, xen_machine):
+    """On a host whose TSC is unstable KVM moves a vCPU's TSC offset when it loads the vCPU
+    (its catch-up), so the offset the pvclock was published with goes stale.  Arming a
+    timer re-measures that vCPU's offset and republishes its pvclock.  (KVM takes a
+    userspace TSC write to a vCPU that never ran as a sync, so the stale offset is made
+    here by moving the published one instead.)"""
+    st = xen_machine.xen.shinfo
+    st.tsc_stable = False
+    assert map_shinfo(hcall, xen_machine.mem) == 0
+    st.tsc_offsets[1] -= 100 * xen_machine.tsc_khz * 1000        # 100 s of ticks off
+    st.update_time(1)
+    assert abs(_pvclock_error_ns(xen_machine, 1)) > 5_000_000_000
+    xen_machine.mem.write(BUF, struct.pack("<QI", xen_machine.xen.now_ns() + 10**9, 0))
+    assert hcall(Hypercall.vcpu_op, VcpuOp.set_singleshot_timer, 1, BUF, vcpu=1) == 0
+    assert abs(_pvclock_error_ns(xen_machine, 1)) < 5_000_000
+    st.tsc_offsets[0] -= 100 * xen_machine.tsc_khz * 1000
+    st.update_time(0)
+    assert hcall(Hypercall.set_timer_op, xen_machine.xen.now_ns() + 10**9, vcpu=0) == 0
+    assert abs(_pvclock_error_ns(xen_machine, 0)) < 5_000_000
+
+
+def test_stable_tsc_host_keeps_the_one_offset(hcall, xen_machine):
+    """With a stable host TSC the offset measured at start holds: arming a timer reads no MSR."""
+    st = xen_machine.xen.shinfo
+    st.tsc_stable = True
+    st.tsc_offsets[1] -= 1000
+    before = list(st.tsc_offsets)
+    xen_machine.mem.write(BUF, struct.pack("<QI", xen_machine.xen.now_ns() + 10**9, 0))
+    assert hcall(Hypercall.vcpu_op, VcpuOp.set_singleshot_timer, 1, BUF, vcpu=1) == 0
+    assert st.tsc_offsets == before

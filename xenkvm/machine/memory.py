@@ -14,6 +14,13 @@ RAM lookups (``is_ram``, ``region_at``, ``top_of_ram``) instead of walking the
 regions, and 32-bit and bit atomics on words the running vCPUs share with us
 (event-channel pending bits, FIFO event words, grant entry flags).
 
+Anonymous regions of 2 MiB or more are mapped so that their host address and GPA
+agree modulo 2 MiB, and marked ``MADV_HUGEPAGE`` (as QEMU does with guest RAM): KVM
+backs a guest page with a 2 MiB host page only where both are so aligned (otherwise
+it disallows large pages for the whole memslot), so without it every first touch of
+guest RAM is a 4 KiB nested page fault; in the nested rig that was most of the gap
+to QEMU's boot time (docs/hw-rig.md).
+
 Past ~400 lines on purpose: the single owner of guest RAM and of every way into it
 (bytes, structs, pages, host pointers, atomics), so no other module maps or walks it.
 """
@@ -34,6 +41,7 @@ from xenkvm.kvm._kvm_cffi import ffi
 from xenkvm.kvm._kvm_cffi import lib as _klib  # the C atomic helpers (xk_*): lock-prefixed, seq_cst
 
 PAGE_SIZE = 4096
+HUGE_PAGE = 2 << 20          #: x86 large page: the alignment KVM needs to map guest RAM with it
 # The atomic C helpers, bound once (they run on every event-channel delivery).
 _test_and_set = _klib.xk_test_and_set_bit
 _test_and_clear = _klib.xk_test_and_clear_bit
@@ -97,6 +105,8 @@ class Region:
     #: makes the host mapping instead of an anonymous one (a snapshot's RAM file, copy-on-write)
     backing: Callable[[int], mmap.mmap] | None = field(default=None, repr=False)
     mm: mmap.mmap = field(init=False, repr=False)
+    #: where the region starts in ``mm`` (the padding that aligns an anonymous one)
+    base: int = field(init=False, repr=False, default=0)
     view: memoryview = field(init=False, repr=False)
     host_addr: int = field(init=False, repr=False)
     host_ptr: object = field(init=False, repr=False)   #: ``char *`` at host_addr (C atomics)
@@ -107,11 +117,22 @@ class Region:
         if self.backing is not None:
             self.mm = self.backing(self.size)
         else:
-            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-            self.mm = mmap.mmap(-1, self.size, flags=flags)
-        self.view = memoryview(self.mm)
-        self.host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.mm)))
+            self._map_anonymous()
+        self.view = memoryview(self.mm)[self.base:self.base + self.size]
+        self.host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.mm))) + self.base
         self.host_ptr = ffi.cast("char *", self.host_addr)
+
+    def _map_anonymous(self) -> None:
+        """Map the region, huge-page aligned with its GPA when it is big enough (module doc)."""
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        if self.size < HUGE_PAGE:
+            self.mm = mmap.mmap(-1, self.size, flags=flags)
+            return
+        self.mm = mmap.mmap(-1, self.size + HUGE_PAGE, flags=flags)   # untouched slack: no memory
+        start = int(ffi.cast("uintptr_t", ffi.from_buffer(self.mm)))
+        self.base = (self.gpa - start) % HUGE_PAGE
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            self.mm.madvise(mmap.MADV_HUGEPAGE, self.base, self.size)
 
     @property
     def end(self) -> int:
@@ -245,7 +266,7 @@ class GuestMemory:
 
         dt = np.dtype(dtype)
         r, off = self._find(gpa, count * dt.itemsize)
-        return np.frombuffer(r.mm, dtype=dt, count=count, offset=off)
+        return np.frombuffer(r.mm, dtype=dt, count=count, offset=r.base + off)
 
     def host_address(self, gpa: int, length: int = 1) -> int:
         """The host virtual address of ``gpa`` (for the C atomic helpers)."""
@@ -269,7 +290,7 @@ class GuestMemory:
         if gpa % PAGE_SIZE or length % PAGE_SIZE:
             raise GuestMemoryError(gpa, length, "not page aligned")
         r, off = self._find(gpa, length)
-        r.mm.madvise(mmap.MADV_DONTNEED, off, length)
+        r.mm.madvise(mmap.MADV_DONTNEED, r.base + off, length)
 
     def read_cstr(self, gpa: int, max_len: int) -> bytes:
         """A NUL-terminated string of at most ``max_len`` bytes (NUL excluded)."""
@@ -390,7 +411,7 @@ class GuestMemory:
         """
         r, off = self._find(gpa, length)
         owner = ffi.from_buffer(r.mm)      # holds r.mm (not a memoryview: those break GC of cycles)
-        return ffi.gc(ffi.cast("char *", owner) + off, _keep_mapped(owner))
+        return ffi.gc(ffi.cast("char *", owner) + r.base + off, _keep_mapped(owner))
 
     def test_bit(self, gpa: int, bit: int) -> bool:
         """Bit ``bit`` (LSB first) of the bitmap at ``gpa`` (an atomic byte load)."""

@@ -16,6 +16,12 @@ vCPU is loaded (its catch-up mode), and our one measured offset goes stale.  Xen
 likewise sets the bit only when its own TSC is reliable.  So the bit is set only
 when the host's clocksource is ``tsc`` (:func:`host_tsc_stable`); without it Linux's
 pvclock keeps the largest value read so far, and its clock never goes backwards.
+
+On such a host each vCPU keeps its own offset, re-measured on its own thread (its
+``MSR_IA32_TSC`` against ``rdtsc``) whenever it arms a timer (:meth:`SharedInfo.resync`),
+and its pvclock is republished when the offset moved: Xen likewise refreshes a
+vCPU's time info when it is scheduled, and a guest reads its clock right before it
+computes a timer deadline.  With a stable TSC the one offset measured at start holds.
 """
 from __future__ import annotations
 
@@ -41,6 +47,9 @@ TIME_INFO = XenStruct("struct vcpu_time_info")
 RUNSTATE = XenStruct("struct vcpu_runstate_info")
 PVCLOCK_TSC_STABLE = 1 << 0
 MSR_IA32_TSC = 0x10
+#: A re-measured offset within this many TSC ticks of the published one is the same
+#: (two reads an ioctl apart differ by a few microseconds of ticks): no republish.
+RESYNC_SLACK_US = 50
 VCPU_INFO_TIME = VCPU_INFO.offset("time")
 LEGACY_VCPUS = lib.XEN_LEGACY_MAX_VCPUS
 #: The host kernel's clocksource in use (``tsc`` when its TSC is stable).
@@ -53,6 +62,11 @@ def host_tsc_stable(path: Path = HOST_CLOCKSOURCE) -> bool:
         return path.read_text().strip() == "tsc"
     except OSError:
         return False
+
+
+def measure_tsc_offset(vcpu) -> int:
+    """Guest TSC - host TSC for ``vcpu``, read on its own thread (or before it runs)."""
+    return vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC] - host_tsc()
 
 
 @dataclass(frozen=True)
@@ -91,8 +105,8 @@ class SharedInfo:
         #: the TSC rate pvclock describes: the real one, or the dilated one the guest is told
         self.tsc_khz = domain.machine.tsc_khz * clock.den // clock.num
         self.scale = TscScale.for_hz(self.tsc_khz * 1000)
-        guest_tsc = vcpu0.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
-        self.tsc_offset = guest_tsc - host_tsc()
+        #: guest TSC - host TSC per vCPU (vCPU 0's, measured before it runs, until a vCPU's own)
+        self.tsc_offsets = [measure_tsc_offset(vcpu0)] * len(domain.machine.vcpus)
         #: whether pvclock carries XEN_PVCLOCK_TSC_STABLE_BIT (module docstring)
         self.tsc_stable = host_tsc_stable()
         if not self.tsc_stable:
@@ -118,8 +132,7 @@ class SharedInfo:
         """A snapshot was loaded: shared_info is at ``gpa`` again (its content came back with
         RAM), the guest TSC continues from its saved value (a new offset to the host's), and
         every pvclock is re-published against both."""
-        vcpu0 = self.domain.machine.vcpus[0]
-        self.tsc_offset = vcpu0.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC] - host_tsc()
+        self.tsc_offsets = [measure_tsc_offset(self.domain.machine.vcpus[0])] * len(self.tsc_offsets)
         self.gpa = gpa
         if gpa is not None:
             self._write_wallclock()
@@ -154,13 +167,23 @@ class SharedInfo:
         return gpa is not None and self.domain.mem.view(gpa, 1)[0] != 0
 
     # -- time --------------------------------------------------------------------
-    def guest_tsc(self) -> int:
-        return host_tsc() + self.tsc_offset
+    def guest_tsc(self, vcpu_id: int = 0) -> int:
+        return host_tsc() + self.tsc_offsets[vcpu_id]
 
-    def time_info(self) -> bytes:
+    def resync(self, vcpu) -> None:
+        """On ``vcpu``'s own thread: where the host TSC is unstable, re-measure its offset
+        and republish its pvclock if the offset moved (module docstring)."""
+        if self.tsc_stable:
+            return
+        offset = measure_tsc_offset(vcpu)
+        if abs(offset - self.tsc_offsets[vcpu.id]) > self.tsc_khz * RESYNC_SLACK_US // 1000:
+            self.tsc_offsets[vcpu.id] = offset
+            self.update_time(vcpu.id)
+
+    def time_info(self, vcpu_id: int = 0) -> bytes:
         """A vcpu_time_info snapshot (version left 0: the writer sets it)."""
         info = ffi.new("struct vcpu_time_info *")
-        info.tsc_timestamp = self.guest_tsc()
+        info.tsc_timestamp = self.guest_tsc(vcpu_id)
         info.system_time = self.domain.now_ns()
         info.tsc_to_system_mul = self.scale.mul
         info.tsc_shift = self.scale.shift
@@ -180,7 +203,7 @@ class SharedInfo:
     def update_time(self, vcpu_id: int) -> None:
         """Refresh vCPU ``vcpu_id``'s pvclock in its vcpu_info and its registered time area."""
         gpa = self.vcpu_info_gpa(vcpu_id)
-        data = self.time_info()
+        data = self.time_info(vcpu_id)
         if gpa is not None:
             self._publish(gpa + VCPU_INFO_TIME, data)
         state = self.domain.vcpu_state(vcpu_id)

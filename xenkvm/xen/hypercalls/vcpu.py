@@ -97,6 +97,7 @@ def _timer_vcpu(call: Call, vcpuid: int, own_only: bool) -> int:
 
 def set_singleshot_timer(call: Call, vcpuid: int) -> int:
     v = _timer_vcpu(call, vcpuid, True)
+    call.domain.shinfo.resync(call.vcpu)       # the guest just read its clock for this deadline
     req = call.guest.read_struct(SSHOT, call.args[2])
     deadline, flags = int(req.timeout_abs_ns), int(req.flags)
     if deadline < call.domain.now_ns() and flags & lib.VCPU_SSHOTTMR_future:
@@ -132,6 +133,7 @@ def set_timer_op(call: Call) -> int:
     else:
         timeout = (call.args[0] & 0xFFFFFFFF) | (call.args[1] & 0xFFFFFFFF) << 32
     v = call.vcpu_id
+    call.domain.shinfo.resync(call.vcpu)
     if timeout == 0:
         call.domain.timers.stop_singleshot(v)
         return 0
