@@ -173,3 +173,11 @@ def test_real_generic_kernel_resolves_kvm_amd():
     assert names.index("kvm") < names.index("kvm_amd") and names.index("ccp") < names.index("kvm_amd")
     assert names.index("9pnet") < names.index("9p") and "overlay" in names and "tun" in names
     assert names.index("stp") < names.index("bridge") and names.index("vhost") < names.index("vhost_net")
+
+
+def test_a_checkout_under_l1s_own_tmp_is_refused_with_one_line(tmp_path):
+    """L1 mounts a fresh tmpfs on /tmp: a repository there would fail inside with "can't cd"."""
+    from xenkvm.rig.runner import RigError, check_cwd
+    with pytest.raises(RigError, match="under /tmp, which L1 mounts afresh"):
+        check_cwd(Path("/tmp/checkout"))
+    check_cwd(Path("/work/checkout"))        # elsewhere: fine (need not exist)

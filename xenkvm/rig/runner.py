@@ -109,6 +109,19 @@ class _Console:
         self._log.close()
 
 
+#: Folders L1 mounts afresh (tmpfs, devtmpfs...) over the host's: a repository there is invisible in L1.
+L1_OWN_DIRS = ("/tmp", "/run", "/dev", "/proc", "/sys")
+
+
+def check_cwd(cwd: Path) -> None:
+    """Refuse a working folder L1 cannot see (its own ``/tmp`` etc. hide the host's)."""
+    resolved = Path(cwd).resolve()
+    for own in L1_OWN_DIRS:
+        if resolved == Path(own) or Path(own) in resolved.parents:
+            raise RigError(f"{resolved} is under {own}, which L1 mounts afresh (the host's is not visible "
+                           f"there): run the rig from a checkout elsewhere")
+
+
 def run(image: L1Image, argv: list[str], *, cwd: Path, out_dir: Path, env: dict[str, str] | None = None,
         memory_mb: int = 4096, cpus: int = 1, boot_timeout: float = 600, timeout: float = 3600,
         echo: IO[str] | None = None) -> RigResult:
@@ -116,6 +129,7 @@ def run(image: L1Image, argv: list[str], *, cwd: Path, out_dir: Path, env: dict[
 
     ``boot_timeout`` bounds QEMU's start to L1 ready, ``timeout`` the whole run.
     """
+    check_cwd(cwd)
     qemu = qemu_binary()
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("status", "output.log"):
