@@ -1,6 +1,6 @@
 """Disk throughput inside Debian's kernel: xenkvm's block backend vs QEMU virtio-blk, in one rig run.
 
-    python benchmarks/bench_diskguest.py [--size 128] [--seconds 5] [--timeout 3000]
+    python benchmarks/bench_diskguest.py [--size 128] [--seconds 5] [--timeout 3000] [--compare DIR]
 
 benchmarks/diskbench.c (built here with ``gcc -static``) measures sequential 1 MiB
 write and read MB/s and 4 KiB random-read IOPS at queue depth 1 and 32 (32 threads),
@@ -14,6 +14,11 @@ with O_DIRECT where the file system allows it.  It runs, side by side:
     xenkvm/backends/block.py);
   - in the same kernel, initramfs and image under ``qemu-system-x86_64 -accel kvm``
     with virtio-blk (``-drive if=virtio``, QEMU's default cache=writeback), against ``vdb``.
+
+After the xenkvm row come the block backend's event-path latencies per disk
+(xenkvm/backends/latency.py, logged by ``xenkvm -v``); ``--compare DIR`` adds the xenkvm
+row again with the xenkvm package of another built checkout (the commit before a change,
+say), in the same L1 boot, so a change is measured side by side.
 
 Both guests get 256 MiB and one vCPU.  QEMU TCG emulates L1, so absolute figures depend
 on the host's load; compare the rows of one run.
@@ -65,7 +70,7 @@ def run_bench(label: str, cmd: list[str], timeout: float, cwd: Path | None = Non
             for name, value, unit, direct in LINE.findall(text)}
     print(f"{label:<34} " + "  ".join(f"{k} {v}" for k, v in rows.items())
           + f"   [{time.monotonic() - t:.0f} s]", flush=True)
-    for disk, line in LATENCY.findall(text):
+    for disk, line in dict(LATENCY.findall(text)).items():    # the last line logged for each disk
         print(f"  {disk}: {line}", flush=True)
     if len(rows) < 4:
         print(f"  {label}: incomplete; output tail:\n  " + "\n  ".join(text.splitlines()[-15:]), flush=True)
