@@ -110,9 +110,15 @@ class BlockDevice(XenbusDevice):
         self.latency.kicked()
         self.backend.kick()
 
+    def _log_latency(self) -> None:
+        """The event-path latencies and how many requests a pass found (batching), at -v."""
+        st = self.stats
+        log.info("%s: event latency: %s  requests/pass %.2f", self.backend.label, self.latency.line(),
+                 st["requests"] / max(st["kicks"], 1))
+
     def disconnect(self) -> None:
         if self.latency.summary():
-            log.info("%s: event latency: %s", self.backend.label, self.latency.line())
+            self._log_latency()
         rings, self.rings, self.ring = self.rings, [], None
         for ring in rings:
             ring.close(self.domain)
@@ -141,7 +147,7 @@ class BlockDevice(XenbusDevice):
             self.stats["busy_ns"] += end - start
             if end - self._latency_logged > LATENCY_LOG_NS:
                 self._latency_logged = end
-                log.info("%s: event latency: %s", self.backend.label, self.latency.line())
+                self._log_latency()
 
     def _drain(self, ring: BlkifRing) -> None:
         while True:
