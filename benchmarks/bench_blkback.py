@@ -21,7 +21,9 @@ One run, side by side, on the same 64 MiB image in the same directory:
 
 All through the page cache (the backend does no O_DIRECT), on an image
 written in full first so no row pays for allocating it.  The ratio is the
-backend's busy throughput as a fraction of the Python floor's.  ``--reqs`` sets the request count per row.
+backend's busy throughput as a fraction of the Python floor's.  ``--reqs`` sets the request count per row,
+``--batch N`` the requests per kick (1: queue depth 1, one round trip each), ``--modes`` the rows run;
+each mode's run ends with the backend's event-path latencies (xenkvm/backends/latency.py).
 """
 from __future__ import annotations
 
@@ -70,10 +72,12 @@ class Marks(ConsoleLines):
             self._cur = None
 
 
-def run_backend(image: Path, reqs: int, mode: str) -> list[dict]:
-    """One guest run; ``mode``: persistent (C fast path), map or copy (per-request grants, Python)."""
+def run_backend(image: Path, reqs: int, mode: str, batch: int = 0) -> list[dict]:
+    """One guest run; ``mode``: persistent (C fast path), map or copy (per-request grants, Python);
+    ``batch``: requests per kick (0: a full ring)."""
     kernel = ROOT / "guests" / "out" / "xen_blkfront.elf"
     extra = "" if mode == "persistent" else " xk.blk_bench_nopersist"
+    extra += f" xk.blk_bench_batch={batch}" if batch else ""
     cfg = GuestConfig(name="bench-blkback", kernel=kernel,
                       cmdline=f"xk.trap=page xk.blk_bench xk.blk_bench_reqs={reqs}{extra}",
                       memory=64 << 20, vcpus=1, console="none", xen=XenConfig(),
@@ -88,6 +92,8 @@ def run_backend(image: Path, reqs: int, mode: str) -> list[dict]:
         result = m.run()
     finally:
         m.close()
+    if marks.rows:      # the whole run's (last 4096 kicks') event-path latencies
+        marks.rows[-1]["latency"] = marks.device.latency.line()
     if result.status is not ExitStatus.POWEROFF or len(marks.rows) != 4:
         raise SystemExit(f"bench guest: {result.status.name} {result.message}; rows {len(marks.rows)}")
     return marks.rows
@@ -123,6 +129,9 @@ def dd_floor(image: Path, op: str, kib: int, count: int) -> tuple[float, int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reqs", type=int, default=4096, help="requests per row (default 4096)")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="requests per kick (default: a full ring; 1: queue depth 1, a round trip each)")
+    ap.add_argument("--modes", default="persistent,map,copy", help="comma-separated subset of the rows' modes")
     args = ap.parse_args()
     subprocess.run(["make", "-s", "-C", str(ROOT / "guests")], check=True)
     with tempfile.TemporaryDirectory(prefix="xkbench", dir=os.environ.get("TMPDIR", "/var/tmp")) as tmp:
@@ -131,7 +140,7 @@ def main() -> int:
             for _ in range(IMAGE_MIB):
                 f.write(bytes(1 << 20))
         os.environ.setdefault("XENSTORED_PATH", str(Path(tmp) / "xs.sock"))
-        runs = {mode: run_backend(image, args.reqs, mode) for mode in ("persistent", "map", "copy")}
+        runs = {mode: run_backend(image, args.reqs, mode, args.batch) for mode in args.modes.split(",")}
         print(f"{'row':<24} {'backend busy':>24} {'guest wall':>22} {'python floor':>24} {'dd floor':>10} "
               f"{'busy/floor':>10}")
         for i, first in enumerate(runs["persistent"]):
@@ -147,6 +156,8 @@ def main() -> int:
                       f"{n / r['wall']:>7.0f} req/s {mb(r['wall']):>6.1f} MB/s "
                       f"{n / py:>9.0f} req/s {mb(py):>7.1f} MB/s {mb(dd_t, dd_n):>5.0f} MB/s "
                       f"{py / r['busy']:>9.2f}x")
+    for mode, rows in runs.items():
+        print(f"event latency ({mode}, batch {args.batch or 'ring'}): {rows[-1]['latency']}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Disk throughput inside Debian's kernel: xenkvm's block backend vs QEMU virtio-blk, in one rig run.
 
-    python benchmarks/bench_diskguest.py [--size 128] [--seconds 5] [--timeout 3000]
+    python benchmarks/bench_diskguest.py [--size 128] [--seconds 5] [--timeout 3000] [--compare DIR]
 
 benchmarks/diskbench.c (built here with ``gcc -static``) measures sequential 1 MiB
 write and read MB/s and 4 KiB random-read IOPS at queue depth 1 and 32 (32 threads),
@@ -14,6 +14,11 @@ with O_DIRECT where the file system allows it.  It runs, side by side:
     xenkvm/backends/block.py);
   - in the same kernel, initramfs and image under ``qemu-system-x86_64 -accel kvm``
     with virtio-blk (``-drive if=virtio``, QEMU's default cache=writeback), against ``vdb``.
+
+After the xenkvm row come the block backend's event-path latencies per disk
+(xenkvm/backends/latency.py, logged by ``xenkvm -v``); ``--compare DIR`` adds the xenkvm
+row again with the xenkvm package of another built checkout (the commit before a change,
+say), in the same L1 boot, so a change is measured side by side.
 
 Both guests get 256 MiB and one vCPU.  QEMU TCG emulates L1, so absolute figures depend
 on the host's load; compare the rows of one run.
@@ -35,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 CACHE = ROOT / ".cache" / "linux"
 BINARY = CACHE / "diskbench"
 LINE = re.compile(r"^DISKBENCH (\S+) ([\d.]+) (\S+) direct=(\d)", re.M)
+#: xenkvm's backend's event-path latencies (xenkvm/backends/latency.py), logged at -v when a disk closes
+LATENCY = re.compile(r"(d\d+ vbd \d+ \(\w+\)): event latency: (.*)$", re.M)
 #: The guest's /xenkvm/run: the benchmark on the second disk, whichever driver named it.
 GUEST_SCRIPT = """#!/bin/sh
 for d in /dev/xvdb /dev/vdb; do [ -b $d ] && dev=$d; done
@@ -50,11 +57,11 @@ def build_binary() -> Path:
     return BINARY
 
 
-def run_bench(label: str, cmd: list[str], timeout: float) -> dict[str, str]:
+def run_bench(label: str, cmd: list[str], timeout: float, cwd: Path | None = None) -> dict[str, str]:
     """Run ``cmd`` (which prints DISKBENCH lines somewhere in its output) and report its figures."""
     t = time.monotonic()
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
+        res = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=cwd)
         text = res.stdout + res.stderr
     except subprocess.TimeoutExpired as e:
         text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -62,6 +69,8 @@ def run_bench(label: str, cmd: list[str], timeout: float) -> dict[str, str]:
             for name, value, unit, direct in LINE.findall(text)}
     print(f"{label:<34} " + "  ".join(f"{k} {v}" for k, v in rows.items())
           + f"   [{time.monotonic() - t:.0f} s]", flush=True)
+    for disk, line in dict(LATENCY.findall(text)).items():    # the last line logged for each disk
+        print(f"  {disk}: {line}", flush=True)
     if len(rows) < 4:
         print(f"  {label}: incomplete; output tail:\n  " + "\n  ".join(text.splitlines()[-15:]), flush=True)
     return rows
@@ -89,7 +98,7 @@ def xenkvm_cmd(work: Path, root: Path, disk: Path) -> list[str]:
         f"xen:\n  version: \"4.17\"\n  domid: 1\n  hypercall_trap: auto\n"
         f"disks:\n  - \"format=raw, vdev=xvda, access=rw, target={root}\"\n"
         f"  - \"format=raw, vdev=xvdb, access=rw, target={disk}\"\n")
-    return [sys.executable, "-m", "xenkvm", "run", str(cfg)]
+    return [sys.executable, "-m", "xenkvm", "-v", "run", str(cfg)]
 
 
 def qemu_cmd(root: Path, disk: Path) -> list[str]:
@@ -101,8 +110,8 @@ def qemu_cmd(root: Path, disk: Path) -> list[str]:
             "-drive", f"file={root},if=virtio,format=raw", "-drive", f"file={disk},if=virtio,format=raw"]
 
 
-def inner(size: int, seconds: float, timeout: float) -> int:
-    """In L1: the floor, xenkvm, QEMU."""
+def inner(size: int, seconds: float, timeout: float, compare: Path | None = None) -> int:
+    """In L1: the floor, xenkvm (and xenkvm from the ``compare`` checkout), QEMU."""
     with tempfile.TemporaryDirectory(prefix="diskbench-") as tmp:
         work = Path(tmp)
         floor = work / "floor.img"
@@ -116,7 +125,18 @@ def inner(size: int, seconds: float, timeout: float) -> int:
             root, disk = guest_image(sub, size, seconds)
             run_bench(label, make(root, disk), timeout)
             shutil.rmtree(sub)
+            if compare is not None and label.startswith("xenkvm"):
+                compare_row(work, compare, size, seconds, timeout)
     return 0
+
+
+def compare_row(work: Path, tree: Path, size: int, seconds: float, timeout: float) -> None:
+    """The xenkvm row again with the xenkvm package of another checkout (a change side by side)."""
+    sub = work / "compare"
+    sub.mkdir()
+    root, disk = guest_image(sub, size, seconds)
+    run_bench(f"xenkvm from {tree.name}, Debian xvdb", xenkvm_cmd(sub, root, disk), timeout, cwd=tree)
+    shutil.rmtree(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=128, help="MiB written and read sequentially (default 128)")
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per random-read phase (default 5)")
     p.add_argument("--timeout", type=float, default=3000, help="seconds for the whole rig run")
+    p.add_argument("--compare", type=Path, help="also run the xenkvm row with this checkout's xenkvm "
+                   "(built, same .cache/linux), e.g. the commit before a change")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.inner:
-        return inner(a.size, a.seconds, a.timeout / 3)
+        return inner(a.size, a.seconds, a.timeout / 3, a.compare)
     for f in ("vmlinuz", "initramfs-disk.cpio.gz", "rootfs.ext4"):
         if not (CACHE / f).is_file():
             print("bench_diskguest: no root file system image: run `make rootfs-image` first", file=sys.stderr)
@@ -143,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="xenkvm-rig-") as tmp:
             cmd = [sys.executable, "benchmarks/bench_diskguest.py", "--inner", "--size", str(a.size),
                    "--seconds", str(a.seconds), "--timeout", str(a.timeout)]
+            if a.compare is not None:
+                cmd += ["--compare", str(a.compare.resolve())]
             res = runner.run(l1, cmd, cwd=ROOT, out_dir=Path(tmp), timeout=a.timeout, echo=sys.stdout)
     except (image.RigImageError, runner.RigError) as e:
         print(f"bench_diskguest: {e}", file=sys.stderr)

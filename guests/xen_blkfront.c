@@ -31,7 +31,8 @@
  *
  * xk.blk_bench (benchmarks/bench_blkback.py): xk.blk_bench_reqs sequential
  * 4 KiB and 64 KiB (indirect) writes and reads, ring-full batches, with
- * persistent grants unless xk.blk_bench_nopersist.
+ * persistent grants unless xk.blk_bench_nopersist; xk.blk_bench_batch=N submits N requests
+ * per kick instead of a full ring (1: queue depth 1, one round trip per request).
  *
  * Pattern (the host test computes the same): byte i of 512-byte sector s is
  * (uint8_t)(s * 31 + i * 7 + seed), seed 1 on disk 0 and 2 on disk 1.
@@ -371,20 +372,27 @@ static void hotplug(void)
 /* ---- benchmark: keep the ring full of sequential requests ------------------------------- */
 #define REF_BENCH(i)    (80 + (i))
 
-static unsigned bench_reqs(void)
+static unsigned cmdline_number(const char *key, unsigned dflt)
 {
     char buf[16];
     unsigned n = 0;
-    if (xk_cmdline_value("xk.blk_bench_reqs", buf, sizeof(buf)))
+    if (xk_cmdline_value(key, buf, sizeof(buf)))
         for (const char *c = buf; *c >= '0' && *c <= '9'; c++)
             n = n * 10 + (unsigned)(*c - '0');
-    return n ? n : 4096;
+    return n ? n : dflt;
+}
+
+static unsigned bench_reqs(void)
+{
+    return cmdline_number("xk.blk_bench_reqs", 4096);
 }
 
 /* `count` requests of `pages` pages (1: one segment; 16: indirect), ring-full batches, one kick each. */
 static bool bench_run(struct vbd *d, uint8_t op, unsigned pages, unsigned count)
 {
-    unsigned nsect = pages * 8, batch = RING_SIZE(&d->ring);
+    unsigned nsect = pages * 8, batch = cmdline_number("xk.blk_bench_batch", RING_SIZE(&d->ring));
+    if (batch > RING_SIZE(&d->ring))
+        batch = RING_SIZE(&d->ring);
     uint64_t span = d->sectors - nsect, sector = 0;
     static int16_t st[64];
     printf("BENCH-START %s %u %u\n", op == BLKIF_OP_WRITE ? "write" : "read", pages * 4, count);

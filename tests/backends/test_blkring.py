@@ -30,6 +30,7 @@ class Domain:
 
     def __init__(self, bad_refs=(), bad_ports=()):
         self.log: list = []
+        self.direct: dict[int, bool] = {}
         self.gnttab = SimpleNamespace(map_refs=self._map_refs)
         self.evtchn = SimpleNamespace(bind_vmm_to_guest_port=self._bind, close_vmm_port=self._close)
         self.bad_refs, self.bad_ports = set(bad_refs), set(bad_ports)
@@ -40,9 +41,10 @@ class Domain:
         self.log += [("map", r) for r in refs]
         return [Mapping(self.log, r) for r in refs]
 
-    def _bind(self, port, fn):
+    def _bind(self, port, fn, *, direct=False):
         if port in self.bad_ports:
             raise EvtchnError("not unbound")
+        self.direct[port] = direct
         self.log.append(("bind", port))
         return port
 
@@ -60,6 +62,7 @@ def test_two_queues_with_a_two_page_ring():
     d = Domain()
     rings = open_rings(d, two_queues(), lambda: None)
     assert [(r.port, len(r.mappings), r.nr_ents) for r in rings] == [(5, 1, 32), (6, 2, 64)]
+    assert d.direct == {5: True, 6: True}    # kicks go to the worker from the guest's own send
     for r in rings:
         r.close(d)
     assert sorted(e for e in d.log if e[0] == "unmap") == [("unmap", 8), ("unmap", 9), ("unmap", 10)]

@@ -311,6 +311,18 @@ def test_vmm_backend_binds_a_guest_allocated_port(d):
     assert not pending(d, port)
 
 
+def test_direct_vmm_end_is_called_in_the_senders_thread(d):
+    """A backend's kick bound ``direct`` runs inside the guest's EVTCHNOP_send, not on the I/O thread."""
+    threads = []
+    port = unbound(d, remote=0)
+    d.evtchn.bind_vmm_to_guest_port(port, lambda: threads.append(threading.get_ident()), direct=True)
+    assert threads == [threading.get_ident()]     # the binder's notify, at once
+    assert send(d, port) == 0
+    assert send(d, port) == 0
+    assert threads == [threading.get_ident()] * 3  # each send, before the hypercall returns
+    assert d.io.wait_idle() and len(threads) == 3  # and nothing queued on the I/O thread
+
+
 def test_vmm_close_leaves_guest_port_unbound(d):
     port = d.evtchn.alloc_vmm_port(lambda: None)
     d.evtchn.close_vmm_port(port)

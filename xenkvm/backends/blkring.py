@@ -129,7 +129,7 @@ def _open_ring(domain, keys: dict[str, str], kick, persistent: bool, where: str)
     except GrantError as e:
         raise ConnectError(f"{where}ring-ref {refs}: {e}") from None
     try:
-        domain.evtchn.bind_vmm_to_guest_port(port, kick)
+        domain.evtchn.bind_vmm_to_guest_port(port, kick, direct=True)
     except EvtchnError as e:
         for m in mappings:
             m.unmap()

@@ -36,6 +36,7 @@ from xenkvm.diskspec import DiskSpec
 from xenkvm.xen.gnttab import GrantError
 
 from ._blkif_cffi import ffi, lib
+from .latency import EventLatency
 from .blkring import MAX_QUEUES, MAX_RING_PAGE_ORDER, PAGE, SECTOR, BlkifRing, Disk, open_rings
 from .xenbus import XenbusDevice
 
@@ -48,6 +49,7 @@ OP_DISCARD, OP_INDIRECT = lib.BLKIF_OP_DISCARD, lib.BLKIF_OP_INDIRECT
 MAX_INDIRECT_SEGS = lib.XKB_MAX_INDIRECT   #: feature-max-indirect-segments (Linux blkback's 256)
 SEGS_PER_INDIRECT_PAGE = PAGE // ffi.sizeof("struct blkif_request_segment")
 MAX_SEGS = lib.BLKIF_MAX_SEGMENTS_PER_REQUEST
+LATENCY_LOG_NS = 5_000_000_000   #: while busy, log the event-path latencies this often (at -v)
 
 
 class BlockDevice(XenbusDevice):
@@ -62,6 +64,8 @@ class BlockDevice(XenbusDevice):
         self.rings: list[BlkifRing] = []
         self.ring: BlkifRing | None = None      #: the ring being served (its grants serve the Python path)
         self.stats = {"requests": 0, "errors": 0, "kicks": 0, "busy_ns": 0}
+        self.latency = EventLatency()
+        self._latency_logged = 0     #: perf_counter_ns of the last latency log line (every LATENCY_LOG_NS)
         #: without persistent grants, copy through one buffer instead of mapping each page
         #: (the alternative benchmarks/bench_blkback.py measures; mapping is the default, it is faster)
         self.grant_copy = False
@@ -95,13 +99,26 @@ class BlockDevice(XenbusDevice):
                 "discard-alignment": "0", "discard-secure": "0"}
 
     def connect(self, frontend: dict[str, str]) -> None:
-        self.rings = open_rings(self.domain, frontend, self.backend.kick)
+        self.rings = open_rings(self.domain, frontend, self._kicked)
         r = self.rings[0]
         log.info("%s: connected, %d queue(s) of %d-page rings (%d entries), port %d%s", self.backend.label,
                  len(self.rings), len(r.mappings), r.nr_ents, r.port,
                  ", persistent grants" if r.segments.persistent else "")
 
+    def _kicked(self) -> None:
+        """The frontend notified a queue's port: stamp it, wake the worker."""
+        self.latency.kicked()
+        self.backend.kick()
+
+    def _log_latency(self) -> None:
+        """The event-path latencies and how many requests a pass found (batching), at -v."""
+        st = self.stats
+        log.info("%s: event latency: %s  requests/pass %.2f", self.backend.label, self.latency.line(),
+                 st["requests"] / max(st["kicks"], 1))
+
     def disconnect(self) -> None:
+        if self.latency.summary():
+            self._log_latency()
         rings, self.rings, self.ring = self.rings, [], None
         for ring in rings:
             ring.close(self.domain)
@@ -118,6 +135,7 @@ class BlockDevice(XenbusDevice):
         costs one look at its ``req_prod``.
         """
         self.stats["kicks"] += 1
+        self.latency.serving()
         start = time.perf_counter_ns()
         try:
             for ring in self.rings:
@@ -125,7 +143,11 @@ class BlockDevice(XenbusDevice):
                     self.ring = ring
                     self._drain(ring)
         finally:
-            self.stats["busy_ns"] += time.perf_counter_ns() - start
+            end = time.perf_counter_ns()
+            self.stats["busy_ns"] += end - start
+            if end - self._latency_logged > LATENCY_LOG_NS:
+                self._latency_logged = end
+                self._log_latency()
 
     def _drain(self, ring: BlkifRing) -> None:
         while True:
@@ -148,7 +170,9 @@ class BlockDevice(XenbusDevice):
                 self._serve(ring.reqs[i], ring.rsps[i])
             self.stats["requests"] += n
             if lib.xkb_push(ring.pages, ring.nr_ents, ring.rsp_prod, ring.rsps, n):
+                t = time.perf_counter_ns()
                 self.domain.evtchn.notify(ring.port)
+                self.latency.notified(t)
 
     def _serve(self, req, rsp) -> None:
         rsp.id = req.id

@@ -310,9 +310,11 @@ class EventChannels:
         return self.vmm.alloc(on_notify, vcpu, on_close)
 
     def bind_vmm_to_guest_port(self, port: int, on_notify: Callable[[], None], *,
-                               on_close: Callable[[], None] | None = None) -> int:
-        """Bind a VMM service to a guest port unbound to domain 0; returns ``port``."""
-        return self.vmm.bind(port, on_notify, on_close)
+                               on_close: Callable[[], None] | None = None, direct: bool = False) -> int:
+        """Bind a VMM service to a guest port unbound to domain 0; returns ``port``.
+
+        ``direct``: ``on_notify`` runs in the sender's thread (see vmm.py)."""
+        return self.vmm.bind(port, on_notify, on_close, direct)
 
     def close_vmm_port(self, port: int) -> None:
         """The VMM closes its end: the guest port becomes unbound (to domain 0), as in Xen."""

@@ -44,6 +44,7 @@ class VmmEnd:
     on_close: Callable[[], None] | None = None
     port: int = 0                                    #: the guest port it is bound to
     queued: bool = False                             #: an on_notify call is queued (or owed)
+    direct: bool = False                             #: on_notify runs in the sender's thread
 
 
 @dataclass(eq=False, slots=True)

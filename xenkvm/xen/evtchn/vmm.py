@@ -8,12 +8,13 @@ remote port the end's id.  Reached as ``domain.evtchn.<name>``:
 ``alloc_vmm_port(on_notify, vcpu=0, *, on_close=None) -> port``
     A new guest port bound to the service (the console and xenstore rings,
     whose port the guest learns from HVM params / start info).
-``bind_vmm_to_guest_port(port, on_notify, *, on_close=None) -> port``
+``bind_vmm_to_guest_port(port, on_notify, *, on_close=None, direct=False) -> port``
     Bind to a port the guest allocated with EVTCHNOP_alloc_unbound(remote_dom=0)
     and published in xenstore (the PV frontend protocol).  As Xen's
     bind_interdomain does for the binder, the service's ``on_notify`` runs once
     right away (sends to the unbound port were dropped).  Also re-attaches a
-    service to a port restored by ``from_state``.
+    service to a port restored by ``from_state``.  With ``direct`` the
+    service's ``on_notify`` is called in the sender's own thread (below).
 ``close_vmm_port(port)``
     The service closes its end; the guest port becomes unbound to domain 0.
 ``notify(port)``
@@ -29,8 +30,13 @@ they may be made from any thread (the I/O thread, a backend worker, a vCPU
 thread inside a hypercall) and hold it only briefly.  A guest EVTCHNOP_send
 on a VMM port does not call the service: it queues ``on_notify()`` on the
 domain's I/O thread, at most one queued call per end (sends while one is
-queued coalesce).  ``on_notify`` and ``on_close`` run on the I/O thread
-*without* the big lock.  They must not block (the I/O thread also runs the
+queued coalesce).  An end bound ``direct`` skips that hop (issue 11 item 5:
+backends get their kicks with the least hops): its ``on_notify`` runs right
+in the sending vCPU's hypercall, under the big lock, so it must only hand
+the kick to the service's own thread (a queue put, an event set) and
+return; a PV backend's kick is exactly that, and saves the I/O thread's
+selector wake-up and a GIL hand-off per request.  Otherwise ``on_notify``
+and ``on_close`` run on the I/O thread *without* the big lock.  They must not block (the I/O thread also runs the
 timers and every other service): a backend with slow work (disk I/O) hands it
 to its own worker and returns; they may call :func:`notify` and the other
 methods here (which take the lock themselves).  ``on_close`` runs when the
@@ -78,12 +84,12 @@ class VmmPorts:
             self.attach(p, on_notify, on_close)
             return p.port
 
-    def bind(self, port: int, on_notify: Callback, on_close: Callback | None) -> int:
+    def bind(self, port: int, on_notify: Callback, on_close: Callback | None, direct: bool = False) -> int:
         with self.ch.d.lock:
             p = self.ch.table.get(port) if isinstance(port, int) else None
             if p is not None and p.state == PortState.INTERDOMAIN and p.vmm is not None \
                     and p.vmm.on_notify is None:           # restored, re-attaching
-                p.vmm.on_notify, p.vmm.on_close = on_notify, on_close
+                p.vmm.on_notify, p.vmm.on_close, p.vmm.direct = on_notify, on_close, direct
                 if p.vmm.queued:
                     p.vmm.queued = False
                     self.queue_notify(p.vmm)
@@ -91,7 +97,9 @@ class VmmPorts:
             if p is None or p.state != PortState.UNBOUND or p.remote_dom != 0:
                 raise EvtchnError(f"guest port {port!r} is not unbound to domain 0")
             p.state = PortState.INTERDOMAIN
-            self.queue_notify(self.attach(p, on_notify, on_close))
+            end = self.attach(p, on_notify, on_close)
+            end.direct = direct
+            self.queue_notify(end)
             return port
 
     def close(self, port: int) -> None:
@@ -152,7 +160,11 @@ class VmmPorts:
         return end
 
     def queue_notify(self, end: VmmEnd) -> None:
-        """A guest send to ``end``: run its on_notify on the I/O thread (one queued at a time)."""
+        """A guest send to ``end``: run its on_notify on the I/O thread (one queued at a time),
+        or right here if the end is ``direct`` (caller holds the lock)."""
+        if end.direct and end.on_notify is not None and not end.queued:
+            end.on_notify()
+            return
         if end.queued:
             return
         end.queued = True

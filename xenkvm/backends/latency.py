@@ -1,0 +1,74 @@
+"""Where a PV backend's request time goes on the VMM side: the event path's latencies.
+
+A backend records three intervals per kick (issue 11 item 5, "measure
+notify-to-service and service-to-upcall latencies"):
+
+``notify_to_service``
+    the guest's EVTCHNOP_send reaching the VMM (the bound end's ``on_notify``)
+    to the backend's worker starting to serve the ring: the hand-off hops;
+``notify_call``
+    the worker's ``evtchn.notify`` after pushing responses: setting the port
+    pending and raising the upcall (KVM_SIGNAL_MSI) on the guest's vCPU;
+``response_to_kick``
+    responses pushed and notified to the guest's next kick: the upcall reaching
+    the guest's handler, the guest completing the request and issuing the next
+    one (at queue depth 1 the guest's whole turn of a round trip).
+
+Only the last ``keep`` samples of each are kept (a long run must not grow
+memory).  The stamps are written by the thread that sends (a vCPU or the I/O
+thread) and read by the worker without a lock: a lost or doubled stamp moves
+one sample, never the data path, so statistics do not pay for a lock.
+"""
+from __future__ import annotations
+
+import collections
+import statistics
+import time
+
+NAMES = ("notify_to_service", "notify_call", "response_to_kick")
+
+
+class EventLatency:
+    """Bounded samples (ns) of the three event-path intervals of one device."""
+
+    def __init__(self, keep: int = 4096, clock=time.perf_counter_ns):
+        self.clock = clock
+        self.samples = {n: collections.deque(maxlen=keep) for n in NAMES}
+        self._sent: int | None = None        #: the first unserved kick's time
+        self._pushed: int | None = None      #: the last notified push's time
+
+    def kicked(self) -> None:
+        """The guest notified the backend's port (any thread)."""
+        now = self.clock()
+        if self._pushed is not None:
+            self.samples["response_to_kick"].append(now - self._pushed)
+            self._pushed = None
+        if self._sent is None:
+            self._sent = now
+
+    def serving(self) -> None:
+        """The worker starts a pass over the rings."""
+        sent, self._sent = self._sent, None
+        if sent is not None:
+            self.samples["notify_to_service"].append(self.clock() - sent)
+
+    def notified(self, started: int) -> None:
+        """The worker's notify, begun at ``started`` (``clock()``), has returned."""
+        now = self.clock()
+        self.samples["notify_call"].append(now - started)
+        self._pushed = now
+
+    def summary(self) -> dict[str, tuple[int, float, float]]:
+        """name -> (samples, median us, 90th percentile us) for the intervals that have samples."""
+        out = {}
+        for name, s in self.samples.items():
+            if len(s) >= 2:
+                q = statistics.quantiles(s, n=10)
+                out[name] = (len(s), statistics.median(s) / 1e3, q[-1] / 1e3)
+            elif s:
+                out[name] = (1, s[0] / 1e3, s[0] / 1e3)
+        return out
+
+    def line(self) -> str:
+        """One log line: ``name n=.. median=..us p90=..us`` per interval."""
+        return "  ".join(f"{k} n={n} median={m:.0f}us p90={p:.0f}us" for k, (n, m, p) in self.summary().items())
