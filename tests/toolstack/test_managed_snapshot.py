@@ -31,9 +31,15 @@ def run_dir(built_guests):  # noqa: F811
     """A run directory of its own, directly under /tmp (UNIX socket paths are short)."""
     d = Path(tempfile.mkdtemp(prefix="xk-sn-", dir="/tmp"))
     yield d
-    for name in ("managed-domu", "copy", "managed-suspend"):
+    for name in ("managed-domu", "copy", "copy2", "managed-suspend"):
         xenkvm(d, "destroy", name)
+    xenkvm(d, "xenstored", "--shared", "--stop")      # create started it (managed domains share it)
     shutil.rmtree(d, ignore_errors=True)
+
+
+def _xs(run_dir: Path) -> XsClient:
+    """A dom0 connection to the shared xenstored that ``create`` put the domains on."""
+    return XsClient(str(run_dir / ".xenstored" / "socket"), timeout=10)
 
 
 def _ticks(out: bytes) -> list[tuple[int, int]]:
@@ -119,7 +125,7 @@ AFTER_SUSPEND = ("PASS suspend.result", "PASS pvclock", "PASS timer", "PASS evtc
 def _finishes_after_ping(run_dir: Path, con: Console, domid: int, start: int = 0) -> str:
     """The host's write of data/ping reaches the guest's watch; its checks all pass."""
     con.read_until(rb"^WAITING-PING$", start=start)
-    with XsClient(str(run_dir / SUSPEND / "xenstore.sock"), timeout=10) as xs:
+    with _xs(run_dir) as xs:
         xs.write(f"/local/domain/{domid}/data/ping", "1")
     con.read_until(rb"^SUMMARY: \d+ passed, \d+ failed$", start=start)
     out = con.out[start:].decode(errors="replace")
@@ -203,7 +209,7 @@ def test_a_guest_that_announces_suspend_but_never_suspends_is_not_saved(run_dir,
     """managed_domu ignores control/shutdown = suspend; with feature-suspend written for it the save
     waits --timeout seconds, answers one line, writes nothing, and the domain runs on."""
     row = create(run_dir)
-    with XsClient(str(run_dir / "managed-domu" / "xenstore.sock"), timeout=10) as xs:
+    with _xs(run_dir) as xs:
         xs.write(f"/local/domain/{row['domid']}/control/feature-suspend", "1")
     r = xenkvm(run_dir, "save", "managed-domu", str(tmp_path / "s.snap"), "--timeout", "2")
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "did not suspend" in r.stderr, r.stderr
