@@ -219,3 +219,46 @@ def test_a_guest_that_announces_suspend_but_never_suspends_is_not_saved(run_dir,
     seen = len(con.out)
     con.read_until(rb"^TICK \d+ \d+$", start=seen)
     assert listing(run_dir)["managed-domu"]["state"] == "running"
+
+
+def test_two_copies_of_a_shared_store_snapshot_each_get_their_own_domain(run_dir, tmp_path):
+    """A snapshot of a domain on the shared xenstored, its control/shutdown watch registered,
+    restored twice at once under other names: each copy gets its own domid, its saved subtree
+    moved there (its own nodes, perms and identity), and its watch fires on a host write to its
+    own home only; the original runs on, its store untouched."""
+    row = create(run_dir)
+    con = Console(run_dir)
+    con.read_until(rb"^TOOLSTACK-UP$")
+    orig = f"/local/domain/{row['domid']}"
+    with _xs(run_dir) as xs:
+        xs.write(f"{orig}/data/mark", "before")
+    r = xenkvm(run_dir, "snapshot", "managed-domu", str(tmp_path / "domu.snap"))
+    assert r.returncode == 0, r.stderr
+    procs = [subprocess.Popen([sys.executable, "-m", "xenkvm", "restore", str(tmp_path / "domu.snap"),
+                               "--name", name], cwd=GUESTS.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "XENKVM_RUN_DIR": str(run_dir)}) for name in ("copy", "copy2")]
+    for p in procs:
+        assert p.wait(240) == 0, p.stderr.read()
+    rows = listing(run_dir)
+    domids = {rows[n]["domid"] for n in ("managed-domu", "copy", "copy2")}
+    assert len(domids) == 3 and all(rows[n]["state"] == "running" for n in rows)
+    with _xs(run_dir) as xs:
+        xs.write(f"{orig}/data/mark", "after")
+        for name in ("copy", "copy2"):
+            home = f"/local/domain/{rows[name]['domid']}"
+            assert xs.read(f"{home}/name") == name.encode()
+            assert xs.read(f"{home}/domid") == str(rows[name]["domid"]).encode()
+            assert xs.read(f"{home}/data/mark") == b"before"                # its own, as saved
+            assert xs.get_perms(f"{home}/control/shutdown")[0] == f"n{rows[name]['domid']}"   # the copy owns it
+            xs.write(f"{home}/control/shutdown", f"hello-{name}")
+    for name in ("copy", "copy2"):
+        copy = Console(run_dir, name)
+        copy.read_until(rf'^ignoring unknown request "hello-{name}"$'.encode())
+        other = "copy2" if name == "copy" else "copy"
+        assert f'"hello-{other}"'.encode() not in copy.out
+        copy.close()
+    seen = len(con.out)
+    con.read_until(rb"^TICK \d+ \d+$", start=seen)                          # the original runs on
+    assert b"hello-" not in con.out
+    with _xs(run_dir) as xs:
+        assert xs.read(f"{orig}/control/shutdown") == b"" and xs.read(f"{orig}/data/mark") == b"after"
