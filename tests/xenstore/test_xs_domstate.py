@@ -6,6 +6,7 @@ process boundary.  tests/toolstack/test_managed_snapshot.py does it with real gu
 """
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -131,6 +132,8 @@ def test_an_open_transaction_refuses_the_export(daemon):
      "watches": [], "partial": "", "output": []},
     {"version": 1, "domid": 1, "nodes": [{"path": "/a", "value": "!!", "perms": [[0, 1]]}],
      "watches": [], "partial": "", "output": []},
+    {"version": 1, "domid": 1, "nodes": [{"path": "/a", "value": base64.b64encode(b"v" * 5000).decode(),
+                                          "perms": [[0, 1]]}], "watches": [], "partial": "", "output": []},
     {"version": 1, "domid": 1, "nodes": [], "watches": [["/x", "t\0", False]], "partial": "", "output": []},
     {"version": 1, "domid": 1, "nodes": [], "watches": [["no-slash", "t", False]], "partial": "", "output": []},
     {"version": 1, "domid": 1, "nodes": [], "watches": [], "partial": "zz", "output": []},

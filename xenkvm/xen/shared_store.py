@@ -184,10 +184,10 @@ class SharedStoreService:
         guest RAM, stays as saved) until :meth:`resume`.  SnapshotError if it is refused."""
         try:
             reply = introduce_request(self._link, {"op": "export"}, [], self.intro_path)
-        except (ConfigError, TypeError) as e:
+        except ConfigError as e:
             raise SnapshotError(f"dom{self.domid}: {e}") from None
         self._held = True
-        return reply["state"]
+        return reply.get("state")
 
     def resume(self) -> None:
         """The ring is the daemon's again (end of a snapshot; nothing to do if not held)."""

@@ -157,6 +157,8 @@ def _node(n: Any, saved: int) -> tuple[str, bytes, tuple[Perm, ...]]:
         value = base64.b64decode(_str(n.get("value"), "state.nodes.value", 4 * PAYLOAD_MAX), validate=True)
     except (XenstoreError, binascii.Error, ValueError) as e:
         raise StateError(f"state.nodes: {rel[:64]!r}: {e}") from None
+    if len(value) > PAYLOAD_MAX:
+        raise StateError(f"state.nodes: {rel[:64]!r}: a value of {len(value)} bytes (at most {PAYLOAD_MAX})")
     perms = n.get("perms")
     if not isinstance(perms, list) or not 1 <= len(perms) <= 64:
         raise StateError(f"state.nodes: {rel[:64]!r}: expected 1..64 permissions")
