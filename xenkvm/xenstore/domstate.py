@@ -81,12 +81,18 @@ def import_domain(core: Any, ring: RingConnection, info: DomainInfo, doc: Any) -
     move = _mover(saved, new)
     entries = [(move(domain_path(saved) + rel), value, _perms(perms, saved, new))
                for rel, value, perms in nodes]
+    watches = [(path if path in SPECIAL_PATHS else move(path), token, relative)
+               for path, token, relative in watches]
+    for path in [e[0] for e in entries] + [w[0] for w in watches if w[0] not in SPECIAL_PATHS]:
+        try:
+            check_node(path)            # still valid under the new domid (length)
+        except XenstoreError as e:
+            raise StateError(f"state: {path[:64]!r} under dom{new}: {e}") from None
     for path, value, perms in entries:
         core.write_path(path, value, perms)
     write_tree(core, [e for e in initial_tree(info) if e.value])   # the toolstack's, for the new domain
     conn = ring.conn
     for path, token, relative in watches:
-        path = path if path in SPECIAL_PATHS else move(path)
         if (path, token) not in conn.watches:
             core.watches.add(Watch(conn, path, token, relative))
     for frame, is_event in output:
