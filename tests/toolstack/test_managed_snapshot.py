@@ -31,9 +31,15 @@ def run_dir(built_guests):  # noqa: F811
     """A run directory of its own, directly under /tmp (UNIX socket paths are short)."""
     d = Path(tempfile.mkdtemp(prefix="xk-sn-", dir="/tmp"))
     yield d
-    for name in ("managed-domu", "copy", "managed-suspend"):
+    for name in ("managed-domu", "copy", "copy2", "managed-suspend"):
         xenkvm(d, "destroy", name)
+    xenkvm(d, "xenstored", "--shared", "--stop")      # create started it (managed domains share it)
     shutil.rmtree(d, ignore_errors=True)
+
+
+def _xs(run_dir: Path) -> XsClient:
+    """A dom0 connection to the shared xenstored that ``create`` put the domains on."""
+    return XsClient(str(run_dir / ".xenstored" / "socket"), timeout=10)
 
 
 def _ticks(out: bytes) -> list[tuple[int, int]]:
@@ -119,7 +125,7 @@ AFTER_SUSPEND = ("PASS suspend.result", "PASS pvclock", "PASS timer", "PASS evtc
 def _finishes_after_ping(run_dir: Path, con: Console, domid: int, start: int = 0) -> str:
     """The host's write of data/ping reaches the guest's watch; its checks all pass."""
     con.read_until(rb"^WAITING-PING$", start=start)
-    with XsClient(str(run_dir / SUSPEND / "xenstore.sock"), timeout=10) as xs:
+    with _xs(run_dir) as xs:
         xs.write(f"/local/domain/{domid}/data/ping", "1")
     con.read_until(rb"^SUMMARY: \d+ passed, \d+ failed$", start=start)
     out = con.out[start:].decode(errors="replace")
@@ -203,7 +209,7 @@ def test_a_guest_that_announces_suspend_but_never_suspends_is_not_saved(run_dir,
     """managed_domu ignores control/shutdown = suspend; with feature-suspend written for it the save
     waits --timeout seconds, answers one line, writes nothing, and the domain runs on."""
     row = create(run_dir)
-    with XsClient(str(run_dir / "managed-domu" / "xenstore.sock"), timeout=10) as xs:
+    with _xs(run_dir) as xs:
         xs.write(f"/local/domain/{row['domid']}/control/feature-suspend", "1")
     r = xenkvm(run_dir, "save", "managed-domu", str(tmp_path / "s.snap"), "--timeout", "2")
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "did not suspend" in r.stderr, r.stderr
@@ -213,3 +219,46 @@ def test_a_guest_that_announces_suspend_but_never_suspends_is_not_saved(run_dir,
     seen = len(con.out)
     con.read_until(rb"^TICK \d+ \d+$", start=seen)
     assert listing(run_dir)["managed-domu"]["state"] == "running"
+
+
+def test_two_copies_of_a_shared_store_snapshot_each_get_their_own_domain(run_dir, tmp_path):
+    """A snapshot of a domain on the shared xenstored, its control/shutdown watch registered,
+    restored twice at once under other names: each copy gets its own domid, its saved subtree
+    moved there (its own nodes, perms and identity), and its watch fires on a host write to its
+    own home only; the original runs on, its store untouched."""
+    row = create(run_dir)
+    con = Console(run_dir)
+    con.read_until(rb"^TOOLSTACK-UP$")
+    orig = f"/local/domain/{row['domid']}"
+    with _xs(run_dir) as xs:
+        xs.write(f"{orig}/data/mark", "before")
+    r = xenkvm(run_dir, "snapshot", "managed-domu", str(tmp_path / "domu.snap"))
+    assert r.returncode == 0, r.stderr
+    procs = [subprocess.Popen([sys.executable, "-m", "xenkvm", "restore", str(tmp_path / "domu.snap"),
+                               "--name", name], cwd=GUESTS.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "XENKVM_RUN_DIR": str(run_dir)}) for name in ("copy", "copy2")]
+    for p in procs:
+        assert p.wait(240) == 0, p.stderr.read()
+    rows = listing(run_dir)
+    domids = {rows[n]["domid"] for n in ("managed-domu", "copy", "copy2")}
+    assert len(domids) == 3 and all(rows[n]["state"] == "running" for n in rows)
+    with _xs(run_dir) as xs:
+        xs.write(f"{orig}/data/mark", "after")
+        for name in ("copy", "copy2"):
+            home = f"/local/domain/{rows[name]['domid']}"
+            assert xs.read(f"{home}/name") == name.encode()
+            assert xs.read(f"{home}/domid") == str(rows[name]["domid"]).encode()
+            assert xs.read(f"{home}/data/mark") == b"before"                # its own, as saved
+            assert xs.get_perms(f"{home}/control/shutdown")[0] == f"n{rows[name]['domid']}"   # the copy owns it
+            xs.write(f"{home}/control/shutdown", f"hello-{name}")
+    for name in ("copy", "copy2"):
+        copy = Console(run_dir, name)
+        copy.read_until(rf'^ignoring unknown request "hello-{name}"$'.encode())
+        other = "copy2" if name == "copy" else "copy"
+        assert f'"hello-{other}"'.encode() not in copy.out
+        copy.close()
+    seen = len(con.out)
+    con.read_until(rb"^TICK \d+ \d+$", start=seen)                          # the original runs on
+    assert b"hello-" not in con.out
+    with _xs(run_dir) as xs:
+        assert xs.read(f"{orig}/control/shutdown") == b"" and xs.read(f"{orig}/data/mark") == b"after"

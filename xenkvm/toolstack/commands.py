@@ -138,11 +138,14 @@ def cmd_vmm(args) -> int:
 # -- snapshots (docs/snapshots.md) ------------------------------------------------------------------
 def saved_config(path: str, name: str | None = None) -> GuestConfig:
     """The guest config snapshot ``path`` holds (the whole snapshot checked, RAM file included),
-    renamed to ``name``; SnapshotError (one line) for a damaged or foreign one."""
+    renamed to ``name`` (a copy under another name is another VM: it gets its own uuid, so two
+    copies never share ``/vm/<uuid>``); SnapshotError (one line) for a damaged or foreign one."""
     from xenkvm.machine.snapshot import snapshot as snap
     loaded = snap.load(path)
     loaded.close()
-    return dataclasses.replace(loaded.cfg, name=name) if name else loaded.cfg
+    if not name or name == loaded.cfg.name:
+        return loaded.cfg
+    return dataclasses.replace(loaded.cfg, name=name, uuid=None)
 
 
 def cmd_snapshot(args, op: str = "snapshot") -> int:
@@ -161,7 +164,15 @@ def cmd_restore(args) -> int:
     path = os.path.abspath(args.file)
     cfg = saved_config(path, args.name)
     prefer = cfg.xen.domid if cfg.xen is not None else None
-    d, rec = RunDir().allocate(cfg.name, None if args.name else cfg.uuid, time.time(), prefer=prefer)
+    run = RunDir()
+    shared = None
+    if cfg.xen is not None and cfg.xen.xenstored:     # saved on the shared xenstored: back onto it
+        shared = SharedXenstored.of(run)
+        shared.ensure(run)
+    d, rec = run.allocate(cfg.name, None if args.name else cfg.uuid, time.time(), prefer=prefer)
+    if shared is not None:
+        rec.xenstored = str(shared.dir)
+        d.write(rec)
     return _start_vmm(args, cfg, d, rec, ["--restore", path])
 
 

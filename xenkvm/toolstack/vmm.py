@@ -83,8 +83,10 @@ class DomainProcess:
         a restart after that boots the same config afresh."""
         self.dir, self.rec = d, rec
         self._restore = restore
-        # a restored guest keeps the domid it was saved with: its xenstore paths hold it
-        domid = cfg.xen.domid if restore and cfg.xen is not None else rec.domid
+        # on its own embedded xenstored a restored guest keeps the domid it was saved with; on the
+        # shared one it gets the toolstack's (the saved one if free), as Xen's restore gives a new
+        # domain a new domid, and the daemon moves its saved subtree there (docs/snapshots.md)
+        domid = cfg.xen.domid if restore and cfg.xen is not None and not rec.xenstored else rec.domid
         self.cfg = managed_config(cfg, d, rec, foreground, domid)
         self.sink = ConsoleSink(os.fdopen(os.dup(1), "wb", buffering=0) if foreground else None, CONSOLE_RING)
         self.state = State.STARTING
@@ -321,7 +323,7 @@ class DomainProcess:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "suspend_timeout: expected seconds, more than 0, "
                            "at most 3600")
-        if xen is not None and xen.store.core.read_path(feature) == b"1":
+        if xen is not None and xen.store.read_path(feature) == b"1":
             result = {**self._suspend_and_save(xen, path, float(timeout)), "suspended": True}
         else:
             result = {**self.op_snapshot(args), "suspended": False}
@@ -335,7 +337,7 @@ class DomainProcess:
             xen.request_suspend(req)
         except SnapshotError as e:
             raise ApiError(ErrorCode.NOT_RUNNING, str(e)) from None
-        xen.store.core.write_path(f"/local/domain/{xen.domid}/control/shutdown", "suspend")
+        xen.store.write_path(f"/local/domain/{xen.domid}/control/shutdown", "suspend")
         if not req.wait(timeout) and xen.cancel_suspend(req):
             raise ApiError(ErrorCode.NOT_SUPPORTED, f"{self.cfg.name} did not suspend within "
                            f"{timeout:g} s of control/shutdown = suspend; not saved")

@@ -207,6 +207,8 @@ class XenDomain(MachineExtension):
         self.store.lock.acquire()
 
     def snapshot_end(self) -> None:
+        if not self.store.owns_server:
+            self.store.resume()     # the shared xenstored may touch the ring page again
         self.store.lock.release()
         self.lock.release()
 

@@ -28,6 +28,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from xenkvm.config import ConfigError
+from xenkvm.machine.snapshot.format import SnapshotError
 from xenkvm.xen.abi import HvmParam
 from xenkvm.xen.store import StoreService
 from xenkvm.xenstore import introduce as wire
@@ -71,7 +72,7 @@ def introduce_request(link: socket.socket, obj: dict, fds: list[int], path: str)
     try:
         link.sendmsg([wire.encode(obj)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                            array.array("i", fds).tobytes())] if fds else [])
-        data = link.recv(wire.MAX_MESSAGE)
+        data = link.recv(wire.MAX_STATE)
         reply = json.loads(data) if data else {"ok": False, "error": "the daemon closed the connection"}
     except (OSError, ValueError) as e:
         raise ConfigError(f"shared xenstored {path}: {e}") from None
@@ -95,6 +96,7 @@ class SharedStoreService:
         domain.params[HvmParam.STORE_EVTCHN] = self.port
         #: held by XenDomain.snapshot_begin (nothing of the store lives here to hold still)
         self.lock = threading.RLock()
+        self._held = False          #: the daemon leaves the ring alone (export_state .. resume)
         self.socket_path = domain.cfg.xenstore_socket
         self.intro_path = domain.cfg.xenstored
         self.kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -135,8 +137,10 @@ class SharedStoreService:
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
-        """Raise the store port when the daemon signals (the I/O thread reads the eventfd)."""
+        """Raise the store port when the daemon signals (the I/O thread reads the eventfd); a
+        restored domain's ring, complete now, goes back to the daemon."""
         self.domain.io.add_reader(self.notify_fd, self._on_store_notify)
+        self.resume()
 
     def close(self) -> None:
         """Release the domain (its subtree goes, @releaseDomain fires) and drop the connections."""
@@ -173,6 +177,36 @@ class SharedStoreService:
         except OSError:
             return
         self.domain.evtchn.notify(self.port)
+
+    # -- snapshots (xenkvm/xenstore/domstate.py) --------------------------------------
+    def export_state(self) -> dict:
+        """The domain's part of the shared store; the daemon holds the ring (its page, in
+        guest RAM, stays as saved) until :meth:`resume`.  SnapshotError if it is refused."""
+        try:
+            reply = introduce_request(self._link, {"op": "export"}, [], self.intro_path)
+        except ConfigError as e:
+            raise SnapshotError(f"dom{self.domid}: {e}") from None
+        self._held = True
+        return reply.get("state")
+
+    def resume(self) -> None:
+        """The ring is the daemon's again (end of a snapshot; nothing to do if not held)."""
+        if self._held and self._link is not None:
+            self._held = False
+            try:
+                introduce_request(self._link, {"op": "resume"}, [], self.intro_path)
+            except ConfigError as e:
+                log.error("dom%d: %s", self.domid, e)
+
+    def import_state(self, state: dict) -> None:
+        """A restored domain: its saved nodes, watches and connection state, moved to this
+        domid by the daemon.  SnapshotError (one line) if the daemon refuses them.  The daemon
+        holds the ring until :meth:`start` (the saved ring page is copied in after this)."""
+        try:
+            introduce_request(self._link, {"op": "import", "state": state}, [], self.intro_path)
+        except ConfigError as e:
+            raise SnapshotError(f"dom{self.domid}: {e}") from None
+        self._held = True
 
     # -- dom0 side -----------------------------------------------------------------
     def dom0_client(self) -> XsWatchClient:

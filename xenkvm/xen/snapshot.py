@@ -6,7 +6,11 @@ registrations (vcpu_info, runstate and time areas, upcall vectors), HVM params, 
 shared_info placement, event channels, grant table and timers through their own
 ``to_state`` (timer deadlines are Xen system time, which a restored machine continues from
 the saved instant: the remaining time is kept), the hypercall traps (kind and sites), the
-whole embedded xenstored (nodes, permissions, the domain's ring watches: xenstore/state.py),
+whole embedded xenstored (nodes, permissions, the domain's ring watches: xenstore/state.py)
+or, on the host's shared xenstored, the domain's part of it (its home subtree, ring watches and
+queued connection state, exported by the daemon, which leaves the ring page alone until the
+snapshot ends: xenstore/domstate.py; restored into the new domain's introduction, which may
+have another domid),
 the console's connection and queued input, console_io's reader flag, the test device's
 counters.  Ring contents and indexes (console, xenstore) and every pending/mask bit live in
 guest RAM and come back with it.
@@ -16,7 +20,8 @@ domain instead (:func:`resume_new_domain`).
 
 Refused with one line (SnapshotError) rather than saved wrong: the platform PCI device
 (HVM guests), a ballooned domain, VMM event-channel ends other than the store's and
-console's (the test device's echo backends), a shared xenstored, the KVM_XEN trap.
+console's (the test device's echo backends), an open transaction on a shared xenstored, the
+KVM_XEN trap.
 """
 from __future__ import annotations
 
@@ -50,7 +55,7 @@ def save(d: "XenDomain") -> dict[str, Any]:
         "shinfo_gpa": d.shinfo.gpa,
         "evtchn": d.evtchn.to_state(), "gnttab": d.gnttab.to_state(), "timers": d.timers.to_state(),
         "traps": [_trap_doc(t) for t in d.traps],
-        "xenstore": xsstate.snapshot(d.store.core),
+        **_store_doc(d),
         "store_port": d.store.port, "console_port": d.console.port,
         "console": {"connected": d.console.connected, "pending": bytes(d.console._pending).hex()},
         "console_io_reading": d.console_io.reading,
@@ -67,12 +72,20 @@ def _refuse_unsupported(d: "XenDomain") -> None:
         why = "a ballooned domain is not saved yet"
     elif any(e.port not in (d.store.port, d.console.port) for e in d.evtchn.vmm_ends.values()):
         why = "VMM event-channel backends other than the store and console are not saved yet"
-    elif not d.store.owns_server:
-        why = "a domain on a shared xenstored is not saved yet"
     elif any(not isinstance(t, (HypercallPageTrap, PatchTrap, BreakpointTrap)) for t in d.traps):
         why = "the KVM_XEN hypercall trap is not saved yet"
     if why:
         raise SnapshotError(f"dom{d.domid}: {why}")
+
+
+def _store_doc(d: "XenDomain") -> dict[str, Any]:
+    """The embedded store whole; on a shared one the domain's part (none if it suspended:
+    it is restored as a new domain, with the initial tree)."""
+    if d.store.owns_server:
+        return {"xenstore": xsstate.snapshot(d.store.core)}
+    if d.suspended_vcpu is not None:
+        return {"xenstore_domain": None}
+    return {"xenstore_domain": d.store.export_state()}
 
 
 def _trap_doc(t) -> dict[str, Any]:
@@ -115,7 +128,7 @@ def restore(d: "XenDomain", st: dict[str, Any]) -> int | None:
         d.params = {int(k): int(v) for k, v in st["params"].items()}
         d.vm_assists, d.shutdown_code = int(st["vm_assists"]), st["shutdown_code"]
         d.evtchn.from_state(st["evtchn"])
-        _restore_store(d, st["xenstore"])      # before the bind below notifies the store's ring
+        _restore_store(d, st)      # before the bind below notifies the store's ring
         d.evtchn.bind_vmm_to_guest_port(d.store.port, d.store.on_guest_notify)
         d.evtchn.bind_vmm_to_guest_port(d.console.port, d.console.on_guest_notify)
         d.gnttab.from_state(st["gnttab"])
@@ -172,9 +185,18 @@ def reinstall(d: "XenDomain", trap) -> None:
     d.machine.register_port_hook(layout.HYPERCALL_PORT, trap.on_port)
 
 
-def _restore_store(d: "XenDomain", doc: dict[str, Any]) -> None:
+def _restore_store(d: "XenDomain", st: dict[str, Any]) -> None:
     """A new embedded xenstored from the saved one; the ring re-attached brings the domain's
-    watches back (xenstore/dispatch.py: _restore_watches)."""
+    watches back (xenstore/dispatch.py: _restore_watches).  On the shared xenstored the
+    domain's saved part goes to its new introduction.  A snapshot of one kind restores only
+    on a domain of the same kind."""
+    if ("xenstore" in st) != d.store.owns_server:
+        raise SnapshotError(f"dom{d.domid}: saved on {'an embedded' if 'xenstore' in st else 'a shared'} "
+                            "xenstored, restored on the other kind")
+    if not d.store.owns_server:
+        d.store.import_state(st["xenstore_domain"])
+        return
+    doc = st["xenstore"]
     try:
         core = xsstate.restore(doc)
     except (xsstate.StateError, KeyError, TypeError, ValueError) as e:

@@ -93,6 +93,13 @@ class OutQueue:
                 self._pending_events.discard(key)
         self._offset = count if items else 0
 
+    def frames(self) -> list[tuple[bytes, bool]]:
+        """What is still queued, in order: (frame less its delivered head, is it an event)."""
+        out = [(frame, key is not None) for frame, key in self._items]
+        if out and self._offset:
+            out[0] = (out[0][0][self._offset:], out[0][1])
+        return out
+
     def clear(self) -> None:
         """Drop everything (reconnect / connection error)."""
         self._items.clear()

@@ -24,8 +24,9 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from . import domstate
 from . import introduce as wire
-from .layout import write_tree, initial_tree
+from .layout import DomainInfo, write_tree, initial_tree
 from .protocol import RING_PAGE_SIZE, XenstoreError
 from .ring import RingConnection
 from .server import XenstoreServer
@@ -43,6 +44,7 @@ class DomainLink:
     sock: socket.socket
     domid: int | None = None
     uuid: str = ""
+    info: DomainInfo | None = None
     ring: RingConnection | None = None
     page: mmap.mmap | None = None
     kick: int = -1
@@ -131,7 +133,7 @@ class IntroduceServer:
 
     def _on_message(self, link: DomainLink) -> None:
         try:
-            data, anc, flags, _ = link.sock.recvmsg(wire.MAX_MESSAGE + 1, _CMSG_SPACE)
+            data, anc, flags, _ = link.sock.recvmsg(wire.MAX_STATE + 1, _CMSG_SPACE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -143,8 +145,11 @@ class IntroduceServer:
         try:
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 raise wire.IntroduceError("message or descriptors truncated (too large)")
-            reply = self._handle(link, wire.decode(data), fds)
-        except (wire.IntroduceError, XenstoreError, OSError, ValueError) as exc:
+            obj = wire.decode(data, wire.MAX_STATE)
+            if len(data) > wire.MAX_MESSAGE and obj["op"] != "import":   # only import carries a state
+                raise wire.IntroduceError(f"message of {len(data)} bytes (at most {wire.MAX_MESSAGE})")
+            reply = self._handle(link, obj, fds)
+        except (wire.IntroduceError, domstate.StateError, XenstoreError, OSError, ValueError) as exc:
             log.warning("introduce: refused a request: %s", exc)
             reply = {"ok": False, "error": str(exc)}
         finally:
@@ -172,7 +177,45 @@ class IntroduceServer:
                 raise wire.IntroduceError("release: no domain introduced on this connection")
             self.release(link)
             return {"ok": True, "domid": domid}
+        if obj["op"] in ("export", "resume", "import"):
+            if fds:
+                raise wire.IntroduceError(f"{obj['op']} takes no descriptors")
+            if link.ring is None:
+                raise wire.IntroduceError(f"{obj['op']}: no domain introduced on this connection")
+            return getattr(self, "_" + obj["op"])(link, obj)
         raise wire.IntroduceError(f"unknown op {obj['op'][:64]!r}")
+
+    # ------------------------------------------------------------ snapshots (xenstore/domstate.py)
+    def _export(self, link: DomainLink, obj: dict) -> dict:
+        """The domain's nodes, watches and connection state; the ring is held (its page left
+        alone) until ``resume``, so what guest RAM holds and what is exported agree."""
+        wire.check_keys(obj, ())
+        with self.server.core.lock:
+            state = domstate.export_domain(link.ring.conn, link.ring, self.server.core)
+            reply = {"ok": True, "domid": link.domid, "state": state}
+            if len(wire.encode(reply)) > wire.MAX_STATE:
+                raise wire.IntroduceError(f"dom{link.domid}'s xenstore state is over {wire.MAX_STATE} bytes")
+            link.ring.held = True
+        return reply
+
+    def _resume(self, link: DomainLink, obj: dict) -> dict:
+        """The ring is the daemon's again: what was queued meanwhile goes out."""
+        wire.check_keys(obj, ())
+        with self.server.core.lock:
+            link.ring.held = False
+            link.ring.process()
+        return {"ok": True, "domid": link.domid}
+
+    def _import(self, link: DomainLink, obj: dict) -> dict:
+        """A restored domain's saved state, loaded into its fresh introduction (once).  The
+        ring stays held until ``resume``: the VMM copies the saved ring page in after this."""
+        wire.check_keys(obj, ("state",))
+        if link.ring.conn.watches or link.ring.conn.out:
+            raise wire.IntroduceError(f"import: dom{link.domid}'s connection is in use already")
+        with self.server.core.lock:
+            domstate.import_domain(self.server.core, link.ring, link.info, obj.get("state"))
+            link.ring.held = True
+        return {"ok": True, "domid": link.domid}
 
     def _introduce(self, link: DomainLink, req: wire.Introduce, fds: list[int]) -> dict:
         if link.domid is not None:
@@ -194,7 +237,7 @@ class IntroduceServer:
             link.kick, link.notify = fds[1], fds[2]
             os.set_blocking(link.kick, False)
             os.set_blocking(link.notify, False)
-            link.domid, link.uuid, link.page = req.domid, req.info.uuid, page
+            link.domid, link.uuid, link.page, link.info = req.domid, req.info.uuid, page, req.info
             link.ring = core.attach_ring(req.domid, page, link.signal_guest, port=req.info.store_port,
                                          gfn=req.info.store_gfn)
         self._by_domid[req.domid] = link

@@ -14,6 +14,12 @@ so the VMM passes the page itself, over a UNIX ``SOCK_SEQPACKET`` socket with
   ``info`` is what the initial tree says about the domain (layout.DomainInfo).
 * ``{"v": 1, "op": "release"}``: the domain of this connection goes away
   (its subtree removed, ``@releaseDomain`` fired), synchronously.
+* ``{"v": 1, "op": "export"}``: the domain's part of the store for a snapshot
+  (xenstore/domstate.py), in the reply's ``state``; the daemon then leaves the
+  ring page alone until ``{"v": 1, "op": "resume"}`` (guest RAM is being saved).
+* ``{"v": 1, "op": "import", "state": {...}}``: an exported state loaded into
+  the domain just introduced on this connection (a restored snapshot).
+  ``export`` replies and ``import`` requests may be up to :data:`MAX_STATE` bytes.
 * reply: ``{"v": 1, "ok": true, "domid": N}`` or ``{"v": 1, "ok": false,
   "error": "one line"}``.
 
@@ -38,6 +44,7 @@ from .protocol import RING_PAGE_SIZE
 
 VERSION = 1
 MAX_MESSAGE = 8192
+MAX_STATE = 160 * 1024      #: an export reply or import request (below the default socket buffer)
 FDS = 3                     #: memfd, kick eventfd, notify eventfd
 MAX_DOMID = 0x7FEF          #: DOMID_FIRST_RESERVED - 1
 _INFO_INT = {"vcpus": 4096, "memory_kib": 1 << 40, "store_port": 1 << 17, "store_gfn": 1 << 40,
@@ -66,10 +73,10 @@ def encode(obj: dict[str, Any]) -> bytes:
     return json.dumps({"v": VERSION, **obj}, separators=(",", ":")).encode()
 
 
-def decode(data: bytes) -> dict[str, Any]:
+def decode(data: bytes, limit: int = MAX_MESSAGE) -> dict[str, Any]:
     """A message's JSON object; IntroduceError for anything else."""
-    if len(data) > MAX_MESSAGE:
-        raise IntroduceError(f"message of {len(data)} bytes (at most {MAX_MESSAGE})")
+    if len(data) > limit:
+        raise IntroduceError(f"message of {len(data)} bytes (at most {limit})")
     try:
         obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -81,6 +88,12 @@ def decode(data: bytes) -> dict[str, Any]:
     if not isinstance(obj.get("op"), str):
         raise IntroduceError("op: expected a string")
     return obj
+
+
+def check_keys(obj: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    """No keys but ``v``, ``op`` and ``allowed``."""
+    if extra := set(obj) - {"v", "op", *allowed}:
+        raise IntroduceError(f"{obj['op']}: unknown keys {sorted(extra)[:8]}")
 
 
 def _int(obj: dict[str, Any], key: str, limit: int) -> int:

@@ -158,6 +158,10 @@ class FrameDecoder:
         """Bytes received but not yet returned as messages."""
         return len(self._buf) - self._pos
 
+    def pending(self) -> bytes:
+        """The bytes :meth:`buffered` counts (a snapshot of the connection carries them)."""
+        return bytes(self._buf[self._pos:])
+
     def need(self) -> int:
         """Bytes still missing before the next message is complete (0 = complete)."""
         avail = len(self._buf) - self._pos

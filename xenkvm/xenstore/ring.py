@@ -70,6 +70,8 @@ class RingConnection:
         self._decoder = FrameDecoder()
         self._batch = False          # inside process(): notify once at the end
         self._notify_pending = False
+        #: while set (a snapshot is saving guest RAM: xenstore/domstate.py) the page is not touched
+        self.held = False
         conn.transport = self
         # "guarantee to advertise the feature before producing or consuming any data"
         features = _U32.unpack_from(self.page, SERVER_FEATURES)[0] | FEATURES
@@ -86,8 +88,8 @@ class RingConnection:
 
     def process(self) -> None:
         """Consume complete requests, dispatch them and write replies (lock held)."""
-        if self.conn.closed:
-            return          # released: the page is no longer ours to touch
+        if self.conn.closed or self.held:
+            return          # released (the page is no longer ours to touch) or held
         self._batch = True
         try:
             if _U32.unpack_from(self.page, CONNECTION)[0] == XENSTORE_RECONNECT:
@@ -110,7 +112,7 @@ class RingConnection:
 
     def flush(self) -> None:
         """Transport API: copy queued output into the response ring."""
-        if self.broken is not None or self.conn.closed:
+        if self.broken is not None or self.conn.closed or self.held:
             return
         if self._write_responses():
             self._signal()
@@ -124,6 +126,14 @@ class RingConnection:
             _PAIR.pack_into(self.page, RSP_CONS, 0, 0)
             _U32.pack_into(self.page, ERROR, RingError.NONE)
             self.broken = None
+
+    def pending_input(self) -> bytes:
+        """Request bytes taken from the ring that are not yet a whole message (snapshots)."""
+        return self._decoder.pending()
+
+    def feed_input(self, data: bytes) -> None:
+        """Give back :meth:`pending_input` of a saved connection (a restored domain's ring)."""
+        self._decoder.feed(data)
 
     # ------------------------------------------------------------ input
     def _read_requests(self) -> bool:
