@@ -175,9 +175,9 @@ static void check_stop(evtchn_port_t tp, enum stop_kind kind, const char *what)
         xen_delay_ns(deadline > at ? deadline - at + margin : margin);
         uint32_t got = xen_ports[tp].count - c;
         if (!check(ok && !early && got == (uint32_t)before, name,
-                   "%s; %u event(s) for a stop that returned %s its deadline (%ld ns)%s",
-                   ok ? "rc 0" : "arming or stopping failed", got, before ? "after" : "before",
-                   (long)(at - deadline), early ? ": it fired early" : "") || !before)
+                   "%s; %u event(s), %u pending when the stop returned %ld ns before the deadline%s",
+                   ok ? "rc 0" : "arming or stopping failed", got, (unsigned)before,
+                   (long)(deadline - at), early ? ": it fired early" : "") || !before)
             return;
         printf("%s %s: the stop returned %lu ns after a %lu ns deadline, again\n", abi, what,
                (unsigned long)(at - deadline), (unsigned long)margin);
