@@ -22,6 +22,13 @@ On such a host each vCPU keeps its own offset, re-measured on its own thread (it
 and its pvclock is republished when the offset moved: Xen likewise refreshes a
 vCPU's time info when it is scheduled, and a guest reads its clock right before it
 computes a timer deadline.  With a stable TSC the one offset measured at start holds.
+
+Each pvclock is a pair (TSC, system time) that must be read at one instant, and an
+offset is a guest TSC read against the host's: each is read between two host TSC reads
+(:meth:`SharedInfo._bracketed`), and again while those are far apart, for a thread
+preempted between its reads (a loaded host, the rig's TCG L1) would otherwise publish a
+pvclock that runs ahead of system time by the time it lost: the guest then sees its
+timers fire early and deadlines it computed as past taken as future.
 """
 from __future__ import annotations
 
@@ -52,6 +59,10 @@ MSR_IA32_TSC = 0x10
 RESYNC_SLACK_US = 50
 VCPU_INFO_TIME = VCPU_INFO.offset("time")
 LEGACY_VCPUS = lib.XEN_LEGACY_MAX_VCPUS
+#: A reading bracketed by host TSC reads further apart than this is taken again (up to
+#: BRACKET_TRIES times, keeping the narrowest): its thread was preempted meanwhile.
+BRACKET_SLACK_US = 20
+BRACKET_TRIES = 4
 #: The host kernel's clocksource in use (``tsc`` when its TSC is stable).
 HOST_CLOCKSOURCE = Path("/sys/devices/system/clocksource/clocksource0/current_clocksource")
 
@@ -62,11 +73,6 @@ def host_tsc_stable(path: Path = HOST_CLOCKSOURCE) -> bool:
         return path.read_text().strip() == "tsc"
     except OSError:
         return False
-
-
-def measure_tsc_offset(vcpu) -> int:
-    """Guest TSC - host TSC for ``vcpu``, read on its own thread (or before it runs)."""
-    return vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC] - host_tsc()
 
 
 @dataclass(frozen=True)
@@ -105,8 +111,10 @@ class SharedInfo:
         #: the TSC rate pvclock describes: the real one, or the dilated one the guest is told
         self.tsc_khz = domain.machine.tsc_khz * clock.den // clock.num
         self.scale = TscScale.for_hz(self.tsc_khz * 1000)
+        #: host TSC ticks a bracketed reading may span (the host TSC runs at the real rate)
+        self.bracket_slack = domain.machine.tsc_khz * BRACKET_SLACK_US // 1000
         #: guest TSC - host TSC per vCPU (vCPU 0's, measured before it runs, until a vCPU's own)
-        self.tsc_offsets = [measure_tsc_offset(vcpu0)] * len(domain.machine.vcpus)
+        self.tsc_offsets = [self.measure_tsc_offset(vcpu0)] * len(domain.machine.vcpus)
         #: whether pvclock carries XEN_PVCLOCK_TSC_STABLE_BIT (module docstring)
         self.tsc_stable = host_tsc_stable()
         if not self.tsc_stable:
@@ -132,7 +140,7 @@ class SharedInfo:
         """A snapshot was loaded: shared_info is at ``gpa`` again (its content came back with
         RAM), the guest TSC continues from its saved value (a new offset to the host's), and
         every pvclock is re-published against both."""
-        self.tsc_offsets = [measure_tsc_offset(self.domain.machine.vcpus[0])] * len(self.tsc_offsets)
+        self.tsc_offsets = [self.measure_tsc_offset(self.domain.machine.vcpus[0])] * len(self.tsc_offsets)
         self.gpa = gpa
         if gpa is not None:
             self._write_wallclock()
@@ -167,6 +175,26 @@ class SharedInfo:
         return gpa is not None and self.domain.mem.view(gpa, 1)[0] != 0
 
     # -- time --------------------------------------------------------------------
+    def _bracketed(self, read):
+        """``(host TSC, read())`` taken together: ``read`` runs between two host TSC reads, the
+        TSC given is their midpoint, and the pair is taken again while they are more than
+        ``bracket_slack`` apart (the thread was preempted); the narrowest one is kept."""
+        best = None
+        for _ in range(BRACKET_TRIES):
+            t0 = host_tsc()
+            value = read()
+            span = host_tsc() - t0
+            if best is None or span < best[0]:
+                best = (span, t0 + span // 2, value)
+            if span <= self.bracket_slack:
+                break
+        return best[1], best[2]
+
+    def measure_tsc_offset(self, vcpu) -> int:
+        """Guest TSC - host TSC for ``vcpu``, read on its own thread (or before it runs)."""
+        tsc, guest = self._bracketed(lambda: vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC])
+        return guest - tsc
+
     def guest_tsc(self, vcpu_id: int = 0) -> int:
         return host_tsc() + self.tsc_offsets[vcpu_id]
 
@@ -175,7 +203,7 @@ class SharedInfo:
         and republish its pvclock if the offset moved (module docstring)."""
         if self.tsc_stable:
             return
-        offset = measure_tsc_offset(vcpu)
+        offset = self.measure_tsc_offset(vcpu)
         if abs(offset - self.tsc_offsets[vcpu.id]) > self.tsc_khz * RESYNC_SLACK_US // 1000:
             self.tsc_offsets[vcpu.id] = offset
             self.update_time(vcpu.id)
@@ -183,8 +211,8 @@ class SharedInfo:
     def time_info(self, vcpu_id: int = 0) -> bytes:
         """A vcpu_time_info snapshot (version left 0: the writer sets it)."""
         info = ffi.new("struct vcpu_time_info *")
-        info.tsc_timestamp = self.guest_tsc(vcpu_id)
-        info.system_time = self.domain.now_ns()
+        tsc, info.system_time = self._bracketed(self.domain.now_ns)
+        info.tsc_timestamp = tsc + self.tsc_offsets[vcpu_id]
         info.tsc_to_system_mul = self.scale.mul
         info.tsc_shift = self.scale.shift
         info.flags = PVCLOCK_TSC_STABLE if self.tsc_stable else 0
