@@ -219,13 +219,13 @@ def test_pvclock_follows_a_vcpu_whose_tsc_moved(hcall, xen_machine):
     st = xen_machine.xen.shinfo
     st.tsc_stable = False
     assert map_shinfo(hcall, xen_machine.mem) == 0
-    st.tsc_offsets[1] -= 100 * xen_machine.tsc_khz * 1000        # 100 s of ticks off
+    st.tsc_offsets[1] += 100 * xen_machine.tsc_khz * 1000        # 100 s of ticks off (ahead: a host TSC of a few seconds, as in the rig, minus 100 s would be negative)
     st.update_time(1)
     assert abs(_pvclock_error_ns(xen_machine, 1)) > 5_000_000_000
     xen_machine.mem.write(BUF, struct.pack("<QI", xen_machine.xen.now_ns() + 10**9, 0))
     assert hcall(Hypercall.vcpu_op, VcpuOp.set_singleshot_timer, 1, BUF, vcpu=1) == 0
     assert abs(_pvclock_error_ns(xen_machine, 1)) < 5_000_000
-    st.tsc_offsets[0] -= 100 * xen_machine.tsc_khz * 1000
+    st.tsc_offsets[0] += 100 * xen_machine.tsc_khz * 1000
     st.update_time(0)
     assert hcall(Hypercall.set_timer_op, xen_machine.xen.now_ns() + 10**9, vcpu=0) == 0
     assert abs(_pvclock_error_ns(xen_machine, 0)) < 5_000_000
