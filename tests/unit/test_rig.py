@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
+import subprocess
+import sys
+import time
 import struct
 from pathlib import Path
 
@@ -181,3 +185,35 @@ def test_a_checkout_under_l1s_own_tmp_is_refused_with_one_line(tmp_path):
     with pytest.raises(RigError, match="under /tmp, which L1 mounts afresh"):
         check_cwd(Path("/tmp/checkout"))
     check_cwd(Path("/work/checkout"))        # elsewhere: fine (need not exist)
+
+
+def test_qemu_dies_with_a_killed_runner(tmp_path):
+    """A runner killed by a signal takes its QEMU with it (it would otherwise burn a core)."""
+    pidfile = tmp_path / "child.pid"
+    script = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
+              "from xenkvm.rig import runner\n"
+              "p = runner.spawn(['sleep', '600'])\n"
+              f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+              "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        for _ in range(200):
+            if pidfile.is_file() and pidfile.read_text():
+                break
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        for _ in range(200):
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            with open(f"/proc/{child}/stat") as f:     # reaped by init shortly after it dies
+                if f.read().split(") ")[1].startswith("Z"):
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the child outlived its killed runner")
+    finally:
+        parent.kill()

@@ -11,9 +11,11 @@ there and, optionally, to a stream as it arrives.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import shlex
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -140,9 +142,14 @@ def run(image: L1Image, argv: list[str], *, cwd: Path, out_dir: Path, env: dict[
     cmd = qemu_command(qemu, image, out_dir, memory_mb=memory_mb, cpus=cpus)
     log.info("$ %s", shlex.join(cmd))
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    console = _Console(proc.stdout, out_dir / "console.log", echo, t0)
-    why = _wait(proc, console, t0, boot_timeout, timeout)
+    proc = spawn(cmd)
+    try:
+        console = _Console(proc.stdout, out_dir / "console.log", echo, t0)
+        why = _wait(proc, console, t0, boot_timeout, timeout)
+    finally:
+        if proc.poll() is None:     # an exception or a signal (KeyboardInterrupt) on our side
+            proc.kill()
+            proc.wait()
     console.thread.join(timeout=5)
     total = time.monotonic() - t0
     text = "\n".join(console.lines)
@@ -160,6 +167,21 @@ def run(image: L1Image, argv: list[str], *, cwd: Path, out_dir: Path, env: dict[
     output = (out_dir / "output.log").read_text(errors="replace") if (out_dir / "output.log").is_file() else ""
     return RigResult(int(status_file.read_text().strip() or 255), output, text, console.ready_at, total,
                      console.l1_uptime)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it dies (prctl(2))."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def spawn(cmd: list[str]) -> subprocess.Popen:
+    """Start QEMU so that it never outlives the runner, however the runner ends (a SIGKILLed
+    or SIGTERMed runner would otherwise leave an L1 burning a core, holding its memory)."""
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=_die_with_parent)
 
 
 def _wait(proc: subprocess.Popen, console: _Console, t0: float, boot_timeout: float, timeout: float) -> str:
