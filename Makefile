@@ -12,6 +12,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PKGS := gcc make libxen-dev xenstore-utils busybox-static cpio acpica-tools python3-venv qemu-system-x86
 # e2fsprogs: mke2fs -d builds the Debian guest's root file system image, debugfs/e2fsck check it.
 DEB_PKGS += e2fsprogs
+# qemu-system-common: qemu-storage-daemon serves non-raw disk images over NBD (backends/imagedisk.py);
+# qemu-utils: qemu-img makes and checks them in the tests and the benchmark.
+DEB_PKGS += qemu-system-common qemu-utils
 GUEST ?= guests/hello.yaml
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
