@@ -48,12 +48,14 @@ EXPORT = "disk"
 #: xl.cfg(5)'s format names -> QEMU's block drivers (Xen's "vhd" is QEMU's "vpc")
 DRIVERS = {"qcow": "qcow", "qcow2": "qcow2", "vhd": "vpc", "vmdk": "vmdk", "qed": "qed", "vdi": "vdi"}
 
-#: $1 = the pipe's read end, $2 = the private directory, the rest = the daemon's command line
+#: stdin = the pipe's read end (kept as fd 3: an asynchronous list's stdin is /dev/null), $1 = the private
+#: directory, the rest = the daemon's command line
 WATCHDOG = r'''
-fd=$1; dir=$2; shift 2
-"$@" </dev/null &
+exec 3<&0
+dir=$1; shift
+"$@" </dev/null 3<&- &
 pid=$!
-{ read _ <&"$fd"; kill -TERM "$pid" 2>/dev/null; } &
+{ read _ <&3; kill -TERM "$pid" 2>/dev/null; } &
 wait "$pid"; rc=$?
 rm -rf -- "$dir"
 exit $rc
@@ -88,10 +90,10 @@ class ImageDisk:
         self._dir = Path(tempfile.mkdtemp(prefix="xenkvm-nbd-"))
         self._rfd, self._wfd = os.pipe()          # both close-on-exec; the watchdog gets the read end
         self._stderr = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(["sh", "-c", WATCHDOG, "sh", str(self._rfd), str(self._dir),
+        self._proc = subprocess.Popen(["sh", "-c", WATCHDOG, "sh", str(self._dir),
                                        *daemon_args(spec, self._dir / "nbd.sock")],
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
-                                      pass_fds=(self._rfd,), start_new_session=True)
+                                      stdin=self._rfd, stdout=subprocess.DEVNULL, stderr=self._stderr,
+                                      start_new_session=True)
         os.close(self._rfd)
         self._order: list[int] = []
         self._ranges: list[tuple[int, int, bool]] = []   #: (start, end, write) of the requests in flight
@@ -100,7 +102,7 @@ class ImageDisk:
             self.client.handshake(EXPORT)
         except (OSError, NbdError) as e:
             self.close()
-            raise OSError(errno.EIO, f"{DAEMON}: {e}") from None
+            raise OSError(errno.EIO, f"{DAEMON}: {getattr(e, 'strerror', None) or e}") from None
         self.size = self.client.size
         self.sectors = self.size // SECTOR
         self.sector_size = SECTOR
