@@ -155,7 +155,7 @@ def test_flushed_writes_survive_the_vmm_being_killed(tmp_path, kernel, sig):
 
 
 @needs_qemu
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
 def test_flushed_writes_survive_the_vmm_being_killed_qcow2(tmp_path, kernel, sig):
     """The same on qcow2: the guest's flush is NBD_CMD_FLUSH, acknowledged once qemu-storage-daemon
     answered it; after the VMM's end the daemon stops too (the image is not locked: qemu-img opens it)."""
@@ -209,6 +209,16 @@ def test_blkfront_on_qcow2(tmp_path, kernel, backing):
     subprocess.run(["qemu-img", "check", str(qa)], check=True, capture_output=True)
     if backing:
         assert a.read_bytes() == bytes(SECTORS * 512) and b.read_bytes() == pattern(0, SECTORS, 2)
+
+
+@needs_qemu
+def test_an_image_the_daemon_cannot_open_is_one_line(tmp_path, kernel):
+    junk = tmp_path / "junk.qcow2"
+    junk.write_bytes(b"this is no qcow2 image\n" * 64)
+    r = run(tmp_path, kernel, "xk.trap=page", [f"format=qcow2, vdev=xvda, target={junk}"])
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "disk xvda" in lines[0] and "qemu-storage-daemon" in lines[0], r.stderr
 
 
 @needs_qemu

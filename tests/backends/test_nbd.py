@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
