@@ -212,6 +212,25 @@ def test_blkfront_on_qcow2(tmp_path, kernel, backing):
 
 
 @needs_qemu
+def test_hostile_frontend_on_qcow2_and_a_good_disk(tmp_path, kernel):
+    """The hostile scenario against a qcow2 disk: every request takes the NBD path (no C fast path), with
+    the same checks; the VMM, the daemon and the good disk keep going."""
+    a, b = images(tmp_path)
+    qa = to_format(a, "qcow2")
+    r = run(tmp_path, kernel, "xk.trap=page xk.blk_hostile",
+            [f"format=qcow2, vdev=xvda, target={qa}", f"vdev=xvdb, access=rw, target={b}"])
+    assert assert_passed(r) >= 40
+    for name in ("hostile.unknown_op", "hostile.ungranted_ref", "hostile.far_ahead_not_served",
+                 "blk.good_disk_after_attack.read_back", "blk.attacked_disk_after_reconnect.read_back",
+                 "hostile.persistent.write_past_end"):
+        assert f"PASS {name}" in r.stdout
+    assert "Traceback" not in r.stderr and "NBD connection lost" not in r.stderr
+    ra = to_raw(qa, "qcow2")
+    assert sectors(ra, 8, 96) == pattern(8, 96, 1) and sectors(ra, 0, 8) == bytes(4096)
+    assert ra.stat().st_size == SECTORS * 512
+
+
+@needs_qemu
 def test_an_image_the_daemon_cannot_open_is_one_line(tmp_path, kernel):
     junk = tmp_path / "junk.qcow2"
     junk.write_bytes(b"this is no qcow2 image\n" * 64)

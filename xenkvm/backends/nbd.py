@@ -8,11 +8,12 @@ A vbd whose image is not raw (qcow2, vhd, vmdk, ...) is served by Debian's
   structured replies: every reply is the 16-byte simple reply), giving the
   export's size and transmission flags (read-only, flush, trim,
   write-zeroes);
-* ``submit``: a request goes out at once, a write's payload straight from the
-  caller's buffers (guest pages) with one ``sendmsg``; several requests are in
-  flight at once (at most ``MAX_IN_FLIGHT``), answered in any order;
-* ``wait``/``drain``: replies are matched by handle, a read's payload is
-  received straight into the request's buffers with ``recvmsg_into``.
+* ``submit`` queues a request; ``wait``/``drain`` send the queue and receive
+  the replies in one call of ``xknbd_batch`` (C, ``_nbd_build.py``, without
+  the GIL): a write's payload goes straight from the caller's buffers (guest
+  pages) with ``sendmsg``, up to ``MAX_IN_FLIGHT`` requests are in flight,
+  replies come in any order and are matched by handle, a read's payload is
+  received straight into its buffers.
 
 The wire formats are big-endian and fixed by the protocol (no C struct to
 take them from; the request and reply match ``struct nbd_request`` and
@@ -30,9 +31,12 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import os
 import socket
 import struct
 from dataclasses import dataclass, field
+
+from ._nbd_cffi import ffi, lib
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +103,21 @@ class NbdError(Exception):
 
 @dataclass
 class _Request:
+    handle: int
     command: Command
+    offset: int
     length: int
-    buffers: list = field(default_factory=list)   #: a read's destination (memoryviews), released when answered
+    flags: int
+    buffers: list = field(default_factory=list)   #: memoryviews (a write's payload, a read's destination)
+
+
+def _batch_error(rc: int, err: int, timeout: float) -> str:
+    """xknbd_batch's failure in words."""
+    if rc == lib.XKNBD_E_IO:
+        return os.strerror(err)
+    return {lib.XKNBD_E_EOF: "the server closed the connection", lib.XKNBD_E_MAGIC: "a reply with a wrong magic",
+            lib.XKNBD_E_HANDLE: "a reply to no request in flight",
+            lib.XKNBD_E_TIMEOUT: f"no reply within {timeout:g}s"}.get(rc, f"error {rc}")
 
 
 class NbdClient:
@@ -115,9 +131,8 @@ class NbdClient:
         self.dead: str | None = None          #: why the connection was given up
         self._timeout = timeout
         self._next = 1
-        self._inflight: dict[int, _Request] = {}
+        self._queue: list[_Request] = []       #: submitted, not sent yet (consecutive handles)
         self.results: dict[int, int] = {}      #: handle -> 0 or an errno, until the caller pops it
-        self._hdr = bytearray(_REPLY.size)
 
     # -- negotiation ---------------------------------------------------------------------
     def handshake(self, export: str) -> None:
@@ -163,61 +178,35 @@ class NbdClient:
     # -- transmission --------------------------------------------------------------------
     def submit(self, command: Command, offset: int, length: int, buffers: list | None = None,
                flags: int = 0) -> int:
-        """Send one request now; its handle.  A write sends ``buffers`` (whose lengths add up to
-        ``length``); a read will be received into them.  Never raises: on a dead connection the
-        request fails (``results[handle] = EIO``)."""
+        """Queue one request; its handle.  A write sends ``buffers`` (memoryviews whose lengths add up to
+        ``length``), a read is received into them; the client releases them once answered.  The queue
+        goes out with the next ``wait``/``drain``.  Never raises: on a dead connection the request fails
+        (``results[handle] = EIO``)."""
         handle = self._next
         self._next += 1
-        if self.dead is None:
-            try:
-                while len(self._inflight) >= MAX_IN_FLIGHT:
-                    self._receive_one()
-            except (OSError, NbdError) as e:
-                self._die(e)
         if self.dead is not None:
             self._fail(handle, buffers)
-            return handle
-        header = _REQUEST.pack(REQUEST_MAGIC, flags, command, handle, offset, length)
-        req = _Request(command, length)
-        if command == Command.READ:
-            req.buffers = buffers or []
-        self._inflight[handle] = req
-        try:
-            if command == Command.WRITE:
-                self._send_all([header, *buffers])
-            else:
-                self.sock.sendall(header)
-        except OSError as e:
-            self._die(e)
-        finally:
-            if command == Command.WRITE:
-                for b in buffers:
-                    b.release()
+        else:
+            self._queue.append(_Request(handle, command, offset, length, flags, buffers or []))
         return handle
 
     def wait(self, handle: int) -> int:
-        """Receive replies until ``handle`` is answered; its result (0 or an errno), popped."""
-        while handle not in self.results:
-            if handle not in self._inflight:
+        """Send what is queued and receive the replies until ``handle`` is answered; its result (0 or
+        an errno), popped."""
+        if handle not in self.results:
+            if not any(r.handle == handle for r in self._queue):
                 raise KeyError(handle)
-            try:
-                self._receive_one()
-            except (OSError, NbdError) as e:
-                self._die(e)
+            self._run()
         return self.results.pop(handle)
 
     def drain(self) -> None:
-        """Receive every reply still due (results stay in ``results``)."""
-        while self._inflight:
-            try:
-                self._receive_one()
-            except (OSError, NbdError) as e:
-                self._die(e)
+        """Send what is queued and receive every reply (results stay in ``results``)."""
+        if self._queue:
+            self._run()
 
     def close(self) -> None:
         """NBD_CMD_DISC (after every reply) and close the socket."""
-        if self.dead is None:
-            self.drain()
+        self.drain()
         if self.dead is None:
             try:
                 self.sock.sendall(_REQUEST.pack(REQUEST_MAGIC, 0, Command.DISC, 0, 0, 0))
@@ -227,39 +216,48 @@ class NbdClient:
         self.sock.close()
 
     # -- internals -----------------------------------------------------------------------
-    def _receive_one(self) -> None:
-        """One simple reply (and a read's payload, into its buffers)."""
-        hdr = memoryview(self._hdr)
-        self._recv_into([hdr])
-        magic, error, handle = _REPLY.unpack(self._hdr)
-        if magic != SIMPLE_REPLY_MAGIC:
-            raise NbdError(f"reply magic {magic:#x}")
-        req = self._inflight.pop(handle, None)
-        if req is None:
-            raise NbdError(f"reply to unknown handle {handle}")
+    def _run(self) -> None:
+        """The queued requests through ``xknbd_batch`` (C, without the GIL): at most MAX_IN_FLIGHT in
+        flight, payloads straight from/to the buffers."""
+        queue, self._queue = self._queue, []
+        reqs = ffi.new("struct xknbd_req[]", len(queue))
+        keep = []          # the cffi buffers behind the iovecs, released after the call
         try:
-            if req.command == Command.READ and error == 0:
-                self._recv_into(req.buffers)
-        except (OSError, NbdError):
-            self._inflight[handle] = req      # failed with the rest
-            raise
-        self._release(req.buffers)
-        self.results[handle] = error and (error if 0 < error < 4096 else errno.EIO)
-
-    def _send_all(self, bufs: list) -> None:
-        """sendmsg until every byte of ``bufs`` went out (a partial send resumes inside a buffer)."""
-        views = [memoryview(b).cast("B") for b in bufs]
-        try:
-            while views:
-                sent = self.sock.sendmsg(views)
-                while views and sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0).release()
-                if views and sent:
-                    views[0] = views[0][sent:]
+            for req, c in zip(queue, reqs):
+                c.type, c.flags, c.offset, c.length = req.command, req.flags, req.offset, req.length
+                if req.buffers:
+                    iov = ffi.new("struct iovec[]", len(req.buffers))
+                    keep.append(iov)
+                    for v, b in zip(iov, req.buffers):
+                        p = ffi.from_buffer(b, require_writable=req.command == Command.READ)
+                        keep.append(p)
+                        v.iov_base, v.iov_len = p, len(b)
+                    c.iov, c.niov = iov, len(req.buffers)
+            err = ffi.new("int *")
+            rc = lib.xknbd_batch(self.sock.fileno(), reqs, len(queue), queue[0].handle, MAX_IN_FLIGHT,
+                                 int(self._timeout * 1000), err)
         finally:
-            for v in views:
-                v.release()
+            for p in keep:
+                ffi.release(p)
+        for req, c in zip(queue, reqs):
+            if c.error != lib.XKNBD_PENDING:
+                self.results[req.handle] = c.error
+                self._release(req.buffers)
+        if rc:
+            self._die(_batch_error(rc, err[0], self._timeout), queue)
+
+    def _die(self, why: str, queue: list[_Request] = ()) -> None:
+        """Give the connection up: one log line; the requests not answered fail with EIO."""
+        if self.dead is None:
+            self.dead = why
+            log.error("%s: NBD connection lost (%s); its requests fail from now on", self.name, why)
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for req in queue:
+            if req.handle not in self.results:
+                self._fail(req.handle, req.buffers)
 
     def _recv_into(self, bufs: list) -> None:
         """recvmsg_into until ``bufs`` are full; EOF is an error (the server closed mid-reply)."""
@@ -282,21 +280,6 @@ class NbdClient:
         buf = bytearray(n)
         self._recv_into([buf])
         return bytes(buf)
-
-    def _die(self, why: Exception) -> None:
-        """Give the connection up: one log line, every request in flight fails with EIO."""
-        if self.dead is None:
-            text = "no reply within %gs" % self._timeout if isinstance(why, TimeoutError) else \
-                getattr(why, "strerror", None) or str(why)
-            self.dead = text
-            log.error("%s: NBD connection lost (%s); its requests fail from now on", self.name, text)
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for handle, req in list(self._inflight.items()):
-            self._fail(handle, req.buffers)
-        self._inflight.clear()
 
     def _fail(self, handle: int, buffers: list | None) -> None:
         self.results[handle] = errno.EIO
