@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -161,6 +162,33 @@ def test_other_formats_open_and_read(tmp_path, fmt, qemu_fmt):
         w = bytearray(4096)
         d.submit(True, views(w), 0)                     # a read-only export refuses (the server's EPERM)
         assert d.results()[0] != 0
+    finally:
+        d.close()
+
+
+@needs_qemu
+def test_a_daemon_that_dies_fails_its_requests(tmp_path, caplog):
+    """The daemon killed under the client: the requests fail with EIO, one log line, no hang, and
+    closing the disk still works."""
+    img = tmp_path / "d.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
+    d = ImageDisk(spec(img, "qcow2"))
+    try:
+        watchdog = d._proc.pid
+        children = Path(f"/proc/{watchdog}/task/{watchdog}/children").read_text().split()
+        daemon = next(int(c) for c in children
+                      if Path(f"/proc/{c}/comm").read_text().strip().startswith("qemu-storage"))
+        os.kill(daemon, signal.SIGKILL)
+        with caplog.at_level(logging.ERROR, logger="xenkvm.backends.nbd"):
+            bufs = [bytearray(4096) for _ in range(3)]
+            for i, b in enumerate(bufs):
+                d.submit(i == 1, views(b), i * 4096)
+            assert d.results() == [errno.EIO] * 3
+            d.submit(False, views(bufs[0]), 0)
+            assert d.results() == [errno.EIO]
+            with pytest.raises(OSError):
+                d.flush()
+        assert len([r for r in caplog.records if "NBD connection lost" in r.getMessage()]) == 1
     finally:
         d.close()
 

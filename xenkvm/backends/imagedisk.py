@@ -97,6 +97,7 @@ class ImageDisk:
         os.close(self._rfd)
         self._order: list[int] = []
         self._ranges: list[tuple[int, int, bool]] = []   #: (start, end, write) of the requests in flight
+        self._span = (1 << 64, 0)                          #: the bytes they cover, first to last
         try:
             self.client = NbdClient(self._connect(timeout), self.label)
             self.client.handshake(EXPORT)
@@ -138,18 +139,22 @@ class ImageDisk:
         """A read into / write from ``buffers`` (the client owns and releases them); answered by ``results``."""
         length = sum(len(b) for b in buffers)
         end = offset + length
-        if any(o < end and offset < e and (w or write) for o, e, w in self._ranges):
+        lo, hi = self._span
+        if lo < end and offset < hi and any(o < end and offset < e and (w or write) for o, e, w in self._ranges):
             # NBD answers requests in flight in any order: a read or write overlapping a write still in
             # flight waits for it, so a batch keeps the ring's order as the raw file's preadv/pwritev do
             self.client.drain()
             self._ranges.clear()
+            lo, hi = end, offset
         self._ranges.append((offset, end, write))
+        self._span = (min(lo, offset), max(hi, end))   # sequential requests never reach the scan
         self._order.append(self.client.submit(Command.WRITE if write else Command.READ, offset, length, buffers))
 
     def results(self) -> list[int]:
         """Wait for every submitted request; 0 or an errno each, in submission order."""
         order, self._order = self._order, []
         self._ranges.clear()
+        self._span = (1 << 64, 0)
         return [self.client.wait(h) for h in order]
 
     def flush(self) -> None:
