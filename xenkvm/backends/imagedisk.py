@@ -76,6 +76,14 @@ def daemon_args(spec: DiskSpec, sock: Path) -> list[str]:
             "--nbd-server", json.dumps(server), "--export", json.dumps(export)]
 
 
+def _first_error(lines: list[str]) -> str:
+    """The daemon's first stderr line without its name and the option it echoes (``--blockdev {...}: ``)."""
+    if not lines:
+        return ""
+    line = lines[0].removeprefix(f"{DAEMON}: ")
+    return line.split("}: ", 1)[-1] if line.startswith("--") else line
+
+
 class ImageDisk:
     """A disk image served by its own qemu-storage-daemon over NBD."""
 
@@ -123,7 +131,7 @@ class ImageDisk:
             if self._proc.poll() is not None:
                 self._stderr.seek(0)
                 lines = self._stderr.read().decode(errors="replace").strip().splitlines()
-                raise OSError(errno.EIO, lines[0] if lines else f"exited with status {self._proc.returncode}")
+                raise OSError(errno.EIO, _first_error(lines) or f"exited with status {self._proc.returncode}")
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
                 s.connect(path)
