@@ -12,6 +12,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PKGS := gcc make libxen-dev xenstore-utils busybox-static cpio acpica-tools python3-venv qemu-system-x86
 # e2fsprogs: mke2fs -d builds the Debian guest's root file system image, debugfs/e2fsck check it.
 DEB_PKGS += e2fsprogs
+# qemu-system-common: qemu-storage-daemon serves non-raw disk images over NBD (backends/imagedisk.py);
+# qemu-utils: qemu-img makes and checks them in the tests and the benchmark.
+DEB_PKGS += qemu-system-common qemu-utils
 GUEST ?= guests/hello.yaml
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
@@ -33,7 +36,7 @@ $(CACHE)/deps.stamp: Makefile
 	@touch $@
 
 venv: $(VENV)/stamp
-$(VENV)/stamp: pyproject.toml setup.py xenkvm/_cffi_modules.py xenkvm/kvm/_build.py xenkvm/machine/boot/_abi_build.py xenkvm/xen/_abi_build.py xenkvm/backends/_blkif_build.py xenkvm/backends/_netif_build.py $(CACHE)/deps.stamp
+$(VENV)/stamp: pyproject.toml setup.py xenkvm/_cffi_modules.py xenkvm/kvm/_build.py xenkvm/machine/boot/_abi_build.py xenkvm/xen/_abi_build.py xenkvm/backends/_blkif_build.py xenkvm/backends/_netif_build.py xenkvm/backends/_nbd_build.py $(CACHE)/deps.stamp
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

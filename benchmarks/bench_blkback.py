@@ -72,16 +72,16 @@ class Marks(ConsoleLines):
             self._cur = None
 
 
-def run_backend(image: Path, reqs: int, mode: str, batch: int = 0) -> list[dict]:
+def run_backend(image: Path, reqs: int, mode: str, batch: int = 0, fmt: str = "raw") -> list[dict]:
     """One guest run; ``mode``: persistent (C fast path), map or copy (per-request grants, Python);
-    ``batch``: requests per kick (0: a full ring)."""
+    ``batch``: requests per kick (0: a full ring); ``fmt``: the image's format (bench_blkimage.py)."""
     kernel = ROOT / "guests" / "out" / "xen_blkfront.elf"
     extra = "" if mode == "persistent" else " xk.blk_bench_nopersist"
     extra += f" xk.blk_bench_batch={batch}" if batch else ""
     cfg = GuestConfig(name="bench-blkback", kernel=kernel,
                       cmdline=f"xk.trap=page xk.blk_bench xk.blk_bench_reqs={reqs}{extra}",
                       memory=64 << 20, vcpus=1, console="none", xen=XenConfig(),
-                      disks=(parse_disk(f"vdev=xvda, target={image}", image.parent),))
+                      disks=(parse_disk(f"format={fmt}, vdev=xvda, target={image}", image.parent),))
     marks = Marks()
     sink = ConsoleSink(None)
     sink.add_listener(marks.feed)

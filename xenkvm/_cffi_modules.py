@@ -17,6 +17,7 @@ CFFI_MODULES = [
     "xenkvm/xen/_abi_build.py:ffibuilder",
     "xenkvm/backends/_blkif_build.py:ffibuilder",
     "xenkvm/backends/_netif_build.py:ffibuilder",
+    "xenkvm/backends/_nbd_build.py:ffibuilder",
 ]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,9 @@ Both spellings users already have are accepted::
     root.img,raw,xvda,rw                                  # positional: target, format, vdev, access
     phy:/dev/vg/root,xvda,w                               # legacy positional: target, vdev, access
 
-Supported: ``format=raw``; ``access`` r/ro/w/rw; ``devtype`` disk/cdrom;
+Supported: ``format`` raw (served directly with preadv/pwritev) and qcow,
+qcow2, vhd, vmdk, qed, vdi (served by qemu-storage-daemon over NBD:
+backends/imagedisk.py); ``access`` r/ro/w/rw; ``devtype`` disk/cdrom;
 ``backendtype`` phy/qdisk/tap (all served by the same in-VMM backend);
 ``discard``/``no-discard``; vdevs ``xvdX``, ``hdX``, ``sdX`` (with partition
 numbers) or a bare number.  Every problem is a ConfigError naming the key.
@@ -24,6 +26,7 @@ from xenkvm.config import ConfigError
 
 KEYS = ("target", "format", "vdev", "access", "devtype", "backendtype", "discard", "no-discard",
         "direct-io-safe")
+FORMATS = ("raw", "qcow", "qcow2", "vhd", "vmdk", "qed", "vdi")
 _VDEV = re.compile(r"^(xvd|hd|sd)([a-z]+)(\d*)$")
 
 
@@ -97,7 +100,7 @@ def _split(text: str) -> tuple[dict[str, str], list[str]]:
 def _positional(keys: dict[str, str], items: list[str], text: str) -> None:
     if not items:
         return
-    if len(items) == 3 and not items[1].startswith(("raw", "qcow", "vhd")):
+    if len(items) == 3 and items[1] not in FORMATS:
         names = ("target", "vdev", "access")
     else:
         names = ("target", "format", "vdev", "access")
@@ -138,8 +141,8 @@ def parse_disk(text: object, base: Path) -> DiskSpec:
     if not keys.get("vdev"):
         raise ConfigError(f"disks: 'vdev' is required in {text!r}")
     fmt = keys.get("format", "raw") or "raw"
-    if fmt != "raw":
-        raise ConfigError(f"disks: format={fmt!r} is not supported (raw only) in {text!r}")
+    if fmt not in FORMATS:
+        raise ConfigError(f"disks: format={fmt!r} is not supported ({', '.join(FORMATS)}) in {text!r}")
     access = keys.get("access", "rw")
     if access not in ("r", "ro", "w", "rw"):
         raise ConfigError(f"disks: access={access!r}: expected r, ro, w or rw")

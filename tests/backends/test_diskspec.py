@@ -26,6 +26,14 @@ def test_positional_forms(img):
     assert (legacy.target, legacy.devid, legacy.readonly) == (img, 768, False)
 
 
+@pytest.mark.parametrize("fmt", ["qcow", "qcow2", "vhd", "vmdk", "qed", "vdi"])
+def test_image_formats(img, fmt):
+    """xl.cfg(5)'s format names (and QEMU's vmdk, vdi) in both spellings; served through qemu-storage-daemon."""
+    assert parse_disk(f"format={fmt}, vdev=xvda, target=root.img", img.parent).format == fmt
+    d = parse_disk(f"root.img,{fmt},xvdb,ro", img.parent)
+    assert (d.format, d.devid, d.readonly) == (fmt, 51728, True)
+
+
 def test_target_last_may_hold_commas(tmp_path):
     p = tmp_path / "a,b.img"
     p.write_bytes(bytes(4096))
@@ -48,7 +56,7 @@ def test_vdev_numbers(vdev, devid):
     ("vdev=xvda", "'target' is required"),
     ("target=root.img", "'vdev' is required"),
     ("vdev=xvda, colour=blue, target=root.img", "unknown key 'colour'"),
-    ("vdev=xvda, format=qcow2, target=root.img", "format='qcow2'"),
+    ("vdev=xvda, format=qcow3, target=root.img", "format='qcow3'"),
     ("vdev=xvda, access=rx, target=root.img", "access='rx'"),
     ("vdev=xvda, devtype=tape, target=root.img", "devtype='tape'"),
     ("vdev=floppy0, target=root.img", "vdev='floppy0'"),

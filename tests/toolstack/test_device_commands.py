@@ -104,7 +104,8 @@ def domains():
 
 BAD = [  # (command, arguments, what the one line says)
     ("block-attach", ["vdev=xvdb, target=/nonexistent/b.img"], "No such file"),
-    ("block-attach", ["format=qcow2, vdev=xvdb, target=b.img"], "not supported"),
+    ("block-attach", ["format=qcow3, vdev=xvdb, target=b.img"], "not supported"),
+    ("block-attach", ["format=qcow2, vdev=xvdb, target=b.img"], "qemu-storage-daemon: Image is not in qcow2 format"),
     ("block-attach", ["vdev=floppy, target=b.img"], "vdev='floppy'"),
     ("block-attach", ["vdev=xvda, target=b.img"], "already attached"),
     ("block-attach", ["vdev=xvdb, colour=blue, target=b.img"], "unknown key 'colour'"),

@@ -37,8 +37,19 @@ def _ioctl_int(fd: int, req: int, fmt: str) -> int:
     return struct.unpack(fmt, buf)[0]
 
 
+def open_disk(spec: DiskSpec):
+    """The I/O source of a vbd: a raw file or block device (``Disk``, served by preadv/pwritev, in C
+    when it can), or any other format through qemu-storage-daemon over NBD (imagedisk.py)."""
+    if spec.format == "raw":
+        return Disk(spec)
+    from .imagedisk import ImageDisk
+    return ImageDisk(spec)
+
+
 class Disk:
     """The host side: an open file or block device and its geometry."""
+
+    pipelined = False      #: each request completes before the next (ImageDisk keeps several in flight)
 
     def __init__(self, spec: DiskSpec):
         flags = (os.O_RDONLY if spec.readonly else os.O_RDWR) | os.O_CLOEXEC
@@ -63,6 +74,10 @@ class Disk:
         rc = lib.xkb_punch_hole(self.fd, offset, length)
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
+
+    def flush(self) -> None:
+        """What was written is on the medium (OSError if not)."""
+        os.fdatasync(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -37,7 +37,7 @@ from xenkvm.xen.gnttab import GrantError
 
 from ._blkif_cffi import ffi, lib
 from .latency import EventLatency
-from .blkring import MAX_QUEUES, MAX_RING_PAGE_ORDER, PAGE, SECTOR, BlkifRing, Disk, open_rings
+from .blkring import MAX_QUEUES, MAX_RING_PAGE_ORDER, PAGE, SECTOR, BlkifRing, open_disk, open_rings
 from .xenbus import XenbusDevice
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ OP_DISCARD, OP_INDIRECT = lib.BLKIF_OP_DISCARD, lib.BLKIF_OP_INDIRECT
 MAX_INDIRECT_SEGS = lib.XKB_MAX_INDIRECT   #: feature-max-indirect-segments (Linux blkback's 256)
 SEGS_PER_INDIRECT_PAGE = PAGE // ffi.sizeof("struct blkif_request_segment")
 MAX_SEGS = lib.BLKIF_MAX_SEGMENTS_PER_REQUEST
+PENDING = -0x8000   #: _io's status for a request handed to a pipelined disk, answered in _complete
 LATENCY_LOG_NS = 5_000_000_000   #: while busy, log the event-path latencies this often (at -v)
 
 
@@ -60,7 +61,9 @@ class BlockDevice(XenbusDevice):
     def __init__(self, spec: DiskSpec):
         super().__init__(spec.devid, spec.vdev)
         self.spec = spec
-        self.disk = Disk(spec)
+        self.disk = open_disk(spec)
+        self._pending: list = []    #: responses of the requests a pipelined disk still has in flight
+        self._rsp = None            #: the response of the request being served
         self.rings: list[BlkifRing] = []
         self.ring: BlkifRing | None = None      #: the ring being served (its grants serve the Python path)
         self.stats = {"requests": 0, "errors": 0, "kicks": 0, "busy_ns": 0}
@@ -82,7 +85,8 @@ class BlockDevice(XenbusDevice):
     def backend_keys(self) -> dict[str, str]:
         d, s = self.disk, self.spec
         info = (lib.VDISK_READONLY if s.readonly else 0) | (lib.VDISK_CDROM if s.cdrom else 0)
-        return {"dev": s.vdev, "type": "phy", "params": str(s.target), "mode": "r" if s.readonly else "w",
+        return {"dev": s.vdev, "type": "phy" if s.format == "raw" else "qdisk", "params": str(s.target),
+                "mode": "r" if s.readonly else "w",
                 "device-type": "cdrom" if s.cdrom else "disk", "removable": "0", "bootable": "1",
                 "sectors": str(d.sectors), "sector-size": str(d.sector_size),
                 "physical-sector-size": str(d.physical_sector_size), "info": str(info),
@@ -163,11 +167,17 @@ class BlockDevice(XenbusDevice):
                 continue
             d = self.disk
             g = ring.segments
-            nslow = lib.xkb_serve(d.fd, d.sectors, self.spec.readonly, g.rw_table, g.ro_table, g.table_size,
-                                  ring.reqs, ring.rsps, n, ring.slow)
+            if d.pipelined:        # an image over NBD: every request here, reads and writes kept in flight
+                nslow, slow, g.hold = n, range(n), True
+            else:
+                nslow = lib.xkb_serve(d.fd, d.sectors, self.spec.readonly, g.rw_table, g.ro_table,
+                                      g.table_size, ring.reqs, ring.rsps, n, ring.slow)
+                slow = ring.slow
             for k in range(nslow):
-                i = ring.slow[k]
+                i = slow[k]
                 self._serve(ring.reqs[i], ring.rsps[i])
+            if d.pipelined:
+                self._complete(final=True)
             self.stats["requests"] += n
             if lib.xkb_push(ring.pages, ring.nr_ents, ring.rsp_prod, ring.rsps, n):
                 t = time.perf_counter_ns()
@@ -180,7 +190,11 @@ class BlockDevice(XenbusDevice):
         if req.operation == OP_INDIRECT:
             rsp.operation = ffi.cast("struct blkif_request_indirect *", ffi.addressof(req)).indirect_op
         op = self._ops.get(req.operation)
+        self._rsp = rsp
         status = EOPNOTSUPP if op is None else op(req)
+        if status == PENDING:
+            self._pending.append(rsp)
+            return
         rsp.status = status
         if status != OKAY:
             self.stats["errors"] += 1
@@ -191,10 +205,26 @@ class BlockDevice(XenbusDevice):
     def _write(self, req) -> int:
         return ERROR if self.spec.readonly else self._rw(req, True)
 
+    def _complete(self, final: bool = False) -> None:
+        """Wait for the pipelined disk's requests in flight and answer them; then unmap their pages
+        (``final``: the batch is over, per-request pages are unmapped as each request ends again)."""
+        statuses = self.disk.results() if self._pending else []
+        for rsp, err in zip(self._pending, statuses):
+            rsp.status = OKAY if err == 0 else ERROR
+            if err:
+                self.stats["errors"] += 1
+        self._pending.clear()
+        segments = self.ring.segments
+        segments.hold = False
+        segments.done()
+        segments.hold = not final
+
     def _flush(self, req) -> int:
         """"Commit any uncommitted contents of the backing device's volatile write cache"."""
+        if self._pending:
+            self._complete()      # NBD may reorder what is in flight: the flush covers what completed
         try:
-            os.fdatasync(self.disk.fd)
+            self.disk.flush()
         except OSError as e:
             log.warning("%s: flush: %s", self.backend.label, e.strerror)
             return ERROR
@@ -206,8 +236,15 @@ class BlockDevice(XenbusDevice):
             return ERROR
         if req.nr_segments == 0:
             return self._flush(req)
-        status = self._flush(req)
-        return self._flush(req) if status == OKAY and self._rw(req, True) == OKAY else ERROR
+        rsp = self._rsp
+        if self._flush(req) != OKAY:
+            return ERROR
+        status = self._rw(req, True)
+        if status == PENDING:
+            self._pending.append(rsp)
+            self._complete()
+            status = rsp.status
+        return self._flush(req) if status == OKAY else ERROR
 
     def _discard(self, req) -> int:
         """DISCARD of ``nr_sectors`` from ``sector_number``; "discard-secure" is 0, so the flag is ignored."""
@@ -217,6 +254,8 @@ class BlockDevice(XenbusDevice):
             return ERROR
         if count == 0:
             return OKAY
+        if self._pending:
+            self._complete()
         try:
             self.disk.discard(first * SECTOR, count * SECTOR)
         except OSError as e:
@@ -263,13 +302,17 @@ class BlockDevice(XenbusDevice):
             total += last - first + 1
         if sector + total > self.disk.sectors:
             return ERROR
-        if self.grant_copy and not self.ring.segments.persistent:
+        if self.grant_copy and not self.ring.segments.persistent and not self.disk.pipelined:
             return self._io_copy(segs, sector, total * SECTOR, write)
         mapper = self.ring.segments
         iov = []
         try:
             for gref, first, last in segs:
                 iov.append(mapper.view(gref, not write)[first * SECTOR:(last + 1) * SECTOR])
+            if self.disk.pipelined:
+                self.disk.submit(write, iov, sector * SECTOR)    # the disk releases the views when done
+                iov = []
+                return PENDING
             fd, offset = self.disk.fd, sector * SECTOR
             done = os.pwritev(fd, iov, offset) if write else os.preadv(fd, iov, offset)
             return OKAY if done == total * SECTOR else ERROR

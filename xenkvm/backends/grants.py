@@ -35,6 +35,8 @@ class SegmentMapper:
         self.limit = limit
         self.kept: dict[int, object] = {}     #: gref -> GrantMapping (persistent)
         self._temp: list = []
+        #: requests still in flight use the per-request pages (an NBD-served image): ``done`` does nothing until it is cleared
+        self.hold = False
         #: 2 x 512 KiB with persistent grants; without, one empty slot (every request takes the slow path)
         self.table_size = lib.XKB_TABLE_SIZE if persistent else 1
         self.rw_table = ffi.new("char *[]", self.table_size)
@@ -72,7 +74,9 @@ class SegmentMapper:
         return m
 
     def done(self) -> None:
-        """The request completed: unmap its per-request pages."""
+        """The request completed: unmap its per-request pages (unless held for requests in flight)."""
+        if self.hold:
+            return
         for m in self._temp:
             m.unmap()
         self._temp.clear()
