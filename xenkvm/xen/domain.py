@@ -98,6 +98,8 @@ class VcpuState:
     runstate_entry_ns: int = 0
     runstate_times: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     up: bool = False
+    #: VCPUOP_down: descheduled (parked on its own thread) until VCPUOP_up (Xen's _VPF_down)
+    down: bool = False
 
 
 class XenDomain(MachineExtension):
@@ -115,6 +117,8 @@ class XenDomain(MachineExtension):
         self.lock = threading.RLock()
         self.vcpus = [VcpuState(i) for i in range(len(machine.vcpus))]
         self.vcpus[0].up = True
+        #: a downed vCPU waits on this until VCPUOP_up clears its ``down`` (hypercalls/vcpu.py)
+        self.vcpu_wake = threading.Condition()
         self.params: dict[int, int] = {}
         self.vm_assists = 0
         self.shutdown_code: int | None = None

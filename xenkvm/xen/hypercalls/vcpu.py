@@ -1,4 +1,4 @@
-"""vcpu_op: where a vCPU's vcpu_info, runstate and time areas live, and whether it is up.
+"""vcpu_op: where a vCPU's vcpu_info, runstate and time areas live, and whether it is up or down.
 
 ``vcpu_op(cmd, vcpuid, arg)``: the target is explicit (the BSP registers for
 APs, linux.md 2.1).  The timer sub-ops and ``set_timer_op`` are decoded here
@@ -78,12 +78,52 @@ def get_runstate_info(call: Call, vcpuid: int) -> int:
 
 
 def is_up(call: Call, vcpuid: int) -> int:
-    return 1 if call.domain.vcpu_state(target(call, vcpuid)).up else 0
+    state = call.domain.vcpu_state(target(call, vcpuid))
+    return 1 if state.up and not state.down else 0
 
 
 def not_for_hvm(call: Call, vcpuid: int) -> int:
     target(call, vcpuid)
-    raise einval("HVM vCPUs are started with INIT/SIPI, not VCPUOP_initialise/up/down")
+    raise einval("HVM vCPUs are started with INIT/SIPI, not VCPUOP_initialise")
+
+
+def vcpu_down(call: Call, vcpuid: int) -> int:
+    """VCPUOP_down: the vCPU stops running until VCPUOP_up (Xen sets _VPF_down and deschedules
+    it; the guest's own vCPU included).  Linux's resume path (xen_vcpu_restore) takes every
+    other online vCPU down, re-registers its vcpu_info and runstate, and brings it up again;
+    Xen answers 0, and anything else is a BUG() there.  The vCPU parks on its own thread at
+    its next exit.  A vCPU never started (an AP before its INIT/SIPI) is down already."""
+    v = target(call, vcpuid)
+    d = call.domain
+    state = d.vcpu_state(v)
+    with d.vcpu_wake:
+        if not state.up or state.down:
+            return 0
+        state.down = True
+    d.machine.run_on_vcpu(v, lambda _vcpu: stay_down(d, v))
+    return 0
+
+
+def stay_down(d, vcpu_id: int) -> None:
+    """On vCPU ``vcpu_id``'s thread: wait while it is down (the machine stopping ends the wait)."""
+    state = d.vcpu_state(vcpu_id)
+    with d.vcpu_wake:
+        while state.down and not d.machine.stopping:
+            d.vcpu_wake.wait(0.2)
+
+
+def vcpu_up(call: Call, vcpuid: int) -> int:
+    """VCPUOP_up: a downed vCPU runs again; one that is up already stays so (0).  An HVM vCPU
+    that was never started has no context to run (Xen: not initialised): -EINVAL."""
+    v = target(call, vcpuid)
+    d = call.domain
+    state = d.vcpu_state(v)
+    if not state.up:
+        raise einval(f"vcpu {v} was never started (HVM vCPUs start with INIT/SIPI)")
+    with d.vcpu_wake:
+        state.down = False
+        d.vcpu_wake.notify_all()
+    return 0
 
 
 # -- timers (the state and its rules: xen/timers.py) ---------------------------
@@ -151,7 +191,7 @@ SUBOPS = {VcpuOp.register_vcpu_info: register_vcpu_info,
           VcpuOp.register_runstate_memory_area: register_runstate,
           VcpuOp.register_vcpu_time_memory_area: register_time_area,
           VcpuOp.get_runstate_info: get_runstate_info, VcpuOp.is_up: is_up,
-          VcpuOp.initialise: not_for_hvm, VcpuOp.up: not_for_hvm, VcpuOp.down: not_for_hvm,
+          VcpuOp.initialise: not_for_hvm, VcpuOp.up: vcpu_up, VcpuOp.down: vcpu_down,
           VcpuOp.set_singleshot_timer: set_singleshot_timer,
           VcpuOp.stop_singleshot_timer: stop_singleshot_timer,
           VcpuOp.set_periodic_timer: set_periodic_timer,
