@@ -307,9 +307,13 @@ class Machine:
                 done(outcome)
         threading.Thread(target=finish, name="snapshot", daemon=True).start()
 
-    def snapshot_on_port(self, port: int, path: str) -> None:
-        """Tests: a guest write to ``port`` takes a snapshot to ``path`` at that instruction."""
-        self.register_port_hook(port, lambda vcpu: self.request_snapshot(path))
+    def snapshot_on_port(self, port: int, path: str, stop: bool = False) -> None:
+        """Tests: a guest write to ``port`` takes a snapshot to ``path`` at that instruction;
+        ``stop``: the machine stops once the files are written, before any vCPU runs again (as
+        ``save`` does: a guest with disks must not write them after their identity is saved)."""
+        def saved() -> None:
+            self.stop(ExitStatus.INTERRUPTED, f"saved to {path}")
+        self.register_port_hook(port, lambda vcpu: self.request_snapshot(path, on_saved=saved if stop else None))
 
     def apply_snapshot(self, loaded: "snap.Loaded") -> None:
         """Load a snapshot's state into this machine (built with ``snapshot=loaded``, not run).
