@@ -168,3 +168,100 @@ def test_damaged_backend_section_refused_with_one_line(blk, what, change, expect
     r = _run("--restore", str(bad), "--disk-copy", str(d), sock=tmp / f"bad-{what}.sock")
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.count("\n") == 1 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# -- a vif: the tap re-created ----------------------------------------------------------------
+needs_tap = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+                               reason="needs root and /dev/net/tun for a tap and a packet socket")
+NET_MAC = "00:16:3e:0a:0b:0d"
+NET_AFTER = ("PASS snap.inflight_tx_answered", "PASS snap.arp_after", "PASS snap.icmp_after", "PASS snap.tx_after",
+             "NET-DONE")
+
+
+def _peer(name: str):
+    from netpeer import Peer
+    p = Peer(name, bytes.fromhex(NET_MAC.replace(":", "")))
+    p.start()
+    return p
+
+
+def _stop(peer) -> None:
+    peer.stop.set()
+    peer.join(10)
+
+
+def _peer_answered(peer) -> None:
+    import netpeer
+    frames = [f for _h, f in peer.frames]
+    assert not peer.errors, peer.errors
+    assert netpeer.arp_request(peer.mac) in frames and netpeer.icmp_echo(peer.mac) in frames
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory) -> tuple[Path, Path, str]:
+    subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
+    tmp = tmp_path_factory.mktemp("netsnap")
+    tap = f"xks{os.getpid() % 100000}"
+    y = tmp / "guest.yaml"
+    y.write_text(f"name: net-snap\nkernel: {GUESTS / 'out' / 'xen_netfront.elf'}\n"
+                 "cmdline: \"xk.trap=page xk.net_snapshot\"\nmemory: 64M\nvcpus: 1\n"
+                 f"xen:\n  domid: 1\n  hypercall_trap: auto\nvifs:\n  - \"mac={NET_MAC}, vifname={tap}\"\n")
+    path = tmp / "net.snap"
+    peer = _peer(tap)
+    try:
+        r = _run(str(y), "--snapshot-on-port", str(path), "--stop-after-snapshot", sock=tmp / "xs.sock")
+    finally:
+        _stop(peer)
+    assert r.returncode == 130 and "PASS snap.arp_before" in r.stdout and "FAIL" not in r.stdout, r.stdout + r.stderr
+    assert not os.path.exists(f"/sys/class/net/{tap}")          # the tap went with the stopped VMM
+    return path, tmp, tap
+
+
+def _net_resumed(r_out: str, r_err: str, rc: int) -> None:
+    context = f"\n--- stdout ---\n{r_out[-4000:]}\n--- stderr ---\n{r_err[-3000:]}"
+    assert rc == 0 and r_out.startswith("after snapshot") and "FAIL" not in r_out, context
+    assert all(a in r_out for a in NET_AFTER), context
+
+
+@needs_tap
+def test_net_restored_three_times_in_a_row_on_a_recreated_tap(net):
+    path, tmp, tap = net
+    for i in range(3):
+        peer = _peer(tap)            # the restore builds the tap under its saved name (free again)
+        try:
+            r = _run("--restore", str(path), sock=tmp / f"seq{i}.sock")
+        finally:
+            _stop(peer)
+        _net_resumed(r.stdout, r.stderr, r.returncode)
+        _peer_answered(peer)
+        assert not os.path.exists(f"/sys/class/net/{tap}")
+
+
+@needs_tap
+def test_net_restored_twice_in_parallel_on_renamed_taps(net):
+    """The saved tap name is taken (the test holds a tap of that name), so both restores fall
+    back to vif1.0-r1 and vif1.0-r2 (logged), never sharing one; each talks to its own peer."""
+    from xenkvm.backends.tap import Tap
+    path, tmp, tap = net
+    names = ["vif1.0-r1", "vif1.0-r2"]
+    holder = Tap(tap)
+    peers = [_peer(n) for n in names]
+    try:
+        procs = [subprocess.Popen(_cmd("--restore", str(path), sock=tmp / f"par{i}.sock"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=ROOT) for i in range(2)]
+        try:
+            outs = [p.communicate(timeout=300) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+    finally:
+        for p in peers:
+            _stop(p)
+        holder.close()
+    for (out, err), p in zip(outs, procs):
+        _net_resumed(out, err, p.returncode)
+    used = sorted(n for n in names for _out, err in outs if f"tap {tap} is taken; the restored vif uses {n}" in err)
+    assert used == names, [err for _o, err in outs]
+    for p in peers:
+        _peer_answered(p)

@@ -172,16 +172,27 @@ def _spec(doc: dict[str, Any]):
     return spec
 
 
-def free_ifname(wanted: str, devid: int, domid: int) -> str:
-    """``wanted`` if no interface has that name, else the first free ``vif<domid>.<devid>-rN``."""
-    if not os.path.exists(f"/sys/class/net/{wanted}"):
-        return wanted
-    for n in range(1, 1000):
-        name = f"vif{domid}.{devid}-r{n}"[:IFNAMSIZ]
-        if not os.path.exists(f"/sys/class/net/{name}"):
-            log.warning("vif %d: tap %s is taken; the restored vif uses %s", devid, wanted, name)
-            return name
-    raise SnapshotError(f"vif {devid}: no free interface name for the restored tap")
+def ifnames(wanted: str, devid: int, domid: int):
+    """The names a restored vif's tap tries in turn: the saved one, then ``vif<domid>.<devid>-rN``."""
+    yield wanted
+    for n in range(1, 100):
+        yield f"vif{domid}.{devid}-r{n}"[:IFNAMSIZ]
+
+
+def _vif_device(mgr: "DeviceManager", spec: VifSpec, wanted: str):
+    """The vif with a new tap: under ``wanted`` if free, else the first free fallback (logged).
+    The tap is created exclusively, so parallel restores of one snapshot never share one."""
+    from .net import VifDevice
+    from .tap import TapExists
+    for name in ifnames(wanted, spec.devid, mgr.domain.domid):
+        try:
+            dev = VifDevice(dataclasses.replace(spec, vifname=name), mgr.domain.domid)
+        except TapExists:
+            continue
+        if name != wanted:
+            log.warning("vif %d: tap %s is taken; the restored vif uses %s", spec.devid, wanted, name)
+        return dev
+    raise SnapshotError(f"vif {spec.devid}: no free interface name for the restored tap")
 
 
 def _host_spec(mgr: "DeviceManager", doc: dict[str, Any], spec, disk_copy: str | None):
@@ -193,13 +204,17 @@ def _host_spec(mgr: "DeviceManager", doc: dict[str, Any], spec, disk_copy: str |
         check_disk(saved, spec.vdev)
         if disk_copy and not spec.readonly:
             spec = dataclasses.replace(spec, target=Path(copy_disk(str(spec.target), disk_copy, spec.vdev)))
-    elif isinstance(spec, VifSpec):
-        saved_name = doc["backend"]["device"]["tap"] if doc["backend"]["connected"] else None
-        wanted = saved_name or spec.vifname or f"vif{mgr.domain.domid}.{spec.devid}"
-        if not isinstance(wanted, str) or not wanted or len(wanted) > IFNAMSIZ or "/" in wanted:
-            raise ValueError(f"vif {spec.devid}: tap name {wanted!r}")
-        spec = dataclasses.replace(spec, vifname=free_ifname(wanted, spec.devid, mgr.domain.domid))
     return spec
+
+
+def _device(mgr: "DeviceManager", doc: dict[str, Any], spec):
+    """The device for a re-attach (a vif's tap named as saved if free)."""
+    if not isinstance(spec, VifSpec):
+        return mgr._device(spec)
+    wanted = doc["backend"]["device"].get("tap") or spec.vifname or f"vif{mgr.domain.domid}.{spec.devid}"
+    if not isinstance(wanted, str) or len(wanted) > IFNAMSIZ or "/" in wanted:
+        raise ValueError(f"vif {spec.devid}: tap name {wanted!r}")
+    return _vif_device(mgr, spec, wanted)
 
 
 def restore(mgr: "DeviceManager", st: dict[str, Any] | None, disk_copy: str | None = None) -> dict[str, Any]:
@@ -221,7 +236,7 @@ def restore(mgr: "DeviceManager", st: dict[str, Any] | None, disk_copy: str | No
             if fresh:
                 mgr.attach(spec)         # a new domain: a new device, the frontend reconnects
             else:
-                _reattach(mgr, spec, doc["backend"])
+                _reattach(mgr, _device(mgr, doc, spec), doc["backend"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SnapshotError(f"dom{mgr.domain.domid}: PV backends' state not accepted: {e!r}"[:300]) from None
     except ConfigError as e:       # DeviceError, TapError: the host cannot give the device back
@@ -229,8 +244,7 @@ def restore(mgr: "DeviceManager", st: dict[str, Any] | None, disk_copy: str | No
     return targets
 
 
-def _reattach(mgr: "DeviceManager", spec, saved: dict[str, Any]) -> None:
-    device = mgr._device(spec)
+def _reattach(mgr: "DeviceManager", device, saved: dict[str, Any]) -> None:
     key = (device.type, device.devid)
     if key in mgr.backends:
         device.close()
