@@ -32,6 +32,10 @@
  * in each restore) the two responses are collected, new writes (one, then a batch of eight)
  * go in and every range reads back (tests/backends/test_snapshot_backends.py).
  *
+ * xk.blk_managed: disk 0 connected, then forever: a sector range written and read back, and
+ * "BLK-TICK n ok" (or BAD) every ~20 ms (tests/toolstack/test_managed_snapshot.py saves and
+ * restores it as a managed domain).
+ *
  * xk.blk_durable: write 64 sectors at 4096 (seed 3), flush, print
  * BLK-FLUSHED, wait: the host kills the VMM and finds the data in the image.
  *
@@ -541,6 +545,32 @@ static void snapshot_run(struct vbd *d)
     check(xen_ports[d->port].count > 0, "snap.notified", "no event on port %u", d->port);
 }
 
+/* ---- managed: write and read back a sector range every ~20 ms, forever ------------------- */
+static void managed_loop(struct vbd *d)
+{
+    connect_persistent = true;
+    if (!check(connect(0, 1, false), "managed.connected", "handshake failed"))
+        return;
+    puts("BLK-UP");
+    for (unsigned n = 0;; n++) {
+        uint64_t sector = 16 + (n % 64) * 8;
+        unsigned seed = n & 0xff;
+        fill(data[0], sector, 8, seed);
+        grant(REF_DATA(0), data[0], true);
+        blkif_request_t *q = next_req(d, BLKIF_OP_WRITE, sector);
+        seg(q, REF_DATA(0), 0, 7);
+        int16_t w = one(d, q);
+        memset(rdata[0], 0, XEN_PAGE);
+        grant(REF_RDATA(0), rdata[0], false);
+        q = next_req(d, BLKIF_OP_READ, sector);
+        seg(q, REF_RDATA(0), 0, 7);
+        int16_t rd = one(d, q);
+        bool ok = w == BLKIF_RSP_OKAY && rd == BLKIF_RSP_OKAY && same(rdata[0], sector, 8, seed);
+        printf("BLK-TICK %u %s\n", n, ok ? "ok" : "BAD");
+        xen_delay_ns(20 * MS);
+    }
+}
+
 int main(const struct hvm_start_info *si)
 {
     (void)si;
@@ -557,6 +587,11 @@ int main(const struct hvm_start_info *si)
     if (xk_cmdline_has("xk.blk_durable")) {
         if (check(find_disks() && ndisks >= 1, "blk.found_vbd", "%u", ndisks))
             durable(&disks[0]);
+        return 0;
+    }
+    if (xk_cmdline_has("xk.blk_managed")) {
+        if (check(find_disks() && ndisks >= 1, "blk.found_vbd", "%u", ndisks))
+            managed_loop(&disks[0]);
         return 0;
     }
     if (xk_cmdline_has("xk.blk_snapshot")) {
