@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import subprocess
 import sys
+import time
+import tty
 from pathlib import Path
 
 import pytest
@@ -265,3 +268,57 @@ def test_net_restored_twice_in_parallel_on_renamed_taps(net):
     assert used == names, [err for _o, err in outs]
     for p in peers:
         _peer_answered(p)
+
+
+# -- extra consoles: a new pty ---------------------------------------------------------------------
+TTY = re.compile(r"console 1: (/dev/pts/\d+)")
+
+
+def _read_until(fd: int, needle: bytes, seconds: float = 120) -> bytes:
+    got, end = b"", time.monotonic() + seconds
+    while needle not in got and time.monotonic() < end:
+        if select.select([fd], [], [], 0.5)[0]:
+            got += os.read(fd, 4096)
+    return got
+
+
+def test_consoles_restored_on_a_new_pty(tmp_path):
+    """Console 1 is a pty: the restore opens a new one and logs its path, as at start; the guest
+    writes to it and answers a line typed there.  Console 2 is a file: it goes on appending."""
+    subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
+    log = tmp_path / "c2.log"
+    y = tmp_path / "g.yaml"
+    y.write_text(f'kernel: {GUESTS / "out/xen_pvconsoles.elf"}\ncmdline: "xk.trap=page xk.cons_snapshot"\n'
+                 f'memory: 64M\nxen: {{domid: 1}}\nconsoles: [{{backend: pty}}, "backend=file, path={log}"]\n')
+    path = tmp_path / "c.snap"
+    r = _run(str(y), "--snapshot-on-port", str(path), "--stop-after-snapshot", sock=tmp_path / "a.sock")
+    assert r.returncode == 130 and "before snapshot" in r.stdout, r.stdout + r.stderr
+    first = TTY.search(r.stderr)
+    assert first, r.stderr
+    p = subprocess.Popen(_cmd("--restore", str(path), sock=tmp_path / "b.sock"), cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        lines = []
+        for _ in range(50):             # the new pty's line is logged when the device is re-created
+            lines.append(p.stderr.readline().decode())
+            m = TTY.search(lines[-1])
+            if m or not lines[-1]:
+                break
+        assert m, "".join(lines)
+        fd = os.open(m.group(1), os.O_RDWR | os.O_NOCTTY)
+        tty.setraw(fd)
+        try:
+            assert b"console 1 after the snapshot\r\n" in _read_until(fd, b"console 1 after the snapshot\r\n")
+            os.write(fd, b"ping\n")
+            assert b"pong: ping\r\n" in _read_until(fd, b"pong: ping\r\n")
+        finally:
+            os.close(fd)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    out, err = out.decode(errors="replace"), err.decode(errors="replace")
+    assert p.returncode == 0 and out.startswith("after snapshot") and "CONS-DONE" in out, out + err
+    assert "FAIL" not in out and "Traceback" not in err, out + err
+    assert log.read_bytes() == b"before\nafter\n"
