@@ -127,7 +127,7 @@ def test_save_and_restore_a_domain_with_a_disk(run_dir, tmp_path):
     con.read_until(rb"^BLK-TICK %d ok$" % (last + 5))
     ticks = BLK_TICK.findall(con.out)
     assert all(ok == b"ok" for _n, ok in ticks) and b"BLK-UP" not in con.out, con.out[-2000:]
-    assert int(ticks[0][0]) <= last + 1                     # went on where it was saved
+    assert int(ticks[0][0]) > last                          # went on where it was saved (not from 0)
     con.close()
     assert xenkvm(run_dir, "destroy", "managed-blk").returncode == 0
     assert disk.read_bytes() != saved                         # the restored domain wrote the disk
