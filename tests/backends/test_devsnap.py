@@ -7,11 +7,14 @@ import os
 from types import SimpleNamespace
 
 import pytest
-from test_xenbus import BE, FE, RecordingDevice, be_state, frontend_goes, rig, until  # noqa: F401
+import test_xenbus
+from test_xenbus import FE, RecordingDevice, be_state, frontend_goes, until
 
 from xenkvm.backends import snapshot as devsnap
 from xenkvm.backends.xenbus import XenbusBackend, XenbusState
 from xenkvm.machine.snapshot.format import SnapshotError
+
+rig = test_xenbus.rig          # the store, a dom0 and a guest connection (a fixture)
 
 
 class Restorable(RecordingDevice):
@@ -26,7 +29,7 @@ class Restorable(RecordingDevice):
             self.connect(frontend)
 
 
-def _connected(rig) -> XenbusBackend:  # noqa: F811
+def _connected(rig) -> XenbusBackend:
     b = rig.make(Restorable())
     rig.guest.write(f"{FE}/ring-ref", "8")
     frontend_goes(rig, XenbusState.INITIALISED)
@@ -35,7 +38,7 @@ def _connected(rig) -> XenbusBackend:  # noqa: F811
     return b
 
 
-def test_a_parked_worker_serves_nothing_until_unparked(rig):  # noqa: F811
+def test_a_parked_worker_serves_nothing_until_unparked(rig):
     b = _connected(rig)
     until(lambda: "service" in b.device.calls, "the kick after connecting")
     b.device.calls.clear()
@@ -46,7 +49,7 @@ def test_a_parked_worker_serves_nothing_until_unparked(rig):  # noqa: F811
     until(lambda: "service" in b.device.calls, "served after unpark")
 
 
-def test_restore_reattaches_without_a_handshake(rig):  # noqa: F811
+def test_restore_reattaches_without_a_handshake(rig):
     b = _connected(rig)
     assert b.park(10)
     st = b.save_state()
@@ -68,7 +71,7 @@ def test_restore_reattaches_without_a_handshake(rig):  # noqa: F811
     again.removed.wait(5)
 
 
-def test_restore_refuses_frontend_keys_that_are_not_strings(rig):  # noqa: F811
+def test_restore_refuses_frontend_keys_that_are_not_strings(rig):
     b = _connected(rig)
     st = {**b.save_state(), "frontend": {"ring-ref": 8}}
     with pytest.raises(ValueError, match="not strings"):
