@@ -41,6 +41,9 @@ class DeviceManager(MachineExtension):
         self.backends: dict[tuple[str, int], XenbusBackend] = {}
         self._lock = threading.Lock()
         self.parked: list[XenbusBackend] = []      #: snapshots: the backends held still
+        #: held by a snapshot from begin to end, and by ``attach``: a hot-plug waits for a
+        #: snapshot (and a snapshot for a hot-plug), so a device is either in it whole or not at all
+        self._snapshotting = threading.Lock()
         #: restores: a directory each writable disk is copied into first (``restore --disk-copy``)
         self.disk_copy: str | None = None
         #: restores: {vdev: the file the restored disk runs on}
@@ -61,6 +64,10 @@ class DeviceManager(MachineExtension):
 
     def attach(self, spec: DiskSpec | VifSpec | ConsoleSpec | XenbusDevice) -> XenbusBackend:
         """Plug a device in (a DiskSpec, or a ready XenbusDevice); DeviceError if it cannot be."""
+        with self._snapshotting:
+            return self._attach(spec)
+
+    def _attach(self, spec: DiskSpec | VifSpec | ConsoleSpec | XenbusDevice) -> XenbusBackend:
         device = self._device(spec)
         key = (device.type, device.devid)
         with self._lock:
@@ -113,10 +120,18 @@ class DeviceManager(MachineExtension):
     def snapshot_begin(self) -> None:
         """Every vCPU parked: stop each backend between two requests (before the Xen domain
         takes its lock, which their workers need to notify)."""
-        devsnap.park(self)
+        self._snapshotting.acquire()
+        try:
+            devsnap.park(self)
+        except BaseException:
+            self._snapshotting.release()
+            raise
 
     def snapshot_end(self) -> None:
-        devsnap.unpark(self)
+        try:
+            devsnap.unpark(self)
+        finally:
+            self._snapshotting.release()
 
     def save_state(self) -> dict:
         return devsnap.save(self)
