@@ -26,6 +26,16 @@
  * the guest connects and reads it, then the host unplugs it: Closing with
  * online = 0, the guest closes, both nodes disappear, xvda keeps working.
  *
+ * xk.blk_snapshot: disk 0 on a two-page ring with persistent grants: a write, then a write
+ * and a read pushed and notified but not waited for, and a snapshot asked for at once (port
+ * XK_SNAPSHOT_PORT: `xenkvm run --snapshot-on-port`); "after snapshot" (in the original run and
+ * in each restore) the two responses are collected, new writes (one, then a batch of eight)
+ * go in and every range reads back (tests/backends/test_snapshot_backends.py).
+ *
+ * xk.blk_managed: disk 0 connected, then forever: a sector range written and read back, and
+ * "BLK-TICK n ok" (or BAD) every ~20 ms (tests/toolstack/test_managed_snapshot.py saves and
+ * restores it as a managed domain).
+ *
  * xk.blk_durable: write 64 sectors at 4096 (seed 3), flush, print
  * BLK-FLUSHED, wait: the host kills the VMM and finds the data in the image.
  *
@@ -461,6 +471,105 @@ static void durable(struct vbd *d)
     xen_delay_ns(120 * SEC);   /* the host kills us meanwhile */
 }
 
+/* ---- snapshot: requests in flight across a snapshot, then more I/O on the restored disk -- */
+static void snapshot_run(struct vbd *d)
+{
+    connect_persistent = true;
+    if (!check(connect(0, 2, false), "snap.connected", "two-page ring, persistent grants"))
+        return;
+    for (unsigned i = 0; i < 2; i++) {
+        fill(data[i], 1024 + i * 8, 8, 5);
+        grant(REF_DATA(i), data[i], true);
+    }
+    blkif_request_t *q = next_req(d, BLKIF_OP_WRITE, 1024);
+    seg(q, REF_DATA(0), 0, 7);
+    seg(q, REF_DATA(1), 0, 7);
+    int16_t st = one(d, q);
+    check(st == BLKIF_RSP_OKAY, "snap.write_before", "status %d", st);
+    /* in flight: a write (seed 6 at 2048) and a read of 1024, pushed and notified, not waited for */
+    fill(data[2], 2048, 8, 6);
+    grant(REF_DATA(2), data[2], true);
+    q = next_req(d, BLKIF_OP_WRITE, 2048);
+    seg(q, REF_DATA(2), 0, 7);
+    memset(rdata[0], 0, XEN_PAGE);
+    grant(REF_RDATA(0), rdata[0], false);
+    q = next_req(d, BLKIF_OP_READ, 1024);
+    seg(q, REF_RDATA(0), 0, 7);
+    int notify;
+    RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&d->ring, notify);
+    if (notify)
+        xen_evtchn_send(d->port);
+    puts("before snapshot");
+    outb(XK_SNAPSHOT_PORT, 1);
+    puts("after snapshot");
+    int16_t two[2] = {99, 99};
+    bool got = submit(d, 2, two);      /* nothing new to push: collects the in-flight responses */
+    check(got && two[0] == BLKIF_RSP_OKAY && two[1] == BLKIF_RSP_OKAY, "snap.inflight_answered",
+          "got %d, status %d %d", got, two[0], two[1]);
+    check(same(rdata[0], 1024, 8, 5), "snap.inflight_read_data", "wrong data");
+    /* after the snapshot: a new write (seed 7 at 3072), then every range read back */
+    fill(data[3], 3072, 8, 7);
+    grant(REF_DATA(3), data[3], true);
+    q = next_req(d, BLKIF_OP_WRITE, 3072);
+    seg(q, REF_DATA(3), 0, 7);
+    st = one(d, q);
+    check(st == BLKIF_RSP_OKAY, "snap.write_after", "status %d", st);
+    static const struct { uint64_t sector; unsigned seed; } back[] = {{1032, 5}, {2048, 6}, {3072, 7}};
+    for (unsigned i = 0; i < 3; i++) {
+        memset(rdata[1], 0, XEN_PAGE);
+        grant(REF_RDATA(1), rdata[1], false);
+        q = next_req(d, BLKIF_OP_READ, back[i].sector);
+        seg(q, REF_RDATA(1), 0, 7);
+        st = one(d, q);
+        check(st == BLKIF_RSP_OKAY && same(rdata[1], back[i].sector, 8, back[i].seed), "snap.read_after",
+              "sector %u: status %d", (unsigned)back[i].sector, st);
+    }
+    /* a batch of eight one-sector writes in one push (seed 8 at 4000..4007), read back as a page */
+    fill(data[4], 4000, 8, 8);
+    grant(REF_DATA(4), data[4], true);
+    for (unsigned i = 0; i < 8; i++) {
+        q = next_req(d, BLKIF_OP_WRITE, 4000 + i);
+        seg(q, REF_DATA(4), (uint8_t)i, (uint8_t)i);
+    }
+    int16_t eight[8];
+    got = submit(d, 8, eight);
+    bool ok = got;
+    for (unsigned i = 0; i < 8 && got; i++)
+        ok = ok && eight[i] == BLKIF_RSP_OKAY;
+    memset(rdata[2], 0, XEN_PAGE);
+    grant(REF_RDATA(2), rdata[2], false);
+    q = next_req(d, BLKIF_OP_READ, 4000);
+    seg(q, REF_RDATA(2), 0, 7);
+    st = one(d, q);
+    check(ok && st == BLKIF_RSP_OKAY && same(rdata[2], 4000, 8, 8), "snap.batch_after", "status %d", st);
+}
+
+/* ---- managed: write and read back a sector range every ~20 ms, forever ------------------- */
+static void managed_loop(struct vbd *d)
+{
+    connect_persistent = true;
+    if (!check(connect(0, 1, false), "managed.connected", "handshake failed"))
+        return;
+    puts("BLK-UP");
+    for (unsigned n = 0;; n++) {
+        uint64_t sector = 16 + (n % 64) * 8;
+        unsigned seed = n & 0xff;
+        fill(data[0], sector, 8, seed);
+        grant(REF_DATA(0), data[0], true);
+        blkif_request_t *q = next_req(d, BLKIF_OP_WRITE, sector);
+        seg(q, REF_DATA(0), 0, 7);
+        int16_t w = one(d, q);
+        memset(rdata[0], 0, XEN_PAGE);
+        grant(REF_RDATA(0), rdata[0], false);
+        q = next_req(d, BLKIF_OP_READ, sector);
+        seg(q, REF_RDATA(0), 0, 7);
+        int16_t rd = one(d, q);
+        bool ok = w == BLKIF_RSP_OKAY && rd == BLKIF_RSP_OKAY && same(rdata[0], sector, 8, seed);
+        printf("BLK-TICK %u %s\n", n, ok ? "ok" : "BAD");
+        xen_delay_ns(20 * MS);
+    }
+}
+
 int main(const struct hvm_start_info *si)
 {
     (void)si;
@@ -477,6 +586,16 @@ int main(const struct hvm_start_info *si)
     if (xk_cmdline_has("xk.blk_durable")) {
         if (check(find_disks() && ndisks >= 1, "blk.found_vbd", "%u", ndisks))
             durable(&disks[0]);
+        return 0;
+    }
+    if (xk_cmdline_has("xk.blk_managed")) {
+        if (check(find_disks() && ndisks >= 1, "blk.found_vbd", "%u", ndisks))
+            managed_loop(&disks[0]);
+        return 0;
+    }
+    if (xk_cmdline_has("xk.blk_snapshot")) {
+        if (check(find_disks() && ndisks >= 1, "blk.found_vbd", "%u", ndisks))
+            snapshot_run(&disks[0]);
         return 0;
     }
     if (xk_cmdline_has("xk.blk_bench")) {

@@ -8,6 +8,9 @@
  * typed on the pty (the host test types "ping") and answers "pong: <line>".
  * (xk.cons_noinput, for guests/xen_pvconsoles*.yaml run without anyone on
  * the pty: no input is waited for.)
+ * xk.cons_snapshot: after connecting, "before" on console 2, then a snapshot (port
+ * XK_SNAPSHOT_PORT); "after snapshot" a line on console 1 (the restore's new pty), a line read
+ * from it and answered, and "after" on console 2 (tests/backends/test_snapshot_backends.py).
  * Console 2 (a log file): writes 500 numbered lines (5000 bytes: the 2 KiB
  * out ring wraps, waiting for the backend to drain it), then publishes an
  * impossible out_prod: the backend ignores that ring, console 1 and the
@@ -139,6 +142,24 @@ int main(const struct hvm_start_info *si)
           key_is(C[1].be, "tty", "/dev/pts/", true) && key_is(C[1].fe, "output", "pty", false),
           "cons.libxl_keys", "%s", r.body);
     check(key_is(C[2].fe, "output", "file:", true), "cons.2.output_file", "%s", r.body);
+    if (xk_cmdline_has("xk.cons_snapshot")) {   /* tests/backends/test_snapshot_backends.py */
+        check(cons_write(&C[2], "before\n", 7), "cons.2.before", "ring stayed full");
+        xen_delay_ns(50 * MS);
+        puts("before snapshot");
+        outb(XK_SNAPSHOT_PORT, 1);
+        puts("after snapshot");
+        const char *after = "console 1 after the snapshot\r\n";
+        check(cons_write(&C[1], after, (unsigned)strlen(after)), "snap.cons.1.write", "ring stayed full");
+        char line[64], reply[96];
+        int n = cons_readline(&C[1], line, sizeof(line));
+        check(n == 4 && !strcmp(line, "ping"), "snap.cons.1.read_line", "got %d '%s'", n, n >= 0 ? line : "");
+        snprintf(reply, sizeof(reply), "pong: %s\r\n", line);
+        check(cons_write(&C[1], reply, (unsigned)strlen(reply)), "snap.cons.1.reply", "ring stayed full");
+        check(cons_write(&C[2], "after\n", 6), "snap.cons.2.write", "ring stayed full");
+        xen_delay_ns(50 * MS);
+        puts("CONS-DONE");
+        return 0;
+    }
     const char *hello = "hello from console 1\r\n";
     check(cons_write(&C[1], hello, (unsigned)strlen(hello)), "cons.1.write", "ring stayed full");
     if (!xk_cmdline_has("xk.cons_noinput")) {      /* a host test types on the pty */

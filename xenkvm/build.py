@@ -19,6 +19,7 @@ from xenkvm.kvm.system import Kvm
 from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.machine.machine import Machine
 from xenkvm.machine.snapshot import snapshot as snap
+from xenkvm.machine.snapshot.format import SnapshotError
 
 if TYPE_CHECKING:
     from xenkvm.xen.domain import XenDomain
@@ -51,11 +52,15 @@ def xen_domain(machine: Machine) -> XenDomain | None:
 
 def restore_machine(path: str, *, prefault: bool = False, sink: ConsoleSink | None = None,
                     trace: bool = False, kvm: Kvm | None = None, xenstore_socket: str | None = None,
-                    configure: Callable[[GuestConfig], GuestConfig] | None = None) -> Machine:
+                    configure: Callable[[GuestConfig], GuestConfig] | None = None,
+                    disk_copy: str | None = None) -> Machine:
     """A Machine resumed from snapshot ``path`` (its RAM file mapped copy-on-write; ``prefault``:
     its data pages mapped in now): built from the saved config, state loaded, ready for ``run()``.
     ``xenstore_socket`` moves a Xen domain's embedded xenstored (parallel restores need one each);
-    ``configure`` changes what the host side decides (the toolstack's name, logs, sockets).
+    ``configure`` changes what the host side decides (the toolstack's name, logs, sockets);
+    ``disk_copy``: a directory each writable disk is copied into (reflink or sparse), the
+    restored domain running on the copies (backends/snapshot.py; else on the saved disks,
+    which must be unchanged).
     A foreign, truncated, corrupted or newer snapshot raises SnapshotError (one line)."""
     loaded = snap.load(path, prefault=prefault)
     if configure is not None:
@@ -67,8 +72,15 @@ def restore_machine(path: str, *, prefault: bool = False, sink: ConsoleSink | No
         machine = Machine(loaded.cfg, sink=sink, trace=trace, kvm=kvm, snapshot=loaded)
         try:
             if loaded.cfg.xen is not None:
+                from xenkvm.backends import DeviceManager
                 from xenkvm.xen.domain import XenDomain
-                machine.attach(XenDomain(machine, loaded.cfg.xen, trace=trace))
+                domain = XenDomain(machine, loaded.cfg.xen, trace=trace)
+                machine.attach(domain)
+                domain.devices = DeviceManager(domain)     # restores after the domain (attach order)
+                domain.devices.disk_copy = disk_copy
+                machine.attach(domain.devices)
+            elif disk_copy:
+                raise SnapshotError(f"{path}: --disk-copy: the snapshot has no disks")
             machine.apply_snapshot(loaded)
         except BaseException:
             machine.close()

@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="resume the guest saved in snapshot FILE (FILE.ram beside it) instead of booting")
     run.add_argument("--prefault", action="store_true",
                      help="with --restore: read all of the guest's RAM in now, not on first touch")
+    run.add_argument("--stop-after-snapshot", action="store_true",
+                     help="with --snapshot-on-port: stop the guest once the snapshot is written, before it "
+                          "runs on (as save does; exit status 130)")
+    run.add_argument("--disk-copy", metavar="DIR",
+                     help="with --restore: run on copies of the writable disks made in DIR (reflink or "
+                          "sparse), so restores of one snapshot write independently")
     run.add_argument("--snapshot-on-port", metavar="FILE",
                      help="tests: a guest write to port 0xee (layout.SNAPSHOT_PORT) snapshots it to FILE "
                           "and it runs on")
@@ -136,6 +142,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                  "memory": args.memory, "vcpus": args.vcpus, "boot": args.boot, "console": args.console}
     if args.restore:
         return _run_restored(args)
+    if args.disk_copy:
+        raise ConfigError("run --disk-copy: only with --restore")
     if args.guest is None and args.kernel is None:
         raise ConfigError("run: give a guest definition (YAML) or --kernel")
     cfg = load_config(args.guest, overrides)
@@ -152,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     machine = build_machine(cfg, trace=args.trace)
     if args.snapshot_on_port:
         from xenkvm.machine.layout import SNAPSHOT_PORT
-        machine.snapshot_on_port(SNAPSHOT_PORT, args.snapshot_on_port)
+        machine.snapshot_on_port(SNAPSHOT_PORT, args.snapshot_on_port, stop=args.stop_after_snapshot)
     return _run_machine(machine)
 
 
@@ -165,7 +173,7 @@ def _run_restored(args: argparse.Namespace) -> int:
                           "--snapshot-on-port")
     sink = open_sink(args.console) if args.console else None
     return _run_machine(restore_machine(args.restore, prefault=args.prefault, sink=sink, trace=args.trace,
-                                        xenstore_socket=args.xenstore_socket))
+                                        xenstore_socket=args.xenstore_socket, disk_copy=args.disk_copy))
 
 
 def _run_machine(machine) -> int:

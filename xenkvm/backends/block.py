@@ -131,6 +131,31 @@ class BlockDevice(XenbusDevice):
         self.disconnect()
         self.disk.close()
 
+    # -- snapshots (backends/snapshot.py) --------------------------------------------------
+    def event_ports(self) -> set[int]:
+        return {r.port for r in self.rings}
+
+    def save_state(self) -> dict:
+        """Per queue the private ring indexes and the persistent grants kept mapped; the
+        worker is parked between two passes, so every request taken is answered in the ring."""
+        return {"rings": [{"req_cons": r.req_cons[0], "rsp_prod": r.rsp_prod[0], "broken": r.broken,
+                           "kept": [[g, m.writable] for g, m in r.segments.kept.items()]} for r in self.rings]}
+
+    def restore_state(self, state: dict, frontend: dict[str, str] | None) -> None:
+        """Map and bind the saved queues again (the grants' busy bits are in the restored RAM),
+        put the indexes back and keep the same persistent grants mapped."""
+        saved = state["rings"]
+        if frontend is None:
+            return
+        self.connect(frontend)
+        if len(saved) != len(self.rings):
+            raise ValueError(f"{len(saved)} queues saved, the frontend keys give {len(self.rings)}")
+        for ring, st in zip(self.rings, saved):
+            ring.req_cons[0], ring.rsp_prod[0] = int(st["req_cons"]) & 0xFFFFFFFF, int(st["rsp_prod"]) & 0xFFFFFFFF
+            ring.broken = bool(st["broken"])
+            for gref, writable in st["kept"]:
+                ring.segments.keep_again(int(gref), bool(writable))
+
     # -- the ring ------------------------------------------------------------------------------
     def service(self) -> None:
         """Serve every queue, one batch per pass, until each is empty and re-armed.

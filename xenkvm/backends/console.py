@@ -119,6 +119,24 @@ class ConsoleDevice(XenbusDevice):
                 os.close(fd)
         self.fd = self._slave = -1
 
+    # -- snapshots (backends/snapshot.py) -----------------------------------------------
+    def event_ports(self) -> set[int]:
+        return set() if self._port is None else {self._port}
+
+    def save_state(self) -> dict:
+        """Input typed but not yet in the ring, and whether the ring was found broken; the pty
+        itself is host state: a restore opens a new one (its path logged as at start)."""
+        with self._lock:
+            return {"pending": bytes(self._pending).hex(), "broken": self._broken}
+
+    def restore_state(self, state: dict, frontend: dict[str, str] | None) -> None:
+        pending = bytes.fromhex(state["pending"])[:PENDING_MAX]
+        if frontend is not None:
+            self.connect(frontend)
+            self._broken = bool(state["broken"])
+        with self._lock:
+            self._pending[:0] = pending
+
     # -- the ring (worker thread) ----------------------------------------------------
     def service(self) -> None:
         """Drain ``out[]`` to the pty or file, refill ``in[]``; notify if either moved."""

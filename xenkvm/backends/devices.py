@@ -18,6 +18,7 @@ from xenkvm.machine.extension import MachineExtension
 from xenkvm.diskspec import DiskSpec, vdev_to_devid
 from xenkvm.vifspec import VifSpec
 
+from . import snapshot as devsnap
 from .xenbus import XenbusBackend, XenbusDevice
 from .xsclient import VmmXsClient
 
@@ -39,6 +40,14 @@ class DeviceManager(MachineExtension):
         self._xs: VmmXsClient | None = None
         self.backends: dict[tuple[str, int], XenbusBackend] = {}
         self._lock = threading.Lock()
+        self.parked: list[XenbusBackend] = []      #: snapshots: the backends held still
+        #: held by a snapshot from begin to end, and by ``attach``: a hot-plug waits for a
+        #: snapshot (and a snapshot for a hot-plug), so a device is either in it whole or not at all
+        self._snapshotting = threading.Lock()
+        #: restores: a directory each writable disk is copied into first (``restore --disk-copy``)
+        self.disk_copy: str | None = None
+        #: restores: {vdev: the file the restored disk runs on}
+        self.restored_disks: dict[str, object] = {}
 
     @property
     def xs(self) -> VmmXsClient:
@@ -55,6 +64,10 @@ class DeviceManager(MachineExtension):
 
     def attach(self, spec: DiskSpec | VifSpec | ConsoleSpec | XenbusDevice) -> XenbusBackend:
         """Plug a device in (a DiskSpec, or a ready XenbusDevice); DeviceError if it cannot be."""
+        with self._snapshotting:
+            return self._attach(spec)
+
+    def _attach(self, spec: DiskSpec | VifSpec | ConsoleSpec | XenbusDevice) -> XenbusBackend:
         device = self._device(spec)
         key = (device.type, device.devid)
         with self._lock:
@@ -102,6 +115,34 @@ class DeviceManager(MachineExtension):
     def detach(self, vdev: str | int, type_: str = "vbd", *, force: bool = False) -> threading.Event:
         """Unplug: the frontend is asked to close; ``force`` removes it at once (a dead guest)."""
         return self.find(vdev, type_).unplug(force)
+
+    # -- snapshots (backends/snapshot.py) ---------------------------------------------------
+    def snapshot_begin(self) -> None:
+        """Every vCPU parked: stop each backend between two requests (before the Xen domain
+        takes its lock, which their workers need to notify)."""
+        self._snapshotting.acquire()
+        try:
+            devsnap.park(self)
+        except BaseException:
+            self._snapshotting.release()
+            raise
+
+    def snapshot_end(self) -> None:
+        try:
+            devsnap.unpark(self)
+        finally:
+            self._snapshotting.release()
+
+    def save_state(self) -> dict:
+        return devsnap.save(self)
+
+    def restore_state(self, state: dict | None) -> None:
+        """The saved devices, re-attached to their rings in the restored RAM (after XenDomain's)."""
+        self.restored_disks = devsnap.restore(self, state, self.disk_copy)
+
+    def event_ports(self) -> set[int]:
+        """The guest ports the backends hold (xen/snapshot.py lets the domain's save through)."""
+        return devsnap.event_ports(self)
 
     def stop(self) -> None:
         """The run is ending: remove every device (workers end, grants unmapped, images closed)."""

@@ -65,13 +65,22 @@ class SegmentMapper:
                 m = self.gnttab.map(self.domid, gref, False)
             except GrantError:
                 return None
+        self._enter(gref, m)
+        return m
+
+    def _enter(self, gref: int, m) -> None:
+        """Keep mapping ``m`` of ``gref``, in the C tables too."""
         self.kept[gref] = m
         if gref < self.table_size:
             self._addrs[gref] = buf = ffi.from_buffer(m.view)
             self.ro_table[gref] = buf
             if m.writable:
                 self.rw_table[gref] = buf
-        return m
+
+    def keep_again(self, gref: int, writable: bool) -> None:
+        """A restored ring: map ``gref`` for good as it was kept when saved (GrantError if the
+        restored grant table refuses it)."""
+        self._enter(gref, self.gnttab.map(self.domid, gref, writable))
 
     def done(self) -> None:
         """The request completed: unmap its per-request pages (unless held for requests in flight)."""

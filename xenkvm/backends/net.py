@@ -46,6 +46,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 
 from xenkvm.vifspec import VifSpec
 
@@ -114,7 +115,7 @@ class VifDevice(XenbusDevice):
             keys["ip"] = self.spec.ip
         return keys
 
-    def connect(self, frontend: dict[str, str]) -> None:
+    def connect(self, frontend: dict[str, str], before_rx: Callable[[], None] | None = None) -> None:
         f, self.queues = open_queues(self.domain, frontend, self._tx_kick, self._rx_kick, MAX_QUEUES,
                                      self.spec.offload)
         csum = f.csum and self.spec.offload       # offload=off: the host finishes every frame it hands us
@@ -127,6 +128,12 @@ class VifDevice(XenbusDevice):
             self.disconnect()
             raise ConnectError(f"tap {self.name}: queue: {e.strerror}") from None
         self._tx_copy = BatchCopy(self.domain, MAX_SLOTS)
+        if before_rx is not None:      # a restore: the saved indexes, before any rx thread runs
+            try:
+                before_rx()
+            except (ConnectError, KeyError, TypeError, ValueError):
+                self.disconnect()
+                raise
         self._rx = [RxWorker(self, q) for q in self.queues]
         q0 = self.queues[0]
         log.info("%s: connected, tap %s, %d queue(s), ports %d/%d, %s", self.backend.label, self.name,
@@ -150,6 +157,42 @@ class VifDevice(XenbusDevice):
         log.info("%s: tap %s: %s", self.backend.label, self.name,
                  " ".join(f"{k}={v}" for k, v in self.stats.items() if not k.endswith("_ns")))
         self.tap.close()
+
+    # -- snapshots (backends/snapshot.py) ----------------------------------------------------
+    def event_ports(self) -> set[int]:
+        return {p for q in self.queues for p in (q.tx_port, q.rx_port)}
+
+    def quiesce(self) -> None:
+        """Each rx thread finishes its pass and waits (the xenbus worker, tx, is parked)."""
+        for rx in self._rx:
+            rx.busy.acquire()
+
+    def unquiesce(self) -> None:
+        for rx in self._rx:
+            rx.busy.release()
+
+    def save_state(self) -> dict:
+        """The tap's name and per queue the private tx/rx indexes.  A frame an rx thread read from
+        the tap but had no buffer for yet is not saved: the restored vif drops it, as a NIC would."""
+        return {"tap": self.name, "queues": [{"tx_cons": q.tx_cons, "tx_rsp_prod": q.tx_rsp_prod[0],
+                                              "rx_cons": q.rx_cons, "rx_rsp_prod": q.rx_rsp_prod[0]}
+                                             for q in self.queues]}
+
+    def restore_state(self, state: dict, frontend: dict[str, str] | None) -> None:
+        """Connect to the saved queues again (the tap is new: built with the saved name when free),
+        then put the indexes back before the rx threads look at the rings."""
+        saved = state["queues"]
+        if frontend is None:
+            return
+        self.connect(frontend, before_rx=lambda: self._load_indexes(saved))
+
+    def _load_indexes(self, saved: list) -> None:
+        if len(saved) != len(self.queues):
+            raise ConnectError(f"{len(saved)} queues saved, the frontend keys give {len(self.queues)}")
+        for q, st in zip(self.queues, saved):
+            q.tx_cons, q.rx_cons = int(st["tx_cons"]) & 0xFFFFFFFF, int(st["rx_cons"]) & 0xFFFFFFFF
+            q.tx_rsp_prod[0] = int(st["tx_rsp_prod"]) & 0xFFFFFFFF
+            q.rx_rsp_prod[0] = int(st["rx_rsp_prod"]) & 0xFFFFFFFF
 
     def _tx_kick(self, _queue: int) -> None:
         """A tx event (I/O thread): every queue's tx is served on the worker, kicks coalesced."""
@@ -311,6 +354,7 @@ class RxWorker:
         self.features = rings.features
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stop = False
+        self.busy = threading.Lock()       #: held by each pass; a snapshot holds it to quiesce rx
         self._buf = bytearray(FRAME_MAX)
         self._mv = memoryview(self._buf)
         self._data = ffi.from_buffer(self._buf) + HDR
@@ -336,7 +380,8 @@ class RxWorker:
         try:
             while not self._stop:
                 start = time.thread_time_ns()
-                want_tap = self._deliver()
+                with self.busy:
+                    want_tap = self._deliver()
                 self.dev.stats["rx_busy_ns"] += time.thread_time_ns() - start
                 if want_tap != polling_tap:
                     if want_tap:

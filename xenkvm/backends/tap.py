@@ -13,6 +13,7 @@ with ``SIOCBRADDIF``; a missing bridge is one line.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x4000, 0x0100
+IFF_TUN_EXCL = 0x8000                     #: TUNSETIFF fails with EBUSY if the interface exists
 FLAGS = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
 SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCGIFINDEX, SIOCBRADDIF = 0x8913, 0x8914, 0x8933, 0x89A2
@@ -35,6 +37,10 @@ IFNAMSIZ = 16
 
 class TapError(ConfigError):
     """The tap cannot be created or plugged (one line for the user)."""
+
+
+class TapExists(TapError):
+    """An interface of that name exists (another VMM's tap, or a host interface)."""
 
 
 def _ifreq(name: str, fmt: str = "", *values) -> bytearray:
@@ -53,9 +59,9 @@ class Tap:
         self.fd = -1
         self.queues: list[int] = []       #: fds of the queues after the first
         if os.path.exists(f"/sys/class/net/{name}"):     # else TUNSETIFF would join someone's queues
-            raise TapError(f"vifs: interface {name!r} already exists (pick another vifname)")
+            raise TapExists(f"vifs: interface {name!r} already exists (pick another vifname)")
         try:
-            self.fd = self._attach(name)
+            self.fd = self._attach(name, exclusive=True)
             self.set_offload(0)
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 if bridge:
@@ -69,15 +75,18 @@ class Tap:
             raise
         except OSError as e:
             self.close()
+            if e.errno == errno.EBUSY:     # created by someone else since the check above
+                raise TapExists(f"vifs: interface {name!r} already exists (pick another vifname)") from None
             raise TapError(f"vifs: tap {name!r}: {e.strerror}") from None
         log.info("tap %s up%s", self.name, f", in bridge {bridge}" if bridge else "")
 
     @staticmethod
-    def _attach(name: str) -> int:
-        """A new fd for a queue of tap ``name`` (created by the first)."""
+    def _attach(name: str, exclusive: bool = False) -> int:
+        """A new fd for a queue of tap ``name`` (created by the first: ``exclusive``, so a tap
+        another process created meanwhile is EBUSY rather than joined as a queue)."""
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, "H", FLAGS))
+            fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, "H", FLAGS | (IFF_TUN_EXCL if exclusive else 0)))
         except OSError:
             os.close(fd)
             raise

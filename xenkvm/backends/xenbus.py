@@ -104,6 +104,25 @@ class XenbusDevice(ABC):
     def close(self) -> None:
         """Release host resources (files, taps); the device is gone."""
 
+    # -- snapshots (backends/snapshot.py) ----------------------------------------------
+    def event_ports(self) -> set[int]:
+        """The guest ports this device's connection is bound to (VMM ends a snapshot saves)."""
+        return set()
+
+    def quiesce(self) -> None:
+        """Snapshots: hold the device's own threads (not the worker) still; the worker is parked."""
+
+    def unquiesce(self) -> None:
+        """Snapshots: let what :meth:`quiesce` held run again."""
+
+    def save_state(self) -> dict:
+        """Snapshots (worker parked): the device's bookkeeping beside its rings in guest RAM."""
+        return {}
+
+    def restore_state(self, state: dict, frontend: dict[str, str] | None) -> None:
+        """Snapshots: re-attach to the rings in restored RAM as they were (``frontend``: the keys
+        the saved connection used; None: it was not connected); raise ConnectError or ValueError."""
+
 
 def frontend_perms(domid: int) -> tuple[Perm, ...]:
     """libxl: the frontend node is the guest's, the backend (dom0) may read it."""
@@ -135,6 +154,9 @@ class XenbusBackend:
         self._kick_pending = False
         self._bad_state: str | None = None
         self._token: str | None = None
+        self.frontend: dict[str, str] | None = None     #: the keys the connection was made with
+        self._parked = threading.Event()                #: snapshots: the worker waits in _park
+        self._unpark = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"xenbus-{t}-{d}-{n}", daemon=True)
 
     # -- creation ---------------------------------------------------------------
@@ -171,7 +193,7 @@ class XenbusBackend:
     # -- worker thread ---------------------------------------------------------------------
     def _run(self) -> None:
         handlers = {"frontend": self._frontend_changed, "kick": self._service,
-                    "unplug": self._unplug, "force": self._teardown}
+                    "unplug": self._unplug, "force": self._teardown, "park": self._park}
         while not self.removed.is_set():
             what = self._events.get()
             try:
@@ -182,8 +204,9 @@ class XenbusBackend:
 
     def _service(self) -> None:
         self._kick_pending = False
-        if self.connected:
-            self.device.service()
+        machine = getattr(self.domain, "machine", None)
+        if self.connected and not (machine is not None and machine.stopping):
+            self.device.service()   # a stopping machine serves nothing more (a saved disk stays as saved)
 
     def _frontend_state(self) -> XenbusState | None:
         raw = self.xs.read(f"{self.fe_path}/state")
@@ -230,6 +253,7 @@ class XenbusBackend:
             self._switch(XenbusState.CLOSING)
             return
         self.connected = True
+        self.frontend = keys
         self.xs.rm(f"{self.be_path}/error")
         self._switch(XenbusState.CONNECTED)
         self.kick()   # requests queued before we connected
@@ -246,6 +270,7 @@ class XenbusBackend:
     def _disconnect(self) -> None:
         if self.connected:
             self.connected = False
+        self.frontend = None
         self.device.disconnect()
 
     def _unplug(self) -> None:
@@ -284,6 +309,74 @@ class XenbusBackend:
         if state != self.state:
             self.state = state
             self.xs.write(f"{self.be_path}/state", str(int(state)))
+
+    # -- snapshots (backends/snapshot.py) ------------------------------------------------
+    def park(self, timeout: float) -> bool:
+        """Stop the worker between two events (so no request is half served) and the device's
+        other threads; False if the worker did not get there within ``timeout`` s."""
+        if self.removed.is_set() or not self._thread.is_alive():
+            return True
+        self._unpark.clear()
+        self._parked.clear()
+        self._events.put("park")
+        if not self._parked.wait(timeout):
+            self._unpark.set()      # it parks late: let it go at once
+            return False
+        self.device.quiesce()
+        return True
+
+    def unpark(self) -> None:
+        """The snapshot is written (or failed): the device's threads and the worker go on."""
+        if self._parked.is_set():
+            self.device.unquiesce()
+        self._unpark.set()
+
+    def _park(self) -> None:
+        self._parked.set()
+        self._unpark.wait()
+        self._parked.clear()
+
+    def save_state(self) -> dict:
+        """The handshake's state and the device's own (worker parked)."""
+        return {"state": int(self.state), "connected": self.connected, "online": self.online,
+                "frontend": self.frontend if self.connected else None, "device": self.device.save_state()}
+
+    def restore(self, st: dict) -> None:
+        """A restored domain: the nodes made to agree with the device (keys that differ rewritten:
+        a new pty, a disk copy, a new domid on a shared xenstored; never the frontend's ``state``),
+        the rings in restored RAM re-attached as saved, the worker and the watch started, and one
+        kick for requests the frontend queued before the snapshot.  No handshake: the frontend
+        does not notice."""
+        self.state = XenbusState(int(st["state"]))
+        self.online = bool(st["online"])
+        frontend = st["frontend"] if st["connected"] else None
+        if frontend is not None and not (isinstance(frontend, dict)
+                                         and all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in frontend.items())):
+            raise ValueError(f"{self.label}: saved frontend keys are not strings")
+        d = self.domain.domid
+        be = {"frontend": self.fe_path, "frontend-id": str(d), "online": "1" if self.online else "0",
+              "state": str(int(self.state)), **self.device.backend_keys()}
+        if self.xs.read(f"{self.be_path}/state") is None:
+            self.xs.mkdir(self.be_path, backend_perms(d))
+        self._write_differing(self.be_path, be)
+        if self.xs.read(f"{self.fe_path}/state") is None:      # not in the restored store: written afresh
+            self.xs.mkdir(self.fe_path, frontend_perms(d))
+            self.xs.write(f"{self.fe_path}/state", str(int(XenbusState.INITIALISING)))
+        self._write_differing(self.fe_path, {"backend": self.be_path, "backend-id": "0",
+                                             **self.device.frontend_keys()})
+        self.device.restore_state(st["device"], frontend)
+        self.connected, self.frontend = frontend is not None, frontend
+        self._thread.start()
+        self._token = self.xs.watch(f"{self.fe_path}/state", lambda _p, _t: self._events.put("frontend"))
+        if self.connected:
+            self.kick()
+        log.info("%s: restored (%s)", self.label, self.state.name)
+
+    def _write_differing(self, path: str, keys: dict[str, str]) -> None:
+        for k, v in keys.items():
+            if self.xs.read(f"{path}/{k}") != v:
+                self.xs.write(f"{path}/{k}", v)
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the worker to end (after an unplug)."""

@@ -14,6 +14,7 @@ guest's config has a ``xen:`` section).  The machine calls it at fixed points:
 ``close()``               ``Machine.close``, in reverse order of attaching
 ``input_sink()``          each host keystroke: the console that takes it
 ``snapshot_begin/_end()`` around a snapshot's capture and writes, every vCPU parked
+                          (begin: last attached first; end: the reverse)
 ``save_state()``          a snapshot, every vCPU parked: the extension's state
 ``restore_state(st)``     a restored machine, before it runs (instead of ``install``)
 ========================  ====================================================

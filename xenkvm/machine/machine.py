@@ -277,8 +277,9 @@ class Machine:
         return "\n".join("  " + " ".join(cells[i:i + 4]) for i in range(0, len(cells), 4))
 
     # -- snapshots -------------------------------------------------------------------
-    def snapshot(self, path: str) -> "snap.SnapshotInfo":
-        """Save the running machine to ``path`` (+ ``path.ram``) and keep it running.
+    def snapshot(self, path: str, on_saved: Callable[[], None] | None = None) -> "snap.SnapshotInfo":
+        """Save the running machine to ``path`` (+ ``path.ram``) and keep it running (unless
+        ``on_saved``, run once the files are written and before any vCPU runs again, stops it).
 
         Every vCPU is parked out of KVM_RUN at a consistent point and reads its own state;
         then the VM, devices and extensions are saved and the vCPUs go on.  Call it from
@@ -286,7 +287,7 @@ class Machine:
         """
         if any(r.thread_id == threading.get_ident() for r in self.runners):
             raise RuntimeError("Machine.snapshot from a vCPU thread: use request_snapshot")
-        return snap.finish(self, path, snap.start(self, path))
+        return snap.finish(self, path, snap.start(self, path), on_saved)
 
     def request_snapshot(self, path: str, done: Callable[[object], None] | None = None,
                          on_saved: Callable[[], None] | None = None) -> None:
@@ -307,9 +308,13 @@ class Machine:
                 done(outcome)
         threading.Thread(target=finish, name="snapshot", daemon=True).start()
 
-    def snapshot_on_port(self, port: int, path: str) -> None:
-        """Tests: a guest write to ``port`` takes a snapshot to ``path`` at that instruction."""
-        self.register_port_hook(port, lambda vcpu: self.request_snapshot(path))
+    def snapshot_on_port(self, port: int, path: str, stop: bool = False) -> None:
+        """Tests: a guest write to ``port`` takes a snapshot to ``path`` at that instruction;
+        ``stop``: the machine stops once the files are written, before any vCPU runs again (as
+        ``save`` does: a guest with disks must not write them after their identity is saved)."""
+        def saved() -> None:
+            self.stop(ExitStatus.INTERRUPTED, f"saved to {path}")
+        self.register_port_hook(port, lambda vcpu: self.request_snapshot(path, on_saved=saved if stop else None))
 
     def apply_snapshot(self, loaded: "snap.Loaded") -> None:
         """Load a snapshot's state into this machine (built with ``snapshot=loaded``, not run).

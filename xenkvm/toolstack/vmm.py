@@ -300,12 +300,14 @@ class DomainProcess:
             raise ApiError(ErrorCode.NOT_RUNNING, f"{self.cfg.name} is paused: unpause it to save it")
         return machine, path
 
-    def op_snapshot(self, args: dict) -> dict:
+    def op_snapshot(self, args: dict, *, then_destroy: bool = False) -> dict:
         """Save the running domain to ``file`` (and ``file``.ram) and let it run on
-        (docs/snapshots.md).  Runs on the control thread: other clients wait until it is written."""
+        (docs/snapshots.md).  Runs on the control thread: other clients wait until it is written.
+        ``then_destroy`` (a transparent ``save``): the domain ends once the files are written,
+        before any vCPU runs again, so its disks stay as their saved identity says."""
         machine, path = self._save_target(args)
         try:
-            info = machine.snapshot(path)
+            info = machine.snapshot(path, on_saved=(lambda: self.destroy("saved")) if then_destroy else None)
         except SnapshotError as e:
             raise ApiError(ErrorCode.NOT_SUPPORTED, str(e)) from None
         except OSError as e:
@@ -326,7 +328,7 @@ class DomainProcess:
         if xen is not None and xen.store.read_path(feature) == b"1":
             result = {**self._suspend_and_save(xen, path, float(timeout)), "suspended": True}
         else:
-            result = {**self.op_snapshot(args), "suspended": False}
+            result = {**self.op_snapshot(args, then_destroy=True), "suspended": False}
         self.destroy("saved")
         return {**result, "state": State.DYING.value}
 

@@ -19,9 +19,10 @@ A domain saved while suspended (``suspended_vcpu``, xen/suspend.py) is restored 
 domain instead (:func:`resume_new_domain`).
 
 Refused with one line (SnapshotError) rather than saved wrong: the platform PCI device
-(HVM guests), a ballooned domain, VMM event-channel ends other than the store's and
-console's (the test device's echo backends), an open transaction on a shared xenstored, the
-KVM_XEN trap.
+(HVM guests), a ballooned domain, VMM event-channel ends other than the store's, the
+console's and the PV backends' (the test device's echo backends), an open transaction on a
+shared xenstored, the KVM_XEN trap.  The PV backends (vbd, vif, extra consoles) are saved by
+their own extension, ``DeviceManager`` (backends/snapshot.py).
 """
 from __future__ import annotations
 
@@ -70,12 +71,21 @@ def _refuse_unsupported(d: "XenDomain") -> None:
         why = "the Xen platform PCI device (HVM guests) is not saved yet"
     elif d.reservation.populated_pages != d.reservation.max_pages or d.reservation.unmapped_pages:
         why = "a ballooned domain is not saved yet"
-    elif any(e.port not in (d.store.port, d.console.port) for e in d.evtchn.vmm_ends.values()):
-        why = "VMM event-channel backends other than the store and console are not saved yet"
+    elif any(e.port not in _saved_vmm_ports(d) for e in d.evtchn.vmm_ends.values()):
+        why = "VMM event-channel backends other than the store, consoles and PV devices are not saved yet"
     elif any(not isinstance(t, (HypercallPageTrap, PatchTrap, BreakpointTrap)) for t in d.traps):
         why = "the KVM_XEN hypercall trap is not saved yet"
     if why:
         raise SnapshotError(f"dom{d.domid}: {why}")
+
+
+def _saved_vmm_ports(d: "XenDomain") -> set[int]:
+    """VMM ends whose service is saved: the store's, the console's and the PV backends'
+    (backends/snapshot.py saves those, as the DeviceManager extension)."""
+    ports = {d.store.port, d.console.port}
+    if d.devices is not None:
+        ports |= d.devices.event_ports()
+    return ports
 
 
 def _store_doc(d: "XenDomain") -> dict[str, Any]:

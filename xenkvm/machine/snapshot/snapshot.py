@@ -72,7 +72,7 @@ def finish(machine: "Machine", path: str, parking: Parking,
     t0 = time.monotonic()
     held = []
     try:
-        for ext in machine.extensions:
+        for ext in reversed(machine.extensions):   # a layer above first: it still needs the one below
             ext.snapshot_begin()
             held.append(ext)
         sections = {"config": config_to_json(machine.cfg),
