@@ -52,6 +52,7 @@ from xenkvm.vifspec import VifSpec
 from . import netpkt
 from ._netif_cffi import ffi, lib
 from .gntcopy import BatchCopy
+from .latency import CostWindow
 from .netring import RING, NetifRings, open_queues
 from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap
 from .xenbus import ConnectError, XenbusDevice
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 4096
 MAX_SLOTS = lib.XEN_NETIF_NR_SLOTS_MIN
+COST_LOG_NS = 5_000_000_000   #: while packets flow, log their cost this often (at -v)
 MORE, EXTRA, CSUM_BLANK = lib.NETTXF_more_data, lib.NETTXF_extra_info, lib.NETTXF_csum_blank
 OKAY, ERROR, NULL = lib.NETIF_RSP_OKAY, lib.NETIF_RSP_ERROR, lib.NETIF_RSP_NULL
 GSO_TYPES = {lib.XEN_NETIF_GSO_TYPE_TCPV4: "gso_tcpv4", lib.XEN_NETIF_GSO_TYPE_TCPV6: "gso_tcpv6"}
@@ -96,6 +98,8 @@ class VifDevice(XenbusDevice):
         self._tx_copy: BatchCopy | None = None       #: the tx worker's (connect)
         self._gso = ffi.new("struct xkn_gso *")
         self._rx: list[RxWorker] = []
+        self.costs: CostWindow | None = None   #: the domain's hypercalls/upcalls per packet (log lines)
+        self._window = (0, 0, 0)               #: (perf_counter_ns, tx, rx packets) at the last cost line
 
     # -- xenstore ----------------------------------------------------------------------
     def frontend_keys(self) -> dict[str, str]:
@@ -127,6 +131,8 @@ class VifDevice(XenbusDevice):
             self.disconnect()
             raise ConnectError(f"tap {self.name}: queue: {e.strerror}") from None
         self._tx_copy = BatchCopy(self.domain, MAX_SLOTS)
+        self.costs = CostWindow(self.domain)
+        self._window = (time.perf_counter_ns(), self.stats["tx_packets"], self.stats["rx_packets"])
         self._rx = [RxWorker(self, q) for q in self.queues]
         q0 = self.queues[0]
         log.info("%s: connected, tap %s, %d queue(s), ports %d/%d, %s", self.backend.label, self.name,
@@ -169,6 +175,18 @@ class VifDevice(XenbusDevice):
             self._tx_service()
         finally:
             self.stats["tx_busy_ns"] += time.thread_time_ns() - start
+            self._log_costs()
+
+    def _log_costs(self) -> None:
+        """Every COST_LOG_NS while packets flow: the hypercalls and upcalls per packet (at -v)."""
+        at, tx0, rx0 = self._window
+        now = time.perf_counter_ns()
+        if self.costs is None or now - at < COST_LOG_NS:
+            return
+        tx, rx = self.stats["tx_packets"], self.stats["rx_packets"]
+        self._window = (now, tx, rx)
+        log.info("%s: costs: %s", self.backend.label,
+                 self.costs.sample(tx - tx0 + rx - rx0, {"tx": tx - tx0, "rx": rx - rx0}))
 
     def _tx_service(self) -> None:
         for q in self.queues:
