@@ -146,6 +146,8 @@ class VifDevice(XenbusDevice):
         queues, self.queues = self.queues, []
         for q in queues:
             q.close(self.domain)
+        for rx in workers:
+            rx.close()
         if queues:
             self.tap.remove_queues()
             self.tap.set_offload(0)
@@ -158,11 +160,12 @@ class VifDevice(XenbusDevice):
         self.tap.close()
 
     def _tx_kick(self, _queue: int) -> None:
-        """A tx event (I/O thread): every queue's tx is served on the worker, kicks coalesced."""
+        """A tx event (in the guest's EVTCHNOP_send, under the domain's lock): every queue's tx is
+        served on the worker, kicks coalesced."""
         self.backend.kick()
 
     def _rx_kick(self, queue: int) -> None:
-        """An rx event (I/O thread): the frontend posted buffers on ``queue``."""
+        """An rx event (in the guest's EVTCHNOP_send): the frontend posted buffers on ``queue``."""
         workers = self._rx
         if queue < len(workers):
             workers[queue].wake()
@@ -345,6 +348,10 @@ class RxWorker:
         self._stop = True
         self.wake()
         self._thread.join()
+
+    def close(self) -> None:
+        """Close the wake-up eventfd, once the rx port is closed: a kick runs in the guest's
+        EVTCHNOP_send under the domain's lock (bound ``direct``), so none is in flight then."""
         os.close(self._wake_fd)
 
     def _run(self) -> None:
