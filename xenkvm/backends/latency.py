@@ -104,7 +104,7 @@ class CostWindow:
         self._last = now
         t, ops, up, eoi = now
         n = max(requests, 1)
-        grown = sorted(((ops.get(k, 0) - ops0.get(k, 0), k) for k in ops), reverse=True)
+        grown = sorted(((ops.get(k, 0) - ops0.get(k, 0), k) for k in ops), key=lambda ck: ck[0], reverse=True)
         calls = sum(c for c, _ in grown)
         parts = [f"{requests} requests in {(t - t0) / 1e9:.1f} s", f"hypercalls/req {calls / n:.2f}"]
         parts += [f"{op_name(*k)} {c / n:.2f}" for c, k in grown[:6] if c]
