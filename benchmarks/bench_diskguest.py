@@ -16,7 +16,12 @@ with O_DIRECT where the file system allows it.  It runs, side by side:
     with virtio-blk (``-drive if=virtio``, QEMU's default cache=writeback), against ``vdb``.
 
 After the xenkvm row come the block backend's event-path latencies per disk
-(xenkvm/backends/latency.py, logged by ``xenkvm -v``); ``--compare DIR`` adds the xenkvm
+(xenkvm/backends/latency.py, logged by ``xenkvm -v``) and its cost lines (the hypercalls by op
+and the upcalls per request, one per 5-s window while busy).  Under every guest row, per phase:
+L1's KVM exits per request (``/sys/kernel/debug/kvm``'s counters, read at each
+``DISKBENCH-MARK`` the guest prints, divided by the requests the guest's own
+``/sys/block/*/stat`` counted), so xenkvm's and virtio-blk's costs stand side by side.
+``--compare DIR`` adds the xenkvm
 row again with the xenkvm package of another built checkout (the commit before a change,
 say), in the same L1 boot, so a change is measured side by side.
 
@@ -26,11 +31,13 @@ on the host's load; compare the rows of one run.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +49,13 @@ BINARY = CACHE / "diskbench"
 LINE = re.compile(r"^DISKBENCH (\S+) ([\d.]+) (\S+) direct=(\d)", re.M)
 #: xenkvm's backend's event-path latencies (xenkvm/backends/latency.py), logged at -v when a disk closes
 LATENCY = re.compile(r"(d\d+ vbd \d+ \(\w+\)): event latency: (.*)$", re.M)
+#: its hypercalls and upcalls per request, one line per 5-s window while the disk is busy
+COSTS = re.compile(r"(d\d+ vbd \d+ \(xvdb\)): costs: (.*)$", re.M)
+MARK = re.compile(r"DISKBENCH-MARK (\S+) (-?\d+)")
+KVM_STATS = Path("/sys/kernel/debug/kvm")
+#: L1 KVM's counters (all VMs) shown per request: every exit, then the kinds that matter here
+EXIT_KINDS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits", "irq_window_exits",
+              "signal_exits", "hypercalls", "irq_injections", "halt_wakeup", "insn_emulation")
 #: The guest's /xenkvm/run: the benchmark on the second disk, whichever driver named it.
 GUEST_SCRIPT = """#!/bin/sh
 for d in /dev/xvdb /dev/vdb; do [ -b $d ] && dev=$d; done
@@ -57,20 +71,72 @@ def build_binary() -> Path:
     return BINARY
 
 
+def kvm_counters() -> dict[str, int]:
+    """L1 KVM's global counters (debugfs; empty where it is not mounted or readable)."""
+    out = {}
+    for name in EXIT_KINDS:
+        try:
+            out[name] = int((KVM_STATS / name).read_text())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def mount_debugfs() -> None:
+    """KVM's counters live in debugfs; L1 (root) mounts it if it is not there yet."""
+    if not KVM_STATS.is_dir() and os.geteuid() == 0:
+        subprocess.run(["mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug"], check=False)
+
+
+def run_streaming(cmd: list[str], timeout: float, cwd: Path | None) -> tuple[str, list]:
+    """Run ``cmd``; at each DISKBENCH-MARK line it prints, sample KVM's counters.
+
+    Returns the output and ``[(phase, guest requests so far, counters), ...]``.
+    """
+    marks: list = []
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", cwd=cwd)
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            m = MARK.search(line)
+            if m:
+                marks.append((m.group(1), int(m.group(2)), kvm_counters()))
+        proc.wait()
+    finally:
+        timer.cancel()
+    return "".join(lines), marks
+
+
+def exits_per_request(marks: list) -> list[str]:
+    """One line per phase: L1 KVM's exits per guest request between two marks."""
+    out = []
+    for (phase, reqs, c0), (_next, reqs1, c1) in zip(marks, marks[1:]):
+        n = reqs1 - reqs
+        if n <= 0 or not c0:
+            continue
+        per = "  ".join(f"{k} {(c1[k] - c0[k]) / n:.2f}" for k in EXIT_KINDS if k in c0 and k in c1)
+        out.append(f"{phase}: {n} requests; per request: {per}")
+    return out
+
+
 def run_bench(label: str, cmd: list[str], timeout: float, cwd: Path | None = None) -> dict[str, str]:
     """Run ``cmd`` (which prints DISKBENCH lines somewhere in its output) and report its figures."""
     t = time.monotonic()
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=cwd)
-        text = res.stdout + res.stderr
-    except subprocess.TimeoutExpired as e:
-        text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+    text, marks = run_streaming(cmd, timeout, cwd)
     rows = {name: f"{value} {unit}" + ("" if direct == "1" else " (buffered)")
             for name, value, unit, direct in LINE.findall(text)}
     print(f"{label:<34} " + "  ".join(f"{k} {v}" for k, v in rows.items())
           + f"   [{time.monotonic() - t:.0f} s]", flush=True)
     for disk, line in dict(LATENCY.findall(text)).items():    # the last line logged for each disk
         print(f"  {disk}: {line}", flush=True)
+    for disk, line in COSTS.findall(text):
+        print(f"  {disk} costs: {line}", flush=True)
+    for line in exits_per_request(marks):
+        print(f"  L1 KVM {line}", flush=True)
     if len(rows) < 4:
         print(f"  {label}: incomplete; output tail:\n  " + "\n  ".join(text.splitlines()[-15:]), flush=True)
     return rows
@@ -112,6 +178,7 @@ def qemu_cmd(root: Path, disk: Path) -> list[str]:
 
 def inner(size: int, seconds: float, timeout: float, compare: Path | None = None) -> int:
     """In L1: the floor, xenkvm (and xenkvm from the ``compare`` checkout), QEMU."""
+    mount_debugfs()
     with tempfile.TemporaryDirectory(prefix="diskbench-") as tmp:
         work = Path(tmp)
         floor = work / "floor.img"

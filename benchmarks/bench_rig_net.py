@@ -1,6 +1,6 @@
 """TCP throughput guest<->host in the rig: xenkvm's vif vs QEMU virtio-net on a tap, beside loopback.
 
-    python benchmarks/bench_rig_net.py [--bytes N] [--timeout 3000]   # boots the rig (docs/hw-rig.md)
+    python benchmarks/bench_rig_net.py [--bytes N] [--timeout 3000] [--compare DIR]   # boots the rig (docs/hw-rig.md)
     python benchmarks/bench_rig_net.py --inner                        # inside L1 (or any hardware KVM host)
 
 In one L1 (QEMU TCG with SVM), side by side, with the same Debian cloud kernel and
@@ -17,7 +17,10 @@ the host and receives N back, both checksummed):
 
 Figures are MB/s as the host side timed them (accept to close).  L1 is emulated,
 so absolute figures depend on how busy the host's CPUs are; the ratios between the
-rows of one run are what to read.  Needs root.
+rows of one run are what to read.  ``--compare DIR`` adds the xenkvm row again with the
+xenkvm package of another built checkout (the commit before a change), in the same L1.
+Under the rows, the vif's cost lines (hypercalls and upcalls per packet, 5-s windows).
+Needs root.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.linux import netboot  # noqa: E402
-from tests.linux.test_linux_net import run_xenkvm  # noqa: E402
+from tests.linux.test_linux_net import guest_yaml, run_xenkvm  # noqa: E402
 
 QEMU_CMDLINE = ("console=ttyS0 rdinit=/net-init panic=-1 quiet loglevel=4 nokaslr mitigations=off nowatchdog "
                 "random.trust_cpu=on cryptomgr.notests")
@@ -94,18 +97,42 @@ def row(name: str, size: int, secs: tuple[float, float], problems: list[str]) ->
     return f"{name:<28} {mbs(secs[0])} {mbs(secs[1])}  {'; '.join(problems) or 'verified'}"
 
 
-def inner(size: int, timeout: float) -> int:
+VIF = (("xkn0", "eth0", "10.90.0", "on"),)
+
+
+def run_other_xenkvm(ns: str, tmp: Path, tree: Path, size: int, timeout: float) -> netboot.NetRun:
+    """:func:`run_xenkvm` with the xenkvm package of ``tree`` (``-P``: not this checkout's from the cwd)."""
+    console = tmp / "console.log"
+    cmd = ["env", f"PYTHONPATH={tree}", sys.executable, "-P", "-m", "xenkvm", "-v", "run",
+           str(guest_yaml(tmp, VIF, size)), "--console", f"file:{console}"]
+    return netboot.run_in_ns(ns, cmd, [("xkn0", "10.90.0")], size, console, timeout)
+
+
+def cost_lines(run: netboot.NetRun) -> list[str]:
+    """The vif's hypercalls/upcalls per packet (5-s windows) from the VMM's log."""
+    return ["  " + line.strip() for line in run.stderr.splitlines() if "vif" in line and ": costs: " in line]
+
+
+def inner(size: int, timeout: float, compare: Path | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-rig-net-"))
-    (tmp / "x").mkdir()
-    (tmp / "q").mkdir()
+    for sub in "xqc":
+        (tmp / sub).mkdir()
     with netboot.netns(f"xkb{os.getpid()}") as ns:
-        x = run_xenkvm(ns, tmp / "x", vifs=(("xkn0", "eth0", "10.90.0", "on"),), size=size, timeout=timeout)
+        x = run_xenkvm(ns, tmp / "x", vifs=VIF, size=size, timeout=timeout)
+    c = None
+    if compare is not None:
+        with netboot.netns(f"xkc{os.getpid()}") as ns:
+            c = run_other_xenkvm(ns, tmp / "c", compare, size, timeout)
     with netboot.netns(f"xkq{os.getpid()}") as ns:
         q = run_qemu(ns, tmp / "q", size, timeout)
     print(f"TCP, {size >> 10} KiB each way, MB/s as the host timed it (guest runs: xenkvm {x.elapsed:.0f} s, "
           f"QEMU {q.elapsed:.0f} s wall, {q.stderr.strip().splitlines()[-1]})")
     print(f"{'row':<28} {'guest->host':>10} {'host->guest':>10}  checks")
     print(row("xenkvm vif (Xen PVH)", size, x.seconds("10.90.0"), x.transfers("eth0", "10.90.0", size)))
+    print("\n".join(cost_lines(x)))
+    if c is not None:
+        print(row(f"xenkvm from {compare.name}"[:28], size, c.seconds("10.90.0"), c.transfers("eth0", "10.90.0", size)))
+        print("\n".join(cost_lines(c)))
     print(row("QEMU virtio-net + tap", size, q.seconds("10.92.0"), q.transfers("eth0", "10.92.0", size)))
     print(row("loopback floor (L1, Python)", size, loopback_in_ns(size), []))
     return 0
@@ -117,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3000, help="seconds for the whole rig run")
     p.add_argument("--inner", action="store_true", help="measure here (inside L1)")
     p.add_argument("--loopback", action="store_true", help="only the loopback floor here: print its seconds")
+    p.add_argument("--compare", type=Path, help="also run the xenkvm row with this checkout's xenkvm (built)")
     a = p.parse_args(argv)
     if a.loopback:
         print(f"{loopback(a.bytes)[0]:.6f}")
@@ -125,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_rig_net: needs root (namespaces, taps); skipped")
         return 0
     if a.inner:
-        return inner(a.bytes, a.timeout)
+        return inner(a.bytes, a.timeout, a.compare)
     for need in (netboot.IMAGE, netboot.KERNEL):
         if not need.is_file():
             print(f"bench_rig_net: {need} missing: run `make linux-xen-image` first")
@@ -133,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     from xenkvm.rig import image, runner
     l1 = image.build(ROOT / ".cache" / "rig")
     with tempfile.TemporaryDirectory(prefix="bench-rig-net-") as out:
-        res = runner.run(l1, [sys.executable, str(Path(__file__).resolve()), "--inner", "--bytes", str(a.bytes)],
-                         cwd=ROOT, out_dir=Path(out), timeout=a.timeout)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--inner", "--bytes", str(a.bytes)]
+        if a.compare is not None:
+            cmd += ["--compare", str(a.compare.resolve())]
+        res = runner.run(l1, cmd, cwd=ROOT, out_dir=Path(out), timeout=a.timeout)
     print(res.output, end="")
     print(f"(rig: L1 ready after {res.ready_s:.1f} s, {res.total_s:.0f} s in all)")
     return res.status

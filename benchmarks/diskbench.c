@@ -13,6 +13,10 @@
  *   seq-read   the same range in 1 MiB reads                 (MB/s)
  *   rand-qd1   4 KiB reads at random 4 KiB-aligned offsets, one at a time, for SECONDS  (IOPS)
  *   rand-qd32  the same from 32 threads at once (queue depth 32 without libaio)          (IOPS)
+ *
+ * Before each phase and at the end, one "DISKBENCH-MARK phase requests" line: the device's
+ * completed reads + writes so far (/sys/block/NAME/stat; -1 for a file), so a harness that
+ * samples counters (KVM's exits, the VMM's hypercalls) at each mark gets them per request.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -53,6 +57,27 @@ static int open_dev(int flags)
         exit(1);
     }
     return fd;
+}
+
+/* Completed reads + writes of PATH's block device (/sys/block/NAME/stat fields 1 and 5), or -1. */
+static long long device_requests(void)
+{
+    const char *name = strrchr(path, '/');
+    char stat_path[256];
+    unsigned long long f[5];
+    snprintf(stat_path, sizeof stat_path, "/sys/block/%s/stat", name ? name + 1 : path);
+    FILE *f_stat = fopen(stat_path, "r");
+    if (!f_stat)
+        return -1;
+    int n = fscanf(f_stat, "%llu %llu %llu %llu %llu", &f[0], &f[1], &f[2], &f[3], &f[4]);
+    fclose(f_stat);
+    return n == 5 ? (long long)(f[0] + f[4]) : -1;
+}
+
+static void mark(const char *phase)
+{
+    printf("DISKBENCH-MARK %s %lld\n", phase, device_requests());
+    fflush(stdout);
 }
 
 static void *aligned(size_t n)
@@ -146,9 +171,14 @@ int main(int argc, char **argv)
     path = argv[1];
     size_bytes = (uint64_t)atoi(argv[2]) << 20;
     seconds = atof(argv[3]);
+    mark("seq-write");
     sequential(1);
+    mark("seq-read");
     sequential(0);
+    mark("rand-qd1");
     random_iops(1);
+    mark("rand-qd32");
     random_iops(QD);
+    mark("end");
     return 0;
 }

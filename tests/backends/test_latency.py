@@ -42,3 +42,43 @@ def test_serving_without_a_kick_and_bounded_samples():
     n, median, p90 = lat.summary()["notify_to_service"]
     assert n == 3 and median == 4.0
     assert "notify_to_service n=3 median=4us" in lat.line()
+
+
+class FakeUpcalls:
+    delivered = 0
+    eoi_rounds = 0
+
+
+class FakeDomain:
+    """The two counters CostWindow reads: the dispatcher's ops and the upcalls."""
+
+    def __init__(self) -> None:
+        import collections
+        import types
+        self.dispatcher = types.SimpleNamespace(ops=collections.Counter())
+        self.upcalls = FakeUpcalls()
+
+
+def test_cost_window_divides_each_window_by_its_requests():
+    from xenkvm.backends.latency import CostWindow
+    from xenkvm.xen.abi import Hypercall
+    c, d = Clock(), FakeDomain()
+    d.dispatcher.ops[(int(Hypercall.event_channel_op), 4)] = 7       # before the window: not counted
+    w = CostWindow(d, clock=c)
+    c.t = 2_000_000_000
+    d.dispatcher.ops[(int(Hypercall.event_channel_op), 4)] += 10
+    d.dispatcher.ops[(int(Hypercall.vcpu_op), 10)] += 20
+    d.dispatcher.ops[(int(Hypercall.xen_version), None)] += 5
+    d.upcalls.delivered, d.upcalls.eoi_rounds = 10, 0
+    line = w.sample(10, {"kicks": 8})
+    assert line.startswith("10 requests in 2.0 s  hypercalls/req 3.50  vcpu_op/10 2.00  event_channel_op/4 1.00"
+                           "  xen_version 0.50")
+    assert "upcalls/req 1.00" in line and "eoi-rounds/req 0.00" in line and "kicks/req 0.80" in line
+    d.dispatcher.ops[(int(Hypercall.event_channel_op), 4)] += 4       # the next window starts where this ended
+    assert w.sample(4).startswith("4 requests in 0.0 s  hypercalls/req 1.00  event_channel_op/4 1.00")
+
+
+def test_cost_window_without_requests_does_not_divide_by_zero():
+    from xenkvm.backends.latency import CostWindow
+    w = CostWindow(FakeDomain(), clock=Clock())
+    assert w.sample(0).startswith("0 requests in 0.0 s  hypercalls/req 0.00  upcalls/req 0.00")

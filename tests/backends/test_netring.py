@@ -49,16 +49,17 @@ def test_offload_off_withdraws_gso_and_ipv6_csum():
 def test_two_queues_split_channels_and_callbacks():
     d, seen = Domain(), []
     bound = {}
-    d.evtchn.bind_vmm_to_guest_port = lambda port, fn: bound.setdefault(port, fn)
+    d.evtchn.bind_vmm_to_guest_port = lambda port, fn, direct=False: bound.setdefault(port, (fn, direct))
     keys = {**BASE, "multi-queue-num-queues": "2"}
     for q in range(2):
         keys.update({f"queue-{q}/tx-ring-ref": str(10 + q), f"queue-{q}/rx-ring-ref": str(20 + q),
                      f"queue-{q}/event-channel-tx": str(30 + q), f"queue-{q}/event-channel-rx": str(40 + q)})
     _f, qs = open_queues(d, keys, lambda q: seen.append(("tx", q)), lambda q: seen.append(("rx", q)), 4)
     assert [(q.tx_port, q.rx_port) for q in qs] == [(30, 40), (31, 41)]
-    bound[31]()
-    bound[40]()
+    bound[31][0]()
+    bound[40][0]()
     assert seen == [("tx", 1), ("rx", 0)]
+    assert all(direct for _fn, direct in bound.values())   # kicks go to the threads from the guest's own send
 
 
 @pytest.mark.parametrize("keys,needle", [

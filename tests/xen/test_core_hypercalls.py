@@ -241,6 +241,19 @@ def test_stats_count_calls(hcall, xen_machine):
     assert xen_machine.xen.dispatcher.stats[Hypercall.xen_version].count >= 3
 
 
+def test_ops_count_calls_by_sub_op(hcall, xen_machine):
+    """``dispatcher.ops``: sub-op hypercalls counted per (number, cmd), the others per number."""
+    ops = xen_machine.xen.dispatcher.ops
+    before = dict(ops)
+    for _ in range(2):
+        hcall(Hypercall.xen_version, XenVer.version, 0)
+    xen_machine.mem.write_u32(BUF, 77)
+    hcall(Hypercall.sched_op, SchedOp.shutdown, BUF)          # refused (-EINVAL): still a call
+    grown = {k: v - before.get(k, 0) for k, v in ops.items() if v != before.get(k, 0)}
+    assert grown == {(int(Hypercall.xen_version), int(XenVer.version)): 2,
+                     (int(Hypercall.sched_op), int(SchedOp.shutdown)): 1}
+
+
 def _pvclock_error_ns(xen_machine, vcpu_id: int) -> int:
     """How far vCPU ``vcpu_id``'s pvclock, applied to its real guest TSC, is from Xen system time."""
     t = (SHINFO_PFN << 12) + vcpu_id * ffi.sizeof("struct vcpu_info") + ffi.offsetof("struct vcpu_info", "time")

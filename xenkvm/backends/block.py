@@ -36,7 +36,7 @@ from xenkvm.diskspec import DiskSpec
 from xenkvm.xen.gnttab import GrantError
 
 from ._blkif_cffi import ffi, lib
-from .latency import EventLatency
+from .latency import CostWindow, EventLatency
 from .blkring import MAX_QUEUES, MAX_RING_PAGE_ORDER, PAGE, SECTOR, BlkifRing, open_disk, open_rings
 from .xenbus import XenbusDevice
 
@@ -66,8 +66,10 @@ class BlockDevice(XenbusDevice):
         self._rsp = None            #: the response of the request being served
         self.rings: list[BlkifRing] = []
         self.ring: BlkifRing | None = None      #: the ring being served (its grants serve the Python path)
-        self.stats = {"requests": 0, "errors": 0, "kicks": 0, "busy_ns": 0}
+        self.stats = {"requests": 0, "errors": 0, "kicks": 0, "notifies": 0, "busy_ns": 0}
         self.latency = EventLatency()
+        self.costs: CostWindow | None = None    #: the domain's hypercalls/upcalls per request (log lines)
+        self._window = dict(self.stats)        #: stats at the last cost line
         self._latency_logged = 0     #: perf_counter_ns of the last latency log line (every LATENCY_LOG_NS)
         #: without persistent grants, copy through one buffer instead of mapping each page
         #: (the alternative benchmarks/bench_blkback.py measures; mapping is the default, it is faster)
@@ -104,6 +106,7 @@ class BlockDevice(XenbusDevice):
 
     def connect(self, frontend: dict[str, str]) -> None:
         self.rings = open_rings(self.domain, frontend, self._kicked)
+        self.costs, self._window = CostWindow(self.domain), dict(self.stats)
         r = self.rings[0]
         log.info("%s: connected, %d queue(s) of %d-page rings (%d entries), port %d%s", self.backend.label,
                  len(self.rings), len(r.mappings), r.nr_ents, r.port,
@@ -119,6 +122,10 @@ class BlockDevice(XenbusDevice):
         st = self.stats
         log.info("%s: event latency: %s  requests/pass %.2f", self.backend.label, self.latency.line(),
                  st["requests"] / max(st["kicks"], 1))
+        if self.costs is not None:
+            w, self._window = self._window, dict(st)
+            log.info("%s: costs: %s", self.backend.label, self.costs.sample(
+                st["requests"] - w["requests"], {k: st[k] - w[k] for k in ("kicks", "notifies")}))
 
     def disconnect(self) -> None:
         if self.latency.summary():
@@ -206,6 +213,7 @@ class BlockDevice(XenbusDevice):
             self.stats["requests"] += n
             if lib.xkb_push(ring.pages, ring.nr_ents, ring.rsp_prod, ring.rsps, n):
                 t = time.perf_counter_ns()
+                self.stats["notifies"] += 1
                 self.domain.evtchn.notify(ring.port)
                 self.latency.notified(t)
 

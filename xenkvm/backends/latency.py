@@ -25,6 +25,8 @@ import collections
 import statistics
 import time
 
+from xenkvm.xen.dispatch import op_name
+
 NAMES = ("notify_to_service", "notify_call", "response_to_kick")
 
 
@@ -72,3 +74,40 @@ class EventLatency:
     def line(self) -> str:
         """One log line: ``name n=.. median=..us p90=..us`` per interval."""
         return "  ".join(f"{k} n={n} median={m:.0f}us p90={p:.0f}us" for k, (n, m, p) in self.summary().items())
+
+
+class CostWindow:
+    """What a device's requests cost the VMM between two log lines, per request.
+
+    ``sample(requests)`` reads the domain's cumulative counters (hypercalls by
+    op from ``dispatcher.ops``, upcall interrupts and auto-EOI rounds from
+    ``upcalls``) and returns one line of their growth since the previous
+    sample divided by the requests served in between: the hypercalls and
+    upcalls a request costs, whichever of them the guest makes around it
+    (its kicks, its timers while it waits).  The counters are the whole
+    domain's: another busy device in the same window adds to them.
+    """
+
+    def __init__(self, domain, clock=time.perf_counter_ns):
+        self.domain = domain
+        self.clock = clock
+        self._last = self._read()
+
+    def _read(self) -> tuple[int, dict, int, int]:
+        d = self.domain
+        return self.clock(), dict(d.dispatcher.ops), d.upcalls.delivered, d.upcalls.eoi_rounds
+
+    def sample(self, requests: int, extra: dict[str, int] | None = None) -> str:
+        """The line for the window that ends now; ``extra``: the device's own counts in it."""
+        now = self._read()
+        t0, ops0, up0, eoi0 = self._last
+        self._last = now
+        t, ops, up, eoi = now
+        n = max(requests, 1)
+        grown = sorted(((ops.get(k, 0) - ops0.get(k, 0), k) for k in ops), key=lambda ck: ck[0], reverse=True)
+        calls = sum(c for c, _ in grown)
+        parts = [f"{requests} requests in {(t - t0) / 1e9:.1f} s", f"hypercalls/req {calls / n:.2f}"]
+        parts += [f"{op_name(*k)} {c / n:.2f}" for c, k in grown[:6] if c]
+        parts += [f"upcalls/req {(up - up0) / n:.2f}", f"eoi-rounds/req {(eoi - eoi0) / n:.2f}"]
+        parts += [f"{name}/req {v / n:.2f}" for name, v in (extra or {}).items()]
+        return "  ".join(parts)

@@ -53,6 +53,7 @@ from xenkvm.vifspec import VifSpec
 from . import netpkt
 from ._netif_cffi import ffi, lib
 from .gntcopy import BatchCopy
+from .latency import CostWindow
 from .netring import RING, NetifRings, open_queues
 from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap
 from .xenbus import ConnectError, XenbusDevice
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 4096
 MAX_SLOTS = lib.XEN_NETIF_NR_SLOTS_MIN
+COST_LOG_NS = 5_000_000_000   #: while packets flow, log their cost this often (at -v)
 MORE, EXTRA, CSUM_BLANK = lib.NETTXF_more_data, lib.NETTXF_extra_info, lib.NETTXF_csum_blank
 OKAY, ERROR, NULL = lib.NETIF_RSP_OKAY, lib.NETIF_RSP_ERROR, lib.NETIF_RSP_NULL
 GSO_TYPES = {lib.XEN_NETIF_GSO_TYPE_TCPV4: "gso_tcpv4", lib.XEN_NETIF_GSO_TYPE_TCPV6: "gso_tcpv6"}
@@ -97,6 +99,8 @@ class VifDevice(XenbusDevice):
         self._tx_copy: BatchCopy | None = None       #: the tx worker's (connect)
         self._gso = ffi.new("struct xkn_gso *")
         self._rx: list[RxWorker] = []
+        self.costs: CostWindow | None = None   #: the domain's hypercalls/upcalls per packet (log lines)
+        self._window = (0, 0, 0)               #: (perf_counter_ns, tx, rx packets) at the last cost line
 
     # -- xenstore ----------------------------------------------------------------------
     def frontend_keys(self) -> dict[str, str]:
@@ -128,6 +132,8 @@ class VifDevice(XenbusDevice):
             self.disconnect()
             raise ConnectError(f"tap {self.name}: queue: {e.strerror}") from None
         self._tx_copy = BatchCopy(self.domain, MAX_SLOTS)
+        self.costs = CostWindow(self.domain)
+        self._window = (time.perf_counter_ns(), self.stats["tx_packets"], self.stats["rx_packets"])
         if before_rx is not None:      # a restore: the saved indexes, before any rx thread runs
             try:
                 before_rx()
@@ -147,6 +153,8 @@ class VifDevice(XenbusDevice):
         queues, self.queues = self.queues, []
         for q in queues:
             q.close(self.domain)
+        for rx in workers:
+            rx.close()
         if queues:
             self.tap.remove_queues()
             self.tap.set_offload(0)
@@ -195,11 +203,12 @@ class VifDevice(XenbusDevice):
             q.rx_rsp_prod[0] = int(st["rx_rsp_prod"]) & 0xFFFFFFFF
 
     def _tx_kick(self, _queue: int) -> None:
-        """A tx event (I/O thread): every queue's tx is served on the worker, kicks coalesced."""
+        """A tx event (in the guest's EVTCHNOP_send, under the domain's lock): every queue's tx is
+        served on the worker, kicks coalesced."""
         self.backend.kick()
 
     def _rx_kick(self, queue: int) -> None:
-        """An rx event (I/O thread): the frontend posted buffers on ``queue``."""
+        """An rx event (in the guest's EVTCHNOP_send): the frontend posted buffers on ``queue``."""
         workers = self._rx
         if queue < len(workers):
             workers[queue].wake()
@@ -212,6 +221,18 @@ class VifDevice(XenbusDevice):
             self._tx_service()
         finally:
             self.stats["tx_busy_ns"] += time.thread_time_ns() - start
+            self._log_costs()
+
+    def _log_costs(self) -> None:
+        """Every COST_LOG_NS while packets flow: the hypercalls and upcalls per packet (at -v)."""
+        at, tx0, rx0 = self._window
+        now = time.perf_counter_ns()
+        if self.costs is None or now - at < COST_LOG_NS:
+            return
+        tx, rx = self.stats["tx_packets"], self.stats["rx_packets"]
+        self._window = (now, tx, rx)
+        log.info("%s: costs: %s", self.backend.label,
+                 self.costs.sample(tx - tx0 + rx - rx0, {"tx": tx - tx0, "rx": rx - rx0}))
 
     def _tx_service(self) -> None:
         for q in self.queues:
@@ -371,6 +392,10 @@ class RxWorker:
         self._stop = True
         self.wake()
         self._thread.join()
+
+    def close(self) -> None:
+        """Close the wake-up eventfd, once the rx port is closed: a kick runs in the guest's
+        EVTCHNOP_send under the domain's lock (bound ``direct``), so none is in flight then."""
         os.close(self._wake_fd)
 
     def _run(self) -> None:

@@ -134,7 +134,9 @@ def _open_queue(domain, q: int, keys: dict[str, str], where: str, features: Feat
     bound: list[int] = []
     try:
         for port, cb in zip(ports, callbacks):
-            domain.evtchn.bind_vmm_to_guest_port(port, cb)
+            # direct: the kick reaches the tx worker / rx thread from the guest's own EVTCHNOP_send
+            # (a queue put, an eventfd write), without the I/O thread's hop
+            domain.evtchn.bind_vmm_to_guest_port(port, cb, direct=True)
             bound.append(port)
     except EvtchnError as e:
         for p in bound:

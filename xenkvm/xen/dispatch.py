@@ -10,6 +10,7 @@ under the domain's big lock.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,9 @@ class Dispatcher:
     trace: bool = False
     handlers: dict[int, Handler] = field(default_factory=dict)
     stats: dict[int, Stat] = field(default_factory=dict)
+    #: calls per (hypercall, sub-op): the sub-op (``cmd``, args[0]) of the hypercalls that have
+    #: a sub-op table, else None.  Which ops a workload makes (benchmarks divide by its requests).
+    ops: collections.Counter = field(default_factory=collections.Counter)
     _unknown_seen: set[tuple[int, int | None]] = field(default_factory=set)
 
     subop_tables: dict[int, dict[int, SubHandler]] = field(default_factory=dict)
@@ -99,6 +103,7 @@ class Dispatcher:
             stat = self.stats[nr] = Stat()
         stat.count += 1
         stat.seconds += time.perf_counter() - t0
+        self.ops[(nr, args[0] & 0xFFFFFFFF if nr in self.subop_tables else None)] += 1
         if self.trace:
             trace_log.info("vcpu%d hypercall %s(%s) = %d", vcpu.id, _name(nr),
                            ", ".join(f"{a:#x}" for a in args[:5]), result)
@@ -122,6 +127,11 @@ class Dispatcher:
             self._unknown_seen.add(key)
             what = _name(nr) if cmd is None else f"{_name(nr)} sub-op {cmd}"
             log.warning("unimplemented %s: -ENOSYS (further calls not logged)", what)
+
+
+def op_name(nr: int, cmd: int | None) -> str:
+    """``event_channel_op/4`` for a key of :attr:`Dispatcher.ops` (sub-op numbers as Xen's headers)."""
+    return _name(nr) if cmd is None else f"{_name(nr)}/{cmd}"
 
 
 def subops(table: dict[int, SubHandler]) -> Handler:

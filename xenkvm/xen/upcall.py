@@ -73,7 +73,8 @@ class Upcalls:
         self.domain = domain
         self._retry_armed: set[int] = set()
         self._eoi_armed: set[int] = set()       #: vCPUs with an auto-EOI round queued
-        self.delivered = 0
+        self.delivered = 0          #: upcall interrupts injected (KVM_SIGNAL_MSI)
+        self.eoi_rounds = 0         #: auto-EOI rounds run on a vCPU's thread (global callback vector)
 
     def callback(self) -> tuple[int, int]:
         """(type, value) of HVM_PARAM_CALLBACK_IRQ."""
@@ -118,6 +119,7 @@ class Upcalls:
         look arms the next round itself; one sent before it is seen here."""
         with self.domain.lock:
             self._eoi_armed.discard(vcpu.id)
+            self.eoi_rounds += 1
         if auto_eoi(vcpu, vector, self.domain.lock) is Eoi.AGAIN:
             with self.domain.lock:
                 self._schedule_eoi(vcpu.id, vector)
