@@ -18,6 +18,7 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
       xenstore_socket: /run/xenstored/socket   # optional; default $XENSTORED_PATH or that
       platform_pci: false      # Xen platform PCI device + unplug ports (always on for boot: linux)
       hypervisor_log: stderr   # console_io output: stderr ("(XEN) " lines) | file:PATH | none
+      pv_time: true            # Xen PV time (XENFEAT_hvm_safe_pvclock); false: the guest's LAPIC timer and TSC
     disks:                     # optional, Xen guests: PV disks in xl.cfg(5) spelling (xenkvm/diskspec.py)
       - "format=raw, vdev=xvda, access=rw, target=root.img"
     vifs:                      # optional, Xen guests: PV NICs in xl.cfg(5) spelling (xenkvm/vifspec.py)
@@ -96,6 +97,11 @@ class XenConfig:
     #: ``stderr`` (each line prefixed "(XEN) "), ``file:PATH`` (appended, unprefixed) or ``none``;
     #: the guest's PV console stays on ``console:``
     hypervisor_log: str = "stderr"
+    #: advertise XENFEAT_hvm_safe_pvclock, with which Linux HVM/PVH uses the Xen clocksource,
+    #: the Xen one-shot timer (a hypercall per re-arm: VCPUOP_set_singleshot_timer) and the
+    #: runstate area; false: the guest keeps its native clocks (the in-kernel LAPIC timer, the
+    #: TSC), which on hardware KVM costs no exit to the VMM (docs/linux-xen.md, "PV time")
+    pv_time: bool = True
 
 
 XEN_FIELDS = {f.name for f in dataclasses.fields(XenConfig)}
@@ -301,10 +307,11 @@ def _xen(raw: Any) -> XenConfig:
         if not isinstance(raw["test_device"], bool):
             raise ConfigError(f"xen.test_device: expected true or false, got {raw['test_device']!r}")
         kw["test_device"] = raw["test_device"]
-    if "platform_pci" in raw:
-        if not isinstance(raw["platform_pci"], bool):
-            raise ConfigError(f"xen.platform_pci: expected true or false, got {raw['platform_pci']!r}")
-        kw["platform_pci"] = raw["platform_pci"]
+    for key in ("platform_pci", "pv_time"):
+        if key in raw:
+            if not isinstance(raw[key], bool):
+                raise ConfigError(f"xen.{key}: expected true or false, got {raw[key]!r}")
+            kw[key] = raw[key]
     if "hypervisor_log" in raw:
         kw["hypervisor_log"] = parse_hypervisor_log(raw["hypervisor_log"])
     return XenConfig(**kw)

@@ -81,8 +81,9 @@ def test_xen_section(tmp_path, kernel):
                                       "  xenstore_socket: /tmp/xs.sock\n"))
     assert cfg.xen.version == (4, 13) and cfg.xen.hypercall_trap is HypercallTrap.BREAKPOINT
     assert cfg.xen.xenstore_socket == "/tmp/xs.sock" and cfg.xen.domid == 1
-    assert cfg.xen.hypervisor_log == "stderr"
+    assert cfg.xen.hypervisor_log == "stderr" and cfg.xen.pv_time is True
     assert load_config(write(tmp_path, "kernel: k.elf\n")).xen is None
+    assert load_config(write(tmp_path, "kernel: k.elf\nxen:\n  pv_time: false\n")).xen.pv_time is False
 
 
 @pytest.mark.parametrize("value", ["stderr", "none", "file:/tmp/xen.log"])
@@ -103,7 +104,7 @@ def test_cli_hypervisor_log_is_checked_in_one_line(tmp_path, kernel):
     ("  hypercall_trap: vmcall\n", "xen.hypercall_trap"), ("  colour: blue\n", "unknown key 'colour'"),
     ("  xenstore_socket: ''\n", "xen.xenstore_socket"), ("  test_device: 1\n", "xen.test_device"),
     ("  hypervisor_log: stdout\n", "xen.hypervisor_log"), ("  hypervisor_log: 'file:'\n", "xen.hypervisor_log"),
-    ("  hypervisor_log: 2\n", "xen.hypervisor_log"),
+    ("  hypervisor_log: 2\n", "xen.hypervisor_log"), ("  pv_time: 'no'\n", "xen.pv_time"),
 ])
 def test_bad_xen_sections(tmp_path, kernel, xen, needle):
     with pytest.raises(ConfigError, match=needle):

@@ -1,6 +1,7 @@
 """The dispatcher and the core hypercalls, called as a guest would (real domain, real RAM)."""
 from __future__ import annotations
 
+import dataclasses
 import struct
 import time
 
@@ -28,6 +29,19 @@ def test_version_and_features(hcall, xen_machine):
     mem.write(BUF, struct.pack("<II", 7, 0xFFFF))
     hcall(Hypercall.xen_version, XenVer.get_features, BUF)
     assert mem.read_u32(BUF + 4) == 0  # submaps beyond the first are empty
+
+
+def test_pv_time_off_hides_safe_pvclock_only(hcall, xen_machine):
+    """xen.pv_time: false keeps Linux on its native timers: only hvm_safe_pvclock goes."""
+    mem = xen_machine.mem
+    mem.write(BUF, struct.pack("<II", 0, 0))
+    hcall(Hypercall.xen_version, XenVer.get_features, BUF)
+    with_pv_time = mem.read_u32(BUF + 4)
+    xen_machine.xen.cfg = dataclasses.replace(xen_machine.xen.cfg, pv_time=False)
+    mem.write(BUF, struct.pack("<II", 0, 0))
+    hcall(Hypercall.xen_version, XenVer.get_features, BUF)
+    assert mem.read_u32(BUF + 4) == with_pv_time & ~(1 << lib.XENFEAT_hvm_safe_pvclock)
+    assert with_pv_time >> lib.XENFEAT_hvm_safe_pvclock & 1
 
 
 def test_errors_are_the_abi_ones(hcall):

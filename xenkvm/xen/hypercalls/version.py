@@ -44,12 +44,21 @@ def compile_info(call: Call, arg: int) -> int:
     return _fixed_string(call, arg, b"xenkvm", 144)
 
 
+#: Without it Linux HVM/PVH keeps its native clocksource and clockevent (linux.md 3.3).
+PV_TIME = 1 << lib.XENFEAT_hvm_safe_pvclock
+
+
+def features(pv_time: bool) -> int:
+    """Submap 0 of the feature bits (``xen.pv_time`` false: without hvm_safe_pvclock)."""
+    return FEATURES if pv_time else FEATURES & ~PV_TIME
+
+
 def get_features(call: Call, arg: int) -> int:
     info = call.guest.read_struct(FEATURE_INFO, arg)
-    if info.submap_idx >= lib.XENFEAT_NR_SUBMAPS:
+    if info.submap_idx != 0:        # XENFEAT_NR_SUBMAPS is 1: every other submap is all zero
         info.submap = 0
     else:
-        info.submap = FEATURES
+        info.submap = features(call.domain.cfg.pv_time)
     call.guest.write_struct(FEATURE_INFO, arg, info)
     return 0
 
