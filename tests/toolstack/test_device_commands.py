@@ -76,7 +76,7 @@ def console_text(run_dir: Path) -> str:
     return out.decode(errors="replace")
 
 
-def start(kernel: str, extra: str, on_poweroff: str = "preserve"):
+def start(kernel: str, extra: str, on_poweroff: str = "preserve", on_reboot: str = "destroy"):
     """A running domain from an xl.cfg with xvda = a.img, in its own run directory."""
     subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
     work = Path(tempfile.mkdtemp(prefix="xk-dev-", dir="/tmp"))
@@ -85,7 +85,8 @@ def start(kernel: str, extra: str, on_poweroff: str = "preserve"):
     cfg = work / "blk.cfg"
     cfg.write_text(f'name = "{NAME}"\ntype = "pvh"\nkernel = "{GUESTS / "out" / kernel}"\n'
                    f'extra = "{extra}"\nmemory = 64\nvcpus = 1\n'
-                   f'disk = ["format=raw, vdev=xvda, access=rw, target=a.img"]\non_poweroff = "{on_poweroff}"\n')
+                   f'disk = ["format=raw, vdev=xvda, access=rw, target=a.img"]\non_poweroff = "{on_poweroff}"\n'
+                   f'on_reboot = "{on_reboot}"\n')
     run_dir = work / "run"
     r = xenkvm(run_dir, "create", str(cfg))
     assert r.returncode == 0, r.stderr
@@ -177,4 +178,45 @@ def test_network_attach_list_detach(domains):
     assert r.returncode == 0, r.stderr
     assert json.loads(xenkvm(run_dir, "network-list", NAME, "--json").stdout) == []
     wait_for(lambda: not os.path.exists(f"/sys/class/net/{tap}"), f"tap {tap} to go", 30)
+    assert state(run_dir) == "running"
+
+
+def test_hotplugged_devices_come_back_after_a_restart(domains):
+    """As xl keeps devices added with block-attach/network-attach in the domain's config, a guest that
+    reboots with ``on_reboot = "restart"`` comes back with them (and without those detached before)."""
+    from xenkvm.xenstore.client import XsClient
+    run_dir, work = domains("managed_domu.elf", "xk.trap=page", "destroy", "restart")
+    wait_for(lambda: "TOOLSTACK-UP" in console_text(run_dir), "the guest to watch control/shutdown")
+    (work / "c.img").write_bytes(bytes(SECTORS * 512))
+    for vdev, target in (("xvdb", "b.img"), ("xvdc", "c.img")):
+        r = xenkvm(run_dir, "block-attach", NAME, f"vdev={vdev}, access=rw, target={target}", cwd=work)
+        assert r.returncode == 0, r.stderr
+    r = xenkvm(run_dir, "block-detach", NAME, "xvdc", "--force")     # no frontend here: removed at once
+    assert r.returncode == 0, r.stderr
+    tun = os.access("/dev/net/tun", os.R_OK | os.W_OK)
+    if tun:
+        tap = f"xkrs{os.getpid() % 100000}"        # not vif1.0: other domains with domid 1 may run on this host
+        r = xenkvm(run_dir, "network-attach", NAME, f"mac=00:16:3e:12:34:57, vifname={tap}")
+        assert r.returncode == 0, r.stderr
+    before = block_list(run_dir)
+    assert sorted(before) == ["xvda", "xvdb"], before
+    r = xenkvm(run_dir, "reboot", NAME, "--wait")
+    assert r.returncode == 0, r.stderr
+    with ControlClient(str(run_dir / NAME / "control.sock"), timeout=30) as c:
+        assert c.call("info")["generation"] == 2              # a second machine
+    after = block_list(run_dir)
+    assert {v: (row["devid"], row["target"], row["mode"]) for v, row in after.items()} == \
+        {v: (row["devid"], row["target"], row["mode"]) for v, row in before.items()}
+    with XsClient(str(run_dir / ".xenstored" / "socket"), timeout=10) as xs:
+        assert xs.read("/local/domain/1/device/vbd/51728/backend") == b"/local/domain/0/backend/vbd/1/51728"
+        assert "51744" not in xs.directory("/local/domain/0/backend/vbd/1")          # xvdc stayed detached
+    if tun:
+        rows = json.loads(xenkvm(run_dir, "network-list", NAME, "--json").stdout)
+        assert [(x["devid"], x["mac"], x["ifname"]) for x in rows] == [(0, "00:16:3e:12:34:57", tap)]
+        assert os.path.exists(f"/sys/class/net/{tap}")
+    r = xenkvm(run_dir, "block-detach", NAME, "xvdb", "--force")
+    assert r.returncode == 0, r.stderr
+    r = xenkvm(run_dir, "reboot", NAME, "--wait")                    # detached for good: not in the config
+    assert r.returncode == 0, r.stderr
+    assert sorted(block_list(run_dir)) == ["xvda"]
     assert state(run_dir) == "running"

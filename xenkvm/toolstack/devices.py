@@ -8,22 +8,38 @@ block-detach --force``), so every op returns at once.  Specs are parsed by the s
 code as the guest definition's ``disks:``/``vifs:`` (xl-disk-configuration and
 xl-network-configuration spellings): a bad spec is ``invalid-argument`` with one
 line naming the key, and the domain is untouched.
+
+A device plugged in or unplugged this way also changes the domain's configuration
+(``config``, the VMM's :class:`DeviceConfig`), as xl keeps devices added with
+``block-attach``/``network-attach`` in the domain's config: a domain that reboots with
+``on_reboot = "restart"`` comes back with the devices it had, not the ones it was
+created with.  A device leaves the configuration when its detach is asked for.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from xenkvm.config import ConfigError
-from xenkvm.diskspec import parse_disk
+from xenkvm.diskspec import DiskSpec, parse_disk
 from xenkvm.toolstack.protocol import ApiError, ErrorCode
-from xenkvm.vifspec import _MAC, parse_vif
+from xenkvm.vifspec import _MAC, VifSpec, parse_vif
 
 if TYPE_CHECKING:
     from xenkvm.backends import DeviceManager, XenbusBackend
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class DeviceConfig(Protocol):
+    """Where hot-plugged devices are remembered for the domain's next boot (its configuration)."""
+
+    def device_added(self, spec: DiskSpec | VifSpec) -> None:
+        """``spec`` was plugged in: the next machine gets it too."""
+
+    def device_removed(self, type_: str, devid: int) -> None:
+        """Device ``devid`` of ``type_`` (``vbd``, ``vif``) is being unplugged: the next machine does not get it."""
 
 
 def _arg(args: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:
@@ -39,9 +55,11 @@ class DeviceOps:
     """The six device ops of one managed domain; ``devices()`` is its live DeviceManager
     (raising ApiError when the guest is not running or has no PV backends)."""
 
-    def __init__(self, devices: Callable[[], "DeviceManager"], domain_name: str):
+    def __init__(self, devices: Callable[[], "DeviceManager"], domain_name: str,
+                 config: DeviceConfig | None = None):
         self.devices = devices
         self.domain_name = domain_name
+        self.config = config
 
     def handlers(self) -> dict[str, Handler]:
         return {"block-attach": self.block_attach, "block-detach": self.block_detach,
@@ -57,9 +75,12 @@ class DeviceOps:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "base: expected an absolute path")
         devices = self.devices()
         try:
-            backend = devices.attach(parse_disk(spec_text, Path(base)))
+            spec = parse_disk(spec_text, Path(base))
+            backend = devices.attach(spec)
         except ConfigError as e:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, str(e)) from None
+        if self.config is not None:
+            self.config.device_added(spec)
         return self._block_row(devices, backend)
 
     def block_detach(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -69,6 +90,8 @@ class DeviceOps:
         devices = self.devices()
         backend = self._find(devices, vdev, "vbd")
         backend.unplug(force)
+        if self.config is not None:
+            self.config.device_removed("vbd", backend.device.devid)
         return {"vdev": backend.device.name, "devid": backend.device.devid, "forced": force}
 
     def block_list(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -95,6 +118,8 @@ class DeviceOps:
             backend = devices.attach(spec)
         except ConfigError as e:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, str(e)) from None
+        if self.config is not None:
+            self.config.device_added(spec)
         return self._vif_row(devices, backend)
 
     def network_detach(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -111,6 +136,8 @@ class DeviceOps:
         else:
             backend = self._find(devices, str(ident), "vif")
         backend.unplug(force)
+        if self.config is not None:
+            self.config.device_removed("vif", backend.device.devid)
         return {"devid": backend.device.devid, "mac": backend.device.spec.mac, "forced": force}
 
     def network_list(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,9 @@ reboots or crashes, the config's ``on_poweroff``/``on_reboot``/``on_crash``
 decides: ``destroy`` ends the process (and removes the folder), ``restart``
 builds a fresh machine from the same config (same name, domid, devices) in
 this process, ``preserve`` keeps the stopped domain listed until ``destroy``.
+Devices hot-plugged with ``block-attach``/``network-attach`` join that config and
+detached ones leave it (as xl keeps them in the domain's config), so a restarted
+domain comes back with the devices it had.
 
 The guest's console goes to a bounded in-memory ring (``ConsoleSink``'s tail)
 that ``console`` attaches to; Xen's own console (console_io) goes to
@@ -27,6 +30,7 @@ from typing import Any
 
 from xenkvm.build import build_machine, restore_machine, xen_domain
 from xenkvm.config import GuestConfig, LifecycleAction
+from xenkvm.diskspec import DiskSpec
 from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.machine.machine import Machine
 from xenkvm.machine.snapshot.format import SnapshotError
@@ -38,6 +42,7 @@ from xenkvm.toolstack.protocol import ApiError, ErrorCode
 from xenkvm.toolstack.rundir import DomainDir, DomainRecord, process_start_time
 from xenkvm.toolstack.server import ControlServer
 from xenkvm.toolstack.xenstored import SharedXenstored
+from xenkvm.vifspec import VifSpec
 from xenkvm.xen.suspend import SaveRequest
 from xenkvm.xenstore.layout import vm_uuid
 
@@ -193,8 +198,23 @@ class DomainProcess:
              "pause": self.op_pause, "unpause": self.op_unpause, "mem-set": self.op_mem_set,
              "dmesg": self.op_dmesg, "vcpu-set": self.op_vcpu_set, "snapshot": self.op_snapshot,
              "save": self.op_save}
-        h.update(DeviceOps(self._devices, self.cfg.name).handlers())
+        h.update(DeviceOps(self._devices, self.cfg.name, self).handlers())
         return h
+
+    # -- the devices of the next boot (DeviceConfig, called by DeviceOps on the control thread) -----
+    def device_added(self, spec: DiskSpec | VifSpec) -> None:
+        """A hot-plugged disk or vif joins the config the next restart boots."""
+        field = "vifs" if isinstance(spec, VifSpec) else "disks"
+        with self._lock:
+            kept = tuple(x for x in getattr(self.cfg, field) if x.devid != spec.devid)
+            self.cfg = dataclasses.replace(self.cfg, **{field: kept + (spec,)})
+
+    def device_removed(self, type_: str, devid: int) -> None:
+        """A disk (``vbd``) or vif being detached leaves the config the next restart boots."""
+        field = "vifs" if type_ == "vif" else "disks"
+        with self._lock:
+            kept = tuple(x for x in getattr(self.cfg, field) if x.devid != devid)
+            self.cfg = dataclasses.replace(self.cfg, **{field: kept})
 
     def _running(self) -> tuple[Machine, Pauser]:
         with self._lock:
