@@ -12,7 +12,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PKGS := gcc make libxen-dev xenstore-utils busybox-static cpio acpica-tools python3-venv qemu-system-x86
 # e2fsprogs: mke2fs -d builds the Debian guest's root file system image, debugfs/e2fsck check it.
 DEB_PKGS += e2fsprogs
-GUEST ?= guests/hello.yaml
+# make run's guest: Debian as a managed Xen PVH domain (an xl.cfg file: python -m xenkvm.quickstart,
+# docs/make-run.md); a YAML definition runs in the foreground (make run GUEST=guests/hello.yaml).
+GUEST ?= guests/debian-pvh.cfg
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
 .PHONY: all build deps venv guests run test test-quick test-hw rig-image check test-linux linux-image linux-xen-image rootfs-image bench info clean distclean
@@ -42,8 +44,13 @@ $(VENV)/stamp: pyproject.toml setup.py xenkvm/_cffi_modules.py xenkvm/kvm/_build
 guests: deps
 	$(MAKE) -C guests
 
+ifeq ($(suffix $(GUEST)),.cfg)
+run: build rootfs-image
+	$(PY) -m xenkvm.quickstart $(GUEST)
+else
 run: build
 	$(VENV)/bin/xenkvm run $(GUEST)
+endif
 
 info: build
 	$(VENV)/bin/xenkvm info
