@@ -62,7 +62,9 @@ PHASE_TEXT = {
 
 #: A console line -> the phase it starts (Debian bookworm's 6.1 kernel log; xenkvm/rootfs.py).
 RULES: tuple[tuple[Phase, re.Pattern[bytes]], ...] = (
-    (Phase.KERNEL, re.compile(rb"Linux version \d")),
+    # hvc0 starts ~10 s of guest time into the boot, after "Linux version" went to the boot
+    # console (earlyprintk=xen: the hypervisor log), so any kernel log line counts.
+    (Phase.KERNEL, re.compile(rb"Linux version \d|^\[ *\d+\.\d{6}\] ")),
     (Phase.INITRAMFS_UNPACK, re.compile(rb"Trying to unpack rootfs image as initramfs|Unpacking initramfs")),
     (Phase.KERNEL_INIT_DONE, re.compile(rb"Freeing unused kernel image|Write protecting the kernel")),
     (Phase.INITRAMFS_INIT, re.compile(rb"Run /init as init process")),
@@ -75,8 +77,9 @@ RULES: tuple[tuple[Phase, re.Pattern[bytes]], ...] = (
 
 
 def phase_of(line: bytes) -> Phase | None:
-    """The phase a console line marks the start of, or None."""
-    for phase, rx in RULES:
+    """The latest phase a console line marks the start of, or None (a specific kernel line also
+    matches the any-kernel-line rule of Phase.KERNEL: the later phase wins)."""
+    for phase, rx in reversed(RULES):
         if rx.search(line):
             return phase
     return None
@@ -158,7 +161,14 @@ class StatusLine:
         self.shown = False
 
     def show(self, text: str) -> None:
+        """Draw ``text``, cut to the terminal's width: a wrapped line could not be erased."""
         if self.enabled:
+            try:
+                width = os.get_terminal_size(self.fd).columns
+            except OSError:
+                width = 80
+            if width > 1 and len(text) >= width:
+                text = text[:width - 4] + "..."
             os.write(self.fd, self.ERASE + text.encode(errors="replace"))
             self.shown = True
 
