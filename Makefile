@@ -15,7 +15,9 @@ DEB_PKGS += e2fsprogs
 # qemu-system-common: qemu-storage-daemon serves non-raw disk images over NBD (backends/imagedisk.py);
 # qemu-utils: qemu-img makes and checks them in the tests and the benchmark.
 DEB_PKGS += qemu-system-common qemu-utils
-GUEST ?= guests/hello.yaml
+# make run's guest: Debian as a managed Xen PVH domain (an xl.cfg file: python -m xenkvm.quickstart,
+# docs/make-run.md); a YAML definition runs in the foreground (make run GUEST=guests/hello.yaml).
+GUEST ?= guests/debian-pvh.cfg
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
 .PHONY: all build deps venv guests run test test-quick test-hw rig-image check test-linux linux-image linux-xen-image rootfs-image bench info clean distclean
@@ -45,8 +47,13 @@ $(VENV)/stamp: pyproject.toml setup.py xenkvm/_cffi_modules.py xenkvm/kvm/_build
 guests: deps
 	$(MAKE) -C guests
 
+ifeq ($(suffix $(GUEST)),.cfg)
+run: build rootfs-image
+	$(PY) -m xenkvm.quickstart $(GUEST)
+else
 run: build
 	$(VENV)/bin/xenkvm run $(GUEST)
+endif
 
 info: build
 	$(VENV)/bin/xenkvm info

@@ -88,7 +88,11 @@ def _toolstack_parsers(sub) -> None:
     """The xl-style commands of xenkvm/toolstack (docs/control-api.md, README's xl table)."""
     cr = sub.add_parser("create", help="start a domain in the background from an xl.cfg or YAML file")
     cr.add_argument("config", help="domain configuration (xl.cfg(5) syntax, or the YAML guest definition)")
+    cr.add_argument("settings", nargs="*", metavar="KEY=VALUE",
+                    help="xl.cfg settings after the file's, as xl create (e.g. 'vif=[]'); xl.cfg files only")
     cr.add_argument("-c", dest="console", action="store_true", help="attach its console after starting")
+    cr.add_argument("--progress", action="store_true",
+                    help="with -c: while the console is quiet, a status line with the boot phase (slow hosts)")
     cr.add_argument("-F", dest="foreground", action="store_true",
                     help="stay in the foreground with the console on this terminal (as `run`)")
     cr.add_argument("--xenstore", choices=("shared", "embedded"), default="shared",
@@ -101,6 +105,8 @@ def _toolstack_parsers(sub) -> None:
                        ("unpause", "let a paused domain run on"),
                        ("dmesg", "show the hypervisor console (console_io output) of a domain")):
         sub.add_parser(name, help=text).add_argument("name")
+    sub.choices["console"].add_argument("--progress", action="store_true",
+                                        help="while the console is quiet, a status line with the boot phase")
     rb = sub.add_parser("reboot", help="ask a Xen guest to reboot (control/shutdown = reboot)")
     rb.add_argument("name")
     rb.add_argument("-w", "--wait", action="store_true", help="wait until it has come back")
@@ -314,16 +320,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _vmm_args(argv: list[str]) -> argparse.Namespace | None:
-    """The hidden ``[-v...] _vmm DIR CONFIG`` form ``create`` starts its background VMM with
+    """The hidden ``[-v...] _vmm DIR CONFIG [KEY=VALUE...]`` form ``create`` starts its background VMM with
     (``_vmm DIR --restore FILE`` for ``restore``)."""
     verbose = 0
     while argv[:1] == ["-v"]:
         verbose, argv = verbose + 1, argv[1:]
     if argv[:1] == ["_vmm"] and len(argv) == 4 and argv[2] == "--restore":
         return argparse.Namespace(command="_vmm", verbose=verbose, dir=argv[1], config=None, restore=argv[3])
-    if argv[:1] != ["_vmm"] or len(argv) != 3:
+    if argv[:1] != ["_vmm"] or len(argv) < 3:
         return None
-    return argparse.Namespace(command="_vmm", verbose=verbose, dir=argv[1], config=argv[2])
+    return argparse.Namespace(command="_vmm", verbose=verbose, dir=argv[1], config=argv[2], settings=argv[3:])
 
 
 def _toolstack_command(args: argparse.Namespace) -> int:

@@ -112,12 +112,26 @@ def _positional(keys: dict[str, str], items: list[str], text: str) -> None:
         keys[name] = value
 
 
-def _target(value: str, base: Path) -> Path:
+def _target_path(value: str, base: Path) -> Path:
     for prefix in ("phy:", "file:", "raw:", "aio:"):
         if value.startswith(prefix):
             value = value[len(prefix):]
     p = Path(value).expanduser()
-    p = p if p.is_absolute() else base / p
+    return p if p.is_absolute() else base / p
+
+
+def spec_target(text: str, base: Path) -> tuple[str, Path] | None:
+    """The vdev and target path a disk spec names, the target not required to exist yet (for a
+    tool that makes the image first: ``make run``'s copy of the root image); None without both."""
+    keys, positional = _split(text)
+    _positional(keys, positional, text)
+    if not keys.get("vdev") or not keys.get("target"):
+        return None
+    return keys["vdev"], _target_path(keys["target"], base)
+
+
+def _target(value: str, base: Path) -> Path:
+    p = _target_path(value, base)
     try:
         mode = os.stat(p).st_mode
     except OSError as e:

@@ -51,6 +51,15 @@ VIRTIO_MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_
                   "virtio_blk")
 VIRTIO_PATHS = {"virtio_blk": "drivers/block/virtio_blk.ko"}
 RUN_SCRIPT = "/xenkvm/run"
+NETFRONT = "drivers/net/xen-netfront.ko"
+#: Where the root file system keeps xen-netfront.ko: its /sbin/init loads it when the kernel
+#: command line asks for an address (``xenkvm.ip=ADDR/PREFIX``, ``make run``'s guest).
+NETFRONT_PATH = "lib/modules/xen-netfront.ko"
+#: Lines the inits print on the console at each step of a disk boot; ``make run``'s progress
+#: display (xenkvm/bootprogress.py) reads its boot phases from them and from the kernel's log.
+INITRAMFS_STEP = "xenkvm-initramfs:"
+NET_UP = "XENKVM-NET-UP"
+SHELL_BANNER = "XENKVM-SHELL"
 
 #: The initramfs of a disk boot: blkfront in, /dev/xvda mounted, switch_root to its /sbin/init
 #: (``xenkvm.root=/dev/vda`` on the command line: virtio-blk instead, for the QEMU baseline).
@@ -62,6 +71,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 root=/dev/xvda
 for w in $(cat /proc/cmdline); do case "$w" in xenkvm.root=/dev/*) root="${{w#xenkvm.root=}}" ;; esac; done
+echo "{INITRAMFS_STEP} waiting for $root"
 case "$root" in
 /dev/vd*) for m in {" ".join(VIRTIO_MODULES)}; do insmod /lib/modules/$m.ko || fail "insmod $m.ko"; done ;;
 *) insmod /lib/modules/xen-blkfront.ko || fail "insmod xen-blkfront.ko" ;;
@@ -71,11 +81,14 @@ while [ ! -b $root ] && [ $i -lt 600 ]; do usleep 50000; i=$((i+1)); done
 [ -b $root ] || fail "no $root after 30 s"
 mkdir -p /newroot
 mount -t ext4 -o rw $root /newroot || fail "mount $root"
+echo "{INITRAMFS_STEP} $root mounted, switching root"
 umount /proc /sys /dev
 exec switch_root /newroot /sbin/init
 """
 
-#: The root file system's init: run /xenkvm/run if there is one, else a shell on hvc0.
+#: The root file system's init: eth0 up when the command line says ``xenkvm.ip=ADDR/PREFIX``
+#: (``xenkvm.gw=HOST`` names the host's side for the banner), then /xenkvm/run if there is one,
+#: else a shell on hvc0.
 ROOTFS_INIT = f"""#!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
@@ -83,12 +96,29 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /tmp
 echo "{ROOTFS_MARKER} $(uname -r) root=$(grep ' / ' /proc/mounts | cut -d' ' -f1,3)"
+hostname -F /etc/hostname
+ip=; gw=
+for w in $(cat /proc/cmdline); do
+    case "$w" in xenkvm.ip=*) ip="${{w#xenkvm.ip=}}" ;; xenkvm.gw=*) gw="${{w#xenkvm.gw=}}" ;; esac
+done
+if [ -n "$ip" ]; then
+    [ -e /sys/module/xen_netfront ] || insmod /{NETFRONT_PATH} || echo "xenkvm: insmod xen-netfront.ko failed"
+    i=0
+    while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do usleep 50000; i=$((i+1)); done
+    ip link set lo up
+    if [ -e /sys/class/net/eth0 ] && ip addr add "$ip" dev eth0 && ip link set eth0 up; then
+        echo "{NET_UP} eth0 $ip${{gw:+, host $gw}}"
+    else
+        echo "xenkvm: no network: eth0 did not come up (does the domain have a vif?)"
+    fi
+fi
 if [ -f {RUN_SCRIPT} ]; then
     sh {RUN_SCRIPT}
     echo "xenkvm: {RUN_SCRIPT} exited with status $?"
     sync
     poweroff -f
 fi
+echo "{SHELL_BANNER}: a shell on hvc0 (busybox; poweroff -f or the host's xenkvm shutdown stops it)"
 exec setsid cttyhack sh
 """
 
@@ -116,8 +146,9 @@ def busybox_applets(busybox: Path) -> list[str]:
     return [line.strip() for line in res.stdout.splitlines() if line.strip()]
 
 
-def stage_tree(tree: Path, busybox: Path) -> None:
-    """The root file system's contents in ``tree`` (emptied first)."""
+def stage_tree(tree: Path, busybox: Path, netfront: bytes | None = None) -> None:
+    """The root file system's contents in ``tree`` (emptied first); ``netfront``: the kernel's
+    xen-netfront.ko, kept at :data:`NETFRONT_PATH` for the init's ``xenkvm.ip=``."""
     if tree.exists():
         shutil.rmtree(tree)
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "etc", "root",
@@ -137,6 +168,9 @@ def stage_tree(tree: Path, busybox: Path) -> None:
         (tree / path).chmod(0o755)
     (tree / "etc" / "hostname").write_text("xenkvm-guest\n")
     (tree / "tmp").chmod(0o1777)
+    if netfront is not None:
+        (tree / NETFRONT_PATH).parent.mkdir(parents=True, exist_ok=True)
+        (tree / NETFRONT_PATH).write_bytes(netfront)
 
 
 def make_ext4(tree: Path, image: Path, size_mib: int = ROOTFS_SIZE_MIB, label: str = "xenkvm-root") -> Path:
@@ -191,11 +225,12 @@ def build_rootfs(cache: Path) -> RootfsImage:
     _write_if_changed(initramfs, build_disk_initramfs(busybox.read_bytes(), kernel_module(kroot, BLKFRONT), virtio))
     image = cache / "rootfs.ext4"
     stamp = cache / "rootfs.stamp"
-    inputs = busybox.read_bytes() + ROOTFS_INIT.encode() + f"{ROOTFS_SIZE_MIB} {MKE2FS_ARGS}".encode()
+    netfront = kernel_module(kroot, NETFRONT)
+    inputs = busybox.read_bytes() + netfront + ROOTFS_INIT.encode() + f"{ROOTFS_SIZE_MIB} {MKE2FS_ARGS}".encode()
     want = hashlib.sha256(inputs).hexdigest()
     if not image.is_file() or not stamp.is_file() or stamp.read_text() != want:
         with tempfile.TemporaryDirectory(prefix="rootfs-", dir=cache) as tmp:
-            stage_tree(Path(tmp) / "tree", busybox)
+            stage_tree(Path(tmp) / "tree", busybox, netfront)
             make_ext4(Path(tmp) / "tree", image)
         stamp.write_text(want)
     return RootfsImage(img.vmlinuz, initramfs, image)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Union
 
 import yaml
@@ -176,11 +177,12 @@ class _Parser:
             yield key, op, value
 
 
-def parse(text: str) -> dict[str, Value]:
-    """The settings of an xl.cfg text, in order; a later ``KEY =`` replaces, ``+=`` appends."""
+def parse(text: str, into: dict[str, Value] | None = None) -> dict[str, Value]:
+    """The settings of an xl.cfg text, in order; a later ``KEY =`` replaces, ``+=`` appends
+    (``into``: settings read before, which this text amends)."""
     if "\0" in text:
         raise ConfigError("binary content (NUL bytes): not an xl.cfg file")
-    out: dict[str, Value] = {}
+    out: dict[str, Value] = {} if into is None else into
     for key, op, value in _Parser(text).statements():
         if op == "+=" and key in out:
             old = out[key]
@@ -306,10 +308,24 @@ def to_mapping(cfg: dict[str, Value]) -> dict[str, Any]:
     return raw
 
 
-def load(path: str | Path, overrides: dict[str, Any] | None = None) -> GuestConfig:
-    """An xl.cfg file as a GuestConfig (relative paths: relative to the file's directory)."""
+def apply_settings(cfg: dict[str, Value], settings: Sequence[str]) -> dict[str, Value]:
+    """``xl create FILE KEY=VALUE...``: each argument is one more line of the file, after it
+    (``vif=[]`` replaces the file's vifs, ``extra+=" quiet"`` appends); ConfigError naming it."""
+    for setting in settings:
+        if not re.match(r"\s*[A-Za-z_][A-Za-z0-9_]*\s*\+?=", setting) or "\n" in setting:
+            raise ConfigError(f"{setting!r}: expected one KEY=VALUE xl.cfg setting")
+        try:
+            parse(setting, cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{setting!r}: {e}") from None
+    return cfg
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None, settings: Sequence[str] = ()) -> GuestConfig:
+    """An xl.cfg file as a GuestConfig (relative paths: relative to the file's directory), amended
+    by ``settings`` (``KEY=VALUE`` lines, as xl create's trailing arguments)."""
     p = Path(path)
-    raw = to_mapping(read(p))
+    raw = to_mapping(apply_settings(read(p), settings))
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return from_mapping(raw, p.resolve().parent, str(p))

@@ -155,3 +155,39 @@ def test_is_xl(tmp_path):
     assert xlcfg.is_xl(write(tmp_path, PVH, "web01"))
     assert not xlcfg.is_xl(write(tmp_path, "name: a\nkernel: x\n", "guest"))
     assert xlcfg.is_xl(tmp_path / "x.cfg") and not xlcfg.is_xl(tmp_path / "x.yaml")
+
+
+# -- xl create's trailing KEY=VALUE settings (xenkvm create FILE KEY=VALUE..., make run's vif=[]) --
+def test_settings_replace_and_append(tmp_path):
+    p = write(tmp_path, PVH)
+    cfg = xlcfg.load(p, settings=["vif=[]", 'extra+=" quiet"', "memory = 128"])
+    assert cfg.vifs == ()
+    assert cfg.memory == 128 << 20
+    assert cfg.cmdline.endswith(" quiet")
+    plain = xlcfg.load(p)
+    assert plain.vifs and plain.memory == 512 << 20 and not plain.cmdline.endswith(" quiet")
+
+
+@pytest.mark.parametrize("setting", ["vif", "=[]", "vif=[", "no such thing", "a=1\nb=2", "memory='x'+3"])
+def test_bad_settings_are_one_line_naming_them(tmp_path, setting):
+    p = write(tmp_path, PVH)
+    with pytest.raises(ConfigError) as e:
+        xlcfg.load(p, settings=[setting])
+    assert repr(setting) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_settings_are_for_xl_files_only(tmp_path):
+    from xenkvm.toolstack.commands import load_guest
+    y = tmp_path / "g.yaml"
+    y.write_text("name: g\nkernel: vmlinuz\n")
+    (tmp_path / "vmlinuz").write_bytes(b"\x7fELF")
+    with pytest.raises(ConfigError, match="xl.cfg files only"):
+        load_guest(str(y), ["vif=[]"])
+
+
+def test_vmm_gets_the_settings():
+    from xenkvm.cli import _vmm_args
+    ns = _vmm_args(["-v", "_vmm", "/run/d", "/g/dom.cfg", "vif=[]", "memory=64"])
+    assert (ns.dir, ns.config, ns.settings) == ("/run/d", "/g/dom.cfg", ["vif=[]", "memory=64"])
+    assert _vmm_args(["_vmm", "/run/d", "/g/dom.cfg"]).settings == []
+    assert _vmm_args(["_vmm", "/run/d", "--restore", "/s"]).restore == "/s"

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from xenkvm import xlcfg
@@ -30,9 +31,14 @@ SNAPSHOT_TIMEOUT = 120.0   #: seconds for a snapshot's files to be written (vCPU
 WAIT_POLL = 0.2
 
 
-def load_guest(path: str) -> GuestConfig:
-    """A guest definition in either format: xl.cfg (xlcfg.is_xl) or YAML."""
-    return xlcfg.load(path) if xlcfg.is_xl(path) else load_config(path)
+def load_guest(path: str, settings: Sequence[str] = ()) -> GuestConfig:
+    """A guest definition in either format: xl.cfg (xlcfg.is_xl, amended by ``KEY=VALUE``
+    ``settings`` as xl create's) or YAML (no settings)."""
+    if xlcfg.is_xl(path):
+        return xlcfg.load(path, settings=settings)
+    if settings:
+        raise ConfigError(f"{path}: KEY=VALUE settings ({settings[0]!r}) amend xl.cfg files only, not YAML")
+    return load_config(path)
 
 
 def domain(name: str) -> DomainDir:
@@ -60,7 +66,8 @@ class VmmGone(ConfigError):
 
 # -- create ---------------------------------------------------------------------------------------
 def cmd_create(args) -> int:
-    cfg = load_guest(args.config)
+    settings = list(getattr(args, "settings", None) or ())
+    cfg = load_guest(args.config, settings)
     run = RunDir()
     shared = None
     if cfg.xen is not None and getattr(args, "xenstore", "shared") == "shared":
@@ -73,7 +80,7 @@ def cmd_create(args) -> int:
     if args.foreground:
         from xenkvm.toolstack.vmm import DomainProcess
         return DomainProcess(cfg, d, rec, foreground=True).run()
-    return _start_vmm(args, cfg, d, rec, [str(Path(args.config).resolve())])
+    return _start_vmm(args, cfg, d, rec, [str(Path(args.config).resolve()), *settings])
 
 
 def _start_vmm(args, cfg: GuestConfig, d: DomainDir, rec, vmm_args: list[str]) -> int:
@@ -100,7 +107,7 @@ def _start_vmm(args, cfg: GuestConfig, d: DomainDir, rec, vmm_args: list[str]) -
         return 1
     log.info("created %s (domid %d, pid %d)", cfg.name, rec.domid, proc.pid)
     if args.console:
-        return attach(d.control, cfg.name)
+        return attach(d.control, cfg.name, progress=getattr(args, "progress", False))
     return 0
 
 
@@ -130,7 +137,7 @@ def cmd_vmm(args) -> int:
     if getattr(args, "restore", None):
         proc = DomainProcess(saved_config(args.restore, rec.name), d, rec, restore=args.restore)
     else:
-        proc = DomainProcess(load_guest(args.config), d, rec)
+        proc = DomainProcess(load_guest(args.config, getattr(args, "settings", ())), d, rec)
     proc.install_signal_handlers()
     return proc.run()
 
@@ -219,7 +226,7 @@ def cmd_list(args) -> int:
 
 # -- the rest -------------------------------------------------------------------------------------
 def cmd_console(args) -> int:
-    return attach(domain(args.name).control, args.name)
+    return attach(domain(args.name).control, args.name, progress=getattr(args, "progress", False))
 
 
 def _wait(name: str, done, timeout: float, what: str) -> int:
