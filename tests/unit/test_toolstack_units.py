@@ -105,3 +105,21 @@ def test_slow_console_reader_is_dropped_not_buffered(server, tmp_path):
         assert c.call("echo") == {"echo": {}}
     assert all(len(conn.outbuf) <= (1 << 20) + 10240 for conn in srv.conns.values())
     con.close()
+
+
+def test_console_output_queued_at_close_is_delivered(tmp_path):
+    """The guest's last words (written just before its machine stops) reach an attached console
+    even when the control thread has not flushed them before the server closes."""
+    srv = ControlServer(str(tmp_path / "c.sock"), {}, console_input=lambda data: None, console_tail=lambda: b"")
+    srv.start()
+    con = ControlClient(str(tmp_path / "c.sock"))
+    con.attach_console()
+    srv._wake = lambda: None                          # the control thread is not told: only close() can send it
+    srv.console_output(b"shutdown request: poweroff\n")
+    srv.close()
+    con.sock.settimeout(5)
+    got = b""
+    while chunk := con.sock.recv(4096):
+        got += chunk
+    assert got.endswith(b"shutdown request: poweroff\n")
+    con.close()

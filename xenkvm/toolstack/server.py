@@ -96,8 +96,10 @@ class ControlServer:
 
     @staticmethod
     def _flush_before_close(conn: _Conn) -> None:
-        """Send what is queued (e.g. the answer to ``destroy``), waiting at most a second."""
-        if conn.outbuf and not conn.console:
+        """Send what is queued, waiting at most a second: the answer to ``destroy``, and on an
+        attached console the guest's last output (its shutdown message is written just before
+        the machine stops, often after the control thread's last flush)."""
+        if conn.outbuf:
             try:
                 conn.sock.settimeout(1.0)
                 conn.sock.sendall(conn.outbuf)
