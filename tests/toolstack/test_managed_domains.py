@@ -172,16 +172,21 @@ def test_pause_stops_guest_time(running):
         con.read_until(rb"^TICK \d+ \d+$")
         assert c.call("pause") == {"state": "paused", "all_parked": True}
         assert c.call("info")["state"] == "paused"
-        time.sleep(6)                  # >= 400 ms of guest time even at PVM's ~15x time dilation
+        paused_at = time.monotonic()
+        time.sleep(6)
         con.drain()
         last = TICK.findall(con.out)[-1]
         before = len(con.out)
+        paused_ms = (time.monotonic() - paused_at) * 1e3
         c.call("unpause")
         after = con.read_until(rb"^TICK (\d+) (\d+)$", start=before)
     con.close()
     gap_ms = (int(after.group(2)) - int(last[1])) / 1e6
     assert int(after.group(1)) == int(last[0]) + 1, "the guest printed ticks while paused"
-    assert gap_ms < 100, f"guest time advanced {gap_ms:.0f} ms across the pause"
+    # Xen system time runs at the host's rate: had it not stopped, the gap would exceed paused_ms.
+    # What it may advance by is one tick (20 ms) plus the vCPUs' way out and back in, which a
+    # loaded host stretches (seen: 860 ms), so the bound is a fraction of the pause, not a figure.
+    assert gap_ms < paused_ms / 4, f"guest time advanced {gap_ms:.0f} ms across a {paused_ms:.0f} ms pause"
 
 
 def test_mem_set_through_the_api(running):

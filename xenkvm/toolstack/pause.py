@@ -51,7 +51,7 @@ class Pauser:
             all_parked = self._cond.wait_for(lambda: self._parked == len(self.machine.runners)
                                              or self.machine.stopping, PARK_TIMEOUT)
         if self.xen is not None:
-            self.xen.freeze_clock()
+            self.xen.freeze_clock()         # already done by the last vCPU to park, unless one did not
         if not all_parked:
             log.warning("pause: %d of %d vCPUs parked within %g s", self._parked, len(self.machine.runners),
                         PARK_TIMEOUT)
@@ -69,6 +69,8 @@ class Pauser:
         """On the vCPU's thread: wait while paused (the machine stopping ends the wait)."""
         with self._cond:
             self._parked += 1
+            if self._parked == len(self.machine.runners) and self.xen is not None:
+                self.xen.freeze_clock()     # now, not when the pausing thread next gets the CPU
             self._cond.notify_all()
             while self._paused and not self.machine.stopping:
                 self._cond.wait(POLL)
