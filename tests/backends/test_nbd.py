@@ -127,6 +127,30 @@ def test_qcow2_pipelined_reads_writes_flush_discard(tmp_path):
 
 
 @needs_qemu
+def test_a_discard_of_4_gib_and_more_is_split(tmp_path):
+    """A guest may discard more than NBD's 32-bit length says at once: it goes out in pieces (before, cffi's
+    OverflowError tore the vbd down and lost the requests queued with it)."""
+    GiB = 1 << 30
+    img = tmp_path / "big.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "8G")
+    d = ImageDisk(spec(img, "qcow2"))
+    try:
+        marks = [0, 4 * GiB - 4096, 4 * GiB, 5 * GiB + 8192, 6 * GiB]   # the last one is past the discard
+        for off in marks:
+            d.submit(True, views(bytearray(pattern(off, 4096, 3))), off)
+        assert d.results() == [0] * len(marks)
+        d.discard(0, 6 * GiB)
+        bufs = [bytearray(4096) for _ in marks]
+        for off, buf in zip(marks, bufs):
+            d.submit(False, views(buf), off)
+        assert d.results() == [0] * len(marks) and d.client.dead is None
+        assert [bytes(b) == bytes(4096) for b in bufs] == [True] * 4 + [False]
+        assert bytes(bufs[-1]) == pattern(6 * GiB, 4096, 3)
+    finally:
+        d.close()
+
+
+@needs_qemu
 def test_qcow2_over_a_backing_file(tmp_path):
     base, top = tmp_path / "base.raw", tmp_path / "top.qcow2"
     base.write_bytes(pattern(0, 2 * MiB, 7))
@@ -382,3 +406,38 @@ def test_many_requests_in_flight_do_not_deadlock():
     assert all(bytes(b) == bytes([i]) * 65536 for i, b in enumerate(bufs))
     client.close()
     t.join(5)
+
+
+def test_a_request_the_wire_cannot_carry_fails_alone():
+    """A length past NBD's 32-bit field, or a read into a read-only buffer, fails that request with
+    EINVAL and is never sent; the requests queued with it go out and are answered."""
+    seen = []
+
+    def server(s):
+        serve_handshake(s)
+        for _ in range(2):
+            cmd, handle, offset, length = read_request(s)
+            seen.append((cmd, offset, length))
+            _reply(s, handle)
+            if cmd == Command.READ:
+                s.sendall(b"r" * length)
+        s.settimeout(1.0)
+        try:
+            while data := s.recv(4096):
+                seen.append(data)
+        except TimeoutError:
+            pass
+
+    client, t = hostile(server)
+    client.handshake("disk")
+    buf = bytearray(4096)
+    handles = [client.submit(Command.READ, 0, 4096, views(buf)),
+               client.submit(Command.WRITE_ZEROES, 0, 1 << 32),
+               client.submit(Command.READ, 0, 4096, [memoryview(bytes(4096))]),
+               client.submit(Command.TRIM, 1 << 64, 4096),
+               client.submit(Command.FLUSH, 0, 0)]
+    assert [client.wait(h) for h in handles] == [0, errno.EINVAL, errno.EINVAL, errno.EINVAL, 0]
+    assert client.dead is None and bytes(buf) == b"r" * 4096
+    client.close()
+    t.join(5)
+    assert seen[:2] == [(Command.READ, 0, 4096), (Command.FLUSH, 0, 0)]

@@ -49,6 +49,8 @@ MAX_IN_FLIGHT = 16      #: QEMU's NBD server reads at most 16 requests ahead (MA
 #: a client that only sends while the server waits to send replies would deadlock the socket
 MAX_OPTION_REPLY = 65536   #: longer option replies are garbage (ours carry an export name or a short message)
 DEFAULT_TIMEOUT = 60.0     #: seconds without progress before the daemon is taken for dead
+MAX_LENGTH = 0xFFFFFFFF    #: a request's length is a 32-bit field on the wire (and in struct xknbd_req)
+MAX_OFFSET = (1 << 64) - 1  #: its offset a 64-bit one
 
 _HELLO = struct.Struct(">QQH")         # NBDMAGIC, IHAVEOPT, handshake flags
 _OPTION = struct.Struct(">QII")        # IHAVEOPT, option, length
@@ -181,11 +183,15 @@ class NbdClient:
         """Queue one request; its handle.  A write sends ``buffers`` (memoryviews whose lengths add up to
         ``length``), a read is received into them; the client releases them once answered.  The queue
         goes out with the next ``wait``/``drain``.  Never raises: on a dead connection the request fails
-        (``results[handle] = EIO``)."""
+        (``results[handle] = EIO``); one the wire cannot carry (a length or offset past its field) fails
+        alone with ``EINVAL`` and is never sent."""
         handle = self._next
         self._next += 1
         if self.dead is not None:
             self._fail(handle, buffers)
+        elif not (0 <= length <= MAX_LENGTH and 0 <= offset <= MAX_OFFSET):
+            log.warning("%s: request of %d bytes at %d refused: past the NBD fields", self.name, length, offset)
+            self._fail(handle, buffers, errno.EINVAL)
         else:
             self._queue.append(_Request(handle, command, offset, length, flags, buffers or []))
         return handle
@@ -218,33 +224,50 @@ class NbdClient:
     # -- internals -----------------------------------------------------------------------
     def _run(self) -> None:
         """The queued requests through ``xknbd_batch`` (C, without the GIL): at most MAX_IN_FLIGHT in
-        flight, payloads straight from/to the buffers."""
-        queue, self._queue = self._queue, []
+        flight, payloads straight from/to the buffers.  The C requests are built before the queue is
+        taken, and a request whose buffers cffi refuses fails alone (EINVAL): none is ever lost."""
+        queue = self._queue
         reqs = ffi.new("struct xknbd_req[]", len(queue))
-        keep = []          # the cffi buffers behind the iovecs, released after the call
+        keep: list = []          # the cffi buffers behind the iovecs, released after the call
+        sent: list[_Request] = []
         try:
-            for req, c in zip(queue, reqs):
-                c.type, c.flags, c.offset, c.length = req.command, req.flags, req.offset, req.length
-                if req.buffers:
-                    iov = ffi.new("struct iovec[]", len(req.buffers))
-                    keep.append(iov)
-                    for v, b in zip(iov, req.buffers):
-                        p = ffi.from_buffer(b, require_writable=req.command == Command.READ)
-                        keep.append(p)
-                        v.iov_base, v.iov_len = p, len(b)
-                    c.iov, c.niov = iov, len(req.buffers)
-            err = ffi.new("int *")
-            rc = lib.xknbd_batch(self.sock.fileno(), reqs, len(queue), queue[0].handle, MAX_IN_FLIGHT,
-                                 int(self._timeout * 1000), err)
+            for req in queue:
+                try:
+                    self._build(req, reqs[len(sent)], keep)
+                except (TypeError, ValueError, BufferError, OverflowError) as e:
+                    log.warning("%s: request %d refused: %s", self.name, req.handle, e)
+                    self._fail(req.handle, req.buffers, errno.EINVAL)
+                    continue
+                sent.append(req)
+            self._queue = []
+            rc = 0
+            if sent:
+                err = ffi.new("int *")
+                rc = lib.xknbd_batch(self.sock.fileno(), reqs, len(sent), sent[0].handle, MAX_IN_FLIGHT,
+                                     int(self._timeout * 1000), err)
         finally:
             for p in keep:
                 ffi.release(p)
-        for req, c in zip(queue, reqs):
+        for req, c in zip(sent, reqs):
             if c.error != lib.XKNBD_PENDING:
                 self.results[req.handle] = c.error
                 self._release(req.buffers)
         if rc:
-            self._die(_batch_error(rc, err[0], self._timeout), queue)
+            self._die(_batch_error(rc, err[0], self._timeout), sent)
+
+    @staticmethod
+    def _build(req: _Request, c, keep: list) -> None:
+        """Fill the C request ``c`` from ``req``; the cffi buffers it points into go to ``keep``."""
+        c.type, c.flags, c.offset, c.length = req.command, req.flags, req.offset, req.length
+        c.iov, c.niov = ffi.NULL, 0
+        if req.buffers:
+            iov = ffi.new("struct iovec[]", len(req.buffers))
+            keep.append(iov)
+            for v, b in zip(iov, req.buffers):
+                p = ffi.from_buffer(b, require_writable=req.command == Command.READ)
+                keep.append(p)
+                v.iov_base, v.iov_len = p, len(b)
+            c.iov, c.niov = iov, len(req.buffers)
 
     def _die(self, why: str, queue: list[_Request] = ()) -> None:
         """Give the connection up: one log line; the requests not answered fail with EIO."""
@@ -281,8 +304,8 @@ class NbdClient:
         self._recv_into([buf])
         return bytes(buf)
 
-    def _fail(self, handle: int, buffers: list | None) -> None:
-        self.results[handle] = errno.EIO
+    def _fail(self, handle: int, buffers: list | None, error: int = errno.EIO) -> None:
+        self.results[handle] = error
         self._release(buffers or [])
 
     @staticmethod
