@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 trace_log = logging.getLogger("xenkvm.trace")
 
 MASK64 = (1 << 64) - 1
+#: the one key every unregistered hypercall number (``stats``, ``ops``) and every unknown sub-op (``ops``)
+#: is counted under: both are guest-chosen, so keying on them would let a guest grow our tables forever
+UNKNOWN = -1
+MAX_UNKNOWN_LOGGED = 64     #: distinct unknown (hypercall, sub-op) pairs logged; later ones are only counted
 
 
 @dataclass
@@ -57,6 +61,8 @@ class Stat:
 
 
 def _name(nr: int) -> str:
+    if nr == UNKNOWN:
+        return "unknown hypercalls"
     try:
         return Hypercall(nr).name
     except ValueError:
@@ -98,16 +104,25 @@ class Dispatcher:
         else:
             call = Call(self.domain, vcpu, nr, args, long_mode, GuestVirtual(vcpu, self.domain.mem))
             result = self._invoke(handler, call)
-        stat = self.stats.get(nr)
+        key = nr if handler is not None else UNKNOWN
+        stat = self.stats.get(key)
         if stat is None:
-            stat = self.stats[nr] = Stat()
+            stat = self.stats[key] = Stat()
         stat.count += 1
         stat.seconds += time.perf_counter() - t0
-        self.ops[(nr, args[0] & 0xFFFFFFFF if nr in self.subop_tables else None)] += 1
+        self.ops[self._op_key(key, args)] += 1
         if self.trace:
             trace_log.info("vcpu%d hypercall %s(%s) = %d", vcpu.id, _name(nr),
                            ", ".join(f"{a:#x}" for a in args[:5]), result)
         return result & MASK64
+
+    def _op_key(self, nr: int, args: tuple[int, ...]) -> tuple[int, int | None]:
+        """The ``ops`` key of a call: a sub-op outside the hypercall's table counts as UNKNOWN."""
+        table = self.subop_tables.get(nr)
+        if table is None:
+            return nr, None
+        cmd = args[0] & 0xFFFFFFFF
+        return nr, cmd if cmd in table else UNKNOWN
 
     def _invoke(self, handler: Handler, call: Call) -> int:
         try:
@@ -122,16 +137,24 @@ class Dispatcher:
             return -Errno.EINVAL
 
     def unknown(self, nr: int, cmd: int | None) -> None:
+        """One log line per unknown (hypercall, sub-op), for the first MAX_UNKNOWN_LOGGED of them."""
         key = (nr, cmd)
-        if key not in self._unknown_seen:
-            self._unknown_seen.add(key)
-            what = _name(nr) if cmd is None else f"{_name(nr)} sub-op {cmd}"
-            log.warning("unimplemented %s: -ENOSYS (further calls not logged)", what)
+        if key in self._unknown_seen or len(self._unknown_seen) > MAX_UNKNOWN_LOGGED:
+            return
+        self._unknown_seen.add(key)
+        if len(self._unknown_seen) > MAX_UNKNOWN_LOGGED:
+            log.warning("more than %d distinct unimplemented hypercalls: -ENOSYS, no longer logged",
+                        MAX_UNKNOWN_LOGGED)
+            return
+        what = _name(nr) if cmd is None else f"{_name(nr)} sub-op {cmd}"
+        log.warning("unimplemented %s: -ENOSYS (further calls not logged)", what)
 
 
 def op_name(nr: int, cmd: int | None) -> str:
     """``event_channel_op/4`` for a key of :attr:`Dispatcher.ops` (sub-op numbers as Xen's headers)."""
-    return _name(nr) if cmd is None else f"{_name(nr)}/{cmd}"
+    if cmd is None:
+        return _name(nr)
+    return f"{_name(nr)}/{'unknown' if cmd == UNKNOWN else cmd}"
 
 
 def subops(table: dict[int, SubHandler]) -> Handler:
