@@ -217,6 +217,40 @@ def test_a_daemon_that_dies_fails_its_requests(tmp_path, caplog):
         d.close()
 
 
+def _alive(pid: int, session: int) -> bool:
+    """Whether ``pid`` is still a live (not zombie) process of session ``session``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0] != "Z" and int(fields[3]) == session
+
+
+@needs_qemu
+def test_a_daemon_that_dies_on_its_own_takes_its_watchdog_along(tmp_path):
+    """The daemon dies (not through the pipe): the watchdog shell and its pipe reader both end, so no
+    reader is left to SIGTERM a process that reuses the daemon's PID when the VMM closes the pipe."""
+    img = tmp_path / "d.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
+    d = ImageDisk(spec(img, "qcow2"))
+    try:
+        watchdog = d._proc.pid
+        children = [int(c) for c in Path(f"/proc/{watchdog}/task/{watchdog}/children").read_text().split()]
+        daemon = next(c for c in children if Path(f"/proc/{c}/comm").read_text().strip().startswith("qemu-storage"))
+        readers = [c for c in children if c != daemon]
+        assert len(readers) == 1
+        os.kill(daemon, signal.SIGKILL)
+        d._proc.wait(timeout=30)          # the VMM still holds the pipe's write end: only the daemon ended
+        deadline = time.monotonic() + 30
+        while _alive(readers[0], watchdog) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(readers[0], watchdog)
+        assert not d._dir.exists()
+    finally:
+        d.close()
+
+
 @needs_qemu
 def test_a_bad_image_is_one_line(tmp_path):
     img = tmp_path / "junk.qcow2"

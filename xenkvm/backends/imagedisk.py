@@ -52,14 +52,19 @@ DISCARD_CHUNK = 0xFFFFF000
 DRIVERS = {"qcow": "qcow", "qcow2": "qcow2", "vhd": "vpc", "vmdk": "vmdk", "qed": "qed", "vdi": "vdi"}
 
 #: stdin = the pipe's read end (kept as fd 3: an asynchronous list's stdin is /dev/null), $1 = the private
-#: directory, the rest = the daemon's command line
+#: directory, the rest = the daemon's command line.  A daemon that exits on its own takes the reader with
+#: it: a reader left waiting would, once the VMM closed the pipe, SIGTERM whatever process had the
+#: daemon's PID by then.
 WATCHDOG = r'''
 exec 3<&0
 dir=$1; shift
 "$@" </dev/null 3<&- &
 pid=$!
 { read _ <&3; kill -TERM "$pid" 2>/dev/null; } &
+reader=$!
+exec 3<&-
 wait "$pid"; rc=$?
+kill "$reader" 2>/dev/null
 rm -rf -- "$dir"
 exit $rc
 '''
