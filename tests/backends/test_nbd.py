@@ -16,13 +16,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from xenkvm.backends import nbd
+from xenkvm.backends import imagedisk, nbd
 from xenkvm.backends.imagedisk import ImageDisk
 from xenkvm.backends.nbd import Command, NbdClient, NbdError, TransmissionFlag
 from xenkvm.diskspec import DiskSpec
@@ -249,6 +250,52 @@ def test_a_daemon_that_dies_on_its_own_takes_its_watchdog_along(tmp_path):
         assert not d._dir.exists()
     finally:
         d.close()
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _private_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("xenkvm-nbd-*"))
+
+
+@needs_qemu
+def test_a_failed_start_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Popen failing (fork refused, no sh): the private directory, both pipe ends and the stderr file
+    are gone again, and the error is the one OSError line."""
+    img = tmp_path / "d.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(imagedisk.subprocess, "Popen", refuse)
+    fds, dirs = _fds(), _private_dirs()
+    with pytest.raises(OSError) as e:
+        ImageDisk(spec(img, "qcow2"))
+    assert "Resource temporarily unavailable" in e.value.strerror
+    assert _fds() == fds and _private_dirs() == dirs
+
+
+def test_a_connect_error_closes_its_socket():
+    """An error other than 'not listening yet' (here: a socket path too long) closes the socket it made."""
+    d = ImageDisk.__new__(ImageDisk)
+    d._dir = Path("/" + "x" * 200)
+    d._proc = subprocess.Popen(["sleep", "30"])
+    try:
+        fds = _fds()
+        try:
+            d._connect(5)
+        except OSError:
+            # checked while the exception (and so _connect's frame and its locals) is alive: the socket
+            # is closed, not merely left to the garbage collector
+            assert _fds() == fds
+        else:
+            pytest.fail("connected to a path too long for AF_UNIX")
+    finally:
+        d._proc.kill()
+        d._proc.wait()
 
 
 @needs_qemu

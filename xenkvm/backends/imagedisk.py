@@ -103,23 +103,24 @@ class ImageDisk:
         self.label = f"{spec.vdev} ({spec.format} {spec.target.name})"
         if shutil.which(DAEMON) is None:
             raise OSError(errno.ENOENT, f"{DAEMON} not found (Debian package qemu-system-common)")
-        self._dir = Path(tempfile.mkdtemp(prefix="xenkvm-nbd-"))
-        self._rfd, self._wfd = os.pipe()          # both close-on-exec; the watchdog gets the read end
-        self._stderr = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(["sh", "-c", WATCHDOG, "sh", str(self._dir),
-                                       *daemon_args(spec, self._dir / "nbd.sock")],
-                                      stdin=self._rfd, stdout=subprocess.DEVNULL, stderr=self._stderr,
-                                      start_new_session=True)
-        os.close(self._rfd)
+        self._dir: Path | None = None
+        self._rfd = self._wfd = -1
+        self._stderr = None
+        self._proc: subprocess.Popen | None = None
+        self.client: NbdClient | None = None
         self._order: list[int] = []
         self._ranges: list[tuple[int, int, bool]] = []   #: (start, end, write) of the requests in flight
         self._span = (1 << 64, 0)                          #: the bytes they cover, first to last
-        try:
+        try:               # whatever fails, nothing is left behind: directory, pipe, file, daemon, socket
+            self._spawn(spec)
             self.client = NbdClient(self._connect(timeout), self.label)
             self.client.handshake(EXPORT)
         except (OSError, NbdError) as e:
             self.close()
             raise OSError(errno.EIO, f"{DAEMON}: {getattr(e, 'strerror', None) or e}") from None
+        except BaseException:
+            self.close()
+            raise
         self.size = self.client.size
         self.sectors = self.size // SECTOR
         self.sector_size = SECTOR
@@ -130,6 +131,18 @@ class ImageDisk:
             raise OSError(errno.EROFS, f"{DAEMON}: the export is read-only")
         log.info("%s: served by %s pid %d over NBD (%d sectors, flags %#x)", self.label, DAEMON,
                  self._proc.pid, self.sectors, self.client.flags)
+
+    def _spawn(self, spec: DiskSpec) -> None:
+        """The private directory, the pipe and the daemon under its watchdog (``close`` undoes any part)."""
+        self._dir = Path(tempfile.mkdtemp(prefix="xenkvm-nbd-"))
+        self._rfd, self._wfd = os.pipe()          # both close-on-exec; the watchdog gets the read end
+        self._stderr = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(["sh", "-c", WATCHDOG, "sh", str(self._dir),
+                                       *daemon_args(spec, self._dir / "nbd.sock")],
+                                      stdin=self._rfd, stdout=subprocess.DEVNULL, stderr=self._stderr,
+                                      start_new_session=True)
+        os.close(self._rfd)
+        self._rfd = -1
 
     def _connect(self, timeout: float) -> socket.socket:
         """Connect once the daemon listens; its first stderr line if it exits first."""
@@ -146,6 +159,9 @@ class ImageDisk:
                 return s
             except (FileNotFoundError, ConnectionRefusedError):
                 s.close()
+            except BaseException:
+                s.close()
+                raise
             if time.monotonic() > deadline:
                 raise OSError(errno.ETIMEDOUT, f"not listening after {timeout:g}s")
             time.sleep(0.01)
@@ -204,18 +220,25 @@ class ImageDisk:
             raise OSError(err, f"{what}: {os.strerror(err)}")
 
     def close(self) -> None:
-        """Disconnect, stop the daemon (it flushes and closes the image) and wait for it."""
-        client = getattr(self, "client", None)
-        if client is not None and client.dead != "closed":
-            client.close()
+        """Disconnect, stop the daemon (it flushes and closes the image) and wait for it; also undoes
+        whatever part of the start a failed construction got through.  Idempotent."""
+        if self.client is not None and self.client.dead != "closed":
+            self.client.close()
+        if self._rfd >= 0:
+            os.close(self._rfd)
+            self._rfd = -1
         if self._wfd >= 0:
             os.close(self._wfd)           # the watchdog SIGTERMs the daemon
             self._wfd = -1
+        if self._proc is not None:
             try:
                 self._proc.wait(timeout=START_TIMEOUT)
             except subprocess.TimeoutExpired:
                 log.warning("%s: %s did not stop; killed", self.label, DAEMON)
                 os.killpg(self._proc.pid, 9)
                 self._proc.wait()
+        if self._stderr is not None:
             self._stderr.close()
+            self._stderr = None
+        if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
