@@ -10,7 +10,9 @@ Supported: ``format`` raw (served directly with preadv/pwritev) and qcow,
 qcow2, vhd, vmdk, qed, vdi (served by qemu-storage-daemon over NBD:
 backends/imagedisk.py); ``access`` r/ro/w/rw; ``devtype`` disk/cdrom;
 ``backendtype`` phy/qdisk/tap (all served by the same in-VMM backend);
-``discard``/``no-discard``; vdevs ``xvdX``, ``hdX``, ``sdX`` (with partition
+``discard``/``no-discard``; ``backing``/``no-backing`` (ours: xl.cfg has no such key; whether
+the backing file an image's header names is opened, for the formats that have one; off unless given,
+since an image from elsewhere could name any host file); vdevs ``xvdX``, ``hdX``, ``sdX`` (with partition
 numbers) or a bare number.  Every problem is a ConfigError naming the key.
 Relative targets are relative to the guest definition's directory.
 """
@@ -25,8 +27,10 @@ from pathlib import Path
 from xenkvm.config import ConfigError
 
 KEYS = ("target", "format", "vdev", "access", "devtype", "backendtype", "discard", "no-discard",
-        "direct-io-safe")
+        "direct-io-safe", "backing", "no-backing")
+FLAGS = ("discard", "no-discard", "direct-io-safe", "backing", "no-backing")   #: keys given as a bare word
 FORMATS = ("raw", "qcow", "qcow2", "vhd", "vmdk", "qed", "vdi")
+BACKING_FORMATS = ("qcow", "qcow2", "vmdk", "qed")   #: the formats whose header may name a backing file
 _VDEV = re.compile(r"^(xvd|hd|sd)([a-z]+)(\d*)$")
 
 
@@ -41,6 +45,9 @@ class DiskSpec:
     cdrom: bool = False
     discard: bool = True
     format: str = "raw"
+    #: open the backing file the image's header names (``backing``); off by default: the header is the
+    #: image's, and an image from elsewhere could name any file the VMM can read
+    backing: bool = False
 
 
 def _disk_index(letters: str) -> int:
@@ -90,7 +97,7 @@ def _split(text: str) -> tuple[dict[str, str], list[str]]:
             if k.strip() in keys:
                 raise ConfigError(f"disks: {k.strip()!r} given twice in {text!r}")
             keys[k.strip()] = v.strip()
-        elif item in ("discard", "no-discard", "direct-io-safe"):
+        elif item in FLAGS:
             keys[item] = "1"
         else:
             positional.append(item)
@@ -166,13 +173,17 @@ def parse_disk(text: object, base: Path) -> DiskSpec:
     backend = keys.get("backendtype", "phy")
     if backend not in ("phy", "qdisk", "tap"):
         raise ConfigError(f"disks: backendtype={backend!r}: expected phy, qdisk or tap")
+    if "backing" in keys and "no-backing" in keys:
+        raise ConfigError(f"disks: both 'backing' and 'no-backing' in {text!r}")
+    if "backing" in keys and fmt not in BACKING_FORMATS:
+        raise ConfigError(f"disks: 'backing': format={fmt} has no backing file ({', '.join(BACKING_FORMATS)} do)")
     try:
         devid = vdev_to_devid(keys["vdev"])
     except ValueError:
         raise ConfigError(f"disks: vdev={keys['vdev']!r}: expected xvdX, hdX, sdX or a number") from None
     return DiskSpec(target=_target(keys["target"], base), vdev=keys["vdev"], devid=devid,
                     readonly=access in ("r", "ro") or devtype == "cdrom", cdrom=devtype == "cdrom",
-                    discard="no-discard" not in keys, format=fmt)
+                    discard="no-discard" not in keys, format=fmt, backing="backing" in keys)
 
 
 def parse_disks(value: object, base: Path) -> tuple[DiskSpec, ...]:

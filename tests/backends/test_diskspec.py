@@ -34,6 +34,14 @@ def test_image_formats(img, fmt):
     assert (d.format, d.devid, d.readonly) == (fmt, 51728, True)
 
 
+def test_backing_files_only_when_asked(img):
+    """``backing`` (ours, a bare word like ``discard``) opts a disk into its image's backing file; off by default."""
+    assert not parse_disk("format=qcow2, vdev=xvda, target=root.img", img.parent).backing
+    assert parse_disk("format=qcow2, vdev=xvda, backing, target=root.img", img.parent).backing
+    assert parse_disk("root.img,qcow2,xvdb,ro,backing", img.parent).backing
+    assert not parse_disk("format=qed, vdev=xvda, no-backing, target=root.img", img.parent).backing
+
+
 def test_target_last_may_hold_commas(tmp_path):
     p = tmp_path / "a,b.img"
     p.write_bytes(bytes(4096))
@@ -63,6 +71,9 @@ def test_vdev_numbers(vdev, devid):
     ("vdev=xvda, target=missing.img", "missing.img"),
     ("vdev=xvda, vdev=xvdb, target=root.img", "'vdev' given twice"),
     ("root.img,raw,xvda,rw,extra", "too many positional"),
+    ("vdev=xvda, backing, target=root.img", "format=raw has no backing file"),
+    ("format=vhd, vdev=xvda, backing, target=root.img", "format=vhd has no backing file"),
+    ("format=qcow2, vdev=xvda, backing, no-backing, target=root.img", "both 'backing' and 'no-backing'"),
     ("", "expected a string"),
 ])
 def test_bad_specs_name_the_key(img, spec, word):

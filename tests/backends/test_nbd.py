@@ -51,8 +51,8 @@ def raw_of(image: Path, fmt: str, tmp: Path) -> bytes:
     return out.read_bytes()
 
 
-def spec(path: Path, fmt: str, readonly: bool = False) -> DiskSpec:
-    return DiskSpec(target=path, vdev="xvda", devid=51712, readonly=readonly, format=fmt)
+def spec(path: Path, fmt: str, readonly: bool = False, backing: bool = False) -> DiskSpec:
+    return DiskSpec(target=path, vdev="xvda", devid=51712, readonly=readonly, format=fmt, backing=backing)
 
 
 def views(buf: bytearray, chunk: int = 4096) -> list[memoryview]:
@@ -156,7 +156,7 @@ def test_qcow2_over_a_backing_file(tmp_path):
     base, top = tmp_path / "base.raw", tmp_path / "top.qcow2"
     base.write_bytes(pattern(0, 2 * MiB, 7))
     qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top))
-    d = ImageDisk(spec(top, "qcow2"))
+    d = ImageDisk(spec(top, "qcow2", backing=True))          # the disk spec's ``backing``
     try:
         buf = bytearray(8192)
         d.submit(False, views(buf), 4096)
@@ -169,6 +169,35 @@ def test_qcow2_over_a_backing_file(tmp_path):
     assert base.read_bytes() == pattern(0, 2 * MiB, 7)            # the backing file is untouched
     data = raw_of(top, "qcow2", tmp_path)
     assert data[MiB:MiB + 4096] == pattern(MiB, 4096, 9) and data[:MiB] == pattern(0, MiB, 7)
+
+
+@needs_qemu
+@pytest.mark.parametrize("fmt", ["qcow2", "qed"])
+def test_a_backing_file_is_not_opened_unless_the_spec_says_so(tmp_path, fmt):
+    """An image from elsewhere names a host file as its backing file: without ``backing`` in the disk
+    spec the daemon never opens it, the clusters the image does not have read as zeroes."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"host secret\n" * 1000)
+    img = tmp_path / f"evil.{fmt}"
+    qemu_img("create", "-q", "-f", fmt, "-b", str(secret), "-F", "raw", str(img), "1M")
+    d = ImageDisk(spec(img, fmt))
+    try:
+        buf = bytearray(4096)
+        d.submit(False, views(buf), 0)
+        assert d.results() == [0] and bytes(buf) == bytes(4096)
+        pid = d._proc.pid
+        daemon = next(int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                      if Path(f"/proc/{c}/comm").read_text().strip().startswith("qemu-storage"))
+        assert str(secret) not in {os.path.realpath(f"/proc/{daemon}/fd/{fd}") for fd in os.listdir(f"/proc/{daemon}/fd")}
+    finally:
+        d.close()
+    d = ImageDisk(spec(img, fmt, backing=True))              # opted in: the backing file shows through
+    try:
+        buf = bytearray(4096)
+        d.submit(False, views(buf), 0)
+        assert d.results() == [0] and bytes(buf) == secret.read_bytes()[:4096]
+    finally:
+        d.close()
 
 
 @needs_qemu

@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from xenkvm.diskspec import DiskSpec
+from xenkvm.diskspec import BACKING_FORMATS, DiskSpec
 
 from .blkring import PAGE, SECTOR
 from .nbd import Command, NbdClient, NbdError, TransmissionFlag
@@ -71,13 +71,17 @@ exit $rc
 
 
 def daemon_args(spec: DiskSpec, sock: Path) -> list[str]:
-    """The ``qemu-storage-daemon`` command line for ``spec`` (JSON options: any file name is safe)."""
+    """The ``qemu-storage-daemon`` command line for ``spec`` (JSON options: any file name is safe).  The
+    backing file an image names is opened only if the spec says ``backing``: the name is the image's, and
+    an image from elsewhere could name any host file (the VMM may run as root)."""
     ro = spec.readonly
     discard = "ignore" if ro or not spec.discard else "unmap"
     proto = {"driver": "file", "node-name": "proto", "filename": str(spec.target), "read-only": ro,
              "discard": discard}
     fmt = {"driver": DRIVERS[spec.format], "node-name": "fmt", "file": "proto", "read-only": ro,
            "discard": discard}
+    if spec.format in BACKING_FORMATS and not spec.backing:
+        fmt["backing"] = None       # the header's backing file is not opened: unallocated clusters read zeroes
     export = {"type": "nbd", "id": "export", "node-name": "fmt", "name": EXPORT, "writable": not ro}
     server = {"addr": {"type": "unix", "path": str(sock)}}
     return [DAEMON, "--blockdev", json.dumps(proto), "--blockdev", json.dumps(fmt),
