@@ -551,3 +551,70 @@ def test_a_request_the_wire_cannot_carry_fails_alone():
     client.close()
     t.join(5)
     assert seen[:2] == [(Command.READ, 0, 4096), (Command.FLUSH, 0, 0)]
+
+
+# -- xknbd_batch itself (C): what NbdClient never hands it ---------------------------------------
+def _batch(sock: socket.socket, specs: list[tuple[int, int, list[bytearray] | None]], timeout_ms: int = 2000):
+    """Run xknbd_batch on ``sock`` for (command, length, buffers) requests; (rc, errors)."""
+    ffi, lib = nbd.ffi, nbd.lib
+    reqs = ffi.new("struct xknbd_req[]", len(specs))
+    keep = []
+    for c, (cmd, length, bufs) in zip(reqs, specs):
+        c.type, c.offset, c.length = cmd, 0, length
+        if bufs is not None:
+            iov = ffi.new("struct iovec[]", max(len(bufs), 1))
+            for v, b in zip(iov, bufs):
+                p = ffi.from_buffer(b)
+                keep.append(p)
+                v.iov_base, v.iov_len = p, len(b)
+            keep.append(iov)
+            c.iov, c.niov = iov, len(bufs)
+    err = ffi.new("int *")
+    rc = lib.xknbd_batch(sock.fileno(), reqs, len(specs), 1, nbd.MAX_IN_FLIGHT, timeout_ms, err)
+    return rc, [c.error for c in reqs]
+
+
+def test_a_request_whose_iovec_does_not_fit_is_refused_not_sent():
+    """A payload shorter or longer than the length, more segments than the batch holds (before: silently
+    cut at XKNBD_MAX_IOV), an iovec on a command without payload: EINVAL for that request, nothing of
+    it on the wire; the valid requests around it are served."""
+    a, b = socket.socketpair()
+    with a, b:
+        page = [bytearray(4096)]
+        many = [bytearray(512) for _ in range(nbd.lib.XKNBD_MAX_IOV + 8)]
+        specs = [(Command.WRITE, 8192, page), (Command.WRITE, 4096, page), (Command.READ, 4096, [bytearray(2048)]),
+                 (Command.WRITE, 512 * len(many), many), (Command.FLUSH, 0, page), (Command.FLUSH, 0, None)]
+        out = []
+
+        def server():
+            while len(out) < 2:
+                _magic, _f, cmd, handle, _off, length = nbd._REQUEST.unpack(_recv_exact(b, nbd._REQUEST.size))
+                out.append((cmd, length, len(_recv_exact(b, length)) if cmd == Command.WRITE else 0))
+                _reply(b, handle)
+
+        t = threading.Thread(target=server, daemon=True)
+        t.start()
+        rc, errors = _batch(a, specs)
+        t.join(5)
+        assert rc == 0 and errors == [errno.EINVAL, 0, errno.EINVAL, errno.EINVAL, errno.EINVAL, 0]
+        assert out == [(Command.WRITE, 4096, 4096), (Command.FLUSH, 0, 0)]
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv(1)                          # nothing more was sent
+
+
+def test_the_timeout_holds_on_a_blocking_socket():
+    """No reply: xknbd_batch gives up after its timeout though the socket is blocking (before: readv
+    blocked for ever unless Python's settimeout had made the socket non-blocking)."""
+    a, b = socket.socketpair()
+    assert a.getblocking()
+    result = []
+    t = threading.Thread(target=lambda: result.append(_batch(a, [(Command.FLUSH, 0, None)], timeout_ms=200)),
+                         daemon=True)
+    t.start()
+    t.join(10)
+    hung = t.is_alive()
+    b.close()                                  # unblocks a hung call (EOF) so the thread ends
+    t.join(10)
+    a.close()
+    assert not hung and result[0][0] == nbd.lib.XKNBD_E_TIMEOUT

@@ -13,7 +13,13 @@ and receives the simple replies in any order: the handle picks the request
 (``base`` + its index), a read's payload lands straight in its iovec.  Each
 request's ``error`` ends 0 or the server's error; the return value is 0 or a
 negative XKNBD_E_* code (the connection is then unusable: requests still
-``XKNBD_PENDING`` were not answered).  Struct layout: the NBD protocol's
+``XKNBD_PENDING`` were not answered).  A request the wire cannot carry as given
+(a read or write whose iovec does not add up to its length or has more than
+``XKNBD_MAX_IOV - 1`` entries, another command with an iovec) ends ``EINVAL``
+without being sent: sending a short payload would desynchronise the stream,
+truncating it would lose data.  Every socket call says ``MSG_DONTWAIT`` itself
+(the caller's socket need not be non-blocking) and waits in ``poll``, so the
+timeout holds.  Struct layout: the NBD protocol's
 big-endian wire format, written byte by byte (no C struct on the wire).
 """
 from __future__ import annotations
@@ -56,6 +62,7 @@ SOURCE = r"""
 #define REQUEST_MAGIC 0x25609513u
 #define REPLY_MAGIC 0x67446698u
 #define CMD_READ 0
+#define CMD_WRITE 1
 
 struct xknbd_req {
     uint16_t type; uint16_t flags; uint64_t offset; uint32_t length;
@@ -78,7 +85,8 @@ static int xfer(int fd, struct iovec *iov, int n, int send, int timeout_ms, int 
             struct msghdr m = { .msg_iov = iov, .msg_iovlen = n };
             r = sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
         } else {
-            r = readv(fd, iov, n);
+            struct msghdr m = { .msg_iov = iov, .msg_iovlen = n };
+            r = recvmsg(fd, &m, MSG_DONTWAIT);
         }
         if (r < 0) {
             if (errno == EINTR)
@@ -113,6 +121,20 @@ static int xfer(int fd, struct iovec *iov, int n, int send, int timeout_ms, int 
     return 0;
 }
 
+/* Whether q's iovec fits its command: a read's or write's adds up to its length in at most
+   XKNBD_MAX_IOV - 1 entries (the header takes one), any other command has none. */
+static int valid(const struct xknbd_req *q)
+{
+    if (q->type != CMD_READ && q->type != CMD_WRITE)
+        return q->niov == 0;
+    if (q->niov < 0 || q->niov > XKNBD_MAX_IOV - 1 || (q->niov > 0 && q->iov == NULL))
+        return 0;
+    uint64_t total = 0;
+    for (int j = 0; j < q->niov; j++)
+        total += q->iov[j].iov_len;
+    return total == q->length;
+}
+
 int xknbd_batch(int fd, struct xknbd_req *reqs, int n, uint64_t base, int max_inflight, int timeout_ms,
                 int *err)
 {
@@ -124,6 +146,12 @@ int xknbd_batch(int fd, struct xknbd_req *reqs, int n, uint64_t base, int max_in
     while (done < n) {
         while (sent < n && sent - done < max_inflight) {
             struct xknbd_req *q = &reqs[sent];
+            if (!valid(q)) {           /* answered here, never sent: a reply to its handle is refused */
+                q->error = EINVAL;
+                sent++;
+                done++;
+                continue;
+            }
             be32(hdr, REQUEST_MAGIC);
             be16(hdr + 4, q->flags);
             be16(hdr + 6, q->type);
@@ -133,13 +161,15 @@ int xknbd_batch(int fd, struct xknbd_req *reqs, int n, uint64_t base, int max_in
             iov[0].iov_base = hdr;
             iov[0].iov_len = sizeof(hdr);
             int k = 1;
-            if (q->type != CMD_READ)   /* a write's payload; other commands have no iovec */
-                for (int j = 0; j < q->niov && k < XKNBD_MAX_IOV; j++)
+            if (q->type == CMD_WRITE)  /* a write's payload (valid: it fits) */
+                for (int j = 0; j < q->niov; j++)
                     iov[k++] = q->iov[j];
             if ((rc = xfer(fd, iov, k, 1, timeout_ms, err)))
                 return rc;
             sent++;
         }
+        if (done == n)                 /* the last ones were refused, none is in flight */
+            break;
         iov[0].iov_base = rep;
         iov[0].iov_len = sizeof(rep);
         if ((rc = xfer(fd, iov, 1, 0, timeout_ms, err)))
@@ -153,7 +183,7 @@ int xknbd_batch(int fd, struct xknbd_req *reqs, int n, uint64_t base, int max_in
         uint32_t e = get32(rep + 4);
         if (q->type == CMD_READ && e == 0) {
             int k = 0;
-            for (int j = 0; j < q->niov && k < XKNBD_MAX_IOV; j++)
+            for (int j = 0; j < q->niov; j++)
                 iov[k++] = q->iov[j];
             if ((rc = xfer(fd, iov, k, 0, timeout_ms, err)))
                 return rc;
