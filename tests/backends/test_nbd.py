@@ -328,6 +328,32 @@ def test_a_connect_error_closes_its_socket():
 
 
 @needs_qemu
+def test_a_snapshot_of_a_disk_that_cannot_flush_is_refused(tmp_path):
+    """BlockDevice.save_state flushes an NBD-served image before the snapshot hashes it; a daemon that
+    cannot (here: killed) makes the snapshot fail with one SnapshotError line."""
+    from types import SimpleNamespace
+
+    from xenkvm.backends.block import BlockDevice
+    from xenkvm.machine.snapshot.format import SnapshotError
+    img = tmp_path / "d.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
+    d = ImageDisk(spec(img, "qcow2"))
+    dev = BlockDevice.__new__(BlockDevice)          # the device without rings: only its disk matters here
+    dev.disk, dev.rings, dev.backend = d, [], SimpleNamespace(label="vbd 51712")
+    try:
+        assert dev.save_state() == {"rings": []}
+        pid = d._proc.pid
+        daemon = next(int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                      if Path(f"/proc/{c}/comm").read_text().strip().startswith("qemu-storage"))
+        os.kill(daemon, signal.SIGKILL)
+        with pytest.raises(SnapshotError) as e:
+            dev.save_state()
+        assert "flushing the image" in str(e.value) and "\n" not in str(e.value)
+    finally:
+        d.close()
+
+
+@needs_qemu
 def test_a_bad_image_is_one_line(tmp_path):
     img = tmp_path / "junk.qcow2"
     img.write_bytes(b"not a qcow2 image" * 100)

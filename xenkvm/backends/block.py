@@ -33,6 +33,7 @@ import os
 import time
 
 from xenkvm.diskspec import DiskSpec
+from xenkvm.machine.snapshot.format import SnapshotError
 from xenkvm.xen.gnttab import GrantError
 
 from ._blkif_cffi import ffi, lib
@@ -144,7 +145,19 @@ class BlockDevice(XenbusDevice):
 
     def save_state(self) -> dict:
         """Per queue the private ring indexes and the persistent grants kept mapped; the
-        worker is parked between two passes, so every request taken is answered in the ring."""
+        worker is parked between two passes, so every request taken is answered in the ring.
+
+        An image served over NBD is flushed first: the daemon keeps format metadata (qcow2 L2
+        and refcount tables) cached, and the snapshot hashes the image file next; unflushed, the
+        image would change after the snapshot (when the daemon closes) and no restore would
+        accept it.  The client is the worker's, but the worker is parked between two passes,
+        with nothing in flight (``_complete`` ends each batch), so this thread may use it."""
+        if self.disk.pipelined:
+            try:
+                self.disk.flush()
+            except OSError as e:
+                raise SnapshotError(f"{self.backend.label}: flushing the image before the snapshot: "
+                                    f"{e.strerror}") from None
         return {"rings": [{"req_cons": r.req_cons[0], "rsp_prod": r.rsp_prod[0], "broken": r.broken,
                            "kept": [[g, m.writable] for g, m in r.segments.kept.items()]} for r in self.rings]}
 
