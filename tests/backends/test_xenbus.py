@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from xenkvm.backends.devices import DeviceManager
 from xenkvm.backends.xenbus import ConnectError, XenbusBackend, XenbusDevice, XenbusState
 from xenkvm.backends.xsclient import VmmXsClient
 from xenkvm.xenstore import XenstoreError, Xenstored
@@ -213,3 +214,59 @@ def test_kicks_are_coalesced_and_served_on_the_worker(rig):
     gate.set()
     until(lambda: dev.calls.count("service") == 3, "the coalesced pass")
     assert b._events.qsize() == 0
+
+
+class SlowClosingDevice(RecordingDevice):
+    """A device whose close blocks until the test lets it go (an image daemon still flushing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def close(self):
+        self.entered.set()
+        self.release.wait(30)
+        super().close()
+
+
+def _manager() -> tuple[DeviceManager, SlowClosingDevice]:
+    core = Xenstored()
+    core.write_path(f"/local/domain/{DOMID}", "")
+    mgr = DeviceManager(SimpleNamespace(domid=DOMID))
+    mgr._xs = VmmXsClient(core)
+    dev = SlowClosingDevice()
+    mgr.attach(dev)
+    return mgr, dev
+
+
+def test_closing_the_domain_waits_for_its_devices():
+    """DeviceManager.close (Machine.close: a restart builds the next machine right after) returns only
+    once every device is closed, so the next machine finds the image's lock and the tap free; before,
+    it returned at once with the devices still closing."""
+    mgr, dev = _manager()
+    returned = threading.Event()
+    seen: list[bool] = []
+
+    def release_later():
+        dev.entered.wait(10)
+        seen.append(returned.wait(2.0))      # close() still waiting while the device closes
+        dev.release.set()
+
+    helper = threading.Thread(target=release_later, daemon=True)
+    helper.start()
+    mgr.close()
+    returned.set()
+    helper.join(10)
+    assert seen == [False] and dev.calls[-1] == "close"
+    assert all(b.removed.is_set() for b in mgr.backends.values())
+
+
+def test_stopping_the_machine_does_not_wait():
+    """DeviceManager.stop may run inside a hypercall that holds the lock the workers need: it only
+    starts the removal."""
+    mgr, dev = _manager()
+    mgr.stop()
+    assert "close" not in dev.calls
+    dev.release.set()
+    until(lambda: all(b.removed.is_set() for b in mgr.backends.values()), "the devices removed")
+    assert dev.calls[-1] == "close"

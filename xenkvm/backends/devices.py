@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from xenkvm.config import ConfigError
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
     from xenkvm.xen.domain import XenDomain
 
 log = logging.getLogger(__name__)
+
+#: how long closing a domain waits for its devices to go: as long as an image's daemon may take to
+#: stop (it flushes and closes the image; imagedisk.START_TIMEOUT)
+CLOSE_TIMEOUT_S = 60.0
 
 
 class DeviceError(ConfigError):
@@ -145,15 +150,19 @@ class DeviceManager(MachineExtension):
         return devsnap.event_ports(self)
 
     def stop(self) -> None:
-        """The run is ending: remove every device (workers end, grants unmapped, images closed)."""
-        self.close()
+        """The run is ending: start removing every device (workers end, grants unmapped, images
+        closed); nothing is waited for: the machine may be stopping from a hypercall that holds
+        the domain lock the workers need."""
+        self.close(timeout=None)
 
-    def close(self, timeout: float | None = None) -> None:
-        """The domain is going away: remove every device without asking the guest.
+    def close(self, timeout: float | None = CLOSE_TIMEOUT_S) -> None:
+        """The domain is going away: remove every device without asking the guest, and wait
+        (``Machine.close``: no hypercall is running) until they are gone, ``timeout`` seconds at
+        most in all.  Waiting matters: a restart (``on_reboot = "restart"``) builds the next
+        machine at once, and its disks and taps are the same ones: an image's daemon must have
+        stopped (QEMU's write lock on the image released) and a tap been deleted first.
 
-        With ``timeout`` None nothing is waited for (the machine may be stopping
-        from a hypercall that holds the domain lock the workers need); else each
-        removal is waited for up to ``timeout`` seconds.
+        With ``timeout`` None nothing is waited for (``stop``).
         """
         with self._lock:
             backends = list(self.backends.values())
@@ -161,6 +170,7 @@ class DeviceManager(MachineExtension):
             b.unplug(force=True)
         if timeout is None:
             return
+        deadline = time.monotonic() + timeout
         for b in backends:
-            if not b.removed.wait(timeout):
+            if not b.removed.wait(max(0.0, deadline - time.monotonic())):
                 log.warning("%s: not removed within %.0f s", b.label, timeout)
