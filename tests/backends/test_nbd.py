@@ -147,6 +147,18 @@ def test_a_discard_of_4_gib_and_more_is_split(tmp_path):
         assert d.results() == [0] * len(marks) and d.client.dead is None
         assert [bytes(b) == bytes(4096) for b in bufs] == [True] * 4 + [False]
         assert bytes(bufs[-1]) == pattern(6 * GiB, 4096, 3)
+        # the same through the vbd's BLKIF_OP_DISCARD: OKAY; only a range past the end is ERROR
+        from types import SimpleNamespace
+
+        from xenkvm.backends.block import ERROR, OKAY, BlockDevice, ffi
+        dev = BlockDevice.__new__(BlockDevice)
+        dev.disk, dev._pending, dev.backend = d, [], SimpleNamespace(label="vbd 51712")
+        req = ffi.new("struct blkif_request_discard *")
+        req.sector_number, req.nr_sectors = 0, 5 * GiB // 512
+        assert dev._discard(ffi.cast("struct blkif_request *", req)[0]) == OKAY
+        req.sector_number, req.nr_sectors = 8, d.sectors
+        assert dev._discard(ffi.cast("struct blkif_request *", req)[0]) == ERROR
+        assert d.client.dead is None
     finally:
         d.close()
 
