@@ -205,6 +205,22 @@ def test_vcpu_down_holds_the_vcpu_until_up(hcall, xen_machine):
     assert hcall(Hypercall.vcpu_op, VcpuOp.up, 0xFFFFFFFF) == -Errno.ENOENT
 
 
+@pytest.mark.parametrize("vcpu1, why", [({"up": False, "down": True}, "down but never started"),
+                                         ({"up": True, "down": "yes"}, "not booleans"),
+                                         ({"up": 1, "down": False}, "not booleans")])
+def test_a_snapshot_with_impossible_vcpu_online_state_is_refused(xen_machine, vcpu1, why):
+    """A snapshot file is user input: a vCPU saved down must have been started, and both flags
+    are booleans (the restored machine holds a vCPU saved down: vcpu_loop.Hold)."""
+    from xenkvm.machine.snapshot.format import SnapshotError
+    from xenkvm.xen import snapshot as xensnap
+    xen = xen_machine.xen
+    st = xensnap.save(xen)
+    st["vcpus"][1].update(vcpu1)
+    with pytest.raises(SnapshotError, match=why):
+        xen.restore_state(st)
+    assert not xen_machine.runners[1].held
+
+
 def test_vm_assist_and_console_io(hcall, xen_machine):
     assert hcall(Hypercall.vm_assist, lib.VMASST_CMD_enable, lib.VMASST_TYPE_runstate_update_flag) == 0
     assert hcall(Hypercall.vm_assist, lib.VMASST_CMD_enable, lib.VMASST_TYPE_writable_pagetables) == -Errno.EINVAL
