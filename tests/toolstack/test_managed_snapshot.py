@@ -31,7 +31,7 @@ def run_dir(built_guests):  # noqa: F811
     """A run directory of its own, directly under /tmp (UNIX socket paths are short)."""
     d = Path(tempfile.mkdtemp(prefix="xk-sn-", dir="/tmp"))
     yield d
-    for name in ("managed-domu", "copy", "copy2", "managed-suspend", "managed-blk"):
+    for name in ("managed-domu", "copy", "copy2", "managed-suspend", "managed-blk", VCPUDOWN):
         xenkvm(d, "destroy", name)
     xenkvm(d, "xenstored", "--shared", "--stop")      # create started it (managed domains share it)
     shutil.rmtree(d, ignore_errors=True)
@@ -93,6 +93,49 @@ def test_save_stops_the_domain_and_restore_brings_it_back(run_dir, tmp_path):
     again = listing(run_dir)["managed-domu"]
     assert (again["state"], again["domid"]) == ("running", row["domid"])
     _resumed(run_dir, "managed-domu", last).close()
+
+
+VCPUDOWN = "managed-vcpudown"
+
+
+def test_a_downed_vcpu_pauses_snapshots_and_restores_down(run_dir, tmp_path):
+    """guests/managed_vcpudown.yaml takes vCPU 1 down (VCPUOP_down) and keeps it down, as CPU
+    hot-unplug does: the domain still pauses with every vCPU parked, snapshots and saves; what
+    is restored from either has vCPU 1 still down (not counting, VCPUOP_is_up 0) until the
+    guest's VCPUOP_up, after which it runs again."""
+    r = xenkvm(run_dir, "create", str(GUESTS / "managed_vcpudown.yaml"))
+    assert r.returncode == 0, r.stderr
+    con = Console(run_dir, VCPUDOWN)
+    down = con.read_until(rb"^VCPU1 DOWN (\d+)\r?\n").group(1)
+    con.read_until(rb"^TICK \d+ \d+$")
+    with ControlClient(str(run_dir / VCPUDOWN / "control.sock"), timeout=60) as c:
+        assert c.call("pause") == {"state": "paused", "all_parked": True}
+        c.call("unpause")
+    con.read_until(rb"^TICK \d+ \d+$", start=len(con.out))           # and it runs on
+    r = xenkvm(run_dir, "snapshot", VCPUDOWN, str(tmp_path / "down.snap"))
+    assert r.returncode == 0, r.stderr
+    r = xenkvm(run_dir, "restore", str(tmp_path / "down.snap"), "--name", "copy")
+    assert r.returncode == 0, r.stderr
+    _up_in_restored(run_dir, "copy", down)
+    r = xenkvm(run_dir, "save", VCPUDOWN, str(tmp_path / "saved.snap"))
+    assert r.returncode == 0, r.stderr
+    con.close()
+    r = xenkvm(run_dir, "restore", str(tmp_path / "saved.snap"))
+    assert r.returncode == 0, r.stderr
+    _up_in_restored(run_dir, VCPUDOWN, down)
+
+
+def _up_in_restored(run_dir: Path, name: str, down: bytes) -> None:
+    """In a restored managed_vcpudown, vCPU 1 is still down at ``down`` and VCPUOP_up runs it."""
+    con = Console(run_dir, name)
+    con.read_until(rb"^TICK \d+ \d+$")
+    assert b"VCPU1" not in con.out                                      # resumed, not booted
+    con.client.sock.sendall(b"u")
+    up = con.read_until(rb"^VCPU1 UP was_up=(-?\d+) count=(\d+)/(\d+) rc=(-?\d+)\r?\n")
+    assert up.groups() == (b"0", down, down, b"0"), up.group(0)       # it was down, had not run
+    con.read_until(rb"^VCPU1 (RUNNING|STILL-STOPPED)$")
+    assert b"VCPU1 RUNNING" in con.out, con.out[-500:]
+    con.close()
 
 
 BLK_TICK = re.compile(rb"^BLK-TICK (\d+) (ok|BAD)$", re.M)

@@ -180,43 +180,45 @@ def test_vcpu_registrations(hcall, xen_machine):
     assert hcall(Hypercall.vcpu_op, VcpuOp.initialise, 1, BUF) == -Errno.EINVAL
 
 
-def test_vcpu_down_parks_the_vcpu_until_up(hcall, xen_machine):
-    """VCPUOP_down/up/is_up as Linux's resume path uses them on its other vCPUs (Xen answers 0)."""
-    import threading
+def test_vcpu_down_holds_the_vcpu_until_up(hcall, xen_machine):
+    """VCPUOP_down/up/is_up as Linux's resume path uses them on its other vCPUs (Xen answers 0).
+    Down holds the vCPU out of KVM_RUN (vcpu_loop.Hold, tests/unit/test_vcpu_hold.py) rather
+    than queueing a blocking work item, which would keep pause and snapshot parking waiting."""
     xen = xen_machine.xen
+    runner = xen_machine.runners[1]
     assert hcall(Hypercall.vcpu_op, VcpuOp.is_up, 1) == 0              # an AP before its INIT/SIPI
     assert hcall(Hypercall.vcpu_op, VcpuOp.down, 1) == 0                # down already
     assert hcall(Hypercall.vcpu_op, VcpuOp.up, 1) == -Errno.EINVAL      # nothing to run
-    assert not xen_machine.runners[1].work
+    assert not runner.held and not xen.vcpu_state(1).down
     xen.vcpu_state(1).up = True                                         # as if it had started
     assert hcall(Hypercall.vcpu_op, VcpuOp.is_up, 1) == 1
     assert hcall(Hypercall.vcpu_op, VcpuOp.down, 1) == 0
     assert hcall(Hypercall.vcpu_op, VcpuOp.is_up, 1) == 0
     assert hcall(Hypercall.vcpu_op, VcpuOp.down, 1) == 0                # once is enough
-    work = list(xen_machine.runners[1].work)
-    assert len(work) == 1                                               # it parks at its next exit
-    parked = threading.Thread(target=work[0], args=(xen_machine.vcpus[1],))
-    parked.start()
-    parked.join(0.5)
-    assert parked.is_alive()                                            # and stays parked
+    assert runner.held and not runner.work                              # held; its queue stays free
     assert hcall(Hypercall.vcpu_op, VcpuOp.up, 1) == 0
-    parked.join(10)
-    assert not parked.is_alive()
+    assert not runner.held
     assert hcall(Hypercall.vcpu_op, VcpuOp.is_up, 1) == 1
     assert hcall(Hypercall.vcpu_op, VcpuOp.up, 1) == 0                  # up already
+    assert not xen_machine.runners[0].held
     assert hcall(Hypercall.vcpu_op, VcpuOp.down, 9) == -Errno.ENOENT
     assert hcall(Hypercall.vcpu_op, VcpuOp.up, 0xFFFFFFFF) == -Errno.ENOENT
 
 
-def test_a_downed_vcpu_is_released_when_the_machine_stops(hcall, xen_machine):
-    import threading
-    xen_machine.xen.vcpu_state(1).up = True
-    assert hcall(Hypercall.vcpu_op, VcpuOp.down, 1) == 0
-    parked = threading.Thread(target=xen_machine.runners[1].work[0], args=(xen_machine.vcpus[1],))
-    parked.start()
-    xen_machine.stop(ExitStatus.POWEROFF, "test")
-    parked.join(10)
-    assert not parked.is_alive()
+@pytest.mark.parametrize("vcpu1, why", [({"up": False, "down": True}, "down but never started"),
+                                         ({"up": True, "down": "yes"}, "not booleans"),
+                                         ({"up": 1, "down": False}, "not booleans")])
+def test_a_snapshot_with_impossible_vcpu_online_state_is_refused(xen_machine, vcpu1, why):
+    """A snapshot file is user input: a vCPU saved down must have been started, and both flags
+    are booleans (the restored machine holds a vCPU saved down: vcpu_loop.Hold)."""
+    from xenkvm.machine.snapshot.format import SnapshotError
+    from xenkvm.xen import snapshot as xensnap
+    xen = xen_machine.xen
+    st = xensnap.save(xen)
+    st["vcpus"][1].update(vcpu1)
+    with pytest.raises(SnapshotError, match=why):
+        xen.restore_state(st)
+    assert not xen_machine.runners[1].held
 
 
 def test_vm_assist_and_console_io(hcall, xen_machine):

@@ -238,6 +238,13 @@ class Machine:
         VcpuRunner.queue)."""
         self.runners[vcpu_id].queue(fn)
 
+    def set_vcpu_held(self, vcpu_id: int, held: bool) -> None:
+        """Hold a vCPU out of KVM_RUN from its next exit on, or let it run again (any thread).
+
+        A held vCPU still runs the work queued for it (pause and snapshot parking, HaltWatch)
+        and leaves when the machine stops (vcpu_loop.Hold)."""
+        self.runners[vcpu_id].set_held(held)
+
     def long_mode(self, vcpu: Vcpu) -> bool:
         """Whether the vCPU was in long mode at its last exit (EFER.LMA)."""
         return bool(vcpu.efer() & (1 << 10))

@@ -63,9 +63,45 @@ def traced(handler: ExitHandler, reason: int) -> ExitHandler:
     return wrapper
 
 
+class Hold:
+    """Whether a vCPU is held out of KVM_RUN (Xen's VCPUOP_down: descheduled until VCPUOP_up).
+
+    A held vCPU's thread still runs the work other threads queue for it (pause and
+    snapshot parking, HaltWatch queries, ...): it waits here for work, a release or
+    the machine stopping, whichever comes first.  ``wake`` is called after work is
+    queued or a stop is asked for; the waiter checks under the same lock, so no wake-up
+    is lost.
+    """
+
+    POLL = 0.2   #: seconds between re-checks of ``stopping`` (a safety net: stop() wakes it)
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held = False
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def set(self, held: bool) -> None:
+        with self._cond:
+            self._held = held
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait(self, work: collections.deque, stopping: Callable[[], bool]) -> None:
+        """Until released, work is queued or the machine stops."""
+        with self._cond:
+            while self._held and not work and not stopping():
+                self._cond.wait(self.POLL)
+
+
 def run_vcpu(vcpu: Vcpu, handlers: dict[int, ExitHandler], stopping: Callable[[], bool],
              on_unhandled: Callable[[Vcpu, int], None], work: collections.deque,
-             before_run: Callable[[Vcpu], None] | None = None) -> None:
+             before_run: Callable[[Vcpu], None] | None = None, hold: Hold | None = None) -> None:
     """Run ``vcpu`` until ``stopping()`` (handlers end a run by asking the machine to stop).
 
     ``work`` holds callables other threads queued for this vCPU.  They kick it
@@ -76,11 +112,24 @@ def run_vcpu(vcpu: Vcpu, handlers: dict[int, ExitHandler], stopping: Callable[[]
     halted guest can never sleep on a non-empty queue.  ``before_run`` (tests
     only) runs just before each KVM_RUN, after the drain: the worst moment for
     a kick to arrive.
+
+    While ``hold`` is held the vCPU does not run guest code, but its thread runs the
+    queued work.  Its last exit is first completed by one KVM_RUN with ``immediate_exit``
+    set (KVM finishes the exit userspace handled, e.g. an OUT's instruction end, and
+    returns EINTR without entering the guest), so work that reads its state (snapshot
+    parking) sees it consistent and after a KVM_EXIT_INTR, as for any parked vCPU.
     """
     run = vcpu.run
     get = handlers.get
     intr = lib.KVM_EXIT_INTR
     while not stopping():
+        if hold is not None and hold.held:
+            if vcpu.run_struct.exit_reason == intr:
+                hold.wait(work, stopping)
+                while work:
+                    work.popleft()(vcpu)
+                continue
+            vcpu.set_immediate_exit(True)   # complete the last exit; a real one is handled below
         if before_run is not None:
             before_run(vcpu)
         reason = run()
@@ -106,6 +155,18 @@ class VcpuRunner:
         #: callables run on this vCPU's own thread at its next exit (vCPU ioctls must be)
         self.work: collections.deque[Callable[[Vcpu], None]] = collections.deque()
         self.thread_id: int | None = None
+        #: held out of KVM_RUN (e.g. Xen's VCPUOP_down) while still running queued work
+        self.hold = Hold()
+
+    @property
+    def held(self) -> bool:
+        return self.hold.held
+
+    def set_held(self, held: bool) -> None:
+        """Hold the vCPU out of KVM_RUN from its next exit on (True), or let it run again."""
+        self.hold.set(held)
+        if held:
+            self.kick()
 
     def queue(self, fn: Callable[[Vcpu], None]) -> None:
         """Run ``fn(vcpu)`` on this vCPU's thread at its next exit, kicking it out of KVM_RUN.
@@ -120,6 +181,7 @@ class VcpuRunner:
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN now, or return from its next one at once."""
         self.vcpu.set_immediate_exit(True)
+        self.hold.wake()
         tid = self.thread_id
         if tid is not None and tid != threading.get_ident():
             try:
@@ -131,7 +193,7 @@ class VcpuRunner:
             on_unhandled: Callable[[Vcpu, int], None], before_run: Callable[[Vcpu], None] | None) -> None:
         """The thread body: run the vCPU until ``stopping()`` (see :func:`run_vcpu`)."""
         self.thread_id = threading.get_ident()
-        run_vcpu(self.vcpu, handlers, stopping, on_unhandled, self.work, before_run)
+        run_vcpu(self.vcpu, handlers, stopping, on_unhandled, self.work, before_run, self.hold)
 
 
 RFLAGS_IF = 1 << 9

@@ -98,7 +98,7 @@ class VcpuState:
     runstate_entry_ns: int = 0
     runstate_times: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     up: bool = False
-    #: VCPUOP_down: descheduled (parked on its own thread) until VCPUOP_up (Xen's _VPF_down)
+    #: VCPUOP_down: held out of KVM_RUN until VCPUOP_up (Xen's _VPF_down); saved in snapshots
     down: bool = False
 
 
@@ -117,8 +117,8 @@ class XenDomain(MachineExtension):
         self.lock = threading.RLock()
         self.vcpus = [VcpuState(i) for i in range(len(machine.vcpus))]
         self.vcpus[0].up = True
-        #: a downed vCPU waits on this until VCPUOP_up clears its ``down`` (hypercalls/vcpu.py)
-        self.vcpu_wake = threading.Condition()
+        #: orders VCPUOP_down/up: a vCPU's ``down`` and the machine holding it change together
+        self.vcpu_down_lock = threading.Lock()
         self.params: dict[int, int] = {}
         self.vm_assists = 0
         self.shutdown_code: int | None = None
@@ -227,6 +227,8 @@ class XenDomain(MachineExtension):
             raise SnapshotError(f"dom{self.domid}: Xen state not accepted: {e}") from None
         for vcpu in self.machine.vcpus:
             vcpu.enable_sync_sregs()
+        for v in self.vcpus:
+            self.machine.set_vcpu_held(v.id, v.down)   # saved after VCPUOP_down: still down
         for trap in self.traps:
             xensnap.reinstall(self, trap)
         if self.cfg.test_device:

@@ -2,7 +2,10 @@
 
 Saved (every vCPU parked, under the domain lock and the xenstored lock, which the snapshot
 holds until guest RAM is written too: ``XenDomain.snapshot_begin``/``_end``): the vCPU
-registrations (vcpu_info, runstate and time areas, upcall vectors), HVM params, VM assists,
+registrations (vcpu_info, runstate and time areas, upcall vectors) and online state (``up``,
+and ``down`` after VCPUOP_down: the restored machine holds such a vCPU until VCPUOP_up; a
+snapshot from before a downed vCPU could be saved has ``down`` false or absent, which reads
+as up, so version 1 stays), HVM params, VM assists,
 shared_info placement, event channels, grant table and timers through their own
 ``to_state`` (timer deadlines are Xen system time, which a restored machine continues from
 the saved instant: the remaining time is kept), the hypercall traps (kind and sites), the
@@ -135,6 +138,7 @@ def restore(d: "XenDomain", st: dict[str, Any]) -> int | None:
         for v, saved in zip(d.vcpus, st["vcpus"]):
             for k, val in saved.items():
                 setattr(v, k, val)
+            _check_online(v)
         d.params = {int(k): int(v) for k, v in st["params"].items()}
         d.vm_assists, d.shutdown_code = int(st["vm_assists"]), st["shutdown_code"]
         d.evtchn.from_state(st["evtchn"])
@@ -167,7 +171,8 @@ def resume_new_domain(d: "XenDomain", st: dict[str, Any]) -> None:
     d.boot_ns = d.clock.boot_ns
     with d.lock:
         for v, saved in zip(d.vcpus, st["vcpus"]):
-            v.up = bool(saved["up"])
+            v.up, v.down = saved["up"], saved.get("down", False)
+            _check_online(v)
         d.shinfo.restored(None)
         d.traps = [_trap_from(d, t) for t in st["traps"]]
         d.resumed_new = True
@@ -175,6 +180,14 @@ def resume_new_domain(d: "XenDomain", st: dict[str, Any]) -> None:
     regs = vcpu.get_regs()
     regs.rax = RESUMED
     vcpu.set_regs(regs)
+
+
+def _check_online(v) -> None:
+    """A saved vCPU's ``up``/``down`` are booleans, and only a started vCPU can be down."""
+    if not isinstance(v.up, bool) or not isinstance(v.down, bool):
+        raise ValueError(f"vcpu {v.id}: up/down {v.up!r}/{v.down!r} are not booleans")
+    if v.down and not v.up:
+        raise ValueError(f"vcpu {v.id}: down but never started")
 
 
 def reinstall(d: "XenDomain", trap) -> None:

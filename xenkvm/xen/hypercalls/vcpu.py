@@ -91,25 +91,19 @@ def vcpu_down(call: Call, vcpuid: int) -> int:
     """VCPUOP_down: the vCPU stops running until VCPUOP_up (Xen sets _VPF_down and deschedules
     it; the guest's own vCPU included).  Linux's resume path (xen_vcpu_restore) takes every
     other online vCPU down, re-registers its vcpu_info and runstate, and brings it up again;
-    Xen answers 0, and anything else is a BUG() there.  The vCPU parks on its own thread at
-    its next exit.  A vCPU never started (an AP before its INIT/SIPI) is down already."""
+    Xen answers 0, and anything else is a BUG() there; CPU hot-unplug keeps it down.  The
+    machine holds the vCPU out of KVM_RUN from its next exit on; its thread still runs queued
+    work (pause, snapshots), so a domain with downed vCPUs can be paused and saved.  A vCPU
+    never started (an AP before its INIT/SIPI) is down already."""
     v = target(call, vcpuid)
     d = call.domain
     state = d.vcpu_state(v)
-    with d.vcpu_wake:
+    with d.vcpu_down_lock:
         if not state.up or state.down:
             return 0
         state.down = True
-    d.machine.run_on_vcpu(v, lambda _vcpu: stay_down(d, v))
+        d.machine.set_vcpu_held(v, True)
     return 0
-
-
-def stay_down(d, vcpu_id: int) -> None:
-    """On vCPU ``vcpu_id``'s thread: wait while it is down (the machine stopping ends the wait)."""
-    state = d.vcpu_state(vcpu_id)
-    with d.vcpu_wake:
-        while state.down and not d.machine.stopping:
-            d.vcpu_wake.wait(0.2)
 
 
 def vcpu_up(call: Call, vcpuid: int) -> int:
@@ -120,9 +114,9 @@ def vcpu_up(call: Call, vcpuid: int) -> int:
     state = d.vcpu_state(v)
     if not state.up:
         raise einval(f"vcpu {v} was never started (HVM vCPUs start with INIT/SIPI)")
-    with d.vcpu_wake:
+    with d.vcpu_down_lock:
         state.down = False
-        d.vcpu_wake.notify_all()
+        d.machine.set_vcpu_held(v, False)
     return 0
 
 
