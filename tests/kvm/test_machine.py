@@ -16,6 +16,7 @@ from xenkvm.config import GuestConfig
 from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.machine.extension import MachineExtension
 from xenkvm.machine.machine import ExitStatus, Machine
+from guestbuild import build_guests
 
 pytestmark = pytest.mark.kvm
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def built_guests() -> Path:
-    subprocess.run(["make", "-s", "-C", str(ROOT / "guests")], check=True)
+    build_guests()
     return ROOT / "guests"
 
 
@@ -88,12 +89,17 @@ def test_reset_exit_status(tmp_path):
 
 def test_ctrl_c_stops_cleanly(tmp_path):
     k = raw_guest(tmp_path, guestgen.print_debugcon(b"up\n") + guestgen.SPIN)
-    p = subprocess.Popen([sys.executable, "-m", "xenkvm", "run", "--kernel", str(k), "--memory", "32M"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    p = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "xenkvm", "run", "--kernel", str(k),
+                          "--memory", "32M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     assert p.stdout.readline() == b"up\n"
     time.sleep(0.2)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=30)
+    try:
+        _, err = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGABRT)             # faulthandler prints every thread's stack
+        _, err = p.communicate(timeout=30)
+        pytest.fail("still running 30 s after SIGINT:\n" + err.decode(errors="replace")[-6000:])
     assert p.returncode == ExitStatus.INTERRUPTED, err
     assert b"Traceback" not in err
 

@@ -369,12 +369,12 @@ class Machine:
         stdin = StdinReader.attach(self)  # host keystrokes (console: stdio only)
         threads = [threading.Thread(target=self._vcpu_thread, args=(r, handlers), name=f"vcpu{r.id}", daemon=True)
                    for r in self.runners]
-        for t in threads:
-            t.start()
-        if on_started is not None:
-            on_started(self)
-        watch = HaltWatch(self.runners, self.run_on_vcpu)
-        try:
+        try:   # from the first vCPU on: a Ctrl-C as soon as the guest prints must still stop it
+            for t in threads:
+                t.start()
+            if on_started is not None:
+                on_started(self)
+            watch = HaltWatch(self.runners, self.run_on_vcpu)
             while not self._stopped.wait(watch.PERIOD):
                 verdict = watch.tick()
                 if verdict is not None:
@@ -384,12 +384,21 @@ class Machine:
         finally:
             if stdin is not None:
                 stdin.close()  # the terminal back to cooked mode before anything is printed
-        for t in threads:
-            t.join(timeout=5)
+        self._join(threads)
         self.console.flush()
         assert self.result is not None
         self.result.console_tail = self.console.last_lines(20)
         return self.result
+
+    def _join(self, threads: list[threading.Thread]) -> None:
+        """Wait (5 s each) for the vCPU threads; another Ctrl-C meanwhile does not cut it short."""
+        for t in threads:
+            while t.ident is not None:
+                try:
+                    t.join(timeout=5)
+                    break
+                except KeyboardInterrupt:
+                    self.stop(ExitStatus.INTERRUPTED, "interrupted (Ctrl-C)")
 
     def _vcpu_thread(self, runner: VcpuRunner, handlers: dict[int, ExitHandler]) -> None:
         try:
