@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from guestbuild import build_guests
 
 pytestmark = pytest.mark.kvm
 
@@ -33,7 +34,7 @@ def pattern(sector: int, count: int, seed: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def kernel() -> Path:
-    subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
+    build_guests()
     return GUESTS / "out" / "xen_blkfront.elf"
 
 

@@ -9,7 +9,6 @@ The others use a built, not running, domain.
 from __future__ import annotations
 
 import re
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from xenkvm.diskspec import parse_disk
 from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.build import build_machine, xen_domain
 from xenkvm.machine.machine import ExitStatus, Machine
+from guestbuild import build_guests
 
 ROOT = Path(__file__).resolve().parents[2]
 GUESTS = ROOT / "guests"
@@ -34,7 +34,7 @@ def pattern(sector: int, count: int, seed: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def kernel() -> Path:
-    subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
+    build_guests()
     return GUESTS / "out" / "xen_blkfront.elf"
 
 

@@ -19,6 +19,7 @@ import pytest
 
 import netpeer
 from netpeer import Peer, csum
+from guestbuild import build_guests
 
 pytestmark = [pytest.mark.kvm,
               pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
@@ -32,7 +33,7 @@ MAC = "00:16:3e:0a:0b:0c"
 
 @pytest.fixture(scope="module")
 def kernel() -> Path:
-    subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
+    build_guests()
     return GUESTS / "out" / "xen_netfront.elf"
 
 

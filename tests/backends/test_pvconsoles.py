@@ -21,6 +21,7 @@ import pytest
 
 from xenkvm.config import ConfigError
 from xenkvm.consolespec import ConsoleSpec, parse_consoles
+from guestbuild import build_guests
 
 pytestmark = pytest.mark.kvm
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +39,7 @@ def read_until(fd: int, needle: bytes, seconds: float = 60) -> bytes:
 
 @pytest.mark.slow
 def test_pty_and_file_consoles(tmp_path):
-    subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
+    build_guests()
     log = tmp_path / "c2.log"
     y = tmp_path / "g.yaml"
     y.write_text(f'kernel: {GUESTS / "out/xen_pvconsoles.elf"}\ncmdline: "xk.trap=page"\nmemory: 64M\n'

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from xenkvm.machine.snapshot.format import read_state, write_state
+from guestbuild import build_guests
 
 pytestmark = pytest.mark.kvm
 
@@ -74,7 +75,7 @@ def _check_copy(copy: Path) -> None:
 
 
 def _snapshot(tmp: Path, fmt: str = "raw") -> tuple[Path, Path]:
-    subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
+    build_guests()
     disk = tmp / f"a.{'img' if fmt == 'raw' else fmt}"
     if fmt == "raw":
         disk.write_bytes(bytes(SECTORS * 512))
@@ -257,7 +258,7 @@ def _peer_answered(peer) -> None:
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory) -> tuple[Path, Path, str]:
-    subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
+    build_guests()
     tmp = tmp_path_factory.mktemp("netsnap")
     tap = f"xks{os.getpid() % 100000}"
     y = tmp / "guest.yaml"
@@ -344,7 +345,7 @@ def _read_until(fd: int, needle: bytes, seconds: float = 120) -> bytes:
 def test_consoles_restored_on_a_new_pty(tmp_path):
     """Console 1 is a pty: the restore opens a new one and logs its path, as at start; the guest
     writes to it and answers a line typed there.  Console 2 is a file: it goes on appending."""
-    subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
+    build_guests()
     log = tmp_path / "c2.log"
     y = tmp_path / "g.yaml"
     y.write_text(f'kernel: {GUESTS / "out/xen_pvconsoles.elf"}\ncmdline: "xk.trap=page xk.cons_snapshot"\n'

@@ -16,6 +16,7 @@ from xenkvm.build import restore_machine
 from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.machine.machine import ExitStatus
 from xenkvm.machine.snapshot.format import SnapshotError
+from guestbuild import build_guests
 
 pytestmark = pytest.mark.kvm
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +31,7 @@ def xenkvm(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory) -> Path:
-    subprocess.run(["make", "-s", "-C", str(ROOT / "guests")], check=True)
+    build_guests()
     path = tmp_path_factory.mktemp("snap") / "guest.snap"
     r = xenkvm("run", "guests/snapshot.yaml", "--snapshot-on-port", str(path))
     assert r.returncode == 0, r.stdout + r.stderr

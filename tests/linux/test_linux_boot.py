@@ -19,7 +19,7 @@ GUEST = ROOT / "guests" / "linux.yaml"
 MARKER = "XENKVM-LINUX-BOOT-OK"
 TIMEOUT = float(os.environ.get("XENKVM_LINUX_BOOT_TIMEOUT", "2400"))
 
-pytestmark = [pytest.mark.linux, pytest.mark.hw, pytest.mark.timeout(TIMEOUT + 120)]
+pytestmark = [pytest.mark.linux, pytest.mark.hw, pytest.mark.linux_host, pytest.mark.timeout(TIMEOUT + 120)]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from xenkvm.toolstack.client import ControlClient
+from guestbuild import build_guests
 
 pytestmark = pytest.mark.kvm
 
@@ -79,7 +80,7 @@ def console_text(run_dir: Path) -> str:
 
 def start(kernel: str, extra: str, on_poweroff: str = "preserve", on_reboot: str = "destroy", fmt: str = "raw"):
     """A running domain from an xl.cfg with xvda = a.img (or a.qcow2...), in its own run directory."""
-    subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
+    build_guests()
     work = Path(tempfile.mkdtemp(prefix="xk-dev-", dir="/tmp"))
     disk = "a.img" if fmt == "raw" else f"a.{fmt}"
     if fmt == "raw":

@@ -24,6 +24,7 @@ import pytest
 
 from xenkvm.toolstack.client import ControlClient
 from xenkvm.toolstack.protocol import MAX_LINE, ApiError, ErrorCode
+from guestbuild import build_guests
 
 pytestmark = pytest.mark.kvm
 
@@ -36,7 +37,7 @@ TICK = re.compile(rb"^TICK (\d+) (\d+)$", re.M)
 
 @pytest.fixture(scope="module")
 def built_guests() -> Path:
-    subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
+    build_guests()
     return GUESTS
 
 

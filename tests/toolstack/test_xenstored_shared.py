@@ -22,6 +22,7 @@ import pytest
 from xenkvm.toolstack.client import ControlClient
 from xenkvm.xenstore.client import XsClient
 from xenkvm.xenstore.protocol import XenstoreError, XsError, XsType
+from guestbuild import build_guests
 
 pytestmark = pytest.mark.kvm
 
@@ -32,7 +33,7 @@ TIMEOUT = 300
 
 @pytest.fixture(scope="module")
 def built_guests() -> Path:
-    subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
+    build_guests()
     return GUESTS
 
 

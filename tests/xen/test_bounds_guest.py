@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from xenkvm.machine.ioloop import COMPACT_MIN
 from xenkvm.build import build_machine
 from xenkvm.machine.machine import ExitStatus, Machine
 from xenkvm.xen.limits import DEFAULT_MAX_GRANT_FRAMES
+from guestbuild import build_guests
 
 pytestmark = pytest.mark.kvm
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ ROUNDS = 8
 
 @pytest.fixture(scope="module")
 def built() -> None:
-    subprocess.run(["make", "-s", "-C", str(ROOT / "guests")], check=True)
+    build_guests()
 
 
 class Peaks:

@@ -15,6 +15,7 @@ from xenkvm.machine.devices.pci import CONFIG_ADDRESS, CONFIG_DATA, ENABLE, Reg
 from xenkvm.machine.loader import Entry
 from xenkvm.xen import platform_pci
 from xenkvm.xen.platform_pci import MAGIC, MMIO_BASE, MMIO_SIZE, SLOT, UNPLUG_PORT, PlatformState, Unplug, UnplugPorts
+from guestbuild import build_guests
 
 
 def cfg(m, reg, size=4, value=None):
@@ -141,7 +142,7 @@ def test_config_field():
 def test_hvm_platform_guest_host_side(tmp_path):
     """guests/xen_hvm_platform.c end to end: the host logs what the guest's unplug protocol said."""
     root = Path(__file__).resolve().parents[2]
-    subprocess.run(["make", "-s", "-C", str(root / "guests")], check=True)
+    build_guests()
     r = subprocess.run([sys.executable, "-m", "xenkvm", "-v", "run", "guests/xen_hvm_platform.yaml"], cwd=root,
                        capture_output=True, text=True, errors="replace", timeout=120,
                        env={**os.environ, "XENSTORED_PATH": str(tmp_path / "xs.sock")})

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from guestbuild import build_guests
 
 pytestmark = pytest.mark.kvm
 
@@ -22,7 +23,7 @@ TIMEOUT = 120
 
 @pytest.fixture(scope="module")
 def built_guests() -> Path:
-    subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
+    build_guests()
     return GUESTS
 
 

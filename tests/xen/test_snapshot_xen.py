@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from guestbuild import build_guests
 
 pytestmark = pytest.mark.kvm
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +38,7 @@ def _resumed(out: str, err: str, rc: int) -> None:
 
 @pytest.fixture(scope="module", params=["xen_snapshot", "xen_snapshot_fifo"])
 def snapshot(request, tmp_path_factory) -> tuple[Path, Path]:
-    subprocess.run(["make", "-s", "-C", str(ROOT / "guests")], check=True)
+    build_guests()
     tmp = tmp_path_factory.mktemp(request.param)
     path = tmp / "guest.snap"
     r = _run(f"guests/{request.param}.yaml", "--snapshot-on-port", str(path), sock=tmp / "xs.sock")

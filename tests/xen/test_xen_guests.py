@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from guestbuild import build_guests
 
 pytestmark = pytest.mark.kvm
 
@@ -43,7 +44,7 @@ SUMMARY = re.compile(r"^SUMMARY: (\d+) passed, (\d+) failed$", re.M)
 
 @pytest.fixture(scope="session")
 def built_guests() -> Path:
-    subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
+    build_guests()
     return GUESTS
 
 

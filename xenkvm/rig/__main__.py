@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +27,15 @@ def pytest_argv(extra: list[str]) -> list[str]:
         argv += ["-m", HW_SELECTION]
     paths = [x for x in extra if not x.startswith("-") and (REPO_ROOT / x.split("::")[0]).exists()]
     return argv + extra + ([] if paths else HW_PATHS)
+
+
+def build_guests() -> None:
+    """``make -C guests`` on the host, before L1 starts: the tests inside do not build them
+    (tests/guestbuild.py), since make's no-op over 9p under TCG costs ~20 s a call."""
+    r = subprocess.run(["make", "-s", "-C", str(REPO_ROOT / "guests")], capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise runner.RigError(f"make -C guests failed on the host: {tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.what == "run" and not args:
             p.error("run needs a command")
         cmd = pytest_argv(args) if a.what == "test" else args
+        build_guests()
         with tempfile.TemporaryDirectory(prefix="xenkvm-rig-") as tmp:
             out = Path(a.out) if a.out else Path(tmp)
             res = runner.run(l1, cmd, cwd=REPO_ROOT, out_dir=out, memory_mb=a.memory, cpus=a.cpus,
