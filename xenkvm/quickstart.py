@@ -88,7 +88,7 @@ def make_root_disk(target: Path, pristine: Path) -> bool:
         raise ConfigError(f"{pristine}: no root image (make rootfs-image builds it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
-    res = subprocess.run(["cp", "--sparse=always", str(pristine), str(tmp)], capture_output=True, text=True)
+    res = _tool(["cp", "--sparse=always", str(pristine), str(tmp)])
     if res.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise ConfigError(f"cannot copy {pristine} to {tmp}: {res.stderr.strip()}")
@@ -96,8 +96,16 @@ def make_root_disk(target: Path, pristine: Path) -> bool:
     return True
 
 
+def _tool(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run a host tool; its absence is a one-line ConfigError, not a traceback."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise ConfigError(f"{argv[0]}: not installed (make run needs it: {'iproute2' if argv[0] == 'ip' else 'coreutils'})")
+
+
 def _ip(*args: str) -> str:
-    res = subprocess.run(["ip", *args], capture_output=True, text=True)
+    res = _tool(["ip", *args])
     if res.returncode != 0:
         raise ConfigError(f"ip {' '.join(args)}: {res.stderr.strip() or 'failed'}")
     return res.stdout

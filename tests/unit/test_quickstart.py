@@ -112,3 +112,10 @@ def test_mistakes_are_one_line_and_status_2(tmp_path, capsys, text, message):
     assert quickstart.main([str(cfg)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_missing_host_tool_is_one_line(monkeypatch):
+    """No `ip` (iproute2) on the host: a ConfigError naming the package, not a FileNotFoundError."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ConfigError, match=r"^ip: not installed .*iproute2"):
+        quickstart._ip("link", "show")
