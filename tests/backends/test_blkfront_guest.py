@@ -175,8 +175,10 @@ def kill_after_flush(tmp_path: Path, kernel: Path, sig: int, disk: str) -> None:
     y = tmp_path / "guest.yaml"
     y.write_text(f'kernel: {kernel}\ncmdline: "xk.trap=page xk.blk_durable"\nmemory: 64M\n'
                  f'xen:\n  domid: 1\ndisks: ["{disk}"]\n')
+    # default SIGINT: a test run started in the background inherits it ignored (tests/kvm/test_machine.py)
     p = subprocess.Popen([sys.executable, "-m", "xenkvm", "run", str(y)], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, errors="replace")
+                         stderr=subprocess.PIPE, text=True, errors="replace",
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     try:
         for line in p.stdout:
