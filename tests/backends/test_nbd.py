@@ -213,6 +213,23 @@ def test_a_backing_file_is_not_opened_unless_the_spec_says_so(tmp_path, fmt):
 
 
 @needs_qemu
+def test_an_external_data_file_is_refused(tmp_path):
+    """A qcow2 image whose data lives in a file its header names (any host file) is not served at all."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"host secret\n" * 100000)
+    img = tmp_path / "evil.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw=on", str(img), "1M")
+    before = _private_dirs()
+    with pytest.raises(OSError) as e:
+        ImageDisk(spec(img, "qcow2"))
+    assert e.value.errno == errno.EPERM and "external data file" in e.value.strerror
+    assert _private_dirs() == before                      # refused before any daemon started
+    plain = tmp_path / "plain.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(plain), "1M")
+    ImageDisk(spec(plain, "qcow2")).close()               # an ordinary v3 image still opens
+
+
+@needs_qemu
 @pytest.mark.parametrize("fmt,qemu_fmt", [("vhd", "vpc"), ("vmdk", "vmdk"), ("vdi", "vdi"), ("qed", "qed")])
 def test_other_formats_open_and_read(tmp_path, fmt, qemu_fmt):
     raw = tmp_path / "src.raw"

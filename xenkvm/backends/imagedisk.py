@@ -70,6 +70,26 @@ exit $rc
 '''
 
 
+QCOW2_MAGIC = b"QFI\xfb"
+QCOW2_INCOMPAT_OFFSET = 72              #: incompatible_features, big-endian u64, header version 3 and later
+QCOW2_INCOMPAT_DATA_FILE = 1 << 2       #: "external data file": guest data lives in a file the header names
+
+
+def refuse_foreign_files(spec: DiskSpec) -> None:
+    """Refuse a qcow2 image that keeps its data in an external file: qemu opens the file the image's
+    header names, which an image from elsewhere could point at any host file (OSError EPERM).  The
+    backing file has its own opt-in (``daemon_args``)."""
+    if spec.format != "qcow2":
+        return
+    with open(spec.target, "rb") as f:
+        head = f.read(QCOW2_INCOMPAT_OFFSET + 8)
+    if len(head) < QCOW2_INCOMPAT_OFFSET + 8 or head[:4] != QCOW2_MAGIC or int.from_bytes(head[4:8], "big") < 3:
+        return                          # not qcow2 (the daemon says so) or a version without the feature
+    if int.from_bytes(head[QCOW2_INCOMPAT_OFFSET:QCOW2_INCOMPAT_OFFSET + 8], "big") & QCOW2_INCOMPAT_DATA_FILE:
+        raise OSError(errno.EPERM, f"{spec.target}: a qcow2 image with an external data file is refused "
+                                   "(its header names a host file to open)")
+
+
 def daemon_args(spec: DiskSpec, sock: Path) -> list[str]:
     """The ``qemu-storage-daemon`` command line for ``spec`` (JSON options: any file name is safe).  The
     backing file an image names is opened only if the spec says ``backing``: the name is the image's, and
@@ -115,6 +135,7 @@ class ImageDisk:
         self._order: list[int] = []
         self._ranges: list[tuple[int, int, bool]] = []   #: (start, end, write) of the requests in flight
         self._span = (1 << 64, 0)                          #: the bytes they cover, first to last
+        refuse_foreign_files(spec)
         try:               # whatever fails, nothing is left behind: directory, pipe, file, daemon, socket
             self._spawn(spec)
             self.client = NbdClient(self._connect(timeout), self.label)
