@@ -297,10 +297,15 @@ def test_net_restored_three_times_in_a_row_on_a_recreated_tap(net):
 
 
 @needs_tap
+@pytest.mark.known_race
 def test_net_restored_twice_in_parallel_on_fallback_taps(net):
     """The saved tap name is taken (the test holds a tap of that name), so each restore falls
     back to vif1.0-rN (logged; created exclusively, so two at once never share one, whichever
-    starts first); each finds a peer there and passes every check."""
+    starts first); each finds a peer there and passes every check.
+
+    Open race (known_race): on a loaded host, about 1 run in 6, one of the two restored guests
+    stops after "PASS snap.inflight_tx_answered" (its ARP through the fallback tap gets no
+    answer) and is killed at 240 s; seen in full make test runs on 2026-12-02, never alone."""
     import netpeer
 
     from xenkvm.backends.tap import Tap

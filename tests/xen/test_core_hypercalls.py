@@ -271,11 +271,16 @@ def test_ops_count_calls_by_sub_op(hcall, xen_machine):
 
 
 def _pvclock_error_ns(xen_machine, vcpu_id: int) -> int:
-    """How far vCPU ``vcpu_id``'s pvclock, applied to its real guest TSC, is from Xen system time."""
+    """How far vCPU ``vcpu_id``'s pvclock, applied to its real guest TSC, is outside the Xen system
+    times read just before and just after that TSC (0 inside: a loaded host may take milliseconds
+    between the two reads, which is not an error of the clock)."""
     t = (SHINFO_PFN << 12) + vcpu_id * ffi.sizeof("struct vcpu_info") + ffi.offsetof("struct vcpu_info", "time")
     tsc_ts, sys_time, mul, shift = struct.unpack_from("<QQIb", xen_machine.mem.read(t + 8, 21))
+    before = xen_machine.xen.now_ns()
     guest_tsc = xen_machine.vcpus[vcpu_id].get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
-    return sys_time + TscScale(mul, shift).ns(guest_tsc - tsc_ts) - xen_machine.xen.now_ns()
+    after = xen_machine.xen.now_ns()
+    pv = sys_time + TscScale(mul, shift).ns(guest_tsc - tsc_ts)
+    return pv - after if pv > after else min(0, pv - before)
 
 
 def test_pvclock_follows_a_vcpu_whose_tsc_moved(hcall, xen_machine):
