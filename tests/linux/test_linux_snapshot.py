@@ -102,6 +102,8 @@ class Shell:
             try:
                 return self.run("echo $((6*7))", min(15.0, max(1.0, deadline - time.monotonic()))).strip().endswith("42")
             except (AssertionError, TimeoutError):     # read_until: no match yet, or a quiet console
+                print(f"(no answer to line {self.seq} yet; console since: "
+                      f"{bytes(self.con.out[-300:]).decode(errors='replace')!r})", flush=True)
                 if time.monotonic() >= deadline:
                     raise
 
