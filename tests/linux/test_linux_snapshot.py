@@ -46,6 +46,7 @@ PVH = ROOT / "guests" / "linux-pvh.yaml"
 TIMEOUT = float(os.environ.get("XENKVM_LINUX_BOOT_TIMEOUT", "2400"))
 NAME = "debian-snap"
 NOW = re.compile(rb"^now at (\d+) nsecs", re.M)
+KLOG = re.compile(r"^\s*\[\s*\d+\.\d+\] ")
 
 #: linux_more: out of make test's PVM run (one more Debian boot there, ~10 min); hw once it has passed
 pytestmark = [pytest.mark.linux, pytest.mark.linux_more, pytest.mark.timeout(TIMEOUT + 600)]
@@ -100,7 +101,8 @@ class Shell:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return self.run("echo $((6*7))", min(15.0, max(1.0, deadline - time.monotonic()))).strip().endswith("42")
+                out = self.run("echo $((6*7))", min(15.0, max(1.0, deadline - time.monotonic())))
+                return re.search(r"^42\r?$", out, re.M) is not None
             except (AssertionError, TimeoutError):     # read_until: no match yet, or a quiet console
                 print(f"(no answer to line {self.seq} yet; console since: "
                       f"{bytes(self.con.out[-300:]).decode(errors='replace')!r})", flush=True)
@@ -168,14 +170,17 @@ def saved(tmp_path_factory) -> Saved:
             start = len(sh.con.out)
             sh.type("xenstore-watch data/watched &")
             sh.con.read_until(rb"data/watched\r?$", start=start)     # a watch fires once when registered
-            lines = int(sh.run("dmesg | wc -l").split()[-1])
+            # the echo of a typed line may come interleaved with output: match output lines only
+            m = re.search(r"^LINES=(\d+)\r?$", sh.run('echo "LINES=$(dmesg | wc -l)"'), re.M)
+            assert m, sh.text[-2000:]
+            lines = int(m.group(1))
             before = sh.monotonic_ns()
             snap = work / "debian.snap"
             t0 = time.monotonic()
             r = xenkvm(run_dir, "snapshot", NAME, str(snap))
             assert r.returncode == 0, r.stderr
             print(f"xenkvm snapshot: {time.monotonic() - t0:.2f}s", flush=True)
-            assert sh.run("echo still-running").strip().endswith("still-running")      # it runs on
+            assert re.search(r"^still-running\r?$", sh.run("echo still-running"), re.M)      # it runs on
             sh.close()
             assert xenkvm(run_dir, "destroy", NAME).returncode == 0
         yield Saved(run_dir, snap, before, lines)
@@ -213,7 +218,8 @@ def _check_resumed(s: Saved, name: str, sh: Shell) -> None:
         xs.write(f"/local/domain/{_domid(s.run_dir, name)}/data/watched", "ping")
     sh.con.read_until(rb"data/watched\r?$", timeout=120, start=start)
     assert sh.answers(timeout=120)
-    new = sh.run(f"dmesg | tail -n +{s.dmesg_lines + 1}").splitlines()[1:]     # after the typed line
+    new = [line for line in sh.run(f"dmesg | tail -n +{s.dmesg_lines + 1}").splitlines()
+           if KLOG.match(line)]       # kernel log lines only, not the typed line's echo
     print(f"{name}: kernel log since the snapshot:" + "".join(f"\n  {line.rstrip()}" for line in new), flush=True)
     bad = [line for line in new if DMESG_FORBIDDEN.search(line)]
     assert not bad, f"{name}: the resumed kernel complained: {bad}"
