@@ -221,6 +221,22 @@ def test_a_snapshot_with_impossible_vcpu_online_state_is_refused(xen_machine, vc
     assert not xen_machine.runners[1].held
 
 
+def test_a_guest_resumed_as_a_new_domain_gets_host_input_on_its_console(xen_machine):
+    """After a cooperative save the restored (new) domain's guest resumes with its console
+    driver set up (Linux: xen_console_resume re-binds the same ring), so host keystrokes go to
+    the ring at once, not to the UART until the guest next writes: Debian's shell lost the
+    first line typed after ``xenkvm restore`` (tests/linux/test_linux_snapshot.py)."""
+    from xenkvm.xen import snapshot as xensnap
+    xen = xen_machine.xen
+    xen.console.on_guest_notify()           # the guest has used its ring before the save
+    assert xen.input_sink() is xen.console
+    st = xensnap.save(xen)
+    st["suspended_vcpu"] = 0                # saved in SHUTDOWN_suspend
+    xen.console.connected = False           # as a new domain's console starts
+    xen.restore_state(st)
+    assert xen.resumed_new and xen.input_sink() is xen.console
+
+
 def test_vm_assist_and_console_io(hcall, xen_machine):
     assert hcall(Hypercall.vm_assist, lib.VMASST_CMD_enable, lib.VMASST_TYPE_runstate_update_flag) == 0
     assert hcall(Hypercall.vm_assist, lib.VMASST_CMD_enable, lib.VMASST_TYPE_writable_pagetables) == -Errno.EINVAL

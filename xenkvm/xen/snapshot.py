@@ -160,8 +160,8 @@ def resume_new_domain(d: "XenDomain", st: dict[str, Any]) -> None:
     a new domain, as this XenDomain was built: no event channels but the store's and console's
     (set up by the toolstack, their ports in the HVM params), no shared_info, vcpu_info, timers
     or grant frames mapped, the domain's initial xenstore tree without watches, cleared store
-    and console pages.  Kept: each vCPU's online state and the hypercall traps (the hypercall
-    page or patched sites are guest RAM); the suspending vCPU's hypercall returns 0 there, and
+    and console pages.  Kept: each vCPU's online state, the hypercall traps (the hypercall
+    page or patched sites are guest RAM) and whether the console ring was in use; the suspending vCPU's hypercall returns 0 there, and
     the guest re-registers the rest (Linux: xen_hvm_post_suspend, xen_irq_resume, gnttab_resume,
     xs_resume)."""
     vcpu_id = int(st["suspended_vcpu"])
@@ -175,6 +175,9 @@ def resume_new_domain(d: "XenDomain", st: dict[str, Any]) -> None:
             _check_online(v)
         d.shinfo.restored(None)
         d.traps = [_trap_from(d, t) for t in st["traps"]]
+        # the guest's console driver re-binds the same ring (Linux: xen_console_resume), so host
+        # keystrokes go to the (cleared) ring from the start, not to the UART until it next writes
+        d.console.connected = bool(st["console"]["connected"])
         d.resumed_new = True
     vcpu = d.machine.vcpus[vcpu_id]
     regs = vcpu.get_regs()
