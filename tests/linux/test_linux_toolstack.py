@@ -194,6 +194,11 @@ class Phases:
         return ", ".join(f"{k} {v:.0f}s" for k, v in self.ends.items())
 
 
+def figure(line: str) -> None:
+    """A measurement for the docs (docs/control-api.md), printed as it is made."""
+    print(f"\nFIGURE {line}", file=sys.stderr, flush=True)
+
+
 def listing(run_dir: Path) -> dict[str, dict]:
     return {row["name"]: row for row in json.loads(ok(xenkvm(run_dir, "list", "--json")))}
 
@@ -321,22 +326,32 @@ def test_one_debian_guest_driven_and_restarted(tmp_path: Path) -> None:
 
 
 def _network(a: Shell, b: Shell, ns: str) -> None:
-    """Addresses, pings every way, TCP_BYTES a -> b over TCP with checksums."""
+    """Addresses, pings every way, TCP_BYTES a -> b over TCP with checksums; the RTTs and the
+    transfer's rate (by a's clock, from connect to b's close) are printed as figures."""
     a.run(f"sh /xenkvm/net.sh {NET}.2")
     b.run(f"sh /xenkvm/net.sh {NET}.3")
     for s, peer in ((a, f"{NET}.3"), (b, f"{NET}.2"), (a, f"{NET}.1")):
-        s.run(f"i=0; until ping -c 1 -W 1 {peer} >/dev/null 2>&1; do i=$((i+1)); [ $i -ge 120 ] && break; done; "
-              f"ping -c 3 -W 5 {peer}")
+        out = s.run(f"i=0; until ping -c 1 -W 1 {peer} >/dev/null 2>&1; do i=$((i+1)); [ $i -ge 120 ] && break; "
+                    f"done; ping -c 3 -W 5 {peer}")
+        rtt = re.search(r"min/avg/max = (\S+) ms", out)
+        figure(f"ping {s.name} -> {peer}: min/avg/max {rtt.group(1) if rtt else '?'} ms")
     for addr in (f"{NET}.2", f"{NET}.3"):
         subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", "3", "-W", "5", addr], check=True, capture_output=True)
-    b.run("nc -l -p 5000 > /tmp/rx & echo $! > /tmp/nc.pid")
+    # nc half-closes when its stdin ends, and the other side then stops sending: the listener's
+    # stdin is a pipe that stays open (a background job's stdin may be /dev/null)
+    b.run("sleep 100000 | nc -l -p 5000 > /tmp/rx & echo $! > /tmp/nc.pid")
     a.run(f"dd if=/dev/urandom of=/tmp/tx bs=64k count={TCP_BYTES >> 16} 2>/dev/null")
     sent = a.run("md5sum < /tmp/tx").split()[0]
-    a.run(f"i=0; until nc {NET}.3 5000 < /tmp/tx; do i=$((i+1)); [ $i -ge 20 ] && break; usleep 200000; done")
+    span = a.run("t0=$(cut -d' ' -f1 /proc/uptime); i=0; "
+                 f"until nc {NET}.3 5000 < /tmp/tx; do i=$((i+1)); [ $i -ge 20 ] && break; usleep 200000; done; "
+                 "echo $t0 $(cut -d' ' -f1 /proc/uptime)").split()
     b.run("i=0; while grep -qs '^State:[[:space:]]*[RSD]' /proc/$(cat /tmp/nc.pid)/status; do "
           "i=$((i+1)); [ $i -gt 600 ] && break; usleep 100000; done")          # running, not yet a zombie
     assert b.run("wc -c < /tmp/rx").strip() == str(TCP_BYTES)
     assert b.run("md5sum < /tmp/rx").split()[0] == sent, "b received other bytes than a sent"
+    seconds = float(span[-1]) - float(span[-2])
+    figure(f"TCP a -> b: {TCP_BYTES >> 10} KiB in {seconds:.2f} s "
+           f"({TCP_BYTES / max(seconds, 0.01) / 1e6:.3f} MB/s, a's clock, with connect)")
 
 
 def _console_cli(run_dir: Path) -> None:
