@@ -60,6 +60,8 @@ TIMEOUT = float(os.environ.get("XENKVM_TOOLSTACK_TIMEOUT", "900"))
 pytestmark = [pytest.mark.linux, pytest.mark.linux_more, pytest.mark.timeout(TIMEOUT * 6)]
 
 CACHE = ROOT / ".cache" / "linux"
+#: Debian's busybox-static (unpacked by the image builds): the host side's ping (hosts may have none)
+BUSYBOX = CACHE / "busybox" / "bin" / "busybox"
 BRIDGE, NET = "xkbr0", "10.92.0"
 A, B = "deb-a", "deb-b"
 MIB = 1 << 20
@@ -199,6 +201,14 @@ def figure(line: str) -> None:
     print(f"\nFIGURE {line}", file=sys.stderr, flush=True)
 
 
+def host_ping(ns: str, addr: str) -> str:
+    """Three pings from the host's side of the bridge (in ``ns``); their output."""
+    r = subprocess.run(["ip", "netns", "exec", ns, str(BUSYBOX), "ping", "-c", "3", "-W", "5", addr],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"host ping {addr}: exit {r.returncode}: {r.stdout[-800:]} {r.stderr[-800:]}"
+    return r.stdout
+
+
 def listing(run_dir: Path) -> dict[str, dict]:
     return {row["name"]: row for row in json.loads(ok(xenkvm(run_dir, "list", "--json")))}
 
@@ -208,7 +218,7 @@ def _need() -> None:
         pytest.skip("needs root, /dev/net/tun and iproute2 (a namespace, a bridge, taps)")
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("/dev/kvm is not usable here")
-    for f in ("vmlinuz", "initramfs-disk.cpio.gz", "rootfs.ext4"):
+    for f in ("vmlinuz", "initramfs-disk.cpio.gz", "rootfs.ext4", "busybox/bin/busybox"):
         if not (CACHE / f).is_file():
             pytest.skip("no root file system image: run `make rootfs-image` first")
     if not shutil.which("debugfs") and not os.path.exists("/usr/sbin/debugfs"):
@@ -275,8 +285,7 @@ def test_two_debian_guests_side_by_side(tmp_path: Path) -> None:
 
         ok(xenkvm(w.run_dir, "destroy", B))
         assert {n: r["state"] for n, r in listing(w.run_dir).items()} == {A: "running"}
-        subprocess.run(["ip", "netns", "exec", w.ns, "ping", "-c", "3", "-W", "5", f"{NET}.2"], check=True,
-                       capture_output=True)
+        host_ping(w.ns, f"{NET}.2")
         _store_after_destroy(w.run_dir)
         a.run("echo still here")
         w.phases.done("b destroyed, a and the store intact")
@@ -336,7 +345,8 @@ def _network(a: Shell, b: Shell, ns: str) -> None:
         rtt = re.search(r"min/avg/max = (\S+) ms", out)
         figure(f"ping {s.name} -> {peer}: min/avg/max {rtt.group(1) if rtt else '?'} ms")
     for addr in (f"{NET}.2", f"{NET}.3"):
-        subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", "3", "-W", "5", addr], check=True, capture_output=True)
+        rtt = re.search(r"min/avg/max = (\S+) ms", host_ping(ns, addr))
+        figure(f"ping host -> {addr}: min/avg/max {rtt.group(1) if rtt else '?'} ms")
     # nc half-closes when its stdin ends, and the other side then stops sending: the listener's
     # stdin is a pipe that stays open (a background job's stdin may be /dev/null)
     b.run("sleep 100000 | nc -l -p 5000 > /tmp/rx & echo $! > /tmp/nc.pid")
