@@ -1,33 +1,35 @@
-"""Two Debian Xen guests under the toolstack at once, driven as a user drives them (issue 12, items 2 and 5).
+"""Debian Xen guests under the toolstack, driven as a user drives them (issue 12, items 2 and 5).
 
-Two PVH guests, ``deb-a`` and ``deb-b``, each from its own ``xenkvm create`` of an
-xl.cfg file the test writes: each has its own copy of ``.cache/linux/rootfs.ext4``
-as ``xvda`` and a vif on one host bridge the test makes in a network namespace
-(the VMMs run in it, so their taps are there).  The image copies carry
-``/xenkvm/net.sh`` (loads ``xen-netfront`` and gives ``eth0`` its address) and the
-module files; with no ``/xenkvm/run`` the rootfs init starts a shell on ``hvc0``,
-which the test types into through the control API's console op (:class:`Shell`).
+Each guest (``deb-a``, ``deb-b``) is PVH, from its own ``xenkvm create`` of an xl.cfg
+file the test writes: each has its own copy of ``.cache/linux/rootfs.ext4`` as ``xvda``
+and a vif on one host bridge the test makes in a network namespace (the VMMs run in it,
+so their taps are there).  The image copies carry ``/xenkvm/net.sh`` (loads
+``xen-netfront`` and gives ``eth0`` its address) and the module files; with no
+``/xenkvm/run`` the rootfs init starts a shell on ``hvc0``, which the test types into
+through the control API's console op (:class:`Shell`).
 
-In one run, to save boots (three Debian boots in all):
+Two tests of two Debian boots each, so that each can run (and fail) alone:
 
-1. both guests get addresses, ping each other and the host, and move 256 KiB over TCP
-   (busybox ``nc``) from a to b, checksummed; ``xenkvm list`` shows both running;
-2. on ``deb-a`` (``maxvcpus = 2, vcpus = 1``, ``on_reboot = "restart"``): a command typed
-   through ``xenkvm console`` in a pty comes back; ``pause``/``unpause`` (the guest's
-   uptime does not advance by the pause); ``mem-set`` (its balloon reaches the target);
-   ``vcpu-set 2`` then ``1`` (Linux's xen cpu hotplug makes cpu1 present, the guest onlines
-   it as udev would, then takes it offline); ``block-attach`` of a second disk (the guest
-   reads it, checksummed) and ``network-attach`` of a second vif;
-3. ``xenkvm reboot deb-a --wait``: the guest comes back with ``xvdb`` (same data) and
-   ``eth1``, as xl keeps hot-plugged devices in the domain's config, and pings b again;
-4. ``xenkvm destroy deb-b``: ``deb-a`` still runs and answers the host's ping; Debian's
-   ``xenstore-ls`` against the shared xenstored lists a's nodes and backends, none of b's;
-5. ``xenkvm shutdown deb-a --wait``: the list is empty.
+``test_two_debian_guests_side_by_side``
+    1. both guests get addresses, ping each other and the host, and move 256 KiB over TCP
+       (busybox ``nc``) from a to b, checksummed; ``xenkvm list`` shows both running;
+    2. ``xenkvm destroy deb-b``: ``deb-a`` still runs and answers the host's ping; Debian's
+       ``xenstore-ls`` against the shared xenstored lists a's nodes and backends, none of b's;
+    3. ``xenkvm shutdown deb-a --wait``: the list is empty.
 
-Markers ``linux``, ``hw`` (the rig: ``flock /tmp/xenkvm-rig.lock .venv/bin/python -m
-xenkvm.rig test tests/linux/test_linux_toolstack.py``) and ``linux_more`` (on PVM hosts only
-in ``make test-linux``: each boot takes 10+ minutes there).  Needs root (namespace, bridge,
-taps).
+``test_one_debian_guest_driven_and_restarted`` (``deb-a`` alone: ``maxvcpus = 2, vcpus = 1``,
+``on_reboot = "restart"``)
+    1. a command typed through ``xenkvm console`` in a pty comes back; ``pause``/``unpause``
+       (the guest's uptime does not advance by the pause); ``mem-set`` (its balloon reaches the
+       target); ``vcpu-set 2`` then ``1`` (Linux's xen cpu hotplug makes cpu1 present, the guest
+       onlines it as udev would, then takes it offline); ``block-attach`` of a second disk (the
+       guest reads it, checksummed) and ``network-attach`` of a second vif;
+    2. ``xenkvm reboot deb-a --wait``: the guest comes back with ``xvdb`` (same data) and
+       ``eth1``, as xl keeps hot-plugged devices in the domain's config, and pings the host.
+
+Markers ``linux`` and ``linux_more`` (on PVM hosts only in ``make test-linux``: each boot takes
+10+ minutes there); in the rig: ``flock /tmp/xenkvm-rig.lock .venv/bin/python -m xenkvm.rig
+test tests/linux/test_linux_toolstack.py -s``.  Needs root (namespace, bridge, taps).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,6 +60,8 @@ TIMEOUT = float(os.environ.get("XENKVM_TOOLSTACK_TIMEOUT", "900"))
 pytestmark = [pytest.mark.linux, pytest.mark.linux_more, pytest.mark.timeout(TIMEOUT * 6)]
 
 CACHE = ROOT / ".cache" / "linux"
+#: Debian's busybox-static (unpacked by the image builds): the host side's ping (hosts may have none)
+BUSYBOX = CACHE / "busybox" / "bin" / "busybox"
 BRIDGE, NET = "xkbr0", "10.92.0"
 A, B = "deb-a", "deb-b"
 MIB = 1 << 20
@@ -191,6 +196,19 @@ class Phases:
         return ", ".join(f"{k} {v:.0f}s" for k, v in self.ends.items())
 
 
+def figure(line: str) -> None:
+    """A measurement for the docs (docs/control-api.md), printed as it is made."""
+    print(f"\nFIGURE {line}", file=sys.stderr, flush=True)
+
+
+def host_ping(ns: str, addr: str) -> str:
+    """Three pings from the host's side of the bridge (in ``ns``); their output."""
+    r = subprocess.run(["ip", "netns", "exec", ns, str(BUSYBOX), "ping", "-c", "3", "-W", "5", addr],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"host ping {addr}: exit {r.returncode}: {r.stdout[-800:]} {r.stderr[-800:]}"
+    return r.stdout
+
+
 def listing(run_dir: Path) -> dict[str, dict]:
     return {row["name"]: row for row in json.loads(ok(xenkvm(run_dir, "list", "--json")))}
 
@@ -200,7 +218,7 @@ def _need() -> None:
         pytest.skip("needs root, /dev/net/tun and iproute2 (a namespace, a bridge, taps)")
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("/dev/kvm is not usable here")
-    for f in ("vmlinuz", "initramfs-disk.cpio.gz", "rootfs.ext4"):
+    for f in ("vmlinuz", "initramfs-disk.cpio.gz", "rootfs.ext4", "busybox/bin/busybox"):
         if not (CACHE / f).is_file():
             pytest.skip("no root file system image: run `make rootfs-image` first")
     if not shutil.which("debugfs") and not os.path.exists("/usr/sbin/debugfs"):
@@ -209,99 +227,141 @@ def _need() -> None:
         pytest.skip("no xenstore-ls (Debian's xenstore-utils)")
 
 
-def test_two_debian_guests_side_by_side(tmp_path: Path) -> None:
+class Lab:
+    """One test's world: a network namespace with the bridge (the VMMs run in it), a run
+    directory, the shells opened; everything destroyed and stopped afterwards."""
+
+    def __init__(self, tmp: Path, ns: str):
+        self.tmp, self.ns = tmp, ns
+        self.run_dir = tmp / "run"
+        self.shells: list[Shell] = []
+        self.phases = Phases()
+
+    def create(self, name: str, mac: str, tap: str, extra_keys: str) -> None:
+        ok(xenkvm(self.run_dir, "create", str(xl_cfg(self.tmp, name, image(self.tmp, name), mac, tap, extra_keys)),
+                  ns=self.ns))
+
+    def shell(self, name: str) -> Shell:
+        s = Shell(self.run_dir, name)
+        self.shells.append(s)
+        return s
+
+
+@contextmanager
+def lab(tmp: Path):
+    """A :class:`Lab` for the test's guests (whatever it created is destroyed on the way out)."""
     _need()
-    run_dir = tmp_path / "run"
-    shells: list[Shell] = []
     with netboot.netns(f"xkts{os.getpid()}") as ns:
         for cmd in (["ip", "link", "add", BRIDGE, "type", "bridge"], ["ip", "addr", "add", f"{NET}.1/24", "dev", BRIDGE],
                     ["ip", "link", "set", BRIDGE, "up"]):
             subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True)
+        world = Lab(tmp, ns)
         try:
-            _scenario(tmp_path, run_dir, ns, shells)
+            yield world
         finally:
-            for s in shells:
+            for s in world.shells:
                 s.close()
             for name in (A, B):
-                xenkvm(run_dir, "destroy", name, timeout=120)
-            xenkvm(run_dir, "xenstored", "--shared", "--stop", timeout=120)
+                xenkvm(world.run_dir, "destroy", name, timeout=120)
+            xenkvm(world.run_dir, "xenstored", "--shared", "--stop", timeout=120)
 
 
-def _scenario(tmp: Path, run_dir: Path, ns: str, shells: list[Shell]) -> None:
-    phases = Phases()
-    cfg_a = xl_cfg(tmp, A, image(tmp, A), "00:16:3e:5b:00:0a", "xka0",
-                   'maxvcpus = 2\non_reboot = "restart"\n')
-    cfg_b = xl_cfg(tmp, B, image(tmp, B), "00:16:3e:5b:00:0b", "xkb0", 'on_reboot = "destroy"\n')
-    phases.done("images made")
-    ok(xenkvm(run_dir, "create", str(cfg_a), ns=ns))
-    ok(xenkvm(run_dir, "create", str(cfg_b), ns=ns))
-    phases.done("both created")
-    rows = listing(run_dir)
-    assert {n: (r["domid"], r["state"]) for n, r in rows.items()} == {A: (1, "running"), B: (2, "running")}, rows
-    a, b = Shell(run_dir, A), Shell(run_dir, B)
-    shells += [a, b]
-    a.booted()
-    b.booted()
-    phases.done("both booted")
-    _network(a, b, ns)
-    phases.done("network checked")
-    assert {n: r["state"] for n, r in listing(run_dir).items()} == {A: "running", B: "running"}
+def test_two_debian_guests_side_by_side(tmp_path: Path) -> None:
+    """Two boots: both guests on the bridge (pings, TCP a -> b), then b destroyed while a runs on
+    (the shared store keeps a's nodes and drops b's), then a shut down."""
+    with lab(tmp_path) as w:
+        w.create(A, "00:16:3e:5b:00:0a", "xka0", 'on_reboot = "destroy"\n')
+        w.create(B, "00:16:3e:5b:00:0b", "xkb0", 'on_reboot = "destroy"\n')
+        w.phases.done("both created")
+        rows = listing(w.run_dir)
+        assert {n: (r["domid"], r["state"]) for n, r in rows.items()} == {A: (1, "running"), B: (2, "running")}, rows
+        a, b = w.shell(A), w.shell(B)
+        a.booted()
+        b.booted()
+        w.phases.done("both booted")
+        _network(a, b, w.ns)
+        w.phases.done("network checked")
+        assert {n: r["state"] for n, r in listing(w.run_dir).items()} == {A: "running", B: "running"}
 
-    _console_cli(run_dir)
-    phases.done("console typed into")
-    _pause(run_dir, a)
-    phases.done("paused and unpaused")
-    _mem_set(run_dir, a)
-    phases.done("mem-set down and up")
-    _vcpu_set(run_dir, a)
-    phases.done("vcpu-set 2 then 1")
-    disk_md5 = _hotplug(run_dir, tmp, a)
-    phases.done("hot-plugged")
+        ok(xenkvm(w.run_dir, "destroy", B))
+        assert {n: r["state"] for n, r in listing(w.run_dir).items()} == {A: "running"}
+        host_ping(w.ns, f"{NET}.2")
+        _store_after_destroy(w.run_dir)
+        a.run("echo still here")
+        w.phases.done("b destroyed, a and the store intact")
 
-    mark = len(a.out)
-    ok(xenkvm(run_dir, "reboot", A, "--wait", "--timeout", str(TIMEOUT)))
-    a.booted(mark)
-    phases.done("a restarted")
-    assert listing(run_dir)[A]["state"] == "running"
-    a.run(f"sh /xenkvm/net.sh {NET}.2")
-    a.run("i=0; until [ -e /sys/class/net/eth1 ] && [ -b /dev/xvdb ]; do i=$((i+1)); [ $i -gt 600 ] && break; "
-          "usleep 100000; done")
-    assert a.run("ls /sys/class/net").split() == ["eth0", "eth1", "lo"], "the restarted guest lost its second vif"
-    assert a.run("dd if=/dev/xvdb bs=1M count=16 2>/dev/null | md5sum").split()[0] == disk_md5
-    a.run(f"ping -c 3 -W 5 {NET}.3")                                 # b ran on meanwhile
-    phases.done("a has its devices back")
+        ok(xenkvm(w.run_dir, "shutdown", A, "--wait", "--timeout", str(TIMEOUT)))
+        assert listing(w.run_dir) == {}
+        w.phases.done("a shut down")
+        print(f"\ntwo Debian guests, rig={bool(os.environ.get('XENKVM_RIG'))}: {w.phases}")
 
-    ok(xenkvm(run_dir, "destroy", B))
-    assert {n: r["state"] for n, r in listing(run_dir).items()} == {A: "running"}
-    subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", "3", "-W", "5", f"{NET}.2"], check=True,
-                   capture_output=True)
-    _store_after_destroy(run_dir)
-    a.run("echo still here")
-    phases.done("b destroyed, a and the store intact")
 
-    ok(xenkvm(run_dir, "shutdown", A, "--wait", "--timeout", str(TIMEOUT)))
-    assert listing(run_dir) == {}
-    phases.done("a shut down")
-    print(f"\ntwo Debian guests, rig={bool(os.environ.get('XENKVM_RIG'))}: {phases}")
+def test_one_debian_guest_driven_and_restarted(tmp_path: Path) -> None:
+    """Two boots of one guest (``maxvcpus = 2, vcpus = 1``, ``on_reboot = "restart"``): console,
+    pause, mem-set, vcpu-set, hot-plugged disk and vif, then a reboot that keeps them."""
+    with lab(tmp_path) as w:
+        w.create(A, "00:16:3e:5b:00:0a", "xka0", 'maxvcpus = 2\non_reboot = "restart"\n')
+        a = w.shell(A)
+        a.booted()
+        w.phases.done("booted")
+        a.run(f"sh /xenkvm/net.sh {NET}.2")
+        _console_cli(w.run_dir)
+        w.phases.done("console typed into")
+        _pause(w.run_dir, a)
+        w.phases.done("paused and unpaused")
+        _mem_set(w.run_dir, a)
+        w.phases.done("mem-set down and up")
+        _vcpu_set(w.run_dir, a)
+        w.phases.done("vcpu-set 2 then 1")
+        disk_md5 = _hotplug(w.run_dir, w.tmp, a)
+        w.phases.done("hot-plugged")
+
+        mark = len(a.out)
+        ok(xenkvm(w.run_dir, "reboot", A, "--wait", "--timeout", str(TIMEOUT)))
+        a.booted(mark)
+        w.phases.done("restarted")
+        assert listing(w.run_dir)[A]["state"] == "running"
+        a.run(f"sh /xenkvm/net.sh {NET}.2")
+        a.run("i=0; until [ -e /sys/class/net/eth1 ] && [ -b /dev/xvdb ]; do i=$((i+1)); [ $i -gt 600 ] && break; "
+              "usleep 100000; done")
+        assert a.run("ls /sys/class/net").split() == ["eth0", "eth1", "lo"], "the restarted guest lost its second vif"
+        assert a.run("dd if=/dev/xvdb bs=1M count=16 2>/dev/null | md5sum").split()[0] == disk_md5
+        a.run(f"i=0; until ping -c 1 -W 1 {NET}.1 >/dev/null 2>&1; do i=$((i+1)); [ $i -ge 120 ] && break; done; "
+              f"ping -c 3 -W 5 {NET}.1")
+        w.phases.done("devices back")
+        ok(xenkvm(w.run_dir, "destroy", A))
+        assert listing(w.run_dir) == {}
+        print(f"\none Debian guest, rig={bool(os.environ.get('XENKVM_RIG'))}: {w.phases}")
 
 
 def _network(a: Shell, b: Shell, ns: str) -> None:
-    """Addresses, pings every way, TCP_BYTES a -> b over TCP with checksums."""
+    """Addresses, pings every way, TCP_BYTES a -> b over TCP with checksums; the RTTs and the
+    transfer's rate (by a's clock, from connect to b's close) are printed as figures."""
     a.run(f"sh /xenkvm/net.sh {NET}.2")
     b.run(f"sh /xenkvm/net.sh {NET}.3")
     for s, peer in ((a, f"{NET}.3"), (b, f"{NET}.2"), (a, f"{NET}.1")):
-        s.run(f"i=0; until ping -c 1 -W 1 {peer} >/dev/null 2>&1; do i=$((i+1)); [ $i -ge 120 ] && break; done; "
-              f"ping -c 3 -W 5 {peer}")
+        out = s.run(f"i=0; until ping -c 1 -W 1 {peer} >/dev/null 2>&1; do i=$((i+1)); [ $i -ge 120 ] && break; "
+                    f"done; ping -c 3 -W 5 {peer}")
+        rtt = re.search(r"min/avg/max = (\S+) ms", out)
+        figure(f"ping {s.name} -> {peer}: min/avg/max {rtt.group(1) if rtt else '?'} ms")
     for addr in (f"{NET}.2", f"{NET}.3"):
-        subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", "3", "-W", "5", addr], check=True, capture_output=True)
-    b.run("nc -l -p 5000 > /tmp/rx & echo $! > /tmp/nc.pid")
+        rtt = re.search(r"min/avg/max = (\S+) ms", host_ping(ns, addr))
+        figure(f"ping host -> {addr}: min/avg/max {rtt.group(1) if rtt else '?'} ms")
+    # nc half-closes when its stdin ends, and the other side then stops sending: the listener's
+    # stdin is a pipe that stays open (a background job's stdin may be /dev/null)
+    b.run("sleep 100000 | nc -l -p 5000 > /tmp/rx & echo $! > /tmp/nc.pid")
     a.run(f"dd if=/dev/urandom of=/tmp/tx bs=64k count={TCP_BYTES >> 16} 2>/dev/null")
     sent = a.run("md5sum < /tmp/tx").split()[0]
-    a.run(f"i=0; until nc {NET}.3 5000 < /tmp/tx; do i=$((i+1)); [ $i -ge 20 ] && break; usleep 200000; done")
+    span = a.run("t0=$(cut -d' ' -f1 /proc/uptime); i=0; "
+                 f"until nc {NET}.3 5000 < /tmp/tx; do i=$((i+1)); [ $i -ge 20 ] && break; usleep 200000; done; "
+                 "echo $t0 $(cut -d' ' -f1 /proc/uptime)").split()
     b.run("i=0; while grep -qs '^State:[[:space:]]*[RSD]' /proc/$(cat /tmp/nc.pid)/status; do "
           "i=$((i+1)); [ $i -gt 600 ] && break; usleep 100000; done")          # running, not yet a zombie
     assert b.run("wc -c < /tmp/rx").strip() == str(TCP_BYTES)
     assert b.run("md5sum < /tmp/rx").split()[0] == sent, "b received other bytes than a sent"
+    seconds = float(span[-1]) - float(span[-2])
+    figure(f"TCP a -> b: {TCP_BYTES >> 10} KiB in {seconds:.2f} s "
+           f"({TCP_BYTES / max(seconds, 0.01) / 1e6:.3f} MB/s, a's clock, with connect)")
 
 
 def _console_cli(run_dir: Path) -> None:
