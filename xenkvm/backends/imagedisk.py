@@ -116,6 +116,12 @@ def _first_error(lines: list[str]) -> str:
     return line.split("}: ", 1)[-1] if line.startswith("--") else line
 
 
+def _check(err: int, what: str) -> None:
+    """OSError for a request's non-zero errno."""
+    if err:
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
 class ImageDisk:
     """A disk image served by its own qemu-storage-daemon over NBD."""
 
@@ -235,14 +241,10 @@ class ImageDisk:
         handles = [self.client.submit(command, o, min(DISCARD_CHUNK, end - o))
                    for o in range(offset, end, DISCARD_CHUNK)]
         errors = [self.client.wait(h) for h in handles]
-        err = next((e for e in errors if e), 0)
-        if err:
-            raise OSError(err, f"discard: {os.strerror(err)}")
+        _check(next((e for e in errors if e), 0), "discard")
 
     def _sync(self, command: Command, offset: int, length: int, what: str) -> None:
-        err = self.client.wait(self.client.submit(command, offset, length))
-        if err:
-            raise OSError(err, f"{what}: {os.strerror(err)}")
+        _check(self.client.wait(self.client.submit(command, offset, length)), what)
 
     def close(self) -> None:
         """Disconnect, stop the daemon (it flushes and closes the image) and wait for it; also undoes
