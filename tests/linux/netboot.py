@@ -126,10 +126,12 @@ class NetRun:
 
 
 def run_in_ns(ns: str, cmd: list[str], taps: list[tuple[str, str]], size: int, console: Path,
-              timeout: float) -> NetRun:
-    """Run ``cmd`` (the VM) in ``ns`` beside nethost.py serving ``taps`` ((tap, /24 prefix))."""
+              timeout: float, fill: bool = False) -> NetRun:
+    """Run ``cmd`` (the VM) in ``ns`` beside nethost.py serving ``taps`` ((tap, /24 prefix)); ``fill``: the
+    host's sink lets its receive buffer fill before reading (nethost.py ``--fill``)."""
     exec_ns = ["ip", "netns", "exec", ns]
-    helper = subprocess.Popen([*exec_ns, sys.executable, str(ROOT / "tests" / "linux" / "nethost.py"), str(size),
+    helper = subprocess.Popen([*exec_ns, sys.executable, str(ROOT / "tests" / "linux" / "nethost.py"),
+                               *(["--fill"] if fill else []), str(size),
                                *(f"{tap}={net}.1/24" for tap, net in taps)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.monotonic()

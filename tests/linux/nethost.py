@@ -1,11 +1,15 @@
 """The host's end of tests/linux/test_linux_net.py, run inside the test's network namespace.
 
-``python nethost.py SIZE TAP=ADDR/PREFIX ...`` (under ``ip netns exec``): waits for
+``python nethost.py [--fill] SIZE TAP=ADDR/PREFIX ...`` (under ``ip netns exec``): waits for
 each tap the VMM creates in the namespace, gives it its address, then serves two
 TCP ports on that address until killed:
 
 * :data:`SINK_PORT`: reads everything a client sends until it closes, prints
-  ``SINK <addr> <bytes> <sha256> <seconds>``;
+  ``SINK <addr> <bytes> <sha256> <seconds>``; with ``--fill`` it first lets the
+  socket's receive buffer fill (reads nothing until the queued byte count stops
+  growing), so the sender becomes window-limited and queues whole TSO-sized
+  segments instead of sending each MSS as the previous one is ACKed (what a slow
+  guest CPU against a fast host otherwise does: no GSO frame at all);
 * :data:`SOURCE_PORT`: prints ``SOURCE <addr> <bytes> <sha256>`` of SIZE random bytes
   (what the guest must get), sends them to the first client and closes, prints
   ``SENT <addr> <bytes> <seconds>``.
@@ -15,16 +19,20 @@ connection is served once per address (the guest makes one of each per vif).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 
 SINK_PORT, SOURCE_PORT = 5001, 5002
 WAIT_S = 600.0            #: for the VMM to create a tap (the rig's L1 is a slow TCG machine)
+FILL_STILL_S = 0.5        #: --fill: the receive queue has stopped growing for this long
+FILL_MAX_S = 30.0         #: --fill: read anyway after this long
 
 
 def say(line: str) -> None:
@@ -53,9 +61,29 @@ def listener(addr: str, port: int) -> socket.socket:
     return s
 
 
-def sink(addr: str) -> None:
+def queued(conn: socket.socket) -> int:
+    """Bytes received and not yet read (FIONREAD)."""
+    return int.from_bytes(fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0" * 4), "little")
+
+
+def fill(conn: socket.socket) -> None:
+    """Read nothing until the receive queue stops growing (the sender is then blocked on our window)."""
+    last, still, deadline = -1, time.monotonic(), time.monotonic() + FILL_MAX_S
+    while time.monotonic() < deadline:
+        n = queued(conn)
+        if n != last:
+            last, still = n, time.monotonic()
+        elif n and time.monotonic() - still >= FILL_STILL_S:
+            break
+        time.sleep(0.05)
+    say(f"FILLED {conn.getsockname()[0]} {last}")
+
+
+def sink(addr: str, fill_first: bool) -> None:
     with listener(addr, SINK_PORT) as s:
         conn, _ = s.accept()
+        if fill_first:
+            fill(conn)
         h, n, t0 = hashlib.sha256(), 0, time.monotonic()
         with conn:
             while chunk := conn.recv(1 << 16):
@@ -83,13 +111,15 @@ def guarded(fn, *args) -> None:
 
 
 def main(argv: list[str]) -> int:
+    fill_first = argv[:1] == ["--fill"]
+    argv = argv[1:] if fill_first else argv
     size = int(argv[0])
     threads = []
     for spec in argv[1:]:
         tap, cidr = spec.split("=", 1)
         addr = cidr.split("/")[0]
         threads += [threading.Thread(target=guarded, args=(fn, *a), daemon=True)
-                    for fn, a in ((sink, (addr,)), (source, (addr, size)), (plumb, (tap, cidr)))]
+                    for fn, a in ((sink, (addr, fill_first)), (source, (addr, size)), (plumb, (tap, cidr)))]
     for t in threads:
         t.start()
     for t in threads:

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GUESTS = ROOT / "guests"
 CFG = GUESTS / "managed_domu.cfg"
 TIMEOUT = 300
-TICK = re.compile(rb"^TICK (\d+) (\d+)$", re.M)
+TICK = re.compile(rb"^TICK (\d+) (\d+)\r?\n", re.M)      # whole lines only: output arrives in any chunks
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,11 @@ class Console:
         self.out = bytearray(self.client.attach_console())
 
     def read_until(self, pattern: bytes, timeout: float = TIMEOUT, start: int = 0) -> re.Match:
+        """The first match of ``pattern`` (multi-line) in whole lines of output from ``start`` on: a
+        line still arriving (``TICK 2 5`` of ``TICK 2 51382018``) never matches a ``$``."""
         deadline = time.monotonic() + timeout
-        while (m := re.compile(pattern, re.M).search(self.out, start)) is None:
+        regex = re.compile(pattern, re.M)
+        while (m := regex.search(self.out, start, self.out.rfind(b"\n") + 1)) is None:
             assert time.monotonic() < deadline, f"no {pattern!r} in:\n{self.out[-2000:].decode(errors='replace')}"
             self.client.sock.settimeout(max(0.1, deadline - time.monotonic()))
             chunk = self.client.sock.recv(65536)

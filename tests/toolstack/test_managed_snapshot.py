@@ -138,7 +138,7 @@ def _up_in_restored(run_dir: Path, name: str, down: bytes) -> None:
     con.close()
 
 
-BLK_TICK = re.compile(rb"^BLK-TICK (\d+) (ok|BAD)$", re.M)
+BLK_TICK = re.compile(rb"^BLK-TICK (\d+) (ok|BAD)\r?\n", re.M)
 
 
 def test_save_and_restore_a_domain_with_a_disk(run_dir, tmp_path):
