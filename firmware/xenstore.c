@@ -7,6 +7,15 @@
  * that arrive while waiting for a reply are queued for xs_next_watch_event.
  * Responses are polled (bounded); the store port is notified after each
  * produced request and each consumed response.
+ *
+ * A request waits for ring space and for its reply at least XEN_WAIT_POLLS
+ * polls and, once shared_info gives the guest Xen time, XS_PATIENCE_NS of it:
+ * the store runs on a host thread that a loaded host can keep off a CPU for
+ * seconds (Linux's xenbus waits as long as it takes).  A request given up
+ * half-written, or a reply given up after its header, leaves the stream out
+ * of step for good (the store reads the next request's bytes as this one's),
+ * so the client then refuses every further request (-XEN_EIO) instead of
+ * writing garbage; a late reply to a request given up whole is skipped.
  */
 #include "xen_guest.h"
 
@@ -14,6 +23,28 @@ evtchn_port_t xs_port;
 const struct xs_reply *xs_last;
 struct xenstore_domain_interface *xs_ring;
 static uint32_t next_req_id = 1;
+static bool xs_broken;          /* the stream is out of step: no more requests */
+
+#define XS_PATIENCE_NS (60ULL * 1000000000ULL)
+
+struct xs_wait {
+    uint64_t polls, end;        /* end: Xen time to wait until (0: polls only) */
+};
+
+static struct xs_wait wait_start(bool patient)
+{
+    uint64_t now = patient ? xen_system_time() : 0;
+    return (struct xs_wait){ .polls = 0, .end = now ? now + XS_PATIENCE_NS : 0 };
+}
+
+/* One poll more: false once both bounds are spent. */
+static bool keep_waiting(struct xs_wait *w)
+{
+    cpu_relax();
+    if (++w->polls < XEN_WAIT_POLLS)
+        return true;
+    return w->end && ((w->polls & 63) || xen_system_time() < w->end);
+}
 
 #define WATCH_QUEUE 8
 static struct {
@@ -43,39 +74,42 @@ static volatile struct xenstore_domain_interface *ring(void)
     return (volatile struct xenstore_domain_interface *)xs_ring;
 }
 
-static long put_bytes(const void *data, uint32_t len)
+/* Append len bytes to the request ring; *done: how many went in (all, unless an error). */
+static long put_bytes(const void *data, uint32_t len, uint32_t *done_out)
 {
     const uint8_t *p = data;
-    uint32_t done = 0, polls = 0;
+    uint32_t done = 0;
+    struct xs_wait w = wait_start(true);
+    *done_out = 0;
     while (done < len) {
         XENSTORE_RING_IDX cons = ring()->req_cons, prod = ring()->req_prod;
         __asm__ volatile("" ::: "memory");
         if (prod - cons > XENSTORE_RING_SIZE)
             return -XEN_EINVAL;
         if (prod - cons == XENSTORE_RING_SIZE) {
-            if (++polls > XEN_WAIT_POLLS)
+            if (!keep_waiting(&w))
                 return -XEN_EBUSY;
-            cpu_relax();
             continue;
         }
         while (done < len && prod - cons < XENSTORE_RING_SIZE)
             ring()->req[MASK_XENSTORE_IDX(prod++)] = (char)p[done++];
         __asm__ volatile("sfence" ::: "memory");
         ring()->req_prod = prod;
+        *done_out = done;
         xen_evtchn_send(xs_port);
     }
     return 0;
 }
 
-/* Wait until `len` response bytes are available (bounded). */
-static bool rsp_avail(uint32_t len)
+/* Wait until `len` response bytes are available (bounded; patient: see the top). */
+static bool rsp_avail(uint32_t len, bool patient)
 {
-    for (uint32_t i = 0; i < XEN_WAIT_POLLS; i++) {
+    struct xs_wait w = wait_start(patient);
+    do {
         XENSTORE_RING_IDX cons = ring()->rsp_cons, prod = ring()->rsp_prod;
         if (prod - cons >= len && prod - cons <= XENSTORE_RING_SIZE)
             return true;
-        cpu_relax();
-    }
+    } while (keep_waiting(&w));
     return false;
 }
 
@@ -90,23 +124,28 @@ static void get_bytes(void *out, uint32_t len)
     ring()->rsp_cons = cons + len;
 }
 
-/* Read one whole message (payloads larger than the ring arrive in pieces). */
-static long read_msg(struct xs_reply *r)
+/* Read one whole message (payloads larger than the ring arrive in pieces); once its header is
+ * read, the rest is waited for patiently, and the stream is broken if it does not come. */
+static long read_msg(struct xs_reply *r, bool patient)
 {
     struct xsd_sockmsg h;
-    if (!rsp_avail(sizeof(h)))
+    if (!rsp_avail(sizeof(h), patient))
         return -XEN_EBUSY;
     get_bytes(&h, sizeof(h));
-    if (h.len > XENSTORE_PAYLOAD_MAX)
+    if (h.len > XENSTORE_PAYLOAD_MAX) {
+        xs_broken = true;
         return -XEN_EINVAL;
+    }
     uint32_t got = 0;
     while (got < h.len) {
         uint32_t chunk = h.len - got;
         if (chunk > XENSTORE_RING_SIZE)
             chunk = XENSTORE_RING_SIZE;
         /* take what is there (at least one byte) */
-        if (!rsp_avail(1))
+        if (!rsp_avail(1, true)) {
+            xs_broken = true;
             return -XEN_EBUSY;
+        }
         XENSTORE_RING_IDX avail = ring()->rsp_prod - ring()->rsp_cons;
         if (avail < chunk)
             chunk = avail;
@@ -142,18 +181,30 @@ long xs_request(uint32_t type, uint32_t tx, const void *payload, uint32_t len, s
         return -XEN_ENOENT;
     if (len > XENSTORE_PAYLOAD_MAX)
         return -XEN_EINVAL;
+    if (xs_broken)
+        return -XEN_EIO;
     struct xsd_sockmsg h = { .type = type, .req_id = next_req_id++, .tx_id = tx, .len = len };
-    long rc = put_bytes(&h, sizeof(h));
+    uint32_t hdone = 0, pdone = 0;
+    long rc = put_bytes(&h, sizeof(h), &hdone);
     if (!rc)
-        rc = put_bytes(payload, len);
-    if (rc)
+        rc = put_bytes(payload, len, &pdone);
+    if (rc) {
+        if (hdone) {                   /* part of the message is in the ring: out of step */
+            printf("xenstore: gave up writing request %u (%ld): no more requests\n", h.req_id, rc);
+            xs_broken = true;
+        }
         return rc;
+    }
     for (int msgs = 0; msgs < 64; msgs++) {
-        rc = read_msg(r);
+        rc = read_msg(r, true);
         if (rc)
             return rc;
         if (r->type == XS_WATCH_EVENT) {
             queue_watch(r);
+            continue;
+        }
+        if (r->req_id < h.req_id) {    /* the reply to a request given up earlier */
+            printf("xenstore: skipping the late reply to request %u\n", r->req_id);
             continue;
         }
         if (r->req_id != h.req_id) {
@@ -258,7 +309,7 @@ bool xs_next_watch_event(char *path, size_t psize, char *token, size_t tsize)
         /* wait (bounded) for one to arrive on the ring */
         static struct xs_reply ev;
         for (int msgs = 0; msgs < 8 && !wq_count; msgs++) {
-            if (read_msg(&ev))
+            if (read_msg(&ev, false))
                 break;
             if (ev.type == XS_WATCH_EVENT)
                 queue_watch(&ev);

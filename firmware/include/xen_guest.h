@@ -59,6 +59,7 @@ _Static_assert(sizeof(grant_entry_v1_t) == 8 && sizeof(grant_entry_v2_t) == 16, 
 
 /* Linux-style errno values the hypercalls return (negated). */
 #define XEN_EPERM       1
+#define XEN_EIO         5
 #define XEN_ENOENT      2
 #define XEN_ESRCH       3
 #define XEN_EFAULT      14

@@ -19,6 +19,7 @@ import os
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 
 from .connection import Connection
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 DEFAULT_RUNDIR = "/run/xenstored"
 _RECV_SIZE = 65536
 _SEND_CHUNK = 1 << 18
+#: a ring kick served this late is logged: a guest's bounded wait for its reply may run out
+SLOW_KICK_S = 2.0
 
 
 def default_socket_path(env: Mapping[str, str] | None = None) -> str:
@@ -97,6 +100,7 @@ class XenstoreServer:
         self._pending_lock = threading.Lock()
         self._pending_flush: set[SocketTransport] = set()
         self._pending_rings: set[RingConnection] = set()
+        self._pending_since = 0.0       #: when the oldest pending ring kick came
         self._running = False
         self._loop_thread: int | None = None
         self._thread: threading.Thread | None = None
@@ -195,6 +199,8 @@ class XenstoreServer:
     def schedule(self, ring: RingConnection) -> None:
         """Thread-safe, non-blocking kick: process ``ring`` on the loop thread."""
         with self._pending_lock:
+            if not self._pending_rings:
+                self._pending_since = time.monotonic()
             self._pending_rings.add(ring)
         self._wake()
 
@@ -232,7 +238,10 @@ class XenstoreServer:
         with self._pending_lock:
             rings, self._pending_rings = self._pending_rings, set()
             flushes, self._pending_flush = self._pending_flush, set()
+            since = self._pending_since
         with self.core.lock:
+            if rings and (late := time.monotonic() - since) > SLOW_KICK_S:
+                log.warning("xenstore: a guest's ring kick waited %.1f s for the store", late)
             for ring in rings:
                 ring.process()
             for transport in flushes:
