@@ -47,6 +47,17 @@ TIMEOUT = float(os.environ.get("XENKVM_LINUX_BOOT_TIMEOUT", "2400"))
 NAME = "debian-snap"
 NOW = re.compile(rb"^now at (\d+) nsecs", re.M)
 KLOG = re.compile(r"^\s*\[\s*\d+\.\d+\] ")
+#: Linux's own race in its Xen suspend path (drivers/xen/manage.c do_suspend, 6.1): xen_arch_suspend
+#: shuts every CPU's clockevent down (tick_suspend_local, state 1 = SHUTDOWN) *before* stop_machine;
+#: a CPU idling with its tick stopped (not the one running do_suspend) then leaves idle for its
+#: stopper thread, and
+#: tick_nohz_idle_exit cancels its sched_timer: with no other hrtimer queued, tick_program_event asks
+#: for ONESHOT_STOPPED and clockevents_switch_state's WARN_ONCE fires ("Current state: 1").  All of
+#: it runs in the original domain before SCHEDOP_shutdown(suspend), whatever the hypervisor does; the
+#: slow nested rig lets a CPU stop its tick there.  Only this WARNING is tolerated, and only between
+#: "suspending xenstore" and the thaw ("Restarting tasks").
+SUSPEND_TICK_WARNING = re.compile(r"WARNING: CPU: \d+ PID: 0 at kernel/time/clockevents\.c:\d+ "
+                                  r"clockevents_switch_state\b")
 
 #: linux_more: out of make test's PVM run (one more Debian boot there, ~10 min); hw once it has passed
 pytestmark = [pytest.mark.linux, pytest.mark.linux_more, pytest.mark.timeout(TIMEOUT + 600)]
@@ -222,8 +233,18 @@ def _check_resumed(s: Saved, name: str, sh: Shell) -> None:
     new = [line for line in sh.run(f"dmesg | tail -n +{s.dmesg_lines + 1}").splitlines()
            if KLOG.match(line)]       # kernel log lines only, not the typed line's echo
     print(f"{name}: kernel log since the snapshot:" + "".join(f"\n  {line.rstrip()}" for line in new), flush=True)
-    bad = [line for line in new if DMESG_FORBIDDEN.search(line) and "panic=-1" not in line]
+    bad = [line for i, line in enumerate(new) if DMESG_FORBIDDEN.search(line) and "panic=-1" not in line
+           and not _suspend_tick_race(new, i)]
     assert not bad, f"{name}: the resumed kernel complained: {bad}"
+
+
+def _suspend_tick_race(lines: list[str], i: int) -> bool:
+    """``lines[i]`` is :data:`SUSPEND_TICK_WARNING`, printed inside the suspend window."""
+    if i == 0 or not SUSPEND_TICK_WARNING.search(lines[i]) or "Current state: 1" not in lines[i - 1]:
+        return False
+    before = "".join(lines[:i])
+    start = before.rfind("suspending xenstore")
+    return start >= 0 and "Restarting tasks" not in before[start:]
 
 
 def test_snapshot_restores_and_runs_on(saved):
