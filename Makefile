@@ -64,7 +64,8 @@ info: build
 #    and to make test-linux);
 #  - in the nested hardware-KVM rig (test-hw, docs/hw-rig.md), two L1 machines: the guest tests
 #    (tests/kvm, tests/xen) from the start, beside the host's tests, and the Debian boots
-#    (tests/linux: plain, Xen PVH and HVM, balloon, disk, net, make run) once the host's are done.
+#    (tests/linux: plain, Xen PVH and HVM, balloon, disk, net, make run, the managed toolstack with
+#    one and two Debian guests, Debian snapshots and save/restore) once the host's are done.
 # Each keeps one core busy (the PVM vCPU, QEMU's TCG thread).  The rig's output is kept in
 # build/test-hw*.log and printed after the host's.
 test: build linux-image linux-xen-image rootfs-image rig-image
