@@ -79,6 +79,6 @@ def test_guest_requests_survive_a_store_stall(built, tmp_path, caplog):
     # the stall ended while the guest was still at its requests (it had not finished)
     assert b"SUMMARY" not in staller.out_at_release, out
     assert not [r for r in caplog.records if "broken" in r.getMessage()], caplog.text
-    assert [r for r in caplog.records if "kick waited" in r.getMessage()], caplog.text   # the stall is told
+    assert [r for r in caplog.records if "requests waited" in r.getMessage()], caplog.text   # the stall is told
     assert result.status is ExitStatus.POWEROFF, out
     assert not re.search(r"^FAIL", out, re.M) and re.search(r"SUMMARY: [1-9]\d* passed, 0 failed", out), out

@@ -241,7 +241,8 @@ class XenstoreServer:
             since = self._pending_since
         with self.core.lock:
             if rings and (late := time.monotonic() - since) > SLOW_KICK_S:
-                log.warning("xenstore: a guest's ring kick waited %.1f s for the store", late)
+                log.warning("xenstore: a guest's requests waited %.1f s for the store "
+                            "(held by a snapshot, or a loaded host)", late)
             for ring in rings:
                 ring.process()
             for transport in flushes:
