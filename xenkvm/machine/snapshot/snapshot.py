@@ -1,8 +1,13 @@
 """Taking a snapshot of a running Machine and building a Machine from one.
 
-``take`` parks every vCPU (pause.py), reads each vCPU's state on its own thread, then,
-with all of them stopped, the VM's in-kernel chips and clock, the devices and each
-extension's ``save_state()``; writes the RAM file and the state file; lets the vCPUs go.
+``take`` parks every vCPU (pause.py), then holds each extension still (``snapshot_begin``:
+the Xen domain's lock, which its timers and backends take before they mark an event pending
+and send the upcall MSI), and only then reads each vCPU's state on its own thread, the VM's
+in-kernel chips and clock, the devices and each extension's ``save_state()``; writes the RAM
+file and the state file; lets the vCPUs go.  Reading a vCPU's LAPIC before the domain is held
+lost events: a timer could mark an upcall pending in guest RAM (saved later) and send its MSI
+to the LAPIC (already saved) in between, and the restored guest, whose vcpu_info said "upcall
+pending", never got an interrupt for it or for any event after it.
 ``load`` reads and checks a snapshot and returns what ``Machine.restore`` applies.
 
 The config is saved whole (paths as text, enums by value), and its SHA-256 is in the
@@ -57,8 +62,7 @@ class SnapshotInfo:
 
 def start(machine: "Machine", path: str) -> Parking:
     """Park every vCPU now (any thread, a vCPU's exit handler included); ``finish`` completes."""
-    msrs = machine.kvm.msr_index_list()
-    parking = Parking(machine.runners, lambda vcpu: state.capture_vcpu(vcpu, msrs))
+    parking = Parking(machine.runners)
     parking.start()
     return parking
 
@@ -68,13 +72,15 @@ def finish(machine: "Machine", path: str, parking: Parking,
     """Wait until every vCPU is parked, save the rest, write the files, resume (not a vCPU thread).
     ``on_saved`` runs once the files are written, before any vCPU runs again (a save that stops
     the machine there: xen/suspend.py)."""
-    vcpus = parking.wait(PARK_TIMEOUT_S)
+    parking.wait(PARK_TIMEOUT_S)
     t0 = time.monotonic()
     held = []
     try:
         for ext in reversed(machine.extensions):   # a layer above first: it still needs the one below
             ext.snapshot_begin()
             held.append(ext)
+        msrs = machine.kvm.msr_index_list()
+        vcpus = parking.run_parked(lambda vcpu: state.capture_vcpu(vcpu, msrs))
         sections = {"config": config_to_json(machine.cfg),
                     "vcpus": [vcpus[i] for i in range(len(machine.vcpus))],
                     "vm": state.capture_vm(machine), "devices": state.capture_devices(machine),
