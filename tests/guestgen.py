@@ -10,6 +10,7 @@ import struct
 
 LOAD_ADDR = 0x100000
 XEN_ELFNOTE_PHYS32_ENTRY = 18
+XEN_ELFNOTE_GUEST_OS = 6
 
 
 def _note(name: bytes, ntype: int, desc: bytes) -> bytes:
@@ -18,8 +19,11 @@ def _note(name: bytes, ntype: int, desc: bytes) -> bytes:
     return struct.pack("<III", len(name), len(desc), ntype) + pad(name) + pad(desc)
 
 
-def pvh_elf(code: bytes, entry_offset: int = 0) -> bytes:
+def pvh_elf(code: bytes, entry_offset: int = 0, guest_os: bytes | None = None) -> bytes:
+    """``guest_os``: also a GUEST_OS note (b"linux": the loader treats the image as Linux)."""
     note = _note(b"Xen", XEN_ELFNOTE_PHYS32_ENTRY, struct.pack("<I", LOAD_ADDR + entry_offset))
+    if guest_os is not None:
+        note += _note(b"Xen", XEN_ELFNOTE_GUEST_OS, guest_os + b"\0")
     ehsize, phentsize, phnum = 64, 56, 2
     note_off = ehsize + phentsize * phnum
     code_off = (note_off + len(note) + 15) & ~15

@@ -70,7 +70,8 @@ def _machine(tmp_path, bzimage: bytes, xen: bool):
     kernel.write_bytes(bzimage)
     cfg = GuestConfig(name="t", kernel=kernel, cmdline="nokaslr", memory=64 * MiB, boot=BootMode.LINUX,
                       xen=XenConfig() if xen else None)
-    extensions = [SimpleNamespace(needs_kernel_elf=XenDomain.needs_kernel_elf)] if xen else []  # what build attaches
+    extensions = ([SimpleNamespace(needs_kernel_elf=XenDomain.needs_kernel_elf, kernel_params=lambda: ())]
+                  if xen else [])  # what build attaches
     return SimpleNamespace(cfg=cfg, mem=GuestMemory(64 * MiB), vcpus=[None], host=SimpleNamespace(kernel_params=()),
                            extensions=extensions)
 

@@ -8,6 +8,7 @@ guest's config has a ``xen:`` section).  The machine calls it at fixed points:
 ========================  ====================================================
 ``cpuid_leaves(id)``      building each vCPU's CPUID (hypervisor leaves)
 ``needs_kernel_elf``      loading: boot a bzImage as its extracted vmlinux
+``kernel_params()``       loading a Linux kernel: parameters added before the user's
 ``install(entry)``        the guest is loaded, no vCPU has run yet
 ``start()``               ``run``: the I/O thread runs, the vCPU threads not yet
 ``stop()``                the run is ending (any thread; must not block)
@@ -51,6 +52,11 @@ class MachineExtension:
     def cpuid_leaves(self, vcpu_id: int) -> list[CpuidEntry] | None:
         """Hypervisor CPUID leaves for one vCPU, replacing KVM's own (None: keep KVM's)."""
         return None
+
+    def kernel_params(self) -> tuple[str, ...]:
+        """Linux parameters this personality needs, put after the host's and before the user's
+        (so the user's own setting of the same parameter wins); only Linux kernels get them."""
+        return ()
 
     def install(self, entry: "Entry") -> None:
         """The guest is loaded (``entry``: boot mode, image); register exits and devices now."""

@@ -77,6 +77,13 @@ def kernel_cmdline(user: str, is_linux: bool, host_params: tuple[str, ...]) -> s
     return " ".join((*host_params, user)).strip()
 
 
+def guest_kernel_params(machine: "Machine") -> tuple[str, ...]:
+    """What a Linux guest's command line gets before the user's: the host's parameters, then
+    each extension's (e.g. the Xen personality's clock parameters when it hides PV time)."""
+    extra = tuple(p for ext in machine.extensions for p in ext.kernel_params())
+    return (*machine.host.kernel_params, *extra)
+
+
 def _elf_is_linux(elf: bytes) -> bool:
     image = parse_elf(elf)
     guest_os = image.xen_notes.get(XenElfNote.GUEST_OS)
@@ -119,7 +126,7 @@ def _prepare(machine: "Machine", kernel: mmap.mmap | bytes, initrd: mmap.mmap | 
     cfg, mem = machine.cfg, machine.mem
     mode = resolve_mode(cfg.boot, kernel)
     rsdp = build_acpi(mem, len(machine.vcpus)).rsdp_gpa
-    params = machine.host.kernel_params
+    params = guest_kernel_params(machine)
     if mode is BootMode.LINUX:
         if not is_bzimage(kernel):
             raise BootError("boot: linux needs a bzImage")

@@ -38,7 +38,7 @@ from xenkvm.xen.gnttab import GrantTable
 from xenkvm.xen.hypercalls import table
 from xenkvm.xen.limits import Limits
 from xenkvm.xen.reservation import Reservation
-from xenkvm.xen.shinfo import SharedInfo
+from xenkvm.xen.shinfo import SharedInfo, native_clock_params
 from xenkvm.xen.shared_store import MemfdBacking, SharedStoreService
 from xenkvm.xen.store import StoreService
 from xenkvm.xen.suspend import SaveRequest
@@ -170,6 +170,12 @@ class XenDomain(MachineExtension):
     # -- MachineExtension ------------------------------------------------------
     def cpuid_leaves(self, vcpu_id: int):
         return xen_leaves(vcpu_id, self.cfg.version, self.domid)
+
+    def kernel_params(self) -> tuple[str, ...]:
+        """With ``xen.pv_time`` false, the TSC rate (and stability) the hidden pvclock would give."""
+        if self.cfg.pv_time:
+            return ()
+        return native_clock_params(self.shinfo.tsc_khz, self.shinfo.tsc_stable)
 
     def install(self, entry: "Entry") -> None:
         """Choose and install the hypercall traps for the loaded image (before vCPUs run).

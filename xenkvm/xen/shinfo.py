@@ -75,6 +75,24 @@ def host_tsc_stable(path: Path = HOST_CLOCKSOURCE) -> bool:
         return False
 
 
+def native_clock_params(tsc_khz: int, tsc_stable: bool) -> tuple[str, ...]:
+    """Linux parameters that stand in for the pvclock when ``xen.pv_time`` is false.
+
+    Without XENFEAT_hvm_safe_pvclock Linux takes its TSC rate from a calibration against the
+    PIT, then HPET or ACPI PM timer, with bounds on how long each read may take (an AMD CPU has
+    no CPUID leaf for it).  Every one of those reads is a VM exit, ours in Python: where exits
+    are slow (the nested rig, docs/hw-rig.md) every calibration fails, Linux marks the TSC
+    unstable, drops the TSC-deadline timer and the boot stops early (docs/linux-xen.md, "PV
+    time").  The VMM knows the rate, as the pvclock would have said it: ``tsc_early_khz``.
+    ``tsc=reliable`` is the promise of XEN_PVCLOCK_TSC_STABLE_BIT, made on the same condition
+    (``tsc_stable``: the host keeps time with its TSC); without it Linux discards the TSC of a
+    multi-vCPU guest on a CPU without invariant TSC and reads the PM timer, an exit per read.
+    """
+    if tsc_khz <= 0:
+        raise ValueError(f"guest TSC rate {tsc_khz} kHz")
+    return (f"tsc_early_khz={tsc_khz}", *(("tsc=reliable",) if tsc_stable else ()))
+
+
 @dataclass(frozen=True)
 class TscScale:
     """ns = ((tsc << shift) or (tsc >> -shift)) * mul >> 32."""
