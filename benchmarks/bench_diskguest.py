@@ -21,7 +21,7 @@ and the upcalls per request, one per 5-s window while busy).  Under every guest 
 L1's KVM exits per request (``/sys/kernel/debug/kvm``'s counters, read at each
 ``DISKBENCH-MARK`` the guest prints, divided by the requests the guest's own
 ``/sys/block/*/stat`` counted), so xenkvm's and virtio-blk's costs stand side by side.
-``--compare DIR`` adds the xenkvm
+``--pv-time-off`` adds the xenkvm row again with ``xen.pv_time: false``.  ``--compare DIR`` adds the xenkvm
 row again with the xenkvm package of another built checkout (the commit before a change,
 say), in the same L1 boot, so a change is measured side by side.
 
@@ -155,13 +155,15 @@ def guest_image(work: Path, size_mib: int, seconds: float) -> tuple[Path, Path]:
     return root, disk
 
 
-def xenkvm_cmd(work: Path, root: Path, disk: Path) -> list[str]:
+def xenkvm_cmd(work: Path, root: Path, disk: Path, pv_time: bool = True) -> list[str]:
+    """``pv_time`` false: the guest's LAPIC timer and TSC instead of Xen's PV clock and timer."""
     from xenkvm.images import XEN_CMDLINE
     cfg = work / "disk.yaml"
     cfg.write_text(
         f"name: diskbench\nkernel: {CACHE / 'vmlinuz'}\ninitrd: {CACHE / 'initramfs-disk.cpio.gz'}\n"
         f"boot: pvh\nmemory: 256M\nvcpus: 1\nconsole: stdio\ncmdline: \"{XEN_CMDLINE} pci=off\"\n"
         f"xen:\n  version: \"4.17\"\n  domid: 1\n  hypercall_trap: auto\n"
+        + ("" if pv_time else "  pv_time: false\n") +
         f"disks:\n  - \"format=raw, vdev=xvda, access=rw, target={root}\"\n"
         f"  - \"format=raw, vdev=xvdb, access=rw, target={disk}\"\n")
     return [sys.executable, "-m", "xenkvm", "-v", "run", str(cfg)]
@@ -176,8 +178,10 @@ def qemu_cmd(root: Path, disk: Path) -> list[str]:
             "-drive", f"file={root},if=virtio,format=raw", "-drive", f"file={disk},if=virtio,format=raw"]
 
 
-def inner(size: int, seconds: float, timeout: float, compare: Path | None = None) -> int:
-    """In L1: the floor, xenkvm (and xenkvm from the ``compare`` checkout), QEMU."""
+def inner(size: int, seconds: float, timeout: float, compare: Path | None = None,
+          pv_time_off: bool = False) -> int:
+    """In L1: the floor, xenkvm (and xenkvm from the ``compare`` checkout, and xenkvm with
+    ``xen.pv_time: false``), QEMU."""
     mount_debugfs()
     with tempfile.TemporaryDirectory(prefix="diskbench-") as tmp:
         work = Path(tmp)
@@ -194,6 +198,8 @@ def inner(size: int, seconds: float, timeout: float, compare: Path | None = None
             shutil.rmtree(sub)
             if compare is not None and label.startswith("xenkvm"):
                 compare_row(work, compare, size, seconds, timeout)
+            if pv_time_off and label.startswith("xenkvm"):
+                pv_time_off_row(work, size, seconds, timeout)
     return 0
 
 
@@ -206,6 +212,15 @@ def compare_row(work: Path, tree: Path, size: int, seconds: float, timeout: floa
     shutil.rmtree(sub)
 
 
+def pv_time_off_row(work: Path, size: int, seconds: float, timeout: float) -> None:
+    """The xenkvm row again with ``xen.pv_time: false`` (LAPIC timer and TSC, no timer hypercalls)."""
+    sub = work / "pvtime-off"
+    sub.mkdir()
+    root, disk = guest_image(sub, size, seconds)
+    run_bench("xenkvm pv_time=false, Debian xvdb", xenkvm_cmd(sub, root, disk, pv_time=False), timeout)
+    shutil.rmtree(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=128, help="MiB written and read sequentially (default 128)")
@@ -213,10 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3000, help="seconds for the whole rig run")
     p.add_argument("--compare", type=Path, help="also run the xenkvm row with this checkout's xenkvm "
                    "(built, same .cache/linux), e.g. the commit before a change")
+    p.add_argument("--pv-time-off", action="store_true",
+                   help="also run the xenkvm row with xen.pv_time: false (docs/linux-xen.md)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.inner:
-        return inner(a.size, a.seconds, a.timeout / 3, a.compare)
+        return inner(a.size, a.seconds, a.timeout / 3, a.compare, a.pv_time_off)
     for f in ("vmlinuz", "initramfs-disk.cpio.gz", "rootfs.ext4"):
         if not (CACHE / f).is_file():
             print("bench_diskguest: no root file system image: run `make rootfs-image` first", file=sys.stderr)
@@ -234,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--seconds", str(a.seconds), "--timeout", str(a.timeout)]
             if a.compare is not None:
                 cmd += ["--compare", str(a.compare.resolve())]
+            if a.pv_time_off:
+                cmd.append("--pv-time-off")
             res = runner.run(l1, cmd, cwd=ROOT, out_dir=Path(tmp), timeout=a.timeout, echo=sys.stdout)
     except (image.RigImageError, runner.RigError) as e:
         print(f"bench_diskguest: {e}", file=sys.stderr)

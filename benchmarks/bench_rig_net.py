@@ -18,7 +18,8 @@ the host and receives N back, both checksummed):
 Figures are MB/s as the host side timed them (accept to close).  L1 is emulated,
 so absolute figures depend on how busy the host's CPUs are; the ratios between the
 rows of one run are what to read.  ``--compare DIR`` adds the xenkvm row again with the
-xenkvm package of another built checkout (the commit before a change), in the same L1.
+xenkvm package of another built checkout (the commit before a change), in the same L1;
+``--pv-time-off`` adds it with ``xen.pv_time: false``.
 Under the rows, the vif's cost lines (hypercalls and upcalls per packet, 5-s windows).
 Needs root.
 """
@@ -113,12 +114,16 @@ def cost_lines(run: netboot.NetRun) -> list[str]:
     return ["  " + line.strip() for line in run.stderr.splitlines() if "vif" in line and ": costs: " in line]
 
 
-def inner(size: int, timeout: float, compare: Path | None = None) -> int:
+def inner(size: int, timeout: float, compare: Path | None = None, pv_time_off: bool = False) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-rig-net-"))
-    for sub in "xqc":
+    for sub in "xqcp":
         (tmp / sub).mkdir()
     with netboot.netns(f"xkb{os.getpid()}") as ns:
         x = run_xenkvm(ns, tmp / "x", vifs=VIF, size=size, timeout=timeout)
+    p = None
+    if pv_time_off:
+        with netboot.netns(f"xkp{os.getpid()}") as ns:
+            p = run_xenkvm(ns, tmp / "p", vifs=VIF, size=size, timeout=timeout, pv_time=False)
     c = None
     if compare is not None:
         with netboot.netns(f"xkc{os.getpid()}") as ns:
@@ -130,6 +135,9 @@ def inner(size: int, timeout: float, compare: Path | None = None) -> int:
     print(f"{'row':<28} {'guest->host':>10} {'host->guest':>10}  checks")
     print(row("xenkvm vif (Xen PVH)", size, x.seconds("10.90.0"), x.transfers("eth0", "10.90.0", size)))
     print("\n".join(cost_lines(x)))
+    if p is not None:
+        print(row("xenkvm vif, pv_time=false", size, p.seconds("10.90.0"), p.transfers("eth0", "10.90.0", size)))
+        print("\n".join(cost_lines(p)))
     if c is not None:
         print(row(f"xenkvm from {compare.name}"[:28], size, c.seconds("10.90.0"), c.transfers("eth0", "10.90.0", size)))
         print("\n".join(cost_lines(c)))
@@ -145,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inner", action="store_true", help="measure here (inside L1)")
     p.add_argument("--loopback", action="store_true", help="only the loopback floor here: print its seconds")
     p.add_argument("--compare", type=Path, help="also run the xenkvm row with this checkout's xenkvm (built)")
+    p.add_argument("--pv-time-off", action="store_true",
+                   help="also run the xenkvm row with xen.pv_time: false (docs/linux-xen.md)")
     a = p.parse_args(argv)
     if a.loopback:
         print(f"{loopback(a.bytes)[0]:.6f}")
@@ -153,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_rig_net: needs root (namespaces, taps); skipped")
         return 0
     if a.inner:
-        return inner(a.bytes, a.timeout, a.compare)
+        return inner(a.bytes, a.timeout, a.compare, a.pv_time_off)
     for need in (netboot.IMAGE, netboot.KERNEL):
         if not need.is_file():
             print(f"bench_rig_net: {need} missing: run `make linux-xen-image` first")
@@ -164,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--inner", "--bytes", str(a.bytes)]
         if a.compare is not None:
             cmd += ["--compare", str(a.compare.resolve())]
+        if a.pv_time_off:
+            cmd.append("--pv-time-off")
         res = runner.run(l1, cmd, cwd=ROOT, out_dir=Path(out), timeout=a.timeout)
     print(res.output, end="")
     print(f"(rig: L1 ready after {res.ready_s:.1f} s, {res.total_s:.0f} s in all)")
