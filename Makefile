@@ -71,10 +71,10 @@ info: build
 test: build linux-image linux-xen-image rootfs-image rig-image
 	@mkdir -p build; rm -f build/test-hw*.log build/test-hw.rc
 	@echo "make test: the rig's guest tests run in the background (build/test-hw.log), printed at the end"
-	@( $(PY) -m xenkvm.rig -q test tests/kvm tests/xen > build/test-hw.log 2>&1; echo $$? > build/test-hw.rc ) & \
-	$(PYTEST) -m "(not linux or linux_host) and not known_race" tests; host=$$?; \
+	@( $(PY) -m xenkvm.rig -q test --durations=15 tests/kvm tests/xen > build/test-hw.log 2>&1; echo $$? > build/test-hw.rc ) & \
+	$(PYTEST) --durations=25 -m "(not linux or linux_host) and not known_race" tests; host=$$?; \
 	echo "make test: the rig's Debian boots (build/test-hw-linux.log)"; \
-	$(PY) -m xenkvm.rig -q test tests/linux > build/test-hw-linux.log 2>&1; hwl=$$?; \
+	$(PY) -m xenkvm.rig -q test --durations=0 tests/linux > build/test-hw-linux.log 2>&1; hwl=$$?; \
 	wait; \
 	echo "===== the hardware-KVM rig: guest tests (tests/kvm, tests/xen) ====="; cat build/test-hw.log; \
 	echo "===== the hardware-KVM rig: Debian boots (tests/linux) ====="; cat build/test-hw-linux.log; \
