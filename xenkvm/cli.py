@@ -128,6 +128,9 @@ def _toolstack_parsers(sub) -> None:
     rs.add_argument("file")
     rs.add_argument("--name", help="the restored domain's name (default: the saved one's)")
     rs.add_argument("-c", dest="console", action="store_true", help="attach its console after starting")
+    rs.add_argument("--disk-copy", metavar="DIR",
+                    help="run on copies of the writable disks made in DIR (reflink or sparse), so restores of "
+                         "one snapshot write independently (as run --restore --disk-copy)")
     cf = sub.add_parser("config", help="convert a domain configuration")
     cf.add_argument("--to-yaml", action="store_true", help="print an xl.cfg file as the YAML guest definition")
     cf.add_argument("config")
@@ -321,12 +324,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _vmm_args(argv: list[str]) -> argparse.Namespace | None:
     """The hidden ``[-v...] _vmm DIR CONFIG [KEY=VALUE...]`` form ``create`` starts its background VMM with
-    (``_vmm DIR --restore FILE`` for ``restore``)."""
+    (``_vmm DIR --restore FILE [--disk-copy DIR]`` for ``restore``)."""
     verbose = 0
     while argv[:1] == ["-v"]:
         verbose, argv = verbose + 1, argv[1:]
-    if argv[:1] == ["_vmm"] and len(argv) == 4 and argv[2] == "--restore":
-        return argparse.Namespace(command="_vmm", verbose=verbose, dir=argv[1], config=None, restore=argv[3])
+    if argv[:1] == ["_vmm"] and len(argv) in (4, 6) and argv[2] == "--restore" and argv[4:5] in ([], ["--disk-copy"]):
+        return argparse.Namespace(command="_vmm", verbose=verbose, dir=argv[1], config=None, restore=argv[3],
+                                  disk_copy=argv[5] if len(argv) == 6 else None)
     if argv[:1] != ["_vmm"] or len(argv) < 3:
         return None
     return argparse.Namespace(command="_vmm", verbose=verbose, dir=argv[1], config=argv[2], settings=argv[3:])

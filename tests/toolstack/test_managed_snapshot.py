@@ -180,6 +180,70 @@ def test_save_and_restore_a_domain_with_a_disk(run_dir, tmp_path):
     assert "managed-blk" not in listing(run_dir)
 
 
+def test_restore_disk_copy_gives_each_copy_its_own_disk(run_dir, tmp_path):
+    """``restore FILE --name N --disk-copy DIR`` (as ``run --restore``'s): each restored copy of a
+    saved domain runs on its own copy of the disk, ``DIR/<vdev>-<name>``, and writes it; the saved
+    disk stays as saved, so the snapshot fits it for the next copy.  A used DIR (its copy exists)
+    and a DIR that is not a directory are refused with one line, and no domain is left."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(4 << 20))
+    cfg = tmp_path / "blk.yaml"
+    cfg.write_text(f"name: managed-blk\nkernel: {GUESTS / 'out' / 'xen_blkfront.elf'}\n"
+                   "cmdline: \"xk.trap=page xk.blk_managed\"\nmemory: 64M\nvcpus: 1\n"
+                   f"xen:\n  hypercall_trap: auto\ndisks:\n  - \"vdev=xvda, access=rw, target={disk}\"\n")
+    assert (r := xenkvm(run_dir, "create", str(cfg))).returncode == 0, r.stderr
+    con = Console(run_dir, "managed-blk")
+    con.read_until(rb"^BLK-TICK 3 ok$")
+    snap = tmp_path / "blk.snap"
+    assert (r := xenkvm(run_dir, "save", "managed-blk", str(snap))).returncode == 0, r.stderr
+    con.close()
+    last = max(int(n) for n, _ok in BLK_TICK.findall(con.out))
+    saved = disk.read_bytes()
+    for name in ("copy", "copy2"):
+        d = tmp_path / name
+        d.mkdir()
+        r = xenkvm(run_dir, "restore", str(snap), "--name", name, "--disk-copy", str(d))
+        assert r.returncode == 0, r.stderr
+        con = Console(run_dir, name)
+        con.read_until(rb"^BLK-TICK %d ok$" % (last + 3))
+        assert all(ok == b"ok" for _n, ok in BLK_TICK.findall(con.out)), con.out[-2000:]
+        con.close()
+        with ControlClient(str(run_dir / name / "control.sock"), timeout=30) as c:
+            rows = c.call("block-list")["devices"]
+        copy = d / "xvda-d.img"
+        assert [row["target"] for row in rows] == [str(copy)]
+        assert xenkvm(run_dir, "destroy", name).returncode == 0
+        assert copy.read_bytes() != saved                     # the copy was written ...
+        assert disk.read_bytes() == saved                     # ... not the saved disk
+    for bad, why in ((tmp_path / "copy", "exists"), (tmp_path / "nowhere", "not a directory")):
+        r = xenkvm(run_dir, "restore", str(snap), "--name", "copy", "--disk-copy", str(bad))
+        assert r.returncode != 0 and len(r.stderr.splitlines()) == 1 and why in r.stderr, r.stderr
+        assert "copy" not in listing(run_dir)
+
+
+def test_a_restart_after_a_disk_copy_restore_boots_on_the_copy(monkeypatch, tmp_path):
+    """The config a restored domain's restart boots names the disk the restore ran on (the
+    ``--disk-copy`` copy), not the saved one: a reboot must not write the disk the snapshot fits."""
+    from types import SimpleNamespace
+    import threading
+    from xenkvm.config import load_config
+    from xenkvm.toolstack import vmm
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(f"name: two\nkernel: {GUESTS / 'out' / 'xen_blkfront.elf'}\nxen: {{}}\ndisks:\n"
+                   f"  - \"vdev=xvda, access=rw, target={tmp_path / 'a.img'}\"\n"
+                   f"  - \"vdev=xvdb, access=ro, target={tmp_path / 'b.img'}\"\n")
+    for f in ("a.img", "b.img"):
+        (tmp_path / f).write_bytes(bytes(1 << 20))
+    proc = object.__new__(vmm.DomainProcess)
+    proc.cfg, proc._lock = load_config(str(cfg)), threading.Lock()
+    copy = tmp_path / "c" / "xvda-a.img"
+    monkeypatch.setattr(vmm, "xen_domain", lambda m: SimpleNamespace(
+        devices=SimpleNamespace(restored_disks={"xvda": copy, "xvdb": tmp_path / "b.img"})))
+    proc._use_restored_disks(None)
+    assert [(d.vdev, d.target, d.readonly) for d in proc.cfg.disks] == \
+        [("xvda", copy, False), ("xvdb", tmp_path / "b.img", True)]
+
+
 def test_bad_requests_get_one_line(run_dir, tmp_path):
     bad = tmp_path / "bad.snap"
     bad.write_bytes(b"not a snapshot at all")

@@ -102,13 +102,20 @@ def _start_vmm(args, cfg: GuestConfig, d: DomainDir, rec, vmm_args: list[str]) -
         tail = [] if started else log_reader.read().decode(errors="replace").splitlines()[-8:]
     if not started:
         d.remove()
-        print(f"xenkvm: {args.command}: {cfg.name} failed to start" + (":\n  " + "\n  ".join(tail) if tail else ""),
-              file=sys.stderr)
+        print(_start_failure(f"{args.command}: {cfg.name} failed to start", tail), file=sys.stderr)
         return 1
     log.info("created %s (domid %d, pid %d)", cfg.name, rec.domid, proc.pid)
     if args.console:
         return attach(d.control, cfg.name, progress=getattr(args, "progress", False))
     return 0
+
+
+def _start_failure(what: str, tail: list[str]) -> str:
+    """The message for a VMM that did not start: its own one-line error (``xenkvm: ...``, what
+    the CLI prints for a refused snapshot or config) where it ended with one, else its log's tail."""
+    if tail and tail[-1].startswith("xenkvm: "):
+        return f"xenkvm: {what}: {tail[-1][len('xenkvm: '):]}"
+    return f"xenkvm: {what}" + (":\n  " + "\n  ".join(tail) if tail else "")
 
 
 def _wait_started(d: DomainDir, proc: subprocess.Popen) -> bool:
@@ -135,7 +142,8 @@ def cmd_vmm(args) -> int:
     if rec is None:
         raise ConfigError(f"{d.path}: no domain record")
     if getattr(args, "restore", None):
-        proc = DomainProcess(saved_config(args.restore, rec.name), d, rec, restore=args.restore)
+        proc = DomainProcess(saved_config(args.restore, rec.name), d, rec, restore=args.restore,
+                             disk_copy=getattr(args, "disk_copy", None))
     else:
         proc = DomainProcess(load_guest(args.config, getattr(args, "settings", ())), d, rec)
     proc.install_signal_handlers()
@@ -167,9 +175,19 @@ def cmd_snapshot(args, op: str = "snapshot") -> int:
 
 
 def cmd_restore(args) -> int:
-    """``restore FILE [--name N]``: a managed domain again, resumed where the snapshot was taken."""
+    """``restore FILE [--name N] [--disk-copy DIR]``: a managed domain again, resumed where the
+    snapshot was taken (``--disk-copy``: on copies of its writable disks made in DIR, which the
+    VMM makes, as ``run --restore`` does; a DIR that is not a directory is refused here)."""
     path = os.path.abspath(args.file)
     cfg = saved_config(path, args.name)
+    copy_args: list[str] = []
+    if getattr(args, "disk_copy", None):
+        copy_dir = os.path.abspath(args.disk_copy)
+        if not os.path.isdir(copy_dir):
+            raise ConfigError(f"restore --disk-copy: {args.disk_copy} is not a directory")
+        if cfg.xen is None:
+            raise ConfigError(f"restore --disk-copy: {path}: the snapshot has no disks")
+        copy_args = ["--disk-copy", copy_dir]
     prefer = cfg.xen.domid if cfg.xen is not None else None
     run = RunDir()
     shared = None
@@ -180,7 +198,7 @@ def cmd_restore(args) -> int:
     if shared is not None:
         rec.xenstored = str(shared.dir)
         d.write(rec)
-    return _start_vmm(args, cfg, d, rec, ["--restore", path])
+    return _start_vmm(args, cfg, d, rec, ["--restore", path, *copy_args])
 
 
 # -- list -----------------------------------------------------------------------------------------

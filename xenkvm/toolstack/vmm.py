@@ -83,11 +83,13 @@ class DomainProcess:
     """The VMM side of one managed domain (see the module docstring)."""
 
     def __init__(self, cfg: GuestConfig, d: DomainDir, rec: DomainRecord, *, foreground: bool = False,
-                 restore: str | None = None):
+                 restore: str | None = None, disk_copy: str | None = None):
         """``restore``: the first machine resumes that snapshot (``cfg`` is the one saved in it);
-        a restart after that boots the same config afresh."""
+        a restart after that boots the same config afresh.  ``disk_copy``: that restore runs on
+        copies of the writable disks made in this directory, and so does every restart."""
         self.dir, self.rec = d, rec
         self._restore = restore
+        self._disk_copy = disk_copy
         # on its own embedded xenstored a restored guest keeps the domid it was saved with; on the
         # shared one it gets the toolstack's (the saved one if free), as Xen's restore gives a new
         # domain a new domid, and the daemon moves its saved subtree there (docs/snapshots.md)
@@ -169,7 +171,20 @@ class DomainProcess:
         if path is None:
             return build_machine(self.cfg, sink=self.sink)
         # the toolstack's name, sockets and logs replace the saved domain's
-        return restore_machine(path, sink=self.sink, configure=lambda saved: self.cfg)
+        machine = restore_machine(path, sink=self.sink, configure=lambda saved: self.cfg,
+                                  disk_copy=self._disk_copy)
+        self._use_restored_disks(machine)
+        return machine
+
+    def _use_restored_disks(self, machine: Machine) -> None:
+        """The config a restart boots names the disks the restore runs on (a ``--disk-copy``
+        copy, not the saved disk the snapshot must still fit)."""
+        devices = getattr(xen_domain(machine), "devices", None)
+        targets = getattr(devices, "restored_disks", None) or {}
+        with self._lock:
+            self.cfg = dataclasses.replace(self.cfg, disks=tuple(
+                dataclasses.replace(d, target=Path(targets[d.vdev])) if d.vdev in targets else d
+                for d in self.cfg.disks))
 
     def _action(self, result: RunResult) -> LifecycleAction:
         if result.status is ExitStatus.INTERRUPTED:
