@@ -145,3 +145,30 @@ def test_a_damaged_section_is_one_line(doc, needle):
 
 def test_no_section_restores_nothing():
     assert devsnap.restore(_mgr(), None) == {}
+
+
+def test_a_new_domains_vif_takes_a_fallback_tap_when_its_saved_name_is_taken():
+    """A cooperative save's restore (a new domain: fresh backends, the frontend reconnects) names
+    its tap as a transparent restore does: the saved name if free, else ``vif<domid>.<devid>-rN``.
+    It used to attach the saved spec as it was, so a taken name failed the restore (two restores
+    of one saved file, or the saved domain's tap not gone yet)."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs root and /dev/net/tun (taps)")
+    from xenkvm.backends.devices import DeviceManager
+    from xenkvm.backends.tap import Tap
+    from xenkvm.vifspec import VifSpec
+    name, domid = f"xkds{os.getpid() % 100000}", 30000 + os.getpid() % 1000
+    taken = Tap(name)
+    attached: list = []
+    mgr = SimpleNamespace(domain=SimpleNamespace(domid=domid, resumed_new=True), backends={})
+    mgr._device = lambda spec: DeviceManager._device(mgr, spec)      # the real device for a spec
+    mgr.attach = lambda spec: attached.append(mgr._device(spec))
+    spec = VifSpec(devid=0, mac="00:16:3e:00:00:01", vifname=name)
+    doc = {"type": "vif", "devid": 0, "spec": devsnap._spec_doc(spec), "backend": {"device": {"tap": name}}}
+    try:
+        devsnap.restore(mgr, {"version": 1, "devices": [doc]})
+        assert [d.name for d in attached] == [f"vif{domid}.0-r1"]
+    finally:
+        for d in attached:
+            d.tap.close()       # never attached to a backend: only its tap to drop
+        taken.close()

@@ -233,8 +233,8 @@ def restore(mgr: "DeviceManager", st: dict[str, Any] | None, disk_copy: str | No
             spec = _host_spec(mgr, doc, _spec(doc), disk_copy)
             if isinstance(spec, DiskSpec):
                 targets[spec.vdev] = spec.target
-            if fresh:
-                mgr.attach(spec)         # a new domain: a new device, the frontend reconnects
+            if fresh:        # a new domain: a new device (a vif's tap named as below), the frontend reconnects
+                mgr.attach(_device(mgr, doc, spec))
             else:
                 _reattach(mgr, _device(mgr, doc, spec), doc["backend"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
