@@ -191,3 +191,5 @@ def test_vmm_gets_the_settings():
     assert (ns.dir, ns.config, ns.settings) == ("/run/d", "/g/dom.cfg", ["vif=[]", "memory=64"])
     assert _vmm_args(["_vmm", "/run/d", "/g/dom.cfg"]).settings == []
     assert _vmm_args(["_vmm", "/run/d", "--restore", "/s"]).restore == "/s"
+    assert _vmm_args(["_vmm", "/run/d", "--restore", "/s"]).disk_copy is None
+    assert _vmm_args(["_vmm", "/run/d", "--restore", "/s", "--disk-copy", "/c"]).disk_copy == "/c"
