@@ -172,34 +172,3 @@ def test_a_new_domains_vif_takes_a_fallback_tap_when_its_saved_name_is_taken():
         for d in attached:
             d.tap.close()       # never attached to a backend: only its tap to drop
         taken.close()
-
-
-def test_a_restored_tap_keeps_its_saved_mac_under_its_saved_name():
-    """The tap a restore creates under the saved name gets the saved tap's MAC (a guest talking
-    to the tap itself keeps a right ARP cache; a new random MAC cost it seconds of lost pings);
-    a fallback tap, beside the saved name's, keeps its own; a malformed MAC is refused."""
-    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
-        pytest.skip("needs root and /dev/net/tun (taps)")
-    from xenkvm.backends.devices import DeviceManager
-    from xenkvm.backends.net import VifDevice
-    from xenkvm.vifspec import VifSpec
-    name, domid = f"xkdm{os.getpid() % 100000}", 31000 + os.getpid() % 1000
-    spec = VifSpec(devid=0, mac="00:16:3e:00:00:01", vifname=name)
-    first = VifDevice(spec, domid)
-    st = first.save_state()
-    first.tap.close()
-    assert st["tap"] == name and len(st["tap_mac"]) == 17
-    mgr = SimpleNamespace(domain=SimpleNamespace(domid=domid))
-    mgr._device = lambda s: DeviceManager._device(mgr, s)
-    doc = {"backend": {"device": {"tap": name, "tap_mac": "02:11:22:33:44:55"}}}
-    again = devsnap._device(mgr, doc, spec)
-    try:
-        assert again.name == name and again.tap.mac == "02:11:22:33:44:55"
-        beside = devsnap._device(mgr, doc, spec)        # the name is taken now: a fallback
-        assert beside.name != name and beside.tap.mac != "02:11:22:33:44:55"
-        beside.tap.close()
-    finally:
-        again.tap.close()
-    with pytest.raises(ValueError, match="tap MAC"):
-        devsnap._device(mgr, {"backend": {"device": {"tap": name, "tap_mac": "zz"}}}, spec)
-    assert not os.path.exists(f"/sys/class/net/{name}")

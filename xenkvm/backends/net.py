@@ -180,10 +180,9 @@ class VifDevice(XenbusDevice):
             rx.busy.release()
 
     def save_state(self) -> dict:
-        """The tap's name and MAC and per queue the private tx/rx indexes.  A frame an rx thread
-        read from the tap but had no buffer for yet is not saved: the restored vif drops it, as a
-        NIC would."""
-        return {"tap": self.name, "tap_mac": self.tap.mac, "queues": [{"tx_cons": q.tx_cons, "tx_rsp_prod": q.tx_rsp_prod[0],
+        """The tap's name and per queue the private tx/rx indexes.  A frame an rx thread read from
+        the tap but had no buffer for yet is not saved: the restored vif drops it, as a NIC would."""
+        return {"tap": self.name, "queues": [{"tx_cons": q.tx_cons, "tx_rsp_prod": q.tx_rsp_prod[0],
                                               "rx_cons": q.rx_cons, "rx_rsp_prod": q.rx_rsp_prod[0]}
                                              for q in self.queues]}
 

@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -53,7 +52,6 @@ VERSION = 1
 PARK_TIMEOUT_S = 10.0
 HASH_SPAN = 1 << 20             #: the first and the last MiB of a disk are hashed
 IFNAMSIZ = 15                   #: usable characters of an interface name
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 SPECS = {"vbd": DiskSpec, "vif": VifSpec, "console": ConsoleSpec}
 
 
@@ -210,26 +208,13 @@ def _host_spec(mgr: "DeviceManager", doc: dict[str, Any], spec, disk_copy: str |
 
 
 def _device(mgr: "DeviceManager", doc: dict[str, Any], spec):
-    """The device for a re-attach (a vif's tap named as saved if free, and then given its saved
-    MAC: the guest's ARP cache for the host's end stays right; a fallback tap is a new interface
-    beside the saved one, with a MAC of its own)."""
+    """The device for a re-attach (a vif's tap named as saved if free)."""
     if not isinstance(spec, VifSpec):
         return mgr._device(spec)
-    saved = doc["backend"]["device"]
-    wanted = saved.get("tap") or spec.vifname or f"vif{mgr.domain.domid}.{spec.devid}"
+    wanted = doc["backend"]["device"].get("tap") or spec.vifname or f"vif{mgr.domain.domid}.{spec.devid}"
     if not isinstance(wanted, str) or len(wanted) > IFNAMSIZ or "/" in wanted:
         raise ValueError(f"vif {spec.devid}: tap name {wanted!r}")
-    mac = saved.get("tap_mac")          # absent in snapshots from before it was saved
-    if mac is not None and not (isinstance(mac, str) and _MAC.match(mac)):
-        raise ValueError(f"vif {spec.devid}: tap MAC {mac!r}")
-    dev = _vif_device(mgr, spec, wanted)
-    if mac is not None and dev.name == wanted:
-        try:
-            dev.tap.set_mac(mac)
-        except BaseException:
-            dev.tap.close()
-            raise
-    return dev
+    return _vif_device(mgr, spec, wanted)
 
 
 def restore(mgr: "DeviceManager", st: dict[str, Any] | None, disk_copy: str | None = None) -> dict[str, Any]:

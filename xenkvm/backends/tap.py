@@ -31,7 +31,6 @@ IFF_TUN_EXCL = 0x8000                     #: TUNSETIFF fails with EBUSY if the i
 FLAGS = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
 SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCGIFINDEX, SIOCBRADDIF = 0x8913, 0x8914, 0x8933, 0x89A2
-SIOCGIFHWADDR, SIOCSIFHWADDR, ARPHRD_ETHER = 0x8927, 0x8924, 1
 IFF_UP = 0x1
 IFNAMSIZ = 16
 
@@ -115,24 +114,6 @@ class Tap:
             fcntl.ioctl(s, SIOCBRADDIF, _ifreq(bridge, "i", ifindex))
         except OSError as e:
             raise TapError(f"vifs: tap {self.name!r} cannot join bridge {bridge!r}: {e.strerror}") from None
-
-    @property
-    def mac(self) -> str:
-        """The host side's MAC address ("aa:bb:cc:dd:ee:ff"; random for each new tap)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            buf = bytearray(_ifreq(self.name))
-            fcntl.ioctl(s, SIOCGIFHWADDR, buf)
-        return buf[IFNAMSIZ + 2:IFNAMSIZ + 8].hex(":")
-
-    def set_mac(self, mac: str) -> None:
-        """Give the tap ``mac`` (a restored tap keeps its predecessor's, so the guest's ARP cache
-        stays right); TapError (one line) if the kernel refuses it."""
-        raw = bytes.fromhex(mac.replace(":", ""))
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                fcntl.ioctl(s, SIOCSIFHWADDR, _ifreq(self.name, "H6s", ARPHRD_ETHER, raw))
-        except OSError as e:
-            raise TapError(f"vifs: tap {self.name!r}: MAC {mac}: {e.strerror}") from None
 
     def set_offload(self, flags: int) -> None:
         """Which offloads (TUN_F_*) the kernel may leave to us on frames we read."""
