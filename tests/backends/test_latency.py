@@ -57,6 +57,7 @@ class FakeDomain:
         import types
         self.dispatcher = types.SimpleNamespace(ops=collections.Counter())
         self.upcalls = FakeUpcalls()
+        self.io = types.SimpleNamespace(passes=3)
 
 
 def test_cost_window_divides_each_window_by_its_requests():
@@ -70,10 +71,12 @@ def test_cost_window_divides_each_window_by_its_requests():
     d.dispatcher.ops[(int(Hypercall.vcpu_op), 10)] += 20
     d.dispatcher.ops[(int(Hypercall.xen_version), None)] += 5
     d.upcalls.delivered, d.upcalls.eoi_rounds = 10, 0
+    d.io.passes += 25
     line = w.sample(10, {"kicks": 8})
     assert line.startswith("10 requests in 2.0 s  hypercalls/req 3.50  vcpu_op/10 2.00  event_channel_op/4 1.00"
                            "  xen_version 0.50")
     assert "upcalls/req 1.00" in line and "eoi-rounds/req 0.00" in line and "kicks/req 0.80" in line
+    assert "io-wakes/req 2.50" in line
     d.dispatcher.ops[(int(Hypercall.event_channel_op), 4)] += 4       # the next window starts where this ended
     assert w.sample(4).startswith("4 requests in 0.0 s  hypercalls/req 1.00  event_channel_op/4 1.00")
 

@@ -133,3 +133,46 @@ def test_wait_idle_runs_call_soon_work_first(loop):
         loop.call_soon(lambda i=i: seen.append(i))
     assert loop.wait_idle()
     assert seen == list(range(100))
+
+
+def _woken(lp: IoLoop) -> bool:
+    """Whether a wake-up is waiting in the loop's pipe (drained; the loop thread is not running)."""
+    try:
+        return len(os.read(lp._wake_r, 4096)) > 0
+    except BlockingIOError:
+        return False
+
+
+def test_only_a_new_earliest_timer_wakes_the_loop(clock):
+    """A timer due after the earliest one needs no wake-up (the loop's wait ends at the earliest
+    and looks again); a new earliest one does.  Each still fires at its time."""
+    lp = IoLoop("test-io", clock=clock)     # not started: what each call_at writes to the pipe stays there
+    fired: list[str] = []
+    try:
+        lp.call_later(20 * MS, lambda: fired.append("20"))
+        assert _woken(lp)                       # the first timer: the loop waited for nothing
+        lp.call_later(30 * MS, lambda: fired.append("30"))
+        lp.call_later(20 * MS, lambda: fired.append("20b"))     # not earlier than the earliest
+        assert not _woken(lp)
+        lp.call_later(10 * MS, lambda: fired.append("10"))
+        assert _woken(lp)
+        lp.start()
+        clock.advance(10 * MS)
+        assert lp.wait_idle() and fired == ["10"]
+        clock.advance(10 * MS)
+        assert lp.wait_idle() and fired == ["10", "20", "20b"]
+        clock.advance(10 * MS)
+        assert lp.wait_idle() and fired == ["10", "20", "20b", "30"]
+    finally:
+        lp.stop()
+
+
+def test_a_later_timer_armed_while_the_loop_waits_fires(loop, clock):
+    """The loop waits for the earliest timer; one armed behind it (no wake-up) runs after it."""
+    fired: list[str] = []
+    loop.call_later(10 * MS, lambda: fired.append("a"))
+    assert loop.wait_idle()
+    passes = loop.passes
+    loop.call_later(15 * MS, lambda: fired.append("b"))
+    clock.advance(15 * MS)
+    assert loop.wait_idle() and fired == ["a", "b"] and loop.passes > passes

@@ -81,7 +81,7 @@ class CostWindow:
 
     ``sample(requests)`` reads the domain's cumulative counters (hypercalls by
     op from ``dispatcher.ops``, upcall interrupts and auto-EOI rounds from
-    ``upcalls``) and returns one line of their growth since the previous
+    ``upcalls``, the I/O thread's wake-ups from ``io.passes``) and returns one line of their growth since the previous
     sample divided by the requests served in between: the hypercalls and
     upcalls a request costs, whichever of them the guest makes around it
     (its kicks, its timers while it waits).  The counters are the whole
@@ -93,21 +93,22 @@ class CostWindow:
         self.clock = clock
         self._last = self._read()
 
-    def _read(self) -> tuple[int, dict, int, int]:
+    def _read(self) -> tuple[int, dict, int, int, int]:
         d = self.domain
-        return self.clock(), dict(d.dispatcher.ops), d.upcalls.delivered, d.upcalls.eoi_rounds
+        return self.clock(), dict(d.dispatcher.ops), d.upcalls.delivered, d.upcalls.eoi_rounds, d.io.passes
 
     def sample(self, requests: int, extra: dict[str, int] | None = None) -> str:
         """The line for the window that ends now; ``extra``: the device's own counts in it."""
         now = self._read()
-        t0, ops0, up0, eoi0 = self._last
+        t0, ops0, up0, eoi0, io0 = self._last
         self._last = now
-        t, ops, up, eoi = now
+        t, ops, up, eoi, io = now
         n = max(requests, 1)
         grown = sorted(((ops.get(k, 0) - ops0.get(k, 0), k) for k in ops), key=lambda ck: ck[0], reverse=True)
         calls = sum(c for c, _ in grown)
         parts = [f"{requests} requests in {(t - t0) / 1e9:.1f} s", f"hypercalls/req {calls / n:.2f}"]
         parts += [f"{op_name(*k)} {c / n:.2f}" for c, k in grown[:6] if c]
-        parts += [f"upcalls/req {(up - up0) / n:.2f}", f"eoi-rounds/req {(eoi - eoi0) / n:.2f}"]
+        parts += [f"upcalls/req {(up - up0) / n:.2f}", f"eoi-rounds/req {(eoi - eoi0) / n:.2f}",
+                  f"io-wakes/req {(io - io0) / n:.2f}"]
         parts += [f"{name}/req {v / n:.2f}" for name, v in (extra or {}).items()]
         return "  ".join(parts)

@@ -47,6 +47,7 @@ class IoLoop:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._idle_waiters: list[threading.Event] = []
         self._stop = False
+        self.passes = 0     #: times the loop thread came out of its wait (statistics: the cost lines)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         clock.on_jump(self._wake)
 
@@ -69,12 +70,18 @@ class IoLoop:
         self._wake()
 
     def call_at(self, deadline_ns: int, fn: Callable[[], None]) -> TimerHandle:
+        """Run ``fn`` on the loop thread at ``deadline_ns``.  The loop is woken only when this
+        timer is now the earliest: its wait already ends at or before the earliest one's
+        deadline (read under the lock, see ``_timeout``), and looks again then.  A guest that
+        re-arms its Xen timer later (Linux entering idle) costs no thread hand-off."""
         handle = TimerHandle(deadline_ns, fn)
         with self._lock:
             if len(self._timers) >= self._compact_at:
                 self._compact()
+            earliest = not self._timers or deadline_ns < self._timers[0][0]
             heapq.heappush(self._timers, (deadline_ns, next(self._seq), handle))
-        self._wake()
+        if earliest:
+            self._wake()
         return handle
 
     def _compact(self) -> None:
@@ -115,7 +122,9 @@ class IoLoop:
     # -- the loop thread ----------------------------------------------------------
     def _run(self) -> None:
         while not self._stop:
-            for key, _ in self._sel.select(self._timeout()):
+            ready = self._sel.select(self._timeout())
+            self.passes += 1
+            for key, _ in ready:
                 if key.data is None:
                     try:
                         os.read(self._wake_r, 4096)
