@@ -44,6 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.linux.xenboot import stacks_then_kill  # noqa: E402
+
 CACHE = ROOT / ".cache" / "linux"
 BINARY = CACHE / "diskbench"
 LINE = re.compile(r"^DISKBENCH (\S+) ([\d.]+) (\S+) direct=(\d)", re.M)
@@ -97,7 +99,7 @@ def run_streaming(cmd: list[str], timeout: float, cwd: Path | None) -> tuple[str
     lines: list[str] = []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace", cwd=cwd)
-    timer = threading.Timer(timeout, proc.kill)
+    timer = threading.Timer(timeout, stacks_then_kill, (proc,))
     timer.start()
     try:
         for line in proc.stdout:

@@ -6,7 +6,9 @@ line on stderr and a non-zero status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 
 import dataclasses
@@ -388,6 +390,10 @@ def _mem_set(args: argparse.Namespace) -> int:
     return ts.cmd_mem_set_api(*args.words)
 
 
+#: ``kill -USR2`` a VMM (``run``, a domain's ``_vmm``): every thread's stack on its stderr
+STACKS_SIGNAL = signal.SIGUSR2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["xenstored"] and "--shared" in argv:
@@ -403,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     vmm = _vmm_args(argv)
     args = vmm or _parser().parse_args(argv)
     _setup_logging(args.verbose, getattr(args, "trace", False))
+    if args.command in ("run", "_vmm"):
+        # a hung guest's VMM: `kill -USR2 PID` prints every thread's Python stack to stderr (the
+        # domain's vmm.log) and the VMM runs on; SIGUSR1 is the vCPU kick (machine/vcpu_loop.py)
+        faulthandler.register(STACKS_SIGNAL, all_threads=True)
     try:
         if args.command == "run":
             return cmd_run(args)

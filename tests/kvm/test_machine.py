@@ -15,6 +15,7 @@ import guestgen
 from xenkvm.config import GuestConfig
 from xenkvm.machine.devices.console import ConsoleSink
 from xenkvm.machine.extension import MachineExtension
+from xenkvm.cli import STACKS_SIGNAL
 from xenkvm.machine.machine import ExitStatus, Machine
 from guestbuild import build_guests
 
@@ -106,6 +107,31 @@ def test_ctrl_c_stops_cleanly(tmp_path):
         pytest.fail("still running 30 s after SIGINT:\n" + err.decode(errors="replace")[-6000:])
     assert p.returncode == ExitStatus.INTERRUPTED, err
     assert b"Traceback" not in err
+
+
+def test_stacks_signal_prints_every_thread_and_the_vmm_runs_on(tmp_path):
+    """``kill -USR2`` a running VMM (a hung guest): every thread's stack on stderr, the guest
+    runs on, and a later Ctrl-C still stops it as usual."""
+    k = raw_guest(tmp_path, guestgen.print_debugcon(b"up\n") + guestgen.SPIN)
+    p = subprocess.Popen([sys.executable, "-m", "xenkvm", "run", "--kernel", str(k), "--memory", "32M"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert p.stdout.readline() == b"up\n"
+        p.send_signal(STACKS_SIGNAL)
+        seen = b""
+        while b"vcpu_loop.py" not in seen:          # the vCPU thread's frames, then the main thread's
+            line = p.stderr.readline()
+            assert line, f"stderr closed before a stack came: {seen[-3000:]!r}"
+            seen += line
+        assert b"Thread 0x" in seen and p.poll() is None      # still running
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == ExitStatus.INTERRUPTED, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def test_trace_prints_each_exit(tmp_path):

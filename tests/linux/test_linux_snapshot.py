@@ -54,7 +54,9 @@ from tests.linux.xenboot import DMESG_FORBIDDEN, ROOT
 from tests.toolstack.test_managed_domains import Console, listing, xenkvm
 from xenkvm.machine.boot.initramfs import Cpio
 from xenkvm.images import DMESG_END, HOST_KEY, XEN_MARKER
+from xenkvm.cli import STACKS_SIGNAL
 from xenkvm.toolstack.client import ControlClient
+from xenkvm.toolstack.rundir import DomainDir
 from xenkvm.xenstore.client import XsClient
 
 PVH = ROOT / "guests" / "linux-pvh.yaml"
@@ -227,10 +229,23 @@ def _vmm_log_on_failure(run_dir: Path, name: str):
     try:
         yield
     except BaseException:
+        _vmm_stacks(run_dir / name)
         log = run_dir / name / "vmm.log"
-        tail = log.read_text(errors="replace").splitlines()[-80:] if log.is_file() else ["(no log)"]
+        tail = log.read_text(errors="replace").splitlines()[-250:] if log.is_file() else ["(no log)"]
         print(f"\n--- {name}: the last lines of {log}:\n" + "\n".join(tail), flush=True)
         raise
+
+
+def _vmm_stacks(domain_dir: Path) -> None:
+    """Have a domain's VMM, if it still runs, print every thread's stack into its vmm.log."""
+    rec = DomainDir(domain_dir).read()
+    if rec is None or not rec.pid or not rec.alive():
+        return
+    try:
+        os.kill(rec.pid, STACKS_SIGNAL)
+        time.sleep(2)       # faulthandler writes at once; a moment for the log file
+    except ProcessLookupError:
+        pass
 
 
 def _xs(run_dir: Path) -> XsClient:

@@ -25,9 +25,23 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from xenkvm.cli import STACKS_SIGNAL  # noqa: E402
 from xenkvm.images import DMESG_BEGIN, DMESG_END, GUEST_KEY, HOST_KEY, XEN_MARKER  # noqa: E402
 
 DOMID = 1
+
+
+def stacks_then_kill(proc: subprocess.Popen, grace_s: float = 2.0) -> None:
+    """A VMM past its time: have it print every thread's stack on its stderr (xenkvm's
+    STACKS_SIGNAL), give it ``grace_s`` to write them, then kill it."""
+    try:
+        proc.send_signal(STACKS_SIGNAL)
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    proc.kill()
 HOME = f"/local/domain/{DOMID}"
 #: What a healthy guest's dmesg must contain (and must not).
 DMESG_REQUIRED = {
@@ -191,7 +205,7 @@ def boot(guest: Path, workdir: Path, *, vcpus: int | None = None, timeout: float
                         threading.Thread(target=_run_host, args=(host, proc, console, sock, result),
                                          daemon=True).start()
             if time.monotonic() - t0 > timeout:
-                proc.kill()
+                stacks_then_kill(proc)
                 break
             time.sleep(0.25)
         proc.wait()
