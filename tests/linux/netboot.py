@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.linux.xenboot import ROOT
+from tests.linux.xenboot import ROOT, stacks_then_kill
 from xenkvm.images import DMESG_BEGIN, DMESG_END
 from xenkvm.machine.boot.initramfs import Cpio
 
@@ -135,12 +135,21 @@ def run_in_ns(ns: str, cmd: list[str], taps: list[tuple[str, str]], size: int, c
                                *(f"{tap}={net}.1/24" for tap, net in taps)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.monotonic()
+    vm = subprocess.Popen([*exec_ns, *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          errors="replace")
     try:
-        r = subprocess.run([*exec_ns, *cmd], cwd=ROOT, capture_output=True, text=True, errors="replace",
-                           timeout=timeout)
+        try:
+            _, err = vm.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:   # past its time: its threads' stacks into stderr, then killed
+            stacks_then_kill(vm)
+            _, err = vm.communicate(timeout=30)
+            err += f"\n(killed after {timeout:.0f} s)"
     finally:
         elapsed = time.monotonic() - t0
+        if vm.poll() is None:
+            vm.kill()
+            vm.wait()
         helper.kill()
         out, _ = helper.communicate(timeout=30)
     text = console.read_text(errors="replace") if console.exists() else ""
-    return NetRun(r.returncode, text, out, r.stderr, elapsed)
+    return NetRun(vm.returncode, text, out, err, elapsed)
