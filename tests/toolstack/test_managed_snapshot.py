@@ -141,17 +141,24 @@ def _up_in_restored(run_dir: Path, name: str, down: bytes) -> None:
 BLK_TICK = re.compile(rb"^BLK-TICK (\d+) (ok|BAD)\r?\n", re.M)
 
 
-def test_save_and_restore_a_domain_with_a_disk(run_dir, tmp_path):
-    """guests/xen_blkfront.c ``xk.blk_managed`` writes and reads back its disk forever: ``save``
-    stops it before it runs on (its disk stays as saved), ``restore`` re-attaches the vbd to the
-    ring in the restored RAM without a handshake, and the guest's I/O goes on ("BLK-TICK n ok",
-    numbering continued); a disk changed meanwhile is refused with one line."""
+def _blk_domain(tmp_path: Path) -> tuple[Path, Path]:
+    """A 4 MiB zeroed disk and the managed domain ``managed-blk`` (guests/xen_blkfront.c
+    ``xk.blk_managed``, which writes and reads it back forever) on it: (disk, config)."""
     disk = tmp_path / "d.img"
     disk.write_bytes(bytes(4 << 20))
     cfg = tmp_path / "blk.yaml"
     cfg.write_text(f"name: managed-blk\nkernel: {GUESTS / 'out' / 'xen_blkfront.elf'}\n"
                    "cmdline: \"xk.trap=page xk.blk_managed\"\nmemory: 64M\nvcpus: 1\n"
                    f"xen:\n  hypercall_trap: auto\ndisks:\n  - \"vdev=xvda, access=rw, target={disk}\"\n")
+    return disk, cfg
+
+
+def test_save_and_restore_a_domain_with_a_disk(run_dir, tmp_path):
+    """guests/xen_blkfront.c ``xk.blk_managed`` writes and reads back its disk forever: ``save``
+    stops it before it runs on (its disk stays as saved), ``restore`` re-attaches the vbd to the
+    ring in the restored RAM without a handshake, and the guest's I/O goes on ("BLK-TICK n ok",
+    numbering continued); a disk changed meanwhile is refused with one line."""
+    disk, cfg = _blk_domain(tmp_path)
     r = xenkvm(run_dir, "create", str(cfg))
     assert r.returncode == 0, r.stderr
     con = Console(run_dir, "managed-blk")
@@ -185,12 +192,7 @@ def test_restore_disk_copy_gives_each_copy_its_own_disk(run_dir, tmp_path):
     saved domain runs on its own copy of the disk, ``DIR/<vdev>-<name>``, and writes it; the saved
     disk stays as saved, so the snapshot fits it for the next copy.  A used DIR (its copy exists)
     and a DIR that is not a directory are refused with one line, and no domain is left."""
-    disk = tmp_path / "d.img"
-    disk.write_bytes(bytes(4 << 20))
-    cfg = tmp_path / "blk.yaml"
-    cfg.write_text(f"name: managed-blk\nkernel: {GUESTS / 'out' / 'xen_blkfront.elf'}\n"
-                   "cmdline: \"xk.trap=page xk.blk_managed\"\nmemory: 64M\nvcpus: 1\n"
-                   f"xen:\n  hypercall_trap: auto\ndisks:\n  - \"vdev=xvda, access=rw, target={disk}\"\n")
+    disk, cfg = _blk_domain(tmp_path)
     assert (r := xenkvm(run_dir, "create", str(cfg))).returncode == 0, r.stderr
     con = Console(run_dir, "managed-blk")
     con.read_until(rb"^BLK-TICK 3 ok$")
