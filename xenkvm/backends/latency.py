@@ -81,7 +81,8 @@ class CostWindow:
 
     ``sample(requests)`` reads the domain's cumulative counters (hypercalls by
     op from ``dispatcher.ops``, upcall interrupts and auto-EOI rounds from
-    ``upcalls``, the I/O thread's wake-ups from ``io.passes``) and returns one line of their growth since the previous
+    ``upcalls``, the I/O thread's wake-ups from ``io.passes``) and returns one
+    line of their growth since the previous
     sample divided by the requests served in between: the hypercalls and
     upcalls a request costs, whichever of them the guest makes around it
     (its kicks, its timers while it waits).  The counters are the whole
