@@ -84,8 +84,10 @@ static long put_bytes(const void *data, uint32_t len, uint32_t *done_out)
     while (done < len) {
         XENSTORE_RING_IDX cons = ring()->req_cons, prod = ring()->req_prod;
         __asm__ volatile("" ::: "memory");
-        if (prod - cons > XENSTORE_RING_SIZE)
+        if (prod - cons > XENSTORE_RING_SIZE) {
+            printf("xenstore: req ring indexes out of step: cons %u prod %u\n", cons, prod);
             return -XEN_EINVAL;
+        }
         if (prod - cons == XENSTORE_RING_SIZE) {
             if (!keep_waiting(&w))
                 return -XEN_EBUSY;

@@ -70,6 +70,10 @@ class RingConnection:
         self._decoder = FrameDecoder()
         self._batch = False          # inside process(): notify once at the end
         self._notify_pending = False
+        #: the req_cons we last wrote: only the store moves it, so a page that disagrees was written
+        #: by someone else (a guest bug or attack, or a lost page); logged once, for the diagnosis
+        self._req_cons: int | None = None
+        self._cons_warned = False
         #: while set (a snapshot is saving guest RAM: xenstore/domstate.py) the page is not touched
         self.held = False
         conn.transport = self
@@ -125,7 +129,7 @@ class RingConnection:
             _PAIR.pack_into(self.page, REQ_CONS, 0, 0)
             _PAIR.pack_into(self.page, RSP_CONS, 0, 0)
             _U32.pack_into(self.page, ERROR, RingError.NONE)
-            self.broken = None
+            self.broken, self._req_cons = None, 0
 
     def pending_input(self) -> bytes:
         """Request bytes taken from the ring that are not yet a whole message (snapshots)."""
@@ -165,6 +169,10 @@ class RingConnection:
         """Move up to ``want`` request bytes from the ring into the decoder."""
         page = self.page
         cons, prod = _PAIR.unpack_from(page, REQ_CONS)
+        if self._req_cons is not None and cons != self._req_cons and not self._cons_warned:
+            self._cons_warned = True
+            log.warning("dom%d: xenstore req_cons is %d in the page, the store wrote %d (req_prod %d)",
+                        self.domid, cons, self._req_cons, prod)
         avail = (prod - cons) & _MASK
         if avail > RING_SIZE:
             self._fail(RingError.RINGIDX, f"req cons={cons} prod={prod}")
@@ -177,7 +185,8 @@ class RingConnection:
         self._decoder.feed(page[REQ_OFFSET + start:REQ_OFFSET + start + first])
         if count > first:
             self._decoder.feed(page[REQ_OFFSET:REQ_OFFSET + count - first])
-        _U32.pack_into(page, REQ_CONS, (cons + count) & _MASK)
+        self._req_cons = (cons + count) & _MASK
+        _U32.pack_into(page, REQ_CONS, self._req_cons)
         self._signal()
         return count
 
@@ -230,6 +239,6 @@ class RingConnection:
         _PAIR.pack_into(self.page, REQ_CONS, 0, 0)
         _PAIR.pack_into(self.page, RSP_CONS, 0, 0)
         _U32.pack_into(self.page, ERROR, RingError.NONE)
-        self.broken = None
+        self.broken, self._req_cons = None, 0
         _U32.pack_into(self.page, CONNECTION, XENSTORE_CONNECTED)
         self._notify_pending = True
