@@ -21,7 +21,8 @@ and the upcalls per request, one per 5-s window while busy).  Under every guest 
 L1's KVM exits per request (``/sys/kernel/debug/kvm``'s counters, read at each
 ``DISKBENCH-MARK`` the guest prints, divided by the requests the guest's own
 ``/sys/block/*/stat`` counted), so xenkvm's and virtio-blk's costs stand side by side.
-``--pv-time-off`` adds the xenkvm row again with ``xen.pv_time: false``.  ``--compare DIR`` adds the xenkvm
+``--pv-time-off`` adds the xenkvm row again with ``xen.pv_time: false``, ``--fast-path-on`` with
+``xen.fast_path: true`` (ring kicks completed in C, xen/fastpath.py).  ``--compare DIR`` adds the xenkvm
 row again with the xenkvm package of another built checkout (the commit before a change,
 say), in the same L1 boot, so a change is measured side by side.
 
@@ -157,15 +158,15 @@ def guest_image(work: Path, size_mib: int, seconds: float) -> tuple[Path, Path]:
     return root, disk
 
 
-def xenkvm_cmd(work: Path, root: Path, disk: Path, pv_time: bool = True) -> list[str]:
-    """``pv_time`` false: the guest's LAPIC timer and TSC instead of Xen's PV clock and timer."""
+def xenkvm_cmd(work: Path, root: Path, disk: Path, xen_extra: str = "") -> list[str]:
+    """``xen_extra``: more ``xen:`` keys (a variant row), e.g. ``pv_time: false``."""
     from xenkvm.images import XEN_CMDLINE
     cfg = work / "disk.yaml"
     cfg.write_text(
         f"name: diskbench\nkernel: {CACHE / 'vmlinuz'}\ninitrd: {CACHE / 'initramfs-disk.cpio.gz'}\n"
         f"boot: pvh\nmemory: 256M\nvcpus: 1\nconsole: stdio\ncmdline: \"{XEN_CMDLINE} pci=off\"\n"
         f"xen:\n  version: \"4.17\"\n  domid: 1\n  hypercall_trap: auto\n"
-        + ("" if pv_time else "  pv_time: false\n") +
+        + "".join(f"  {line}\n" for line in xen_extra.splitlines()) +
         f"disks:\n  - \"format=raw, vdev=xvda, access=rw, target={root}\"\n"
         f"  - \"format=raw, vdev=xvdb, access=rw, target={disk}\"\n")
     return [sys.executable, "-m", "xenkvm", "-v", "run", str(cfg)]
@@ -180,10 +181,14 @@ def qemu_cmd(root: Path, disk: Path) -> list[str]:
             "-drive", f"file={root},if=virtio,format=raw", "-drive", f"file={disk},if=virtio,format=raw"]
 
 
+#: the variant rows: option -> the ``xen:`` key it sets
+VARIANTS = {"pv_time_off": "pv_time: false", "fast_path_on": "fast_path: true"}
+
+
 def inner(size: int, seconds: float, timeout: float, compare: Path | None = None,
-          pv_time_off: bool = False) -> int:
-    """In L1: the floor, xenkvm (and xenkvm from the ``compare`` checkout, and xenkvm with
-    ``xen.pv_time: false``), QEMU."""
+          variants: tuple[str, ...] = ()) -> int:
+    """In L1: the floor, xenkvm (and xenkvm from the ``compare`` checkout, and xenkvm with each
+    of ``variants``' ``xen:`` keys), QEMU."""
     mount_debugfs()
     with tempfile.TemporaryDirectory(prefix="diskbench-") as tmp:
         work = Path(tmp)
@@ -200,8 +205,9 @@ def inner(size: int, seconds: float, timeout: float, compare: Path | None = None
             shutil.rmtree(sub)
             if compare is not None and label.startswith("xenkvm"):
                 compare_row(work, compare, size, seconds, timeout)
-            if pv_time_off and label.startswith("xenkvm"):
-                pv_time_off_row(work, size, seconds, timeout)
+            if label.startswith("xenkvm"):
+                for v in variants:
+                    variant_row(work, VARIANTS[v], size, seconds, timeout)
     return 0
 
 
@@ -214,12 +220,13 @@ def compare_row(work: Path, tree: Path, size: int, seconds: float, timeout: floa
     shutil.rmtree(sub)
 
 
-def pv_time_off_row(work: Path, size: int, seconds: float, timeout: float) -> None:
-    """The xenkvm row again with ``xen.pv_time: false`` (LAPIC timer and TSC, no timer hypercalls)."""
-    sub = work / "pvtime-off"
+def variant_row(work: Path, key: str, size: int, seconds: float, timeout: float) -> None:
+    """The xenkvm row again with one more ``xen:`` key (``pv_time: false``: LAPIC timer and TSC,
+    no timer hypercalls; ``fast_path: true``: ring kicks completed in C)."""
+    sub = work / key.split(":")[0]
     sub.mkdir()
     root, disk = guest_image(sub, size, seconds)
-    run_bench("xenkvm pv_time=false, Debian xvdb", xenkvm_cmd(sub, root, disk, pv_time=False), timeout)
+    run_bench(f"xenkvm {key.replace(': ', '=')}, Debian xvdb", xenkvm_cmd(sub, root, disk, key), timeout)
     shutil.rmtree(sub)
 
 
@@ -232,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
                    "(built, same .cache/linux), e.g. the commit before a change")
     p.add_argument("--pv-time-off", action="store_true",
                    help="also run the xenkvm row with xen.pv_time: false (docs/linux-xen.md)")
+    p.add_argument("--fast-path-on", action="store_true",
+                   help="also run the xenkvm row with xen.fast_path: true (ring kicks in C)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.inner:
-        return inner(a.size, a.seconds, a.timeout / 3, a.compare, a.pv_time_off)
+        return inner(a.size, a.seconds, a.timeout / 3, a.compare, tuple(v for v in VARIANTS if getattr(a, v)))
     for f in ("vmlinuz", "initramfs-disk.cpio.gz", "rootfs.ext4"):
         if not (CACHE / f).is_file():
             print("bench_diskguest: no root file system image: run `make rootfs-image` first", file=sys.stderr)
@@ -253,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--seconds", str(a.seconds), "--timeout", str(a.timeout)]
             if a.compare is not None:
                 cmd += ["--compare", str(a.compare.resolve())]
-            if a.pv_time_off:
-                cmd.append("--pv-time-off")
+            cmd += [f"--{v.replace('_', '-')}" for v in VARIANTS if getattr(a, v)]
             res = runner.run(l1, cmd, cwd=ROOT, out_dir=Path(tmp), timeout=a.timeout, echo=sys.stdout)
     except (image.RigImageError, runner.RigError) as e:
         print(f"bench_diskguest: {e}", file=sys.stderr)

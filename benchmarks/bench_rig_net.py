@@ -19,7 +19,8 @@ Figures are MB/s as the host side timed them (accept to close).  L1 is emulated,
 so absolute figures depend on how busy the host's CPUs are; the ratios between the
 rows of one run are what to read.  ``--compare DIR`` adds the xenkvm row again with the
 xenkvm package of another built checkout (the commit before a change), in the same L1;
-``--pv-time-off`` adds it with ``xen.pv_time: false``.
+``--pv-time-off`` adds it with ``xen.pv_time: false``, ``--fast-path-on`` with ``xen.fast_path: true``
+(ring kicks completed in C, xen/fastpath.py).
 Under the rows, the vif's cost lines (hypercalls and upcalls per packet, 5-s windows).
 Needs root.
 """
@@ -114,16 +115,21 @@ def cost_lines(run: netboot.NetRun) -> list[str]:
     return ["  " + line.strip() for line in run.stderr.splitlines() if "vif" in line and ": costs: " in line]
 
 
-def inner(size: int, timeout: float, compare: Path | None = None, pv_time_off: bool = False) -> int:
+#: the variant rows: option -> the ``xen:`` key it sets
+VARIANTS = {"pv_time_off": "pv_time: false", "fast_path_on": "fast_path: true"}
+
+
+def inner(size: int, timeout: float, compare: Path | None = None, variants: tuple[str, ...] = ()) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-rig-net-"))
-    for sub in "xqcp":
+    for sub in "xqc" + "".join(str(i) for i in range(len(variants))):
         (tmp / sub).mkdir()
     with netboot.netns(f"xkb{os.getpid()}") as ns:
         x = run_xenkvm(ns, tmp / "x", vifs=VIF, size=size, timeout=timeout)
-    p = None
-    if pv_time_off:
-        with netboot.netns(f"xkp{os.getpid()}") as ns:
-            p = run_xenkvm(ns, tmp / "p", vifs=VIF, size=size, timeout=timeout, pv_time=False)
+    rows = []
+    for i, v in enumerate(variants):
+        with netboot.netns(f"xkp{i}{os.getpid()}") as ns:
+            rows.append((VARIANTS[v], run_xenkvm(ns, tmp / str(i), vifs=VIF, size=size, timeout=timeout,
+                                                 xen_extra=VARIANTS[v])))
     c = None
     if compare is not None:
         with netboot.netns(f"xkc{os.getpid()}") as ns:
@@ -135,8 +141,9 @@ def inner(size: int, timeout: float, compare: Path | None = None, pv_time_off: b
     print(f"{'row':<28} {'guest->host':>10} {'host->guest':>10}  checks")
     print(row("xenkvm vif (Xen PVH)", size, x.seconds("10.90.0"), x.transfers("eth0", "10.90.0", size)))
     print("\n".join(cost_lines(x)))
-    if p is not None:
-        print(row("xenkvm vif, pv_time=false", size, p.seconds("10.90.0"), p.transfers("eth0", "10.90.0", size)))
+    for key, p in rows:
+        print(row(f"xenkvm vif, {key.replace(': ', '=')}", size, p.seconds("10.90.0"),
+                  p.transfers("eth0", "10.90.0", size)))
         print("\n".join(cost_lines(p)))
     if c is not None:
         print(row(f"xenkvm from {compare.name}"[:28], size, c.seconds("10.90.0"), c.transfers("eth0", "10.90.0", size)))
@@ -155,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", type=Path, help="also run the xenkvm row with this checkout's xenkvm (built)")
     p.add_argument("--pv-time-off", action="store_true",
                    help="also run the xenkvm row with xen.pv_time: false (docs/linux-xen.md)")
+    p.add_argument("--fast-path-on", action="store_true",
+                   help="also run the xenkvm row with xen.fast_path: true (ring kicks in C)")
     a = p.parse_args(argv)
     if a.loopback:
         print(f"{loopback(a.bytes)[0]:.6f}")
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_rig_net: needs root (namespaces, taps); skipped")
         return 0
     if a.inner:
-        return inner(a.bytes, a.timeout, a.compare, a.pv_time_off)
+        return inner(a.bytes, a.timeout, a.compare, tuple(v for v in VARIANTS if getattr(a, v)))
     for need in (netboot.IMAGE, netboot.KERNEL):
         if not need.is_file():
             print(f"bench_rig_net: {need} missing: run `make linux-xen-image` first")
@@ -174,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--inner", "--bytes", str(a.bytes)]
         if a.compare is not None:
             cmd += ["--compare", str(a.compare.resolve())]
-        if a.pv_time_off:
-            cmd.append("--pv-time-off")
+        cmd += [f"--{v.replace('_', '-')}" for v in VARIANTS if getattr(a, v)]
         res = runner.run(l1, cmd, cwd=ROOT, out_dir=Path(out), timeout=a.timeout)
     print(res.output, end="")
     print(f"(rig: L1 ready after {res.ready_s:.1f} s, {res.total_s:.0f} s in all)")

@@ -18,6 +18,7 @@ CFFI_MODULES = [
     "xenkvm/backends/_blkif_build.py:ffibuilder",
     "xenkvm/backends/_netif_build.py:ffibuilder",
     "xenkvm/backends/_nbd_build.py:ffibuilder",
+    "xenkvm/xen/_fast_build.py:ffibuilder",
 ]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

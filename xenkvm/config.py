@@ -19,6 +19,7 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
       platform_pci: false      # Xen platform PCI device + unplug ports (always on for boot: linux)
       hypervisor_log: stderr   # console_io output: stderr ("(XEN) " lines) | file:PATH | none
       pv_time: true            # Xen PV time (XENFEAT_hvm_safe_pvclock); false: the guest's LAPIC timer and TSC
+      fast_path: false         # true: ring kicks (EVTCHNOP_send to a PV backend) completed in C (experimental)
     disks:                     # optional, Xen guests: PV disks in xl.cfg(5) spelling (xenkvm/diskspec.py)
       - "format=raw, vdev=xvda, access=rw, target=root.img"
     vifs:                      # optional, Xen guests: PV NICs in xl.cfg(5) spelling (xenkvm/vifspec.py)
@@ -102,6 +103,12 @@ class XenConfig:
     #: runstate area; false: the guest keeps its native clocks (the in-kernel LAPIC timer, the
     #: TSC), which on hardware KVM costs no exit to the VMM (docs/linux-xen.md, "PV time")
     pv_time: bool = True
+    #: true: a guest's EVTCHNOP_send on a PV backend's ring port is completed in C on the vCPU's
+    #: thread, which writes the backend's eventfd (xen/fastpath.py, the port traps only).  Off by
+    #: default: it did not measurably speed up Debian's disk or network in the rig (docs/
+    #: linux-disk.md), and the freestanding blkfront's rare xenstore hang (docs/pv-backends.md,
+    #: "Ring kicks in C") is not explained yet
+    fast_path: bool = False
 
 
 XEN_FIELDS = {f.name for f in dataclasses.fields(XenConfig)}
@@ -307,7 +314,7 @@ def _xen(raw: Any) -> XenConfig:
         if not isinstance(raw["test_device"], bool):
             raise ConfigError(f"xen.test_device: expected true or false, got {raw['test_device']!r}")
         kw["test_device"] = raw["test_device"]
-    for key in ("platform_pci", "pv_time"):
+    for key in ("platform_pci", "pv_time", "fast_path"):
         if key in raw:
             if not isinstance(raw[key], bool):
                 raise ConfigError(f"xen.{key}: expected true or false, got {raw[key]!r}")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from guestbuild import build_guests
+from xenkvm.cli import STACKS_SIGNAL
 
 pytestmark = pytest.mark.kvm
 
@@ -38,13 +39,33 @@ def kernel() -> Path:
     return GUESTS / "out" / "xen_blkfront.elf"
 
 
-def run(tmp_path: Path, kernel: Path, cmdline: str, disks: list[str]) -> subprocess.CompletedProcess:
+def run(tmp_path: Path, kernel: Path, cmdline: str, disks: list[str], xen: str = "",
+        verbose: bool = False) -> subprocess.CompletedProcess:
     y = tmp_path / "guest.yaml"
     lines = [f"name: blk-test\nkernel: {kernel}\ncmdline: \"{cmdline}\"\nmemory: 64M\nvcpus: 1\n",
-             "xen:\n  domid: 1\n  hypercall_trap: auto\ndisks:\n"] + [f"  - \"{d}\"\n" for d in disks]
+             f"xen:\n  domid: 1\n  hypercall_trap: auto\n{xen}disks:\n"] + [f"  - \"{d}\"\n" for d in disks]
     y.write_text("".join(lines))
-    return subprocess.run([sys.executable, "-m", "xenkvm", "run", str(y)], cwd=ROOT, capture_output=True,
-                          text=True, errors="replace", timeout=300, env=dict(os.environ))
+    cmd = [sys.executable, "-m", "xenkvm", *(["-v"] if verbose else []), "run", str(y)]
+    return run_vmm(cmd, timeout=300)
+
+
+def run_vmm(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a VMM; past ``timeout`` it prints every thread's stack (SIGUSR2) and is killed, and the
+    failure shows what the guest printed and those stacks (a hang must leave its evidence)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            errors="replace", env=dict(os.environ))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(STACKS_SIGNAL)
+        try:
+            out, err = proc.communicate(timeout=3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        raise AssertionError(f"the VMM ran past {timeout} s\n--- stdout ---\n{out[-6000:]}\n"
+                             f"--- stderr ---\n{err[-8000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def assert_passed(r: subprocess.CompletedProcess) -> int:
@@ -98,6 +119,26 @@ def test_blkfront_reads_writes_flushes(tmp_path, kernel):
     r = run(tmp_path, kernel, "xk.trap=page", [f"format=raw, vdev=xvda, access=rw, target={a}",
                                                f"{b},raw,xvdb,ro"])
     check_well_behaved_run(r, a, b)
+
+
+FAST_SENDS = re.compile(r"hypercall fast path: (\d+) EVTCHNOP_send completed in C")
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "python-only"])
+def test_ring_kicks_in_c_and_in_python_serve_alike(tmp_path, kernel, fast):
+    """The same guest with its ring kicks completed in the vCPU's C loop (xen/fastpath.py), and
+    with ``fast_path: false`` (every hypercall in Python): every check passes and the images
+    hold the same bytes either way; only the first completes sends in C."""
+    a, b = images(tmp_path)
+    r = run(tmp_path, kernel, "xk.trap=page", [f"format=raw, vdev=xvda, access=rw, target={a}",
+                                               f"{b},raw,xvdb,ro"],
+            xen=f"  fast_path: {'true' if fast else 'false'}\n", verbose=True)
+    check_well_behaved_run(r, a, b)
+    m = FAST_SENDS.search(r.stderr)
+    if fast:
+        assert m and int(m.group(1)) >= 10, r.stderr[-2000:]    # the kicks (fewer than requests: batches)
+    else:
+        assert m is None and "fast path" not in r.stderr
 
 
 def check_well_behaved_run(r: subprocess.CompletedProcess, a: Path, b: Path) -> None:

@@ -84,4 +84,20 @@ def test_cost_window_divides_each_window_by_its_requests():
 def test_cost_window_without_requests_does_not_divide_by_zero():
     from xenkvm.backends.latency import CostWindow
     w = CostWindow(FakeDomain(), clock=Clock())
-    assert w.sample(0).startswith("0 requests in 0.0 s  hypercalls/req 0.00  upcalls/req 0.00")
+    assert w.sample(0).startswith("0 requests in 0.0 s  hypercalls/req 0.00  sends-in-C/req 0.00  upcalls/req 0.00")
+
+
+def test_cost_window_counts_the_sends_completed_in_c_as_event_channel_sends():
+    """A kick the vCPU's C loop completed (xen/fastpath.py) never reaches the dispatcher, yet it is
+    an EVTCHNOP_send the request cost: counted with the Python ones and shown on its own."""
+    import types
+    from xenkvm.backends.latency import CostWindow
+    from xenkvm.xen.abi import Hypercall
+    c, d = Clock(), FakeDomain()
+    d.fast = types.SimpleNamespace(sends=100)                        # before the window: not counted
+    w = CostWindow(d, clock=c)
+    d.fast.sends += 6
+    d.dispatcher.ops[(int(Hypercall.event_channel_op), 4)] += 2
+    line = w.sample(4)
+    assert line.startswith("4 requests in 0.0 s  hypercalls/req 2.00  event_channel_op/4 2.00")
+    assert "sends-in-C/req 1.50" in line

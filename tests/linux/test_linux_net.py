@@ -39,9 +39,9 @@ SIZE = int(os.environ.get("XENKVM_NET_BYTES", str(1 << 20)))
 VIFS = (("xkn0", "eth0", "10.90.0", "on"), ("xkn1", "eth1", "10.91.0", "off"))
 
 
-def guest_yaml(tmp: Path, vifs=VIFS, size: int = SIZE, pv_time: bool = True) -> Path:
-    """A PVH guest (1 vCPU, 256 MiB) booting to netboot's /net-init over ``vifs`` (``pv_time``
-    false: ``xen.pv_time: false``, the guest's own LAPIC timer and TSC)."""
+def guest_yaml(tmp: Path, vifs=VIFS, size: int = SIZE, xen_extra: str = "") -> Path:
+    """A PVH guest (1 vCPU, 256 MiB) booting to netboot's /net-init over ``vifs``; ``xen_extra``:
+    more ``xen:`` keys, one per line (``pv_time: false``: the guest's own LAPIC timer and TSC)."""
     init = netboot.net_init(["xen-netfront.ko"], [(eth, net) for _t, eth, net, _o in vifs], size)
     cmdline = XEN_CMDLINE.replace("rdinit=/init", "rdinit=/net-init") + " pci=off"
     lines = "".join(f'  - "vifname={tap}, mac=00:16:3e:5a:00:0{i}, offload={off}"\n'
@@ -51,14 +51,14 @@ def guest_yaml(tmp: Path, vifs=VIFS, size: int = SIZE, pv_time: bool = True) -> 
     y.write_text(f"name: debian-net\nkernel: {netboot.KERNEL}\ninitrd: {initrd}\nboot: pvh\nmemory: 256M\n"
                  f"vcpus: 1\ncmdline: \"{cmdline}\"\n"
                  "xen:\n  version: \"4.17\"\n  domid: 1\n  hypercall_trap: auto\n"
-                 + ("" if pv_time else "  pv_time: false\n") + "vifs:\n" + lines)
+                 + "".join(f"  {k}\n" for k in xen_extra.splitlines()) + "vifs:\n" + lines)
     return y
 
 
 def run_xenkvm(ns: str, tmp: Path, vifs=VIFS, size: int = SIZE, timeout: float = TIMEOUT,
-               fill: bool = False, pv_time: bool = True) -> netboot.NetRun:
+               fill: bool = False, xen_extra: str = "") -> netboot.NetRun:
     console = tmp / "console.log"
-    cmd = [sys.executable, "-m", "xenkvm", "-v", "run", str(guest_yaml(tmp, vifs, size, pv_time)),
+    cmd = [sys.executable, "-m", "xenkvm", "-v", "run", str(guest_yaml(tmp, vifs, size, xen_extra)),
            "--console", f"file:{console}"]
     return netboot.run_in_ns(ns, cmd, [(tap, net) for tap, _e, net, _o in vifs], size, console, timeout, fill)
 

@@ -22,12 +22,14 @@ from typing import Any, Protocol, runtime_checkable
 from xenkvm.config import XenConfig
 from xenkvm.machine.clock import MONOTONIC, GuestClock, HostClock
 from xenkvm.machine.devices.console import ConsoleSink
+from xenkvm.machine.layout import HYPERCALL_PORT
 from xenkvm.machine.ioloop import IoLoop
 from xenkvm.machine.memory import GuestMemory
 from xenkvm.xen.abi import HvmParam
 from xenkvm.xen.dispatch import Dispatcher
 from xenkvm.xen.domain import CONSOLE_PAGE, SPECIAL_PAGES, SPECIAL_PAGES_GPA, STORE_PAGE, InputQueue
 from xenkvm.xen.evtchn import EventChannels
+from xenkvm.xen.fastpath import FastSend
 from xenkvm.xen.hypercalls import table
 from xenkvm.xen.limits import Limits
 from xenkvm.xen.timers import VcpuTimers
@@ -121,6 +123,7 @@ class FakeDomain:
         self.shinfo = SimpleNamespace(gpa=SHINFO if shinfo else None, resync=lambda vcpu: None)
         self.upcalls = Upcalls(clock)
         self.dispatcher = Dispatcher(self)
+        self.fast = FastSend(self.mem, HYPERCALL_PORT)
         self.evtchn = EventChannels(self)
         self.timers = VcpuTimers(self)
         table.install(self.dispatcher)   # the real hypercall table; services this fake lacks

@@ -112,8 +112,11 @@ class BlkifRing:
         self.mappings = []
 
 
-def open_rings(domain, keys: dict[str, str], kick: Callable[[], None]) -> list[BlkifRing]:
-    """Map and bind every queue the frontend set up; all or nothing."""
+def open_rings(domain, keys: dict[str, str], kick: Callable[[], None] | int) -> list[BlkifRing]:
+    """Map and bind every queue the frontend set up; all or nothing.
+
+    ``kick``: the worker's eventfd each queue's port is bound to (xen/fastpath.py: a guest's
+    kick wakes the worker from the vCPU's C loop), or a callback run in the sender's thread."""
     protocol = keys.get("protocol", "x86_64-abi") or "x86_64-abi"
     if protocol != "x86_64-abi":
         raise ConnectError(f"protocol {protocol[:32]!r} not supported (x86_64-abi only)")
@@ -144,7 +147,10 @@ def _open_ring(domain, keys: dict[str, str], kick, persistent: bool, where: str)
     except GrantError as e:
         raise ConnectError(f"{where}ring-ref {refs}: {e}") from None
     try:
-        domain.evtchn.bind_vmm_to_guest_port(port, kick, direct=True)
+        if isinstance(kick, int):
+            domain.evtchn.bind_vmm_to_guest_port(port, kick_fd=kick)
+        else:
+            domain.evtchn.bind_vmm_to_guest_port(port, kick, direct=True)
     except EvtchnError as e:
         for m in mappings:
             m.unmap()

@@ -69,6 +69,7 @@ class BlockDevice(XenbusDevice):
         self.ring: BlkifRing | None = None      #: the ring being served (its grants serve the Python path)
         self.stats = {"requests": 0, "errors": 0, "kicks": 0, "notifies": 0, "busy_ns": 0}
         self.latency = EventLatency()
+        self._seen: dict[int, int] = {}     #: per ring port: the last kick stamp counted
         self.costs: CostWindow | None = None    #: the domain's hypercalls/upcalls per request (log lines)
         self._window = dict(self.stats)        #: stats at the last cost line
         self._latency_logged = 0     #: perf_counter_ns of the last latency log line (every LATENCY_LOG_NS)
@@ -106,17 +107,22 @@ class BlockDevice(XenbusDevice):
                 "discard-alignment": "0", "discard-secure": "0"}
 
     def connect(self, frontend: dict[str, str]) -> None:
-        self.rings = open_rings(self.domain, frontend, self._kicked)
+        self.rings = open_rings(self.domain, frontend, self.backend.kick_fd)
+        self._seen = {r.port: self.domain.fast.last_send_ns(r.port) for r in self.rings}
         self.costs, self._window = CostWindow(self.domain), dict(self.stats)
         r = self.rings[0]
         log.info("%s: connected, %d queue(s) of %d-page rings (%d entries), port %d%s", self.backend.label,
                  len(self.rings), len(r.mappings), r.nr_ents, r.port,
                  ", persistent grants" if r.segments.persistent else "")
 
-    def _kicked(self) -> None:
-        """The frontend notified a queue's port: stamp it, wake the worker."""
-        self.latency.kicked()
-        self.backend.kick()
+    def _stamp_kicks(self) -> None:
+        """The latest kick of each queue, as the fast path stamped it, for the latencies."""
+        fast = self.domain.fast
+        for ring in self.rings:
+            ns = fast.last_send_ns(ring.port)
+            if ns != self._seen.get(ring.port):
+                self._seen[ring.port] = ns
+                self.latency.kicked(at=ns)
 
     def _log_latency(self) -> None:
         """The event-path latencies and how many requests a pass found (batching), at -v."""
@@ -184,6 +190,7 @@ class BlockDevice(XenbusDevice):
         costs one look at its ``req_prod``.
         """
         self.stats["kicks"] += 1
+        self._stamp_kicks()
         self.latency.serving()
         start = time.perf_counter_ns()
         try:

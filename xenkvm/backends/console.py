@@ -90,7 +90,7 @@ class ConsoleDevice(XenbusDevice):
         except GrantError as e:
             raise ConnectError(f"ring-ref {ref}: {e}") from None
         try:
-            self.domain.evtchn.bind_vmm_to_guest_port(port, self.backend.kick)
+            self.domain.evtchn.bind_vmm_to_guest_port(port, kick_fd=self.backend.kick_fd)
         except EvtchnError as e:
             mapping.unmap()
             raise ConnectError(f"port {port}: {e}") from None

@@ -99,6 +99,9 @@ class VifDevice(XenbusDevice):
         self._tx_copy: BatchCopy | None = None       #: the tx worker's (connect)
         self._gso = ffi.new("struct xkn_gso *")
         self._rx: list[RxWorker] = []
+        #: per queue index: the rx thread's wake-up eventfd, leased from the domain's fast-path pool
+        #: for the device's life (a kick may still write one after its port closed)
+        self._rx_fds: dict[int, int] = {}
         self.costs: CostWindow | None = None   #: the domain's hypercalls/upcalls per packet (log lines)
         self._window = (0, 0, 0)               #: (perf_counter_ns, tx, rx packets) at the last cost line
 
@@ -121,7 +124,7 @@ class VifDevice(XenbusDevice):
 
     def connect(self, frontend: dict[str, str], before_rx: Callable[[], None] | None = None) -> None:
         f, self.queues = open_queues(self.domain, frontend, self._tx_kick, self._rx_kick, MAX_QUEUES,
-                                     self.spec.offload)
+                                     self.spec.offload, tx_fd=self.backend.kick_fd, rx_fd=self.rx_wake_fd)
         csum = f.csum and self.spec.offload       # offload=off: the host finishes every frame it hands us
         self.tap.set_offload((TUN_F_CSUM if csum else 0) | (TUN_F_TSO4 if f.gso_tcpv4 and csum else 0)
                              | (TUN_F_TSO6 if f.gso_tcpv6 and csum and f.ipv6_csum else 0))
@@ -162,6 +165,9 @@ class VifDevice(XenbusDevice):
     def close(self) -> None:
         """Unplug or VM end: stop serving, log the counters (what a user asks ``ip -s link`` for), drop the tap."""
         self.disconnect()
+        for fd in self._rx_fds.values():
+            self.domain.fast.release_fd(fd)
+        self._rx_fds.clear()
         log.info("%s: tap %s: %s", self.backend.label, self.name,
                  " ".join(f"{k}={v}" for k, v in self.stats.items() if not k.endswith("_ns")))
         self.tap.close()
@@ -206,6 +212,13 @@ class VifDevice(XenbusDevice):
         """A tx event (in the guest's EVTCHNOP_send, under the domain's lock): every queue's tx is
         served on the worker, kicks coalesced."""
         self.backend.kick()
+
+    def rx_wake_fd(self, queue: int) -> int:
+        """Queue ``queue``'s rx eventfd: its rx port is bound to it, its rx thread sleeps on it."""
+        fd = self._rx_fds.get(queue)
+        if fd is None:
+            fd = self._rx_fds[queue] = self.domain.fast.lease_fd()
+        return fd
 
     def _rx_kick(self, queue: int) -> None:
         """An rx event (in the guest's EVTCHNOP_send): the frontend posted buffers on ``queue``."""
@@ -373,7 +386,7 @@ class RxWorker:
     def __init__(self, dev: VifDevice, rings: NetifRings):
         self.dev, self.r = dev, rings
         self.features = rings.features
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_fd = dev.rx_wake_fd(rings.index)   #: a stale count costs one pass; the first pass is owed anyway
         self._stop = False
         self.busy = threading.Lock()       #: held by each pass; a snapshot holds it to quiesce rx
         self._buf = bytearray(FRAME_MAX)
@@ -394,9 +407,8 @@ class RxWorker:
         self._thread.join()
 
     def close(self) -> None:
-        """Close the wake-up eventfd, once the rx port is closed: a kick runs in the guest's
-        EVTCHNOP_send under the domain's lock (bound ``direct``), so none is in flight then."""
-        os.close(self._wake_fd)
+        """Nothing to free: the wake-up eventfd is the device's (``rx_wake_fd``), reused by the next
+        connection's thread and released with the device."""
 
     def _run(self) -> None:
         poll = select.poll()

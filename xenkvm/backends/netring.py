@@ -92,11 +92,15 @@ def negotiated(keys: dict[str, str], offload: bool = True) -> Features:
 
 
 def open_queues(domain, keys: dict[str, str], on_tx: Callable[[int], None], on_rx: Callable[[int], None],
-                max_queues: int, offload: bool = True) -> tuple[Features, list[NetifRings]]:
+                max_queues: int, offload: bool = True, *, tx_fd: int | None = None,
+                rx_fd: Callable[[int], int] | None = None) -> tuple[Features, list[NetifRings]]:
     """Map and bind every queue (``multi-queue-num-queues``, keys under ``queue-N/``); all or nothing.
 
     ``on_tx(q)`` / ``on_rx(q)`` run when queue q's tx / rx event channel fires (both for one channel);
-    ``offload``: whether the backend offered GSO and IPv6 checksum offload (:func:`negotiated`).
+    with split event channels, ``tx_fd`` (the tx worker's eventfd) and ``rx_fd(q)`` (queue q's rx
+    thread's) are bound instead, so a guest's kick wakes the thread from the vCPU's C loop
+    (xen/fastpath.py).  ``offload``: whether the backend offered GSO and IPv6 checksum offload
+    (:func:`negotiated`).
     """
     features = negotiated(keys, offload)
     count = 1
@@ -109,7 +113,7 @@ def open_queues(domain, keys: dict[str, str], on_tx: Callable[[int], None], on_r
         for q in range(count):
             where = f"queue-{q}/" if count > 1 else ""
             sub = {k[len(where):]: v for k, v in keys.items() if k.startswith(where)}
-            queues.append(_open_queue(domain, q, sub, where, features, on_tx, on_rx))
+            queues.append(_open_queue(domain, q, sub, where, features, on_tx, on_rx, tx_fd, rx_fd))
     except ConnectError:
         for queue in queues:
             queue.close(domain)
@@ -117,14 +121,16 @@ def open_queues(domain, keys: dict[str, str], on_tx: Callable[[int], None], on_r
     return features, queues
 
 
-def _open_queue(domain, q: int, keys: dict[str, str], where: str, features: Features, on_tx, on_rx) -> NetifRings:
+def _open_queue(domain, q: int, keys: dict[str, str], where: str, features: Features, on_tx, on_rx,
+                tx_fd: int | None = None, rx_fd: Callable[[int], int] | None = None) -> NetifRings:
     refs = [_number(keys, "tx-ring-ref", 1 << 32, where), _number(keys, "rx-ring-ref", 1 << 32, where)]
     if "event-channel-tx" in keys or "event-channel-rx" in keys:        # feature-split-event-channels
         ports = [_number(keys, "event-channel-tx", 1 << 17, where), _number(keys, "event-channel-rx", 1 << 17, where)]
         if ports[0] == ports[1]:
             raise ConnectError(f"{where}event-channel-tx and -rx are the same port {ports[0]}")
-        callbacks = [lambda: on_tx(q), lambda: on_rx(q)]
-    else:
+        callbacks = [tx_fd if tx_fd is not None else (lambda: on_tx(q)),
+                     rx_fd(q) if rx_fd is not None else (lambda: on_rx(q))]
+    else:       # one port wakes both threads: the callback, in the sender's thread
         ports = [_number(keys, "event-channel", 1 << 17, where)]
         callbacks = [lambda: (on_tx(q), on_rx(q))]
     try:
@@ -136,7 +142,10 @@ def _open_queue(domain, q: int, keys: dict[str, str], where: str, features: Feat
         for port, cb in zip(ports, callbacks):
             # direct: the kick reaches the tx worker / rx thread from the guest's own EVTCHNOP_send
             # (a queue put, an eventfd write), without the I/O thread's hop
-            domain.evtchn.bind_vmm_to_guest_port(port, cb, direct=True)
+            if isinstance(cb, int):
+                domain.evtchn.bind_vmm_to_guest_port(port, kick_fd=cb)
+            else:
+                domain.evtchn.bind_vmm_to_guest_port(port, cb, direct=True)
             bound.append(port)
     except EvtchnError as e:
         for p in bound:

@@ -28,12 +28,20 @@ driver do:
 
 Each device has one worker thread: store events and ring kicks are served in
 order there, never on a vCPU thread, the I/O thread or the xenstored thread.
+It sleeps on one eventfd (``kick_fd``, from the domain's fast-path pool): its
+rings' event channels are bound to it (``bind_vmm_to_guest_port(kick_fd=)``),
+so a guest's kick wakes it straight from the vCPU's C loop (xen/fastpath.py);
+store events are queued beside it and write the same eventfd.  Each wake-up
+serves the queued events, then the rings (a pass over idle rings costs a look
+at each ``req_prod``).
 """
 from __future__ import annotations
 
+import collections
 import enum
 import logging
-import queue
+import os
+import select
 import threading
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
@@ -134,6 +142,55 @@ def backend_perms(domid: int) -> tuple[Perm, ...]:
     return (Perm(PermFlag.NONE, 0), Perm(PermFlag.READ, domid))
 
 
+class Inbox:
+    """What wakes a worker: named events in order, and kicks, on one non-blocking eventfd.
+
+    ``fd`` comes from the domain's fast-path pool (kept open while the machine lives,
+    released back by :meth:`close`), or is the inbox's own for a domain without one.
+    """
+
+    def __init__(self, domain) -> None:
+        self._fast = getattr(domain, "fast", None)
+        self.fd = self._fast.lease_fd() if self._fast is not None else os.eventfd(
+            0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._events: collections.deque[str] = collections.deque()
+        self._poll = select.poll()
+        self._poll.register(self.fd, select.POLLIN)
+        self._closed = False
+
+    def put(self, what: str) -> None:
+        self._events.append(what)
+        self.kick()
+
+    def kick(self) -> None:
+        if not self._closed:
+            os.eventfd_write(self.fd, 1)
+
+    def wait(self) -> list[str]:
+        """Block until woken; the events queued so far (kicks need no entry)."""
+        while not _drain(self.fd):
+            self._poll.poll()
+        out = []
+        while self._events:
+            out.append(self._events.popleft())
+        return out
+
+    def close(self) -> None:
+        """The worker has ended: the eventfd back to the pool (or closed, if the inbox's own)."""
+        self._closed = True
+        if self._fast is not None:
+            self._fast.release_fd(self.fd)
+        else:
+            os.close(self.fd)
+
+
+def _drain(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
 class XenbusBackend:
     """One device's store nodes, state machine and worker thread."""
 
@@ -150,8 +207,9 @@ class XenbusBackend:
         self.connected = False
         self.online = True
         self.removed = threading.Event()
-        self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._kick_pending = False
+        self._events = Inbox(domain)
+        #: the eventfd the worker sleeps on: the device binds its rings' ports to it
+        self.kick_fd = self._events.fd
         self._bad_state: str | None = None
         self._token: str | None = None
         self.frontend: dict[str, str] | None = None     #: the keys the connection was made with
@@ -180,10 +238,8 @@ class XenbusBackend:
 
     # -- events from other threads ----------------------------------------------------
     def kick(self) -> None:
-        """The frontend notified its event channel (I/O thread): serve on the worker."""
-        if not self._kick_pending:
-            self._kick_pending = True
-            self._events.put("kick")
+        """Serve the rings on the worker (kicks coalesce in the eventfd)."""
+        self._events.kick()
 
     def unplug(self, force: bool = False) -> threading.Event:
         """Start a hot-unplug; the returned event is set once both nodes are gone."""
@@ -194,16 +250,20 @@ class XenbusBackend:
     def _run(self) -> None:
         handlers = {"frontend": self._frontend_changed, "kick": self._service,
                     "unplug": self._unplug, "force": self._teardown, "park": self._park}
-        while not self.removed.is_set():
-            what = self._events.get()
-            try:
-                handlers[what]()
-            except Exception:   # a backend bug must not take the VM down: close the device
-                log.exception("%s: %s failed; the device is closed", self.label, what)
-                self._safe_teardown()
+        try:
+            while not self.removed.is_set():
+                for what in self._events.wait() + ["kick"]:
+                    if self.removed.is_set():
+                        break
+                    try:
+                        handlers[what]()
+                    except Exception:   # a backend bug must not take the VM down: close the device
+                        log.exception("%s: %s failed; the device is closed", self.label, what)
+                        self._safe_teardown()
+        finally:
+            self._events.close()
 
     def _service(self) -> None:
-        self._kick_pending = False
         machine = getattr(self.domain, "machine", None)
         if self.connected and not (machine is not None and machine.stopping):
             self.device.service()   # a stopping machine serves nothing more (a saved disk stays as saved)

@@ -39,6 +39,8 @@ class Vcpu:
         base = ffi.from_buffer(self._mm)
         self._base = base
         self.run_struct = ffi.cast("struct kvm_run *", base)
+        #: kvm_run's host address, for C loops built as other cffi modules (xen/fastpath.py)
+        self.run_address = int(ffi.cast("uintptr_t", base))
         exit_ptr = base + lib.XK_RUN_EXIT_OFFSET
         self.exit_io = ffi.cast("xk_exit_io *", exit_ptr)
         self.exit_mmio = ffi.cast("xk_exit_mmio *", exit_ptr)

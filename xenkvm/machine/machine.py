@@ -67,6 +67,8 @@ class Machine:
         file); :meth:`apply_snapshot` then loads its state, and ``run`` resumes instead of booting."""
         self.cfg = cfg
         self.trace = trace
+        #: what vCPU threads call instead of ``vcpu.run()`` (set_vcpu_run), None: KVM_RUN
+        self.vcpu_run: Callable[[Vcpu], int] | None = None
         self.kvm = kvm or Kvm()
         self.host = Host.probe(self.kvm)
         self.console = sink or open_sink(cfg.console)
@@ -146,6 +148,12 @@ class Machine:
     def register_exit(self, reason: int, handler: ExitHandler) -> None:
         """Handle KVM exit ``reason`` with ``handler(vcpu)`` on the vCPU's thread (replaces any)."""
         self.exit_handlers[reason] = handler
+
+    def set_vcpu_run(self, run: Callable[[Vcpu], int] | None) -> None:
+        """Have vCPU threads call ``run(vcpu)`` instead of ``vcpu.run()`` (a C loop completing
+        some exits itself, xen/fastpath.py); None restores KVM_RUN.  Ignored under ``--trace``,
+        which must see every exit."""
+        self.vcpu_run = run
 
     def register_port_hook(self, port: int, handler: ExitHandler) -> None:
         """Handle every I/O exit on ``port`` with ``handler(vcpu)`` (it needs the vCPU's
@@ -402,7 +410,8 @@ class Machine:
 
     def _vcpu_thread(self, runner: VcpuRunner, handlers: dict[int, ExitHandler]) -> None:
         try:
-            runner.run(handlers, lambda: self.result is not None, self._on_unhandled, self.before_run)
+            runner.run(handlers, lambda: self.result is not None, self._on_unhandled, self.before_run,
+                       None if self.trace else self.vcpu_run)
         except Exception as e:  # a VMM bug must still end the run cleanly
             log.exception("vcpu%d thread failed", runner.id)
             self.stop(ExitStatus.VMM_ERROR, f"vcpu{runner.id}: {e}")

@@ -34,6 +34,7 @@ from xenkvm.xen.console import ConsoleIo, HypervisorLog, PrimaryConsole
 from xenkvm.xen.cpuid import xen_leaves
 from xenkvm.xen.dispatch import Dispatcher
 from xenkvm.xen.evtchn import EventChannels
+from xenkvm.xen.fastpath import FastSend
 from xenkvm.xen.gnttab import GrantTable
 from xenkvm.xen.hypercalls import table
 from xenkvm.xen.limits import Limits
@@ -44,10 +45,11 @@ from xenkvm.xen.store import StoreService
 from xenkvm.xen.suspend import SaveRequest
 from xenkvm.xen.testdev import TestDevice
 from xenkvm.xen.timers import VcpuTimers
-from xenkvm.xen.traps import choose
+from xenkvm.xen.traps import HypercallPageTrap, PatchTrap, choose
 from xenkvm.xen.upcall import Upcalls
 
 if TYPE_CHECKING:
+    from xenkvm.kvm.vcpu import Vcpu
     from xenkvm.machine.loader import Entry
     from xenkvm.machine.machine import Machine
 
@@ -154,6 +156,8 @@ class XenDomain(MachineExtension):
         """Each service, then the hypercall table on the dispatcher."""
         self.shinfo = SharedInfo(self)
         self.upcalls = Upcalls(self)
+        #: ring kicks completed in C on the vCPU thread (xen/fastpath.py); used once a port trap is in
+        self.fast = FastSend(self.mem, layout.HYPERCALL_PORT)
         self.evtchn = EventChannels(self)
         self.timers = VcpuTimers(self)
         self.gnttab = GrantTable(self)
@@ -189,11 +193,27 @@ class XenDomain(MachineExtension):
         for trap in self.traps:
             trap.install()
         log.info("hypercall traps: %s", ", ".join(t.name for t in self.traps))
+        self._use_fast_path()
         if self.cfg.test_device:
             self.testdev = TestDevice(self)
             self.machine.register_ports(layout.XEN_TESTDEV_PORT, 4, self.testdev)
         if self.platform is None and (self.cfg.platform_pci or entry.mode is BootMode.LINUX):
             platform_pci.attach(self)   # sets self.platform
+
+    def _use_fast_path(self) -> None:
+        """Run the vCPUs in the C loop (xen/fastpath.py) when hypercalls are port exits it can
+        read (the hypercall page's stubs, patched sites) through kvm_run's synced registers."""
+        port_trap = any(isinstance(t, (HypercallPageTrap, PatchTrap)) for t in self.traps)
+        if port_trap and self.cfg.fast_path and all(v.has_sync_regs for v in self.machine.vcpus):
+            self.machine.set_vcpu_run(self._run_vcpu)
+            log.info("hypercall fast path: EVTCHNOP_send to backends' ports in C")
+
+    def _run_vcpu(self, vcpu: "Vcpu") -> int:
+        """A vCPU's KVM_RUN: the C loop once the vCPU is up (the dispatcher marks it so on
+        its first hypercall; a send completed in C would not)."""
+        if self.vcpus[vcpu.id].up:
+            return self.fast.run(vcpu)
+        return vcpu.run()
 
     def start(self) -> None:
         """The embedded xenstored: its socket and thread (ConfigError if the socket is taken)."""
@@ -204,8 +224,11 @@ class XenDomain(MachineExtension):
         self.evtchn.kick_pollers()
 
     def close(self) -> None:
-        """Stop the embedded xenstored and remove its socket."""
+        """Stop the embedded xenstored and remove its socket; close the kick eventfds."""
         self.store.close()
+        if self.machine.vcpu_run is not None:
+            log.info("hypercall fast path: %d EVTCHNOP_send completed in C", self.fast.sends)
+        self.fast.close()
 
     def save_state(self) -> dict | None:
         """Snapshots: the Xen side (xen/snapshot.py; refuses what it cannot save yet)."""
@@ -237,6 +260,7 @@ class XenDomain(MachineExtension):
             self.machine.set_vcpu_held(v.id, v.down)   # saved after VCPUOP_down: still down
         for trap in self.traps:
             xensnap.reinstall(self, trap)
+        self._use_fast_path()
         if self.cfg.test_device:
             self.testdev = TestDevice(self)
             self.testdev.last = testdev_last if testdev_last is not None else self.testdev.last

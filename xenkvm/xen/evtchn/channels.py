@@ -309,12 +309,14 @@ class EventChannels:
         """A guest port bound to a VMM service (status: interdomain, remote domain 0)."""
         return self.vmm.alloc(on_notify, vcpu, on_close)
 
-    def bind_vmm_to_guest_port(self, port: int, on_notify: Callable[[], None], *,
-                               on_close: Callable[[], None] | None = None, direct: bool = False) -> int:
+    def bind_vmm_to_guest_port(self, port: int, on_notify: Callable[[], None] | None = None, *,
+                               on_close: Callable[[], None] | None = None, direct: bool = False,
+                               kick_fd: int | None = None) -> int:
         """Bind a VMM service to a guest port unbound to domain 0; returns ``port``.
 
-        ``direct``: ``on_notify`` runs in the sender's thread (see vmm.py)."""
-        return self.vmm.bind(port, on_notify, on_close, direct)
+        ``direct``: ``on_notify`` runs in the sender's thread; ``kick_fd``: instead of
+        ``on_notify``, a send writes that eventfd, in C where it can (see vmm.py)."""
+        return self.vmm.bind(port, on_notify, on_close, direct, kick_fd)
 
     def close_vmm_port(self, port: int) -> None:
         """The VMM closes its end: the guest port becomes unbound (to domain 0), as in Xen."""

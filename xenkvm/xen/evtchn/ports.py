@@ -45,6 +45,7 @@ class VmmEnd:
     port: int = 0                                    #: the guest port it is bound to
     queued: bool = False                             #: an on_notify call is queued (or owed)
     direct: bool = False                             #: on_notify runs in the sender's thread
+    kick_fd: int | None = None                       #: a send writes this eventfd (xen/fastpath.py)
 
 
 @dataclass(eq=False, slots=True)

@@ -8,13 +8,17 @@ remote port the end's id.  Reached as ``domain.evtchn.<name>``:
 ``alloc_vmm_port(on_notify, vcpu=0, *, on_close=None) -> port``
     A new guest port bound to the service (the console and xenstore rings,
     whose port the guest learns from HVM params / start info).
-``bind_vmm_to_guest_port(port, on_notify, *, on_close=None, direct=False) -> port``
+``bind_vmm_to_guest_port(port, on_notify, *, on_close=None, direct=False, kick_fd=None) -> port``
     Bind to a port the guest allocated with EVTCHNOP_alloc_unbound(remote_dom=0)
     and published in xenstore (the PV frontend protocol).  As Xen's
     bind_interdomain does for the binder, the service's ``on_notify`` runs once
     right away (sends to the unbound port were dropped).  Also re-attaches a
     service to a port restored by ``from_state``.  With ``direct`` the
     service's ``on_notify`` is called in the sender's own thread (below).
+    With ``kick_fd`` (an eventfd from ``domain.fast.lease_fd()``, no
+    ``on_notify``) a send writes that eventfd, which the service's thread
+    waits on: in C on the vCPU's thread when the fast path runs
+    (xen/fastpath.py), else in the hypercall's Python.
 ``close_vmm_port(port)``
     The service closes its end; the guest port becomes unbound to domain 0.
 ``notify(port)``
@@ -84,12 +88,15 @@ class VmmPorts:
             self.attach(p, on_notify, on_close)
             return p.port
 
-    def bind(self, port: int, on_notify: Callback, on_close: Callback | None, direct: bool = False) -> int:
+    def bind(self, port: int, on_notify: Callback | None, on_close: Callback | None, direct: bool = False,
+             kick_fd: int | None = None) -> int:
+        if (on_notify is None) == (kick_fd is None):
+            raise EvtchnError("bind a VMM end with on_notify or with kick_fd, not both or neither")
         with self.ch.d.lock:
             p = self.ch.table.get(port) if isinstance(port, int) else None
             if p is not None and p.state == PortState.INTERDOMAIN and p.vmm is not None \
                     and p.vmm.on_notify is None:           # restored, re-attaching
-                p.vmm.on_notify, p.vmm.on_close, p.vmm.direct = on_notify, on_close, direct
+                self._callbacks(p.vmm, on_notify, on_close, direct, kick_fd)
                 if p.vmm.queued:
                     p.vmm.queued = False
                     self.queue_notify(p.vmm)
@@ -97,10 +104,21 @@ class VmmPorts:
             if p is None or p.state != PortState.UNBOUND or p.remote_dom != 0:
                 raise EvtchnError(f"guest port {port!r} is not unbound to domain 0")
             p.state = PortState.INTERDOMAIN
-            end = self.attach(p, on_notify, on_close)
-            end.direct = direct
+            end = self.attach(p, None, None)
+            self._callbacks(end, on_notify, on_close, direct, kick_fd)
             self.queue_notify(end)
             return port
+
+    def _callbacks(self, end: VmmEnd, on_notify: Callback | None, on_close: Callback | None, direct: bool,
+                   kick_fd: int | None) -> None:
+        """Give ``end`` its service: a callback, or an eventfd registered with the fast path."""
+        end.on_close, end.direct, end.kick_fd = on_close, direct, kick_fd
+        if kick_fd is None:
+            end.on_notify = on_notify
+            return
+        fast, port = self.ch.d.fast, end.port
+        end.on_notify, end.direct = (lambda: fast.signal(port)), True
+        fast.register(port, kick_fd)
 
     def close(self, port: int) -> None:
         """Xen's rule for closing one end: the other becomes unbound (to the closer)."""
@@ -110,6 +128,7 @@ class VmmPorts:
                 return
             self.ends.pop(p.vmm.id, None)
             p.vmm = None
+            self.ch.d.fast.withdraw(port)
             p.state, p.remote_dom, p.remote_port = PortState.UNBOUND, 0, 0
 
     def notify(self, port: int) -> None:
@@ -183,6 +202,7 @@ class VmmPorts:
         """``p``'s guest end is closing: the VMM end goes; on_close runs if the guest closed it."""
         end, p.vmm = p.vmm, None
         self.ends.pop(end.id, None)
+        self.ch.d.fast.withdraw(p.port)
         if from_guest and end.on_close is not None:
             self.ch.d.io.call_soon(end.on_close)
 
@@ -194,3 +214,4 @@ class VmmPorts:
 
     def clear(self) -> None:
         self.ends.clear()
+        self.ch.d.fast.clear()

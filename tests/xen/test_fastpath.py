@@ -1,0 +1,130 @@
+"""The fast path's port table and eventfd pool (xen/fastpath.py), and how event-channel binding
+keeps them in step with the port table: a port is registered exactly while a service bound it
+with a kick eventfd, and Python's sends on it do what the C loop does.
+
+The C loop itself runs real guests under /dev/kvm in tests/backends/test_blkfront_guest.py
+(the same guest with the fast path on and off).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from evtchnfakes import FakeDomain
+from xenkvm.machine.layout import HYPERCALL_PORT
+from xenkvm.machine.memory import GuestMemory
+from xenkvm.xen.evtchn.ports import PortState
+from xenkvm.xen.evtchn.vmm import EvtchnError
+from xenkvm.xen.fastpath import NPORTS, FastSend, drain
+from xenkvm.xen.fastpath import lib as fastlib
+
+
+def registered(fast: FastSend, port: int) -> int:
+    """What the C loop would find for ``port``: its eventfd, or -1."""
+    return fast.c.send_fd[port]
+
+
+@pytest.fixture
+def dom():
+    d = FakeDomain(nvcpus=1)
+    yield d
+    d.io.stop()
+    d.fast.close()
+
+
+def unbound_port(d) -> int:
+    """A guest port allocated unbound to domain 0, as a frontend does for its ring."""
+    with d.lock:
+        p = d.evtchn.alloc(PortState.UNBOUND, 0)
+        p.remote_dom = 0
+        return p.port
+
+
+def test_a_port_bound_with_a_kick_fd_is_registered_and_signalled_once_at_bind(dom):
+    fd = dom.fast.lease_fd()
+    port = unbound_port(dom)
+    dom.evtchn.bind_vmm_to_guest_port(port, kick_fd=fd)
+    assert registered(dom.fast, port) == fd
+    # Xen's bind_interdomain notifies the binder once (sends to the unbound port were dropped)
+    assert drain(fd) == 1 and dom.fast.last_send_ns(port) > 0
+
+
+def test_a_python_send_on_a_registered_port_does_what_c_does(dom):
+    fd = dom.fast.lease_fd()
+    port = unbound_port(dom)
+    dom.evtchn.bind_vmm_to_guest_port(port, kick_fd=fd)
+    drain(fd)
+    before = time.perf_counter_ns()
+    with dom.lock:
+        dom.evtchn.vmm.queue_notify(dom.evtchn.table.get(port).vmm)   # a guest EVTCHNOP_send in Python
+    assert drain(fd) == 1
+    # stamped on the clock EventLatency uses (CLOCK_MONOTONIC), as xkf_monotonic_ns stamps in C
+    assert before <= dom.fast.last_send_ns(port) <= time.perf_counter_ns()
+
+
+@pytest.mark.parametrize("how", ["backend closes", "guest closes", "guest resets"])
+def test_the_port_is_withdrawn_whoever_ends_the_binding(dom, how):
+    fd = dom.fast.lease_fd()
+    port = unbound_port(dom)
+    dom.evtchn.bind_vmm_to_guest_port(port, kick_fd=fd)
+    if how == "backend closes":
+        dom.evtchn.close_vmm_port(port)
+    elif how == "guest closes":
+        with dom.lock:
+            dom.evtchn.close_port(dom.evtchn.table.get(port), from_guest=True)
+    else:
+        dom.evtchn.guest_reset()
+    assert registered(dom.fast, port) == -1 and port not in dom.fast.ports
+    drain(fd)
+    dom.fast.signal(port)                          # a late send in Python: not this service's any more
+    assert drain(fd) == 0
+
+
+def test_a_callback_binding_is_not_registered(dom):
+    port = unbound_port(dom)
+    dom.evtchn.bind_vmm_to_guest_port(port, lambda: None, direct=True)
+    assert registered(dom.fast, port) == -1
+
+
+def test_bind_takes_a_callback_or_a_kick_fd_not_both(dom):
+    port = unbound_port(dom)
+    with pytest.raises(EvtchnError):
+        dom.evtchn.bind_vmm_to_guest_port(port, lambda: None, kick_fd=dom.fast.lease_fd())
+    with pytest.raises(EvtchnError):
+        dom.evtchn.bind_vmm_to_guest_port(port)
+
+
+def test_ports_beyond_the_table_work_through_python_only():
+    fast = FastSend(GuestMemory(4 << 20), HYPERCALL_PORT)
+    fd = fast.lease_fd()
+    fast.register(NPORTS + 5, fd)                  # a FIFO guest's high port: no C entry, still signalled
+    fast.signal(NPORTS + 5)
+    assert drain(fd) == 1 and fast.last_send_ns(NPORTS + 5) == 0
+    fast.withdraw(NPORTS + 5)
+    fast.close()
+
+
+def test_released_eventfds_stay_open_and_are_reused_drained():
+    """A vCPU may still write a withdrawn port's fd: it must never be a closed (reusable) number."""
+    fast = FastSend(GuestMemory(4 << 20), HYPERCALL_PORT)
+    fd = fast.lease_fd()
+    os.eventfd_write(fd, 3)
+    fast.release_fd(fd)
+    os.eventfd_write(fd, 1)                        # the late write: lands in the pooled fd, harmless
+    again = fast.lease_fd()
+    assert again == fd and drain(again) == 0       # handed out empty: no phantom kick for its new owner
+    fast.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_the_c_table_covers_guest_ram_only():
+    mem = GuestMemory(8 << 20)
+    fast = FastSend(mem, HYPERCALL_PORT)
+    assert fast.c.nregions == len(mem.ram_regions())
+    r = fast.c.regions[0]
+    assert (r.gpa, r.size, r.hva) == (0, 8 << 20, mem.ram_regions()[0].host_addr)
+    assert fastlib.xkf_sends(fast.c) == 0
+    fast.close()

@@ -1,0 +1,141 @@
+"""The hypercall fast path: ring kicks completed in C, on the vCPU's thread (``_fast_build.py``).
+
+A PV backend binds its ring's event channel with a *kick eventfd*
+(``evtchn.bind_vmm_to_guest_port(port, kick_fd=fd)``); the port is then
+registered here.  When the vCPU runs under :meth:`FastSend.run` (``xkf_run``),
+a guest ``EVTCHNOP_send`` on that port never reaches Python: C writes the
+eventfd, stamps the send's time and re-enters the guest, and the backend's
+worker, blocked reading that eventfd, wakes.  The Python hypercall path does
+exactly the same for such a port (:meth:`FastSend.signal`), so a send that C
+leaves to Python (an argument it cannot read, a vCPU not yet up, ``--trace``)
+behaves alike.  This is what KVM_XEN does in the kernel for a port bound to an
+eventfd; here it serves hosts without KVM_XEN (Debian's kernels, PVM) and the
+port traps (hypercall page, patch).
+
+Eventfds are never closed while the machine lives: a vCPU may have read a
+port's fd just before Python withdrew it, and its write must not land in a
+file that reused the number.  A withdrawn fd goes back to a pool
+(:meth:`lease_fd` / :meth:`release_fd`) and the next backend reuses it; a late
+write then only wakes that backend once for nothing.  They are closed with
+the domain.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from xenkvm.kvm._kvm_cffi import lib as klib
+from xenkvm.kvm.errors import KvmError
+from xenkvm.xen._fast_cffi import ffi, lib
+
+if TYPE_CHECKING:
+    from xenkvm.kvm.vcpu import Vcpu
+    from xenkvm.machine.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+NPORTS = 4096           #: ports 0..4095 can be fast (2-level's whole space; a FIFO guest's first ones)
+EINTR, EAGAIN = 4, 11
+
+
+class FastSend:
+    """One domain's table of fast ports, its eventfd pool, and the C run loop over it."""
+
+    def __init__(self, mem: "GuestMemory", hypercall_port: int):
+        ram = mem.ram_regions()
+        if len(ram) > lib.XKF_MAX_REGIONS:
+            raise ValueError(f"{len(ram)} RAM regions, the fast path takes {lib.XKF_MAX_REGIONS}")
+        self._fds = ffi.new("int32_t[]", [-1] * NPORTS)
+        self._ns = ffi.new("uint64_t[]", NPORTS)
+        self._regions = ffi.new("struct xkf_region[]", len(ram))
+        for i, r in enumerate(ram):
+            self._regions[i].gpa, self._regions[i].size, self._regions[i].hva = r.gpa, r.size, r.host_addr
+        c = self.c = ffi.new("struct xkf_domain *")
+        c.hcall_port, c.nports, c.send_fd, c.send_ns = hypercall_port, NPORTS, self._fds, self._ns
+        c.nregions, c.regions = len(ram), self._regions
+        self._ram = ram                      #: keeps the mappings referenced as long as C may read them
+        self._lock = threading.Lock()
+        self._pool: list[int] = []           #: released eventfds, reused before new ones
+        self._leased: set[int] = set()
+        self.ports: dict[int, int] = {}      #: registered port -> eventfd (under the domain lock)
+        self._runs: dict[int, object] = {}   #: vCPU id -> its ``struct kvm_run *``
+
+    # -- eventfds ------------------------------------------------------------------------
+    def lease_fd(self) -> int:
+        """A non-blocking eventfd for a backend's worker to wait on (reused from the pool if any)."""
+        with self._lock:
+            fd = self._pool.pop() if self._pool else os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._leased.add(fd)
+        drain(fd)
+        return fd
+
+    def release_fd(self, fd: int) -> None:
+        """The backend is done with ``fd`` (its ports withdrawn): back to the pool, still open."""
+        with self._lock:
+            if fd in self._leased:
+                self._leased.discard(fd)
+                self._pool.append(fd)
+
+    def close(self) -> None:
+        """The domain is gone (no vCPU runs): close every eventfd."""
+        with self._lock:
+            for fd in list(self._pool) + list(self._leased):
+                os.close(fd)
+            self._pool.clear()
+            self._leased.clear()
+
+    # -- the port table (callers hold the domain lock) -------------------------------------------
+    def register(self, port: int, fd: int) -> None:
+        self.ports[port] = fd
+        if 0 <= port < NPORTS:
+            lib.xkf_set_port(self.c, port, fd)
+
+    def withdraw(self, port: int) -> None:
+        if self.ports.pop(port, None) is not None and 0 <= port < NPORTS:
+            lib.xkf_set_port(self.c, port, -1)
+
+    def clear(self) -> None:
+        for port in list(self.ports):
+            self.withdraw(port)
+
+    def signal(self, port: int) -> None:
+        """A send on a registered port made through Python: what C does (stamp, eventfd)."""
+        fd = self.ports.get(port)
+        if fd is None:
+            return
+        if 0 <= port < NPORTS:
+            self._ns[port] = lib.xkf_monotonic_ns()
+        os.eventfd_write(fd, 1)
+
+    def last_send_ns(self, port: int) -> int:
+        """CLOCK_MONOTONIC ns of the port's last send (0: none yet), the clock of ``time.perf_counter_ns``."""
+        return int(self._ns[port]) if 0 <= port < NPORTS else 0
+
+    @property
+    def sends(self) -> int:
+        """Sends completed in C (each also an ``event_channel_op``/``send`` in the dispatcher's view)."""
+        return int(lib.xkf_sends(self.c))
+
+    # -- the run loop ------------------------------------------------------------------------
+    def run(self, vcpu: "Vcpu") -> int:
+        """Like ``Vcpu.run``, with registered sends completed in C between KVM_RUNs."""
+        run = self._runs.get(vcpu.id)
+        if run is None:
+            run = self._runs[vcpu.id] = ffi.cast("struct kvm_run *", vcpu.run_address)
+        ret = lib.xkf_run(vcpu.fd, run, self.c)
+        if ret < 0:
+            if ret in (-EINTR, -EAGAIN):
+                vcpu.run_struct.exit_reason = klib.KVM_EXIT_INTR
+                return klib.KVM_EXIT_INTR
+            raise KvmError("KVM_RUN", -ret, f"vcpu {vcpu.id}")
+        return ret
+
+
+def drain(fd: int) -> int:
+    """Read and reset a non-blocking eventfd's count (0 if it was not signalled)."""
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
