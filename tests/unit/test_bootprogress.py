@@ -174,3 +174,27 @@ def test_console_pump_erases_before_output_and_redraws_when_quiet():
     _update_status(boot, line, output_ready=False)
     assert line.calls[0][0] == "show" and "10s" in line.calls[0][1]
     assert line.calls[1:] == [("clear",), ("clear",), ("clear",)]
+
+
+def test_console_with_stdin_at_dev_null_shows_the_output(capsys):
+    """``make run < /dev/null`` (CI, nohup): epoll refuses /dev/null, so the console shows the
+    guest's output without reading input, and ends when the domain does, instead of a traceback."""
+    import socket
+    from types import SimpleNamespace
+
+    from xenkvm.toolstack.console import _pump
+    ours, vmm = socket.socketpair()
+    ours.setblocking(False)
+    r, w = os.pipe()
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        vmm.sendall(b"guest says hi\n")
+        vmm.close()                                    # the domain stopped
+        client = SimpleNamespace(sock=ours, send_raw=lambda data: None)
+        assert _pump(client, "g", null, w) == 0
+        assert os.read(r, 1000) == b"guest says hi\n"
+        assert "standard input is not a terminal or pipe" in capsys.readouterr().err
+    finally:
+        for fd in (r, w, null):
+            os.close(fd)
+        ours.close()

@@ -58,7 +58,11 @@ def _pump(client: ControlClient, name: str, stdin: int, stdout: int,
           boot: BootProgress | None = None, status: StatusLine | None = None) -> int:
     with selectors.DefaultSelector() as sel:
         sel.register(client.sock, selectors.EVENT_READ, "guest")
-        sel.register(stdin, selectors.EVENT_READ, "user")
+        try:
+            sel.register(stdin, selectors.EVENT_READ, "user")
+        except PermissionError:    # /dev/null or a regular file (nohup, CI): epoll refuses it
+            print(f"xenkvm: {name}: standard input is not a terminal or pipe: output only",
+                  file=sys.stderr)
         while True:
             ready = sel.select(PROGRESS_TICK if boot is not None and not boot.finished else None)
             if boot is not None and status is not None:
