@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import pytest
 
 from xenkvm.backends.devices import DeviceManager
-from xenkvm.backends import xenbus
 from xenkvm.backends.xenbus import ConnectError, XenbusBackend, XenbusDevice, XenbusState
 from xenkvm.backends.xsclient import VmmXsClient
+from xenkvm.xen.fastpath import drain
 from xenkvm.xenstore import XenstoreError, Xenstored
 
 DOMID = 1
@@ -214,7 +214,7 @@ def test_kicks_are_coalesced_and_served_on_the_worker(rig):
         b.kick()                    # a flood while the worker is busy: one more pass, not 1000
     gate.set()
     until(lambda: dev.calls.count("service") == 3, "the coalesced pass")
-    assert xenbus._drain(b.kick_fd) == 0       # the flood was drained before that pass: nothing owed
+    assert drain(b.kick_fd) == 0       # the flood was drained before that pass: nothing owed
 
 
 class SlowClosingDevice(RecordingDevice):

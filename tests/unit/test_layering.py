@@ -7,8 +7,7 @@ inside functions:
   and ``config``: the machine knows nothing of Xen (not even for types).
 * ``xenkvm/xenstore`` imports nothing of xenkvm outside itself.
 * ``xenkvm/xen`` imports ``kvm`` only from the trap layer (``xen/traps.py``:
-  exits, the MSR filter and KVM_XEN are KVM-specific by nature; ``xen/fastpath.py``:
-  the run loop that completes ring kicks in C between KVM_RUNs) and, anywhere,
+  exits, the MSR filter and KVM_XEN are KVM-specific by nature) and, anywhere,
   under ``if TYPE_CHECKING:`` (type names only, nothing runs).
 * No function-level import in ``machine/``, ``kvm/``, ``xen/`` or ``xenstore/``
   (they hide import cycles) except the optional third-party modules in
@@ -32,7 +31,7 @@ MAY_IMPORT = {
 #: the cffi build helper, imported by each layer's build script (_build.py, _abi_build.py) when run
 BUILD_HELPER = "_cffi_modules"
 #: the only xen/ modules that may import xenkvm.kvm at run time (others: TYPE_CHECKING only)
-KVM_FROM_XEN = {"xen/traps.py", "xen/fastpath.py"}   # fastpath: the vCPU run loop in C (KVM_RUN)
+KVM_FROM_XEN = {"xen/traps.py"}
 #: (module path, imported module) -> why it is imported inside a function
 FUNCTION_IMPORTS_ALLOWED = {
     ("machine/boot/extract.py", "zstandard"): "optional: only zstd-compressed kernels need it",

@@ -22,7 +22,7 @@ from xenkvm.xen.gnttab import GrantError
 
 from ._blkif_cffi import ffi, lib
 from .grants import SegmentMapper
-from .xenbus import ConnectError
+from .xenbus import ConnectError, bind_kick
 
 SECTOR = 512                         #: blkif sector numbers are always 512-byte units
 PAGE = 4096
@@ -147,10 +147,7 @@ def _open_ring(domain, keys: dict[str, str], kick, persistent: bool, where: str)
     except GrantError as e:
         raise ConnectError(f"{where}ring-ref {refs}: {e}") from None
     try:
-        if isinstance(kick, int):
-            domain.evtchn.bind_vmm_to_guest_port(port, kick_fd=kick)
-        else:
-            domain.evtchn.bind_vmm_to_guest_port(port, kick, direct=True)
+        bind_kick(domain, port, kick)
     except EvtchnError as e:
         for m in mappings:
             m.unmap()

@@ -23,7 +23,7 @@ from xenkvm.xen.gnttab import GrantError
 
 from ._netif_cffi import ffi, lib
 from .blkring import _number
-from .xenbus import ConnectError
+from .xenbus import ConnectError, bind_kick
 
 RING = lib.XKN_RING_SIZE
 
@@ -142,10 +142,7 @@ def _open_queue(domain, q: int, keys: dict[str, str], where: str, features: Feat
         for port, cb in zip(ports, callbacks):
             # direct: the kick reaches the tx worker / rx thread from the guest's own EVTCHNOP_send
             # (a queue put, an eventfd write), without the I/O thread's hop
-            if isinstance(cb, int):
-                domain.evtchn.bind_vmm_to_guest_port(port, kick_fd=cb)
-            else:
-                domain.evtchn.bind_vmm_to_guest_port(port, cb, direct=True)
+            bind_kick(domain, port, cb)
             bound.append(port)
     except EvtchnError as e:
         for p in bound:

@@ -44,8 +44,9 @@ import os
 import select
 import threading
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+from xenkvm.xen.fastpath import drain
 from xenkvm.xenstore import Perm, PermFlag
 
 from .xsclient import VmmXsClient
@@ -168,7 +169,7 @@ class Inbox:
 
     def wait(self) -> list[str]:
         """Block until woken; the events queued so far (kicks need no entry)."""
-        while not _drain(self.fd):
+        while not drain(self.fd):
             self._poll.poll()
         out = []
         while self._events:
@@ -184,11 +185,13 @@ class Inbox:
             os.close(self.fd)
 
 
-def _drain(fd: int) -> int:
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
+def bind_kick(domain, port: int, kick: Callable[[], None] | int) -> None:
+    """Bind a ring's event channel: to a worker's eventfd ``kick`` (a send writes it, in C when
+    the fast path runs: xen/fastpath.py), or to a callback run in the sender's thread."""
+    if isinstance(kick, int):
+        domain.evtchn.bind_vmm_to_guest_port(port, kick_fd=kick)
+    else:
+        domain.evtchn.bind_vmm_to_guest_port(port, kick, direct=True)
 
 
 class XenbusBackend:

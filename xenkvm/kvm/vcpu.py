@@ -82,7 +82,10 @@ class Vcpu:
         exit's reason there when ``immediate_exit`` makes it return right after completing
         that exit, and readers of ``run_struct`` (snapshot parking) must see this return.
         """
-        ret = lib.xk_ioctl(self.fd, lib.KVM_RUN, ffi.NULL)
+        return self.exit_of(lib.xk_ioctl(self.fd, lib.KVM_RUN, ffi.NULL))
+
+    def exit_of(self, ret: int) -> int:
+        """The exit reason for KVM_RUN's result ``ret`` (also a C loop's that ran it, xen/fastpath.py)."""
         if ret < 0:
             if ret in (-EINTR, -EAGAIN):
                 self.run_struct.exit_reason = lib.KVM_EXIT_INTR

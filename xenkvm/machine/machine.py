@@ -12,6 +12,7 @@ exits and ports they handle through :meth:`Machine.register_exit`,
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import Callable
@@ -410,8 +411,8 @@ class Machine:
 
     def _vcpu_thread(self, runner: VcpuRunner, handlers: dict[int, ExitHandler]) -> None:
         try:
-            runner.run(handlers, lambda: self.result is not None, self._on_unhandled, self.before_run,
-                       None if self.trace else self.vcpu_run)
+            run = None if self.trace or self.vcpu_run is None else functools.partial(self.vcpu_run, runner.vcpu)
+            runner.run(handlers, lambda: self.result is not None, self._on_unhandled, self.before_run, run)
         except Exception as e:  # a VMM bug must still end the run cleanly
             log.exception("vcpu%d thread failed", runner.id)
             self.stop(ExitStatus.VMM_ERROR, f"vcpu{runner.id}: {e}")

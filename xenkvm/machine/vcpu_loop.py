@@ -102,7 +102,7 @@ class Hold:
 def run_vcpu(vcpu: Vcpu, handlers: dict[int, ExitHandler], stopping: Callable[[], bool],
              on_unhandled: Callable[[Vcpu, int], None], work: collections.deque,
              before_run: Callable[[Vcpu], None] | None = None, hold: Hold | None = None,
-             run: Callable[[Vcpu], int] | None = None) -> None:
+             run: Callable[[], int] | None = None) -> None:
     """Run ``vcpu`` until ``stopping()`` (handlers end a run by asking the machine to stop).
 
     ``work`` holds callables other threads queued for this vCPU.  They kick it
@@ -120,12 +120,11 @@ def run_vcpu(vcpu: Vcpu, handlers: dict[int, ExitHandler], stopping: Callable[[]
     returns EINTR without entering the guest), so work that reads its state (snapshot
     parking) sees it consistent and after a KVM_EXIT_INTR, as for any parked vCPU.
 
-    ``run(vcpu)``, when given, replaces ``vcpu.run()`` (a personality's C loop that
+    ``run()``, when given, replaces ``vcpu.run()`` (a personality's C loop that
     completes some exits itself, xen/fastpath.py); it returns the exits it leaves to us.
     """
     if run is None:
-        bound = vcpu.run
-        run = lambda _v: bound()   # noqa: E731 (the plain KVM_RUN, bound once)
+        run = vcpu.run
     get = handlers.get
     intr = lib.KVM_EXIT_INTR
     while not stopping():
@@ -138,7 +137,7 @@ def run_vcpu(vcpu: Vcpu, handlers: dict[int, ExitHandler], stopping: Callable[[]
             vcpu.set_immediate_exit(True)   # complete the last exit; a real one is handled below
         if before_run is not None:
             before_run(vcpu)
-        reason = run(vcpu)
+        reason = run()
         if reason == intr:
             vcpu.set_immediate_exit(False)  # a stop() re-checks stopping() at the loop head
         while work:
@@ -197,7 +196,7 @@ class VcpuRunner:
 
     def run(self, handlers: dict[int, ExitHandler], stopping: Callable[[], bool],
             on_unhandled: Callable[[Vcpu, int], None], before_run: Callable[[Vcpu], None] | None,
-            run: Callable[[Vcpu], int] | None = None) -> None:
+            run: Callable[[], int] | None = None) -> None:
         """The thread body: run the vCPU until ``stopping()`` (see :func:`run_vcpu`)."""
         self.thread_id = threading.get_ident()
         run_vcpu(self.vcpu, handlers, stopping, on_unhandled, self.work, before_run, self.hold, run)

@@ -26,8 +26,6 @@ import os
 import threading
 from typing import TYPE_CHECKING
 
-from xenkvm.kvm._kvm_cffi import lib as klib
-from xenkvm.kvm.errors import KvmError
 from xenkvm.xen._fast_cffi import ffi, lib
 
 if TYPE_CHECKING:
@@ -37,7 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NPORTS = 4096           #: ports 0..4095 can be fast (2-level's whole space; a FIFO guest's first ones)
-EINTR, EAGAIN = 4, 11
 
 
 class FastSend:
@@ -124,13 +121,7 @@ class FastSend:
         run = self._runs.get(vcpu.id)
         if run is None:
             run = self._runs[vcpu.id] = ffi.cast("struct kvm_run *", vcpu.run_address)
-        ret = lib.xkf_run(vcpu.fd, run, self.c)
-        if ret < 0:
-            if ret in (-EINTR, -EAGAIN):
-                vcpu.run_struct.exit_reason = klib.KVM_EXIT_INTR
-                return klib.KVM_EXIT_INTR
-            raise KvmError("KVM_RUN", -ret, f"vcpu {vcpu.id}")
-        return ret
+        return vcpu.exit_of(lib.xkf_run(vcpu.fd, run, self.c))
 
 
 def drain(fd: int) -> int:
