@@ -158,6 +158,7 @@ class Inbox:
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN)
         self._closed = False
+        self.idle = False       #: the worker sleeps in :meth:`wait` with nothing owed to it
 
     def put(self, what: str) -> None:
         self._events.append(what)
@@ -170,7 +171,9 @@ class Inbox:
     def wait(self) -> list[str]:
         """Block until woken; the events queued so far (kicks need no entry)."""
         while not drain(self.fd):
+            self.idle = True
             self._poll.poll()
+            self.idle = False
         out = []
         while self._events:
             out.append(self._events.popleft())
