@@ -9,6 +9,8 @@ inside functions:
 * ``xenkvm/xen`` imports ``kvm`` only from the trap layer (``xen/traps.py``:
   exits, the MSR filter and KVM_XEN are KVM-specific by nature) and, anywhere,
   under ``if TYPE_CHECKING:`` (type names only, nothing runs).
+* ``xenkvm/sharedwords.py`` (tear-free words of pages a guest shares) is a leaf every layer may
+  import; it imports nothing of xenkvm.
 * No function-level import in ``machine/``, ``kvm/``, ``xen/`` or ``xenstore/``
   (they hide import cycles) except the optional third-party modules in
   :data:`FUNCTION_IMPORTS_ALLOWED`.
@@ -22,11 +24,12 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[2] / "xenkvm"
 
 #: xenkvm sub-packages each layer may import (type-only imports included, except where noted)
+LEAVES = {"sharedwords"}    #: stdlib-only modules any layer may import
 MAY_IMPORT = {
-    "kvm": {"kvm"},
-    "machine": {"machine", "kvm", "config"},
-    "xenstore": {"xenstore"},
-    "xen": {"xen", "machine", "config", "xenstore", "kvm"},   # kvm: see KVM_FROM_XEN
+    "kvm": {"kvm"} | LEAVES,
+    "machine": {"machine", "kvm", "config"} | LEAVES,
+    "xenstore": {"xenstore"} | LEAVES,
+    "xen": {"xen", "machine", "config", "xenstore", "kvm"} | LEAVES,   # kvm: see KVM_FROM_XEN
 }
 #: the cffi build helper, imported by each layer's build script (_build.py, _abi_build.py) when run
 BUILD_HELPER = "_cffi_modules"
@@ -172,3 +175,9 @@ def test_the_checker_accepts_what_the_rules_allow():
     for rel, source in ok:
         imports = _parse(rel, source)
         assert layer_violations(imports) == [] and function_import_violations(imports) == [], rel
+
+
+def test_leaves_import_nothing_of_xenkvm():
+    for leaf in LEAVES:
+        path = PKG / f"{leaf}.py"
+        assert [str(i) for i in imports_of(path) if i.module.split(".")[0] == "xenkvm"] == []

@@ -303,12 +303,16 @@ class GuestMemory:
         return bytes(chunk[:end])
 
     def unpack(self, fmt: struct.Struct, gpa: int) -> tuple:
+        """Copied out first, in one ``memcpy``: ``unpack_from`` reads standard-size fields a byte
+        at a time, and a running vCPU may be writing them (sharedwords.py)."""
         r, off = self._find(gpa, fmt.size)
-        return fmt.unpack_from(r.view, off)
+        return fmt.unpack(r.view[off:off + fmt.size].tobytes())
 
     def pack(self, fmt: struct.Struct, gpa: int, *values: int) -> None:
+        """Packed aside, then copied in: ``pack_into`` zero-fills the fields before it writes
+        them a byte at a time, which a vCPU reading at that moment would see."""
         r, off = self._find(gpa, fmt.size)
-        fmt.pack_into(r.view, off, *values)
+        r.view[off:off + fmt.size] = fmt.pack(*values)
 
     def read_u32(self, gpa: int) -> int:
         return self.unpack(_U32, gpa)[0]

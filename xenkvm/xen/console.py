@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
 from xenkvm.config import ConfigError
 from xenkvm.machine.devices.console import ConsoleSink
+from xenkvm.sharedwords import Words
 from xenkvm.xen.abi import HvmParam, ffi
 
 if TYPE_CHECKING:
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096
-_U32 = struct.Struct("<I")
 _MASK = 0xFFFFFFFF
 #: Host input held back while the guest's in[] is full; beyond it, input is dropped.
 PENDING_MAX = 64 * 1024
@@ -88,13 +87,14 @@ class ConsoleRing:
         if page.readonly or page.nbytes < PAGE_SIZE or layout.out_prod + 4 > PAGE_SIZE:
             raise ValueError("console ring needs one writable 4096-byte page")
         self.page = page
+        self._words = Words(page[:PAGE_SIZE])   # indexes read and written whole (sharedwords.py)
         self.lay = layout
 
     def _u32(self, off: int) -> int:
-        return _U32.unpack_from(self.page, off)[0]
+        return self._words.get(off)
 
     def _set_u32(self, off: int, value: int) -> None:
-        _U32.pack_into(self.page, off, value & _MASK)
+        self._words.set(off, value)
 
     @property
     def out_used(self) -> int:

@@ -11,10 +11,10 @@ indices ("prod - cons > ring size") break the ring for that domain only.
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..sharedwords import Words
 from .protocol import (RING_PAGE_SIZE, RING_SIZE, SERVER_FEATURE_ERROR,
                        SERVER_FEATURE_RECONNECTION, XENSTORE_CONNECTED, XENSTORE_RECONNECT,
                        FrameDecoder, ProtocolError, RingError)
@@ -37,8 +37,6 @@ SERVER_FEATURES = 2064
 CONNECTION = 2068
 ERROR = 2072
 
-_U32 = struct.Struct("<I")
-_PAIR = struct.Struct("<II")
 _MASK = 0xFFFFFFFF
 _RING_MASK = RING_SIZE - 1
 FEATURES = SERVER_FEATURE_RECONNECTION | SERVER_FEATURE_ERROR
@@ -65,6 +63,8 @@ class RingConnection:
         self.conn = conn
         self.domid = conn.domid
         self.page = as_page(page)
+        #: the index words, each read and written whole (sharedwords.py: why not struct)
+        self.words = Words(self.page)
         self.notify = notify
         self.broken: RingError | None = None
         self._decoder = FrameDecoder()
@@ -78,8 +78,7 @@ class RingConnection:
         self.held = False
         conn.transport = self
         # "guarantee to advertise the feature before producing or consuming any data"
-        features = _U32.unpack_from(self.page, SERVER_FEATURES)[0] | FEATURES
-        _U32.pack_into(self.page, SERVER_FEATURES, features)
+        self.words.set(SERVER_FEATURES, self.words.get(SERVER_FEATURES) | FEATURES)
 
     def __repr__(self) -> str:
         return f"<RingConnection dom{self.domid}{' broken' if self.broken else ''}>"
@@ -96,7 +95,7 @@ class RingConnection:
             return          # released (the page is no longer ours to touch) or held
         self._batch = True
         try:
-            if _U32.unpack_from(self.page, CONNECTION)[0] == XENSTORE_RECONNECT:
+            if self.words.get(CONNECTION) == XENSTORE_RECONNECT:
                 self._reconnect()
             while self.broken is None and not self.conn.closed:
                 consumed = self._read_requests()
@@ -126,9 +125,7 @@ class RingConnection:
         with self.core.lock:
             self.core.reset_connection(self.conn)
             self._decoder.reset()
-            _PAIR.pack_into(self.page, REQ_CONS, 0, 0)
-            _PAIR.pack_into(self.page, RSP_CONS, 0, 0)
-            _U32.pack_into(self.page, ERROR, RingError.NONE)
+            self._zero_indexes()
             self.broken, self._req_cons = None, 0
 
     def pending_input(self) -> bytes:
@@ -167,8 +164,8 @@ class RingConnection:
 
     def _pull(self, want: int) -> int:
         """Move up to ``want`` request bytes from the ring into the decoder."""
-        page = self.page
-        cons, prod = _PAIR.unpack_from(page, REQ_CONS)
+        page, words = self.page, self.words
+        cons, prod = words.get(REQ_CONS), words.get(REQ_PROD)
         if self._req_cons is not None and cons != self._req_cons and not self._cons_warned:
             self._cons_warned = True
             log.warning("dom%d: xenstore req_cons is %d in the page, the store wrote %d (req_prod %d)",
@@ -186,17 +183,17 @@ class RingConnection:
         if count > first:
             self._decoder.feed(page[REQ_OFFSET:REQ_OFFSET + count - first])
         self._req_cons = (cons + count) & _MASK
-        _U32.pack_into(page, REQ_CONS, self._req_cons)
+        words.set(REQ_CONS, self._req_cons)
         self._signal()
         return count
 
     # ------------------------------------------------------------ output
     def _write_responses(self) -> int:
         """Copy as much queued output as fits; returns bytes written."""
-        page, out = self.page, self.conn.out
+        page, words, out = self.page, self.words, self.conn.out
         written = 0
         while out:
-            cons, prod = _PAIR.unpack_from(page, RSP_CONS)
+            cons, prod = words.get(RSP_CONS), words.get(RSP_PROD)
             used = (prod - cons) & _MASK
             if used > RING_SIZE:
                 self._fail(RingError.RINGIDX, f"rsp cons={cons} prod={prod}")
@@ -210,7 +207,7 @@ class RingConnection:
             if len(data) > first:
                 page[RSP_OFFSET:RSP_OFFSET + len(data) - first] = data[first:]
             # Data before index: the guest reads rsp_prod, then the bytes.
-            _U32.pack_into(page, RSP_PROD, (prod + len(data)) & _MASK)
+            words.set(RSP_PROD, prod + len(data))
             out.advance(len(data))
             written += len(data)
         return written
@@ -226,9 +223,15 @@ class RingConnection:
         """Stop talking to this ring: record the error in the page, drop state."""
         log.error("dom%d: xenstore ring broken (%s): %s", self.domid, error.name, detail)
         self.broken = error
-        _U32.pack_into(self.page, ERROR, error)
+        self.words.set(ERROR, error)
         self.core.reset_connection(self.conn)
         self._decoder.reset()
+
+    def _zero_indexes(self) -> None:
+        """Both rings empty, no error: what a fresh or reconnected ring starts from."""
+        for off in (REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD):
+            self.words.set(off, 0)
+        self.words.set(ERROR, RingError.NONE)
 
     def _reconnect(self) -> None:
         """Ring reconnection: discard packets, queues, watches and transactions,
@@ -236,9 +239,7 @@ class RingConnection:
         log.info("dom%d: xenstore ring reconnect", self.domid)
         self.core.reset_connection(self.conn)
         self._decoder.reset()
-        _PAIR.pack_into(self.page, REQ_CONS, 0, 0)
-        _PAIR.pack_into(self.page, RSP_CONS, 0, 0)
-        _U32.pack_into(self.page, ERROR, RingError.NONE)
+        self._zero_indexes()
         self.broken, self._req_cons = None, 0
-        _U32.pack_into(self.page, CONNECTION, XENSTORE_CONNECTED)
+        self.words.set(CONNECTION, XENSTORE_CONNECTED)
         self._notify_pending = True

@@ -68,11 +68,16 @@ assert V1_FLAGS[0] == HDR_FLAGS[0] == 0 and V1_DOMID[0] == HDR_DOMID[0] == 2 and
 
 
 def _get(buf, off: int, fld: tuple[int, struct.Struct]) -> int:
-    return fld[1].unpack_from(buf, off + fld[0])[0]
+    """One field of an entry the guest may be writing: copied out whole first (struct alone reads
+    a byte at a time and could see half an update: sharedwords.py)."""
+    start = off + fld[0]
+    return fld[1].unpack(bytes(buf[start:start + fld[1].size]))[0]
 
 
 def _put(buf, off: int, fld: tuple[int, struct.Struct], value: int) -> None:
-    fld[1].pack_into(buf, off + fld[0], value)
+    """Store one field whole (``pack_into`` zero-fills it first, which the guest could see)."""
+    start = off + fld[0]
+    buf[start:start + fld[1].size] = fld[1].pack(value)
 
 
 class Target(NamedTuple):
@@ -183,7 +188,7 @@ class EntryCodecV1(EntryCodec):
     def claim(self, ref: int, ldomid: int, readonly: bool, mapping: bool) -> Target:
         frame, off = self.locate(ref)
         self._set_busy(ref, frame, off, ldomid, readonly, mapping, False)
-        return _full_page(V1_FRAME[1].unpack_from(frame.buf, off + V1_FRAME[0])[0])
+        return _full_page(_get(frame.buf, off, V1_FRAME))
 
     @staticmethod
     def _set_busy(ref, frame, off, ldomid, readonly, mapping, pinned) -> None:
@@ -205,7 +210,7 @@ class EntryCodecV1(EntryCodec):
 
     def target(self, ref: int) -> Target:
         frame, off = self.locate(ref)
-        return Target(V1_FRAME[1].unpack_from(frame.buf, off + V1_FRAME[0])[0])
+        return Target(_get(frame.buf, off, V1_FRAME))
 
     def busy(self, ref: int) -> int:
         return self.header(ref)[0] & BUSY

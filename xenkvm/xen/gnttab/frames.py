@@ -28,7 +28,6 @@ region left still writes only memory that is mapped.
 from __future__ import annotations
 
 import logging
-import struct
 from typing import TYPE_CHECKING
 
 from xenkvm.machine.memory import GuestMemoryError, RegionRefused
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INVALID_GFN = (1 << 64) - 1
-_U32 = struct.Struct("<I")
 _MASK32 = 0xFFFF_FFFF
 _or32_at = lib.xk_or32_at
 _and32_at = lib.xk_and32_at
@@ -81,7 +79,8 @@ class Frame:
 
     # -- 32-bit words: atomic (the guest may see the frame) ---------------------
     def load32(self, off: int) -> int:
-        return _U32.unpack_from(self.buf, off)[0]
+        """The word at ``off`` in one load (not struct's byte at a time: sharedwords.py)."""
+        return self.buf[off:off + 4].cast("I")[0]
 
     def cmpxchg32(self, off: int, expected: int, desired: int) -> tuple[bool, int]:
         """Compare-and-swap the word at ``off``: (swapped, value found)."""
