@@ -66,15 +66,16 @@ info: build
 #    (tests/kvm, tests/xen) from the start, beside the host's tests, and the Debian boots
 #    (tests/linux: plain, Xen PVH and HVM, balloon, disk, net, make run, the managed toolstack with
 #    one and two Debian guests, Debian snapshots and save/restore) once the host's are done.
-# Each keeps one core busy (the PVM vCPU, QEMU's TCG thread).  The rig's output is kept in
-# build/test-hw*.log and printed after the host's.
+# Each keeps one core busy (the PVM vCPU, QEMU's TCG thread).  The Debian part is verbose (-v): if
+# the rig runs past its limit, the console tail it prints names the test that was running.
+# The rig's output is kept in build/test-hw*.log and printed after the host's.
 test: build linux-image linux-xen-image rootfs-image rig-image
 	@mkdir -p build; rm -f build/test-hw*.log build/test-hw.rc
 	@echo "make test: the rig's guest tests run in the background (build/test-hw.log), printed at the end"
 	@( $(PY) -m xenkvm.rig -q test --durations=15 tests/kvm tests/xen > build/test-hw.log 2>&1; echo $$? > build/test-hw.rc ) & \
 	$(PYTEST) --durations=25 -m "(not linux or linux_host) and not known_race" tests; host=$$?; \
 	echo "make test: the rig's Debian boots (build/test-hw-linux.log)"; \
-	$(PY) -m xenkvm.rig -q test --durations=0 tests/linux > build/test-hw-linux.log 2>&1; hwl=$$?; \
+	$(PY) -m xenkvm.rig -q test -v --durations=0 tests/linux > build/test-hw-linux.log 2>&1; hwl=$$?; \
 	wait; \
 	echo "===== the hardware-KVM rig: guest tests (tests/kvm, tests/xen) ====="; cat build/test-hw.log; \
 	echo "===== the hardware-KVM rig: Debian boots (tests/linux) ====="; cat build/test-hw-linux.log; \
