@@ -176,3 +176,26 @@ def test_a_later_timer_armed_while_the_loop_waits_fires(loop, clock):
     loop.call_later(15 * MS, lambda: fired.append("b"))
     clock.advance(15 * MS)
     assert loop.wait_idle() and fired == ["a", "b"] and loop.passes > passes
+
+
+def test_a_stopped_loop_leaves_reused_fd_numbers_alone(clock):
+    """stop() twice, and a clock jump after it, must not close or write whatever now holds
+    the pipe's old fd numbers (another machine's eventfd, a store socket)."""
+    lp = IoLoop("test-io", clock=clock)
+    lp.start()
+    old = {lp._wake_r, lp._wake_w}
+    lp.stop()
+    held: list[int] = []
+    try:
+        while not old <= set(held) and len(held) < 16:   # the kernel reuses the lowest free numbers
+            held.append(os.eventfd(0, os.EFD_NONBLOCK))
+        assert old <= set(held)
+        lp.stop()
+        lp.call_soon(lambda: None)
+        clock.advance(MS)
+        for fd in old:
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(fd)       # nothing was written there, and it is still open
+    finally:
+        for fd in held:
+            os.close(fd)

@@ -56,13 +56,20 @@ class IoLoop:
         self._thread.start()
 
     def stop(self) -> None:
+        """End the loop thread and close its pipe.  Idempotent: a second call, or a wake-up from
+        a clock jump afterwards, must not touch the fd numbers, which may belong to someone else
+        by then (a late close or write there would hit another machine's eventfd or socket)."""
         self._stop = True
         self._wake()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
-        self._sel.close()
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
+        with self._lock:
+            if self._wake_w < 0:
+                return
+            self._sel.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         with self._lock:
@@ -114,10 +121,13 @@ class IoLoop:
         self.call_soon(remove)
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass
+        with self._lock:                # stop() closes the pipe under it
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass
 
     # -- the loop thread ----------------------------------------------------------
     def _run(self) -> None:
