@@ -3,16 +3,20 @@ keeps them in step with the port table: a port is registered exactly while a ser
 with a kick eventfd, and Python's sends on it do what the C loop does.
 
 The C loop itself runs real guests under /dev/kvm in tests/backends/test_blkfront_guest.py
-(the same guest with the fast path on and off).
+(the same guest with the fast path on and off) and tests/xen/test_xen_guests.py (the timer
+guests with their single-shot timers in C).  Here the timers' Python half is driven by hand,
+writing the C table as ``xkf_run`` would.
 """
 from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from evtchnfakes import FakeDomain
+from fakeclock import FakeClock
 from xenkvm.machine.layout import HYPERCALL_PORT
 from xenkvm.machine.memory import GuestMemory
 from xenkvm.xen.evtchn.ports import PortState
@@ -128,3 +132,67 @@ def test_the_c_table_covers_guest_ram_only():
     assert (r.gpa, r.size, r.hva) == (0, 8 << 20, mem.ram_regions()[0].host_addr)
     assert fastlib.xkf_sends(fast.c) == 0
     fast.close()
+
+
+# -- single-shot timers kept in C (VcpuTimers.use_fast) ------------------------------------------
+@pytest.fixture
+def timed():
+    """A FakeDomain on a FakeClock whose timers use the C table (armed here by hand, as C would)."""
+    clock = FakeClock()
+    d = FakeDomain(nvcpus=2, clock=clock)
+    d.timers.use_fast(d.fast)
+    d.fast.publish_clock((d.clock.boot_ns, 0, 1, 1))
+    fired: list[int] = []
+    d.timers._fire = lambda v: fired.append(v)          # type: ignore[method-assign]
+    yield SimpleNamespace(d=d, clock=clock, fired=fired)
+    d.timers.detach_fast()
+    d.io.stop()
+    d.fast.close()
+
+
+def c_arms(d, vcpu: int, deadline: int) -> None:
+    """What xkf_run does for the vCPU's VCPUOP_set_singleshot_timer (deadline, generation)."""
+    d.fast._deadlines[vcpu] = deadline
+    d.fast._gens[vcpu] += 1
+
+
+def test_c_timers_fire_once_when_due_and_not_when_rearmed(timed):
+    d, clock, fired = timed.d, timed.clock, timed.fired
+    now = d.now_ns()
+    c_arms(d, 1, now + 5_000_000)
+    assert d.timers.singleshot_deadline(1) == now + 5_000_000
+    d.timers._check_fast(1)                     # the timerfd woke early (clock re-published): look again
+    assert fired == []
+    clock.advance(5_000_000)
+    assert d.io.wait_idle()
+    assert fired == [1] and d.timers.singleshot_deadline(1) is None
+    d.timers._check_fast(1)                     # a second wake-up for the same expiry: nothing
+    assert fired == [1]
+    c_arms(d, 1, d.now_ns() - 1)                # expired, but the vCPU re-arms before the I/O thread claims it
+    stale = d.fast.timer_deadline(1)
+    c_arms(d, 1, d.now_ns() + 10**9)
+    assert not d.fast.take_timer(1, stale)
+    d.timers._check_fast(1)
+    assert fired == [1]
+
+
+def test_python_arming_clears_c_and_c_arming_makes_python_stale(timed):
+    d, clock, fired = timed.d, timed.clock, timed.fired
+    c_arms(d, 0, d.now_ns() + 1_000_000)
+    d.timers.set_singleshot(0, d.now_ns() + 2_000_000)     # e.g. set_timer_op, handled in Python
+    assert d.fast.timer_deadline(0) is None and d.timers.singleshot_deadline(0) == d.now_ns() + 2_000_000
+    c_arms(d, 0, d.now_ns() + 3_000_000)                    # the guest re-arms through C
+    assert d.timers.singleshot_deadline(0) == d.now_ns() + 3_000_000
+    clock.advance(2_000_000)
+    assert d.io.wait_idle()
+    assert fired == []                                      # Python's arm was replaced
+    assert d.timers.to_state()["singleshot"][0] == d.now_ns() + 1_000_000
+    d.timers.stop_singleshot(0)
+    assert d.timers.singleshot_deadline(0) is None and d.fast.timer_deadline(0) is None
+
+
+def test_a_frozen_clock_leaves_arming_to_python(timed):
+    d = timed.d
+    assert d.fast.c.timer_on == 1
+    d.fast.publish_clock(None)
+    assert d.fast.c.timer_on == 0 and d.fast.c.clock_seq % 2 == 0

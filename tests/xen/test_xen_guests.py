@@ -224,3 +224,22 @@ def test_xenstore_key_visible_to_host(built_guests, xs_socket):
     r = subprocess.CompletedProcess(proc.args, proc.returncode, "".join(out), stderr)
     assert_passed(r)
     assert "PASS xs.host_ack" in r.stdout
+
+
+@pytest.mark.pvclock
+@pytest.mark.parametrize("name", ["xen_evtchn", "xen_evtchn_smp"])
+def test_timer_guests_with_their_timers_in_c(built_guests, name, tmp_path, xs_socket):
+    """``xen.fast_path: true``: each vCPU's own single-shot timer is set and stopped in C
+    (xen/fastpath.py) and fired from its timerfd; a past deadline, -ETIME and set_timer_op
+    stay Python's.  Every timer check of the guest passes either way."""
+    src = (GUESTS / f"{name}.yaml").read_text()
+    assert "\nxen:\n" in src and "kernel: out/" in src
+    yaml = tmp_path / f"{name}.yaml"
+    yaml.write_text(src.replace("kernel: out/", f"kernel: {GUESTS}/out/")
+                    .replace("\nxen:\n", "\nxen:\n  fast_path: true\n"))
+    r = subprocess.run([sys.executable, "-m", "xenkvm", "-v", "run", str(yaml)], cwd=ROOT,
+                       capture_output=True, text=True, errors="replace", timeout=TIMEOUT,
+                       env={**os.environ, **xs_socket})
+    assert_passed(r)
+    m = re.search(r"(\d+) single-shot timer calls completed in C", r.stderr)
+    assert m and int(m.group(1)) > 0, r.stderr[-3000:]

@@ -14,6 +14,16 @@ and re-enters the guest.  Every other exit, and any send it cannot finish
 exactly as the Python path would (an argument outside guest RAM, a port not
 registered, an unusual CPU mode), returns to Python with KVM's exit intact.
 
+The vCPU's own single-shot Xen timer (``VCPUOP_set_singleshot_timer`` and
+``_stop_``, Linux's clockevent: about one per I/O request) is kept in C too
+when Python has given the vCPU a timerfd and published the domain's clock
+(``xkf_timer_publish``: boot time, time paused, rate; off while paused).  C records the
+deadline in ``timer_deadline`` and arms the timerfd for it; the machine's I/O
+thread reads the timerfd and raises VIRQ_TIMER after taking the deadline with
+a compare-and-swap (``xkf_timer_take``), so a timer re-armed meanwhile is not
+fired for the old one.  A deadline already past, a flag it does not know, or
+another vCPU's timer is Python's, as before.
+
 The same headers as the rest of the project are read by the compiler
 (``linux/kvm.h``, Xen's ``xen/xen.h`` and ``xen/event_channel.h``), so the
 numbers and layouts are checked, not copied.
@@ -34,12 +44,32 @@ struct xkf_domain {
     uint32_t nregions;
     struct xkf_region *regions;
     uint64_t sends;
+    uint32_t nvcpus;
+    int32_t *timer_fd;
+    int64_t *timer_deadline;
+    uint64_t *timer_gen;
+    uint32_t clock_seq;
+    uint32_t timer_on;
+    int64_t boot_ns;
+    int64_t paused_ns;
+    int64_t clock_num;
+    int64_t clock_den;
+    uint64_t timer_ops;
 };
 
 #define XKF_MAX_REGIONS 8
+#define XKF_NO_DEADLINE ...
 
-long xkf_run(int vcpu_fd, struct kvm_run *run, struct xkf_domain *d);
+long xkf_run(int vcpu_fd, struct kvm_run *run, struct xkf_domain *d, uint32_t vcpu_id);
 uint64_t xkf_sends(struct xkf_domain *d);
+uint64_t xkf_timer_ops(struct xkf_domain *d);
+int xkf_timerfd(void);
+int64_t xkf_timer_deadline(struct xkf_domain *d, uint32_t vcpu);
+uint64_t xkf_timer_gen(struct xkf_domain *d, uint32_t vcpu);
+int xkf_timer_take(struct xkf_domain *d, uint32_t vcpu, int64_t deadline);
+void xkf_timer_clear(struct xkf_domain *d, uint32_t vcpu);
+void xkf_timer_publish(struct xkf_domain *d, uint32_t on, int64_t boot_ns, int64_t paused_ns,
+                       int64_t num, int64_t den);
 void xkf_set_port(struct xkf_domain *d, uint32_t port, int32_t fd);
 uint64_t xkf_monotonic_ns(void);
 """
@@ -51,15 +81,18 @@ SOURCE = r"""
 #include <time.h>
 #include <unistd.h>
 #include <sys/ioctl.h>
+#include <sys/timerfd.h>
 #include <linux/kvm.h>
 #define __XEN_INTERFACE_VERSION__ 0x00040e00   /* as xen/_abi_build.py: older ones alias the compat calls */
 #include <xen/xen.h>
 #include <xen/event_channel.h>
+#include <xen/vcpu.h>
 
 #define XKF_MAX_REGIONS 8
 #define XKF_EFER_LMA (1ULL << 10)
 #define XKF_CR0_PE 1ULL
 #define XKF_RFLAGS_VM (1ULL << 17)
+#define XKF_NO_DEADLINE INT64_MIN
 
 struct xkf_region { uint64_t gpa; uint64_t size; uint64_t hva; };
 
@@ -71,11 +104,24 @@ struct xkf_domain {
     uint32_t nregions;        /* guest RAM (never unmapped while the machine lives) */
     struct xkf_region *regions;
     uint64_t sends;           /* sends completed here (statistics) */
+    uint32_t nvcpus;          /* entries in timer_fd and timer_deadline */
+    int32_t *timer_fd;        /* per vCPU: its single-shot timer's timerfd, or -1 (Python's) */
+    int64_t *timer_deadline;  /* per vCPU: Xen system time of the timer armed here, or XKF_NO_DEADLINE */
+    uint64_t *timer_gen;      /* per vCPU: set/stop calls done here (a timer Python armed before is stale) */
+    uint32_t clock_seq;       /* odd while Python rewrites the clock below (a seqcount) */
+    uint32_t timer_on;        /* Python's switch: off while the domain's clock is paused */
+    int64_t boot_ns;          /* Xen system time = (CLOCK_MONOTONIC - boot_ns) * num / den - paused_ns */
+    int64_t paused_ns;        /*   (machine/clock.py GuestClock, xen/domain.py now_ns) */
+    int64_t clock_num;
+    int64_t clock_den;
+    uint64_t timer_ops;       /* timer set/stop calls completed here (statistics) */
 };
 
 _Static_assert(sizeof(evtchn_port_t) == 4, "evtchn_port_t");
 _Static_assert(__HYPERVISOR_event_channel_op == 32, "the current event_channel_op, not the compat one");
 _Static_assert(offsetof(struct evtchn_send, port) == 0, "evtchn_send.port");
+_Static_assert(__HYPERVISOR_vcpu_op == 24, "vcpu_op");
+_Static_assert(sizeof(struct vcpu_set_singleshot_timer) == 16, "vcpu_set_singleshot_timer");
 
 uint64_t xkf_monotonic_ns(void)
 {
@@ -95,6 +141,91 @@ void xkf_set_port(struct xkf_domain *d, uint32_t port, int32_t fd)
 {
     if (port < d->nports)
         __atomic_store_n(&d->send_fd[port], fd, __ATOMIC_SEQ_CST);
+}
+
+uint64_t xkf_timer_ops(struct xkf_domain *d)
+{
+    return __atomic_load_n(&d->timer_ops, __ATOMIC_RELAXED);
+}
+
+int xkf_timerfd(void)
+{
+    return timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+}
+
+int64_t xkf_timer_deadline(struct xkf_domain *d, uint32_t vcpu)
+{
+    return vcpu < d->nvcpus ? __atomic_load_n(&d->timer_deadline[vcpu], __ATOMIC_SEQ_CST)
+                            : XKF_NO_DEADLINE;
+}
+
+uint64_t xkf_timer_gen(struct xkf_domain *d, uint32_t vcpu)
+{
+    return vcpu < d->nvcpus ? __atomic_load_n(&d->timer_gen[vcpu], __ATOMIC_SEQ_CST) : 0;
+}
+
+/* The I/O thread's claim on an expired timer: 1 if `deadline` was still the
+   armed one (it is now disarmed: fire it), 0 if the vCPU re-armed or stopped it. */
+int xkf_timer_take(struct xkf_domain *d, uint32_t vcpu, int64_t deadline)
+{
+    if (vcpu >= d->nvcpus || deadline == XKF_NO_DEADLINE)
+        return 0;
+    return __atomic_compare_exchange_n(&d->timer_deadline[vcpu], &deadline, XKF_NO_DEADLINE,
+                                       0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+static void timer_disarm(struct xkf_domain *d, uint32_t vcpu)
+{
+    struct itimerspec off;
+    memset(&off, 0, sizeof(off));
+    __atomic_store_n(&d->timer_deadline[vcpu], XKF_NO_DEADLINE, __ATOMIC_SEQ_CST);
+    if (d->timer_fd[vcpu] >= 0)
+        timerfd_settime(d->timer_fd[vcpu], 0, &off, NULL);
+}
+
+/* Python arms or stops the timer itself: forget the one armed here (its own vCPU's thread, or
+   any thread while the vCPUs are parked). */
+void xkf_timer_clear(struct xkf_domain *d, uint32_t vcpu)
+{
+    if (vcpu < d->nvcpus)
+        timer_disarm(d, vcpu);
+}
+
+void xkf_timer_publish(struct xkf_domain *d, uint32_t on, int64_t boot_ns, int64_t paused_ns,
+                       int64_t num, int64_t den)
+{
+    __atomic_fetch_add(&d->clock_seq, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&d->boot_ns, boot_ns, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&d->paused_ns, paused_ns, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&d->clock_num, num, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&d->clock_den, den, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&d->timer_on, on && num > 0 && den > 0, __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(&d->clock_seq, 1, __ATOMIC_SEQ_CST);
+}
+
+/* For `deadline` (Xen system time): now in system time and the host CLOCK_MONOTONIC
+   instant it is reached at (rounded up, so that it is due then); 0 if the clock is off. */
+static int system_clock(struct xkf_domain *d, int64_t deadline, int64_t *now, uint64_t *host)
+{
+    for (;;) {
+        uint32_t seq = __atomic_load_n(&d->clock_seq, __ATOMIC_SEQ_CST);
+        if (seq & 1)
+            continue;
+        uint32_t on = __atomic_load_n(&d->timer_on, __ATOMIC_SEQ_CST);
+        int64_t boot = __atomic_load_n(&d->boot_ns, __ATOMIC_SEQ_CST);
+        int64_t paused = __atomic_load_n(&d->paused_ns, __ATOMIC_SEQ_CST);
+        int64_t num = __atomic_load_n(&d->clock_num, __ATOMIC_SEQ_CST);
+        int64_t den = __atomic_load_n(&d->clock_den, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&d->clock_seq, __ATOMIC_SEQ_CST) != seq)
+            continue;
+        if (!on)
+            return 0;
+        __int128 since = (__int128)((int64_t)xkf_monotonic_ns() - boot);
+        *now = (int64_t)(since * num / den) - paused;
+        __int128 guest = (__int128)deadline + paused;
+        *host = (uint64_t)(boot + (int64_t)((guest * den + num - 1) / num));
+        return 1;
+    }
 }
 
 /* The host address of [gpa, gpa+len) if it lies in one RAM region, else NULL. */
@@ -119,17 +250,22 @@ static int exit_cpl(const struct kvm_sregs *s, uint64_t rflags)
     return s->ss.dpl & 3;
 }
 
-/* Complete this exit here if it is an EVTCHNOP_send to a registered port:
-   1 if done (RAX set, registers marked dirty), 0 to leave it to Python. */
-static int fast_send(int vcpu_fd, struct kvm_run *run, struct xkf_domain *d)
+/* A hypercall made through the port trap from CPL 0: its number and first three arguments. */
+struct xkf_call { uint32_t nr; uint64_t a0, a1, a2; };
+
+/* Decode this exit as a port-trap hypercall: 1 and *c filled, or 0 (not one, or Python's:
+   another CPL, v8086, registers not synced). */
+static int port_hypercall(int vcpu_fd, struct kvm_run *run, const struct xkf_domain *d,
+                          struct xkf_call *c)
 {
     if (run->exit_reason != KVM_EXIT_IO || run->io.direction != KVM_EXIT_IO_OUT
         || run->io.port != d->hcall_port || run->io.size != 4 || run->io.count != 1)
         return 0;
     if (!(run->kvm_valid_regs & KVM_SYNC_X86_REGS))
         return 0;
-    struct kvm_regs *r = &run->s.regs.regs;
-    if ((uint32_t)r->rax != __HYPERVISOR_event_channel_op)
+    const struct kvm_regs *r = &run->s.regs.regs;
+    c->nr = (uint32_t)r->rax;
+    if (c->nr != __HYPERVISOR_event_channel_op && c->nr != __HYPERVISOR_vcpu_op)
         return 0;
     struct kvm_sregs own;
     const struct kvm_sregs *s = &run->s.regs.sregs;
@@ -141,22 +277,83 @@ static int fast_send(int vcpu_fd, struct kvm_run *run, struct xkf_domain *d)
     if (exit_cpl(s, r->rflags) != 0)
         return 0;                 /* -EPERM (or v8086) is Python's to answer */
     int lm = (s->efer & XKF_EFER_LMA) != 0;
-    uint64_t cmd = lm ? r->rdi : (uint32_t)r->rbx;
-    uint64_t arg = lm ? r->rsi : (uint32_t)r->rcx;
-    if (cmd != EVTCHNOP_send)
-        return 0;
+    c->a0 = lm ? r->rdi : (uint32_t)r->rbx;
+    c->a1 = lm ? r->rsi : (uint32_t)r->rcx;
+    c->a2 = lm ? r->rdx : (uint32_t)r->rdx;
+    return 1;
+}
+
+/* Copy `len` bytes of the guest's argument at linear address `gva` (not across a page, in
+   RAM): 1 if done, 0 to leave the call to Python. */
+static int read_arg(int vcpu_fd, const struct xkf_domain *d, uint64_t gva, void *out, uint32_t len)
+{
     struct kvm_translation t;
     memset(&t, 0, sizeof(t));
-    t.linear_address = arg;
+    t.linear_address = gva;
     if (ioctl(vcpu_fd, KVM_TRANSLATE, &t) < 0 || !t.valid)
         return 0;
-    if ((t.physical_address & 0xfff) > 0x1000 - sizeof(evtchn_port_t))
+    if ((t.physical_address & 0xfff) > 0x1000 - len)
         return 0;                 /* split over two pages: Python walks both */
-    const void *p = ram_at(d, t.physical_address, sizeof(evtchn_port_t));
+    const void *p = ram_at(d, t.physical_address, len);
     if (p == NULL)
         return 0;
+    memcpy(out, p, len);
+    return 1;
+}
+
+static int complete(struct kvm_run *run, uint64_t result)
+{
+    run->s.regs.regs.rax = result;
+    run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+    return 1;
+}
+
+/* VCPUOP_{set,stop}_singleshot_timer on the calling vCPU: 1 if done, 0 for Python. */
+static int fast_timer(int vcpu_fd, const struct xkf_call *c, struct kvm_run *run,
+                      struct xkf_domain *d, uint32_t vcpu_id)
+{
+    if (c->a1 != vcpu_id || vcpu_id >= d->nvcpus || d->timer_fd[vcpu_id] < 0
+        || !__atomic_load_n(&d->timer_on, __ATOMIC_SEQ_CST))
+        return 0;                 /* another vCPU's (Python answers), or timers not in C now */
+    if (c->a0 == VCPUOP_stop_singleshot_timer) {
+        timer_disarm(d, vcpu_id);
+    } else if (c->a0 == VCPUOP_set_singleshot_timer) {
+        struct vcpu_set_singleshot_timer req;
+        if (!read_arg(vcpu_fd, d, c->a2, &req, sizeof(req)))
+            return 0;
+        if (req.flags & ~VCPU_SSHOTTMR_future)
+            return 0;
+        int64_t deadline = (int64_t)req.timeout_abs_ns, now;
+        uint64_t host;
+        if (!system_clock(d, deadline, &now, &host))
+            return 0;
+        if (deadline <= now)
+            return 0;             /* due already (or "negative"): fires at once or -ETIME, in Python */
+        struct itimerspec at;
+        memset(&at, 0, sizeof(at));
+        at.it_value.tv_sec = (time_t)(host / 1000000000ULL);
+        at.it_value.tv_nsec = (long)(host % 1000000000ULL);
+        __atomic_store_n(&d->timer_deadline[vcpu_id], deadline, __ATOMIC_SEQ_CST);
+        if (timerfd_settime(d->timer_fd[vcpu_id], TFD_TIMER_ABSTIME, &at, NULL) < 0) {
+            __atomic_store_n(&d->timer_deadline[vcpu_id], XKF_NO_DEADLINE, __ATOMIC_SEQ_CST);
+            return 0;
+        }
+    } else {
+        return 0;
+    }
+    __atomic_fetch_add(&d->timer_gen[vcpu_id], 1, __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(&d->timer_ops, 1, __ATOMIC_RELAXED);
+    return complete(run, 0);
+}
+
+/* EVTCHNOP_send to a registered port: 1 if done (RAX set, registers marked dirty), 0 for Python. */
+static int fast_send(int vcpu_fd, const struct xkf_call *c, struct kvm_run *run, struct xkf_domain *d)
+{
+    if (c->a0 != EVTCHNOP_send)
+        return 0;
     evtchn_port_t port;
-    memcpy(&port, p, sizeof(port));
+    if (!read_arg(vcpu_fd, d, c->a1, &port, sizeof(port)))
+        return 0;
     if (port >= d->nports)
         return 0;
     int32_t fd = __atomic_load_n(&d->send_fd[port], __ATOMIC_SEQ_CST);
@@ -166,19 +363,22 @@ static int fast_send(int vcpu_fd, struct kvm_run *run, struct xkf_domain *d)
     uint64_t one = 1;
     if (write(fd, &one, sizeof(one)) != (ssize_t)sizeof(one))
         return 0;                 /* Python sends it (and sees the error) */
-    r->rax = 0;
-    run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
     __atomic_fetch_add(&d->sends, 1, __ATOMIC_RELAXED);
-    return 1;
+    return complete(run, 0);
 }
 
 /* KVM_RUN until an exit Python must see: its exit reason, or -errno. */
-long xkf_run(int vcpu_fd, struct kvm_run *run, struct xkf_domain *d)
+long xkf_run(int vcpu_fd, struct kvm_run *run, struct xkf_domain *d, uint32_t vcpu_id)
 {
+    struct xkf_call c;
     for (;;) {
         if (ioctl(vcpu_fd, KVM_RUN, 0) < 0)
             return -errno;
-        if (!fast_send(vcpu_fd, run, d))
+        if (!port_hypercall(vcpu_fd, run, d, &c))
+            return run->exit_reason;
+        int done = c.nr == __HYPERVISOR_event_channel_op ? fast_send(vcpu_fd, &c, run, d)
+                                                          : fast_timer(vcpu_fd, &c, run, d, vcpu_id);
+        if (!done)
             return run->exit_reason;
     }
 }

@@ -27,6 +27,7 @@ from xenkvm.machine import layout
 from xenkvm.machine.boot.common import boot_memmap
 from xenkvm.machine.extension import InputSink, MachineExtension
 from xenkvm.machine.snapshot.format import SnapshotError
+from xenkvm.machine.clock import MONOTONIC
 from xenkvm.xen import platform_pci
 from xenkvm.xen import snapshot as xensnap
 from xenkvm.xen.abi import HvmParam
@@ -206,7 +207,22 @@ class XenDomain(MachineExtension):
         port_trap = any(isinstance(t, (HypercallPageTrap, PatchTrap)) for t in self.traps)
         if port_trap and self.cfg.fast_path and all(v.has_sync_regs for v in self.machine.vcpus):
             self.machine.set_vcpu_run(self._run_vcpu)
-            log.info("hypercall fast path: EVTCHNOP_send to backends' ports in C")
+            timers = getattr(self.clock, "host", None) is MONOTONIC and self.shinfo.tsc_stable
+            if timers:      # C reads CLOCK_MONOTONIC; an unstable TSC needs Python's resync per set
+                self.timers.use_fast(self.fast)
+                self._publish_clock()
+            log.info("hypercall fast path: EVTCHNOP_send to backends' ports%s in C",
+                     " and single-shot timers" if timers else "")
+
+    def _publish_clock(self) -> None:
+        """Tell C's timers how system time follows CLOCK_MONOTONIC (now_ns), or that they
+        must leave arming to Python while the clock is frozen (caller holds the lock or
+        no vCPU runs)."""
+        if self.timers.fast is None:
+            return
+        paused, frozen = self._pause
+        c = self.clock
+        self.fast.publish_clock(None if frozen is not None else (c.boot_ns, paused, c.num, c.den))
 
     def _run_vcpu(self, vcpu: "Vcpu") -> int:
         """A vCPU's KVM_RUN: the C loop once the vCPU is up (the dispatcher marks it so on
@@ -227,7 +243,9 @@ class XenDomain(MachineExtension):
         """Stop the embedded xenstored and remove its socket; close the kick eventfds."""
         self.store.close()
         if self.machine.vcpu_run is not None:
-            log.info("hypercall fast path: %d EVTCHNOP_send completed in C", self.fast.sends)
+            log.info("hypercall fast path: %d EVTCHNOP_send, %d single-shot timer calls completed in C",
+                     self.fast.sends, self.fast.timer_ops)
+        self.timers.detach_fast()
         self.fast.close()
 
     def save_state(self) -> dict | None:
@@ -327,6 +345,7 @@ class XenDomain(MachineExtension):
         with self.lock:
             if self._pause[1] is None:
                 self._pause = (self._pause[0], self.clock.ns())
+                self._publish_clock()
 
     def thaw_clock(self) -> None:
         """Let system time run on from where it stopped, and republish every vCPU's pvclock
@@ -336,6 +355,7 @@ class XenDomain(MachineExtension):
             if frozen is None:
                 return
             self._pause = (paused + self.clock.ns() - frozen, None)
+            self._publish_clock()
             for state in self.vcpus:
                 self.shinfo.update_time(state.id)
 

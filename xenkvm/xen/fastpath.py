@@ -58,6 +58,7 @@ class FastSend:
         self._leased: set[int] = set()
         self.ports: dict[int, int] = {}      #: registered port -> eventfd (under the domain lock)
         self._runs: dict[int, object] = {}   #: vCPU id -> its ``struct kvm_run *``
+        self.timer_fds: list[int] = []       #: per vCPU: the timerfd C arms (empty: timers in Python)
 
     # -- eventfds ------------------------------------------------------------------------
     def lease_fd(self) -> int:
@@ -76,12 +77,18 @@ class FastSend:
                 self._pool.append(fd)
 
     def close(self) -> None:
-        """The domain is gone (no vCPU runs): close every eventfd."""
+        """The domain is gone (no vCPU runs): close every eventfd and timerfd."""
         with self._lock:
             for fd in list(self._pool) + list(self._leased):
                 os.close(fd)
             self._pool.clear()
             self._leased.clear()
+            if self.timer_fds:
+                self.publish_clock(None)
+                self.c.nvcpus = 0
+                for fd in self.timer_fds:
+                    os.close(fd)
+                self.timer_fds = []
 
     # -- the port table (callers hold the domain lock) -------------------------------------------
     def register(self, port: int, fd: int) -> None:
@@ -115,13 +122,62 @@ class FastSend:
         """Sends completed in C (each also an ``event_channel_op``/``send`` in the dispatcher's view)."""
         return int(lib.xkf_sends(self.c))
 
+    # -- the vCPUs' single-shot timers (before any vCPU runs in C) ---------------------------
+    def enable_timers(self, nvcpus: int) -> list[int]:
+        """A timerfd per vCPU that C may arm for its own single-shot timer; the caller watches
+        them (``VcpuTimers.use_fast``).  Idempotent; C arms nothing until ``publish_clock``."""
+        if not self.timer_fds:
+            fds = [lib.xkf_timerfd() for _ in range(nvcpus)]
+            if min(fds) < 0:
+                for fd in fds:
+                    if fd >= 0:
+                        os.close(fd)
+                raise OSError(ffi.errno, f"timerfd_create: {os.strerror(ffi.errno)}")
+            self._tfds = ffi.new("int32_t[]", fds)
+            self._deadlines = ffi.new("int64_t[]", [lib.XKF_NO_DEADLINE] * nvcpus)
+            self._gens = ffi.new("uint64_t[]", nvcpus)
+            c = self.c
+            c.timer_fd, c.timer_deadline, c.timer_gen = self._tfds, self._deadlines, self._gens
+            c.nvcpus = nvcpus
+            self.timer_fds = fds
+        return self.timer_fds
+
+    def publish_clock(self, clock: tuple[int, int, int, int] | None) -> None:
+        """How C turns Xen system time into host CLOCK_MONOTONIC: (boot_ns, paused_ns, num,
+        den) as in ``(monotonic - boot_ns) * num // den - paused_ns``; None: C arms no timer."""
+        boot, paused, num, den = clock if clock is not None else (0, 0, 1, 1)
+        lib.xkf_timer_publish(self.c, clock is not None, boot, paused, num, den)
+
+    def timer_deadline(self, vcpu: int) -> int | None:
+        """The deadline C armed for ``vcpu`` (system time), or None."""
+        dl = lib.xkf_timer_deadline(self.c, vcpu)
+        return None if dl == lib.XKF_NO_DEADLINE else int(dl)
+
+    def timer_gen(self, vcpu: int) -> int:
+        """How many set/stop calls C has completed for ``vcpu`` (a Python arm older than the
+        last one is stale)."""
+        return int(lib.xkf_timer_gen(self.c, vcpu))
+
+    def take_timer(self, vcpu: int, deadline: int) -> bool:
+        """Claim C's expired ``deadline`` for firing: False if the vCPU re-armed or stopped it."""
+        return bool(lib.xkf_timer_take(self.c, vcpu, deadline))
+
+    def clear_timer(self, vcpu: int) -> None:
+        """Python arms or stops ``vcpu``'s timer itself: forget C's."""
+        lib.xkf_timer_clear(self.c, vcpu)
+
+    @property
+    def timer_ops(self) -> int:
+        """Single-shot timer sets and stops completed in C."""
+        return int(lib.xkf_timer_ops(self.c))
+
     # -- the run loop ------------------------------------------------------------------------
     def run(self, vcpu: "Vcpu") -> int:
-        """Like ``Vcpu.run``, with registered sends completed in C between KVM_RUNs."""
+        """Like ``Vcpu.run``, with registered sends and own timers completed in C between KVM_RUNs."""
         run = self._runs.get(vcpu.id)
         if run is None:
             run = self._runs[vcpu.id] = ffi.cast("struct kvm_run *", vcpu.run_address)
-        return vcpu.exit_of(lib.xkf_run(vcpu.fd, run, self.c))
+        return vcpu.exit_of(lib.xkf_run(vcpu.fd, run, self.c, vcpu.id))
 
 
 def drain(fd: int) -> int:

@@ -24,6 +24,13 @@ the hypercalls are decoded in ``xen/hypercalls/vcpu.py``, which calls the VMM AP
   ahead (wrapped guest arithmetic) is replaced by now + 100 ms; otherwise it
   is the single-shot timer with flags 0.  It never fails.
 
+With the fast path (xen/fastpath.py, ``use_fast``) a vCPU's own ``set_singleshot_timer``
+and ``stop_singleshot_timer`` are done in C on its thread: C records the deadline and
+arms the vCPU's timerfd, which the I/O thread watches (:meth:`_fast_expired`).  Python's
+own arming (the other hypercalls, deadlines already past, a paused clock, restore)
+first clears C's, and C's set/stop makes an older Python arm stale (``timer_gen``), so
+one timer is armed per vCPU, whichever side armed it.
+
 What a guest can make us hold is bounded by its vCPU count: each vCPU has one
 single-shot and one periodic timer (as in Xen), arming replaces the armed one,
 and each armed timer has at most one live I/O-loop entry (cancelled ones are
@@ -32,6 +39,7 @@ compacted away by the loop), however often the guest re-arms.
 from __future__ import annotations
 
 import logging
+import os
 
 from xenkvm.xen.abi import lib
 
@@ -51,12 +59,13 @@ HORIZON_NS = 1_000_000_000
 class _Arm:
     """One armed timer; stale I/O-thread callbacks see they are no longer current."""
 
-    __slots__ = ("deadline", "handle", "period")
+    __slots__ = ("deadline", "handle", "period", "gen")
 
-    def __init__(self, deadline: int, period: int = 0):
+    def __init__(self, deadline: int, period: int = 0, gen: int = 0):
         self.deadline = deadline
         self.period = period
         self.handle = None
+        self.gen = gen          #: C's timer_gen when armed (fast path): a later C set/stop replaced it
 
 
 class VcpuTimers:
@@ -68,21 +77,75 @@ class VcpuTimers:
         self._oneshot: list[_Arm | None] = [None] * n
         self._periodic: list[_Arm | None] = [None] * n
         self.fired = [0] * n        #: VIRQ_TIMER raises per vCPU (statistics)
+        self.fast = None            #: the domain's FastSend once C keeps single-shot timers
+
+    # -- the fast path -----------------------------------------------------------------
+    def use_fast(self, fast) -> None:
+        """Let C keep each vCPU's own single-shot timer (before the vCPUs run in C): watch the
+        timerfds it arms.  C arms nothing until the domain publishes its clock."""
+        if self.fast is fast:
+            return
+        for vcpu, fd in enumerate(fast.enable_timers(len(self._oneshot))):
+            self.d.io.add_reader(fd, lambda v=vcpu, f=fd: self._fast_expired(v, f))
+        self.fast = fast
+
+    def detach_fast(self) -> None:
+        """The domain closes: stop watching the timerfds (FastSend.close closes them)."""
+        if self.fast is not None:
+            for fd in self.fast.timer_fds:
+                self.d.io.remove_reader(fd)
+            self.fast = None
+
+    def _fast_expired(self, vcpu: int, fd: int) -> None:
+        """I/O thread: a timerfd C armed has expired."""
+        try:
+            os.read(fd, 8)
+        except (BlockingIOError, OSError):
+            pass
+        self._check_fast(vcpu)
+
+    def _check_fast(self, vcpu: int) -> None:
+        """Fire C's timer of ``vcpu`` if due (claimed by compare-and-swap: the vCPU may re-arm
+        it meanwhile); if not due by system time (paused, the clock re-published), look again
+        when it is."""
+        fast = self.fast
+        if fast is None:
+            return
+        with self.d.lock:
+            deadline = fast.timer_deadline(vcpu)
+            if deadline is None:
+                return
+            now = self.d.now_ns()
+            if deadline > now:
+                at = min(deadline, now + HORIZON_NS)
+                self.d.io.call_at(self.d.monotonic_at(at), lambda: self._check_fast(vcpu))
+                return
+            if fast.take_timer(vcpu, deadline):
+                self._fire(vcpu)
+
+    def _clear_fast(self, vcpu: int) -> None:
+        if self.fast is not None:
+            self.fast.clear_timer(vcpu)
+
+    def _fast_gen(self, vcpu: int) -> int:
+        return self.fast.timer_gen(vcpu) if self.fast is not None else 0
 
     # -- VMM API -------------------------------------------------------------------
     def set_singleshot(self, vcpu: int, deadline_ns: int) -> None:
         """Arm vCPU ``vcpu``'s single-shot timer (system time); a past deadline fires now."""
         with self.d.lock:
             self._cancel(self._oneshot, vcpu)
+            self._clear_fast(vcpu)
             if deadline_ns <= self.d.now_ns():
                 self._fire(vcpu)
                 return
-            arm = self._oneshot[vcpu] = _Arm(deadline_ns)
+            arm = self._oneshot[vcpu] = _Arm(deadline_ns, gen=self._fast_gen(vcpu))
             self._schedule(arm, lambda: self._expire_oneshot(vcpu, arm))
 
     def stop_singleshot(self, vcpu: int) -> None:
         with self.d.lock:
             self._cancel(self._oneshot, vcpu)
+            self._clear_fast(vcpu)
 
     def set_periodic(self, vcpu: int, period_ns: int) -> None:
         """Start (or restart) vCPU ``vcpu``'s periodic timer; the first tick is one period away."""
@@ -98,6 +161,7 @@ class VcpuTimers:
         """Stop both timers of a vCPU (VCPUOP_down, reset)."""
         with self.d.lock:
             self._cancel(self._oneshot, vcpu)
+            self._clear_fast(vcpu)
             self._cancel(self._periodic, vcpu)
 
     def reset(self) -> None:
@@ -106,8 +170,15 @@ class VcpuTimers:
                 self.stop_vcpu(v)
 
     def singleshot_deadline(self, vcpu: int) -> int | None:
+        arm = self._current_oneshot(vcpu)
+        if arm is not None:
+            return arm.deadline
+        return self.fast.timer_deadline(vcpu) if self.fast is not None else None
+
+    def _current_oneshot(self, vcpu: int) -> _Arm | None:
+        """Python's single-shot arm of ``vcpu``, unless C has set or stopped the timer since."""
         arm = self._oneshot[vcpu]
-        return arm.deadline if arm else None
+        return arm if arm is not None and arm.gen == self._fast_gen(vcpu) else None
 
     def periodic_period(self, vcpu: int) -> int:
         arm = self._periodic[vcpu]
@@ -115,7 +186,7 @@ class VcpuTimers:
 
     def to_state(self) -> dict:
         with self.d.lock:
-            return {"singleshot": [a.deadline if a else None for a in self._oneshot],
+            return {"singleshot": [self.singleshot_deadline(v) for v in range(len(self._oneshot))],
                     "periodic": [[a.period, a.deadline] if a else None for a in self._periodic]}
 
     def from_state(self, state: dict) -> None:
@@ -152,8 +223,8 @@ class VcpuTimers:
 
     def _expire_oneshot(self, vcpu: int, arm: _Arm) -> None:
         with self.d.lock:
-            if self._oneshot[vcpu] is not arm:
-                return              # stopped or re-armed meanwhile
+            if self._oneshot[vcpu] is not arm or arm.gen != self._fast_gen(vcpu):
+                return              # stopped or re-armed meanwhile (by Python or in C)
             if arm.deadline > self.d.now_ns():
                 self._schedule(arm, lambda: self._expire_oneshot(vcpu, arm))
                 return              # a horizon step: not due yet
