@@ -19,7 +19,7 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
       platform_pci: false      # Xen platform PCI device + unplug ports (always on for boot: linux)
       hypervisor_log: stderr   # console_io output: stderr ("(XEN) " lines) | file:PATH | none
       pv_time: true            # Xen PV time (XENFEAT_hvm_safe_pvclock); false: the guest's LAPIC timer and TSC
-      fast_path: false         # true: ring kicks (EVTCHNOP_send to a PV backend) completed in C (experimental)
+      fast_path: false         # true: ring kicks (EVTCHNOP_send to a PV backend) and the vCPUs' single-shot timers in C (experimental)
     disks:                     # optional, Xen guests: PV disks in xl.cfg(5) spelling (xenkvm/diskspec.py)
       - "format=raw, vdev=xvda, access=rw, target=root.img"
     vifs:                      # optional, Xen guests: PV NICs in xl.cfg(5) spelling (xenkvm/vifspec.py)
