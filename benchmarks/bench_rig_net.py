@@ -20,7 +20,7 @@ so absolute figures depend on how busy the host's CPUs are; the ratios between t
 rows of one run are what to read.  ``--compare DIR`` adds the xenkvm row again with the
 xenkvm package of another built checkout (the commit before a change), in the same L1;
 ``--pv-time-off`` adds it with ``xen.pv_time: false``, ``--fast-path-on`` with ``xen.fast_path: true``
-(ring kicks completed in C, xen/fastpath.py).
+(ring kicks and single-shot timers completed in C, xen/fastpath.py).
 Under the rows, the vif's cost lines (hypercalls and upcalls per packet, 5-s windows).
 Needs root.
 """

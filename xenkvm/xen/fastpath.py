@@ -1,4 +1,4 @@
-"""The hypercall fast path: ring kicks completed in C, on the vCPU's thread (``_fast_build.py``).
+"""The hypercall fast path: ring kicks and single-shot timers completed in C, on the vCPU's thread (``_fast_build.py``).
 
 A PV backend binds its ring's event channel with a *kick eventfd*
 (``evtchn.bind_vmm_to_guest_port(port, kick_fd=fd)``); the port is then
