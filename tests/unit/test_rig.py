@@ -217,3 +217,25 @@ def test_qemu_dies_with_a_killed_runner(tmp_path):
             pytest.fail("the child outlived its killed runner")
     finally:
         parent.kill()
+
+
+def test_a_qemu_that_uses_no_cpu_is_found_stalled():
+    """The rig gives up on an L1 whose QEMU sleeps for runner.STALL_S (runner.py: L1_CMDLINE)."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        watch = runner._StallWatch(sleeper.pid, 0.0)
+        assert not watch.stalled(1.0)
+        assert watch.stalled(runner.STALL_S + 1.0)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    busy = runner._StallWatch(os.getpid(), 0.0)
+    end = time.process_time() + 0.2
+    while time.process_time() < end:
+        pass                                        # this process uses CPU meanwhile
+    assert not busy.stalled(runner.STALL_S + 1.0)
+    assert runner.cpu_seconds(2**22 + 7) is None    # no such process
+
+
+def test_l1_polls_when_idle():
+    assert "idle=poll" in runner.L1_CMDLINE.split()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import shlex
 import shutil
 import signal
@@ -31,8 +32,15 @@ log = logging.getLogger("xenkvm.rig")
 RIG_ENV = "XENKVM_RIG"
 RIG_NAME = "qemu-tcg-svm"
 
+#: ``idle=poll``: L1 never halts its CPU.  Twice (CI stop 19, make test 2026-12-03 11:26) a
+#: Debian test in the rig stopped dead: QEMU's TCG vCPU thread asleep on its halt condition, its
+#: main loop polling with a 12-hour timeout (no timer armed: L1's last timer interrupt was never
+#: taken), nothing on the console for the rest of the hour.  A halted TCG vCPU that misses its
+#: wake-up is the one state that can do that; a polling idle loop never enters it.
 L1_CMDLINE = ("console=ttyS0 rdinit=/init panic=-1 quiet loglevel=4 mitigations=off nowatchdog "
-              "random.trust_cpu=on cryptomgr.notests")
+              "random.trust_cpu=on cryptomgr.notests idle=poll")
+#: QEMU using no CPU at all for this long means L1 is stuck as above: give up then, not at the limit.
+STALL_S = 300
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -184,11 +192,39 @@ def spawn(cmd: list[str]) -> subprocess.Popen:
                             preexec_fn=_die_with_parent)
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` so far (all its threads), None if unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _StallWatch:
+    """Notices QEMU using no CPU for ``STALL_S`` seconds (an L1 that polls when idle never does)."""
+
+    def __init__(self, pid: int, now: float):
+        self.pid, self.cpu, self.since = pid, cpu_seconds(pid), now
+
+    def stalled(self, now: float) -> bool:
+        cpu = cpu_seconds(self.pid)
+        if cpu is None or self.cpu is None or cpu - self.cpu > 0.05:
+            self.cpu, self.since = cpu, now
+            return False
+        return now - self.since > STALL_S
+
+
 def _wait(proc: subprocess.Popen, console: _Console, t0: float, boot_timeout: float, timeout: float) -> str:
-    """Wait for QEMU to exit; kill it on a timeout or an L1 error.  The reason it was killed, or ''."""
+    """Wait for QEMU to exit; kill it on a timeout, a stall or an L1 error.  The reason it was killed, or ''."""
     why = ""
+    stall = _StallWatch(proc.pid, time.monotonic())
     while proc.poll() is None:
         elapsed = time.monotonic() - t0
+        if stall.stalled(time.monotonic()):
+            why = (f"L1 stalled: QEMU used no CPU for {STALL_S}s (a halted TCG vCPU that missed its "
+                   f"wake-up; L1 runs idle=poll to avoid it)")
+            break
         if console.error is not None:
             time.sleep(1)  # let the init script's dmesg tail arrive; it powers off by itself
             if proc.poll() is None:
