@@ -19,7 +19,7 @@ Figures are MB/s as the host side timed them (accept to close).  L1 is emulated,
 so absolute figures depend on how busy the host's CPUs are; the ratios between the
 rows of one run are what to read.  ``--compare DIR`` adds the xenkvm row again with the
 xenkvm package of another built checkout (the commit before a change), in the same L1;
-``--pv-time-off`` adds it with ``xen.pv_time: false``, ``--fast-path-on`` with ``xen.fast_path: true``
+``--pv-time-off`` adds it with ``xen.pv_time: false``, ``--fast-path-off`` with ``xen.fast_path: false``
 (ring kicks and single-shot timers completed in C, xen/fastpath.py).
 Under the rows, the vif's cost lines (hypercalls and upcalls per packet, 5-s windows).
 Needs root.
@@ -116,7 +116,7 @@ def cost_lines(run: netboot.NetRun) -> list[str]:
 
 
 #: the variant rows: option -> the ``xen:`` key it sets
-VARIANTS = {"pv_time_off": "pv_time: false", "fast_path_on": "fast_path: true"}
+VARIANTS = {"pv_time_off": "pv_time: false", "fast_path_off": "fast_path: false"}
 
 
 def inner(size: int, timeout: float, compare: Path | None = None, variants: tuple[str, ...] = ()) -> int:
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", type=Path, help="also run the xenkvm row with this checkout's xenkvm (built)")
     p.add_argument("--pv-time-off", action="store_true",
                    help="also run the xenkvm row with xen.pv_time: false (docs/linux-xen.md)")
-    p.add_argument("--fast-path-on", action="store_true",
-                   help="also run the xenkvm row with xen.fast_path: true (ring kicks in C)")
+    p.add_argument("--fast-path-off", action="store_true",
+                   help="also run the xenkvm row with xen.fast_path: false (kicks and timers through Python)")
     a = p.parse_args(argv)
     if a.loopback:
         print(f"{loopback(a.bytes)[0]:.6f}")
