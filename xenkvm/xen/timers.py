@@ -115,10 +115,8 @@ class VcpuTimers:
             deadline = fast.timer_deadline(vcpu)
             if deadline is None:
                 return
-            now = self.d.now_ns()
-            if deadline > now:
-                at = min(deadline, now + HORIZON_NS)
-                self.d.io.call_at(self.d.monotonic_at(at), lambda: self._check_fast(vcpu))
+            if deadline > self.d.now_ns():
+                self._look_at(deadline, lambda: self._check_fast(vcpu))
                 return
             if fast.take_timer(vcpu, deadline):
                 self._fire(vcpu)
@@ -214,8 +212,13 @@ class VcpuTimers:
         self._schedule(arm, lambda: self._expire_periodic(vcpu, arm))
 
     def _schedule(self, arm: _Arm, fn) -> None:
-        at = min(arm.deadline, self.d.now_ns() + HORIZON_NS)
-        arm.handle = self.d.io.call_at(self.d.monotonic_at(at), fn)
+        arm.handle = self._look_at(arm.deadline, fn)
+
+    def _look_at(self, deadline: int, fn):
+        """Run ``fn`` on the I/O thread when system time reaches ``deadline``, or a horizon
+        step before it (``fn`` looks again then); the loop's handle."""
+        at = min(deadline, self.d.now_ns() + HORIZON_NS)
+        return self.d.io.call_at(self.d.monotonic_at(at), fn)
 
     def _fire(self, vcpu: int) -> None:
         self.fired[vcpu] += 1
