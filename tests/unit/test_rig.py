@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from xenkvm.rig import image, kmod, runner
+from xenkvm.rig import image, kmod, qmp, runner
 from xenkvm.rig.__main__ import pytest_argv
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -239,3 +240,169 @@ def test_a_qemu_that_uses_no_cpu_is_found_stalled():
 
 def test_l1_polls_when_idle():
     assert "idle=poll" in runner.L1_CMDLINE.split()
+
+
+# -- a silent L1: QMP, where its CPU is, the NMI (runner._Silence) ------------------------------
+
+def test_registers_rip_and_symbols():
+    regs = "RAX=0000000000000000 RBX=ffffffff81e0a940\nRIP=ffffffff81c3b2a6 RFL=00000246 [---Z-P-] CPL=0 II=0"
+    assert qmp.registers_rip(regs) == (0xffffffff81c3b2a6, 0)
+    assert qmp.registers_rip("no registers here") is None
+    syms = qmp.SymbolMap("ffffffff81000000 T _stext\nffffffff81c3b280 T default_idle\n"
+                         "ffffffff81c3b300 t other\nffffffff82000000 D some_data\n")
+    assert syms.name(0xffffffff81c3b2a6) == "default_idle+0x26"
+    assert syms.name(0x401000) is None                       # user space (L1's or L2's)
+    assert runner.where(regs, syms) == "RIP 0xffffffff81c3b2a6 (default_idle+0x26) CPL 0"
+    assert "not L1 kernel text" in runner.where("RIP=0000000000401000 CPL=3", syms)
+    assert qmp.SymbolMap.load(Path("/nonexistent/System.map")).name(0xffffffff81000000) is None
+
+
+def test_last_line_names_the_running_test(tmp_path):
+    out = tmp_path / "output.log"
+    out.write_text("tests/xen/a.py::one PASSED\n" * 500 + "tests/xen/b.py::two \n\n")
+    assert runner.last_line(out) == "tests/xen/b.py::two"
+    assert runner.last_line(tmp_path / "missing") == ""
+
+
+def test_silence_pokes_each_stretch_and_is_summed_up_at_the_limit(tmp_path, caplog):
+    out = tmp_path / "output.log"
+    out.write_text("tests/kvm/x.py::stuck ")
+    watch = runner._Silence(out, runner._Poker(tmp_path / "no-qmp", tmp_path / "no-map"), 0.0, after=100)
+    watch.check(99)
+    assert watch.nmis == 0 and watch.summary() == ""
+    watch.check(101)
+    assert watch.nmis == 1 and "no QMP socket" in watch.reports[0] and "NMI 1 injected" in caplog.text
+    watch.check(150)
+    assert watch.nmis == 1                                  # one NMI a stretch of silence
+    for t in (201, 301, 401, 501):
+        watch.check(t)
+    assert watch.nmis == runner.MAX_POKES == len(watch.reports)
+    assert watch.summary().startswith(f"the command silent for 501s, {runner.MAX_POKES} NMI(s) did not wake it")
+    assert watch.summary().endswith("last output line: tests/kvm/x.py::stuck")
+
+
+def test_silence_ends_when_the_command_speaks_again(tmp_path, caplog):
+    out = tmp_path / "output.log"
+    out.write_text("tests/kvm/x.py::slow ")
+    watch = runner._Silence(out, runner._Poker(tmp_path / "no-qmp", tmp_path / "no-map"), 0.0, after=100)
+    watch.check(101)
+    out.write_text("tests/kvm/x.py::slow PASSED\n")
+    watch.check(130)
+    assert "spoke again 29s after the last NMI" in caplog.text
+    assert watch.nmis == 0 and watch.summary() == ""
+    watch.check(229)
+    assert watch.nmis == 0                                  # counted from when it spoke
+    watch.check(231)
+    assert watch.nmis == 1
+
+
+@pytest.fixture
+def qemu_monitor(tmp_path):
+    """A real QEMU with no machine at all, only its QMP socket."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("no qemu-system-x86_64 (make deps installs it)")
+    sock = tmp_path / "qmp"
+    proc = subprocess.Popen(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+                             "-qmp", f"unix:{sock},server=on,wait=off"], stdin=subprocess.DEVNULL)
+    try:
+        for _ in range(400):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        yield sock
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_qmp_against_a_real_qemu(qemu_monitor):
+    with qmp.Qmp(qemu_monitor) as mon:
+        version = mon.execute("query-version")
+        assert version["qemu"]["major"] >= 7
+        assert "QEMU" in mon.hmp("info version") or mon.hmp("info version").strip()[0].isdigit()
+        with pytest.raises(qmp.QmpError, match="QEMU refused no-such-command"):
+            mon.execute("no-such-command")
+        assert mon.execute("query-status")["status"]          # still usable after an error
+
+
+def test_the_qemu_line_has_a_qmp_socket(l1, tmp_path):
+    cmd = runner.qemu_command("qemu", l1, tmp_path, memory_mb=512, cpus=1, qmp=tmp_path / "q")
+    assert cmd[cmd.index("-qmp") + 1] == f"unix:{tmp_path / 'q'},server=on,wait=off"
+    assert "nokaslr" in runner.L1_CMDLINE.split()      # System.map addresses are L1's own
+    assert runner.system_map(l1) == l1.kernel.parent / "System.map-6.1"
+
+
+def test_print_tail_shows_the_end_of_the_output(tmp_path, capsys):
+    from xenkvm.rig.__main__ import print_tail
+    out = tmp_path / "output.log"
+    out.write_text("".join(f"line {i}\n" for i in range(100)))
+    print_tail(out, lines=3)
+    assert capsys.readouterr().out == "rig: the last 3 lines of the command's output:\nline 97\nline 98\nline 99\n"
+
+
+def test_a_run_out_of_time_says_what_its_silence_showed(l1, tmp_path):
+    out = tmp_path / "out"
+    fake_qemu(tmp_path, f'echo "{image.READY} 2.5 6.1"; echo "tests/a.py::hangs " > {out}/output.log; '
+                        f'exec sleep 60')
+    with pytest.raises(runner.RigError, match=r"exceeded its 4s limit; the command silent for \ds, "
+                                              r"1 NMI\(s\) did not wake it, L1's CPU: no QMP socket.*"
+                                              r"last output line: tests/a.py::hangs"):
+        runner.run(l1, ["true"], cwd=ROOT, out_dir=out, boot_timeout=30, timeout=4, silent_after=2.5)
+
+
+def test_a_lost_heartbeat_is_poked_then_l1_is_dead(tmp_path, caplog):
+    beat = tmp_path / "heartbeat"
+    watch = runner._Heartbeat(beat, runner._Poker(tmp_path / "no-qmp", tmp_path / "no-map"), 0.0)
+    assert watch.check(10_000) == ""                 # no beat yet: the command has not started
+    beat.write_text("12.5 10.0\n")
+    assert watch.check(10_001) == ""
+    lost = 10_001 + runner.HEARTBEAT_LOST_S
+    assert watch.check(lost - 1) == "" and "NMI" not in caplog.text
+    assert watch.check(lost + 1) == "" and "heartbeat lost" in caplog.text
+    assert watch.check(lost + runner.HEARTBEAT_GRACE_S) == ""
+    why = watch.check(lost + runner.HEARTBEAT_GRACE_S + 2)
+    assert why.startswith(f"L1 died: no heartbeat for {runner.HEARTBEAT_LOST_S + runner.HEARTBEAT_GRACE_S + 2}s "
+                          f"(L1 uptime 12.5 at the last)") and "no QMP socket" in why
+
+
+def test_a_heartbeat_that_comes_back_after_the_nmi_is_alive(tmp_path, caplog):
+    beat = tmp_path / "heartbeat"
+    beat.write_text("12.5 10.0\n")
+    watch = runner._Heartbeat(beat, runner._Poker(tmp_path / "no-qmp", tmp_path / "no-map"), 0.0)
+    watch.check(1)
+    watch.check(runner.HEARTBEAT_LOST_S + 2)
+    beat.write_text("13.0 10.1\n")
+    assert watch.check(runner.HEARTBEAT_LOST_S + 12) == "" and "came back 10s after the NMI" in caplog.text
+    assert watch.check(runner.HEARTBEAT_LOST_S + runner.HEARTBEAT_GRACE_S + 20) == ""
+
+
+def test_the_command_script_beats(tmp_path):
+    """command.sh writes L1's uptime to the heartbeat file while the command runs (atomically:
+    a rename), and stops when it ends; run here with /proc/uptime standing in for L1's."""
+    script = runner.command_script(["sh", "-c", "sleep 0.3; echo done"], tmp_path, {"A": "1"})
+    script = script.replace(image.CHROOT_OUT, str(tmp_path))
+    r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and (tmp_path / "status").read_text() == "0\n"
+    first = (tmp_path / runner.HEARTBEAT).read_text()
+    assert float(first.split()[0]) > 0
+    time.sleep(runner.HEARTBEAT_EVERY_S + 1)
+    assert (tmp_path / runner.HEARTBEAT).read_text() == first      # killed with the command's end
+
+
+def test_a_dead_l1_is_retried_once_then_reported(l1, tmp_path, monkeypatch, capsys):
+    """--retry-dead: a fresh L1 after one that died; the second death is the run's result."""
+    from xenkvm.rig import __main__ as rig_main
+    out = tmp_path / "out"
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(runner, "HEARTBEAT_LOST_S", 1.0)
+    monkeypatch.setattr(runner, "HEARTBEAT_GRACE_S", 1.0)
+    fake_qemu(tmp_path, f'echo run >> {runs}; echo "{image.READY} 2.5 6.1"; echo "1.0 1.0" > {out}/heartbeat; '
+                        f'echo "tests/a.py::t " > {out}/output.log; exec sleep 60')
+    args = rig_main.argparse.Namespace(retry_dead=1, memory=512, cpus=1, boot_timeout=30, timeout=60,
+                                       quiet=True, silent_after=900)
+    monkeypatch.setattr(rig_main, "REPO_ROOT", ROOT)
+    with pytest.raises(runner.L1Died, match="L1 died: no heartbeat.*last output line: tests/a.py::t"):
+        rig_main.run_retrying(l1, ["true"], out, args)
+    assert runs.read_text() == "run\nrun\n"
+    err = capsys.readouterr().err
+    assert "running it again in a fresh L1 (1 of 1)" in err

@@ -38,6 +38,38 @@ def build_guests() -> None:
         raise runner.RigError(f"make -C guests failed on the host: {tail}")
 
 
+#: Lines of the command's output shown when the rig fails under ``-q`` (which shows none otherwise).
+FAILED_TAIL = 60
+
+
+def print_tail(path: Path, lines: int = FAILED_TAIL) -> None:
+    """The end of the command's output: where a run that the rig gave up on had got to."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return
+    print(f"rig: the last {min(lines, len(text))} lines of the command's output:")
+    print("\n".join(text[-lines:]))
+
+
+def run_retrying(l1: image.L1Image, cmd: list[str], out: Path, a: argparse.Namespace) -> runner.RigResult:
+    """``runner.run``, again in a fresh L1 (up to ``--retry-dead`` times) when L1 died under the
+    command: QEMU TCG's fault, said loudly, never a failing command's."""
+    for attempt in range(a.retry_dead + 1):
+        try:
+            return runner.run(l1, cmd, cwd=REPO_ROOT, out_dir=out, memory_mb=a.memory, cpus=a.cpus,
+                              boot_timeout=a.boot_timeout, timeout=a.timeout,
+                              echo=None if a.quiet else sys.stdout, silent_after=a.silent_after)
+        except runner.RigError as e:
+            if a.quiet:
+                print_tail(out / "output.log")
+            if not isinstance(e, runner.L1Died) or attempt == a.retry_dead:
+                raise
+            print(f"rig: {e}\nrig: L1 died under the command: running it again in a fresh L1 "
+                  f"({attempt + 1} of {a.retry_dead})", file=sys.stderr)
+    raise AssertionError("the loop returns or raises")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xenkvm.rig", description=__doc__)
     p.add_argument("--cache", default=str(REPO_ROOT / ".cache" / "rig"), help="download/build directory")
@@ -46,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="L1 vCPUs (with more, TCG's unsynchronised TSCs make nested guests' time drift)")
     p.add_argument("--boot-timeout", type=float, default=600, help="seconds until L1 must be ready")
     p.add_argument("--timeout", type=float, default=3600, help="seconds for the whole run")
+    p.add_argument("--silent-after", type=float, default=runner.SILENT_S,
+                   help="seconds without the command's output before L1 is looked at and sent an NMI")
+    p.add_argument("--retry-dead", type=int, default=0, metavar="N",
+                   help="run the command again in a fresh L1, up to N times, when L1 dies under it")
     p.add_argument("--out", help="results directory (default: a fresh temporary one)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not copy L1's console to stdout")
     p.add_argument("what", choices=("image", "test", "run"),
@@ -66,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         build_guests()
         with tempfile.TemporaryDirectory(prefix="xenkvm-rig-") as tmp:
             out = Path(a.out) if a.out else Path(tmp)
-            res = runner.run(l1, cmd, cwd=REPO_ROOT, out_dir=out, memory_mb=a.memory, cpus=a.cpus,
-                             boot_timeout=a.boot_timeout, timeout=a.timeout,
-                             echo=None if a.quiet else sys.stdout)
+            res = run_retrying(l1, cmd, out, a)
     except (image.RigImageError, runner.RigError) as e:
         print(f"rig: {e}", file=sys.stderr)
         return RIG_FAILED
