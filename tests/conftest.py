@@ -51,6 +51,35 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=RIG_NO_PVCLOCK))
 
 
+#: Seconds past a test's own timeout (pytest-timeout's, a SIGALRM in the main thread) after which
+#: the test is taken to be stuck where no signal reaches (a thread in C holding the GIL, say):
+#: every thread's stack is dumped to the real stderr and the session exits, so the log says where
+#: instead of the run hanging until its outer limit (docs/hw-rig.md, "A stuck or dead L1").
+STUCK_GRACE_S = float(os.environ.get("XENKVM_STUCK_GRACE_S", "300"))
+
+
+def _real_stderr(config) -> int:
+    """The session's own stderr, not the capture's temporary file (lost when the process exits)."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    err = getattr(getattr(capman, "_global_capturing", None), "err", None)
+    return getattr(err, "targetfd_save", None) or 2
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import faulthandler
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker and marker.args else float(item.config.getini("timeout") or 0)
+    if limit <= 0:
+        yield
+        return
+    faulthandler.dump_traceback_later(limit + STUCK_GRACE_S, exit=True, file=_real_stderr(item.config))
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 @pytest.fixture(autouse=True)
 def private_xenstore_socket(monkeypatch):
     """Each test's Xen guests get their own xenstored socket (never the host's /run/xenstored).
