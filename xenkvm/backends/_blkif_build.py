@@ -69,6 +69,13 @@ int xkb_punch_hole(int fd, uint64_t offset, uint64_t length);
 #define XKB_MAX_INDIRECT ...
 int xkb_serve(int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table, uint32_t table_size,
               const blkif_request_t *reqs, blkif_response_t *rsps, int n, int *slow);
+#define XKB_PASS_DONE ...
+#define XKB_PASS_NOTIFY ...
+#define XKB_PASS_SLOW ...
+#define XKB_PASS_BROKEN ...
+int xkb_pass(char **pages, unsigned nr_ents, uint32_t *req_cons, uint32_t *rsp_prod,
+             int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table, uint32_t table_size,
+             blkif_request_t *reqs, blkif_response_t *rsps, int *slow, int *counts);
 """
 
 SOURCE = r"""
@@ -245,6 +252,44 @@ int xkb_serve(int fd, uint64_t nsectors, int readonly, char **rw_table, char **r
             slow[nslow++] = i;
     }
     return nslow;
+}
+
+/*
+ * A worker's pass over one ring in one call (one GIL release, not four a batch): take, serve
+ * (xkb_serve), push, again, until the ring is empty and re-armed (XKB_PASS_DONE), a push asks
+ * for an event (XKB_PASS_NOTIFY: the caller notifies and calls again), or a batch holds
+ * requests the fast path does not serve (XKB_PASS_SLOW: counts[1] taken, counts[2] of them
+ * listed in `slow`, nothing of that batch pushed: the caller serves them and pushes it), or
+ * req_prod is more than a ring ahead (XKB_PASS_BROKEN).  counts[0]: requests taken by this call.
+ */
+#define XKB_PASS_DONE 0
+#define XKB_PASS_NOTIFY 1
+#define XKB_PASS_SLOW 2
+#define XKB_PASS_BROKEN 3
+int xkb_pass(char **pages, unsigned nr_ents, uint32_t *req_cons, uint32_t *rsp_prod,
+             int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table, uint32_t table_size,
+             blkif_request_t *reqs, blkif_response_t *rsps, int *slow, int *counts)
+{
+    counts[0] = counts[1] = counts[2] = 0;
+    for (;;) {
+        int n = xkb_take(pages, nr_ents, req_cons, reqs, (int)nr_ents);
+        if (n < 0)
+            return XKB_PASS_BROKEN;
+        if (n == 0) {
+            if (!xkb_final_check(pages, *req_cons))
+                return XKB_PASS_DONE;
+            continue;
+        }
+        counts[0] += n;
+        int nslow = xkb_serve(fd, nsectors, readonly, rw_table, ro_table, table_size, reqs, rsps, n, slow);
+        if (nslow) {
+            counts[1] = n;
+            counts[2] = nslow;
+            return XKB_PASS_SLOW;
+        }
+        if (xkb_push(pages, nr_ents, rsp_prod, rsps, n))
+            return XKB_PASS_NOTIFY;
+    }
 }
 
 /* Discard: deallocate the range, the file keeps its size (reads return zeros). 0 or -errno. */

@@ -100,6 +100,7 @@ class BlkifRing:
         self.reqs = ffi.new("blkif_request_t[]", self.nr_ents)
         self.rsps = ffi.new("blkif_response_t[]", self.nr_ents)
         self.slow = ffi.new("int[]", self.nr_ents)
+        self.counts = ffi.new("int[3]")     #: xkb_pass: taken, the slow batch's size, its slow ones
         self.broken = False
 
     def close(self, domain) -> None:

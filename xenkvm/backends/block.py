@@ -10,13 +10,13 @@ with ``ring-ref`` (or ``ring-page-order`` + ``ring-refN``), ``event-channel``
 and ``protocol``, per queue under ``queue-N/`` when it uses several
 (blkring.py maps and binds them).
 
-I/O runs on the device's worker thread (xenbus.py), batched per kick: every
-request between ``req_cons`` and ``req_prod`` is copied out of the ring at
-once (``xkb_take``, C); reads and writes whose pages are persistent grants
-already mapped are checked and served in C without the GIL (``xkb_serve``);
-the rest here, with ``os.preadv``/``os.pwritev`` straight into/out of the
-granted pages (memoryviews of the GrantMapping: no copy, no per-byte
-Python).  The responses go back in one push with
+I/O runs on the device's worker thread (xenbus.py), batched per kick, a pass
+in one C call (``xkb_pass``, without the GIL): every request between
+``req_cons`` and ``req_prod`` is copied out of the ring at once (``xkb_take``);
+reads and writes whose pages are persistent grants already mapped are checked
+and served there (``xkb_serve``) and answered; the rest here, with
+``os.preadv``/``os.pwritev`` straight into/out of the granted pages
+(memoryviews of the GrantMapping: no copy, no per-byte Python).  The responses go back in one push with
 ``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY``'s rule, then
 ``RING_FINAL_CHECK_FOR_REQUESTS`` before sleeping.
 
@@ -125,7 +125,10 @@ class BlockDevice(XenbusDevice):
                 self.latency.kicked(at=ns)
 
     def _log_latency(self) -> None:
-        """The event-path latencies and how many requests a pass found (batching), at -v."""
+        """The event-path latencies and how many requests a pass found (batching), at -v
+        (not worked out otherwise: their quantiles cost a busy worker more than its notifies)."""
+        if not log.isEnabledFor(logging.INFO):
+            return
         st = self.stats
         log.info("%s: event latency: %s  requests/pass %.2f", self.backend.label, self.latency.line(),
                  st["requests"] / max(st["kicks"], 1))
@@ -206,36 +209,56 @@ class BlockDevice(XenbusDevice):
                 self._log_latency()
 
     def _drain(self, ring: BlkifRing) -> None:
+        """Serve ``ring`` until it is empty and re-armed: in C (``xkb_pass``, one call a batch or
+        more) but for the requests the fast path leaves to Python, and an image over NBD."""
+        if self.disk.pipelined:
+            return self._drain_pipelined(ring)
+        d, g, counts = self.disk, ring.segments, ring.counts
+        while True:
+            code = lib.xkb_pass(ring.pages, ring.nr_ents, ring.req_cons, ring.rsp_prod, d.fd, d.sectors,
+                                self.spec.readonly, g.rw_table, g.ro_table, g.table_size, ring.reqs, ring.rsps,
+                                ring.slow, counts)
+            self.stats["requests"] += counts[0]
+            if code == lib.XKB_PASS_DONE:
+                return
+            if code == lib.XKB_PASS_BROKEN:
+                return self._broken(ring)
+            if code == lib.XKB_PASS_SLOW:
+                for k in range(counts[2]):
+                    i = ring.slow[k]
+                    self._serve(ring.reqs[i], ring.rsps[i])
+                if not lib.xkb_push(ring.pages, ring.nr_ents, ring.rsp_prod, ring.rsps, counts[1]):
+                    continue
+            self._notify(ring)
+
+    def _drain_pipelined(self, ring: BlkifRing) -> None:
+        """An image over NBD: every request through Python, reads and writes kept in flight."""
         while True:
             n = lib.xkb_take(ring.pages, ring.nr_ents, ring.req_cons, ring.reqs, ring.nr_ents)
             if n < 0:
-                ring.broken = True
-                log.warning("%s: req_prod is more than %d requests ahead of req_cons %d; ring stopped "
-                            "until the frontend reconnects", self.backend.label, ring.nr_ents, ring.req_cons[0])
-                return
+                return self._broken(ring)
             if n == 0:
                 if not lib.xkb_final_check(ring.pages, ring.req_cons[0]):
                     return
                 continue
-            d = self.disk
-            g = ring.segments
-            if d.pipelined:        # an image over NBD: every request here, reads and writes kept in flight
-                nslow, slow, g.hold = n, range(n), True
-            else:
-                nslow = lib.xkb_serve(d.fd, d.sectors, self.spec.readonly, g.rw_table, g.ro_table,
-                                      g.table_size, ring.reqs, ring.rsps, n, ring.slow)
-                slow = ring.slow
-            for k in range(nslow):
-                i = slow[k]
+            ring.segments.hold = True
+            for i in range(n):
                 self._serve(ring.reqs[i], ring.rsps[i])
-            if d.pipelined:
-                self._complete(final=True)
+            self._complete(final=True)
             self.stats["requests"] += n
             if lib.xkb_push(ring.pages, ring.nr_ents, ring.rsp_prod, ring.rsps, n):
-                t = time.perf_counter_ns()
-                self.stats["notifies"] += 1
-                self.domain.evtchn.notify(ring.port)
-                self.latency.notified(t)
+                self._notify(ring)
+
+    def _broken(self, ring: BlkifRing) -> None:
+        ring.broken = True
+        log.warning("%s: req_prod is more than %d requests ahead of req_cons %d; ring stopped "
+                    "until the frontend reconnects", self.backend.label, ring.nr_ents, ring.req_cons[0])
+
+    def _notify(self, ring: BlkifRing) -> None:
+        t = time.perf_counter_ns()
+        self.stats["notifies"] += 1
+        self.domain.evtchn.notify(ring.port)
+        self.latency.notified(t)
 
     def _serve(self, req, rsp) -> None:
         rsp.id = req.id
