@@ -328,8 +328,8 @@ def test_qmp_against_a_real_qemu(qemu_monitor):
 def test_the_qemu_line_has_a_qmp_socket(l1, tmp_path):
     cmd = runner.qemu_command("qemu", l1, tmp_path, memory_mb=512, cpus=1, qmp=tmp_path / "q")
     assert cmd[cmd.index("-qmp") + 1] == f"unix:{tmp_path / 'q'},server=on,wait=off"
-    assert "nokaslr" in runner.L1_CMDLINE.split()      # System.map addresses are L1's own
-    assert runner.system_map(l1) == l1.kernel.parent / "System.map-6.1"
+    assert "nokaslr" in runner.L1_CMDLINE.split()      # kallsyms' addresses are the same each boot
+    assert runner.kallsyms_cache(l1) == l1.kernel.parent / "kallsyms-6.1"
 
 
 def test_print_tail_shows_the_end_of_the_output(tmp_path, capsys):
@@ -406,3 +406,18 @@ def test_a_dead_l1_is_retried_once_then_reported(l1, tmp_path, monkeypatch, caps
     assert runs.read_text() == "run\nrun\n"
     err = capsys.readouterr().err
     assert "running it again in a fresh L1 (1 of 1)" in err
+
+
+def test_l1_writes_its_symbols_once_per_cache(l1, tmp_path):
+    """The first run asks for /proc/kallsyms (want-kallsyms), keeps what L1 wrote in the cache;
+    later runs do not ask again."""
+    out = tmp_path / "out"
+    l1.kernel.parent.mkdir(parents=True, exist_ok=True)
+    fake_qemu(tmp_path, f'echo "{image.READY} 2.5 6.1"; [ -e {out}/want-kallsyms ] && '
+                        f'echo "ffffffff81000000 T _stext" > {out}/kallsyms; printf "0\\n" > {out}/status')
+    runner.run(l1, ["true"], cwd=ROOT, out_dir=out, boot_timeout=30, timeout=60)
+    assert runner.kallsyms_cache(l1).read_text() == "ffffffff81000000 T _stext\n"
+    runner.run(l1, ["true"], cwd=ROOT, out_dir=out, boot_timeout=30, timeout=60)
+    assert not (out / "want-kallsyms").exists() and not (out / "kallsyms").exists()
+    script = runner.command_script(["true"], ROOT, {})
+    assert "/proc/kallsyms" in script and "want-kallsyms" in script

@@ -103,7 +103,8 @@ def registers_rip(text: str) -> tuple[int, int | None] | None:
 
 
 class SymbolMap:
-    """``System.map``: the kernel text symbol at or before an address (KASLR off: ``nokaslr``)."""
+    """``/proc/kallsyms`` or ``System.map`` (``address type name``): the kernel text symbol at or
+    before an address (KASLR off: ``nokaslr``)."""
 
     def __init__(self, text: str):
         pairs = []

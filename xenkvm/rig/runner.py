@@ -56,6 +56,10 @@ MAX_POKES = 3
 #: polling idle loop, looks like that: QEMU busy, nothing happening).  It is poked with an NMI
 #: and given ``HEARTBEAT_GRACE_S`` before the run is given up as :class:`L1Died`.
 HEARTBEAT = "heartbeat"
+#: L1's text symbols (``/proc/kallsyms``; ``nokaslr`` keeps them the same every boot): written
+#: by ``command.sh`` when the results share holds ``WANT_KALLSYMS``, once per rig cache.
+KALLSYMS = "kallsyms"
+WANT_KALLSYMS = "want-kallsyms"
 HEARTBEAT_EVERY_S = 5
 HEARTBEAT_LOST_S = 180
 HEARTBEAT_GRACE_S = 60
@@ -107,8 +111,10 @@ def command_script(argv: list[str], cwd: Path, env: dict[str, str]) -> str:
     """``command.sh``: run ``argv`` in ``cwd`` inside the chroot; output to the console and
     ``output.log``, exit status to ``status``."""
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
-    beat = f"{CHROOT_OUT}/{HEARTBEAT}"
+    beat, syms = f"{CHROOT_OUT}/{HEARTBEAT}", f"{CHROOT_OUT}/{KALLSYMS}"
     return (f"#!/bin/sh\nexport {exports}\ncd {shlex.quote(str(cwd))} || exit 1\n"
+            f"[ -e {CHROOT_OUT}/{WANT_KALLSYMS} ] && grep ' [tT] ' /proc/kallsyms > {syms}.new "
+            f"&& mv {syms}.new {syms}\n"
             f"( while cat /proc/uptime > {beat}.new && mv {beat}.new {beat}; do sleep {HEARTBEAT_EVERY_S}; "
             f"done ) </dev/null >/dev/null 2>&1 &\nbeat=$!\n"
             f"{{ {shlex.join(argv)}; echo $? > {CHROOT_OUT}/status; }} 2>&1 | tee {CHROOT_OUT}/output.log\n"
@@ -173,8 +179,10 @@ def run(image: L1Image, argv: list[str], *, cwd: Path, out_dir: Path, env: dict[
     check_cwd(cwd)
     qemu = qemu_binary()
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("status", "output.log", HEARTBEAT):
+    for stale in ("status", "output.log", HEARTBEAT, KALLSYMS, WANT_KALLSYMS):
         (out_dir / stale).unlink(missing_ok=True)
+    if not kallsyms_cache(image).exists():
+        (out_dir / WANT_KALLSYMS).touch()
     full_env = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb", RIG_ENV: RIG_NAME,
                 **(env or {})}
     (out_dir / "command.sh").write_text(command_script(argv, cwd, full_env))
@@ -185,7 +193,8 @@ def run(image: L1Image, argv: list[str], *, cwd: Path, out_dir: Path, env: dict[
     proc = spawn(cmd)
     try:
         console = _Console(proc.stdout, out_dir / "console.log", echo, t0)
-        watch = _Liveness(out_dir, _Poker(qmp_dir / "qmp", system_map(image)), t0, silent_after)
+        symbols = kallsyms_cache(image) if kallsyms_cache(image).exists() else out_dir / KALLSYMS
+        watch = _Liveness(out_dir, _Poker(qmp_dir / "qmp", symbols), t0, silent_after)
         why, dead = _wait(proc, console, watch, t0, boot_timeout, timeout)
     finally:
         if proc.poll() is None:     # an exception or a signal (KeyboardInterrupt) on our side
@@ -193,6 +202,7 @@ def run(image: L1Image, argv: list[str], *, cwd: Path, out_dir: Path, env: dict[
             proc.wait()
         shutil.rmtree(qmp_dir, ignore_errors=True)
     console.thread.join(timeout=5)
+    keep_kallsyms(image, out_dir)
     total = time.monotonic() - t0
     text = "\n".join(console.lines)
     if console.error:
@@ -235,9 +245,17 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def system_map(image: L1Image) -> Path:
-    """L1's kernel's ``System.map``, beside its vmlinuz (Debian's package layout)."""
-    return image.kernel.parent / f"System.map-{image.abi}"
+def kallsyms_cache(image: L1Image) -> Path:
+    """L1's kernel's text symbols, kept beside its vmlinuz once a run has read them (Debian's
+    ``System.map`` is a placeholder: "The real System.map is in the linux-image-...-dbg package")."""
+    return image.kernel.parent / f"kallsyms-{image.abi}"
+
+
+def keep_kallsyms(image: L1Image, out_dir: Path) -> None:
+    """Move the symbols L1 wrote (:data:`KALLSYMS`, asked by :data:`WANT_KALLSYMS`) into the cache."""
+    got = out_dir / KALLSYMS
+    if got.is_file() and got.stat().st_size > 0 and not kallsyms_cache(image).exists():
+        shutil.move(str(got), kallsyms_cache(image))
 
 
 def last_line(path: Path, chunk: int = 4096) -> str:
@@ -253,7 +271,7 @@ def last_line(path: Path, chunk: int = 4096) -> str:
 
 class _Poker:
     """Looks at L1 through QMP (where its CPU is: ``info registers``, symbolised with L1's
-    ``System.map``) and injects an NMI: a CPU that missed an interrupt takes the NMI, and Linux
+    text symbols, :func:`kallsyms_cache`) and injects an NMI: a CPU that missed an interrupt takes the NMI, and Linux
     says "NMI received for unknown reason" on the console."""
 
     def __init__(self, qmp_path: Path, symbols: Path):
