@@ -196,12 +196,14 @@ class BlockDevice(XenbusDevice):
         self._stamp_kicks()
         self.latency.serving()
         start = time.perf_counter_ns()
+        served = self.stats["requests"]
         try:
             for ring in self.rings:
                 if not ring.broken:
                     self.ring = ring
                     self._drain(ring)
         finally:
+            self.backend.policy.after_pass(self.stats["requests"] - served)
             end = time.perf_counter_ns()
             self.stats["busy_ns"] += end - start
             if end - self._latency_logged > LATENCY_LOG_NS:
