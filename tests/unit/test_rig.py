@@ -252,7 +252,7 @@ def test_registers_rip_and_symbols():
                          "ffffffff81c3b300 t other\nffffffff82000000 D some_data\n")
     assert syms.name(0xffffffff81c3b2a6) == "default_idle+0x26"
     assert syms.name(0x401000) is None                       # user space (L1's or L2's)
-    assert runner.where(regs, syms) == "RIP 0xffffffff81c3b2a6 (default_idle+0x26) CPL 0"
+    assert runner.where(regs, syms) == "RIP 0xffffffff81c3b2a6 (default_idle+0x26 if L1's) CPL 0"
     assert "not L1 kernel text" in runner.where("RIP=0000000000401000 CPL=3", syms)
     assert qmp.SymbolMap.load(Path("/nonexistent/System.map")).name(0xffffffff81000000) is None
 
@@ -404,8 +404,10 @@ def test_a_dead_l1_is_retried_once_then_reported(l1, tmp_path, monkeypatch, caps
     with pytest.raises(runner.L1Died, match="L1 died: no heartbeat.*last output line: tests/a.py::t"):
         rig_main.run_retrying(l1, ["true"], out, args)
     assert runs.read_text() == "run\nrun\n"
-    err = capsys.readouterr().err
-    assert "running it again in a fresh L1 (1 of 1)" in err
+    captured = capsys.readouterr()
+    assert "running it again in a fresh L1 (1 of 1); the dead one's console is" in captured.err
+    assert (out / "console-dead-1.log").is_file() and (out / "console-dead-2.log").is_file()
+    assert "lines of the dead L1's console:" in captured.out
 
 
 def test_l1_writes_its_symbols_once_per_cache(l1, tmp_path):

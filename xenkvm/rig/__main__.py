@@ -42,14 +42,29 @@ def build_guests() -> None:
 FAILED_TAIL = 60
 
 
-def print_tail(path: Path, lines: int = FAILED_TAIL) -> None:
-    """The end of the command's output: where a run that the rig gave up on had got to."""
+def print_tail(path: Path, lines: int = FAILED_TAIL, what: str = "the command's output") -> None:
+    """The end of a file: where a run that the rig gave up on had got to."""
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
         return
-    print(f"rig: the last {min(lines, len(text))} lines of the command's output:")
+    print(f"rig: the last {min(lines, len(text))} lines of {what}:")
     print("\n".join(text[-lines:]))
+
+
+#: Lines of a dead L1's console shown (its kernel's last words, if it had any).
+DEAD_CONSOLE_TAIL = 30
+
+
+def keep_console(out: Path, attempt: int) -> Path:
+    """Keep a dead L1's console beside the next one's (``console-dead-N.log``) and show its end."""
+    kept = out / f"console-dead-{attempt}.log"
+    try:
+        (out / "console.log").replace(kept)
+    except OSError:
+        return kept
+    print_tail(kept, DEAD_CONSOLE_TAIL, what="the dead L1's console")
+    return kept
 
 
 def run_retrying(l1: image.L1Image, cmd: list[str], out: Path, a: argparse.Namespace) -> runner.RigResult:
@@ -63,10 +78,13 @@ def run_retrying(l1: image.L1Image, cmd: list[str], out: Path, a: argparse.Names
         except runner.RigError as e:
             if a.quiet:
                 print_tail(out / "output.log")
-            if not isinstance(e, runner.L1Died) or attempt == a.retry_dead:
+            if not isinstance(e, runner.L1Died):
+                raise
+            kept = keep_console(out, attempt + 1)
+            if attempt == a.retry_dead:
                 raise
             print(f"rig: {e}\nrig: L1 died under the command: running it again in a fresh L1 "
-                  f"({attempt + 1} of {a.retry_dead})", file=sys.stderr)
+                  f"({attempt + 1} of {a.retry_dead}); the dead one's console is {kept}", file=sys.stderr)
     raise AssertionError("the loop returns or raises")
 
 

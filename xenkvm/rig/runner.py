@@ -281,10 +281,14 @@ class _Poker:
         """Where L1's CPU was (or why QMP could not say); the NMI is sent if QMP answers."""
         try:
             with qmp.Qmp(self._qmp) as mon:
-                report = where(mon.hmp("info registers"), qmp.SymbolMap.load(self._symbols))
+                registers = mon.hmp("info registers")
+                report = where(registers, qmp.SymbolMap.load(self._symbols))
                 mon.execute("inject-nmi")
         except qmp.QmpError as e:
             return str(e)
+        # All of it: under TCG's SVM the registers are L2's while a nested guest runs (CR3, EFER
+        # and the segments tell which), so the symbol alone may name the wrong kernel.
+        log.warning("L1's CPU when poked (QMP info registers):\n%s", registers.rstrip())
         return report
 
 
@@ -396,7 +400,7 @@ def where(registers: str, symbols: qmp.SymbolMap) -> str:
         return "no RIP in info registers"
     rip, cpl = found
     name = symbols.name(rip)
-    return f"RIP {rip:#018x}" + (f" ({name})" if name else " (not L1 kernel text: L1 user or L2)") \
+    return f"RIP {rip:#018x}" + (f" ({name} if L1's)" if name else " (not L1 kernel text: L1 user or L2)") \
         + (f" CPL {cpl}" if cpl is not None else "")
 
 
