@@ -423,3 +423,8 @@ def test_l1_writes_its_symbols_once_per_cache(l1, tmp_path):
     assert not (out / "want-kallsyms").exists() and not (out / "kallsyms").exists()
     script = runner.command_script(["true"], ROOT, {})
     assert "/proc/kallsyms" in script and "want-kallsyms" in script
+
+
+def test_the_logged_registers_stop_before_the_fpu():
+    text = "RAX=0 RBX=0\nRIP=ffffffff81000000 CPL=0\nCR0=80050033 CR3=1000\nFCW=037f FSW=0000\nYMM00=0 0 0 0\n"
+    assert runner.general_registers(text) == "RAX=0 RBX=0\nRIP=ffffffff81000000 CPL=0\nCR0=80050033 CR3=1000"

@@ -288,7 +288,7 @@ class _Poker:
             return str(e)
         # All of it: under TCG's SVM the registers are L2's while a nested guest runs (CR3, EFER
         # and the segments tell which), so the symbol alone may name the wrong kernel.
-        log.warning("L1's CPU when poked (QMP info registers):\n%s", registers.rstrip())
+        log.warning("L1's CPU when poked (QMP info registers):\n%s", general_registers(registers))
         return report
 
 
@@ -391,6 +391,17 @@ class _Liveness:
 
     def summary(self) -> str:
         return self.silence.summary()
+
+
+def general_registers(registers: str) -> str:
+    """``info registers`` up to its FPU and vector state (FCW=, FPR, XMM, YMM lines): the
+    general, segment, control and descriptor-table registers."""
+    keep = []
+    for line in registers.splitlines():
+        if line.startswith(("FCW=", "FPR", "XMM", "YMM", "ZMM")):
+            break
+        keep.append(line)
+    return "\n".join(keep)
 
 
 def where(registers: str, symbols: qmp.SymbolMap) -> str:
