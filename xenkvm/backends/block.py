@@ -16,8 +16,9 @@ in one C call (``xkb_pass``, without the GIL): every request between
 reads and writes whose pages are persistent grants already mapped are checked
 and served there (``xkb_serve``) and answered; the rest here, with
 ``os.preadv``/``os.pwritev`` straight into/out of the granted pages
-(memoryviews of the GrantMapping: no copy, no per-byte Python).  The responses go back in one push with
-``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY``'s rule, then
+(memoryviews of the GrantMapping: no copy, no per-byte Python).  The
+responses go back in one push with ``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY``'s
+rule, then
 ``RING_FINAL_CHECK_FOR_REQUESTS`` before sleeping.
 
 Everything in a request is hostile: "a request with a bad grant, a sector past

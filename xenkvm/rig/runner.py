@@ -338,6 +338,11 @@ class _Silence:
                 f"last output line: {last_line(self._output) or '(none)'}")
 
 
+def _uptime(beat: str | None) -> str:
+    """L1's uptime in a heartbeat (``/proc/uptime``'s first field), '?' if none."""
+    return beat.split()[0] if beat else "?"
+
+
 class _Heartbeat:
     """L1's heartbeat file (:data:`HEARTBEAT`): lost for ``HEARTBEAT_LOST_S``, L1 is poked; still
     lost ``HEARTBEAT_GRACE_S`` later, L1 is dead."""
@@ -358,7 +363,7 @@ class _Heartbeat:
         if beat != self._seen:
             if self._poked_at is not None and beat is not None:
                 log.warning("L1's heartbeat came back %.0fs after the NMI (L1 uptime %s)",
-                            now - self._poked_at, beat.split()[0] if beat else "?")
+                            now - self._poked_at, _uptime(beat))
             self._seen, self._since, self._poked_at = beat, now, None
             return ""
         if beat is None:
@@ -367,11 +372,11 @@ class _Heartbeat:
             if now - self._since > HEARTBEAT_LOST_S:
                 self._poked_at, self._report = now, self._poker.poke()
                 log.warning("L1's heartbeat lost for %.0fs (L1 uptime %s then); L1's CPU: %s; NMI injected",
-                            now - self._since, beat.split()[0] if beat else "?", self._report)
+                            now - self._since, _uptime(beat), self._report)
             return ""
         if now - self._poked_at < HEARTBEAT_GRACE_S:
             return ""
-        return (f"L1 died: no heartbeat for {now - self._since:.0f}s (L1 uptime {beat.split()[0] if beat else '?'} "
+        return (f"L1 died: no heartbeat for {now - self._since:.0f}s (L1 uptime {_uptime(beat)} "
                 f"at the last), an NMI did not wake it; L1's CPU: {self._report}")
 
 
@@ -379,9 +384,9 @@ class _Liveness:
     """Both watches over a running command: L1's heartbeat and the command's output."""
 
     def __init__(self, out_dir: Path, poker: _Poker, now: float, silent_after: float = SILENT_S):
-        self.heartbeat = _Heartbeat(out_dir / HEARTBEAT, poker, now)
-        self.silence = _Silence(out_dir / "output.log", poker, now, silent_after)
         self._output = out_dir / "output.log"
+        self.heartbeat = _Heartbeat(out_dir / HEARTBEAT, poker, now)
+        self.silence = _Silence(self._output, poker, now, silent_after)
 
     def check(self, now: float) -> str:
         """'' while L1 lives; why it is dead (its last output line named) otherwise."""
