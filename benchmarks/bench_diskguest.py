@@ -158,13 +158,14 @@ def guest_image(work: Path, size_mib: int, seconds: float) -> tuple[Path, Path]:
     return root, disk
 
 
-def xenkvm_cmd(work: Path, root: Path, disk: Path, xen_extra: str = "") -> list[str]:
-    """``xen_extra``: more ``xen:`` keys (a variant row), e.g. ``pv_time: false``."""
+def xenkvm_cmd(work: Path, root: Path, disk: Path, xen_extra: str = "", cmdline_extra: str = "") -> list[str]:
+    """``xen_extra``: more ``xen:`` keys (a variant row), e.g. ``pv_time: false``; ``cmdline_extra``:
+    more guest kernel arguments (a guest-side variant row), e.g. ``xen_blkfront.feature_persistent=0``."""
     from xenkvm.images import XEN_CMDLINE
     cfg = work / "disk.yaml"
     cfg.write_text(
         f"name: diskbench\nkernel: {CACHE / 'vmlinuz'}\ninitrd: {CACHE / 'initramfs-disk.cpio.gz'}\n"
-        f"boot: pvh\nmemory: 256M\nvcpus: 1\nconsole: stdio\ncmdline: \"{XEN_CMDLINE} pci=off\"\n"
+        f"boot: pvh\nmemory: 256M\nvcpus: 1\nconsole: stdio\ncmdline: \"{XEN_CMDLINE} pci=off{' ' + cmdline_extra if cmdline_extra else ''}\"\n"
         f"xen:\n  version: \"4.17\"\n  domid: 1\n  hypercall_trap: auto\n"
         + "".join(f"  {line}\n" for line in xen_extra.splitlines()) +
         f"disks:\n  - \"format=raw, vdev=xvda, access=rw, target={root}\"\n"
@@ -186,9 +187,9 @@ VARIANTS = {"pv_time_off": "pv_time: false", "fast_path_off": "fast_path: false"
 
 
 def inner(size: int, seconds: float, timeout: float, compare: Path | None = None,
-          variants: tuple[str, ...] = ()) -> int:
+          variants: tuple[str, ...] = (), guest_args: tuple[str, ...] = ()) -> int:
     """In L1: the floor, xenkvm (and xenkvm from the ``compare`` checkout, and xenkvm with each
-    of ``variants``' ``xen:`` keys), QEMU."""
+    of ``variants``' ``xen:`` keys, and with each of ``guest_args`` on the guest's command line), QEMU."""
     mount_debugfs()
     with tempfile.TemporaryDirectory(prefix="diskbench-") as tmp:
         work = Path(tmp)
@@ -208,6 +209,8 @@ def inner(size: int, seconds: float, timeout: float, compare: Path | None = None
             if label.startswith("xenkvm"):
                 for v in variants:
                     variant_row(work, VARIANTS[v], size, seconds, timeout)
+                for arg in guest_args:
+                    guest_arg_row(work, arg, size, seconds, timeout)
     return 0
 
 
@@ -230,6 +233,16 @@ def variant_row(work: Path, key: str, size: int, seconds: float, timeout: float)
     shutil.rmtree(sub)
 
 
+def guest_arg_row(work: Path, arg: str, size: int, seconds: float, timeout: float) -> None:
+    """The xenkvm row again with ``arg`` added to the guest kernel's command line (a frontend
+    setting: ``xen_blkfront.max_indirect_segments=256``, ``xen_blkfront.feature_persistent=0``)."""
+    sub = work / f"arg{abs(hash(arg))}"
+    sub.mkdir()
+    root, disk = guest_image(sub, size, seconds)
+    run_bench(f"xenkvm, guest {arg}, Debian xvdb", xenkvm_cmd(sub, root, disk, cmdline_extra=arg), timeout)
+    shutil.rmtree(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=128, help="MiB written and read sequentially (default 128)")
@@ -241,10 +254,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the xenkvm row with xen.pv_time: false (docs/linux-xen.md)")
     p.add_argument("--fast-path-off", action="store_true",
                    help="also run the xenkvm row with xen.fast_path: false (kicks and timers through Python)")
+    p.add_argument("--guest-arg", action="append", default=[], metavar="ARG",
+                   help="also run the xenkvm row with ARG on the guest's command line (repeatable)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.inner:
-        return inner(a.size, a.seconds, a.timeout / 3, a.compare, tuple(v for v in VARIANTS if getattr(a, v)))
+        return inner(a.size, a.seconds, a.timeout / 3, a.compare, tuple(v for v in VARIANTS if getattr(a, v)),
+                     tuple(a.guest_arg))
     for f in ("vmlinuz", "initramfs-disk.cpio.gz", "rootfs.ext4"):
         if not (CACHE / f).is_file():
             print("bench_diskguest: no root file system image: run `make rootfs-image` first", file=sys.stderr)
@@ -263,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.compare is not None:
                 cmd += ["--compare", str(a.compare.resolve())]
             cmd += [f"--{v.replace('_', '-')}" for v in VARIANTS if getattr(a, v)]
+            cmd += [f"--guest-arg={arg}" for arg in a.guest_arg]
             res = runner.run(l1, cmd, cwd=ROOT, out_dir=Path(tmp), timeout=a.timeout, echo=sys.stdout)
     except (image.RigImageError, runner.RigError) as e:
         print(f"bench_diskguest: {e}", file=sys.stderr)

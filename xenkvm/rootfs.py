@@ -61,11 +61,18 @@ INITRAMFS_STEP = "xenkvm-initramfs:"
 NET_UP = "XENKVM-NET-UP"
 SHELL_BANNER = "XENKVM-SHELL"
 
+#: kmod's modprobe passes a module the ``module.param=value`` words of the kernel command line
+#: (``xen_blkfront.max_indirect_segments=256``); busybox's insmod does not, so the inits do
+#: (``$(modopts xen_blkfront)``).
+MODOPTS = ("modopts() { for w in $(cat /proc/cmdline); do "
+           "case \"$w\" in \"$1\".*=*) echo \"${w#\"$1\".}\" ;; esac; done; }")
+
 #: The initramfs of a disk boot: blkfront in, /dev/xvda mounted, switch_root to its /sbin/init
 #: (``xenkvm.root=/dev/vda`` on the command line: virtio-blk instead, for the QEMU baseline).
 DISK_INIT = f"""#!/bin/sh
 export PATH=/bin
 fail() {{ echo "{ROOTFS_ERROR}: $*"; dmesg | tail -20; poweroff -f; }}
+{MODOPTS}
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
@@ -73,8 +80,8 @@ root=/dev/xvda
 for w in $(cat /proc/cmdline); do case "$w" in xenkvm.root=/dev/*) root="${{w#xenkvm.root=}}" ;; esac; done
 echo "{INITRAMFS_STEP} waiting for $root"
 case "$root" in
-/dev/vd*) for m in {" ".join(VIRTIO_MODULES)}; do insmod /lib/modules/$m.ko || fail "insmod $m.ko"; done ;;
-*) insmod /lib/modules/xen-blkfront.ko || fail "insmod xen-blkfront.ko" ;;
+/dev/vd*) for m in {" ".join(VIRTIO_MODULES)}; do insmod /lib/modules/$m.ko $(modopts $m) || fail "insmod $m.ko"; done ;;
+*) insmod /lib/modules/xen-blkfront.ko $(modopts xen_blkfront) || fail "insmod xen-blkfront.ko" ;;
 esac
 i=0
 while [ ! -b $root ] && [ $i -lt 600 ]; do usleep 50000; i=$((i+1)); done
@@ -91,6 +98,7 @@ exec switch_root /newroot /sbin/init
 #: else a shell on hvc0.
 ROOTFS_INIT = f"""#!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+{MODOPTS}
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
@@ -102,7 +110,7 @@ for w in $(cat /proc/cmdline); do
     case "$w" in xenkvm.ip=*) ip="${{w#xenkvm.ip=}}" ;; xenkvm.gw=*) gw="${{w#xenkvm.gw=}}" ;; esac
 done
 if [ -n "$ip" ]; then
-    [ -e /sys/module/xen_netfront ] || insmod /{NETFRONT_PATH} || echo "xenkvm: insmod xen-netfront.ko failed"
+    [ -e /sys/module/xen_netfront ] || insmod /{NETFRONT_PATH} $(modopts xen_netfront) || echo "xenkvm: insmod xen-netfront.ko failed"
     i=0
     while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do usleep 50000; i=$((i+1)); done
     ip link set lo up

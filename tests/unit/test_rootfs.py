@@ -69,3 +69,16 @@ def test_disk_initramfs_content(tmp_path: Path) -> None:
     init = (tmp_path / "init").read_text()
     assert "exec switch_root /newroot /sbin/init" in init and "insmod /lib/modules/xen-blkfront.ko" in init
     assert (tmp_path / "newroot").is_dir()
+
+
+def test_modopts_picks_one_modules_words_of_the_command_line() -> None:
+    """The inits' ``modopts``, run by the host's sh over a given command line (``cat`` stands in
+    for /proc/cmdline): only ``NAME.param=value`` words of that module, without the prefix."""
+    cmdline = ("ro xen_blkfront.max_indirect_segments=256 xenkvm.root=/dev/xvda "
+               "xen_blkfront.feature_persistent=0 xen_blkfrontx.a=1 xen_blkfront.flag")
+    script = f"{rootfs.MODOPTS}\ncat() {{ echo '{cmdline}'; }}\nmodopts xen_blkfront; modopts virtio_blk"
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["max_indirect_segments=256", "feature_persistent=0"]
+    for init in (rootfs.DISK_INIT, rootfs.ROOTFS_INIT):
+        assert rootfs.MODOPTS in init
+    assert "insmod /lib/modules/xen-blkfront.ko $(modopts xen_blkfront)" in rootfs.DISK_INIT
