@@ -5,10 +5,11 @@ One run, side by side, on the same 64 MiB image in the same directory:
 * **backend**: guests/xen_blkfront.c (``xk.blk_bench``) keeps a two-page ring
   (64 requests) full of sequential 4 KiB (one segment) and 64 KiB (indirect,
   16 segments) writes and reads, one kick per batch, three ways:
-  *persistent* (feature-persistent: the C fast path), *map* (no persistent
-  grants: each page mapped for its request, preadv/pwritev on the mappings)
-  and *copy* (no persistent grants: the grant copy API through one
-  preallocated buffer, as QEMU's xen-block does).  Two
+  *persistent* (feature-persistent: the C fast path on the kept pages), *map*
+  (no persistent grants: the C fast path claims each page's grant entry for
+  its request, preadv/pwritev straight into the pages; the Python mapping path
+  only for what it leaves) and *copy* (no persistent grants: the grant copy API
+  through one preallocated buffer, as QEMU's xen-block does, in Python).  Two
   figures per row: *busy* is the backend's own time (its worker serving
   kicks: ring copy-out, checks, grant lookups, preadv/pwritev, responses,
   notify), i.e. the ceiling of the backend itself; *wall* is what the guest
@@ -73,7 +74,7 @@ class Marks(ConsoleLines):
 
 
 def run_backend(image: Path, reqs: int, mode: str, batch: int = 0, fmt: str = "raw") -> list[dict]:
-    """One guest run; ``mode``: persistent (C fast path), map or copy (per-request grants, Python);
+    """One guest run; ``mode``: persistent or map (C fast path) or copy (per-request grant copies, Python);
     ``batch``: requests per kick (0: a full ring); ``fmt``: the image's format (bench_blkimage.py)."""
     kernel = ROOT / "guests" / "out" / "xen_blkfront.elf"
     extra = "" if mode == "persistent" else " xk.blk_bench_nopersist"
@@ -81,7 +82,8 @@ def run_backend(image: Path, reqs: int, mode: str, batch: int = 0, fmt: str = "r
     cfg = GuestConfig(name="bench-blkback", kernel=kernel,
                       cmdline=f"xk.trap=page xk.blk_bench xk.blk_bench_reqs={reqs}{extra}",
                       memory=64 << 20, vcpus=1, console="none", xen=XenConfig(),
-                      disks=(parse_disk(f"format={fmt}, vdev=xvda, target={image}", image.parent),))
+                      disks=(parse_disk(f"format={fmt}, vdev=xvda, {'' if mode == 'persistent' else 'no-'}persistent, "
+                                        f"target={image}", image.parent),))
     marks = Marks()
     sink = ConsoleSink(None)
     sink.add_listener(marks.feed)

@@ -22,7 +22,10 @@ L1's KVM exits per request (``/sys/kernel/debug/kvm``'s counters, read at each
 ``DISKBENCH-MARK`` the guest prints, divided by the requests the guest's own
 ``/sys/block/*/stat`` counted), so xenkvm's and virtio-blk's costs stand side by side.
 ``--pv-time-off`` adds the xenkvm row again with ``xen.pv_time: false``, ``--fast-path-off`` with
-``xen.fast_path: false`` (ring kicks and single-shot timers through Python, not C: xen/fastpath.py).  ``--compare DIR`` adds the xenkvm
+``xen.fast_path: false`` (ring kicks and single-shot timers through Python, not C: xen/fastpath.py),
+``--persistent`` with both disks offering persistent grants (blkfront then copies every byte
+between its persistent pages and the bio's), ``--guest-arg ARG`` with ARG on the guest's
+command line (``xen_blkfront.max_indirect_segments=256``).  ``--compare DIR`` adds the xenkvm
 row again with the xenkvm package of another built checkout (the commit before a change,
 say), in the same L1 boot, so a change is measured side by side.
 
@@ -158,9 +161,12 @@ def guest_image(work: Path, size_mib: int, seconds: float) -> tuple[Path, Path]:
     return root, disk
 
 
-def xenkvm_cmd(work: Path, root: Path, disk: Path, xen_extra: str = "", cmdline_extra: str = "") -> list[str]:
+def xenkvm_cmd(work: Path, root: Path, disk: Path, xen_extra: str = "", cmdline_extra: str = "",
+               disk_flags: str = "") -> list[str]:
     """``xen_extra``: more ``xen:`` keys (a variant row), e.g. ``pv_time: false``; ``cmdline_extra``:
-    more guest kernel arguments (a guest-side variant row), e.g. ``xen_blkfront.feature_persistent=0``."""
+    more guest kernel arguments (a guest-side variant row), e.g. ``xen_blkfront.max_indirect_segments=256``;
+    ``disk_flags``: more disk spec words for both disks, e.g. ``persistent``."""
+    flags = f" {disk_flags}," if disk_flags else ""
     from xenkvm.images import XEN_CMDLINE
     cfg = work / "disk.yaml"
     cfg.write_text(
@@ -168,8 +174,8 @@ def xenkvm_cmd(work: Path, root: Path, disk: Path, xen_extra: str = "", cmdline_
         f"boot: pvh\nmemory: 256M\nvcpus: 1\nconsole: stdio\ncmdline: \"{XEN_CMDLINE} pci=off{' ' + cmdline_extra if cmdline_extra else ''}\"\n"
         f"xen:\n  version: \"4.17\"\n  domid: 1\n  hypercall_trap: auto\n"
         + "".join(f"  {line}\n" for line in xen_extra.splitlines()) +
-        f"disks:\n  - \"format=raw, vdev=xvda, access=rw, target={root}\"\n"
-        f"  - \"format=raw, vdev=xvdb, access=rw, target={disk}\"\n")
+        f"disks:\n  - \"format=raw, vdev=xvda, access=rw,{flags} target={root}\"\n"
+        f"  - \"format=raw, vdev=xvdb, access=rw,{flags} target={disk}\"\n")
     return [sys.executable, "-m", "xenkvm", "-v", "run", str(cfg)]
 
 
@@ -182,8 +188,8 @@ def qemu_cmd(root: Path, disk: Path) -> list[str]:
             "-drive", f"file={root},if=virtio,format=raw", "-drive", f"file={disk},if=virtio,format=raw"]
 
 
-#: the variant rows: option -> the ``xen:`` key it sets
-VARIANTS = {"pv_time_off": "pv_time: false", "fast_path_off": "fast_path: false"}
+#: the variant rows: option -> the ``xen:`` key it sets, or (``disk:``) the disk spec word it adds
+VARIANTS = {"pv_time_off": "pv_time: false", "fast_path_off": "fast_path: false", "persistent": "disk: persistent"}
 
 
 def inner(size: int, seconds: float, timeout: float, compare: Path | None = None,
@@ -229,7 +235,11 @@ def variant_row(work: Path, key: str, size: int, seconds: float, timeout: float)
     sub = work / key.split(":")[0]
     sub.mkdir()
     root, disk = guest_image(sub, size, seconds)
-    run_bench(f"xenkvm {key.replace(': ', '=')}, Debian xvdb", xenkvm_cmd(sub, root, disk, key), timeout)
+    if key.startswith("disk: "):
+        cmd = xenkvm_cmd(sub, root, disk, disk_flags=key[len("disk: "):])
+    else:
+        cmd = xenkvm_cmd(sub, root, disk, key)
+    run_bench(f"xenkvm {key.replace(': ', '=')}, Debian xvdb", cmd, timeout)
     shutil.rmtree(sub)
 
 
@@ -254,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the xenkvm row with xen.pv_time: false (docs/linux-xen.md)")
     p.add_argument("--fast-path-off", action="store_true",
                    help="also run the xenkvm row with xen.fast_path: false (kicks and timers through Python)")
+    p.add_argument("--persistent", action="store_true",
+                   help="also run the xenkvm row with both disks offering persistent grants (`persistent`)")
     p.add_argument("--guest-arg", action="append", default=[], metavar="ARG",
                    help="also run the xenkvm row with ARG on the guest's command line (repeatable)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)

@@ -10,7 +10,11 @@ Supported: ``format`` raw (served directly with preadv/pwritev) and qcow,
 qcow2, vhd, vmdk, qed, vdi (served by qemu-storage-daemon over NBD:
 backends/imagedisk.py); ``access`` r/ro/w/rw; ``devtype`` disk/cdrom;
 ``backendtype`` phy/qdisk/tap (all served by the same in-VMM backend);
-``discard``/``no-discard``; ``backing``/``no-backing`` (ours: xl.cfg has no such key; whether
+``discard``/``no-discard``; ``persistent``/``no-persistent`` (ours, like Linux blkback's
+``feature_persistent``: whether the vbd offers ``feature-persistent``; off by default for raw,
+whose C path claims each page for its request, so the guest copies nothing, on for the
+NBD-served formats, whose Python path keeps the mappings: docs/pv-backends.md);
+``backing``/``no-backing`` (ours: xl.cfg has no such key; whether
 the backing file an image's header names is opened, for the formats that have one; off unless given,
 since an image from elsewhere could name any host file); vdevs ``xvdX``, ``hdX``, ``sdX`` (with partition
 numbers) or a bare number.  Every problem is a ConfigError naming the key.
@@ -27,8 +31,9 @@ from pathlib import Path
 from xenkvm.config import ConfigError
 
 KEYS = ("target", "format", "vdev", "access", "devtype", "backendtype", "discard", "no-discard",
-        "direct-io-safe", "backing", "no-backing")
-FLAGS = ("discard", "no-discard", "direct-io-safe", "backing", "no-backing")   #: keys given as a bare word
+        "direct-io-safe", "backing", "no-backing", "persistent", "no-persistent")
+#: keys given as a bare word
+FLAGS = ("discard", "no-discard", "direct-io-safe", "backing", "no-backing", "persistent", "no-persistent")
 FORMATS = ("raw", "qcow", "qcow2", "vhd", "vmdk", "qed", "vdi")
 BACKING_FORMATS = ("qcow", "qcow2", "vmdk", "qed")   #: the formats whose header may name a backing file
 _VDEV = re.compile(r"^(xvd|hd|sd)([a-z]+)(\d*)$")
@@ -48,6 +53,8 @@ class DiskSpec:
     #: open the backing file the image's header names (``backing``); off by default: the header is the
     #: image's, and an image from elsewhere could name any file the VMM can read
     backing: bool = False
+    #: offer ``feature-persistent`` (``persistent``/``no-persistent``; parse_disk's default: not for raw)
+    persistent: bool = False
 
 
 def _disk_index(letters: str) -> int:
@@ -175,6 +182,8 @@ def parse_disk(text: object, base: Path) -> DiskSpec:
         raise ConfigError(f"disks: backendtype={backend!r}: expected phy, qdisk or tap")
     if "backing" in keys and "no-backing" in keys:
         raise ConfigError(f"disks: both 'backing' and 'no-backing' in {text!r}")
+    if "persistent" in keys and "no-persistent" in keys:
+        raise ConfigError(f"disks: both 'persistent' and 'no-persistent' in {text!r}")
     if "backing" in keys and fmt not in BACKING_FORMATS:
         raise ConfigError(f"disks: 'backing': format={fmt} has no backing file ({', '.join(BACKING_FORMATS)} do)")
     try:
@@ -183,7 +192,8 @@ def parse_disk(text: object, base: Path) -> DiskSpec:
         raise ConfigError(f"disks: vdev={keys['vdev']!r}: expected xvdX, hdX, sdX or a number") from None
     return DiskSpec(target=_target(keys["target"], base), vdev=keys["vdev"], devid=devid,
                     readonly=access in ("r", "ro") or devtype == "cdrom", cdrom=devtype == "cdrom",
-                    discard="no-discard" not in keys, format=fmt, backing="backing" in keys)
+                    discard="no-discard" not in keys, format=fmt, backing="backing" in keys,
+                    persistent="persistent" in keys or (fmt != "raw" and "no-persistent" not in keys))
 
 
 def parse_disks(value: object, base: Path) -> tuple[DiskSpec, ...]:

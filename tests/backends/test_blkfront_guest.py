@@ -114,11 +114,15 @@ def to_raw(image: Path, fmt: str) -> Path:
     return out
 
 
-def test_blkfront_reads_writes_flushes(tmp_path, kernel):
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "no-persistent"])
+def test_blkfront_reads_writes_flushes(tmp_path, kernel, persistent):
+    """The well-behaved scenario with the disk offering persistent grants (the C path on kept
+    pages) and not (the raw default: the C path claims each page for its request)."""
     a, b = images(tmp_path)
-    r = run(tmp_path, kernel, "xk.trap=page", [f"format=raw, vdev=xvda, access=rw, target={a}",
+    flag = "persistent" if persistent else "no-persistent"
+    r = run(tmp_path, kernel, "xk.trap=page", [f"format=raw, vdev=xvda, access=rw, {flag}, target={a}",
                                                f"{b},raw,xvdb,ro"])
-    check_well_behaved_run(r, a, b)
+    check_well_behaved_run(r, a, b, persistent)
 
 
 FAST_SENDS = re.compile(r"hypercall fast path: (\d+) EVTCHNOP_send, \d+ single-shot timer calls completed in C")
@@ -130,7 +134,7 @@ def test_ring_kicks_in_c_and_in_python_serve_alike(tmp_path, kernel, fast):
     with ``fast_path: false`` (every hypercall in Python): every check passes and the images
     hold the same bytes either way; only the first completes sends in C."""
     a, b = images(tmp_path)
-    r = run(tmp_path, kernel, "xk.trap=page", [f"format=raw, vdev=xvda, access=rw, target={a}",
+    r = run(tmp_path, kernel, "xk.trap=page", [f"format=raw, vdev=xvda, access=rw, persistent, target={a}",
                                                f"{b},raw,xvdb,ro"],
             xen=f"  fast_path: {'true' if fast else 'false'}\n", verbose=True)
     check_well_behaved_run(r, a, b)
@@ -141,9 +145,9 @@ def test_ring_kicks_in_c_and_in_python_serve_alike(tmp_path, kernel, fast):
         assert m is None and "fast path" not in r.stderr
 
 
-def check_well_behaved_run(r: subprocess.CompletedProcess, a: Path, b: Path) -> None:
+def check_well_behaved_run(r: subprocess.CompletedProcess, a: Path, b: Path, persistent: bool = True) -> None:
     """The guest's checks of the well-behaved scenario passed, and raw images ``a`` (rw) and ``b`` (ro)
-    hold exactly what it wrote."""
+    hold exactly what it wrote; ``persistent``: ``a`` offered persistent grants."""
     assert assert_passed(r) >= 30
     assert "blk.reconnect_two_page_ring" in r.stdout and "blk.full_multipage_ring" in r.stdout
     assert sectors(a, 8, 96) == pattern(8, 96, 1)             # the 11 + 1 segment batch
@@ -155,7 +159,8 @@ def check_well_behaved_run(r: subprocess.CompletedProcess, a: Path, b: Path) -> 
     assert "PASS blk.discard" in r.stdout
     assert sectors(a, 2048, 64) == pattern(2048, 64, 1)       # the 16-segment indirect write
     assert sectors(a, 3000, 8) == pattern(3000, 8, 1)         # written through the second queue
-    for name in ("blk.indirect_rw", "blk.indirect_bad_page", "blk.persistent_grant_kept", "blk.grants_released",
+    grant = "blk.persistent_grant_kept" if persistent else "blk.request_grant_released"
+    for name in ("blk.indirect_rw", "blk.indirect_bad_page", grant, "blk.grants_released",
                  "blk.multiqueue_rw", "blk.multiqueue_second_port_notified"):
         assert f"PASS {name}" in r.stdout
     assert a.stat().st_size == SECTORS * 512                  # nothing written past the end
@@ -165,7 +170,7 @@ def check_well_behaved_run(r: subprocess.CompletedProcess, a: Path, b: Path) -> 
 def test_hostile_frontend_and_a_good_disk(tmp_path, kernel):
     a, b = images(tmp_path)
     r = run(tmp_path, kernel, "xk.trap=page xk.blk_hostile",
-            [f"vdev=xvda, target={a}", f"vdev=xvdb, access=rw, target={b}"])
+            [f"vdev=xvda, persistent, target={a}", f"vdev=xvdb, access=rw, target={b}"])
     assert assert_passed(r) >= 40
     for name in ("hostile.unknown_op", "hostile.ungranted_ref", "hostile.far_ahead_not_served",
                  "blk.good_disk_after_attack.read_back", "blk.attacked_disk_after_reconnect.read_back"):

@@ -42,6 +42,16 @@ def test_backing_files_only_when_asked(img):
     assert not parse_disk("format=qed, vdev=xvda, no-backing, target=root.img", img.parent).backing
 
 
+def test_persistent_grants_offered_by_default_only_where_python_serves(img):
+    """``persistent``/``no-persistent`` (ours): raw disks do not offer feature-persistent unless asked
+    (their C path claims each page, the guest copies nothing), NBD-served formats do unless told not."""
+    assert not parse_disk("format=raw, vdev=xvda, target=root.img", img.parent).persistent
+    assert parse_disk("format=raw, vdev=xvda, persistent, target=root.img", img.parent).persistent
+    assert parse_disk("root.img,raw,xvdb,ro,persistent", img.parent).persistent
+    assert parse_disk("format=qcow2, vdev=xvda, target=root.img", img.parent).persistent
+    assert not parse_disk("format=qcow2, vdev=xvda, no-persistent, target=root.img", img.parent).persistent
+
+
 def test_target_last_may_hold_commas(tmp_path):
     p = tmp_path / "a,b.img"
     p.write_bytes(bytes(4096))
@@ -74,6 +84,7 @@ def test_vdev_numbers(vdev, devid):
     ("vdev=xvda, backing, target=root.img", "format=raw has no backing file"),
     ("format=vhd, vdev=xvda, backing, target=root.img", "format=vhd has no backing file"),
     ("format=qcow2, vdev=xvda, backing, no-backing, target=root.img", "both 'backing' and 'no-backing'"),
+    ("vdev=xvda, persistent, no-persistent, target=root.img", "both 'persistent' and 'no-persistent'"),
     ("", "expected a string"),
 ])
 def test_bad_specs_name_the_key(img, spec, word):

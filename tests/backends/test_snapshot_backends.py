@@ -85,7 +85,7 @@ def _snapshot(tmp: Path, fmt: str = "raw") -> tuple[Path, Path]:
     y.write_text(f"name: blk-snap\nkernel: {GUESTS / 'out' / 'xen_blkfront.elf'}\n"
                  "cmdline: \"xk.trap=page xk.blk_snapshot\"\nmemory: 64M\nvcpus: 1\n"
                  f"xen:\n  domid: 1\n  hypercall_trap: auto\ndisks:\n"
-                 f"  - \"format={fmt}, vdev=xvda, access=rw, target={disk}\"\n")
+                 f"  - \"format={fmt}, vdev=xvda, access=rw, persistent, target={disk}\"\n")
     path = tmp / "blk.snap"
     r = _run(str(y), "--snapshot-on-port", str(path), "--stop-after-snapshot", sock=tmp / "xs.sock")
     assert r.returncode == 130 and "before snapshot" in r.stdout and "FAIL" not in r.stdout, r.stdout + r.stderr

@@ -113,15 +113,18 @@ class BlkifRing:
         self.mappings = []
 
 
-def open_rings(domain, keys: dict[str, str], kick: Callable[[], None] | int) -> list[BlkifRing]:
+def open_rings(domain, keys: dict[str, str], kick: Callable[[], None] | int,
+               offered_persistent: bool = True) -> list[BlkifRing]:
     """Map and bind every queue the frontend set up; all or nothing.
 
     ``kick``: the worker's eventfd each queue's port is bound to (xen/fastpath.py: a guest's
-    kick wakes the worker from the vCPU's C loop), or a callback run in the sender's thread."""
+    kick wakes the worker from the vCPU's C loop), or a callback run in the sender's thread.
+    Persistent grants are used when the frontend asks for them and the backend offered them
+    (``offered_persistent``: its ``feature-persistent``), as Linux's blkback decides."""
     protocol = keys.get("protocol", "x86_64-abi") or "x86_64-abi"
     if protocol != "x86_64-abi":
         raise ConnectError(f"protocol {protocol[:32]!r} not supported (x86_64-abi only)")
-    persistent = keys.get("feature-persistent", "0").strip() == "1"
+    persistent = offered_persistent and keys.get("feature-persistent", "0").strip() == "1"
     queues = 1
     if "multi-queue-num-queues" in keys:
         queues = _number(keys, "multi-queue-num-queues", MAX_QUEUES + 1)

@@ -13,8 +13,9 @@ and ``protocol``, per queue under ``queue-N/`` when it uses several
 I/O runs on the device's worker thread (xenbus.py), batched per kick, a pass
 in one C call (``xkb_pass``, without the GIL): every request between
 ``req_cons`` and ``req_prod`` is copied out of the ring at once (``xkb_take``);
-reads and writes whose pages are persistent grants already mapped are checked
-and served there (``xkb_serve``) and answered; the rest here, with
+reads and writes whose pages are persistent grants already mapped, or whose
+grant entries C claims for the request (no ``feature-persistent``: grants.py),
+are checked and served there (``xkb_serve``) and answered; the rest here, with
 ``os.preadv``/``os.pwritev`` straight into/out of the granted pages
 (memoryviews of the GrantMapping: no copy, no per-byte Python).  The
 responses go back in one push with ``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY``'s
@@ -77,6 +78,9 @@ class BlockDevice(XenbusDevice):
         #: without persistent grants, copy through one buffer instead of mapping each page
         #: (the alternative benchmarks/bench_blkback.py measures; mapping is the default, it is faster)
         self.grant_copy = False
+        #: feature-persistent offered (the disk's ``persistent``; a restored ring that kept grants
+        #: goes on keeping them whatever the spec says now)
+        self.offer_persistent = spec.persistent
         self._buf = memoryview(bytearray(MAX_INDIRECT_SEGS * PAGE))
         self._ops = {OP_READ: self._read, OP_WRITE: self._write, OP_FLUSH: self._flush,
                      OP_BARRIER: self._barrier, OP_INDIRECT: self._indirect}
@@ -95,7 +99,8 @@ class BlockDevice(XenbusDevice):
                 "device-type": "cdrom" if s.cdrom else "disk", "removable": "0", "bootable": "1",
                 "sectors": str(d.sectors), "sector-size": str(d.sector_size),
                 "physical-sector-size": str(d.physical_sector_size), "info": str(info),
-                "feature-flush-cache": "1", "feature-barrier": "1", "feature-persistent": "1",
+                "feature-flush-cache": "1", "feature-barrier": "1",
+                "feature-persistent": "1" if self.offer_persistent else "0",
                 "feature-max-indirect-segments": str(MAX_INDIRECT_SEGS),
                 "max-ring-page-order": str(MAX_RING_PAGE_ORDER), "multi-queue-max-queues": str(MAX_QUEUES),
                 **self._discard_keys()}
@@ -108,7 +113,7 @@ class BlockDevice(XenbusDevice):
                 "discard-alignment": "0", "discard-secure": "0"}
 
     def connect(self, frontend: dict[str, str]) -> None:
-        self.rings = open_rings(self.domain, frontend, self.backend.kick_fd)
+        self.rings = open_rings(self.domain, frontend, self.backend.kick_fd, self.offer_persistent)
         self._seen = {r.port: self.domain.fast.last_send_ns(r.port) for r in self.rings}
         self.costs, self._window = CostWindow(self.domain), dict(self.stats)
         r = self.rings[0]
@@ -177,6 +182,7 @@ class BlockDevice(XenbusDevice):
         saved = state["rings"]
         if frontend is None:
             return
+        self.offer_persistent = self.offer_persistent or any(st["kept"] for st in saved)
         self.connect(frontend)
         if len(saved) != len(self.rings):
             raise ValueError(f"{len(saved)} queues saved, the frontend keys give {len(self.rings)}")
@@ -217,10 +223,12 @@ class BlockDevice(XenbusDevice):
         if self.disk.pipelined:
             return self._drain_pipelined(ring)
         d, g, counts = self.disk, ring.segments, ring.counts
+        g.sync()
+        claims = ffi.NULL if self.grant_copy else g.grants     # the grant-copy variant: every page copied
         while True:
             code = lib.xkb_pass(ring.pages, ring.nr_ents, ring.req_cons, ring.rsp_prod, d.fd, d.sectors,
-                                self.spec.readonly, g.rw_table, g.ro_table, g.table_size, ring.reqs, ring.rsps,
-                                ring.slow, counts)
+                                self.spec.readonly, g.rw_table, g.ro_table, g.table_size, claims, ring.reqs,
+                                ring.rsps, ring.slow, counts)
             self.stats["requests"] += counts[0]
             if code == lib.XKB_PASS_DONE:
                 return

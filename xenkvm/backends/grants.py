@@ -15,6 +15,13 @@ path (``xkb_serve``) serves requests whose pages are all there without
 Python: disk reads land in ``rw_table`` pages, disk writes and indirect
 segment lists come from ``ro_table`` pages.  Entries are cleared before
 their pages are unmapped.
+
+Without persistent grants the C fast path claims each page itself for the
+request's I/O (``struct xkb_grants``, _blkif_build.py): it reads the v1 grant
+entries through the table's frames and finds the page in guest RAM, as this
+mapper's :meth:`sync` last saw them (before every pass: a frame that moved,
+a new frame or a version change is seen at the next).  Entries it cannot
+claim (busy, not RAM, a v2 table) leave the request to the Python path.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from xenkvm.xen.gnttab import GrantError
 from ._blkif_cffi import ffi, lib
 
 PERSISTENT_LIMIT = 1056
+BACKEND_DOMID = 0        #: the domain grants name as the grantee: the VMM's backends are dom0
 
 
 class SegmentMapper:
@@ -37,11 +45,43 @@ class SegmentMapper:
         self._temp: list = []
         #: requests still in flight use the per-request pages (an NBD-served image): ``done`` does nothing until it is cleared
         self.hold = False
-        #: 2 x 512 KiB with persistent grants; without, one empty slot (every request takes the slow path)
+        #: 2 x 512 KiB with persistent grants; without, one empty slot (the C path claims instead: grants)
         self.table_size = lib.XKB_TABLE_SIZE if persistent else 1
         self.rw_table = ffi.new("char *[]", self.table_size)
         self.ro_table = ffi.new("char *[]", self.table_size)
         self._addrs: dict[int, object] = {}   #: gref -> the cffi buffer behind the table entries
+        #: without persistent grants: the table and guest RAM for the C path's claims (NULL: none)
+        self.grants = ffi.NULL if persistent else ffi.gc(lib.xkb_grants_new(), lib.xkb_grants_free)
+        self._grants_key: tuple = ()   #: (codec, frame storage pointers) last synced; holds them
+        self._ram: list = []           #: the RAM pointers in ``grants`` (held; set by the first sync)
+
+    def _sync_ram(self) -> None:
+        """Guest RAM into ``grants`` (RAM regions never change while the VM lives)."""
+        mem, g = self.gnttab.mem, self.grants
+        regions = mem.ram_regions()[:lib.XKB_GNT_RAM_SLOTS]
+        self._ram = [mem.cptr(r.gpa, r.size) for r in regions]
+        for i, (r, base) in enumerate(zip(regions, self._ram)):
+            g.ram[i].first, g.ram[i].count, g.ram[i].base = r.gpa >> 12, r.size >> 12, base
+        g.nr_ram = len(regions)
+        g.domid = BACKEND_DOMID
+
+    def sync(self) -> None:
+        """Before a C pass: the grant table's v1 frames into ``grants``, if they changed since."""
+        if self.grants == ffi.NULL:
+            return
+        codec, shared = self.gnttab.codec, self.gnttab.physmap.shared
+        key = (codec, *[f.ptr for f in shared])
+        if key == self._grants_key:
+            return
+        if not self._ram:
+            self._sync_ram()
+        g = self.grants
+        g.nr_entries = 0
+        if codec.version == 1 and len(shared) <= lib.XKB_GNT_MAX_FRAMES:
+            for i, frame in enumerate(shared):
+                g.frames[i] = frame.ptr
+            g.nr_entries = len(shared) * lib.XKB_GNT_PER_FRAME
+        self._grants_key = key
 
     def view(self, gref: int, writable: bool) -> memoryview:
         """The page of ``gref``; ``writable``: the backend writes it (a read from disk). GrantError."""
@@ -92,6 +132,8 @@ class SegmentMapper:
 
     def clear(self) -> None:
         """Disconnect: unmap everything, persistent pages included."""
+        if self.grants != ffi.NULL:
+            self.grants.nr_entries = 0      # the frames it held stay alive (the key) as long as the mapper
         self.done()
         for gref in self._addrs:
             self.rw_table[gref] = self.ro_table[gref] = ffi.NULL
