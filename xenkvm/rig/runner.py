@@ -39,8 +39,14 @@ RIG_NAME = "qemu-tcg-svm"
 #: main loop polling with a 12-hour timeout (no timer armed: L1's last timer interrupt was never
 #: taken), nothing on the console for the rest of the hour.  A halted TCG vCPU that misses its
 #: wake-up is the one state that can do that; a polling idle loop never enters it.
+#: ``nohz=off highres=off``: a periodic tick.  On 2026-12-03 (18:16) a polling L1 still stopped
+#: for good after its third nested guest (heartbeat lost; RIP in cpu_idle_poll, RFLAGS.IF set,
+#: HLT=0): L1's clockevent is the LAPIC timer in one-shot mode (no TSC-deadline under TCG), which
+#: the kernel re-arms from each tick's interrupt, so one interrupt lost in TCG's nested SVM leaves
+#: no timer armed at all, as in the halted case.  In periodic mode QEMU re-arms the LAPIC timer
+#: itself at every expiry, so a lost tick is one tick.
 L1_CMDLINE = ("console=ttyS0 rdinit=/init panic=-1 quiet loglevel=4 mitigations=off nowatchdog "
-              "random.trust_cpu=on cryptomgr.notests idle=poll nokaslr")
+              "random.trust_cpu=on cryptomgr.notests idle=poll nokaslr nohz=off highres=off")
 #: QEMU using no CPU at all for this long means L1 is stuck as above: give up then, not at the limit.
 STALL_S = 300
 #: No new byte of output (console or ``output.log``) for this long: L1 is silent.  pytest's own
