@@ -4,6 +4,7 @@ The rig itself runs for real in ``make test-hw``."""
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import shutil
 import signal
@@ -323,6 +324,38 @@ def test_qmp_against_a_real_qemu(qemu_monitor):
         with pytest.raises(qmp.QmpError, match="QEMU refused no-such-command"):
             mon.execute("no-such-command")
         assert mon.execute("query-status")["status"]          # still usable after an error
+
+
+@pytest.fixture
+def qemu_stopped_pc(tmp_path):
+    """A real QEMU with one TCG CPU that never starts (``-S``), only its QMP socket."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("no qemu-system-x86_64 (make deps installs it)")
+    sock = tmp_path / "qmp-pc"
+    proc = subprocess.Popen(["qemu-system-x86_64", "-machine", "pc", "-accel", "tcg", "-S", "-m", "16",
+                             "-nodefaults", "-display", "none", "-qmp", f"unix:{sock},server=on,wait=off"],
+                            stdin=subprocess.DEVNULL)
+    try:
+        for _ in range(400):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        yield sock
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_poke_logs_registers_and_the_local_apic(qemu_stopped_pc, tmp_path, caplog):
+    """The poke of a real CPU that never ran (reset, real mode: EIP, no RIP): the report says so,
+    the registers and the local APIC's state (timer LVT and counts, ISR/IRR) are logged, and the
+    NMI is accepted (a refused one would be a QmpError, the report its text)."""
+    with caplog.at_level(logging.WARNING, logger="xenkvm.rig"):
+        report = runner._Poker(qemu_stopped_pc, tmp_path / "no-map").poke()
+    assert report == "no RIP in info registers"
+    assert "QMP info registers" in caplog.text and "EIP=0000fff0" in caplog.text
+    assert "QMP info lapic" in caplog.text and "LVTT" in caplog.text and "current_count" in caplog.text
+    assert "ISR" in caplog.text and "IRR" in caplog.text
 
 
 def test_the_qemu_line_has_a_qmp_socket(l1, tmp_path):

@@ -288,6 +288,7 @@ class _Poker:
         try:
             with qmp.Qmp(self._qmp) as mon:
                 registers = mon.hmp("info registers")
+                lapic = mon.hmp("info lapic")
                 report = where(registers, qmp.SymbolMap.load(self._symbols))
                 mon.execute("inject-nmi")
         except qmp.QmpError as e:
@@ -295,6 +296,9 @@ class _Poker:
         # All of it: under TCG's SVM the registers are L2's while a nested guest runs (CR3, EFER
         # and the segments tell which), so the symbol alone may name the wrong kernel.
         log.warning("L1's CPU when poked (QMP info registers):\n%s", general_registers(registers))
+        # The local APIC says which way a dead L1 died: its timer not armed (LVTT, current_count
+        # 0 in one-shot mode) or an interrupt in service that L1 never ended (ISR), runner.L1_CMDLINE.
+        log.warning("L1's local APIC when poked (QMP info lapic):\n%s", lapic.strip())
         return report
 
 
