@@ -300,10 +300,14 @@ def test_silence_ends_when_the_command_speaks_again(tmp_path, caplog):
 @pytest.fixture
 def qemu_monitor(tmp_path):
     """A real QEMU with no machine at all, only its QMP socket."""
+    yield from _qemu_with_qmp(tmp_path / "qmp", ["-machine", "none"])
+
+
+def _qemu_with_qmp(sock: Path, machine: list[str]):
+    """Run a real QEMU (``machine`` options) with its QMP socket at ``sock``; yield the socket."""
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("no qemu-system-x86_64 (make deps installs it)")
-    sock = tmp_path / "qmp"
-    proc = subprocess.Popen(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+    proc = subprocess.Popen(["qemu-system-x86_64", *machine, "-nodefaults", "-display", "none",
                              "-qmp", f"unix:{sock},server=on,wait=off"], stdin=subprocess.DEVNULL)
     try:
         for _ in range(400):
@@ -329,21 +333,7 @@ def test_qmp_against_a_real_qemu(qemu_monitor):
 @pytest.fixture
 def qemu_stopped_pc(tmp_path):
     """A real QEMU with one TCG CPU that never starts (``-S``), only its QMP socket."""
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("no qemu-system-x86_64 (make deps installs it)")
-    sock = tmp_path / "qmp-pc"
-    proc = subprocess.Popen(["qemu-system-x86_64", "-machine", "pc", "-accel", "tcg", "-S", "-m", "16",
-                             "-nodefaults", "-display", "none", "-qmp", f"unix:{sock},server=on,wait=off"],
-                            stdin=subprocess.DEVNULL)
-    try:
-        for _ in range(400):
-            if sock.exists():
-                break
-            time.sleep(0.05)
-        yield sock
-    finally:
-        proc.kill()
-        proc.wait()
+    yield from _qemu_with_qmp(tmp_path / "qmp-pc", ["-machine", "pc", "-accel", "tcg", "-S", "-m", "16"])
 
 
 def test_a_poke_logs_registers_and_the_local_apic(qemu_stopped_pc, tmp_path, caplog):
