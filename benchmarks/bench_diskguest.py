@@ -188,8 +188,10 @@ def qemu_cmd(root: Path, disk: Path) -> list[str]:
             "-drive", f"file={root},if=virtio,format=raw", "-drive", f"file={disk},if=virtio,format=raw"]
 
 
-#: the variant rows: option -> the ``xen:`` key it sets, or (``disk:``) the disk spec word it adds
-VARIANTS = {"pv_time_off": "pv_time: false", "fast_path_off": "fast_path: false", "persistent": "disk: persistent"}
+#: the variant rows: option -> (its label, the xenkvm_cmd keyword that makes it)
+VARIANTS = {"pv_time_off": ("pv_time=false", {"xen_extra": "pv_time: false"}),
+            "fast_path_off": ("fast_path=false", {"xen_extra": "fast_path: false"}),
+            "persistent": ("disk=persistent", {"disk_flags": "persistent"})}
 
 
 def inner(size: int, seconds: float, timeout: float, compare: Path | None = None,
@@ -213,10 +215,9 @@ def inner(size: int, seconds: float, timeout: float, compare: Path | None = None
             if compare is not None and label.startswith("xenkvm"):
                 compare_row(work, compare, size, seconds, timeout)
             if label.startswith("xenkvm"):
-                for v in variants:
-                    variant_row(work, VARIANTS[v], size, seconds, timeout)
-                for arg in guest_args:
-                    guest_arg_row(work, arg, size, seconds, timeout)
+                rows = [VARIANTS[v] for v in variants] + [(f"guest {a}", {"cmdline_extra": a}) for a in guest_args]
+                for i, (label, extra) in enumerate(rows):
+                    variant_row(work / f"variant{i}", label, extra, size, seconds, timeout)
     return 0
 
 
@@ -229,27 +230,13 @@ def compare_row(work: Path, tree: Path, size: int, seconds: float, timeout: floa
     shutil.rmtree(sub)
 
 
-def variant_row(work: Path, key: str, size: int, seconds: float, timeout: float) -> None:
-    """The xenkvm row again with one more ``xen:`` key (``pv_time: false``: LAPIC timer and TSC,
-    no timer hypercalls; ``fast_path: false``: ring kicks and single-shot timers through Python)."""
-    sub = work / key.split(":")[0]
+def variant_row(sub: Path, label: str, extra: dict[str, str], size: int, seconds: float, timeout: float) -> None:
+    """The xenkvm row again with ``extra`` passed to :func:`xenkvm_cmd` (``xen_extra``: ``pv_time:
+    false``, the LAPIC timer and TSC, or ``fast_path: false``, kicks and single-shot timers through
+    Python; ``disk_flags``; ``cmdline_extra``: a frontend setting on the guest's command line)."""
     sub.mkdir()
     root, disk = guest_image(sub, size, seconds)
-    if key.startswith("disk: "):
-        cmd = xenkvm_cmd(sub, root, disk, disk_flags=key[len("disk: "):])
-    else:
-        cmd = xenkvm_cmd(sub, root, disk, key)
-    run_bench(f"xenkvm {key.replace(': ', '=')}, Debian xvdb", cmd, timeout)
-    shutil.rmtree(sub)
-
-
-def guest_arg_row(work: Path, arg: str, size: int, seconds: float, timeout: float) -> None:
-    """The xenkvm row again with ``arg`` added to the guest kernel's command line (a frontend
-    setting: ``xen_blkfront.max_indirect_segments=256``, ``xen_blkfront.feature_persistent=0``)."""
-    sub = work / f"arg{abs(hash(arg))}"
-    sub.mkdir()
-    root, disk = guest_image(sub, size, seconds)
-    run_bench(f"xenkvm, guest {arg}, Debian xvdb", xenkvm_cmd(sub, root, disk, cmdline_extra=arg), timeout)
+    run_bench(f"xenkvm {label}, Debian xvdb", xenkvm_cmd(sub, root, disk, **extra), timeout)
     shutil.rmtree(sub)
 
 
