@@ -1,5 +1,5 @@
 """The vbd's C claims without persistent grants (xenkvm/backends/grants.py ``SegmentMapper.sync``,
-``xkb_claim`` in _blkif_build.py): Xen's _set_status_v1 rules on a real GrantTable.
+``xk_gnt_claim`` in xk_grants.h): Xen's _set_status_v1 rules on a real GrantTable.
 
 The table is the real GrantTable of the shared fake domain (tests/xen/evtchnfakes.py), its
 frame 0 mapped at F0 in guest RAM, entries written there as the guest would.  A claim must
@@ -45,7 +45,7 @@ def claim(mapper: SegmentMapper, ref: int, writable: bool):
     """The page a claim gives (as bytes of its first 4 bytes and its address), or None."""
     mapper.sync()
     page = ffi.new("char **")
-    if not lib.xkb_claim_test(mapper.grants, ref, writable, page):
+    if not lib.xk_gnt_claim_test(mapper.grants, ref, writable, page):
         return None
     return page[0]
 

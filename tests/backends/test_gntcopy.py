@@ -120,3 +120,19 @@ def test_read_only_grant_reads_but_refuses_writes(dom):
     c.add(10, 0, 4, buf)
     assert c.run(to_guest=True)[0].status == Gntst.general_error
     assert flags(dom, 10) == PERMIT | RO
+
+
+def test_a_ref_in_a_frame_added_later_is_copied_by_c_at_the_next_run(dom):
+    """The snapshot follows the table: a grown table's new frame is C's at the next run."""
+    c, out = BatchCopy(dom, 1), bytearray(8)
+    c.add(10, 0, 8, ffi.from_buffer(out))
+    assert c.run(to_guest=False) == {}               # the first sync
+    assert dom.gnttab.grow(2)
+    dom.gnttab.map_frame(1, F0 + 1)
+    ref = 512 + 7 if dom.gnttab.version == 1 else 256 + 7
+    grant(dom, ref, PERMIT, PAGES[3])
+    c.add(ref, 0, 8, ffi.from_buffer(out))
+    assert c.run(to_guest=False) == {} and out == b"\x43" * 8
+    assert (c.segs[0].status == lib.XKG_DONE) == (dom.gnttab.version == 1)
+    assert flags(dom, ref) == PERMIT
+

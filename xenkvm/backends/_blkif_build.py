@@ -15,7 +15,7 @@ time and the memory barriers the protocol asks for are real ones:
 * ``xkb_punch_hole``: ``fallocate(PUNCH_HOLE | KEEP_SIZE)`` for discards;
 * ``xkb_serve``: reads and writes whose pages are persistent grants or, without
   persistent grants, v1 grant entries claimed for the request (``struct
-  xkb_grants``: the table's frames and guest RAM), checked and done with
+  xk_grants``, xk_grants.h: the table's frames and guest RAM), checked and done with
   preadv/pwritev in C, without the GIL (everything else is left to block.py,
   which applies the same checks).
 
@@ -25,7 +25,18 @@ may straddle two pages.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from cffi import FFI
+
+GRANTS_H = Path(__file__).resolve().parent / "xk_grants.h"   #: the grant claims, shared with _netif_build.py
+
+
+def grants_cdef() -> str:
+    """The cffi declarations of xk_grants.h (its ``cdef:`` comment)."""
+    block = GRANTS_H.read_text().split(" * cdef:\n", 1)[1].split(" * end cdef", 1)[0]
+    return "\n".join(line[3:] for line in block.splitlines()) + "\n"
+
 
 CDEF = """
 #define BLKIF_OP_READ ...
@@ -69,25 +80,15 @@ int xkb_punch_hole(int fd, uint64_t offset, uint64_t length);
 #define XKB_SLOW ...
 #define XKB_TABLE_SIZE ...
 #define XKB_MAX_INDIRECT ...
-#define XKB_GNT_MAX_FRAMES ...
-#define XKB_GNT_RAM_SLOTS ...
-#define XKB_GNT_PER_FRAME ...
-struct xkb_ram { uint64_t first; uint64_t count; char *base; ...; };
-struct xkb_grants {
-    uint32_t nr_entries; uint16_t domid; uint32_t nr_ram;
-    char *frames[...]; struct xkb_ram ram[...]; ...; };
-struct xkb_grants *xkb_grants_new(void);
-void xkb_grants_free(struct xkb_grants *g);
-int xkb_claim_test(struct xkb_grants *g, uint32_t ref, int writable, char **page);
 int xkb_serve(int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table, uint32_t table_size,
-              struct xkb_grants *gt, const blkif_request_t *reqs, blkif_response_t *rsps, int n, int *slow);
+              struct xk_grants *gt, const blkif_request_t *reqs, blkif_response_t *rsps, int n, int *slow);
 #define XKB_PASS_DONE ...
 #define XKB_PASS_NOTIFY ...
 #define XKB_PASS_SLOW ...
 #define XKB_PASS_BROKEN ...
 int xkb_pass(char **pages, unsigned nr_ents, uint32_t *req_cons, uint32_t *rsp_prod,
              int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table, uint32_t table_size,
-             struct xkb_grants *gt, blkif_request_t *reqs, blkif_response_t *rsps, int *slow, int *counts);
+             struct xk_grants *gt, blkif_request_t *reqs, blkif_response_t *rsps, int *slow, int *counts);
 """
 
 SOURCE = r"""
@@ -185,99 +186,7 @@ int xkb_final_check(char **pages, uint32_t req_cons)
 #define XKB_MAX_INDIRECT 256     /* feature-max-indirect-segments (Linux blkback's MAX_INDIRECT_SEGMENTS) */
 #define XKB_TABLE_SIZE 65536     /* the largest gref -> page table (refs beyond: the slow path) */
 
-/*
- * Grant entries claimed for one request, without persistent grants (Xen's blkback maps a
- * request's pages for its duration).  `struct xkb_grants` is block.py's snapshot of the
- * domain's v1 table (the shared frames' storage; `nr_entries` 0 when the table is v2) and of
- * guest RAM (never unmapped while the VM lives), taken by the worker between passes.  A claim
- * follows Xen's _set_status_v1: the entry must be exactly GTF_permit_access (GTF_sub_page
- * counted, as for a map) for `domid`, not GTF_readonly when the backend writes the page;
- * GTF_reading (and GTF_writing) are set by compare-and-swap, a few tries against a guest that
- * keeps changing it; the frame is read after, as Xen reads it.  An entry someone holds already
- * (busy bits set: a Python pin, with its counts) is not claimed here: the request goes to the
- * slow path, which counts pins.  Releasing clears the bits the claim set.
- */
-#define XKB_GNT_MAX_FRAMES 1024      /* GrantTable's MAX_FRAMES_CAP */
-#define XKB_GNT_RAM_SLOTS 4
-#define XKB_GNT_PER_FRAME (XKB_PAGE / sizeof(struct grant_entry_v1))
-#define XKB_GNT_RETRIES 5            /* entries.py CAS_RETRIES */
-_Static_assert(offsetof(struct grant_entry_v1, flags) == 0 && offsetof(struct grant_entry_v1, domid) == 2,
-               "the busy bits are set on the 32-bit word of flags and domid");
-
-struct xkb_ram { uint64_t first; uint64_t count; char *base; };
-struct xkb_grants {
-    uint32_t nr_entries;             /* v1 entries the frames hold; 0: claim nothing */
-    uint16_t domid;                  /* the domain the entries must grant to (the backend's) */
-    uint32_t nr_ram;
-    char *frames[XKB_GNT_MAX_FRAMES];
-    struct xkb_ram ram[XKB_GNT_RAM_SLOTS];
-};
-struct xkb_claim { uint32_t *word; uint32_t bits; };
-
-struct xkb_grants *xkb_grants_new(void)
-{
-    return calloc(1, sizeof(struct xkb_grants));
-}
-
-void xkb_grants_free(struct xkb_grants *g)
-{
-    free(g);
-}
-
-/* The host address of guest RAM frame `gfn`, or NULL (not RAM: the slow path decides). */
-static char *xkb_ram_page(const struct xkb_grants *g, uint64_t gfn)
-{
-    for (uint32_t i = 0; i < g->nr_ram && i < XKB_GNT_RAM_SLOTS; i++)
-        if (gfn - g->ram[i].first < g->ram[i].count)
-            return g->ram[i].base + (gfn - g->ram[i].first) * XKB_PAGE;
-    return NULL;
-}
-
-/* Claim entry `ref` (`writable`: the backend writes the page); its page, or NULL if refused. */
-static char *xkb_claim(const struct xkb_grants *g, uint32_t ref, int writable, struct xkb_claim *c)
-{
-    if (ref >= g->nr_entries)
-        return NULL;
-    struct grant_entry_v1 *e = (struct grant_entry_v1 *)g->frames[ref / XKB_GNT_PER_FRAME] + ref % XKB_GNT_PER_FRAME;
-    uint32_t *word = (uint32_t *)e;
-    uint32_t bits = GTF_reading | (writable ? GTF_writing : 0);
-    uint32_t old = __atomic_load_n(word, __ATOMIC_ACQUIRE);
-    for (int i = 0;; i++) {
-        uint32_t flags = old & 0xffff, dom = old >> 16;
-        if ((flags & (GTF_type_mask | GTF_sub_page)) != GTF_permit_access || dom != g->domid
-            || (flags & (GTF_reading | GTF_writing)) || (writable && (flags & GTF_readonly)))
-            return NULL;
-        if (__atomic_compare_exchange_n(word, &old, old | bits, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-            break;
-        if (i + 1 == XKB_GNT_RETRIES)
-            return NULL;
-    }
-    char *page = xkb_ram_page(g, __atomic_load_n(&e->frame, __ATOMIC_ACQUIRE));
-    if (!page) {
-        __atomic_fetch_and(word, ~bits, __ATOMIC_SEQ_CST);
-        return NULL;
-    }
-    c->word = word;
-    c->bits = bits;
-    return page;
-}
-
-static void xkb_release(const struct xkb_claim *c, unsigned n)
-{
-    for (unsigned i = 0; i < n; i++)
-        __atomic_fetch_and(c[i].word, ~c[i].bits, __ATOMIC_SEQ_CST);
-}
-
-/* For tests: claim `ref` as a request would: 1 and its page in *page (released again), or 0. */
-int xkb_claim_test(struct xkb_grants *g, uint32_t ref, int writable, char **page)
-{
-    struct xkb_claim c;
-    *page = xkb_claim(g, ref, writable, &c);
-    if (!*page)
-        return 0;
-    xkb_release(&c, 1);
-    return 1;
-}
+#include "xk_grants.h"
 
 /*
  * The fast path for READ/WRITE (direct or indirect) whose pages are all
@@ -291,12 +200,12 @@ int xkb_claim_test(struct xkb_grants *g, uint32_t ref, int writable, char **page
  * how many are slow.  Called without the GIL.
  */
 static int xkb_rw(int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table, uint32_t table_size,
-                  const struct xkb_grants *gt, uint8_t op, uint64_t sector,
+                  const struct xk_grants *gt, uint8_t op, uint64_t sector,
                   const struct blkif_request_segment *segs, unsigned nseg)
 {
     char **table = op == BLKIF_OP_READ ? rw_table : ro_table;   /* a disk read writes the page */
     struct iovec iov[XKB_MAX_INDIRECT];
-    struct xkb_claim claims[XKB_MAX_INDIRECT];
+    struct xk_gnt_claim claims[XKB_MAX_INDIRECT];
     unsigned nclaims = 0;
     uint64_t total = 0;
     if (readonly && op == BLKIF_OP_WRITE)
@@ -312,10 +221,10 @@ static int xkb_rw(int fd, uint64_t nsectors, int readonly, char **rw_table, char
     for (unsigned j = 0; j < nseg; j++) {
         const struct blkif_request_segment *sg = &segs[j];
         char *page = sg->gref < table_size ? table[sg->gref] : NULL;
-        if (!page && gt && (page = xkb_claim(gt, sg->gref, op == BLKIF_OP_READ, &claims[nclaims])))
+        if (!page && gt && (page = xk_gnt_claim(gt, sg->gref, op == BLKIF_OP_READ, &claims[nclaims])))
             nclaims++;
         if (!page) {
-            xkb_release(claims, nclaims);
+            xk_gnt_release(claims, nclaims);
             return XKB_SLOW;
         }
         iov[j].iov_base = page + sg->first_sect * 512u;
@@ -323,12 +232,12 @@ static int xkb_rw(int fd, uint64_t nsectors, int readonly, char **rw_table, char
     }
     off_t off = (off_t)(sector * 512);
     ssize_t done = op == BLKIF_OP_WRITE ? pwritev(fd, iov, (int)nseg, off) : preadv(fd, iov, (int)nseg, off);
-    xkb_release(claims, nclaims);
+    xk_gnt_release(claims, nclaims);
     return done == (ssize_t)total ? BLKIF_RSP_OKAY : BLKIF_RSP_ERROR;
 }
 
 static int xkb_indirect(int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table,
-                        uint32_t table_size, const struct xkb_grants *gt, const blkif_request_t *q)
+                        uint32_t table_size, const struct xk_grants *gt, const blkif_request_t *q)
 {
     const struct blkif_request_indirect *r = (const struct blkif_request_indirect *)q;
     static __thread struct blkif_request_segment segs[XKB_MAX_INDIRECT];
@@ -337,22 +246,22 @@ static int xkb_indirect(int fd, uint64_t nsectors, int readonly, char **rw_table
         return BLKIF_RSP_ERROR;
     for (unsigned p = 0; p * per_page < nseg; p++) {
         grant_ref_t g = r->indirect_grefs[p];
-        struct xkb_claim claim;
+        struct xk_gnt_claim claim;
         char *page = g < table_size ? ro_table[g] : NULL;
-        int claimed = !page && gt && (page = xkb_claim(gt, g, 0, &claim)) != NULL;
+        int claimed = !page && gt && (page = xk_gnt_claim(gt, g, 0, &claim)) != NULL;
         if (!page)
             return XKB_SLOW;
         unsigned count = nseg - p * per_page < per_page ? nseg - p * per_page : per_page;
         memcpy(&segs[p * per_page], page, count * sizeof(segs[0]));   /* a private copy: no double fetch */
         if (claimed)
-            xkb_release(&claim, 1);
+            xk_gnt_release(&claim, 1);
     }
     return xkb_rw(fd, nsectors, readonly, rw_table, ro_table, table_size, gt, r->indirect_op, r->sector_number,
                   segs, nseg);
 }
 
 int xkb_serve(int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table, uint32_t table_size,
-              struct xkb_grants *gt, const blkif_request_t *reqs, blkif_response_t *rsps, int n, int *slow)
+              struct xk_grants *gt, const blkif_request_t *reqs, blkif_response_t *rsps, int n, int *slow)
 {
     int nslow = 0;
     for (int i = 0; i < n; i++) {
@@ -391,7 +300,7 @@ int xkb_serve(int fd, uint64_t nsectors, int readonly, char **rw_table, char **r
 #define XKB_PASS_BROKEN 3
 int xkb_pass(char **pages, unsigned nr_ents, uint32_t *req_cons, uint32_t *rsp_prod,
              int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table, uint32_t table_size,
-             struct xkb_grants *gt, blkif_request_t *reqs, blkif_response_t *rsps, int *slow, int *counts)
+             struct xk_grants *gt, blkif_request_t *reqs, blkif_response_t *rsps, int *slow, int *counts)
 {
     counts[0] = counts[1] = counts[2] = 0;
     for (;;) {
@@ -423,8 +332,9 @@ int xkb_punch_hole(int fd, uint64_t offset, uint64_t length)
 """
 
 ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source("xenkvm.backends._blkif_cffi", SOURCE, extra_compile_args=["-Wall", "-O2"])
+ffibuilder.cdef(grants_cdef() + CDEF)
+ffibuilder.set_source("xenkvm.backends._blkif_cffi", SOURCE, include_dirs=[str(GRANTS_H.parent)],
+                      extra_compile_args=["-Wall", "-O2"])
 
 
 if __name__ == "__main__":

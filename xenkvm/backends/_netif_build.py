@@ -17,16 +17,28 @@ of the ring protocol with real barriers, so no Python touches ring bytes:
 
 Rings are one page each (netif has no multi-page rings): 256 entries.
 
-``xkg_copy_v1`` is the batched grant copy of gntcopy.py: for each (ref,
-offset, length, host pointer) segment of a v1 grant table it does what
-``GrantTable.copy_from``/``copy_to`` do for a ref nobody holds pinned (check the
-entry, set GTF_reading/GTF_writing by compare-and-swap, find the granted frame
-in guest memory, copy, clear the bits), all in one call; a segment it cannot
-serve that way is left to the Python path, which gives the exact error.
+``xkg_copy`` is the batched grant copy of gntcopy.py: for each (ref,
+offset, length, host pointer) segment it does what ``GrantTable.copy_from``/``copy_to``
+do for a v1 entry nobody holds (the claim of xk_grants.h, shared with the
+block backend: check the entry, set GTF_reading/GTF_writing by compare-and-swap,
+find the granted frame in guest RAM; then copy and clear the bits), all in one
+call without the domain lock; a segment it cannot serve that way is left to the
+Python path, which gives the exact error.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from cffi import FFI
+
+GRANTS_H = Path(__file__).resolve().parent / "xk_grants.h"   #: the grant claims, shared with _blkif_build.py
+
+
+def grants_cdef() -> str:
+    """The cffi declarations of xk_grants.h (its ``cdef:`` comment)."""
+    block = GRANTS_H.read_text().split(" * cdef:\n", 1)[1].split(" * end cdef", 1)[0]
+    return "\n".join(line[3:] for line in block.splitlines()) + "\n"
+
 
 CDEF = """
 #define NETTXF_csum_blank ...
@@ -75,12 +87,8 @@ void xkn_extra_gso(netif_rx_response_t *slot, uint16_t size, uint8_t type);
 int xkn_tx_gso(const netif_tx_request_t *slot, struct xkn_gso *out);
 #define XKG_DONE ...
 #define XKG_PYTHON ...
-#define XKG_CAS_RETRIES ...
-struct xkg_region { uint64_t gfn; uint64_t pages; char *host; };
 struct xkg_seg { uint32_t ref; uint16_t offset; uint16_t length; char *buf; int32_t status; };
-int xkg_copy_v1(char **frames, uint32_t nframes, uint16_t ldomid, const struct xkg_region *regions,
-                uint32_t nregions, const uint32_t *active, uint32_t nactive, struct xkg_seg *segs,
-                uint32_t nsegs, int to_guest);
+int xkg_copy(const struct xk_grants *g, struct xkg_seg *segs, uint32_t nsegs, int to_guest);
 int xkn_tx_segs(const netif_tx_request_t *reqs, int first, int rest, int nrest, char *base, struct xkg_seg *segs);
 int xkn_rx_segs(const netif_rx_request_t *reqs, int need, uint32_t size, uint16_t first_flags, uint8_t gso,
                 uint16_t gso_size, char *data, netif_rx_response_t *rsps, struct xkg_seg *segs);
@@ -179,81 +187,32 @@ int xkn_tx_gso(const netif_tx_request_t *slot, struct xkn_gso *out)
 }
 
 /* --- batched grant copy (gntcopy.py) ------------------------------------------------------- */
+#include "xk_grants.h"
 #define XKG_DONE 0
 #define XKG_PYTHON 1            /* not served here: the Python path copies it or raises its error */
-#define XKG_CAS_RETRIES 5       /* as entries.py CAS_RETRIES (Xen's _set_status_v1 bound) */
-#define XKG_PER_FRAME (4096 / sizeof(struct grant_entry_v1))
-#define XKG_BUSY (GTF_reading | GTF_writing)
-struct xkg_region { uint64_t gfn; uint64_t pages; char *host; };
 struct xkg_seg { uint32_t ref; uint16_t offset; uint16_t length; char *buf; int32_t status; };
-_Static_assert(offsetof(struct grant_entry_v1, flags) == 0 && offsetof(struct grant_entry_v1, domid) == 2,
-               "flags and domid share the 32-bit word the busy bits are swapped in");
 
-static int xkg_is_active(const uint32_t *active, uint32_t n, uint32_t ref)
-{
-    uint32_t lo = 0, hi = n;              /* active: sorted */
-    while (lo < hi) {
-        uint32_t mid = (lo + hi) / 2;
-        if (active[mid] == ref)
-            return 1;
-        if (active[mid] < ref) lo = mid + 1; else hi = mid;
-    }
-    return 0;
-}
-
-static char *xkg_page(const struct xkg_region *r, uint32_t n, uint64_t gfn)
-{
-    for (uint32_t i = 0; i < n; i++)
-        if (gfn >= r[i].gfn && gfn - r[i].gfn < r[i].pages)
-            return r[i].host + ((gfn - r[i].gfn) << 12);
-    return NULL;
-}
-
-/* Xen's _set_status_v1 for a ref not pinned yet: the type must be exactly GTF_permit_access and
- * the domid ours, a write of a GTF_readonly grant fails; compare-and-swap, bounded retries.
- * 1 if the busy bits are set (the caller clears them), 0 if refused or unstable. */
-static int xkg_claim_v1(uint32_t *word, uint16_t ldomid, int readonly)
-{
-    uint32_t old = __atomic_load_n(word, __ATOMIC_ACQUIRE);
-    for (int i = 0; i < XKG_CAS_RETRIES; i++) {
-        uint16_t flags = old & 0xFFFF, dom = old >> 16;
-        if ((flags & GTF_type_mask) != GTF_permit_access || dom != ldomid)
-            return 0;
-        if (!readonly && (flags & GTF_readonly))
-            return 0;
-        uint32_t want = old | GTF_reading | (readonly ? 0 : GTF_writing);
-        if (__atomic_compare_exchange_n(word, &old, want, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-            return 1;
-    }
-    return 0;
-}
-
-int xkg_copy_v1(char **frames, uint32_t nframes, uint16_t ldomid, const struct xkg_region *regions,
-                uint32_t nregions, const uint32_t *active, uint32_t nactive, struct xkg_seg *segs,
-                uint32_t nsegs, int to_guest)
+/* Each segment: claim its entry (xk_grants.h: Xen's _set_status_v1 rules, not an entry someone
+ * holds), check the bounds (offset + length within the page), copy, release.  A segment not served
+ * so is left XKG_PYTHON; returns how many. */
+int xkg_copy(const struct xk_grants *g, struct xkg_seg *segs, uint32_t nsegs, int to_guest)
 {
     int left = 0;
     for (uint32_t i = 0; i < nsegs; i++) {
         struct xkg_seg *s = &segs[i];
+        struct xk_gnt_claim c;
+        char *page;
         s->status = XKG_PYTHON;
-        left++;
-        if ((uint32_t)s->offset + s->length > 4096 || s->ref >= nframes * XKG_PER_FRAME
-            || xkg_is_active(active, nactive, s->ref))
+        if ((uint32_t)s->offset + s->length > XK_GNT_PAGE || !(page = xk_gnt_claim(g, s->ref, to_guest, &c))) {
+            left++;
             continue;
-        struct grant_entry_v1 *e = (struct grant_entry_v1 *)frames[s->ref / XKG_PER_FRAME] + s->ref % XKG_PER_FRAME;
-        uint32_t *word = (uint32_t *)e;
-        if (!xkg_claim_v1(word, ldomid, !to_guest))
-            continue;
-        char *page = xkg_page(regions, nregions, __atomic_load_n(&e->frame, __ATOMIC_RELAXED));
-        if (page != NULL) {
-            if (to_guest)
-                memcpy(page + s->offset, s->buf, s->length);
-            else
-                memcpy(s->buf, page + s->offset, s->length);
-            s->status = XKG_DONE;
-            left--;
         }
-        __atomic_fetch_and(word, ~(uint32_t)XKG_BUSY, __ATOMIC_SEQ_CST);   /* the last pin went */
+        if (to_guest)
+            memcpy(page + s->offset, s->buf, s->length);
+        else
+            memcpy(s->buf, page + s->offset, s->length);
+        xk_gnt_release(&c, 1);
+        s->status = XKG_DONE;
     }
     return left;
 }
@@ -316,8 +275,9 @@ int xkn_rx_segs(const netif_rx_request_t *reqs, int need, uint32_t size, uint16_
 """
 
 ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source("xenkvm.backends._netif_cffi", SOURCE, extra_compile_args=["-Wall", "-O2"])
+ffibuilder.cdef(grants_cdef() + CDEF)
+ffibuilder.set_source("xenkvm.backends._netif_cffi", SOURCE, include_dirs=[str(GRANTS_H.parent)],
+                      extra_compile_args=["-Wall", "-O2"])
 
 
 if __name__ == "__main__":

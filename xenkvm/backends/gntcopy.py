@@ -4,28 +4,29 @@ A vif packet spans up to 18 slots (a GSO frame 17 pages), each a (ref, offset,
 length) piece of a granted page.  ``GrantTable.copy_from``/``copy_to`` cost ~3 µs
 of Python a piece (lock, entry check, compare-and-swap of the busy bits, page
 lookup, copy, release); :class:`BatchCopy` gathers the pieces of a packet and
-hands them to ``xkg_copy_v1`` (_netif_build.py) in one call under
-``domain.lock``, as the mapping domain 0 (the VMM's backends).  One BatchCopy per
-thread (it owns its segment array).
+hands them to ``xkg_copy`` (_netif_build.py) in one call, as the mapping
+domain 0 (the VMM's backends), without the domain lock: it claims each entry
+from a :class:`~.grantsnap.GrantSnapshot` of the table synced before the call,
+as the block backend's requests do.  One BatchCopy per thread (it owns its
+segment array and snapshot).
 
-The checks are the same as the Python path's, and the C path only takes the case
-where they are simple: a v1 table (Linux's default) and a ref nobody holds pinned
-(not in ``pins.active``).  For such a ref C does what ``Pins.acquire`` +
-``copy`` + ``Pins.release`` do: Xen's ``_set_status_v1`` rule ("the type must be
-exactly GTF_permit_access and the domid ours; a write access to a GTF_readonly
-grant fails"; compare-and-swap of GTF_reading, plus GTF_writing for a write,
-retried at most 5 times), the bounds rule (offset + length within the 4 KiB page,
-else GNTST_bad_copy_arg), the frame must be guest memory (else GNTST_bad_page),
-then the copy and the busy bits cleared (the last pin went).  Every segment it
-does not serve (a v2 table, a pinned ref, or any refusal) goes through
-``copy_from``/``copy_to`` one by one, which copy it or raise the exact
-``GrantError``: refusals keep their Xen codes and messages.
+The checks are the same as the Python path's (xk_grants.h): Xen's
+``_set_status_v1`` rule ("the type must be exactly GTF_permit_access and the
+domid ours; a write access to a GTF_readonly grant fails"; compare-and-swap of
+GTF_reading, plus GTF_writing for a write, retried at most 5 times), the bounds
+rule (offset + length within the 4 KiB page, else GNTST_bad_copy_arg), the
+frame must be guest RAM; then the copy and the busy bits cleared.  Every
+segment it does not serve (a v2 table, a sub-page grant, an entry someone
+holds, a frame outside RAM, or any refusal) goes through ``copy_from``/``copy_to``
+one by one, which copy it or raise the exact ``GrantError``: refusals keep their
+Xen codes and messages.
 """
 from __future__ import annotations
 
 from xenkvm.xen.gnttab import GrantError
 
 from ._netif_cffi import ffi, lib
+from .grantsnap import GrantSnapshot
 
 
 class BatchCopy:
@@ -36,8 +37,7 @@ class BatchCopy:
         self.capacity = capacity
         self.segs = ffi.new("struct xkg_seg[]", capacity)
         self.n = 0
-        self._regions = ffi.new("struct xkg_region[]", 0)
-        self._regions_key: tuple[int, int] | None = None
+        self.snapshot = GrantSnapshot(domain.gnttab, ffi, lib)
 
     def reset(self) -> None:
         """Forget the queued segments (a packet dropped before its copy)."""
@@ -59,19 +59,9 @@ class BatchCopy:
         n, self.n = self.n, 0
         if n == 0:
             return {}
-        dom, table = self.domain, self.domain.gnttab
-        with dom.lock:
-            left = n
-            if table.version != 1:
-                for i in range(n):
-                    self.segs[i].status = lib.XKG_PYTHON
-            else:
-                frames = ffi.new("char *[]", [ffi.cast("char *", f.ptr) for f in table.frames])
-                active = ffi.new("uint32_t[]", sorted(table.pins.active))
-                regions = self._region_table(dom.mem)
-                left = lib.xkg_copy_v1(frames, len(frames), 0, regions, len(regions), active, len(active),
-                                       self.segs, n, to_guest)
-            return self._python_path(n, to_guest) if left else {}
+        self.snapshot.sync()
+        left = lib.xkg_copy(self.snapshot.ptr, self.segs, n, to_guest)
+        return self._python_path(n, to_guest) if left else {}
 
     def _python_path(self, n: int, to_guest: bool) -> dict[int, GrantError]:
         """The segments C left: GrantTable's own per-page copy (and its errors)."""
@@ -88,14 +78,3 @@ class BatchCopy:
             except GrantError as e:
                 errors[i] = e
         return errors
-
-    def _region_table(self, mem):
-        """Guest memory's regions for C, rebuilt when one is added or removed."""
-        key = (mem.generation, len(mem.regions))
-        if key != self._regions_key:
-            regions = mem.regions
-            self._regions = ffi.new("struct xkg_region[]", len(regions))
-            for c, r in zip(self._regions, regions):
-                c.gfn, c.pages, c.host = r.gpa >> 12, r.size >> 12, r.host_ptr
-            self._regions_key = key
-        return self._regions

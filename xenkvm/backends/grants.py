@@ -17,10 +17,10 @@ segment lists come from ``ro_table`` pages.  Entries are cleared before
 their pages are unmapped.
 
 Without persistent grants the C fast path claims each page itself for the
-request's I/O (``struct xkb_grants``, _blkif_build.py): it reads the v1 grant
+request's I/O (``struct xk_grants``, xk_grants.h): it reads the v1 grant
 entries through the table's frames and finds the page in guest RAM, as this
-mapper's :meth:`sync` last saw them (before every pass: a frame that moved,
-a new frame or a version change is seen at the next).  Entries it cannot
+mapper's :meth:`sync` last saw them (grantsnap.py; before every pass: a frame
+that moved, a new frame or a version change is seen at the next).  Entries it cannot
 claim (busy, not RAM, a v2 table) leave the request to the Python path.
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ from __future__ import annotations
 from xenkvm.xen.gnttab import GrantError
 
 from ._blkif_cffi import ffi, lib
+from .grantsnap import GrantSnapshot
 
 PERSISTENT_LIMIT = 1056
-BACKEND_DOMID = 0        #: the domain grants name as the grantee: the VMM's backends are dom0
 
 
 class SegmentMapper:
@@ -51,37 +51,17 @@ class SegmentMapper:
         self.ro_table = ffi.new("char *[]", self.table_size)
         self._addrs: dict[int, object] = {}   #: gref -> the cffi buffer behind the table entries
         #: without persistent grants: the table and guest RAM for the C path's claims (NULL: none)
-        self.grants = ffi.NULL if persistent else ffi.gc(lib.xkb_grants_new(), lib.xkb_grants_free)
-        self._grants_key: tuple = ()   #: (codec, frame storage pointers) last synced; holds them
-        self._ram: list = []           #: the RAM pointers in ``grants`` (held; set by the first sync)
+        self.snapshot = None if persistent else GrantSnapshot(gnttab, ffi, lib)
 
-    def _sync_ram(self) -> None:
-        """Guest RAM into ``grants`` (RAM regions never change while the VM lives)."""
-        mem, g = self.gnttab.mem, self.grants
-        regions = mem.ram_regions()[:lib.XKB_GNT_RAM_SLOTS]
-        self._ram = [mem.cptr(r.gpa, r.size) for r in regions]
-        for i, (r, base) in enumerate(zip(regions, self._ram)):
-            g.ram[i].first, g.ram[i].count, g.ram[i].base = r.gpa >> 12, r.size >> 12, base
-        g.nr_ram = len(regions)
-        g.domid = BACKEND_DOMID
+    @property
+    def grants(self):
+        """The ``struct xk_grants *`` C claims from (NULL with persistent grants: C claims nothing)."""
+        return ffi.NULL if self.snapshot is None else self.snapshot.ptr
 
     def sync(self) -> None:
-        """Before a C pass: the grant table's v1 frames into ``grants``, if they changed since."""
-        if self.grants == ffi.NULL:
-            return
-        codec, shared = self.gnttab.codec, self.gnttab.physmap.shared
-        key = (codec, *[f.ptr for f in shared])
-        if key == self._grants_key:
-            return
-        if not self._ram:
-            self._sync_ram()
-        g = self.grants
-        g.nr_entries = 0
-        if codec.version == 1 and len(shared) <= lib.XKB_GNT_MAX_FRAMES:
-            for i, frame in enumerate(shared):
-                g.frames[i] = frame.ptr
-            g.nr_entries = len(shared) * lib.XKB_GNT_PER_FRAME
-        self._grants_key = key
+        """Before a C pass: the grant table's current frames for the claims (grantsnap.py)."""
+        if self.snapshot is not None:
+            self.snapshot.sync()
 
     def view(self, gref: int, writable: bool) -> memoryview:
         """The page of ``gref``; ``writable``: the backend writes it (a read from disk). GrantError."""
