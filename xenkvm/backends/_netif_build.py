@@ -89,6 +89,23 @@ int xkn_tx_gso(const netif_tx_request_t *slot, struct xkn_gso *out);
 #define XKG_PYTHON ...
 struct xkg_seg { uint32_t ref; uint16_t offset; uint16_t length; char *buf; int32_t status; };
 int xkg_copy(const struct xk_grants *g, struct xkg_seg *segs, uint32_t nsegs, int to_guest);
+#define XKN_VNET_HDR ...
+#define XKN_RX_TAP_EMPTY ...
+#define XKN_RX_RING_FULL ...
+#define XKN_RX_NO_BUFFERS ...
+#define XKN_RX_BAD_INDEX ...
+#define XKN_RX_COPY_LEFT ...
+#define XKN_RX_ERRNO ...
+struct xkn_rx {
+    char *page; netif_rx_request_t *reqs; netif_rx_response_t *rsps; struct xkg_seg *segs;
+    char *buf; uint32_t buf_size; int32_t fd; uint32_t len; uint32_t cons;
+    uint8_t sg; uint32_t nrsp; uint32_t at; uint32_t nsegs; uint8_t gso; int32_t err;
+    uint64_t packets; uint64_t bytes; uint64_t gso_frames; uint64_t dropped;
+    uint32_t drop_size; uint8_t drop_gso_type; ...; };
+int xkn_rx_pass(struct xkn_rx *c, const struct xk_grants *g);
+struct netif_rx_sring { uint32_t req_prod; uint32_t req_event; uint32_t rsp_prod; uint32_t rsp_event; ...; };
+union netif_rx_sring_entry { netif_rx_request_t req; netif_rx_response_t rsp; };
+union netif_rx_sring_entry *xkn_rx_entry(char *page, uint32_t idx);
 int xkn_tx_segs(const netif_tx_request_t *reqs, int first, int rest, int nrest, char *base, struct xkg_seg *segs);
 int xkn_rx_segs(const netif_rx_request_t *reqs, int need, uint32_t size, uint16_t first_flags, uint8_t gso,
                 uint16_t gso_size, char *data, netif_rx_response_t *rsps, struct xkg_seg *segs);
@@ -271,6 +288,115 @@ int xkn_rx_segs(const netif_rx_request_t *reqs, int need, uint32_t size, uint16_
         pos += len;
     }
     return n;
+}
+
+/* For tests, playing the frontend: entry `idx` of an rx ring page. */
+union netif_rx_sring_entry *xkn_rx_entry(char *page, uint32_t idx)
+{
+    return &((struct netif_rx_sring *)page)->ring[idx & (XKN_RING_SIZE - 1)];
+}
+
+/* --- the rx path (net.py RxWorker): tap frames into the guest's posted buffers --------------- */
+#include <errno.h>
+#include <unistd.h>
+#include <linux/virtio_net.h>
+#define XKN_VNET_HDR ((int)sizeof(struct virtio_net_hdr))   /* TUNSETVNETHDRSZ left at its default */
+#define XKN_RX_TAP_EMPTY 0      /* no frame to read: wait for the tap */
+#define XKN_RX_RING_FULL 1      /* responses for a whole ring written: push, then go on */
+#define XKN_RX_NO_BUFFERS 2     /* no posted buffers for the frame read; req_event armed: wait for a kick */
+#define XKN_RX_BAD_INDEX 3      /* req_prod more than a ring ahead: wait for a sane one and a kick */
+#define XKN_RX_COPY_LEFT 4      /* the last frame's copy left segments to Python (at, nsegs, gso) */
+#define XKN_RX_ERRNO 5          /* reading the tap failed (err) */
+_Static_assert(XKN_VNET_HDR == 10, "virtio_net_hdr without num_buffers");
+
+struct xkn_rx {
+    char *page;                    /* the rx shared ring */
+    netif_rx_request_t *reqs;      /* peeked requests of one frame (XEN_NETIF_NR_SLOTS_MIN) */
+    netif_rx_response_t *rsps;     /* responses of this pass (XKN_RING_SIZE), pushed by the caller */
+    struct xkg_seg *segs;          /* copy segments of one frame (XEN_NETIF_NR_SLOTS_MIN) */
+    char *buf;                     /* one frame: its virtio_net_hdr, then the data */
+    uint32_t buf_size;
+    int32_t fd;                    /* the tap queue, non-blocking */
+    uint32_t len;                  /* a frame read and not delivered yet (no buffers): its length */
+    uint32_t cons;                 /* rx req_cons */
+    uint8_t sg;                    /* feature-sg: a frame may span slots */
+    uint32_t nrsp;                 /* responses written so far this pass */
+    uint32_t at, nsegs;            /* XKN_RX_COPY_LEFT: the frame's first response, its segments */
+    uint8_t gso;                   /* XKN_RX_COPY_LEFT: whether slot 1 is its GSO extra */
+    int32_t err;                   /* XKN_RX_ERRNO: errno */
+    uint64_t packets, bytes, gso_frames, dropped;
+    uint32_t drop_size;            /* the last frame dropped: its size and GSO type (for the log) */
+    uint8_t drop_gso_type;
+};
+
+/* RxWorker's pass: read frames from the tap and copy each into the guest's posted rx buffers, a page
+ * a slot (netif.h: NETRXF_more_data between them; without feature-sg a frame must fit one page; a
+ * GSO frame's extra is slot 1), until the tap is empty, the buffers run out (req_event armed:
+ * feature-rx-notify; the frame read waits in `len`) or a whole ring of responses is written.
+ * Offloads come from the frame's virtio_net_hdr: NEEDS_CSUM -> NETRXF_csum_blank |
+ * NETRXF_data_validated, DATA_VALID -> NETRXF_data_validated, TCPv4/v6 GSO -> a GSO extra; a frame
+ * the frontend cannot take (too many slots, a GSO type netif has no name for) is dropped and
+ * counted.  Each frame's segments are claimed and copied as xkg_copy does; one it leaves (an entry
+ * someone holds, v2...) ends the pass with XKN_RX_COPY_LEFT so that Python copies it, or gives its
+ * slot the error.  The caller pushes rsps[0..nrsp) and notifies. */
+int xkn_rx_pass(struct xkn_rx *c, const struct xk_grants *g)
+{
+    while (c->nrsp + XEN_NETIF_NR_SLOTS_MIN + 1 <= XKN_RING_SIZE) {
+        if (!c->len) {
+            ssize_t n = read(c->fd, c->buf, c->buf_size);
+            if (n < 0) {
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    return XKN_RX_TAP_EMPTY;
+                if (errno == EINTR)
+                    continue;
+                c->err = errno;
+                return XKN_RX_ERRNO;
+            }
+            if (n <= XKN_VNET_HDR)
+                continue;
+            c->len = (uint32_t)n;
+        }
+        const struct virtio_net_hdr *h = (const struct virtio_net_hdr *)c->buf;
+        uint32_t size = c->len - XKN_VNET_HDR;
+        uint8_t gso_type = h->gso_type & ~VIRTIO_NET_HDR_GSO_ECN;
+        uint8_t gso = gso_type == VIRTIO_NET_HDR_GSO_TCPV4 ? XEN_NETIF_GSO_TYPE_TCPV4
+                    : gso_type == VIRTIO_NET_HDR_GSO_TCPV6 ? XEN_NETIF_GSO_TYPE_TCPV6 : 0;
+        uint32_t need = (size + 4095) / 4096 + (gso ? 1 : 0);
+        if ((need > 1 && !c->sg) || need > XEN_NETIF_NR_SLOTS_MIN || (gso_type && !gso)) {
+            c->len = 0;
+            c->dropped++;
+            c->drop_size = size;
+            c->drop_gso_type = gso_type;
+            continue;
+        }
+        int avail = xkn_rx_peek(c->page, c->cons, c->reqs, (int)need);
+        if (avail < 0)
+            return XKN_RX_BAD_INDEX;
+        if ((uint32_t)avail < need) {
+            if (!xkn_tx_arm_after(c->page, c->cons + (uint32_t)avail))   /* same header layout for rx */
+                return XKN_RX_NO_BUFFERS;
+            continue;
+        }
+        uint16_t first = (h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) ? NETRXF_csum_blank | NETRXF_data_validated
+                       : (h->flags & VIRTIO_NET_HDR_F_DATA_VALID) ? NETRXF_data_validated : 0;
+        if (gso)
+            first |= NETRXF_extra_info;
+        int nsegs = xkn_rx_segs(c->reqs, (int)need, size, first, gso, h->gso_size, c->buf + XKN_VNET_HDR,
+                                &c->rsps[c->nrsp], c->segs);
+        int left = xkg_copy(g, c->segs, (uint32_t)nsegs, 1);
+        c->at = c->nrsp;
+        c->nsegs = (uint32_t)nsegs;
+        c->gso = gso != 0;
+        c->nrsp += need;
+        c->cons += need;
+        c->len = 0;
+        c->packets++;
+        c->bytes += size;
+        c->gso_frames += gso != 0;
+        if (left)
+            return XKN_RX_COPY_LEFT;
+    }
+    return XKN_RX_RING_FULL;
 }
 """
 

@@ -27,12 +27,15 @@ whole (nothing consumed, counted) until the frontend publishes a sane one;
 Linux netback would disable the vif instead.
 
 **Rx** (host -> guest) runs on one thread per connected queue, which waits on
-its tap queue fd and on its rx event channel (an eventfd): frames are read
-into one buffer and copied into the guest's posted rx buffers by grant copy, one page
-per slot (``NETRXF_more_data`` between them; without ``feature-sg`` a frame
-must fit one page), a GSO frame with its extra slot.  With no posted buffer
-the thread re-arms ``req_event`` (``feature-rx-notify``) and stops reading:
+its tap queue fd and on its rx event channel (an eventfd): a pass in C
+(``xkn_rx_pass``, without the GIL) reads frames and copies each into the guest's
+posted rx buffers by grant copy, one page per slot (``NETRXF_more_data`` between
+them; without ``feature-sg`` a frame must fit one page), a GSO frame with its
+extra slot; the offload flags come from the frame's ``virtio_net_hdr``.  With no
+posted buffer it re-arms ``req_event`` (``feature-rx-notify``) and stops reading:
 frames wait in the tap's queue (and the kernel drops past it), as in netback.
+Python finishes a frame whose copy C left (the exact grant error in its slot),
+pushes the responses and notifies once per pass.
 (A thread of its own, not the I/O thread: a tap busy with host traffic must
 not delay vCPU timers and other devices' kicks.)
 
@@ -66,10 +69,8 @@ COST_LOG_NS = 5_000_000_000   #: while packets flow, log their cost this often (
 MORE, EXTRA, CSUM_BLANK = lib.NETTXF_more_data, lib.NETTXF_extra_info, lib.NETTXF_csum_blank
 OKAY, ERROR, NULL = lib.NETIF_RSP_OKAY, lib.NETIF_RSP_ERROR, lib.NETIF_RSP_NULL
 GSO_TYPES = {lib.XEN_NETIF_GSO_TYPE_TCPV4: "gso_tcpv4", lib.XEN_NETIF_GSO_TYPE_TCPV6: "gso_tcpv6"}
-RX_CSUM_BLANK, RX_VALIDATED = lib.NETRXF_csum_blank, lib.NETRXF_data_validated
-RX_EXTRA = lib.NETRXF_extra_info
-RX_GSO = {netpkt.GSO_TCPV4: lib.XEN_NETIF_GSO_TYPE_TCPV4, netpkt.GSO_TCPV6: lib.XEN_NETIF_GSO_TYPE_TCPV6}
 HDR = netpkt.VNET_HDR_LEN
+assert HDR == lib.XKN_VNET_HDR
 FRAME_MAX = 65536 + 64
 MAX_QUEUES = 4                           #: multi-queue-max-queues (one tap queue fd each)
 
@@ -389,11 +390,14 @@ class RxWorker:
         self._wake_fd = dev.rx_wake_fd(rings.index)   #: a stale count costs one pass; the first pass is owed anyway
         self._stop = False
         self.busy = threading.Lock()       #: held by each pass; a snapshot holds it to quiesce rx
-        self._buf = bytearray(FRAME_MAX)
-        self._mv = memoryview(self._buf)
-        self._data = ffi.from_buffer(self._buf) + HDR
-        self._copy = BatchCopy(dev.domain, MAX_SLOTS)
-        self._len = 0                      #: a frame read and not delivered yet (no rx buffers)
+        self._copy = BatchCopy(dev.domain, MAX_SLOTS)     #: its segments are C's; its Python path, ours
+        self._snapshot = self._copy.snapshot
+        self._buf = ffi.new("char[]", FRAME_MAX)
+        self._reqs = ffi.new("netif_rx_request_t[]", MAX_SLOTS)
+        #: the pass's state; ``len`` keeps a frame read and not delivered yet (no rx buffers)
+        self._rx = ffi.new("struct xkn_rx *", {
+            "page": rings.rx_page, "reqs": self._reqs, "rsps": rings.rx_rsps, "segs": self._copy.segs,
+            "buf": self._buf, "buf_size": FRAME_MAX, "fd": rings.fd, "sg": rings.features.sg})
         self._thread = threading.Thread(target=self._run, name=f"{dev.backend.label}-rx{rings.index}", daemon=True)
         self._thread.start()
 
@@ -435,56 +439,40 @@ class RxWorker:
             log.exception("%s: rx thread failed; rx stopped", self.dev.backend.label)
 
     def _deliver(self) -> bool:
-        """Frames into buffers while both last; True: wait for the tap, False: wait for the frontend."""
-        r, dev, mv = self.r, self.dev, self._mv
-        nrsp, want_tap = 0, True
-        while nrsp + MAX_SLOTS + 1 <= RING and not self._stop:
-            if not self._len:
-                try:
-                    self._len = os.readv(r.fd, [mv])
-                except BlockingIOError:
-                    break
-                if self._len <= HDR:
-                    self._len = 0
-                    continue
-            size = self._len - HDR
-            csum, gso_type, gso_size = netpkt.rx_offload(mv[:HDR])
-            gso = RX_GSO.get(gso_type, 0)
-            need = (size + PAGE - 1) // PAGE + (1 if gso else 0)
-            if (need > 1 and not self.features.sg) or need > MAX_SLOTS or (gso_type and not gso):
-                self._len = 0
-                dev._count("rx_dropped", f"a {size}-byte frame (gso {gso_type}) the frontend cannot take")
-                continue
-            avail = lib.xkn_rx_peek(r.rx_page, r.rx_cons, r.rx_reqs, need)
-            if avail < 0:
-                dev._count("rx_bad_index", "rx req_prod more than a ring ahead; waiting for a sane one and a kick")
-                want_tap = False
+        """Frames into buffers while both last (``xkn_rx_pass``, C, without the GIL); True: wait for
+        the tap, False: wait for the frontend."""
+        r, c = self.r, self._rx
+        c.cons, c.nrsp = r.rx_cons & 0xFFFFFFFF, 0
+        self._snapshot.sync()
+        while True:
+            code = lib.xkn_rx_pass(c, self._snapshot.ptr)
+            if code != lib.XKN_RX_COPY_LEFT:
                 break
-            if avail < need:
-                if not lib.xkn_tx_arm_after(r.rx_page, r.rx_cons + avail):   # feature-rx-notify
-                    want_tap = False
-                    break
-                continue
-            nrsp += self._fill(nrsp, size, need, csum, gso, gso_size)
-            self._len = 0
-        if nrsp and lib.xkn_rx_push(r.rx_page, r.rx_rsp_prod, r.rx_rsps, nrsp):
-            dev.domain.evtchn.notify(r.rx_port)
-        return want_tap
+            self._finish_copy()
+        r.rx_cons = c.cons
+        self._account()
+        if code == lib.XKN_RX_BAD_INDEX:
+            self.dev._count("rx_bad_index", "rx req_prod more than a ring ahead; waiting for a sane one and a kick")
+        elif code == lib.XKN_RX_ERRNO:
+            raise OSError(c.err, f"reading tap queue {r.index}: {os.strerror(c.err)}")
+        if c.nrsp and lib.xkn_rx_push(r.rx_page, r.rx_rsp_prod, r.rx_rsps, c.nrsp):
+            self.dev.domain.evtchn.notify(r.rx_port)
+        return code in (lib.XKN_RX_TAP_EMPTY, lib.XKN_RX_RING_FULL)
 
-    def _fill(self, at: int, size: int, need: int, csum: int, gso: int, gso_size: int) -> int:
-        """Copy the frame into the ``need`` buffers peeked; write their responses from ``rsps[at]``."""
-        r, copy = self.r, self._copy
-        reqs, rsps = r.rx_reqs, r.rx_rsps
-        first = (RX_CSUM_BLANK | RX_VALIDATED if csum & netpkt.F_NEEDS_CSUM
-                 else RX_VALIDATED if csum & netpkt.F_DATA_VALID else 0) | (RX_EXTRA if gso else 0)
-        copy.filled(lib.xkn_rx_segs(reqs, need, size, first, gso, gso_size, self._data, ffi.addressof(rsps, at),
-                                    copy.segs))
-        for i, e in copy.run(to_guest=True).items():     # gntcopy.py: Xen's grant checks, one C call
-            rsps[at + (i + 1 if gso and i else i)].status = ERROR     # the GSO extra is slot 1
-            self.dev._count("rx_dropped", f"rx buffer grant {copy.segs[i].ref}: {e}")
-        r.rx_cons += need
-        self.dev.stats["rx_packets"] += 1
-        self.dev.stats["rx_bytes"] += size
-        if gso:
-            self.dev.stats["rx_gso"] += 1
-        return need
+    def _finish_copy(self) -> None:
+        """The segments of the last frame C left: GrantTable's copy, or an error in that slot."""
+        c, rsps = self._rx, self.r.rx_rsps
+        for i, e in self._copy._python_path(c.nsegs, True).items():
+            rsps[c.at + (i + 1 if c.gso and i else i)].status = ERROR     # the GSO extra is slot 1
+            self.dev._count("rx_dropped", f"rx buffer grant {self._copy.segs[i].ref}: {e}")
+
+    def _account(self) -> None:
+        """C's counters of the pass into the vif's stats (and the drop log line)."""
+        c, stats = self._rx, self.dev.stats
+        stats["rx_packets"] += c.packets
+        stats["rx_bytes"] += c.bytes
+        stats["rx_gso"] += c.gso_frames
+        for _ in range(c.dropped):
+            self.dev._count("rx_dropped", f"a {c.drop_size}-byte frame (gso {c.drop_gso_type}) "
+                                          "the frontend cannot take")
+        c.packets = c.bytes = c.gso_frames = c.dropped = 0
