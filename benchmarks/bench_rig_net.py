@@ -21,13 +21,17 @@ rows of one run are what to read.  ``--compare DIR`` adds the xenkvm row again w
 xenkvm package of another built checkout (the commit before a change), in the same L1;
 ``--pv-time-off`` adds it with ``xen.pv_time: false``, ``--fast-path-off`` with ``xen.fast_path: false``
 (ring kicks and single-shot timers completed in C, xen/fastpath.py).
-Under the rows, the vif's cost lines (hypercalls and upcalls per packet, 5-s windows).
+Under the rows, the vif's cost lines (hypercalls and upcalls per packet, 5-s windows), its
+counters when it closed, and the namespace's (TCP retransmissions, the tap's drops).
+``--profile FILE``: py-spy (``.venv/bin/pip install py-spy``) samples the first xenkvm row's
+VMM, every thread, into FILE (raw collapsed stacks: one ``thread;frame;...;frame count`` a line).
 Needs root.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -112,19 +116,30 @@ def run_other_xenkvm(ns: str, tmp: Path, tree: Path, size: int, timeout: float) 
 
 def cost_lines(run: netboot.NetRun) -> list[str]:
     """The vif's hypercalls/upcalls per packet (5-s windows) from the VMM's log."""
-    return ["  " + line.strip() for line in run.stderr.splitlines() if "vif" in line and ": costs: " in line]
+    lines = [line for line in run.stderr.splitlines() if "vif" in line and (": costs: " in line or ": tap " in line)]
+    return ["  " + line.strip() for line in lines + run.host.splitlines() if "vif" in line or "NETSTAT" in line]
 
 
 #: the variant rows: option -> the ``xen:`` key it sets
 VARIANTS = {"pv_time_off": "pv_time: false", "fast_path_off": "fast_path: false"}
 
 
-def inner(size: int, timeout: float, compare: Path | None = None, variants: tuple[str, ...] = ()) -> int:
+def profiler(out: Path) -> tuple[str, ...]:
+    """py-spy recording every thread of the VMM into ``out`` (raw collapsed stacks, CPU time only)."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.is_file():
+        raise SystemExit(f"bench_rig_net: --profile needs py-spy: {spy.parent}/pip install py-spy")
+    return (str(spy), "record", "-r", "250", "-f", "raw", "--threads", "-o", str(out), "--")
+
+
+def inner(size: int, timeout: float, compare: Path | None = None, variants: tuple[str, ...] = (),
+          profile: Path | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-rig-net-"))
     for sub in "xqc" + "".join(str(i) for i in range(len(variants))):
         (tmp / sub).mkdir()
     with netboot.netns(f"xkb{os.getpid()}") as ns:
-        x = run_xenkvm(ns, tmp / "x", vifs=VIF, size=size, timeout=timeout)
+        x = run_xenkvm(ns, tmp / "x", vifs=VIF, size=size, timeout=timeout,
+                       prefix=profiler(profile) if profile else ())
     rows = []
     for i, v in enumerate(variants):
         with netboot.netns(f"xkp{i}{os.getpid()}") as ns:
@@ -149,6 +164,7 @@ def inner(size: int, timeout: float, compare: Path | None = None, variants: tupl
         print(row(f"xenkvm from {compare.name}"[:28], size, c.seconds("10.90.0"), c.transfers("eth0", "10.90.0", size)))
         print("\n".join(cost_lines(c)))
     print(row("QEMU virtio-net + tap", size, q.seconds("10.92.0"), q.transfers("eth0", "10.92.0", size)))
+    print("\n".join(cost_lines(q)))
     print(row("loopback floor (L1, Python)", size, loopback_in_ns(size), []))
     return 0
 
@@ -164,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the xenkvm row with xen.pv_time: false (docs/linux-xen.md)")
     p.add_argument("--fast-path-off", action="store_true",
                    help="also run the xenkvm row with xen.fast_path: false (kicks and timers through Python)")
+    p.add_argument("--profile", type=Path,
+                   help="py-spy the first xenkvm row's VMM into this file (raw stacks; needs py-spy in the venv)")
     a = p.parse_args(argv)
     if a.loopback:
         print(f"{loopback(a.bytes)[0]:.6f}")
@@ -172,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_rig_net: needs root (namespaces, taps); skipped")
         return 0
     if a.inner:
-        return inner(a.bytes, a.timeout, a.compare, tuple(v for v in VARIANTS if getattr(a, v)))
+        return inner(a.bytes, a.timeout, a.compare, tuple(v for v in VARIANTS if getattr(a, v)), a.profile)
     for need in (netboot.IMAGE, netboot.KERNEL):
         if not need.is_file():
             print(f"bench_rig_net: {need} missing: run `make linux-xen-image` first")
@@ -184,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         if a.compare is not None:
             cmd += ["--compare", str(a.compare.resolve())]
         cmd += [f"--{v.replace('_', '-')}" for v in VARIANTS if getattr(a, v)]
+        if a.profile:
+            profiler(a.profile)          # fails here, before L1 boots, without py-spy
+            cmd += ["--profile", f"{image.CHROOT_OUT}/profile.txt"]
         res = runner.run(l1, cmd, cwd=ROOT, out_dir=Path(out), timeout=a.timeout)
+        if a.profile and (Path(out) / "profile.txt").is_file():
+            shutil.copyfile(Path(out) / "profile.txt", a.profile)
     print(res.output, end="")
     print(f"(rig: L1 ready after {res.ready_s:.1f} s, {res.total_s:.0f} s in all)")
     return res.status

@@ -103,6 +103,21 @@ def source(addr: str, size: int) -> None:
         say(f"SENT {addr} {size} {time.monotonic() - t0:.3f}")
 
 
+def counters(taps: list[str]) -> str:
+    """NETSTAT: the namespace's TCP retransmissions and each tap's drops (why a transfer was slow)."""
+    tcp = [line.split() for line in open("/proc/net/snmp") if line.startswith("Tcp:")]
+    fields = dict(zip(tcp[0][1:], tcp[1][1:])) if len(tcp) == 2 else {}
+    out = [f"retrans_segs={fields.get('RetransSegs', '?')}"]
+    for tap in taps:
+        for name in ("tx_packets", "tx_dropped", "rx_packets", "rx_dropped"):
+            try:
+                value = open(f"/sys/class/net/{tap}/statistics/{name}").read().strip()
+            except OSError:
+                value = "gone"
+            out.append(f"{tap}.{name}={value}")
+    return "NETSTAT " + " ".join(out)
+
+
 def guarded(fn, *args) -> None:
     try:
         fn(*args)
@@ -124,6 +139,7 @@ def main(argv: list[str]) -> int:
         t.start()
     for t in threads:
         t.join()
+    say(counters([spec.split("=", 1)[0] for spec in argv[1:]]))
     say("DONE")
     return 0
 

@@ -56,9 +56,10 @@ def guest_yaml(tmp: Path, vifs=VIFS, size: int = SIZE, xen_extra: str = "") -> P
 
 
 def run_xenkvm(ns: str, tmp: Path, vifs=VIFS, size: int = SIZE, timeout: float = TIMEOUT,
-               fill: bool = False, xen_extra: str = "") -> netboot.NetRun:
+               fill: bool = False, xen_extra: str = "", prefix: tuple[str, ...] = ()) -> netboot.NetRun:
+    """Boot the net guest in ``ns``; ``prefix``: a command to run the VMM under (a profiler)."""
     console = tmp / "console.log"
-    cmd = [sys.executable, "-m", "xenkvm", "-v", "run", str(guest_yaml(tmp, vifs, size, xen_extra)),
+    cmd = [*prefix, sys.executable, "-m", "xenkvm", "-v", "run", str(guest_yaml(tmp, vifs, size, xen_extra)),
            "--console", f"file:{console}"]
     return netboot.run_in_ns(ns, cmd, [(tap, net) for tap, _e, net, _o in vifs], size, console, timeout, fill)
 
