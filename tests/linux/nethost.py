@@ -11,8 +11,13 @@ TCP ports on that address until killed:
   segments instead of sending each MSS as the previous one is ACKed (what a slow
   guest CPU against a fast host otherwise does: no GSO frame at all);
 * :data:`SOURCE_PORT`: prints ``SOURCE <addr> <bytes> <sha256>`` of SIZE random bytes
-  (what the guest must get), sends them to the first client and closes, prints
-  ``SENT <addr> <bytes> <seconds>``.
+  (what the guest must get), sends them to the first client, shuts its side and waits
+  for the client to close (then every byte is in), prints ``SENT <addr> <bytes> <seconds>``.
+
+Each transfer also prints ``KVMSTAT <direction> <tap>: ...``: the frames the tap moved each
+way during it and L1 KVM's exit counters (debugfs; mounted here if it is not: ``ip netns
+exec`` gives the helper a mount namespace of its own) divided by the data frames, where
+this host is itself a KVM host (the rig's L1); absent elsewhere.
 
 One line per event on stdout (flushed); problems as ``ERROR ...`` lines.  Each
 connection is served once per address (the guest makes one of each per vif).
@@ -33,6 +38,10 @@ SINK_PORT, SOURCE_PORT = 5001, 5002
 WAIT_S = 600.0            #: for the VMM to create a tap (the rig's L1 is a slow TCG machine)
 FILL_STILL_S = 0.5        #: --fill: the receive queue has stopped growing for this long
 FILL_MAX_S = 30.0         #: --fill: read anyway after this long
+KVM_STATS = "/sys/kernel/debug/kvm"
+#: L1 KVM's counters (all VMs) per data frame: every exit, then the kinds that tell where it went
+EXIT_KINDS = ("exits", "io_exits", "halt_exits", "irq_window_exits", "irq_injections", "insn_emulation",
+              "halt_wakeup")
 
 
 def say(line: str) -> None:
@@ -50,6 +59,37 @@ def plumb(tap: str, cidr: str) -> None:
     subprocess.run(["ip", "addr", "add", cidr, "dev", tap], check=True)
     subprocess.run(["ip", "link", "set", tap, "up"], check=True)
     say(f"UP {tap} {cidr}")
+
+
+def snapshot(tap: str) -> dict[str, int]:
+    """The tap's packet counters and L1 KVM's exit counters, now."""
+    out = {}
+    for name in ("tx_packets", "rx_packets"):
+        try:
+            out[name] = int(open(f"/sys/class/net/{tap}/statistics/{name}").read())
+        except (OSError, ValueError):
+            pass
+    if not os.path.isdir(KVM_STATS) and os.path.isdir("/sys/kernel/debug"):
+        subprocess.run(["mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug"], check=False,
+                       stderr=subprocess.DEVNULL)
+    for name in EXIT_KINDS:
+        try:
+            out[name] = int(open(f"{KVM_STATS}/{name}").read())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def kvm_line(direction: str, tap: str, before: dict[str, int], after: dict[str, int]) -> str | None:
+    """KVMSTAT: the frames each way and L1's exits per data frame (the tap's rx for guest->host)."""
+    frames = {k: after[k] - before[k] for k in ("tx_packets", "rx_packets") if k in before and k in after}
+    data = frames.get("rx_packets" if direction == "g->h" else "tx_packets", 0)
+    kinds = [k for k in EXIT_KINDS if k in before and k in after]
+    if data <= 0 or not kinds:
+        return None
+    per = " ".join(f"{k} {(after[k] - before[k]) / data:.2f}" for k in kinds)
+    return (f"KVMSTAT {direction} {tap}: {frames.get('rx_packets', 0)} frames in, {frames.get('tx_packets', 0)} out;"
+            f" per data frame: {per}")
 
 
 def listener(addr: str, port: int) -> socket.socket:
@@ -79,28 +119,37 @@ def fill(conn: socket.socket) -> None:
     say(f"FILLED {conn.getsockname()[0]} {last}")
 
 
-def sink(addr: str, fill_first: bool) -> None:
+def sink(addr: str, tap: str, fill_first: bool) -> None:
     with listener(addr, SINK_PORT) as s:
         conn, _ = s.accept()
         if fill_first:
             fill(conn)
-        h, n, t0 = hashlib.sha256(), 0, time.monotonic()
+        h, n, t0, before = hashlib.sha256(), 0, time.monotonic(), snapshot(tap)
         with conn:
             while chunk := conn.recv(1 << 16):
                 h.update(chunk)
                 n += len(chunk)
         say(f"SINK {addr} {n} {h.hexdigest()} {time.monotonic() - t0:.3f}")
+        line = kvm_line("g->h", tap, before, snapshot(tap))
+        if line:
+            say(line)
 
 
-def source(addr: str, size: int) -> None:
+def source(addr: str, tap: str, size: int) -> None:
     data = os.urandom(size)
     say(f"SOURCE {addr} {size} {hashlib.sha256(data).hexdigest()}")
     with listener(addr, SOURCE_PORT) as s:
         conn, _ = s.accept()
         with conn:
-            t0 = time.monotonic()
+            t0, before = time.monotonic(), snapshot(tap)
             conn.sendall(data)
-        say(f"SENT {addr} {size} {time.monotonic() - t0:.3f}")
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(1)              # the guest's close: it has every byte (sendall left a send buffer's worth)
+            elapsed = time.monotonic() - t0
+        say(f"SENT {addr} {size} {elapsed:.3f}")
+        line = kvm_line("h->g", tap, before, snapshot(tap))
+        if line:
+            say(line)
 
 
 def counters(taps: list[str]) -> str:
@@ -134,7 +183,8 @@ def main(argv: list[str]) -> int:
         tap, cidr = spec.split("=", 1)
         addr = cidr.split("/")[0]
         threads += [threading.Thread(target=guarded, args=(fn, *a), daemon=True)
-                    for fn, a in ((sink, (addr, fill_first)), (source, (addr, size)), (plumb, (tap, cidr)))]
+                    for fn, a in ((sink, (addr, tap, fill_first)), (source, (addr, tap, size)),
+                                  (plumb, (tap, cidr)))]
     for t in threads:
         t.start()
     for t in threads:
