@@ -22,7 +22,9 @@ xenkvm package of another built checkout (the commit before a change), in the sa
 ``--pv-time-off`` adds it with ``xen.pv_time: false``, ``--fast-path-off`` with ``xen.fast_path: false``
 (ring kicks and single-shot timers completed in C, xen/fastpath.py).
 Under the rows, the vif's cost lines (hypercalls and upcalls per packet, 5-s windows), its
-counters when it closed, and the namespace's (TCP retransmissions, the tap's drops).
+counters when it closed, the namespace's (TCP retransmissions, the tap's drops), and per
+direction L1 KVM's exits per data frame (``KVMSTAT``, tests/linux/nethost.py), for the
+virtio-net row too.
 ``--profile FILE``: py-spy (``.venv/bin/pip install py-spy``) samples the first xenkvm row's
 VMM, every thread, into FILE (raw collapsed stacks: one ``thread;frame;...;frame count`` a line).
 Needs root.
@@ -117,7 +119,8 @@ def run_other_xenkvm(ns: str, tmp: Path, tree: Path, size: int, timeout: float) 
 def cost_lines(run: netboot.NetRun) -> list[str]:
     """The vif's hypercalls/upcalls per packet (5-s windows) from the VMM's log."""
     lines = [line for line in run.stderr.splitlines() if "vif" in line and (": costs: " in line or ": tap " in line)]
-    return ["  " + line.strip() for line in lines + run.host.splitlines() if "vif" in line or "NETSTAT" in line]
+    host = [line for line in run.host.splitlines() if line.startswith(("NETSTAT", "KVMSTAT"))]
+    return ["  " + line.strip() for line in lines + host]
 
 
 #: the variant rows: option -> the ``xen:`` key it sets
