@@ -21,7 +21,9 @@ rows of one run are what to read.  ``--compare DIR`` adds the xenkvm row again w
 xenkvm package of another built checkout (the commit before a change), in the same L1;
 ``--pv-time-off`` adds it with ``xen.pv_time: false``, ``--fast-path-off`` with ``xen.fast_path: false``
 (ring kicks and single-shot timers completed in C, xen/fastpath.py).
-Under the rows, the vif's cost lines (hypercalls and upcalls per packet, 5-s windows), its
+Under the rows, the vif's cost lines (hypercalls and upcalls per packet, 5-s windows) and
+event latencies (each direction's kick to pass and notify call, and an rx notify to the guest's
+next tx kick), its
 counters when it closed, the namespace's (TCP retransmissions, the tap's drops), and per
 direction L1 KVM's exits per data frame (``KVMSTAT``, tests/linux/nethost.py), for the
 virtio-net row too.
@@ -118,7 +120,8 @@ def run_other_xenkvm(ns: str, tmp: Path, tree: Path, size: int, timeout: float) 
 
 def cost_lines(run: netboot.NetRun) -> list[str]:
     """The vif's hypercalls/upcalls per packet (5-s windows) from the VMM's log."""
-    lines = [line for line in run.stderr.splitlines() if "vif" in line and (": costs: " in line or ": tap " in line)]
+    lines = [line for line in run.stderr.splitlines()
+             if "vif" in line and any(k in line for k in (": costs: ", ": tap ", ": event latency: "))]
     host = [line for line in run.host.splitlines() if line.startswith(("NETSTAT", "KVMSTAT"))]
     return ["  " + line.strip() for line in lines + host]
 

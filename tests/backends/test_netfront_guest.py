@@ -41,15 +41,15 @@ def tap_name(tag: str) -> str:
     return f"xk{tag}{os.getpid() % 100000}"
 
 
-def run(tmp_path: Path, kernel: Path, cmdline: str, vifs: list[str], peer: Peer | None = None):
+def run(tmp_path: Path, kernel: Path, cmdline: str, vifs: list[str], peer: Peer | None = None, verbose=False):
     y = tmp_path / "guest.yaml"
     y.write_text(f'name: net-test\nkernel: {kernel}\ncmdline: "{cmdline}"\nmemory: 64M\nvcpus: 1\n'
                  "xen:\n  domid: 1\n  hypercall_trap: auto\nvifs:\n" + "".join(f'  - "{v}"\n' for v in vifs))
     if peer:
         peer.start()
     try:
-        return subprocess.run([sys.executable, "-m", "xenkvm", "run", str(y)], cwd=ROOT, capture_output=True,
-                              text=True, errors="replace", timeout=300)
+        return subprocess.run([sys.executable, "-m", "xenkvm", *(["-v"] if verbose else []), "run", str(y)], cwd=ROOT,
+                              capture_output=True, text=True, errors="replace", timeout=300)
     finally:
         if peer:
             peer.stop.set()
@@ -91,7 +91,7 @@ def check_frames(peer: Peer) -> None:
 def test_netfront_sends_and_receives(tmp_path, kernel):
     name = tap_name("n")
     peer = Peer(name, bytes.fromhex(MAC.replace(":", "")))
-    r = run(tmp_path, kernel, "xk.trap=page", [f"mac={MAC}, vifname={name}"], peer)
+    r = run(tmp_path, kernel, "xk.trap=page", [f"mac={MAC}, vifname={name}"], peer, verbose=True)
     assert assert_passed(r) >= 12
     for check in ("net.arp_answered", "net.icmp_echo_reply", "net.rx_60", "net.rx_1514", "net.rx_9014_three_slots",
                   "net.rx_csum_blank", "net.rx_gso_tcpv4", "net.tx_sg_three_slots", "net.tx_csum_blank",
@@ -102,6 +102,8 @@ def test_netfront_sends_and_receives(tmp_path, kernel):
     check_frames(peer)
     assert netpeer.udp(peer.mac, 9996, 100, 6, "full") in [f for _h, f in peer.frames]   # out of queue 1
     assert not os.path.exists(f"/sys/class/net/{name}")          # the tap went with the VM
+    latency = [line for line in r.stderr.splitlines() if "vif 0" in line and ": event latency: " in line]
+    assert latency and "tx: notify_to_service n=" in latency[-1] and " rx: " in latency[-1], r.stderr[-3000:]
 
 
 def test_hostile_netfront_keeps_the_vif_up(tmp_path, kernel):

@@ -56,7 +56,7 @@ from xenkvm.vifspec import VifSpec
 from . import netpkt
 from ._netif_cffi import ffi, lib
 from .gntcopy import BatchCopy
-from .latency import CostWindow
+from .latency import CostWindow, EventLatency
 from .netring import RING, NetifRings, open_queues
 from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap
 from .xenbus import ConnectError, XenbusDevice
@@ -104,6 +104,11 @@ class VifDevice(XenbusDevice):
         #: for the device's life (a kick may still write one after its port closed)
         self._rx_fds: dict[int, int] = {}
         self.costs: CostWindow | None = None   #: the domain's hypercalls/upcalls per packet (log lines)
+        #: the event path per direction (latency.py): "tx" the guest's tx kicks and the worker's
+        #: passes, "rx" its rx-buffer kicks and the rx passes; "turn": an rx notify to the guest's next
+        #: tx kick (at most an ACK's turn: the upcall, the guest's rx, its reply queued and kicked)
+        self.latency = {"tx": EventLatency(), "rx": EventLatency(), "turn": EventLatency()}
+        self._seen: dict[int, int] = {}        #: port -> the last fast-path send stamp taken
         self._window = (0, 0, 0)               #: (perf_counter_ns, tx, rx packets) at the last cost line
 
     # -- xenstore ----------------------------------------------------------------------
@@ -169,6 +174,7 @@ class VifDevice(XenbusDevice):
         for fd in self._rx_fds.values():
             self.domain.fast.release_fd(fd)
         self._rx_fds.clear()
+        self._log_latency()
         log.info("%s: tap %s: %s", self.backend.label, self.name,
                  " ".join(f"{k}={v}" for k, v in self.stats.items() if not k.endswith("_ns")))
         self.tap.close()
@@ -231,11 +237,25 @@ class VifDevice(XenbusDevice):
     def service(self) -> None:
         """Send every complete packet the frontend queued; re-arm ``req_event``."""
         start = time.thread_time_ns()
+        for q in self.queues:
+            ns = self.kick_stamp(q.tx_port)
+            if ns is not None:
+                self.latency["tx"].kicked(at=ns)
+                self.latency["turn"].kicked(at=ns)
+        self.latency["tx"].serving()
         try:
             self._tx_service()
         finally:
             self.stats["tx_busy_ns"] += time.thread_time_ns() - start
             self._log_costs()
+
+    def kick_stamp(self, port: int) -> int | None:
+        """The guest's latest send on ``port`` as the fast path stamped it, if new since the last look."""
+        ns = self.domain.fast.last_send_ns(port)
+        if not ns or ns == self._seen.get(port):
+            return None
+        self._seen[port] = ns
+        return ns
 
     def _log_costs(self) -> None:
         """Every COST_LOG_NS while packets flow: the hypercalls and upcalls per packet (at -v)."""
@@ -247,6 +267,19 @@ class VifDevice(XenbusDevice):
         self._window = (now, tx, rx)
         log.info("%s: costs: %s", self.backend.label,
                  self.costs.sample(tx - tx0 + rx - rx0, {"tx": tx - tx0, "rx": rx - rx0}))
+        self._log_latency()
+
+    def _log_latency(self) -> None:
+        """The event path per direction (at -v): tx and rx as the vbd's (latency.py), and the turn
+        from an rx notify to the guest's next tx kick."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        parts = [f"{name}: {lat.line()}" for name, lat in self.latency.items() if name != "turn" and lat.summary()]
+        turn = self.latency["turn"].summary().get("response_to_kick")
+        if turn:
+            parts.append(f"rx notify to tx kick n={turn[0]} median={turn[1]:.0f}us p90={turn[2]:.0f}us")
+        if parts:
+            log.info("%s: event latency: %s", self.backend.label, "  ".join(parts))
 
     def _tx_service(self) -> None:
         for q in self.queues:
@@ -266,7 +299,9 @@ class VifDevice(XenbusDevice):
                 continue
             used = self._tx_batch(r, n)
             if used and lib.xkn_tx_push(r.tx_page, r.tx_rsp_prod, r.tx_rsps, used):
+                t = time.perf_counter_ns()
                 self.domain.evtchn.notify(r.tx_port)
+                self.latency["tx"].notified(t)
             if used < n and not lib.xkn_tx_arm_after(r.tx_page, r.tx_cons + n - used):
                 return      # the last packet is not complete: the frontend notifies when it is
 
@@ -441,7 +476,11 @@ class RxWorker:
     def _deliver(self) -> bool:
         """Frames into buffers while both last (``xkn_rx_pass``, C, without the GIL); True: wait for
         the tap, False: wait for the frontend."""
-        r, c = self.r, self._rx
+        r, c, lat = self.r, self._rx, self.dev.latency["rx"]
+        ns = self.dev.kick_stamp(r.rx_port) if r.rx_port != r.tx_port else None
+        if ns is not None:
+            lat.kicked(at=ns)
+        lat.serving()
         c.cons, c.nrsp = r.rx_cons & 0xFFFFFFFF, 0
         self._snapshot.sync()
         while True:
@@ -456,7 +495,10 @@ class RxWorker:
         elif code == lib.XKN_RX_ERRNO:
             raise OSError(c.err, f"reading tap queue {r.index}: {os.strerror(c.err)}")
         if c.nrsp and lib.xkn_rx_push(r.rx_page, r.rx_rsp_prod, r.rx_rsps, c.nrsp):
+            t = time.perf_counter_ns()
             self.dev.domain.evtchn.notify(r.rx_port)
+            lat.notified(t)
+            self.dev.latency["turn"].notified(t)
         return code in (lib.XKN_RX_TAP_EMPTY, lib.XKN_RX_RING_FULL)
 
     def _finish_copy(self) -> None:
