@@ -38,16 +38,17 @@ class GrantSnapshot:
 
     def sync(self) -> None:
         """Before a C pass: the grant table's v1 frames, if they changed since the last one."""
-        codec, shared = self.gnttab.codec, self.gnttab.physmap.shared
-        key = (codec, *[f.ptr for f in shared])
+        codec = self.gnttab.codec
+        ptrs = [f.ptr for f in self.gnttab.physmap.shared]   # one copy: a vCPU may grow the table meanwhile
+        key = (codec, *ptrs)
         if key == self._key:
             return
         if not self._ram:
             self._sync_ram()
         g = self.ptr
         g.nr_entries = 0
-        if codec.version == 1 and len(shared) <= self.lib.XK_GNT_MAX_FRAMES:
-            for i, frame in enumerate(shared):
-                g.frames[i] = frame.ptr
-            g.nr_entries = len(shared) * self.lib.XK_GNT_PER_FRAME
+        if codec.version == 1 and len(ptrs) <= self.lib.XK_GNT_MAX_FRAMES:
+            for i, ptr in enumerate(ptrs):
+                g.frames[i] = ptr
+            g.nr_entries = len(ptrs) * self.lib.XK_GNT_PER_FRAME
         self._key = key
