@@ -86,12 +86,9 @@ int xkb_serve(int fd, uint64_t nsectors, int readonly, char **rw_table, char **r
 #define XKB_PASS_NOTIFY ...
 #define XKB_PASS_SLOW ...
 #define XKB_PASS_BROKEN ...
-struct xkb_notify { void *fn; void *ctx; uint32_t port; int answer; uint32_t done;
-                    int64_t started_ns; int64_t ended_ns; };
 int xkb_pass(char **pages, unsigned nr_ents, uint32_t *req_cons, uint32_t *rsp_prod,
              int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table, uint32_t table_size,
-             struct xk_grants *gt, blkif_request_t *reqs, blkif_response_t *rsps, int *slow, int *counts,
-             struct xkb_notify *nt);
+             struct xk_grants *gt, blkif_request_t *reqs, blkif_response_t *rsps, int *slow, int *counts);
 """
 
 SOURCE = r"""
@@ -104,7 +101,6 @@ SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
-#include <time.h>
 #define mb()  __sync_synchronize()
 #define rmb() __asm__ __volatile__("" ::: "memory")   /* x86: loads are not reordered with loads */
 #define wmb() __asm__ __volatile__("" ::: "memory")   /* x86: stores are not reordered with stores */
@@ -291,44 +287,12 @@ int xkb_serve(int fd, uint64_t nsectors, int readonly, char **rw_table, char **r
 }
 
 /*
- * The ring's notify, made from the pass itself: `fn` is xen/xk_evtchn.h's xkd_notify (taken
- * by cdeliver.py with ffi.addressof, so this module needs no Xen-delivery code of its own),
- * `ctx` the domain's struct xkd.  A non-zero answer (something left to Python: the whole
- * send when C declined) stops the pass with XKB_PASS_NOTIFY and the answer in `answer`.
- * `done` counts the notifies made, `started_ns`/`ended_ns` (CLOCK_MONOTONIC) time the last.
- */
-struct xkb_notify { void *fn; void *ctx; uint32_t port; int answer; uint32_t done;
-                    int64_t started_ns; int64_t ended_ns; };
-typedef int (*xkb_notify_fn)(void *ctx, uint32_t port);
-
-static int64_t xkb_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-/* 1 when the caller must notify (no notify function, or its answer left work to Python). */
-static int xkb_notify_now(struct xkb_notify *nt)
-{
-    if (!nt || !nt->fn)
-        return 1;
-    nt->started_ns = xkb_now_ns();
-    int r = ((xkb_notify_fn)nt->fn)(nt->ctx, nt->port);
-    nt->ended_ns = xkb_now_ns();
-    nt->done++;
-    nt->answer = r;
-    return r != 0;
-}
-
-/*
  * A worker's pass over one ring in one call (one GIL release, not four a batch): take, serve
- * (xkb_serve), push, notify (through `nt`), again, until the ring is empty and re-armed
- * (XKB_PASS_DONE), a push's notify is the caller's (XKB_PASS_NOTIFY: no `nt`, or its answer
- * left work to Python; the caller finishes it and calls again), or a batch holds requests the
- * fast path does not serve (XKB_PASS_SLOW: counts[1] taken, counts[2] of them listed in
- * `slow`, nothing of that batch pushed: the caller serves them and pushes it), or req_prod is
- * more than a ring ahead (XKB_PASS_BROKEN).  counts[0]: requests taken by this call.
+ * (xkb_serve), push, again, until the ring is empty and re-armed (XKB_PASS_DONE), a push asks
+ * for an event (XKB_PASS_NOTIFY: the caller notifies and calls again), or a batch holds
+ * requests the fast path does not serve (XKB_PASS_SLOW: counts[1] taken, counts[2] of them
+ * listed in `slow`, nothing of that batch pushed: the caller serves them and pushes it), or
+ * req_prod is more than a ring ahead (XKB_PASS_BROKEN).  counts[0]: requests taken by this call.
  */
 #define XKB_PASS_DONE 0
 #define XKB_PASS_NOTIFY 1
@@ -336,8 +300,7 @@ static int xkb_notify_now(struct xkb_notify *nt)
 #define XKB_PASS_BROKEN 3
 int xkb_pass(char **pages, unsigned nr_ents, uint32_t *req_cons, uint32_t *rsp_prod,
              int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table, uint32_t table_size,
-             struct xk_grants *gt, blkif_request_t *reqs, blkif_response_t *rsps, int *slow, int *counts,
-             struct xkb_notify *nt)
+             struct xk_grants *gt, blkif_request_t *reqs, blkif_response_t *rsps, int *slow, int *counts)
 {
     counts[0] = counts[1] = counts[2] = 0;
     for (;;) {
@@ -356,7 +319,7 @@ int xkb_pass(char **pages, unsigned nr_ents, uint32_t *req_cons, uint32_t *rsp_p
             counts[2] = nslow;
             return XKB_PASS_SLOW;
         }
-        if (xkb_push(pages, nr_ents, rsp_prod, rsps, n) && xkb_notify_now(nt))
+        if (xkb_push(pages, nr_ents, rsp_prod, rsps, n))
             return XKB_PASS_NOTIFY;
     }
 }

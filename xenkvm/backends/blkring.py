@@ -101,10 +101,6 @@ class BlkifRing:
         self.rsps = ffi.new("blkif_response_t[]", self.nr_ents)
         self.slow = ffi.new("int[]", self.nr_ents)
         self.counts = ffi.new("int[3]")     #: xkb_pass: taken, the slow batch's size, its slow ones
-        #: xkb_pass's notify in C (``fn``/``ctx`` set by the device when the domain has C delivery)
-        self.notify = ffi.new("struct xkb_notify *")
-        self.notify.port = port
-        self.notified = 0                   #: ``notify.done`` already counted by the device
         self.broken = False
 
     def close(self, domain) -> None:

@@ -114,11 +114,6 @@ class BlockDevice(XenbusDevice):
 
     def connect(self, frontend: dict[str, str]) -> None:
         self.rings = open_rings(self.domain, frontend, self.backend.kick_fd, self.offer_persistent)
-        cdeliver = getattr(self.domain, "cdeliver", None)
-        if cdeliver is not None:          # xkb_pass notifies in C (xen/evtchn/cdeliver.py)
-            fn, ctx = cdeliver.for_c()
-            for r in self.rings:
-                r.notify.fn, r.notify.ctx = fn, ctx
         self._seen = {r.port: self.domain.fast.last_send_ns(r.port) for r in self.rings}
         self.costs, self._window = CostWindow(self.domain), dict(self.stats)
         r = self.rings[0]
@@ -227,18 +222,14 @@ class BlockDevice(XenbusDevice):
         more) but for the requests the fast path leaves to Python, and an image over NBD."""
         if self.disk.pipelined:
             return self._drain_pipelined(ring)
-        d, g, counts, nt = self.disk, ring.segments, ring.counts, ring.notify
+        d, g, counts = self.disk, ring.segments, ring.counts
         g.sync()
         claims = ffi.NULL if self.grant_copy else g.grants     # the grant-copy variant: every page copied
         while True:
             code = lib.xkb_pass(ring.pages, ring.nr_ents, ring.req_cons, ring.rsp_prod, d.fd, d.sectors,
                                 self.spec.readonly, g.rw_table, g.ro_table, g.table_size, claims, ring.reqs,
-                                ring.rsps, ring.slow, counts, nt)
+                                ring.rsps, ring.slow, counts)
             self.stats["requests"] += counts[0]
-            if nt.done != ring.notified:          # notifies the pass made in C
-                self.stats["notifies"] += nt.done - ring.notified
-                ring.notified = nt.done
-                self.latency.notified(nt.started_ns, nt.ended_ns)
             if code == lib.XKB_PASS_DONE:
                 return
             if code == lib.XKB_PASS_BROKEN:
@@ -249,10 +240,6 @@ class BlockDevice(XenbusDevice):
                     self._serve(ring.reqs[i], ring.rsps[i])
                 if not lib.xkb_push(ring.pages, ring.nr_ents, ring.rsp_prod, ring.rsps, counts[1]):
                     continue
-            elif nt.answer:                       # C's notify left something to Python
-                answer, nt.answer = nt.answer, 0
-                self.domain.cdeliver.finish(ring.port, answer)
-                continue
             self._notify(ring)
 
     def _drain_pipelined(self, ring: BlkifRing) -> None:

@@ -66,10 +66,9 @@ class EventLatency:
         if sent is not None:
             self.samples["notify_to_service"].append(self.clock() - sent)
 
-    def notified(self, started: int, ended: int | None = None) -> None:
-        """The worker's notify, begun at ``started`` (``clock()``), has returned (now, or at
-        ``ended``: a notify made in C, stamped there on the same clock)."""
-        now = self.clock() if ended is None else ended
+    def notified(self, started: int) -> None:
+        """The worker's notify, begun at ``started`` (``clock()``), has returned."""
+        now = self.clock()
         self.samples["notify_call"].append(now - started)
         self._pushed = now
 
@@ -113,9 +112,7 @@ class CostWindow:
         fast = getattr(d, "fast", None)
         in_c = fast.sends if fast is not None else 0
         ops[FAST_OP] = ops.get(FAST_OP, 0) + in_c   # sends completed in C (xen/fastpath.py) count alike
-        cdeliver = getattr(d, "cdeliver", None)     # upcalls injected by the backends' notifies in C
-        upcalls = d.upcalls.delivered + (cdeliver.upcalls if cdeliver is not None else 0)
-        return self.clock(), ops, upcalls, d.upcalls.eoi_rounds, d.io.passes, in_c
+        return self.clock(), ops, d.upcalls.delivered, d.upcalls.eoi_rounds, d.io.passes, in_c
 
     def sample(self, requests: int, extra: dict[str, int] | None = None) -> str:
         """The line for the window that ends now; ``extra``: the device's own counts in it."""

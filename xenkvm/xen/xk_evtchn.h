@@ -463,21 +463,21 @@ static inline int xkd_notify(struct xkd *d, uint32_t port)
         pthread_mutex_unlock(&d->mu);
         return XKD_PYTHON;
     }
+    uint32_t vector = d->l.vcpu[v].vector;
+    int vm_fd = d->vm_fd;
     ret = xkd_set_pending_locked(d, port, v, d->l.vcpu[v].vcpu_info, &how);
-    if (!ret && (how & 4)) {
-        /* under mu: xkd_close() cannot return (and the VM fd be closed) while this runs */
-        struct kvm_msi msi = { .address_lo = 0xFEE00000u | (v & 0xFF) << 12,
-                               .data = d->l.vcpu[v].vector & 0xFF };
-        if (d->vm_fd >= 0 && ioctl(d->vm_fd, KVM_SIGNAL_MSI, &msi) > 0)
-            d->upcalls++;
+    if (!ret)
+        d->notifies++;
+    pthread_mutex_unlock(&d->mu);
+    if (ret)
+        return ret;
+    if (how & 4) {
+        struct kvm_msi msi = { .address_lo = 0xFEE00000u | (v & 0xFF) << 12, .data = vector & 0xFF };
+        if (vm_fd >= 0 && ioctl(vm_fd, KVM_SIGNAL_MSI, &msi) > 0)
+            __atomic_fetch_add(&d->upcalls, 1, __ATOMIC_RELAXED);
         else
             ret |= XKD_RAISE;
     }
-    if (!(ret & XKD_PYTHON))
-        d->notifies++;
-    pthread_mutex_unlock(&d->mu);
-    if (ret & XKD_PYTHON)
-        return ret;
     /* Pollers (poll.py) count themselves in before they look at their ports: either they
      * see this port pending, or this load sees them. */
     if ((how & 3) && __atomic_load_n(&d->pollers, __ATOMIC_SEQ_CST) > 0)

@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 PYTHON, POLLERS, RAISE, GAVE_UP = lib.XKD_PYTHON, lib.XKD_POLLERS, lib.XKD_RAISE, lib.XKD_GAVE_UP
 NPORTS = lib.XKD_NPORTS
-_NOTIFY_FN = ffi.cast("void *", ffi.addressof(lib, "xkd_notify"))
 
 EVTCHNOP = xlib.__HYPERVISOR_event_channel_op
 #: (hypercall, first argument) pairs that never change what C delivery was loaded with;
@@ -147,11 +146,6 @@ class CDelivery:
             if r & RAISE:
                 d.evtchn.signal.raised += 1
                 d.upcalls.raise_(v)
-
-    def for_c(self) -> tuple:
-        """(function, context) ``void *`` pair for a backend's C pass to notify with
-        (``fn(ctx, port)`` is :meth:`notify`'s C half; a non-zero answer goes to :meth:`finish`)."""
-        return _NOTIFY_FN, ffi.cast("void *", self.c)
 
     @property
     def notifies(self) -> int:
