@@ -172,52 +172,9 @@ def _two_level(per_op, threaded: bool) -> list[tuple[str, float]]:
         view[0] = 0
         view[VI_SEL] = 0
     rows.append(("VMM notify(port) + delivery + ack (2-level)", per_op(notify_deliver)))
-    rows += _backend_notify(d, disp, caller, "2-level", per_op)
     if threaded:
         rows += _threaded(d, disp, caller, vport)
     d.io.stop()
-    return rows
-
-
-def _backend_notify(d, disp, caller, abi: str, per_op) -> list[tuple[str, float]]:
-    """A backend's notify on its ring port (bound with a kick eventfd), through Python
-    (``evtchn.notify``: big lock, delivery objects) and in C (``cdeliver.notify``,
-    xen/evtchn/cdeliver.py).  The guest takes the port between notifies and leaves its
-    upcall_pending set, so neither path raises an interrupt (no VM here to take it)."""
-    obj = ffi.new("struct evtchn_alloc_unbound *", {"dom": 0x7FF0, "remote_dom": 0})
-    d.mem.write(ARG, bytes(ffi.buffer(obj)))
-    assert disp.dispatch(caller, Hypercall.event_channel_op, (EvtchnOp.alloc_unbound, ARG, 0, 0, 0, 0)) == 0
-    port = d.mem.read_u32(ARG + ffi.offsetof("struct evtchn_alloc_unbound", "port"))
-    d.evtchn.bind_vmm_to_guest_port(port, kick_fd=d.fast.lease_fd())
-    for v in d.vcpus:
-        v.upcall_vector = 0xF3        # HVMOP_set_evtchn_upcall_vector: what C delivers to
-    with d.lock:
-        d.cdeliver.reload()
-    view = d.mem.view(SHINFO, 4096)
-    view[0] = 1                       # upcall_pending stays set
-    if abi == "FIFO":
-        words = d.mem.array(ARR, 1024, "<u4")
-
-        def take():
-            words[port] = 0
-    else:
-        byte, bit = SH_PENDING + port // 8, 1 << (port % 8)
-
-        def take():
-            view[byte] &= ~bit
-            view[VI_SEL] = 0
-
-    def python():
-        d.evtchn.notify(port)
-        take()
-
-    def in_c():
-        d.cdeliver.notify(port)
-        take()
-    before = d.cdeliver.notifies
-    rows = [(f"backend notify, Python path, + take ({abi})", per_op(python)),
-            (f"backend notify in C, + take ({abi})", per_op(in_c))]
-    assert d.cdeliver.notifies > before and d.cdeliver.fallbacks == 0, "C did not deliver"
     return rows
 
 
@@ -297,7 +254,6 @@ def _fifo(per_op) -> list[tuple[str, float]]:
         disp.dispatch(caller, nr, send_args)
         fifo_ack()
     rows.append(("EVTCHNOP_send + delivery + ack (FIFO)", per_op(fifo_send_deliver)))
-    rows += _backend_notify(d, disp, caller, "FIFO", per_op)
     d.io.stop()
     return rows
 
