@@ -29,7 +29,6 @@ from xenkvm.xen.abi import HvmParam
 from xenkvm.xen.dispatch import Dispatcher
 from xenkvm.xen.domain import CONSOLE_PAGE, SPECIAL_PAGES, SPECIAL_PAGES_GPA, STORE_PAGE, InputQueue
 from xenkvm.xen.evtchn import EventChannels
-from xenkvm.xen.evtchn.cdeliver import CDelivery
 from xenkvm.xen.fastpath import FastSend
 from xenkvm.xen.hypercalls import table
 from xenkvm.xen.limits import Limits
@@ -53,7 +52,6 @@ class XenServiceDomain(Protocol):
     io: IoLoop
     dispatcher: Dispatcher
     evtchn: EventChannels
-    cdeliver: CDelivery     #: notifies from C on the kick ports (xen/evtchn/cdeliver.py)
     timers: VcpuTimers
     shinfo: Any             #: .gpa: where shared_info is mapped (None: not yet)
     upcalls: Any            #: .raise_(vcpu)
@@ -113,7 +111,7 @@ class FakeDomain:
         self.lock = threading.RLock()
         self.domid = domid
         self.cfg = XenConfig(domid=domid, hypervisor_log="none")
-        self.vcpus = [SimpleNamespace(id=i, vcpu_info_gpa=None, up=i == 0, upcall_vector=0) for i in range(nvcpus)]
+        self.vcpus = [SimpleNamespace(id=i, vcpu_info_gpa=None, up=i == 0) for i in range(nvcpus)]
         self.params: dict[int, int] = dict(params or {})
         self.clock = GuestClock(host=clock)
         self.io = IoLoop("test-io", clock=clock)
@@ -126,7 +124,6 @@ class FakeDomain:
         self.upcalls = Upcalls(clock)
         self.dispatcher = Dispatcher(self)
         self.fast = FastSend(self.mem, HYPERCALL_PORT)
-        self.cdeliver = CDelivery(self, -1)      # no VM: C leaves the upcall to self.upcalls
         self.evtchn = EventChannels(self)
         self.timers = VcpuTimers(self)
         table.install(self.dispatcher)   # the real hypercall table; services this fake lacks

@@ -268,7 +268,7 @@ class BlockDevice(XenbusDevice):
     def _notify(self, ring: BlkifRing) -> None:
         t = time.perf_counter_ns()
         self.stats["notifies"] += 1
-        self.domain.cdeliver.notify(ring.port)
+        self.domain.evtchn.notify(ring.port)
         self.latency.notified(t)
 
     def _serve(self, req, rsp) -> None:

@@ -7,18 +7,15 @@ pointer) are not declared as fields; their offsets are exported as
 ``XK_OFF_<struct>__<field>`` constants and read as 64-bit guest-virtual
 addresses.
 
-It also compiles the Xen layer's hot-path helpers (one C call per
-event-delivery rule, and the grant frames' word atomics, on pointers from
-``GuestMemory.cptr``): their source is ``xk_evtchn.h``, which
-``_fast_build.py`` includes too for the backends' notifies in C.
+It also compiles the Xen layer's hot-path helpers (``HELPERS_SRC``: one C call
+per event-delivery rule, and the grant frames' word atomics, on pointers from
+``GuestMemory.cptr``);
+they live here, past the usual ~400 lines, because they need these headers and
+this module's build.
 """
 from __future__ import annotations
 
-import pathlib
-
 from cffi import FFI
-
-HERE = pathlib.Path(__file__).resolve().parent   #: xk_evtchn.h
 
 # (struct, handle field) pairs whose offsets are exported.
 HANDLE_FIELDS = [
@@ -246,7 +243,10 @@ typedef struct { xen_pfn_t gmfn; domid_t domid; uint16_t offset; } xk_gnttab_cop
 
 
 # -- hot-path helpers: one C call per Xen delivery/pin rule ---------------------------
-# Their source is xk_evtchn.h, shared with xen/_fast_build.py (the backends' notify in C).
+# They work on C pointers GuestMemory.cptr() hands out once (shared_info, a vcpu_info,
+# FIFO pages, grant frames), so an event costs one or two calls instead of one
+# GuestMemory lookup per guest word.  All atomics are seq_cst (lock-prefixed on x86),
+# like Xen's guest_test_and_set_bit & co.
 HELPERS_CDEF = """
 #define XK_2L_WAS_PENDING ...
 #define XK_2L_MASKED ...
@@ -270,7 +270,128 @@ uint64_t xk_cmpxchg32_at(void *base, size_t off, uint32_t expected, uint32_t des
 """
 
 HELPERS_SRC = r"""
-#include "xk_evtchn.h"
+/* How far a delivery went; from XK_2L_NO_VCPU_INFO up the vCPU is to be told. */
+enum { XK_2L_WAS_PENDING, XK_2L_MASKED, XK_2L_SEL_WAS_SET, XK_2L_NO_VCPU_INFO,
+       XK_UPCALL_WAS_PENDING, XK_UPCALL };
+enum { XK_FIFO_WAS_PENDING = 1, XK_FIFO_QUEUE = 2 };
+enum { XK_FIFO_EMPTY, XK_FIFO_LINKED, XK_FIFO_GAVE_UP };
+
+#define XK_NR_2L (sizeof(((struct shared_info *)0)->evtchn_pending) * 8)
+#define XK_ULONG_BITS (sizeof(xen_ulong_t) * 8)
+
+static int xk_tas(xen_ulong_t *map, unsigned nr)
+{
+    xen_ulong_t m = (xen_ulong_t)1 << (nr % XK_ULONG_BITS);
+    return (__atomic_fetch_or(&map[nr / XK_ULONG_BITS], m, __ATOMIC_SEQ_CST) & m) != 0;
+}
+
+static int xk_test(xen_ulong_t *map, unsigned nr)
+{
+    return (__atomic_load_n(&map[nr / XK_ULONG_BITS], __ATOMIC_SEQ_CST) >> (nr % XK_ULONG_BITS)) & 1;
+}
+
+/* Xen's vcpu_mark_events_pending (common/event_channel.c): set bit 0 of
+ * evtchn_upcall_pending; only a 0 -> 1 change interrupts the vCPU. */
+int xk_evtchn_mark_upcall(void *vcpu_info)
+{
+    uint8_t *up = &((struct vcpu_info *)vcpu_info)->evtchn_upcall_pending;
+    return (__atomic_fetch_or(up, 1, __ATOMIC_SEQ_CST) & 1) ? XK_UPCALL_WAS_PENDING : XK_UPCALL;
+}
+
+/* The second half of the 2-level rule: a newly set bit `word` of the vCPU's
+ * evtchn_pending_sel marks the upcall pending; an already set one does nothing. */
+int xk_evtchn_2l_set_sel(void *vcpu_info, unsigned word)
+{
+    struct vcpu_info *vi = vcpu_info;
+    if (word >= XK_ULONG_BITS || xk_tas(&vi->evtchn_pending_sel, word))
+        return XK_2L_SEL_WAS_SET;
+    return xk_evtchn_mark_upcall(vi);
+}
+
+/* Xen's evtchn_2l_set_pending (common/event_2l.c), restated: test-and-set the
+ * port's bit of shared_info.evtchn_pending; if it was already set, stop.  If
+ * the port's evtchn_mask bit is clear, test-and-set bit port / BITS_PER_LONG of
+ * the target vCPU's evtchn_pending_sel and, when that bit is new, mark the
+ * upcall pending (vcpu_mark_events_pending).  vcpu_info may be NULL (the vCPU
+ * has none yet): the caller then waits for resend. */
+int xk_evtchn_2l_set_pending(void *shinfo, void *vcpu_info, unsigned port)
+{
+    struct shared_info *s = shinfo;
+    if (port >= XK_NR_2L || xk_tas(s->evtchn_pending, port))
+        return XK_2L_WAS_PENDING;
+    if (xk_test(s->evtchn_mask, port))
+        return XK_2L_MASKED;
+    if (!vcpu_info)
+        return XK_2L_NO_VCPU_INFO;
+    return xk_evtchn_2l_set_sel(vcpu_info, port / XK_ULONG_BITS);
+}
+
+#define XK_FIFO_BIT(b) ((uint32_t)1 << (b))
+
+/* Xen's evtchn_fifo_set_pending (common/event_fifo.c), first half: test-and-set
+ * PENDING of the port's event word; then, if `queue` (its vCPU has a control
+ * block), unless MASKED, test-and-set LINKED: a new LINKED means the port must
+ * be appended to its queue.  idx indexes the page's 32-bit words. */
+int xk_evtchn_fifo_set_pending(void *page, unsigned idx, int queue)
+{
+    uint32_t *w = (uint32_t *)page + idx % (XEN_PAGE_SIZE / 4);
+    uint32_t bit = XK_FIFO_BIT(EVTCHN_FIFO_PENDING);
+    int ret = (__atomic_fetch_or(w, bit, __ATOMIC_SEQ_CST) & bit) ? XK_FIFO_WAS_PENDING : 0;
+    if (!queue || (__atomic_load_n(w, __ATOMIC_SEQ_CST) & XK_FIFO_BIT(EVTCHN_FIFO_MASKED)))
+        return ret;
+    bit = XK_FIFO_BIT(EVTCHN_FIFO_LINKED);
+    if (!(__atomic_fetch_or(w, bit, __ATOMIC_SEQ_CST) & bit))
+        ret |= XK_FIFO_QUEUE;
+    return ret;
+}
+
+/* Xen's evtchn_fifo_set_link + the tail handling of evtchn_fifo_set_pending:
+ * point the tail's LINK at `port` with a compare-and-swap that only succeeds
+ * while the tail is still LINKED (else the guest consumed it: the queue is
+ * empty).  When the guest changes the word under us, set BUSY (the guest does
+ * not unmask a BUSY word) and retry at most `retries` times; the stored value
+ * has BUSY clear.  Gives up (BUSY cleared) if the guest keeps changing it. */
+int xk_evtchn_fifo_set_link(void *page, unsigned idx, uint32_t port, int retries)
+{
+    uint32_t *w = (uint32_t *)page + idx % (XEN_PAGE_SIZE / 4);
+    uint32_t linked = XK_FIFO_BIT(EVTCHN_FIFO_LINKED), busy = XK_FIFO_BIT(EVTCHN_FIFO_BUSY);
+    uint32_t keep = ~(busy | EVTCHN_FIFO_LINK_MASK);
+    uint32_t old = __atomic_load_n(w, __ATOMIC_SEQ_CST);
+    if (!(old & linked))
+        return XK_FIFO_EMPTY;
+    if (__atomic_compare_exchange_n(w, &old, (old & keep) | port, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        return XK_FIFO_LINKED;
+    __atomic_fetch_or(w, busy, __ATOMIC_SEQ_CST);
+    old = __atomic_load_n(w, __ATOMIC_SEQ_CST);
+    for (int i = 0; i < retries; i++) {
+        if (!(old & linked)) {
+            __atomic_fetch_and(w, ~busy, __ATOMIC_SEQ_CST);
+            return XK_FIFO_EMPTY;
+        }
+        if (__atomic_compare_exchange_n(w, &old, (old & keep) | port, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            return XK_FIFO_LINKED;
+    }
+    __atomic_fetch_and(w, ~busy, __ATOMIC_SEQ_CST);
+    return XK_FIFO_GAVE_UP;
+}
+
+uint32_t xk_or32_at(void *base, size_t off, uint32_t bits)
+{
+    return __atomic_fetch_or((uint32_t *)((char *)base + off), bits, __ATOMIC_SEQ_CST);
+}
+
+uint32_t xk_and32_at(void *base, size_t off, uint32_t bits)
+{
+    return __atomic_fetch_and((uint32_t *)((char *)base + off), bits, __ATOMIC_SEQ_CST);
+}
+
+/* Compare-and-swap of the aligned u32 at base + off: (swapped << 32) | value found. */
+uint64_t xk_cmpxchg32_at(void *base, size_t off, uint32_t expected, uint32_t desired)
+{
+    uint32_t *w = (uint32_t *)((char *)base + off);
+    int ok = __atomic_compare_exchange_n(w, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    return (uint64_t)ok << 32 | expected;
+}
 """
 
 
@@ -316,7 +437,7 @@ def _source() -> str:
 
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
-ffibuilder.set_source("xenkvm.xen._xen_cffi", _source(), include_dirs=[str(HERE)], extra_compile_args=["-Wall"])
+ffibuilder.set_source("xenkvm.xen._xen_cffi", _source(), extra_compile_args=["-Wall"])
 
 
 if __name__ == "__main__":

@@ -30,18 +30,7 @@ numbers and layouts are checked, not copied.
 """
 from __future__ import annotations
 
-import pathlib
-
 from cffi import FFI
-
-EVTCHN_H = pathlib.Path(__file__).resolve().parent / "xk_evtchn.h"   #: delivery in C (struct xkd)
-
-
-def evtchn_cdef() -> str:
-    """The cffi declarations of xk_evtchn.h (its ``cdef:`` comment)."""
-    block = EVTCHN_H.read_text().split(" * cdef:\n", 1)[1].split(" * end cdef", 1)[0]
-    return "\n".join(line[3:] for line in block.splitlines()) + "\n"
-
 
 CDEF = """
 struct kvm_run;
@@ -98,7 +87,6 @@ SOURCE = r"""
 #include <xen/xen.h>
 #include <xen/event_channel.h>
 #include <xen/vcpu.h>
-#include "xk_evtchn.h"
 
 #define XKF_MAX_REGIONS 8
 #define XKF_EFER_LMA (1ULL << 10)
@@ -397,9 +385,8 @@ long xkf_run(int vcpu_fd, struct kvm_run *run, struct xkf_domain *d, uint32_t vc
 """
 
 ffibuilder = FFI()
-ffibuilder.cdef(CDEF + evtchn_cdef())
-ffibuilder.set_source("xenkvm.xen._fast_cffi", SOURCE, include_dirs=[str(EVTCHN_H.parent)],
-                      extra_compile_args=["-O2", "-Wall"], libraries=["pthread"])
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source("xenkvm.xen._fast_cffi", SOURCE, extra_compile_args=["-O2", "-Wall"])
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ from xenkvm.xen.console import ConsoleIo, HypervisorLog, PrimaryConsole
 from xenkvm.xen.cpuid import xen_leaves
 from xenkvm.xen.dispatch import Dispatcher
 from xenkvm.xen.evtchn import EventChannels
-from xenkvm.xen.evtchn.cdeliver import CDelivery
 from xenkvm.xen.fastpath import FastSend
 from xenkvm.xen.gnttab import GrantTable
 from xenkvm.xen.hypercalls import table
@@ -160,8 +159,6 @@ class XenDomain(MachineExtension):
         self.upcalls = Upcalls(self)
         #: ring kicks completed in C on the vCPU thread (xen/fastpath.py); used once a port trap is in
         self.fast = FastSend(self.mem, layout.HYPERCALL_PORT)
-        #: notifies on those ports made by the backends' threads in C (xen/evtchn/cdeliver.py)
-        self.cdeliver = CDelivery(self, self.vm.fd)
         self.evtchn = EventChannels(self)
         self.timers = VcpuTimers(self)
         self.gnttab = GrantTable(self)
@@ -249,7 +246,6 @@ class XenDomain(MachineExtension):
             log.info("hypercall fast path: %d EVTCHNOP_send, %d single-shot timer calls completed in C",
                      self.fast.sends, self.fast.timer_ops)
         self.timers.detach_fast()
-        self.cdeliver.close()
         self.fast.close()
 
     def save_state(self) -> dict | None:

@@ -152,7 +152,6 @@ def restore(d: "XenDomain", st: dict[str, Any]) -> int | None:
         d.console_io.reading = bool(st["console_io_reading"])
         d.shinfo.restored(st["shinfo_gpa"])
         d.traps = [_trap_from(d, t) for t in st["traps"]]
-        d.cdeliver.reload()        # vcpu_infos, vectors and shared_info are back: C may deliver
     return st.get("testdev_last")
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from xenkvm.xen._fast_cffi import lib as _flib
 from xenkvm.xen.abi import DOMID_SELF, Errno, EvtchnStat, ffi
 from xenkvm.xen.errors import HypercallError
 from xenkvm.xen.evtchn import poll as _poll
@@ -39,8 +38,6 @@ from xenkvm.xen.evtchn.fifo import Fifo
 from xenkvm.xen.evtchn.ports import NR_VIRQS, PER_VCPU_VIRQS, Port, PortState, PortTable, VmmEnd
 from xenkvm.xen.evtchn.twolevel import TwoLevel
 from xenkvm.xen.evtchn.vmm import VmmPorts
-
-_xkd_pollers = _flib.xkd_pollers
 from xenkvm.xen.limits import of as limits_of
 
 
@@ -59,8 +56,7 @@ class EventChannels:
         if max_port is None:   # Xen's get_free_port: -ENOSPC for a port past the domain's max
             max_port = limits_of(domain).max_evtchn_port
         self.table = PortTable(max(1, min(int(max_port), FIFO_NR_CHANNELS - 1)))
-        self.pollers = _poll.Pollers(domain.lock, len(domain.vcpus),
-                                     count=lambda n: _xkd_pollers(domain.cdeliver.c, n))
+        self.pollers = _poll.Pollers(domain.lock, len(domain.vcpus))
         self.signal = Signal(domain, self.pollers)
         self.vmm = VmmPorts(self)
         self.delivery: Delivery = TwoLevel(domain, self.table, self.signal)
@@ -306,7 +302,6 @@ class EventChannels:
             self.vmm.clear()
             self.signal.forget()
             self.delivery = TwoLevel(self.d, self.table, self.signal)
-            self.d.cdeliver.reload()
 
     # -- the VMM services' API (vmm.py documents it) ---------------------------------------
     def alloc_vmm_port(self, on_notify: Callable[[], None], vcpu: int = 0, *,
@@ -337,7 +332,6 @@ class EventChannels:
     def to_state(self) -> dict:
         """Plain-data snapshot (guest-memory bits are saved with guest memory)."""
         with self.d.lock:
-            self.delivery.ports_out()
             return {
                 "version": 1,
                 "max_port": self.table.max_port,
@@ -361,4 +355,3 @@ class EventChannels:
                 self.table.insert(p)
             if state.get("fifo") is not None:
                 self.delivery = Fifo.from_state(self.d, self.table, self.signal, state["fifo"])
-            self.d.cdeliver.reload()

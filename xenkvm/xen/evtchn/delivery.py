@@ -74,9 +74,6 @@ class Delivery(Protocol):
     def to_state(self) -> dict | None:
         """Save-state of the ABI (None for 2-level, whose words live in shared_info)."""
 
-    def ports_out(self) -> None:
-        """Bring the Ports' saved fields up to date with what the ABI keeps elsewhere (C)."""
-
 
 class Signal:
     """The upcall: ``evtchn_upcall_pending`` in the vCPU's vcpu_info, then the interrupt.

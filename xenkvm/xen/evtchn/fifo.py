@@ -22,12 +22,8 @@ LINKED is not handed out again (its old queue entry may still be consumed).
 Every event word and READY is changed only here, atomically: on the send
 path by the C helpers (``lib.xk_evtchn_fifo_*``: PENDING/LINKED, the tail's
 LINK) on pointers to the pages taken when the guest hands them over, elsewhere
-with GuestMemory's atomics (atomic 32-bit stores for ``head``, which only Xen's
-side writes while the queue is empty).  The queues' private state (each tail,
-each port's last queue) is C's (``struct xkd``, xen/xk_evtchn.h): the PV
-backends' threads append to queues from C without the big lock
-(cdeliver.py), so every append, Python's too, is ``xkd_fifo_enqueue`` under
-that struct's mutex.  Frames must be whole guest RAM pages
+with GuestMemory's atomics (plain 32-bit stores for ``head``, which only Xen's
+side writes while the queue is empty).  Frames must be whole guest RAM pages
 (not the special pages, not MMIO), and RAM never leaves, so those pointers stay
 valid.  All methods run under the domain's big lock.
 """
@@ -37,7 +33,6 @@ import logging
 from typing import TYPE_CHECKING
 
 from xenkvm.machine.memory import GuestMemoryError
-from xenkvm.xen._fast_cffi import ffi as cffi_, lib as clib
 from xenkvm.xen.abi import Errno, ffi, lib
 from xenkvm.xen.errors import HypercallError
 
@@ -69,7 +64,8 @@ CB_READY_INDEX = CB_READY // 4
 LINK_RETRIES = 4            #: CAS retries on a tail the guest keeps changing (BUSY set meanwhile)
 
 _fifo_set_pending = lib.xk_evtchn_fifo_set_pending
-_enqueue = clib.xkd_fifo_enqueue
+_set_link = lib.xk_evtchn_fifo_set_link
+_or32_at = lib.xk_or32_at
 _WAS_PENDING = lib.XK_FIFO_WAS_PENDING
 _QUEUE = lib.XK_FIFO_QUEUE
 
@@ -92,8 +88,8 @@ class Fifo:
         #: (gpa, u32 view, C pointer to its page, offset of READY in that page) of each vCPU's control block
         self.control: list[tuple[int, memoryview, object, int] | None] = [None] * self.nr_vcpus
         self.control_loc: list[tuple[int, int] | None] = [None] * self.nr_vcpus      # (gfn, offset)
-        self.c = domain.cdeliver.c          #: struct xkd: the queues' tails, each port's last queue
-        clib.xkd_fifo_reset(self.c)
+        #: tail port of each (vcpu, priority) queue; 0 = empty.
+        self.tails: list[list[int]] = [[0] * NR_PRIORITIES for _ in range(self.nr_vcpus)]
 
     def _ram_page(self, gfn: int, what: str) -> tuple[memoryview, object]:
         """A u32 view and a C pointer of guest frame ``gfn`` if it is a whole page of RAM, else -EINVAL."""
@@ -107,7 +103,6 @@ class Fifo:
     def _add_page(self, gfn: int) -> None:
         """Append guest RAM frame ``gfn`` to the event array (-EINVAL if it is not RAM)."""
         page, ptr = self._ram_page(gfn, "event array")
-        clib.xkd_fifo_page(self.c, len(self.pages), ptr)
         self.pages.append(page)
         self.ptrs.append(ptr)
         self.array_gfns.append(gfn)
@@ -146,7 +141,6 @@ class Fifo:
         page, ptr = self._ram_page(gfn, "control block")
         self.control[vcpu] = ((gfn << 12) + offset, page[offset // 4:(offset + CB_SIZE) // 4], ptr, offset + CB_READY)
         self.control_loc[vcpu] = (gfn, offset)
-        clib.xkd_fifo_control(self.c, vcpu, ptr + offset)
 
     def init_control(self, vcpu: int, gfn: int, offset: int) -> "Fifo":
         """Another vCPU's control block: queue what is already pending for it."""
@@ -190,40 +184,35 @@ class Fifo:
             self._enqueue(p, v, control)
         return not code & _WAS_PENDING
 
-    def _enqueue(self, p: "Port", v: int, control) -> None:
-        """Append the (now LINKED) ``p`` to its queue; READY and the upcall if it was empty.
-
-        The tail handling, the link's compare-and-swap (BUSY fencing, bounded retries),
-        ``head`` and READY are C's (``xkd_fifo_enqueue``), under the mutex C's own
-        notifies take."""
-        code = _enqueue(self.c, p.port, v, p.priority)
-        if code & clib.XKD_FIFO_GAVE_UP:
-            log.warning("FIFO: could not link port %d after the tail (guest keeps changing it)", p.port)
-        if code & clib.XKD_FIFO_UPCALL:
+    def _enqueue(self, p: "Port", v: int, control: tuple[int, memoryview, object, int]) -> None:
+        """Append the (now LINKED) ``p`` to its queue; READY and the upcall if it was empty."""
+        prio = p.priority
+        old_v, old_prio = p.last_vcpu, p.last_prio
+        if old_v < len(self.tails) and self.tails[old_v][old_prio] == p.port:
+            # It was the tail of its old queue, which the guest has since
+            # consumed: that queue is empty now.
+            self.tails[old_v][old_prio] = 0
+        p.last_vcpu, p.last_prio = v, prio
+        tails = self.tails[v]
+        linked = bool(tails[prio]) and self.word(tails[prio]) is not None and self._link(tails[prio], p.port)
+        tails[prio] = p.port
+        if linked:
+            return
+        _, cb, page_ptr, ready_off = control
+        cb[CB_HEAD_INDEX + prio] = p.port
+        bit = 1 << prio
+        if not _or32_at(page_ptr, ready_off, bit) & bit:
             self.signal.upcall(v)
 
-    # -- the queues' private state (C's) -----------------------------------------------------
-    @property
-    def tails(self) -> list[list[int]]:
-        """Tail port of each (vcpu, priority) queue; 0 = empty (a copy)."""
-        out = []
-        buf = cffi_.new("uint32_t[]", NR_PRIORITIES)
-        for v in range(self.nr_vcpus):
-            clib.xkd_fifo_tails(self.c, v, buf, 0)
-            out.append(list(buf))
-        return out
+    def _link(self, tail: int, port: int) -> bool:
+        """Point ``tail``'s word at ``port`` iff it is still LINKED (False: the queue was empty).
 
-    def set_tails(self, vcpu: int, tails: list[int]) -> None:
-        clib.xkd_fifo_tails(self.c, vcpu, cffi_.new("uint32_t[]", tails[:NR_PRIORITIES]), 1)
-
-    def last_queue(self, port: int) -> tuple[int, int]:
-        """(vcpu, priority) of the queue ``port`` was last put on (vcpu NO_VCPU: none)."""
-        buf = cffi_.new("uint32_t[2]")
-        clib.xkd_fifo_last(self.c, port, buf, 0)
-        return int(buf[0]), int(buf[1])
-
-    def set_last_queue(self, port: int, vcpu: int, prio: int) -> None:
-        clib.xkd_fifo_last(self.c, port, cffi_.new("uint32_t[2]", [vcpu, prio]), 1)
+        The compare-and-swap, BUSY fencing and bounded retries are the C helper's.
+        """
+        code = _set_link(self.ptrs[tail >> 10], tail & (WORDS_PER_PAGE - 1), port, LINK_RETRIES)
+        if code == lib.XK_FIFO_GAVE_UP:
+            log.warning("FIFO: could not link port %d after the tail (guest keeps changing it)", port)
+        return code != lib.XK_FIFO_EMPTY
 
     def clear_pending(self, p: "Port") -> None:
         p.saved_pending = False
@@ -284,14 +273,6 @@ class Fifo:
             except HypercallError:
                 raise ValueError(f"saved FIFO event array gfn {gfn:#x} is not RAM") from None
         for v, t in enumerate(state.get("tails", [])[:f.nr_vcpus]):
-            t = [int(x) & LINK_MASK for x in t[:NR_PRIORITIES]]
-            f.set_tails(v, t + [0] * (NR_PRIORITIES - len(t)))
-        for p in table:          # Port.from_state read each port's last queue
-            f.set_last_queue(p.port, p.last_vcpu, p.last_prio)
+            t = [int(x) for x in t[:NR_PRIORITIES]]
+            f.tails[v] = t + [0] * (NR_PRIORITIES - len(t))
         return f
-
-    def ports_out(self) -> None:
-        """Copy C's last queue of every port into its Port (Port.to_state saves it)."""
-        for p in self.table:
-            v, prio = self.last_queue(p.port)
-            p.last_vcpu, p.last_prio = (v, prio) if v < self.nr_vcpus else (p.vcpu, p.priority)

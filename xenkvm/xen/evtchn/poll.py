@@ -34,12 +34,10 @@ _PORTS_HANDLE = handle_offset("sched_poll", "ports")   # XEN_GUEST_HANDLE: the c
 class Pollers:
     """vCPU threads blocked in SCHEDOP_poll, and the kicks that wake them."""
 
-    def __init__(self, lock, nr_vcpus: int, count: Callable[[int], None] | None = None):
+    def __init__(self, lock, nr_vcpus: int):
         self._cond = threading.Condition(lock)
         self._kicks = [0] * nr_vcpus
         self.waiting = 0              #: threads blocked now (a cheap test for the senders)
-        #: tells C's senders (cdeliver.py) a thread starts (+1) or stops (-1) polling
-        self._count = count
 
     def wake(self) -> None:
         """A port became pending: every poller re-checks its ports (caller holds the lock)."""
@@ -61,11 +59,7 @@ class Pollers:
         """Block until ``any_pending()``, a kick of ``vcpu`` or ``deadline_ns`` (monotonic)."""
         kicks = self._kicks[vcpu] if 0 <= vcpu < len(self._kicks) else 0
         self.waiting += 1
-        if self._count is not None:
-            self._count(1)
         try:
-            if self._count is not None and any_pending():
-                return 0        # a C sender that did not see us counted in set it meanwhile
             while True:
                 left = deadline_ns - time.monotonic_ns()
                 if left <= 0:
@@ -75,8 +69,6 @@ class Pollers:
                     return 0
         finally:
             self.waiting -= 1
-            if self._count is not None:
-                self._count(-1)
 
 
 def poll(channels, vcpu: int, ports: Iterable[int], timeout_abs_ns: int = 0) -> int:

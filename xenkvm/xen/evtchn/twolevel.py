@@ -183,15 +183,7 @@ class TwoLevel:
                 p.saved_pending = True
             p.priority = p.last_prio = Fifo.PRIORITY_DEFAULT
             p.last_vcpu = p.vcpu
-            fifo.set_last_queue(p.port, p.vcpu, p.priority)
         return fifo
-
-    def shinfo_ptr(self):
-        """The C pointer to shared_info (None while it is not mapped), for C delivery."""
-        return self._sh if self._shinfo() is not None else None
-
-    def ports_out(self) -> None:
-        """Nothing kept outside the Ports (Fifo keeps each port's last queue in C)."""
 
     def expand_array(self, gfn: int) -> None:
         raise HypercallError(Errno.EOPNOTSUPP, "expand_array before init_control")

@@ -23,9 +23,7 @@ remote port the end's id.  Reached as ``domain.evtchn.<name>``:
     The service closes its end; the guest port becomes unbound to domain 0.
 ``notify(port)``
     Signal the guest (EVTCHNOP_send from domain 0).  Cheap; coalesces in the
-    guest's pending bit.  A backend's thread signals a port it bound with
-    ``kick_fd`` through ``domain.cdeliver.notify(port)`` instead: the same
-    send in C, without this lock (cdeliver.py), falling back to this one.
+    guest's pending bit.
 ``raise_virq(virq, vcpu) -> bool``
     Raise a VIRQ (per-vCPU ones on ``vcpu``); False if the guest has not bound it.
 ``status(port) -> dict | None``
@@ -121,7 +119,6 @@ class VmmPorts:
         fast, port = self.ch.d.fast, end.port
         end.on_notify, end.direct = (lambda: fast.signal(port)), True
         fast.register(port, kick_fd)
-        self.ch.d.cdeliver.reload()       # the service's notifies on it may now be C's
 
     def close(self, port: int) -> None:
         """Xen's rule for closing one end: the other becomes unbound (to the closer)."""
@@ -131,7 +128,6 @@ class VmmPorts:
                 return
             self.ends.pop(p.vmm.id, None)
             p.vmm = None
-            self.ch.d.cdeliver.port_off(port)
             self.ch.d.fast.withdraw(port)
             p.state, p.remote_dom, p.remote_port = PortState.UNBOUND, 0, 0
 
@@ -206,7 +202,6 @@ class VmmPorts:
         """``p``'s guest end is closing: the VMM end goes; on_close runs if the guest closed it."""
         end, p.vmm = p.vmm, None
         self.ends.pop(end.id, None)
-        self.ch.d.cdeliver.port_off(p.port)
         self.ch.d.fast.withdraw(p.port)
         if from_guest and end.on_close is not None:
             self.ch.d.io.call_soon(end.on_close)
