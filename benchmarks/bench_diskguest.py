@@ -23,6 +23,8 @@ L1's KVM exits per request (``/sys/kernel/debug/kvm``'s counters, read at each
 ``/sys/block/*/stat`` counted), so xenkvm's and virtio-blk's costs stand side by side.
 ``--pv-time-off`` adds the xenkvm row again with ``xen.pv_time: false``, ``--fast-path-off`` with
 ``xen.fast_path: false`` (ring kicks and single-shot timers through Python, not C: xen/fastpath.py),
+``--kernel-kicks-off`` with ``xen.kernel_kicks: false`` (no send stub: kicks exit to the C loop
+instead of KVM's ioeventfds, xen/sendstub.py),
 ``--persistent`` with both disks offering persistent grants (blkfront then copies every byte
 between its persistent pages and the bio's), ``--guest-arg ARG`` with ARG on the guest's
 command line (``xen_blkfront.max_indirect_segments=256``).  ``--compare DIR`` adds the xenkvm
@@ -191,6 +193,7 @@ def qemu_cmd(root: Path, disk: Path) -> list[str]:
 #: the variant rows: option -> (its label, the xenkvm_cmd keyword that makes it)
 VARIANTS = {"pv_time_off": ("pv_time=false", {"xen_extra": "pv_time: false"}),
             "fast_path_off": ("fast_path=false", {"xen_extra": "fast_path: false"}),
+            "kernel_kicks_off": ("kernel_kicks=false", {"xen_extra": "kernel_kicks: false"}),
             "persistent": ("disk=persistent", {"disk_flags": "persistent"})}
 
 
@@ -251,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the xenkvm row with xen.pv_time: false (docs/linux-xen.md)")
     p.add_argument("--fast-path-off", action="store_true",
                    help="also run the xenkvm row with xen.fast_path: false (kicks and timers through Python)")
+    p.add_argument("--kernel-kicks-off", action="store_true",
+                   help="also run the xenkvm row with xen.kernel_kicks: false (kicks exit to the C loop)")
     p.add_argument("--persistent", action="store_true",
                    help="also run the xenkvm row with both disks offering persistent grants (`persistent`)")
     p.add_argument("--guest-arg", action="append", default=[], metavar="ARG",

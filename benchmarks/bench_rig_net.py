@@ -20,7 +20,8 @@ so absolute figures depend on how busy the host's CPUs are; the ratios between t
 rows of one run are what to read.  ``--compare DIR`` adds the xenkvm row again with the
 xenkvm package of another built checkout (the commit before a change), in the same L1;
 ``--pv-time-off`` adds it with ``xen.pv_time: false``, ``--fast-path-off`` with ``xen.fast_path: false``
-(ring kicks and single-shot timers completed in C, xen/fastpath.py).
+(ring kicks and single-shot timers completed in C, xen/fastpath.py), ``--kernel-kicks-off`` with
+``xen.kernel_kicks: false`` (kicks exit to the C loop instead of KVM's ioeventfds, xen/sendstub.py).
 Under the rows, the vif's cost lines (hypercalls and upcalls per packet, 5-s windows) and
 event latencies (each direction's kick to pass and notify call, and an rx notify to the guest's
 next tx kick), its
@@ -127,7 +128,8 @@ def cost_lines(run: netboot.NetRun) -> list[str]:
 
 
 #: the variant rows: option -> the ``xen:`` key it sets
-VARIANTS = {"pv_time_off": "pv_time: false", "fast_path_off": "fast_path: false"}
+VARIANTS = {"pv_time_off": "pv_time: false", "fast_path_off": "fast_path: false",
+            "kernel_kicks_off": "kernel_kicks: false"}
 
 
 #: The first VMM run after L1's boot reads its Python and the guest's images through 9p as it
@@ -195,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the xenkvm row with xen.pv_time: false (docs/linux-xen.md)")
     p.add_argument("--fast-path-off", action="store_true",
                    help="also run the xenkvm row with xen.fast_path: false (kicks and timers through Python)")
+    p.add_argument("--kernel-kicks-off", action="store_true",
+                   help="also run the xenkvm row with xen.kernel_kicks: false (kicks exit to the C loop)")
     p.add_argument("--profile", type=Path,
                    help="py-spy the first xenkvm row's VMM into this file (raw stacks; needs py-spy in the venv)")
     a = p.parse_args(argv)

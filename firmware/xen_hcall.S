@@ -12,14 +12,8 @@
  */
         /* a page of their own (guest.ld), so tests can change its U/P bits */
         .section .text.hcall, "ax"
-        .p2align 5
-        .globl  xen_hypercall_intel
-        .type   xen_hypercall_intel, @function
-xen_hypercall_intel:
-        vmcall
-        ret
-        .size   xen_hypercall_intel, . - xen_hypercall_intel
-
+        /* Linux's layout: _amd 16-byte aligned, _intel 16 bytes after it, nops between,
+           so the patch trap can put its send stub over the pair (xen/sendstub.py) */
         .p2align 5
         .globl  xen_hypercall_amd
         .type   xen_hypercall_amd, @function
@@ -27,5 +21,14 @@ xen_hypercall_amd:
         vmmcall
         ret
         .size   xen_hypercall_amd, . - xen_hypercall_amd
+
+        .p2align 4, 0x90
+        .globl  xen_hypercall_intel
+        .type   xen_hypercall_intel, @function
+xen_hypercall_intel:
+        vmcall
+        ret
+        .size   xen_hypercall_intel, . - xen_hypercall_intel
+        .p2align 4, 0x90
 
         .section .note.GNU-stack, "", @progbits

@@ -20,6 +20,7 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
       hypervisor_log: stderr   # console_io output: stderr ("(XEN) " lines) | file:PATH | none
       pv_time: true            # Xen PV time (XENFEAT_hvm_safe_pvclock); false: the guest's LAPIC timer and TSC
       fast_path: true          # ring kicks (EVTCHNOP_send to a PV backend) and the vCPUs' single-shot timers done in C; false: all in Python
+      kernel_kicks: true       # with fast_path and the patch trap on Linux: ring kicks signal the backend inside KVM (KVM_IOEVENTFD), no VMM exit
     disks:                     # optional, Xen guests: PV disks in xl.cfg(5) spelling (xenkvm/diskspec.py)
       - "format=raw, vdev=xvda, access=rw, target=root.img"
     vifs:                      # optional, Xen guests: PV NICs in xl.cfg(5) spelling (xenkvm/vifspec.py)
@@ -108,6 +109,11 @@ class XenConfig:
     #: under --trace).  On by default since kicks and timers together gave Debian's xvdb 1.5x
     #: QD1 and 2.5x QD32 IOPS in the rig (docs/linux-disk.md); false: every hypercall in Python
     fast_path: bool = True
+    #: with ``fast_path`` and the patch trap on Linux's hypercall pair: the pair is rewritten
+    #: into a stub that makes ``EVTCHNOP_send`` an ``out`` of the port number, and each PV
+    #: backend's ring port gets a KVM_IOEVENTFD on it, so a ring kick wakes the backend from
+    #: inside KVM without an exit to the VMM (xen/sendstub.py); false: the plain 3-byte patch
+    kernel_kicks: bool = True
 
 
 XEN_FIELDS = {f.name for f in dataclasses.fields(XenConfig)}
@@ -313,7 +319,7 @@ def _xen(raw: Any) -> XenConfig:
         if not isinstance(raw["test_device"], bool):
             raise ConfigError(f"xen.test_device: expected true or false, got {raw['test_device']!r}")
         kw["test_device"] = raw["test_device"]
-    for key in ("platform_pci", "pv_time", "fast_path"):
+    for key in ("platform_pci", "pv_time", "fast_path", "kernel_kicks"):
         if key in raw:
             if not isinstance(raw[key], bool):
                 raise ConfigError(f"xen.{key}: expected true or false, got {raw[key]!r}")

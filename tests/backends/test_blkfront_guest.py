@@ -145,6 +145,33 @@ def test_ring_kicks_in_c_and_in_python_serve_alike(tmp_path, kernel, fast):
         assert m is None and "fast path" not in r.stderr
 
 
+KERNEL_KICKS = re.compile(r"(\d+) EVTCHNOP_send, \d+ single-shot timer calls completed in C; (\d+) ring port "
+                          r"bindings kicked inside KVM")
+
+
+@pytest.mark.parametrize("kernel_kicks", [True, False], ids=["kicks-in-kvm", "kicks-in-c"])
+def test_send_stub_kicks_inside_kvm(tmp_path, kernel, kernel_kicks):
+    """The guest calls its hypercall pair (Linux's layout) under the patch trap: with
+    ``kernel_kicks`` the pair becomes the send stub and every ring kick is matched by a
+    KVM_IOEVENTFD (none reaches the C loop; the store's and console's sends still exit to the
+    VMM and are answered there); without, the 3-byte patch and kicks in C.  The disk's bytes
+    and every check are the same either way."""
+    a, b = images(tmp_path)
+    r = run(tmp_path, kernel, "xk.trap=direct", [f"format=raw, vdev=xvda, access=rw, persistent, target={a}",
+                                                 f"{b},raw,xvdb,ro"],
+            xen=f"  kernel_kicks: {'true' if kernel_kicks else 'false'}\n", verbose=True)
+    check_well_behaved_run(r, a, b)
+    m = KERNEL_KICKS.search(r.stderr)
+    assert m, r.stderr[-2000:]
+    sends_in_c, bindings = int(m.group(1)), int(m.group(2))
+    if kernel_kicks:
+        assert "send stub over xen_hypercall_amd/_intel" in r.stderr
+        assert sends_in_c == 0 and bindings >= 3, m.group(0)     # xvda's two queues, xvdb, reconnects
+    else:
+        assert "patch trap on xen_hypercall_amd" in r.stderr
+        assert sends_in_c >= 10 and bindings == 0, m.group(0)
+
+
 def check_well_behaved_run(r: subprocess.CompletedProcess, a: Path, b: Path, persistent: bool = True) -> None:
     """The guest's checks of the well-behaved scenario passed, and raw images ``a`` (rw) and ``b`` (ro)
     hold exactly what it wrote; ``persistent``: ``a`` offered persistent grants."""
@@ -167,9 +194,12 @@ def check_well_behaved_run(r: subprocess.CompletedProcess, a: Path, b: Path, per
     assert b.read_bytes() == pattern(0, SECTORS, 2)           # the read-only disk is untouched
 
 
-def test_hostile_frontend_and_a_good_disk(tmp_path, kernel):
+@pytest.mark.parametrize("trap", ["page", "direct"])
+def test_hostile_frontend_and_a_good_disk(tmp_path, kernel, trap):
+    """``direct``: the hostile guest's kicks (a flood among them) go through the send stub and
+    KVM's ioeventfds (test_send_stub_kicks_inside_kvm)."""
     a, b = images(tmp_path)
-    r = run(tmp_path, kernel, "xk.trap=page xk.blk_hostile",
+    r = run(tmp_path, kernel, f"xk.trap={trap} xk.blk_hostile",
             [f"vdev=xvda, persistent, target={a}", f"vdev=xvdb, access=rw, target={b}"])
     assert assert_passed(r) >= 40
     for name in ("hostile.unknown_op", "hostile.ungranted_ref", "hostile.far_ahead_not_served",

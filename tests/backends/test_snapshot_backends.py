@@ -48,13 +48,14 @@ def sectors(path: Path, first: int, count: int) -> bytes:
         return f.read(count * 512)
 
 
-def _cmd(*args: str, sock: Path) -> list[str]:
-    return [sys.executable, "-m", "xenkvm", "run", *args, "--xenstore-socket", str(sock)]
+def _cmd(*args: str, sock: Path, verbose: bool = False) -> list[str]:
+    return [sys.executable, "-m", "xenkvm", *(["-v"] if verbose else []), "run", *args,
+            "--xenstore-socket", str(sock)]
 
 
-def _run(*args: str, sock: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(*args, sock=sock), capture_output=True, text=True, errors="replace", timeout=300,
-                          cwd=ROOT)
+def _run(*args: str, sock: Path, verbose: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(*args, sock=sock, verbose=verbose), capture_output=True, text=True,
+                          errors="replace", timeout=300, cwd=ROOT)
 
 
 def _resumed(out: str, err: str, rc: int) -> None:
@@ -74,7 +75,7 @@ def _check_copy(copy: Path) -> None:
     assert sectors(copy, 4000, 8) == pattern(4000, 8, 8)
 
 
-def _snapshot(tmp: Path, fmt: str = "raw") -> tuple[Path, Path]:
+def _snapshot(tmp: Path, fmt: str = "raw", trap: str = "page") -> tuple[Path, Path]:
     build_guests()
     disk = tmp / f"a.{'img' if fmt == 'raw' else fmt}"
     if fmt == "raw":
@@ -83,7 +84,7 @@ def _snapshot(tmp: Path, fmt: str = "raw") -> tuple[Path, Path]:
         subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(disk), str(SECTORS * 512)], check=True)
     y = tmp / "guest.yaml"
     y.write_text(f"name: blk-snap\nkernel: {GUESTS / 'out' / 'xen_blkfront.elf'}\n"
-                 "cmdline: \"xk.trap=page xk.blk_snapshot\"\nmemory: 64M\nvcpus: 1\n"
+                 f"cmdline: \"xk.trap={trap} xk.blk_snapshot\"\nmemory: 64M\nvcpus: 1\n"
                  f"xen:\n  domid: 1\n  hypercall_trap: auto\ndisks:\n"
                  f"  - \"format={fmt}, vdev=xvda, access=rw, persistent, target={disk}\"\n")
     path = tmp / "blk.snap"
@@ -126,6 +127,24 @@ def test_blk_restored_twice_in_parallel(blk):
         out, err = p.communicate(timeout=300)
         _resumed(out, err, p.returncode)
         _check_copy(d / "xvda-a.img")
+
+
+KICKS = re.compile(r"(\d+) EVTCHNOP_send, \d+ single-shot timer calls completed in C; (\d+) ring port "
+                   r"bindings kicked inside KVM")
+
+
+def test_blk_restored_with_its_send_stub(tmp_path):
+    """A guest calling its hypercall pair (the patch trap's send stub, kicks matched inside KVM)
+    is saved mid-I/O and restored: the stub is found in the saved RAM, the ring ports get their
+    ioeventfds again, and the kicks after the restore never exit to the VMM."""
+    path, _disk = _snapshot(tmp_path, trap="direct")
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    r = _run("--restore", str(path), "--disk-copy", str(copies), sock=tmp_path / "r.sock", verbose=True)
+    _resumed(r.stdout, r.stderr, r.returncode)
+    _check_copy(copies / "xvda-a.img")
+    m = KICKS.search(r.stderr)
+    assert m and int(m.group(1)) == 0 and int(m.group(2)) >= 1, r.stderr[-3000:]
 
 
 @pytest.mark.skipif(not shutil.which("qemu-storage-daemon"), reason="needs qemu-storage-daemon (make deps)")

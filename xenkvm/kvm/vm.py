@@ -145,6 +145,16 @@ class Vm:
         msi.data = data
         return self._ioctl("KVM_SIGNAL_MSI", lib.KVM_SIGNAL_MSI, msi)
 
+    def port_eventfd(self, port: int, size: int, value: int, fd: int, assign: bool = True) -> None:
+        """KVM_IOEVENTFD: a guest ``out`` of ``size`` bytes of ``value`` to I/O ``port`` signals
+        eventfd ``fd`` inside KVM (no exit); ``assign=False`` removes that binding again."""
+        arg = ffi.new("struct kvm_ioeventfd *")
+        arg.datamatch, arg.addr, arg.len, arg.fd = value, port, size, fd
+        arg.flags = lib.KVM_IOEVENTFD_FLAG_PIO | lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if not assign:
+            arg.flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
+        self._ioctl("KVM_IOEVENTFD", lib.KVM_IOEVENTFD, arg)
+
     def signal_lapic_vector(self, apic_id: int, vector: int) -> int:
         """Fixed, edge, physical-destination MSI of ``vector`` to one LAPIC."""
         return self.signal_msi(0xFEE0_0000 | (apic_id & 0xFF) << 12, vector & 0xFF)

@@ -27,7 +27,7 @@ class Flavour(str, Enum):
 #: Capabilities reported by ``xenkvm info`` (name -> KVM_CAP_* number).
 REPORTED_CAPS = {
     name: getattr(lib, f"KVM_CAP_{name}") for name in (
-        "IRQCHIP", "USER_MEMORY", "NR_MEMSLOTS", "MAX_VCPUS", "PIT2", "SIGNAL_MSI",
+        "IRQCHIP", "USER_MEMORY", "NR_MEMSLOTS", "MAX_VCPUS", "PIT2", "SIGNAL_MSI", "IOEVENTFD",
         "SET_GUEST_DEBUG", "IMMEDIATE_EXIT", "SYNC_REGS", "X86_USER_SPACE_MSR",
         "X86_MSR_FILTER", "XEN_HVM", "EXIT_HYPERCALL", "TSC_CONTROL", "GET_TSC_KHZ",
         "VCPU_EVENTS", "ADJUST_CLOCK", "SPLIT_IRQCHIP", "X2APIC_API")
@@ -93,6 +93,11 @@ class Host:
     @property
     def kernel_params(self) -> tuple[str, ...]:
         return self.cpu_profile.kernel_params
+
+    @property
+    def has_ioeventfd(self) -> bool:
+        """KVM_IOEVENTFD: a guest's port write can signal an eventfd inside KVM (xen/sendstub.py)."""
+        return bool(self.caps.get("IOEVENTFD"))
 
     def hypercall_traps(self) -> list[str]:
         """The Xen hypercall traps this host supports, best first."""

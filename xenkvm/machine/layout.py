@@ -31,6 +31,7 @@ RESET_PORT = 0xCF9           #: write 0x06 (or 0x0e) to reset; also the FADT res
 RESET_VALUE = 0x06
 I8042_CMD = 0x64             #: write 0xfe to pulse the reset line
 HYPERCALL_PORT = 0xEA        #: hypercall-page stubs: `mov eax, nr; out HYPERCALL_PORT, eax; ret`
+SEND_PORT = 0xEB             #: the send stub's `out` of an EVTCHNOP_send's port number (xen/sendstub.py)
 XEN_TESTDEV_PORT = 0xEC      #: the test backend (xen.test_device: true), 32-bit writes only
 SNAPSHOT_PORT = 0xEE         #: `run --snapshot-on-port FILE`: any write takes a snapshot there (tests)
 

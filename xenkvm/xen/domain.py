@@ -243,8 +243,9 @@ class XenDomain(MachineExtension):
         """Stop the embedded xenstored and remove its socket; close the kick eventfds."""
         self.store.close()
         if self.machine.vcpu_run is not None:
-            log.info("hypercall fast path: %d EVTCHNOP_send, %d single-shot timer calls completed in C",
-                     self.fast.sends, self.fast.timer_ops)
+            log.info("hypercall fast path: %d EVTCHNOP_send, %d single-shot timer calls completed in C;"
+                     " %d ring port bindings kicked inside KVM", self.fast.sends, self.fast.timer_ops,
+                     self.fast.kernel_binds)
         self.timers.detach_fast()
         self.fast.close()
 

@@ -26,6 +26,7 @@ import os
 import threading
 from typing import TYPE_CHECKING
 
+from xenkvm.kvm.errors import KvmError
 from xenkvm.xen._fast_cffi import ffi, lib
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ class FastSend:
         self.ports: dict[int, int] = {}      #: registered port -> eventfd (under the domain lock)
         self._runs: dict[int, object] = {}   #: vCPU id -> its ``struct kvm_run *``
         self.timer_fds: list[int] = []       #: per vCPU: the timerfd C arms (empty: timers in Python)
+        self._kvm = None                     #: (Vm, I/O port) once kicks are matched in KVM (sendstub.py)
+        self.in_kernel: dict[int, int] = {}  #: port -> eventfd with a KVM_IOEVENTFD now
+        self.kernel_binds = 0                #: ioeventfds made (statistics)
 
     # -- eventfds ------------------------------------------------------------------------
     def lease_fd(self) -> int:
@@ -95,10 +99,45 @@ class FastSend:
         self.ports[port] = fd
         if 0 <= port < NPORTS:
             lib.xkf_set_port(self.c, port, fd)
+        self._bind_kernel(port, fd)
 
     def withdraw(self, port: int) -> None:
         if self.ports.pop(port, None) is not None and 0 <= port < NPORTS:
             lib.xkf_set_port(self.c, port, -1)
+        self._unbind_kernel(port)
+
+    # -- kicks matched inside KVM (xen/sendstub.py; callers hold the domain lock) ---------------
+    def use_kernel_kicks(self, vm, io_port: int) -> None:
+        """The guest's send stub writes port numbers to ``io_port``: give every registered port
+        (now and later) a KVM_IOEVENTFD there.  A send KVM matches to none (another port, a
+        binding KVM refused) exits to Python (sendstub.on_send_port), which signals the same
+        eventfd for a registered port: rare enough to leave out of the C loop."""
+        self._kvm = (vm, io_port)
+        for port, fd in self.ports.items():
+            self._bind_kernel(port, fd)
+
+    def _bind_kernel(self, port: int, fd: int) -> None:
+        if self._kvm is None or self.in_kernel.get(port) == fd or not 0 <= port <= 0xFFFFFFFF:
+            return
+        self._unbind_kernel(port)
+        vm, io_port = self._kvm
+        try:
+            vm.port_eventfd(io_port, 4, port, fd)
+        except KvmError as e:     # e.g. KVM's 1000 I/O devices: the kick exits to C as before
+            log.warning("port %d: no in-kernel kick (%s); its sends exit to the VMM", port, e)
+            return
+        self.in_kernel[port] = fd
+        self.kernel_binds += 1
+
+    def _unbind_kernel(self, port: int) -> None:
+        fd = self.in_kernel.pop(port, None)
+        if fd is None:
+            return
+        vm, io_port = self._kvm
+        try:
+            vm.port_eventfd(io_port, 4, port, fd, assign=False)
+        except KvmError as e:
+            log.warning("port %d: removing its in-kernel kick: %s", port, e)
 
     def clear(self) -> None:
         for port in list(self.ports):

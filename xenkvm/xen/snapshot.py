@@ -32,13 +32,12 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from xenkvm.machine import layout
 from xenkvm.machine.memory import GuestMemoryError
 from xenkvm.machine.snapshot.format import SnapshotError
 from xenkvm.xen.abi import HvmParam
 from xenkvm.xen.suspend import RESUMED
 from xenkvm.xen.trapsites import Site
-from xenkvm.xen.traps import PATCHED, BreakpointTrap, HypercallPageTrap, PatchSite, PatchTrap
+from xenkvm.xen.traps import BreakpointTrap, HypercallPageTrap, PatchSite, PatchTrap
 from xenkvm.xenstore import XenstoreServer
 from xenkvm.xenstore import state as xsstate
 
@@ -105,7 +104,8 @@ def _trap_doc(t) -> dict[str, Any]:
     if isinstance(t, HypercallPageTrap):
         return {"kind": t.name, "pages": t.pages}
     if isinstance(t, PatchTrap):
-        return {"kind": t.name, "sites": [[p.site.name, p.site.vaddr, p.gpa] for p in t.sites]}
+        return {"kind": t.name, "sites": [[p.site.name, p.site.vaddr, p.gpa] for p in t.sites],
+                "send_stub": bool(t.send_stub)}
     return {"kind": t.name, "sites": [[s.name, s.vaddr] for s in t.sites]}
 
 
@@ -116,7 +116,11 @@ def _trap_from(d: "XenDomain", doc: dict[str, Any]):
         t.pages = int(doc["pages"])
         return t
     if kind == PatchTrap.name:   # the patched bytes are in the restored RAM; install rewrites the same
-        return PatchTrap(d, [PatchSite(Site(str(n), int(v)), int(g)) for n, v, g in doc["sites"]])
+        t = PatchTrap(d, [PatchSite(Site(str(n), int(v)), int(g)) for n, v, g in doc["sites"]],
+                      send_stub=bool(doc.get("send_stub", False)))
+        if t.send_stub and t.pair() is None:
+            raise ValueError("a send stub on sites that are not Linux's hypercall pair")
+        return t
     if kind == BreakpointTrap.name:
         return BreakpointTrap(d, [Site(str(n), int(v)) for n, v in doc["sites"]])
     raise ValueError(f"hypercall trap {kind!r}")
@@ -200,15 +204,15 @@ def reinstall(d: "XenDomain", trap) -> None:
     if not isinstance(trap, PatchTrap):
         trap.install()
         return
-    for p in trap.sites:
+    for gpa, code in trap.expected():
         try:
-            ok = bytes(d.mem.read(p.gpa, len(PATCHED))) == PATCHED
+            ok = bytes(d.mem.read(gpa, len(code))) == code
         except GuestMemoryError:
             ok = False
         if not ok:
-            raise SnapshotError(f"dom{d.domid}: hypercall site {p.site.name} at GPA {p.gpa:#x} is not "
+            raise SnapshotError(f"dom{d.domid}: the hypercall site at GPA {gpa:#x} is not "
                                 "patched in the snapshot's RAM")
-    d.machine.register_port_hook(layout.HYPERCALL_PORT, trap.on_port)
+    trap.hook()
 
 
 def _restore_store(d: "XenDomain", st: dict[str, Any]) -> None:

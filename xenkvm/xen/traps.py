@@ -33,6 +33,7 @@ from xenkvm.machine import layout
 from xenkvm.machine.boot import BootError
 from xenkvm.machine.memory import GuestMemoryError
 from xenkvm.machine.pagewalk import Access, Paging, cpuid_phys_bits, walk
+from xenkvm.xen import sendstub
 from xenkvm.xen.abi import Errno
 from xenkvm.xen.cpuid import HYPERCALL_MSR
 from xenkvm.xen.privilege import PF_VECTOR, caller_cpl
@@ -197,19 +198,77 @@ def patch_sites(mem, sites: list[PatchSite]) -> None:
 
 
 class PatchTrap:
-    """The guest's own vmcall/vmmcall rewritten into port-I/O exits before it runs."""
+    """The guest's own vmcall/vmmcall rewritten into port-I/O exits before it runs; Linux's
+    pair of hypercall functions into the send stub when kicks go to KVM (xen/sendstub.py)."""
 
     name = "patch"
 
-    def __init__(self, domain: "XenDomain", sites: list[PatchSite]):
+    def __init__(self, domain: "XenDomain", sites: list[PatchSite], send_stub: bool | None = None):
         self.domain = domain
         self.sites = sites
+        #: the pair holds the send stub (None: decided by install, from the config and the bytes)
+        self.send_stub = send_stub
 
     def install(self) -> None:
-        patch_sites(self.domain.mem, self.sites)
+        if self.send_stub is None:
+            self.send_stub = self._stub_fits() and self._stub_wanted()
+        if self.send_stub:
+            amd = self.pair()
+            self.domain.mem.write(amd.gpa, self.stub_bytes())
+            log.info("patch trap: send stub over xen_hypercall_amd/_intel at %#x (GPA %#x)",
+                     amd.site.vaddr, amd.gpa)
+        else:
+            patch_sites(self.domain.mem, self.sites)
+            for p in self.sites:
+                log.info("patch trap on %s at %#x (GPA %#x)", p.site.name, p.site.vaddr, p.gpa)
+        self.hook()
+
+    def hook(self) -> None:
+        """The port exits the patched code makes (the bytes are in place: install or a restore)."""
         self.domain.machine.register_port_hook(layout.HYPERCALL_PORT, self.on_port)
-        for p in self.sites:
-            log.info("patch trap on %s at %#x (GPA %#x)", p.site.name, p.site.vaddr, p.gpa)
+        if self.send_stub:
+            stub_vaddr = self.pair().site.vaddr
+            self.domain.machine.register_port_hook(
+                layout.SEND_PORT, lambda vcpu: sendstub.on_send_port(self.domain, vcpu, stub_vaddr))
+            with self.domain.lock:
+                self.domain.fast.use_kernel_kicks(self.domain.machine.vm, layout.SEND_PORT)
+
+    def expected(self) -> list[tuple[int, bytes]]:
+        """(GPA, bytes) the patched guest memory holds."""
+        if self.send_stub:
+            return [(self.pair().gpa, self.stub_bytes())]
+        return [(p.gpa, PATCHED) for p in self.sites]
+
+    @staticmethod
+    def stub_bytes() -> bytes:
+        return sendstub.stub(layout.HYPERCALL_PORT, layout.SEND_PORT)
+
+    def pair(self) -> PatchSite | None:
+        """xen_hypercall_amd when the sites are Linux's pair: it 16-byte aligned, _intel 16 bytes
+        after it in both virtual and guest-physical memory."""
+        by_name = {p.site.name: p for p in self.sites}
+        amd, intel = by_name.get("xen_hypercall_amd"), by_name.get("xen_hypercall_intel")
+        if len(self.sites) != 2 or amd is None or intel is None or amd.site.vaddr % 16:
+            return None
+        step = sendstub.INTEL_ENTRY
+        if intel.site.vaddr != amd.site.vaddr + step or intel.gpa != amd.gpa + step:
+            return None
+        return amd
+
+    def _stub_wanted(self) -> bool:
+        cfg = getattr(self.domain, "cfg", None)
+        return bool(getattr(cfg, "kernel_kicks", False) and cfg.fast_path
+                    and not self.domain.machine.trace and self.domain.machine.host.has_ioeventfd)
+
+    def _stub_fits(self) -> bool:
+        amd = self.pair()
+        if amd is None:
+            return False
+        try:
+            code = bytes(self.domain.mem.read(amd.gpa, sendstub.STUB_LEN))
+        except GuestMemoryError:
+            return False
+        return sendstub.is_linux_pair(code)
 
     def on_port(self, vcpu: "Vcpu") -> None:
         port_hypercall(self.domain, vcpu)
