@@ -152,10 +152,10 @@ KERNEL_KICKS = re.compile(r"(\d+) EVTCHNOP_send, \d+ single-shot timer calls com
 @pytest.mark.parametrize("kernel_kicks", [True, False], ids=["kicks-in-kvm", "kicks-in-c"])
 def test_send_stub_kicks_inside_kvm(tmp_path, kernel, kernel_kicks):
     """The guest calls its hypercall pair (Linux's layout) under the patch trap: with
-    ``kernel_kicks`` the pair becomes the send stub and every ring kick is matched by a
-    KVM_IOEVENTFD (none reaches the C loop; the store's and console's sends still exit to the
-    VMM and are answered there); without, the 3-byte patch and kicks in C.  The disk's bytes
-    and every check are the same either way."""
+    ``kernel_kicks`` the pair becomes the send stub when the first ring port is bound, and the
+    ring kicks from then on are matched by KVM_IOEVENTFDs (they no longer reach the C loop; the
+    store's and console's sends still exit to the VMM and are answered there); without, the
+    3-byte patch and kicks in C.  The disk's bytes and every check are the same either way."""
     a, b = images(tmp_path)
     r = run(tmp_path, kernel, "xk.trap=direct", [f"format=raw, vdev=xvda, access=rw, persistent, target={a}",
                                                  f"{b},raw,xvdb,ro"],
@@ -164,11 +164,11 @@ def test_send_stub_kicks_inside_kvm(tmp_path, kernel, kernel_kicks):
     m = KERNEL_KICKS.search(r.stderr)
     assert m, r.stderr[-2000:]
     sends_in_c, bindings = int(m.group(1)), int(m.group(2))
-    if kernel_kicks:
-        assert "send stub over xen_hypercall_amd/_intel" in r.stderr
-        assert sends_in_c == 0 and bindings >= 3, m.group(0)     # xvda's two queues, xvdb, reconnects
+    if kernel_kicks:     # the stub goes in at the first ring port: a kick or two may come before
+        assert "send stub over xen_hypercall_amd/_intel" in r.stderr, r.stderr[-3000:]
+        assert sends_in_c <= 3 and bindings >= 3, m.group(0)     # xvda's two queues, xvdb, reconnects
     else:
-        assert "patch trap on xen_hypercall_amd" in r.stderr
+        assert "send stub" not in r.stderr
         assert sends_in_c >= 10 and bindings == 0, m.group(0)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
@@ -71,6 +72,32 @@ def test_port_io_exits_carry_data(vm):
     assert vcpu.run() == lib.KVM_EXIT_INTR  # completes the IN, then stops at once
     vcpu.set_immediate_exit(False)
     assert vcpu.get_regs().rax & 0xFF == 0x5A
+
+
+def test_port_eventfd_matches_inside_kvm(vm):
+    """KVM_IOEVENTFD (the send stub's kicks, xen/sendstub.py): a 4-byte ``out`` of the matched
+    value signals the eventfd with no exit; another value exits as usual; binding twice is
+    refused, and once removed the value exits again."""
+    # mov eax,5; out 0xeb,eax; mov eax,6; out 0xeb,eax; mov eax,5; out 0xeb,eax; jmp $
+    code = (b"\x66\xb8\x05\x00\x00\x00\x66\xe7\xeb" b"\x66\xb8\x06\x00\x00\x00\x66\xe7\xeb"
+            b"\x66\xb8\x05\x00\x00\x00\x66\xe7\xeb\xeb\xfe")
+    vcpu, _ = real_mode_vcpu(vm, code)
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        vm.port_eventfd(0xEB, 4, 5, fd)
+        with pytest.raises(KvmError) as info:
+            vm.port_eventfd(0xEB, 4, 5, fd)
+        assert info.value.errno == errno.EEXIST
+        assert vcpu.run() == lib.KVM_EXIT_IO                        # the 6: not matched
+        assert (vcpu.exit_io.port, bytes(vcpu.io_data())) == (0xEB, b"\x06\x00\x00\x00")
+        assert os.eventfd_read(fd) == 1                             # the first 5, inside KVM
+        vm.port_eventfd(0xEB, 4, 5, fd, assign=False)
+        assert vcpu.run() == lib.KVM_EXIT_IO                        # the second 5 exits now
+        assert bytes(vcpu.io_data()) == b"\x05\x00\x00\x00"
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(fd)
+    finally:
+        os.close(fd)
 
 
 def test_sync_regs_fixup_without_extra_ioctls(vm):

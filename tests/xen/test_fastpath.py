@@ -9,6 +9,7 @@ writing the C table as ``xkf_run`` would.
 """
 from __future__ import annotations
 
+import errno
 import os
 import time
 from types import SimpleNamespace
@@ -17,7 +18,8 @@ import pytest
 
 from evtchnfakes import FakeDomain
 from fakeclock import FakeClock
-from xenkvm.machine.layout import HYPERCALL_PORT
+from xenkvm.kvm.errors import KvmError
+from xenkvm.machine.layout import HYPERCALL_PORT, SEND_PORT
 from xenkvm.machine.memory import GuestMemory
 from xenkvm.xen.evtchn.ports import PortState
 from xenkvm.xen.evtchn.vmm import EvtchnError
@@ -196,3 +198,78 @@ def test_a_frozen_clock_leaves_arming_to_python(timed):
     assert d.fast.c.timer_on == 1
     d.fast.publish_clock(None)
     assert d.fast.c.timer_on == 0 and d.fast.c.clock_seq % 2 == 0
+
+
+class RecordingVm:
+    """KVM_IOEVENTFD as the fast path asks for it (Vm.port_eventfd); ``refuse``: values KVM refuses."""
+
+    def __init__(self, refuse=()):
+        self.bound: dict[int, int] = {}
+        self.calls: list[tuple] = []
+        self.refuse = set(refuse)
+
+    def port_eventfd(self, io_port, size, value, fd, assign=True):
+        self.calls.append((assign, io_port, size, value, fd))
+        if assign:
+            if value in self.refuse or value in self.bound:
+                raise KvmError("KVM_IOEVENTFD", errno.ENOSPC if value in self.refuse else errno.EEXIST)
+            self.bound[value] = fd
+        elif self.bound.get(value) == fd:
+            del self.bound[value]
+        else:
+            raise KvmError("KVM_IOEVENTFD", errno.ENOENT)
+
+
+def test_kicks_in_kvm_bind_every_registered_port_now_and_later(dom):
+    first, fd1 = unbound_port(dom), dom.fast.lease_fd()
+    dom.evtchn.bind_vmm_to_guest_port(first, kick_fd=fd1)
+    vm = RecordingVm()
+    with dom.lock:
+        dom.fast.use_kernel_kicks(vm, SEND_PORT)
+    second, fd2 = unbound_port(dom), dom.fast.lease_fd()
+    dom.evtchn.bind_vmm_to_guest_port(second, kick_fd=fd2)
+    assert vm.bound == {first: fd1, second: fd2} and dom.fast.in_kernel == vm.bound
+    assert {c[1:3] for c in vm.calls} == {(SEND_PORT, 4)} and dom.fast.kernel_binds == 2
+    assert registered(dom.fast, first) == fd1        # an unmatched send still finds it (Python's signal)
+
+
+@pytest.mark.parametrize("how", ["backend closes", "guest closes", "guest resets"])
+def test_the_ioeventfd_goes_with_the_binding_whoever_ends_it(dom, how):
+    vm = RecordingVm()
+    with dom.lock:
+        dom.fast.use_kernel_kicks(vm, SEND_PORT)
+    fd = dom.fast.lease_fd()
+    port = unbound_port(dom)
+    dom.evtchn.bind_vmm_to_guest_port(port, kick_fd=fd)
+    assert vm.bound == {port: fd}
+    if how == "backend closes":
+        dom.evtchn.close_vmm_port(port)
+    elif how == "guest closes":
+        with dom.lock:
+            dom.evtchn.close_port(dom.evtchn.table.get(port), from_guest=True)
+    else:
+        dom.evtchn.guest_reset()
+    assert vm.bound == {} and dom.fast.in_kernel == {}
+    assert vm.calls[-1] == (False, SEND_PORT, 4, port, fd)
+
+
+def test_a_port_rebound_to_another_eventfd_moves_its_ioeventfd(dom):
+    vm = RecordingVm()
+    with dom.lock:
+        dom.fast.use_kernel_kicks(vm, SEND_PORT)
+        dom.fast.register(9, 100)
+        dom.fast.register(9, 101)
+    assert vm.bound == {9: 101} and vm.calls[-2] == (False, SEND_PORT, 4, 9, 100)
+
+
+def test_a_binding_kvm_refuses_leaves_the_port_to_the_vmm(dom, caplog):
+    fd = dom.fast.lease_fd()
+    port = unbound_port(dom)
+    vm = RecordingVm(refuse={port})
+    with dom.lock:
+        dom.fast.use_kernel_kicks(vm, SEND_PORT)
+    dom.evtchn.bind_vmm_to_guest_port(port, kick_fd=fd)
+    assert vm.bound == {} and dom.fast.in_kernel == {} and registered(dom.fast, port) == fd
+    assert "no in-kernel kick" in caplog.text
+    dom.evtchn.close_vmm_port(port)                   # nothing to remove: no error
+    assert vm.calls[-1][0] is True

@@ -26,7 +26,6 @@ import os
 import threading
 from typing import TYPE_CHECKING
 
-from xenkvm.kvm.errors import KvmError
 from xenkvm.xen._fast_cffi import ffi, lib
 
 if TYPE_CHECKING:
@@ -63,6 +62,7 @@ class FastSend:
         self._kvm = None                     #: (Vm, I/O port) once kicks are matched in KVM (sendstub.py)
         self.in_kernel: dict[int, int] = {}  #: port -> eventfd with a KVM_IOEVENTFD now
         self.kernel_binds = 0                #: ioeventfds made (statistics)
+        self.on_register = None              #: called after each register (the pending send stub's try)
 
     # -- eventfds ------------------------------------------------------------------------
     def lease_fd(self) -> int:
@@ -100,6 +100,8 @@ class FastSend:
         if 0 <= port < NPORTS:
             lib.xkf_set_port(self.c, port, fd)
         self._bind_kernel(port, fd)
+        if self.on_register is not None:
+            self.on_register()
 
     def withdraw(self, port: int) -> None:
         if self.ports.pop(port, None) is not None and 0 <= port < NPORTS:
@@ -110,7 +112,7 @@ class FastSend:
     def use_kernel_kicks(self, vm, io_port: int) -> None:
         """The guest's send stub writes port numbers to ``io_port``: give every registered port
         (now and later) a KVM_IOEVENTFD there.  A send KVM matches to none (another port, a
-        binding KVM refused) exits to Python (sendstub.on_send_port), which signals the same
+        binding KVM refused) exits to Python (traps.stub_send), which signals the same
         eventfd for a registered port: rare enough to leave out of the C loop."""
         self._kvm = (vm, io_port)
         for port, fd in self.ports.items():
@@ -123,7 +125,7 @@ class FastSend:
         vm, io_port = self._kvm
         try:
             vm.port_eventfd(io_port, 4, port, fd)
-        except KvmError as e:     # e.g. KVM's 1000 I/O devices: the kick exits to C as before
+        except OSError as e:      # KvmError; e.g. KVM's 1000 I/O devices: the kick exits to the VMM
             log.warning("port %d: no in-kernel kick (%s); its sends exit to the VMM", port, e)
             return
         self.in_kernel[port] = fd
@@ -136,7 +138,7 @@ class FastSend:
         vm, io_port = self._kvm
         try:
             vm.port_eventfd(io_port, 4, port, fd, assign=False)
-        except KvmError as e:
+        except OSError as e:
             log.warning("port %d: removing its in-kernel kick: %s", port, e)
 
     def clear(self) -> None:

@@ -7,34 +7,48 @@ a port-I/O exit; the fast path then finishes a ring kick (``EVTCHNOP_send`` to
 a PV backend's port) in C, but the kick is still an exit to the VMM, a
 ``KVM_TRANSLATE`` of the argument and a ``KVM_RUN`` again.  virtio's kick costs
 a guest on hardware KVM none of that: KVM signals the device's eventfd itself
-(``KVM_IOEVENTFD``).
+(``KVM_IOEVENTFD``).  A Xen kick can take the same road once the port number is
+what the guest writes.  The 32 bytes from ``xen_hypercall_amd`` to the end of
+``xen_hypercall_intel`` become::
 
-A Xen kick can take the same road once the port number is what the guest writes.
-The 32 bytes from ``xen_hypercall_amd`` to the end of ``xen_hypercall_intel``
-(both functions and their padding, checked byte by byte before anything is
-written) become::
+     0  jmp 4                  xen_hypercall_amd's entry
+     2  ret                    (a vCPU stopped after the old `out` returns here)
+     3  ret                    (the old return)
+     4  cmp $32,%eax           __HYPERVISOR_event_channel_op?
+     7  jne 27
+     9  cmp $4,%edi            EVTCHNOP_send? (Xen reads cmd as an int)
+    12  jne 27
+    14  jmp 20
+    16  jmp 4                  xen_hypercall_intel's entry: the same code
+    18  ret
+    19  ret
+    20  mov (%rsi),%eax        struct evtchn_send.port
+    22  out %eax,$SEND_PORT    KVM_IOEVENTFD matches the port number: eventfd, no exit
+    24  xor %eax,%eax          the send's result, 0
+    26  ret
+    27  out %eax,$HYPERCALL_PORT   every other hypercall: the patch trap's exit
+    29  ret
 
-     0  cmp $32,%eax         __HYPERVISOR_event_channel_op?
-     3  jne 26
-     5  cmp $4,%edi          EVTCHNOP_send? (Xen reads cmd as an int)
-     8  jne 26
-    10  mov (%rsi),%eax      struct evtchn_send.port
-    12  jmp 18
-    16  jmp 0                xen_hypercall_intel's entry: the same code
-    18  out %eax,$SEND_PORT  KVM_IOEVENTFD matches the port number: eventfd, no exit
-    20  xor %eax,%eax        the send's result, 0
-    22  ret
-    26  out %eax,$HYPERCALL_PORT   every other hypercall: the patch trap's exit
-    28  ret
+**Not at boot.**  Linux patches its own return sites during boot (``apply_returns``:
+``jmp __x86_return_thunk`` at amd+3 and intel+3 become ``ret; int3...`` when no
+return thunk is needed) and warns (``missing return thunk``, a tainted kernel) if
+a listed site holds anything else.  So the patch trap first writes its plain
+3-byte patch; the stub replaces it when the first PV backend binds a ring port
+(the guest's xenbus is up: its boot patching is long done), with every vCPU parked
+out of KVM_RUN (machine/snapshot/pause.py), and only if the returns are plain
+``ret`` by then (a kernel that keeps the return thunk for its mitigations keeps its
+thunk and the plain patch).  A parked vCPU may sit anywhere in the old code: at an
+entry (the stub runs), or after the old ``out`` or at the old ``ret`` (offsets 2, 3,
+18, 19: ``ret`` in the stub too); any other offset inside, never reached by the old
+code, waits for the next try.
 
 A backend's ring port bound with a kick eventfd (``FastSend.register``) gets an
 ioeventfd on ``SEND_PORT`` matching its number; any other port's send exits to
 the VMM as a 4-byte ``out`` to ``SEND_PORT`` (the store's and console's ports,
 whose services are Python callbacks; a binding KVM refused), and
-:func:`on_send_port` finishes it as the hypercall it is, with the result in RAX
-and RIP past the ``xor``.  Only the 64-bit
-kernel's pair is rewritten (a 32-bit kernel passes arguments in other
-registers); the return thunk the functions jumped to is replaced by ``ret``.
+:func:`xenkvm.xen.traps.stub_send` finishes it as the hypercall it is, with the
+result in RAX and RIP past the ``xor``.  Only a 64-bit kernel's pair is used (a
+32-bit one passes arguments in other registers).
 
 What the guest could do with it that it could not before: a CPL-0 ``out`` to
 ``SEND_PORT`` from anywhere (or a CPL-3 one with IOPL 3, which Linux grants only
@@ -45,24 +59,55 @@ Outside the stub, such an ``out`` that reaches the VMM is ignored.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, Callable
 
-from xenkvm.kvm._kvm_cffi import lib as klib
+from xenkvm.machine.snapshot.format import SnapshotError
+from xenkvm.machine.snapshot.pause import Parking
 from xenkvm.xen.abi import EvtchnOp, Hypercall
 
 if TYPE_CHECKING:
-    from xenkvm.kvm.vcpu import Vcpu
     from xenkvm.xen.domain import XenDomain
 
 log = logging.getLogger(__name__)
 
 STUB_LEN = 32
 INTEL_ENTRY = 16         #: xen_hypercall_intel, 16 bytes after xen_hypercall_amd
-SEND_OUT_END = 20        #: RIP after the stub's ``out %eax, $SEND_PORT``
+SEND_OUT_END = 24        #: RIP after the stub's ``out %eax, $SEND_PORT``
 SKIP_RESULT = 2          #: the ``xor %eax,%eax`` a send finished by the VMM steps over
+#: where a vCPU parked in the plain-patched pair may be: the entries, after the ``out``, the ``ret``
+SAFE_OFFSETS = (0, 2, 3, 16, 18, 19)
+PARK_TIMEOUT_S = 2.0
+MAX_TRIES = 5
 
 VMMCALL = b"\x0f\x01\xd9"
 VMCALL = b"\x0f\x01\xc1"
+RET = 0xC3
+
+
+def stub(hypercall_port: int, send_port: int) -> bytes:
+    """The 32 bytes written over the pair (module docstring)."""
+    if not (0 <= hypercall_port <= 0xFF and 0 <= send_port <= 0xFF):
+        raise ValueError("the stub's `out` takes an 8-bit port")
+    code = bytes([
+        0xEB, 4 - 2,                              # 0  jmp 4
+        RET, RET,                                 # 2, 3
+        0x83, 0xF8, Hypercall.event_channel_op,   # 4  cmp $32,%eax
+        0x75, 27 - 9,                             # 7  jne 27
+        0x83, 0xFF, EvtchnOp.send,                # 9  cmp $4,%edi
+        0x75, 27 - 14,                            # 12 jne 27
+        0xEB, 20 - 16,                            # 14 jmp 20
+        0xEB, (4 - 18) & 0xFF,                    # 16 jmp 4 (the intel entry)
+        RET, RET,                                 # 18, 19
+        0x8B, 0x06,                               # 20 mov (%rsi),%eax
+        0xE7, send_port,                          # 22 out %eax,$send_port
+        0x31, 0xC0,                               # 24 xor %eax,%eax
+        RET,                                      # 26
+        0xE7, hypercall_port,                     # 27 out %eax,$hypercall_port
+        RET,                                      # 29
+        0xCC, 0xCC])                              # 30
+    assert len(code) == STUB_LEN
+    return code
 
 
 def _padding_len(code: bytes) -> int:
@@ -82,70 +127,91 @@ def _padding_len(code: bytes) -> int:
     return n if n <= len(code) else 0
 
 
-def stub(hypercall_port: int, send_port: int) -> bytes:
-    """The 32 bytes written over the pair (module docstring)."""
-    if not (0 <= hypercall_port <= 0xFF and 0 <= send_port <= 0xFF):
-        raise ValueError("the stub's `out` takes an 8-bit port")
-    code = bytes([
-        0x83, 0xF8, Hypercall.event_channel_op,   # 0  cmp $32,%eax
-        0x75, 26 - 5,                             # 3  jne 26
-        0x83, 0xFF, EvtchnOp.send,                # 5  cmp $4,%edi
-        0x75, 26 - 10,                            # 8  jne 26
-        0x8B, 0x06,                               # 10 mov (%rsi),%eax
-        0xEB, 18 - 14,                            # 12 jmp 18
-        0xCC, 0xCC,                               # 14
-        0xEB, (0 - 18) & 0xFF,                    # 16 jmp 0 (the intel entry)
-        0xE7, send_port,                          # 18 out %eax,$send_port
-        0x31, 0xC0,                               # 20 xor %eax,%eax
-        0xC3,                                     # 22 ret
-        0xCC, 0xCC, 0xCC,                         # 23
-        0xE7, hypercall_port,                     # 26 out %eax,$hypercall_port
-        0xC3,                                     # 28 ret
-        0xCC, 0xCC, 0xCC])                        # 29
-    assert len(code) == STUB_LEN
-    return code
+def _padding(code: bytes) -> bool:
+    while code:
+        n = _padding_len(code)
+        if n == 0:
+            return False
+        code = code[n:]
+    return True
 
 
 def _return_then_padding(code: bytes) -> bool:
     """``ret`` or ``jmp rel32`` (the return thunk), then nothing but padding."""
     if code[:1] == b"\xc3":
-        rest = code[1:]
-    elif code[:1] == b"\xe9" and len(code) >= 5:
-        rest = code[5:]
-    else:
-        return False
-    while rest:
-        n = _padding_len(rest)
-        if n == 0:
-            return False
-        rest = rest[n:]
-    return True
+        return _padding(code[1:])
+    return code[:1] == b"\xe9" and len(code) >= 5 and _padding(code[5:])
 
 
 def is_linux_pair(code: bytes) -> bool:
     """Whether the 32 bytes at ``xen_hypercall_amd`` are Linux's two hypercall functions and
-    their padding, and nothing else (what the stub may overwrite)."""
+    their padding, and nothing else (what the stub may replace, once upgradable)."""
     return (len(code) == STUB_LEN and code[:3] == VMMCALL and code[16:19] == VMCALL
             and _return_then_padding(code[3:16]) and _return_then_padding(code[19:32]))
 
 
-def on_send_port(domain: "XenDomain", vcpu: "Vcpu", stub_vaddr: int) -> None:
-    """A send the stub made and KVM did not match (the port has no ioeventfd): finish it as
-    the ``EVTCHNOP_send`` it is (the argument is still at RSI), RAX = the result, RIP past the
-    stub's ``xor``.  An ``out`` to this port from anywhere else is ignored."""
-    from xenkvm.xen.traps import hypercall_result          # traps imports this module
-    from xenkvm.xen.privilege import caller_cpl
+def upgradable(code: bytes, patched: bytes) -> bool:
+    """The plain-patched pair (``patched`` at both entries) whose returns the kernel has made
+    plain ``ret`` (no return thunk), the rest padding: the stub may replace it now."""
+    return (len(code) == STUB_LEN and code[0:3] == patched and code[16:19] == patched
+            and code[3] == RET and _padding(code[4:16]) and code[19] == RET and _padding(code[20:32]))
 
-    io = vcpu.exit_io
-    if io.direction != klib.KVM_EXIT_IO_OUT or io.size != 4 or io.count != 1:
-        return
-    regs = vcpu.sync_regs()
-    cpl = caller_cpl(vcpu.sync_sregs(), regs.rflags)
-    if regs.rip != stub_vaddr + SEND_OUT_END or cpl != 0 or not domain.machine.long_mode(vcpu):
-        log.warning("vcpu %d: out to the send port at %#x (CPL %d), not from the send stub: ignored",
-                    vcpu.id, regs.rip, cpl)
-        return
-    args = (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9)
-    regs.rax = hypercall_result(domain, vcpu, cpl, Hypercall.event_channel_op, args, True)
-    regs.rip += SKIP_RESULT
-    vcpu.mark_regs_dirty(regs)
+
+def rip_allows(rip: int, vaddr: int) -> bool:
+    """A parked vCPU at ``rip`` may run on in the stub: outside the pair, or where the stub
+    does what the old code would (SAFE_OFFSETS)."""
+    return not vaddr <= rip < vaddr + STUB_LEN or rip - vaddr in SAFE_OFFSETS
+
+
+class StubUpgrade:
+    """One domain's pending send stub: written, with every vCPU parked, on the first ring
+    port a backend binds (``request``, from FastSend.register), then ``installed()`` runs (the
+    send port's hook and the ioeventfds).  A failed try (a vCPU that would not park, or parked
+    inside the pair where the stub differs) is retried on the next binding, MAX_TRIES times."""
+
+    def __init__(self, domain: "XenDomain", gpa: int, vaddr: int, patched: bytes, code: bytes,
+                 installed: Callable[[], None]):
+        self.domain, self.gpa, self.vaddr = domain, gpa, vaddr
+        self.patched, self.code, self.installed = patched, code, installed
+        self.done = False
+        self.tries = 0
+        self._busy = threading.Lock()
+
+    def request(self) -> None:
+        """Start a try on a helper thread (any thread; the domain lock may be held)."""
+        if self.done or self.tries >= MAX_TRIES or self.domain.machine.stopping or not self._busy.acquire(False):
+            return
+        self.tries += 1
+        threading.Thread(target=self._try, name="send-stub", daemon=True).start()
+
+    def _try(self) -> None:
+        try:
+            self._install()
+        except (SnapshotError, OSError) as e:
+            log.info("send stub: not now (%s)", e)
+        finally:
+            self._busy.release()
+
+    def _install(self) -> None:
+        parking = Parking(self.domain.machine.runners)
+        parking.start()
+        try:
+            parking.wait(PARK_TIMEOUT_S)
+            code = bytes(self.domain.mem.read(self.gpa, STUB_LEN))
+            if not upgradable(code, self.patched):
+                self.done = True        # changed by the guest, or a kernel keeping its return thunk
+                log.info("send stub: the hypercall pair at %#x is not plain patched code with plain "
+                         "returns (%s); ring kicks stay in the VMM", self.vaddr, code.hex())
+                return
+            rips = parking.run_parked(lambda vcpu: vcpu.get_regs().rip)
+            if not all(rip_allows(rip, self.vaddr) for rip in rips.values()):
+                log.info("send stub: a vCPU is inside the hypercall pair; next time")
+                return
+            with self.domain.lock:
+                self.installed()
+            self.domain.mem.write(self.gpa, self.code)
+            self.done = True
+            log.info("send stub over xen_hypercall_amd/_intel at %#x (GPA %#x): ring kicks inside KVM",
+                     self.vaddr, self.gpa)
+        finally:
+            parking.release()

@@ -117,7 +117,7 @@ def _trap_from(d: "XenDomain", doc: dict[str, Any]):
         return t
     if kind == PatchTrap.name:   # the patched bytes are in the restored RAM; install rewrites the same
         t = PatchTrap(d, [PatchSite(Site(str(n), int(v)), int(g)) for n, v, g in doc["sites"]],
-                      send_stub=bool(doc.get("send_stub", False)))
+                      send_stub=doc.get("send_stub", False) is True)
         if t.send_stub and t.pair() is None:
             raise ValueError("a send stub on sites that are not Linux's hypercall pair")
         return t
@@ -213,6 +213,7 @@ def reinstall(d: "XenDomain", trap) -> None:
             raise SnapshotError(f"dom{d.domid}: the hypercall site at GPA {gpa:#x} is not "
                                 "patched in the snapshot's RAM")
     trap.hook()
+    trap.plan_stub()
 
 
 def _restore_store(d: "XenDomain", st: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ from xenkvm.machine.boot import BootError
 from xenkvm.machine.memory import GuestMemoryError
 from xenkvm.machine.pagewalk import Access, Paging, cpuid_phys_bits, walk
 from xenkvm.xen import sendstub
-from xenkvm.xen.abi import Errno
+from xenkvm.xen.abi import Errno, Hypercall
 from xenkvm.xen.cpuid import HYPERCALL_MSR
 from xenkvm.xen.privilege import PF_VECTOR, caller_cpl
 from xenkvm.xen.trapsites import INSN_LEN, VMCALL, VMMCALL, Site, find_sites, site_gpa
@@ -169,6 +169,24 @@ def port_hypercall(domain: "XenDomain", vcpu: "Vcpu") -> None:
     dispatch_from_registers(domain, vcpu)
 
 
+def stub_send(domain: "XenDomain", vcpu: "Vcpu", stub_vaddr: int) -> None:
+    """A send the send stub made and KVM did not match (the port has no ioeventfd): finish it
+    as the ``EVTCHNOP_send`` it is (the argument is still at RSI), RAX = the result, RIP past
+    the stub's ``xor``.  An ``out`` to this port from anywhere else is ignored."""
+    io = vcpu.exit_io
+    if io.direction != klib.KVM_EXIT_IO_OUT or io.size != 4 or io.count != 1:
+        return
+    regs = vcpu.sync_regs()
+    cpl = caller_cpl(vcpu.sync_sregs(), regs.rflags)
+    if regs.rip != stub_vaddr + sendstub.SEND_OUT_END or cpl != 0 or not domain.machine.long_mode(vcpu):
+        log.warning("vcpu %d: out to the send port at %#x (CPL %d), not from the send stub: ignored",
+                    vcpu.id, regs.rip, cpl)
+        return
+    regs.rax = hypercall_result(domain, vcpu, cpl, Hypercall.event_channel_op, _args64(regs), True)
+    regs.rip += sendstub.SKIP_RESULT
+    vcpu.mark_regs_dirty(regs)
+
+
 @dataclass(frozen=True)
 class PatchSite:
     """A hypercall site and where the loader put it in guest-physical memory."""
@@ -199,39 +217,51 @@ def patch_sites(mem, sites: list[PatchSite]) -> None:
 
 class PatchTrap:
     """The guest's own vmcall/vmmcall rewritten into port-I/O exits before it runs; Linux's
-    pair of hypercall functions into the send stub when kicks go to KVM (xen/sendstub.py)."""
+    pair of hypercall functions later into the send stub, when kicks go to KVM (xen/sendstub.py)."""
 
     name = "patch"
 
-    def __init__(self, domain: "XenDomain", sites: list[PatchSite], send_stub: bool | None = None):
+    def __init__(self, domain: "XenDomain", sites: list[PatchSite], send_stub: bool = False):
         self.domain = domain
         self.sites = sites
-        #: the pair holds the send stub (None: decided by install, from the config and the bytes)
-        self.send_stub = send_stub
+        self.send_stub = send_stub      #: the pair holds the send stub now
+        self.upgrade: sendstub.StubUpgrade | None = None
 
     def install(self) -> None:
-        if self.send_stub is None:
-            self.send_stub = self._stub_fits() and self._stub_wanted()
-        if self.send_stub:
-            amd = self.pair()
-            self.domain.mem.write(amd.gpa, self.stub_bytes())
-            log.info("patch trap: send stub over xen_hypercall_amd/_intel at %#x (GPA %#x)",
-                     amd.site.vaddr, amd.gpa)
-        else:
-            patch_sites(self.domain.mem, self.sites)
-            for p in self.sites:
-                log.info("patch trap on %s at %#x (GPA %#x)", p.site.name, p.site.vaddr, p.gpa)
+        fits = self._stub_fits()        # the original bytes: read before patching
+        patch_sites(self.domain.mem, self.sites)
+        for p in self.sites:
+            log.info("patch trap on %s at %#x (GPA %#x)", p.site.name, p.site.vaddr, p.gpa)
         self.hook()
+        if fits:
+            self.plan_stub()
 
     def hook(self) -> None:
         """The port exits the patched code makes (the bytes are in place: install or a restore)."""
         self.domain.machine.register_port_hook(layout.HYPERCALL_PORT, self.on_port)
         if self.send_stub:
-            stub_vaddr = self.pair().site.vaddr
-            self.domain.machine.register_port_hook(
-                layout.SEND_PORT, lambda vcpu: sendstub.on_send_port(self.domain, vcpu, stub_vaddr))
-            with self.domain.lock:
-                self.domain.fast.use_kernel_kicks(self.domain.machine.vm, layout.SEND_PORT)
+            self._stub_installed()
+
+    def plan_stub(self) -> None:
+        """Write the send stub when the first backend binds a ring port (if kicks go to KVM)."""
+        amd = self.pair()
+        if self.send_stub or amd is None or not self._stub_wanted():
+            return
+        self.upgrade = sendstub.StubUpgrade(self.domain, amd.gpa, amd.site.vaddr, PATCHED, self.stub_bytes(),
+                                            self._stub_installed)
+        self.domain.fast.on_register = self.upgrade.request
+        if self.domain.fast.ports:          # a restore: the backends bound theirs already
+            self.upgrade.request()
+
+    def _stub_installed(self) -> None:
+        """The stub is (about to be) in guest memory, every vCPU parked or none running yet."""
+        self.send_stub = True
+        stub_vaddr = self.pair().site.vaddr
+        self.domain.machine.register_port_hook(
+            layout.SEND_PORT, lambda vcpu: stub_send(self.domain, vcpu, stub_vaddr))
+        with self.domain.lock:
+            self.domain.fast.on_register = None
+            self.domain.fast.use_kernel_kicks(self.domain.machine.vm, layout.SEND_PORT)
 
     def expected(self) -> list[tuple[int, bytes]]:
         """(GPA, bytes) the patched guest memory holds."""
@@ -261,6 +291,7 @@ class PatchTrap:
                     and not self.domain.machine.trace and self.domain.machine.host.has_ioeventfd)
 
     def _stub_fits(self) -> bool:
+        """The unpatched pair is Linux's two functions and their padding, nothing else."""
         amd = self.pair()
         if amd is None:
             return False
