@@ -144,7 +144,10 @@ def test_blk_restored_with_its_send_stub(tmp_path):
     _resumed(r.stdout, r.stderr, r.returncode)
     _check_copy(copies / "xvda-a.img")
     m = KICKS.search(r.stderr)
-    assert m and int(m.group(1)) == 0 and int(m.group(2)) >= 1, r.stderr[-3000:]
+    assert m and int(m.group(2)) >= 1, r.stderr[-3000:]
+    # saved with the stub in (the usual case: no C sends at all), or before it: planned again
+    before = re.search(r"ring kicks inside KVM from now \((\d+) completed in C before\)", r.stderr)
+    assert int(m.group(1)) == (int(before.group(1)) if before else 0), r.stderr[-3000:]
 
 
 @pytest.mark.skipif(not shutil.which("qemu-storage-daemon"), reason="needs qemu-storage-daemon (make deps)")

@@ -211,7 +211,7 @@ class StubUpgrade:
                 self.installed()
             self.domain.mem.write(self.gpa, self.code)
             self.done = True
-            log.info("send stub over xen_hypercall_amd/_intel at %#x (GPA %#x): ring kicks inside KVM",
-                     self.vaddr, self.gpa)
+            log.info("send stub over xen_hypercall_amd/_intel at %#x (GPA %#x): ring kicks inside KVM "
+                     "from now (%d completed in C before)", self.vaddr, self.gpa, self.domain.fast.sends)
         finally:
             parking.release()
