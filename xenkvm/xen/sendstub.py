@@ -47,7 +47,9 @@ ioeventfd on ``SEND_PORT`` matching its number; any other port's send exits to
 the VMM as a 4-byte ``out`` to ``SEND_PORT`` (the store's and console's ports,
 whose services are Python callbacks; a binding KVM refused), and
 :func:`xenkvm.xen.traps.stub_send` finishes it as the hypercall it is, with the
-result in RAX and RIP past the ``xor``.  Only a 64-bit kernel's pair is used (a
+result in RAX and RIP at the ``ret`` after the ``xor`` (set outright: at the exit
+RIP is still at the ``out`` on hardware KVM, which skips it on the next KVM_RUN only
+if RIP was left alone, and already past it on PVM).  Only a 64-bit kernel's pair is used (a
 32-bit one passes arguments in other registers).
 
 What the guest could do with it that it could not before: a CPL-0 ``out`` to
@@ -73,8 +75,9 @@ log = logging.getLogger(__name__)
 
 STUB_LEN = 32
 INTEL_ENTRY = 16         #: xen_hypercall_intel, 16 bytes after xen_hypercall_amd
-SEND_OUT_END = 24        #: RIP after the stub's ``out %eax, $SEND_PORT``
-SKIP_RESULT = 2          #: the ``xor %eax,%eax`` a send finished by the VMM steps over
+SEND_OUT = 22            #: the stub's ``out %eax, $SEND_PORT``: RIP at its exit on VMX/SVM
+SEND_OUT_END = 24        #: RIP after it: at the exit on PVM (its emulator completes the ``out`` first)
+SEND_RESUME = 26         #: the ``ret`` after the ``xor``, where a send finished by the VMM goes on
 #: where a vCPU parked in the plain-patched pair may be: the entries, after the ``out``, the ``ret``
 SAFE_OFFSETS = (0, 2, 3, 16, 18, 19)
 PARK_TIMEOUT_S = 2.0

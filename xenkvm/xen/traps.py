@@ -157,7 +157,8 @@ class HypercallPageTrap:
 def port_hypercall(domain: "XenDomain", vcpu: "Vcpu") -> None:
     """The `out %eax, HYPERCALL_PORT` of a page stub or a patched site, EAX = the number.
 
-    KVM has the `out` completed and RIP past it (2 bytes): a stub's `ret` or a patched
+    KVM completes the `out` (on PVM before the exit, RIP already past it; on VMX/SVM at the
+    next KVM_RUN, stepping RIP over it while it is unchanged): a stub's `ret` or a patched
     site's `nop` runs next, with the result in RAX.  At CPL 3 hardware #GPs the `out`
     unless IOPL or the TSS I/O bitmap allow it (PVM #GPs it always: its outer rings run
     with IOPL 0); when one does reach us, the CPL check in :func:`hypercall_result`
@@ -171,19 +172,22 @@ def port_hypercall(domain: "XenDomain", vcpu: "Vcpu") -> None:
 
 def stub_send(domain: "XenDomain", vcpu: "Vcpu", stub_vaddr: int) -> None:
     """A send the send stub made and KVM did not match (the port has no ioeventfd): finish it
-    as the ``EVTCHNOP_send`` it is (the argument is still at RSI), RAX = the result, RIP past
-    the stub's ``xor``.  An ``out`` to this port from anywhere else is ignored."""
+    as the ``EVTCHNOP_send`` it is (the argument is still at RSI), RAX = the result, RIP at the
+    stub's ``ret`` past the ``xor``.  RIP at the exit is the ``out``'s own on VMX/SVM (KVM
+    steps over it at the next KVM_RUN unless RIP changed) and already past it on PVM: either
+    is the stub's; an ``out`` to this port from anywhere else is ignored."""
     io = vcpu.exit_io
     if io.direction != klib.KVM_EXIT_IO_OUT or io.size != 4 or io.count != 1:
         return
     regs = vcpu.sync_regs()
     cpl = caller_cpl(vcpu.sync_sregs(), regs.rflags)
-    if regs.rip != stub_vaddr + sendstub.SEND_OUT_END or cpl != 0 or not domain.machine.long_mode(vcpu):
+    at = regs.rip - stub_vaddr
+    if at not in (sendstub.SEND_OUT, sendstub.SEND_OUT_END) or cpl != 0 or not domain.machine.long_mode(vcpu):
         log.warning("vcpu %d: out to the send port at %#x (CPL %d), not from the send stub: ignored",
                     vcpu.id, regs.rip, cpl)
         return
     regs.rax = hypercall_result(domain, vcpu, cpl, Hypercall.event_channel_op, _args64(regs), True)
-    regs.rip += sendstub.SKIP_RESULT
+    regs.rip = stub_vaddr + sendstub.SEND_RESUME
     vcpu.mark_regs_dirty(regs)
 
 
