@@ -125,54 +125,43 @@ def test_blkfront_reads_writes_flushes(tmp_path, kernel, persistent):
     check_well_behaved_run(r, a, b, persistent)
 
 
-FAST_SENDS = re.compile(r"hypercall fast path: (\d+) EVTCHNOP_send, \d+ single-shot timer calls completed in C")
-
-
-@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "python-only"])
-def test_ring_kicks_in_c_and_in_python_serve_alike(tmp_path, kernel, fast):
-    """The same guest with its ring kicks completed in the vCPU's C loop (xen/fastpath.py), and
-    with ``fast_path: false`` (every hypercall in Python): every check passes and the images
-    hold the same bytes either way; only the first completes sends in C."""
-    a, b = images(tmp_path)
-    r = run(tmp_path, kernel, "xk.trap=page", [f"format=raw, vdev=xvda, access=rw, persistent, target={a}",
-                                               f"{b},raw,xvdb,ro"],
-            xen=f"  fast_path: {'true' if fast else 'false'}\n", verbose=True)
-    check_well_behaved_run(r, a, b)
-    m = FAST_SENDS.search(r.stderr)
-    if fast:
-        assert m and int(m.group(1)) >= 10, r.stderr[-2000:]    # the kicks (fewer than requests: batches)
-    else:
-        assert m is None and "fast path" not in r.stderr
-
-
 STUB_IN = re.compile(r"send stub over xen_hypercall_amd/_intel .*: ring kicks inside KVM from now "
                      r"\((\d+) completed in C before\)")
-KERNEL_KICKS = re.compile(r"(\d+) EVTCHNOP_send, \d+ single-shot timer calls completed in C; (\d+) ring port "
-                          r"bindings kicked inside KVM")
+KICKS = re.compile(r"hypercall fast path: (\d+) EVTCHNOP_send, \d+ single-shot timer calls completed in C; "
+                   r"(\d+) ring port bindings kicked inside KVM")
+#: how the guest's ring kicks reach the backend: its hypercall entry (xk.trap) and the xen: keys
+KICK_PATHS = {"kvm-stub": ("direct", ""),
+              "c-patch": ("direct", "  kernel_kicks: false\n"),
+              "c-page": ("page", ""),
+              "python": ("page", "  fast_path: false\n")}
 
 
-@pytest.mark.parametrize("kernel_kicks", [True, False], ids=["kicks-in-kvm", "kicks-in-c"])
-def test_send_stub_kicks_inside_kvm(tmp_path, kernel, kernel_kicks):
-    """The guest calls its hypercall pair (Linux's layout) under the patch trap: with
-    ``kernel_kicks`` the pair becomes the send stub when the first ring port is bound, and the
-    ring kicks from then on are matched by KVM_IOEVENTFDs (they no longer reach the C loop; the
-    store's and console's sends still exit to the VMM and are answered there); without, the
-    3-byte patch and kicks in C.  The disk's bytes and every check are the same either way."""
+@pytest.mark.parametrize("path", list(KICK_PATHS))
+def test_ring_kicks_serve_alike_on_every_path(tmp_path, kernel, path):
+    """The same guest with its ring kicks matched inside KVM (``kvm-stub``: the hypercall pair
+    becomes the send stub when the first ring port is bound, xen/sendstub.py; from then on no
+    kick reaches the C loop, while the store's and console's sends still exit and are answered
+    there), completed in the vCPU's C loop (the plain patch, or the hypercall page; xen/fastpath.py),
+    or in Python (``fast_path: false``): every check passes and the images hold the same bytes
+    whichever way."""
+    trap, xen = KICK_PATHS[path]
     a, b = images(tmp_path)
-    r = run(tmp_path, kernel, "xk.trap=direct", [f"format=raw, vdev=xvda, access=rw, persistent, target={a}",
-                                                 f"{b},raw,xvdb,ro"],
-            xen=f"  kernel_kicks: {'true' if kernel_kicks else 'false'}\n", verbose=True)
+    r = run(tmp_path, kernel, f"xk.trap={trap}", [f"format=raw, vdev=xvda, access=rw, persistent, target={a}",
+                                                  f"{b},raw,xvdb,ro"], xen=xen, verbose=True)
     check_well_behaved_run(r, a, b)
-    m = KERNEL_KICKS.search(r.stderr)
+    m = KICKS.search(r.stderr)
+    if path == "python":
+        assert m is None and "fast path" not in r.stderr
+        return
     assert m, r.stderr[-2000:]
     sends_in_c, bindings = int(m.group(1)), int(m.group(2))
-    if kernel_kicks:     # the stub goes in at the first ring port: the kicks before it are C's
+    if path == "kvm-stub":      # the kicks before the stub went in are C's, none after
         before = STUB_IN.search(r.stderr)
-        assert before, r.stderr[-3000:]
-        assert sends_in_c == int(before.group(1)) and bindings >= 3, m.group(0)   # 2 queues, xvdb, reconnects
-    else:
-        assert "send stub" not in r.stderr
-        assert sends_in_c >= 10 and bindings == 0, m.group(0)
+        assert before and sends_in_c == int(before.group(1)), r.stderr[-3000:]
+        assert bindings >= 3, m.group(0)                      # xvda's two queues, xvdb, reconnects
+    else:       # (c-page: the image's pair gets the stub too, but this guest calls the page)
+        assert sends_in_c >= 10, m.group(0)                   # the kicks (fewer than requests: batches)
+        assert path == "c-page" or ("send stub" not in r.stderr and bindings == 0), r.stderr[-3000:]
 
 
 def check_well_behaved_run(r: subprocess.CompletedProcess, a: Path, b: Path, persistent: bool = True) -> None:

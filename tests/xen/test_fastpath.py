@@ -70,11 +70,8 @@ def test_a_python_send_on_a_registered_port_does_what_c_does(dom):
     assert before <= dom.fast.last_send_ns(port) <= time.perf_counter_ns()
 
 
-@pytest.mark.parametrize("how", ["backend closes", "guest closes", "guest resets"])
-def test_the_port_is_withdrawn_whoever_ends_the_binding(dom, how):
-    fd = dom.fast.lease_fd()
-    port = unbound_port(dom)
-    dom.evtchn.bind_vmm_to_guest_port(port, kick_fd=fd)
+def end_binding(dom, port: int, how: str) -> None:
+    """End a backend's binding of ``port`` the way ``how`` says."""
     if how == "backend closes":
         dom.evtchn.close_vmm_port(port)
     elif how == "guest closes":
@@ -82,6 +79,14 @@ def test_the_port_is_withdrawn_whoever_ends_the_binding(dom, how):
             dom.evtchn.close_port(dom.evtchn.table.get(port), from_guest=True)
     else:
         dom.evtchn.guest_reset()
+
+
+@pytest.mark.parametrize("how", ["backend closes", "guest closes", "guest resets"])
+def test_the_port_is_withdrawn_whoever_ends_the_binding(dom, how):
+    fd = dom.fast.lease_fd()
+    port = unbound_port(dom)
+    dom.evtchn.bind_vmm_to_guest_port(port, kick_fd=fd)
+    end_binding(dom, port, how)
     assert registered(dom.fast, port) == -1 and port not in dom.fast.ports
     drain(fd)
     dom.fast.signal(port)                          # a late send in Python: not this service's any more
@@ -242,13 +247,7 @@ def test_the_ioeventfd_goes_with_the_binding_whoever_ends_it(dom, how):
     port = unbound_port(dom)
     dom.evtchn.bind_vmm_to_guest_port(port, kick_fd=fd)
     assert vm.bound == {port: fd}
-    if how == "backend closes":
-        dom.evtchn.close_vmm_port(port)
-    elif how == "guest closes":
-        with dom.lock:
-            dom.evtchn.close_port(dom.evtchn.table.get(port), from_guest=True)
-    else:
-        dom.evtchn.guest_reset()
+    end_binding(dom, port, how)
     assert vm.bound == {} and dom.fast.in_kernel == {}
     assert vm.calls[-1] == (False, SEND_PORT, 4, port, fd)
 
