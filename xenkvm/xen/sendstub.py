@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Callable
 from xenkvm.machine.snapshot.format import SnapshotError
 from xenkvm.machine.snapshot.pause import Parking
 from xenkvm.xen.abi import EvtchnOp, Hypercall
+from xenkvm.xen.trapsites import VMCALL, VMMCALL
 
 if TYPE_CHECKING:
     from xenkvm.xen.domain import XenDomain
@@ -83,8 +84,6 @@ SAFE_OFFSETS = (0, 2, 3, 16, 18, 19)
 PARK_TIMEOUT_S = 2.0
 MAX_TRIES = 5
 
-VMMCALL = b"\x0f\x01\xd9"
-VMCALL = b"\x0f\x01\xc1"
 RET = 0xC3
 
 
@@ -210,8 +209,7 @@ class StubUpgrade:
             if not all(rip_allows(rip, self.vaddr) for rip in rips.values()):
                 log.info("send stub: a vCPU is inside the hypercall pair; next time")
                 return
-            with self.domain.lock:
-                self.installed()
+            self.installed()            # takes the domain lock itself
             self.domain.mem.write(self.gpa, self.code)
             self.done = True
             log.info("send stub over xen_hypercall_amd/_intel at %#x (GPA %#x): ring kicks inside KVM "

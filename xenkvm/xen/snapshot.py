@@ -105,7 +105,7 @@ def _trap_doc(t) -> dict[str, Any]:
         return {"kind": t.name, "pages": t.pages}
     if isinstance(t, PatchTrap):
         return {"kind": t.name, "sites": [[p.site.name, p.site.vaddr, p.gpa] for p in t.sites],
-                "send_stub": bool(t.send_stub)}
+                "send_stub": t.send_stub}
     return {"kind": t.name, "sites": [[s.name, s.vaddr] for s in t.sites]}
 
 
