@@ -96,11 +96,15 @@ def mount_debugfs() -> None:
         subprocess.run(["mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug"], check=False)
 
 
-def run_streaming(cmd: list[str], timeout: float, cwd: Path | None) -> tuple[str, list]:
-    """Run ``cmd``; at each DISKBENCH-MARK line it prints, sample KVM's counters.
+def run_streaming(cmd: list[str], timeout: float, cwd: Path | None,
+                  trace: Path | None = None) -> tuple[str, list]:
+    """Run ``cmd``; at each DISKBENCH-MARK line it prints, sample KVM's counters (and at the
+    rand-qd1 one start a window of L1's ftrace saved to ``trace``, if given: benchmarks/l1trace.py).
 
     Returns the output and ``[(phase, guest requests so far, counters), ...]``.
     """
+    from l1trace import Window
+    window = Window(trace) if trace is not None else None
     marks: list = []
     lines: list[str] = []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -113,9 +117,13 @@ def run_streaming(cmd: list[str], timeout: float, cwd: Path | None) -> tuple[str
             m = MARK.search(line)
             if m:
                 marks.append((m.group(1), int(m.group(2)), kvm_counters()))
+                if window is not None and m.group(1) == "rand-qd1":
+                    window.start()
         proc.wait()
     finally:
         timer.cancel()
+        if window is not None:
+            window.join()
     return "".join(lines), marks
 
 
@@ -131,10 +139,15 @@ def exits_per_request(marks: list) -> list[str]:
     return out
 
 
+#: where the inner run saves L1 traces (``--trace-qd1``): the rig's results share, inside L1
+TRACE_DIR: Path | None = None
+
+
 def run_bench(label: str, cmd: list[str], timeout: float, cwd: Path | None = None) -> dict[str, str]:
     """Run ``cmd`` (which prints DISKBENCH lines somewhere in its output) and report its figures."""
     t = time.monotonic()
-    text, marks = run_streaming(cmd, timeout, cwd)
+    trace = TRACE_DIR / ("trace-" + re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-") + ".txt") if TRACE_DIR else None
+    text, marks = run_streaming(cmd, timeout, cwd, trace)
     rows = {name: f"{value} {unit}" + ("" if direct == "1" else " (buffered)")
             for name, value, unit, direct in LINE.findall(text)}
     print(f"{label:<34} " + "  ".join(f"{k} {v}" for k, v in rows.items())
@@ -145,6 +158,10 @@ def run_bench(label: str, cmd: list[str], timeout: float, cwd: Path | None = Non
         print(f"  {disk} costs: {line}", flush=True)
     for line in exits_per_request(marks):
         print(f"  L1 KVM {line}", flush=True)
+    if trace is not None and trace.is_file():
+        from l1trace import summarize
+        for line in summarize(trace.read_text(errors="replace")):
+            print(f"  L1 trace (rand-qd1): {line}", flush=True)
     if len(rows) < 4:
         print(f"  {label}: incomplete; output tail:\n  " + "\n  ".join(text.splitlines()[-15:]), flush=True)
     return rows
@@ -260,9 +277,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the xenkvm row with both disks offering persistent grants (`persistent`)")
     p.add_argument("--guest-arg", action="append", default=[], metavar="ARG",
                    help="also run the xenkvm row with ARG on the guest's command line (repeatable)")
+    p.add_argument("--trace-qd1", type=Path, metavar="DIR",
+                   help="save a window of L1's ftrace in each row's QD1 phase to DIR (benchmarks/l1trace.py)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.inner:
+        if a.trace_qd1 is not None:
+            global TRACE_DIR
+            TRACE_DIR = a.trace_qd1
         return inner(a.size, a.seconds, a.timeout / 3, a.compare, tuple(v for v in VARIANTS if getattr(a, v)),
                      tuple(a.guest_arg))
     for f in ("vmlinuz", "initramfs-disk.cpio.gz", "rootfs.ext4"):
@@ -284,7 +306,13 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--compare", str(a.compare.resolve())]
             cmd += [f"--{v.replace('_', '-')}" for v in VARIANTS if getattr(a, v)]
             cmd += [f"--guest-arg={arg}" for arg in a.guest_arg]
+            if a.trace_qd1 is not None:
+                cmd += ["--trace-qd1", image.CHROOT_OUT]
             res = runner.run(l1, cmd, cwd=ROOT, out_dir=Path(tmp), timeout=a.timeout, echo=sys.stdout)
+            if a.trace_qd1 is not None:
+                a.trace_qd1.mkdir(parents=True, exist_ok=True)
+                for f in Path(tmp).glob("trace-*.txt"):
+                    shutil.copy(f, a.trace_qd1 / f.name)
     except (image.RigImageError, runner.RigError) as e:
         print(f"bench_diskguest: {e}", file=sys.stderr)
         return 1
