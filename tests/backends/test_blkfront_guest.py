@@ -149,6 +149,7 @@ def test_ring_kicks_serve_alike_on_every_path(tmp_path, kernel, path):
     r = run(tmp_path, kernel, f"xk.trap={trap}", [f"format=raw, vdev=xvda, access=rw, persistent, target={a}",
                                                   f"{b},raw,xvdb,ro"], xen=xen, verbose=True)
     check_well_behaved_run(r, a, b)
+    assert_served_in_c_loop(r.stderr)
     m = KICKS.search(r.stderr)
     if path == "python":
         assert m is None and "fast path" not in r.stderr
@@ -162,6 +163,19 @@ def test_ring_kicks_serve_alike_on_every_path(tmp_path, kernel, path):
     else:       # (c-page: the image's pair gets the stub too, but this guest calls the page)
         assert sends_in_c >= 10, m.group(0)                   # the kicks (fewer than requests: batches)
         assert path == "c-page" or ("send stub" not in r.stderr and bindings == 0), r.stderr[-3000:]
+
+
+#: the vbd's last words at -v (block.py _log_latency): how many of its wake-ups the C serve loop made
+LOOP_KICKS = re.compile(r"vbd \d+ \((xvd\w)\): event latency: .*kicks served in C (\d+) of (\d+)$", re.M)
+
+
+def assert_served_in_c_loop(stderr: str) -> None:
+    """Both disks were served mostly by the worker's C loop (``xkb_loop``); the rest are the
+    passes the worker makes in Python after its xenbus events (connect, reconnects)."""
+    last = {disk: (int(c), int(n)) for disk, c, n in LOOP_KICKS.findall(stderr)}
+    assert set(last) == {"xvda", "xvdb"}, stderr[-3000:]
+    for disk, (c, n) in last.items():
+        assert 0 < c <= n and 2 * c >= n, f"{disk}: {c} of {n} kicks in the C loop"
 
 
 def check_well_behaved_run(r: subprocess.CompletedProcess, a: Path, b: Path, persistent: bool = True) -> None:

@@ -89,6 +89,33 @@ int xkb_serve(int fd, uint64_t nsectors, int readonly, char **rw_table, char **r
 int xkb_pass(char **pages, unsigned nr_ents, uint32_t *req_cons, uint32_t *rsp_prod,
              int fd, uint64_t nsectors, int readonly, char **rw_table, char **ro_table, uint32_t table_size,
              struct xk_grants *gt, blkif_request_t *reqs, blkif_response_t *rsps, int *slow, int *counts);
+#define XKB_LOOP_MAX_QUEUES ...
+#define XKB_RING_OFF ...
+#define XKB_ENT ...
+#define XKB_SRING_REQ_PROD ...
+#define XKB_SRING_REQ_EVENT ...
+#define XKB_SRING_RSP_PROD ...
+#define XKB_SRING_RSP_EVENT ...
+#define XKB_LOOP_EVENT ...
+#define XKB_LOOP_NOTIFY ...
+#define XKB_LOOP_SLOW ...
+#define XKB_LOOP_BROKEN ...
+#define XKB_LOOP_ERROR ...
+struct xkb_queue {
+    char **pages; uint32_t nr_ents; uint32_t *req_cons; uint32_t *rsp_prod;
+    char **rw_table; char **ro_table; uint32_t table_size; struct xk_grants *gt;
+    blkif_request_t *reqs; blkif_response_t *rsps; int *slow; int *counts;
+    uint32_t port; uint8_t pending; uint8_t broken; ...;
+};
+struct xkb_loop {
+    int kick_fd; int ctl_fd; int fd; int readonly; uint64_t nsectors;
+    uint32_t nq; struct xkb_queue *q;
+    uint32_t at; uint32_t nnotify; uint32_t notify[...];
+    int err;
+    uint64_t requests; uint64_t wakeups; uint64_t busy_ns; uint64_t wake_requests; uint64_t woke_ns;
+    double batch_at; double other_below; double average; int32_t batch; uint32_t switches; ...;
+};
+int xkb_loop(struct xkb_loop *L);
 """
 
 SOURCE = r"""
@@ -97,9 +124,13 @@ SOURCE = r"""
 #endif
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 #include <sys/uio.h>
 #define mb()  __sync_synchronize()
 #define rmb() __asm__ __volatile__("" ::: "memory")   /* x86: loads are not reordered with loads */
@@ -113,6 +144,10 @@ SOURCE = r"""
 #define XKB_PAGE 4096u
 #define XKB_ENT (sizeof(union blkif_sring_entry))
 #define XKB_RING_OFF (offsetof(struct blkif_sring, ring))
+#define XKB_SRING_REQ_PROD (offsetof(struct blkif_sring, req_prod))     /* for tests that play the frontend */
+#define XKB_SRING_REQ_EVENT (offsetof(struct blkif_sring, req_event))
+#define XKB_SRING_RSP_PROD (offsetof(struct blkif_sring, rsp_prod))
+#define XKB_SRING_RSP_EVENT (offsetof(struct blkif_sring, rsp_event))
 
 _Static_assert(sizeof(struct blkif_request) == 112, "blkif_request (x86-64)");
 
@@ -321,6 +356,163 @@ int xkb_pass(char **pages, unsigned nr_ents, uint32_t *req_cons, uint32_t *rsp_p
         }
         if (xkb_push(pages, nr_ents, rsp_prod, rsps, n))
             return XKB_PASS_NOTIFY;
+    }
+}
+
+/*
+ * The vbd worker's serve loop: its wake-ups without Python.  The worker thread calls xkb_loop
+ * (cffi releases the GIL) and C sleeps on the kick eventfd the rings' ports are bound to, drains it,
+ * makes one xkb_pass over every queue marked `pending`, and sleeps again; Python gets the thread
+ * back only for what it must do itself, and calls again:
+ *   XKB_LOOP_NOTIFY  ports in notify[0..nnotify) to notify (the event channel's delivery is
+ *                    Python's); a queue's notify waits until it is empty and re-armed, or a
+ *                    ring's worth of requests was served (then it stays pending: the next call
+ *                    passes it again), so requests streaming in share one upcall;
+ *   XKB_LOOP_SLOW    queue `at` holds a batch the fast path left (xkb_pass's XKB_PASS_SLOW);
+ *   XKB_LOOP_BROKEN  queue `at`'s req_prod ran more than a ring ahead: it is not served again;
+ *   XKB_LOOP_EVENT   ctl_fd (the worker's xenbus events: frontend state, unplug, park) is readable;
+ *                    every queue was served to empty and re-armed first, so a parked worker has
+ *                    answered everything it took;
+ *   XKB_LOOP_ERROR   poll failed (errno in `err`).
+ * On every return the ports in notify[] are owed a notify, whatever the code.  The worker's
+ * scheduling policy is xenbus.PassPolicy's rule, kept here per wake-up (SCHED_BATCH while its
+ * passes average `batch_at` requests or more, SCHED_OTHER again below `other_below`).
+ */
+#define XKB_LOOP_MAX_QUEUES 16
+#define XKB_LOOP_EVENT 0
+#define XKB_LOOP_NOTIFY 1
+#define XKB_LOOP_SLOW 2
+#define XKB_LOOP_BROKEN 3
+#define XKB_LOOP_ERROR 4
+
+struct xkb_queue {
+    char **pages; uint32_t nr_ents; uint32_t *req_cons; uint32_t *rsp_prod;
+    char **rw_table; char **ro_table; uint32_t table_size; struct xk_grants *gt;
+    blkif_request_t *reqs; blkif_response_t *rsps; int *slow; int *counts;
+    uint32_t port; uint8_t pending; uint8_t broken;
+};
+
+struct xkb_loop {
+    int kick_fd;              /* the eventfd guest kicks write (KVM's ioeventfd or the C send path) */
+    int ctl_fd;               /* the worker's events eventfd: readable = return to Python */
+    int fd;                   /* the disk */
+    int readonly;
+    uint64_t nsectors;
+    uint32_t nq;
+    struct xkb_queue *q;
+    uint32_t at;                             /* out: the queue of a SLOW or BROKEN return */
+    uint32_t nnotify;                        /* out: ports owed a notify */
+    uint32_t notify[XKB_LOOP_MAX_QUEUES];
+    int err;                                 /* out: poll's errno (XKB_LOOP_ERROR) */
+    uint64_t requests, wakeups, busy_ns;     /* statistics: requests served, kick wake-ups, ns serving */
+    uint64_t wake_requests;                  /* requests of the current wake-up (the policy's input) */
+    uint64_t woke_ns;                        /* CLOCK_MONOTONIC of the latest kick wake-up */
+    double batch_at, other_below, average;   /* the policy (PassPolicy's constants and EWMA) */
+    int32_t batch;
+    uint32_t switches;
+};
+
+static uint64_t xkb_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* One wake-up ended with every queue empty: PassPolicy.after_pass. */
+static void xkb_policy(struct xkb_loop *L)
+{
+    L->average += ((double)L->wake_requests - L->average) / 4;
+    L->wake_requests = 0;
+    int want = L->batch ? L->average >= L->other_below : L->average >= L->batch_at;
+    if (want != L->batch) {
+        struct sched_param sp;
+        memset(&sp, 0, sizeof(sp));
+        L->batch = want;
+        L->switches++;
+        sched_setscheduler(0, want ? SCHED_BATCH : SCHED_OTHER, &sp);   /* refused: nothing changes */
+    }
+}
+
+static void xkb_owe_notify(struct xkb_loop *L, uint32_t port)
+{
+    for (uint32_t i = 0; i < L->nnotify; i++)
+        if (L->notify[i] == port)
+            return;
+    if (L->nnotify < XKB_LOOP_MAX_QUEUES)
+        L->notify[L->nnotify++] = port;
+}
+
+/* One pass over each pending queue: -1 when all are empty and re-armed, else an XKB_LOOP_ code. */
+static int xkb_loop_pass(struct xkb_loop *L)
+{
+    uint64_t t0 = xkb_now_ns();
+    int code = -1;
+    for (uint32_t i = 0; i < L->nq && i < XKB_LOOP_MAX_QUEUES; i++) {
+        struct xkb_queue *q = &L->q[i];
+        if (!q->pending || q->broken)
+            continue;
+        int r;
+        uint32_t served = 0;
+        for (;;) {      /* the notify waits until the queue is empty or a ring's worth was served */
+            r = xkb_pass(q->pages, q->nr_ents, q->req_cons, q->rsp_prod, L->fd, L->nsectors, L->readonly,
+                         q->rw_table, q->ro_table, q->table_size, q->gt, q->reqs, q->rsps, q->slow, q->counts);
+            L->requests += (uint64_t)q->counts[0];
+            L->wake_requests += (uint64_t)q->counts[0];
+            served += (uint32_t)q->counts[0];
+            if (r != XKB_PASS_NOTIFY)
+                break;
+            xkb_owe_notify(L, q->port);
+            code = XKB_LOOP_NOTIFY;
+            if (served >= q->nr_ents)
+                break;
+        }
+        if (r == XKB_PASS_DONE) {
+            q->pending = 0;
+        } else if (r != XKB_PASS_NOTIFY) {
+            L->at = i;
+            if (r == XKB_PASS_BROKEN) {
+                q->broken = 1;
+                q->pending = 0;
+            }
+            code = r == XKB_PASS_SLOW ? XKB_LOOP_SLOW : XKB_LOOP_BROKEN;
+            break;
+        }
+    }
+    L->busy_ns += xkb_now_ns() - t0;
+    return code;
+}
+
+int xkb_loop(struct xkb_loop *L)
+{
+    L->nnotify = 0;
+    for (;;) {
+        int code = xkb_loop_pass(L);
+        if (code >= 0)
+            return code;
+        xkb_policy(L);
+        struct pollfd p[2] = {{L->ctl_fd, POLLIN, 0}, {L->kick_fd, POLLIN, 0}};
+        while (poll(p, 2, -1) < 0) {
+            if (errno != EINTR) {
+                L->err = errno;
+                return XKB_LOOP_ERROR;
+            }
+        }
+        if (p[0].revents)
+            return XKB_LOOP_EVENT;
+        if (p[1].revents & (POLLERR | POLLHUP | POLLNVAL)) {
+            L->err = EBADF;
+            return XKB_LOOP_ERROR;
+        }
+        uint64_t count;
+        if (read(L->kick_fd, &count, sizeof(count)) < 0 && errno != EAGAIN) {
+            L->err = errno;
+            return XKB_LOOP_ERROR;
+        }
+        L->wakeups++;
+        L->woke_ns = xkb_now_ns();
+        for (uint32_t i = 0; i < L->nq && i < XKB_LOOP_MAX_QUEUES; i++)
+            L->q[i].pending = 1;
     }
 }
 

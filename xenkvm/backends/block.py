@@ -69,12 +69,14 @@ class BlockDevice(XenbusDevice):
         self._rsp = None            #: the response of the request being served
         self.rings: list[BlkifRing] = []
         self.ring: BlkifRing | None = None      #: the ring being served (its grants serve the Python path)
-        self.stats = {"requests": 0, "errors": 0, "kicks": 0, "notifies": 0, "busy_ns": 0}
+        #: kicks: wake-ups that served the rings; loop_kicks: those of them in the C serve loop
+        self.stats = {"requests": 0, "errors": 0, "kicks": 0, "loop_kicks": 0, "notifies": 0, "busy_ns": 0}
         self.latency = EventLatency()
         self._seen: dict[int, int] = {}     #: per ring port: the last kick stamp counted
         self.costs: CostWindow | None = None    #: the domain's hypercalls/upcalls per request (log lines)
         self._window = dict(self.stats)        #: stats at the last cost line
         self._latency_logged = 0     #: perf_counter_ns of the last latency log line (every LATENCY_LOG_NS)
+        self._loop: CLoop | None = None     #: the C serve loop over the current rings (built on first use)
         #: without persistent grants, copy through one buffer instead of mapping each page
         #: (the alternative benchmarks/bench_blkback.py measures; mapping is the default, it is faster)
         self.grant_copy = False
@@ -136,8 +138,8 @@ class BlockDevice(XenbusDevice):
         if not log.isEnabledFor(logging.INFO):
             return
         st = self.stats
-        log.info("%s: event latency: %s  requests/pass %.2f", self.backend.label, self.latency.line(),
-                 st["requests"] / max(st["kicks"], 1))
+        log.info("%s: event latency: %s  requests/pass %.2f  kicks served in C %d of %d", self.backend.label,
+                 self.latency.line(), st["requests"] / max(st["kicks"], 1), st["loop_kicks"], st["kicks"])
         if self.costs is not None:
             w, self._window = self._window, dict(st)
             log.info("%s: costs: %s", self.backend.label, self.costs.sample(
@@ -146,6 +148,7 @@ class BlockDevice(XenbusDevice):
     def disconnect(self) -> None:
         if self.latency.summary():
             self._log_latency()
+        self._loop = None
         rings, self.rings, self.ring = self.rings, [], None
         for ring in rings:
             ring.close(self.domain)
@@ -242,6 +245,18 @@ class BlockDevice(XenbusDevice):
                     continue
             self._notify(ring)
 
+    # -- the C serve loop (xkb_loop) ----------------------------------------------------------
+    def serve_loop(self, ctl_fd: int) -> bool:
+        """The worker sleeps and serves in C until it has an event (``ctl_fd`` readable); Python
+        runs only for notifies, the requests C leaves (``_serve``) and a broken ring.  An image
+        over NBD keeps the Python path (its requests stay in flight across passes)."""
+        if not self.rings or self.disk.pipelined:
+            return False
+        if self._loop is None or self._loop.rings is not self.rings:
+            self._loop = CLoop(self, ctl_fd)
+        self._loop.run()
+        return True
+
     def _drain_pipelined(self, ring: BlkifRing) -> None:
         """An image over NBD: every request through Python, reads and writes kept in flight."""
         while True:
@@ -266,9 +281,12 @@ class BlockDevice(XenbusDevice):
                     "until the frontend reconnects", self.backend.label, ring.nr_ents, ring.req_cons[0])
 
     def _notify(self, ring: BlkifRing) -> None:
+        self._notify_port(ring.port)
+
+    def _notify_port(self, port: int) -> None:
         t = time.perf_counter_ns()
         self.stats["notifies"] += 1
-        self.domain.evtchn.notify(ring.port)
+        self.domain.evtchn.notify(port)
         self.latency.notified(t)
 
     def _serve(self, req, rsp) -> None:
@@ -440,3 +458,92 @@ class BlockDevice(XenbusDevice):
         except OSError as e:
             log.warning("%s: I/O at sector %d: %s", self.backend.label, sector, e.strerror)
             return ERROR
+
+
+class CLoop:
+    """One ``struct xkb_loop`` over a device's rings (_blkif_build.py ``xkb_loop``) and the Python
+    around its returns: notifies, the slow requests, a broken ring, statistics and the policy."""
+
+    def __init__(self, dev: BlockDevice, ctl_fd: int):
+        self.dev = dev
+        self.rings = dev.rings
+        n = len(self.rings)
+        if n > lib.XKB_LOOP_MAX_QUEUES:
+            raise ValueError(f"{n} queues: the C loop serves {lib.XKB_LOOP_MAX_QUEUES} at most")
+        self.queues = ffi.new("struct xkb_queue[]", n)
+        for q, ring in zip(self.queues, self.rings):
+            g = ring.segments
+            q.pages, q.nr_ents, q.req_cons, q.rsp_prod = ring.pages, ring.nr_ents, ring.req_cons, ring.rsp_prod
+            q.rw_table, q.ro_table, q.table_size = g.rw_table, g.ro_table, g.table_size
+            q.gt = ffi.NULL if dev.grant_copy else g.grants
+            q.reqs, q.rsps, q.slow, q.counts = ring.reqs, ring.rsps, ring.slow, ring.counts
+            q.port, q.broken = ring.port, ring.broken
+        L = self.c = ffi.new("struct xkb_loop *")
+        L.kick_fd, L.ctl_fd, L.fd = dev.backend.kick_fd, ctl_fd, dev.disk.fd
+        L.readonly, L.nsectors = int(dev.spec.readonly), dev.disk.sectors
+        L.nq, L.q = n, self.queues
+        pol = dev.backend.policy
+        L.batch_at, L.other_below = pol.BATCH_AT, pol.OTHER_BELOW
+        self._seen = (0, 0, 0)      #: (requests, wakeups, busy_ns) already added to the device's stats
+        #: notify_to_service is sampled only where it is logged (-v): its stamps cost Python each return
+        self.timed = log.isEnabledFor(logging.INFO)
+
+    def run(self) -> None:
+        """Serve until the worker has an event; every queue is empty and re-armed then."""
+        L, dev, pol = self.c, self.dev, self.dev.backend.policy
+        L.batch, L.average, L.switches = pol.batch, pol.average, pol.switches
+        for q, ring in zip(self.queues, self.rings):
+            q.pending = 1           # a pass over every queue first, as the worker's "kick" makes
+            q.broken = ring.broken  # (a Python pass may have found it broken)
+        try:
+            while True:
+                self._sync_grants()
+                code = lib.xkb_loop(L)
+                start = time.perf_counter_ns()
+                self._account()
+                for i in range(L.nnotify):
+                    dev._notify_port(L.notify[i])
+                if code == lib.XKB_LOOP_EVENT:
+                    return
+                if code == lib.XKB_LOOP_SLOW:
+                    self._slow(dev.rings[L.at], self.queues[L.at].counts)
+                elif code == lib.XKB_LOOP_BROKEN:
+                    dev._broken(dev.rings[L.at])
+                elif code == lib.XKB_LOOP_ERROR:
+                    raise OSError(L.err, f"the serve loop's poll: {os.strerror(L.err)}")
+                dev.stats["busy_ns"] += time.perf_counter_ns() - start    # Python's share of serving
+        finally:
+            pol.batch, pol.average, pol.switches = bool(L.batch), L.average, L.switches
+
+    def _sync_grants(self) -> None:
+        for ring in self.rings:
+            ring.segments.sync()
+
+    def _account(self) -> None:
+        """The device's statistics and latency stamps, from the loop's counters."""
+        L, dev = self.c, self.dev
+        requests, wakeups, busy = self._seen
+        st = dev.stats
+        st["requests"] += L.requests - requests
+        st["busy_ns"] += L.busy_ns - busy
+        if L.wakeups != wakeups:
+            st["kicks"] += L.wakeups - wakeups
+            st["loop_kicks"] += L.wakeups - wakeups
+            if self.timed:
+                dev._stamp_kicks()
+                dev.latency.serving(at=L.woke_ns)
+        self._seen = (L.requests, L.wakeups, L.busy_ns)
+        now = time.perf_counter_ns()
+        if now - dev._latency_logged > LATENCY_LOG_NS:
+            dev._latency_logged = now
+            dev._log_latency()
+
+    def _slow(self, ring: BlkifRing, counts) -> None:
+        """A batch C left requests of: serve them here, push the batch, notify if asked."""
+        dev = self.dev
+        dev.ring = ring
+        for k in range(counts[2]):
+            i = ring.slow[k]
+            dev._serve(ring.reqs[i], ring.rsps[i])
+        if lib.xkb_push(ring.pages, ring.nr_ents, ring.rsp_prod, ring.rsps, counts[1]):
+            dev._notify(ring)

@@ -60,11 +60,12 @@ class EventLatency:
         if self._sent is None:
             self._sent = now
 
-    def serving(self) -> None:
-        """The worker starts a pass over the rings."""
+    def serving(self, at: int | None = None) -> None:
+        """The worker starts a pass over the rings, now or ``at`` (``clock()``'s ns: the C serve
+        loop's wake-up, CLOCK_MONOTONIC as ``time.perf_counter_ns`` on Linux)."""
         sent, self._sent = self._sent, None
         if sent is not None:
-            self.samples["notify_to_service"].append(self.clock() - sent)
+            self.samples["notify_to_service"].append((self.clock() if at is None else at) - sent)
 
     def notified(self, started: int) -> None:
         """The worker's notify, begun at ``started`` (``clock()``), has returned."""

@@ -110,6 +110,11 @@ class XenbusDevice(ABC):
     def service(self) -> None:
         """A kick from the frontend: serve the rings (worker thread)."""
 
+    def serve_loop(self, ctl_fd: int) -> bool:
+        """Serve kicks on the worker's own loop until ``ctl_fd`` (its events) is readable; False
+        if the device has none now (the worker then sleeps in Python and calls :meth:`service`)."""
+        return False
+
     def close(self) -> None:
         """Release host resources (files, taps); the device is gone."""
 
@@ -144,40 +149,51 @@ def backend_perms(domid: int) -> tuple[Perm, ...]:
 
 
 class Inbox:
-    """What wakes a worker: named events in order, and kicks, on one non-blocking eventfd.
+    """What wakes a worker: ring kicks on ``fd``, named events in order on ``ctl`` (two eventfds).
 
     ``fd`` comes from the domain's fast-path pool (kept open while the machine lives,
-    released back by :meth:`close`), or is the inbox's own for a domain without one.
+    released back by :meth:`close`), or is the inbox's own for a domain without one; the rings'
+    ports are bound to it.  ``ctl`` is readable while events are queued, so a worker sleeping
+    in C on both (the vbd's ``xkb_loop``) knows when Python has something to do.
     """
 
     def __init__(self, domain) -> None:
         self._fast = getattr(domain, "fast", None)
         self.fd = self._fast.lease_fd() if self._fast is not None else os.eventfd(
             0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.ctl = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._events: collections.deque[str] = collections.deque()
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN)
+        self._poll.register(self.ctl, select.POLLIN)
         self._closed = False
         self.idle = False       #: the worker sleeps in :meth:`wait` with nothing owed to it
 
     def put(self, what: str) -> None:
         self._events.append(what)
-        self.kick()
+        if not self._closed:
+            os.eventfd_write(self.ctl, 1)
 
     def kick(self) -> None:
         if not self._closed:
             os.eventfd_write(self.fd, 1)
 
-    def wait(self) -> list[str]:
-        """Block until woken; the events queued so far (kicks need no entry)."""
-        while not drain(self.fd):
-            self.idle = True
-            self._poll.poll()
-            self.idle = False
+    def take(self) -> list[str]:
+        """The events queued so far (without waiting)."""
+        drain(self.ctl)
         out = []
         while self._events:
             out.append(self._events.popleft())
         return out
+
+    def wait(self) -> None:
+        """Block until a kick (drained: the caller serves) or an event (left for :meth:`take`)."""
+        while not drain(self.fd) and not self._events:
+            self.idle = True
+            self._poll.poll()
+            self.idle = False
+            if not self._events:
+                drain(self.ctl)     # a signal whose event take() already had: do not spin on it
 
     def close(self) -> None:
         """The worker has ended: the eventfd back to the pool (or closed, if the inbox's own)."""
@@ -186,6 +202,7 @@ class Inbox:
             self._fast.release_fd(self.fd)
         else:
             os.close(self.fd)
+        os.close(self.ctl)
 
 
 def _set_policy(batch: bool) -> None:
@@ -302,20 +319,32 @@ class XenbusBackend:
                     "unplug": self._unplug, "force": self._teardown, "park": self._park}
         try:
             while not self.removed.is_set():
-                for what in self._events.wait() + ["kick"]:
+                for what in self._events.take() + ["kick", "loop"]:
                     if self.removed.is_set():
                         break
                     try:
-                        handlers[what]()
+                        if what == "loop":
+                            self._sleep()
+                        else:
+                            handlers[what]()
                     except Exception:   # a backend bug must not take the VM down: close the device
                         log.exception("%s: %s failed; the device is closed", self.label, what)
                         self._safe_teardown()
         finally:
             self._events.close()
 
-    def _service(self) -> None:
+    def _sleep(self) -> None:
+        """Until the next event or kick: in the device's own serve loop while it can serve, else
+        in the inbox (the loop's ``kick`` then serves)."""
+        if not (self._may_serve() and self.device.serve_loop(self._events.ctl)):
+            self._events.wait()
+
+    def _may_serve(self) -> bool:
         machine = getattr(self.domain, "machine", None)
-        if self.connected and not (machine is not None and machine.stopping):
+        return self.connected and not (machine is not None and machine.stopping)
+
+    def _service(self) -> None:
+        if self._may_serve():
             self.device.service()   # a stopping machine serves nothing more (a saved disk stays as saved)
 
     def _frontend_state(self) -> XenbusState | None:
