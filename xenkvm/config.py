@@ -21,6 +21,7 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
       pv_time: true            # Xen PV time (XENFEAT_hvm_safe_pvclock); false: the guest's LAPIC timer and TSC
       fast_path: true          # ring kicks (EVTCHNOP_send to a PV backend) and the vCPUs' single-shot timers done in C; false: all in Python
       kernel_kicks: true       # with fast_path and the patch trap on Linux: ring kicks signal the backend inside KVM (KVM_IOEVENTFD), no VMM exit
+      fifo_events: true        # FIFO event channels (EVTCHNOP_init_control); false: 2-level only, as QEMU, whose backend notifies are done in C
     disks:                     # optional, Xen guests: PV disks in xl.cfg(5) spelling (xenkvm/diskspec.py)
       - "format=raw, vdev=xvda, access=rw, target=root.img"
     vifs:                      # optional, Xen guests: PV NICs in xl.cfg(5) spelling (xenkvm/vifspec.py)
@@ -114,6 +115,10 @@ class XenConfig:
     #: backend's ring port gets a KVM_IOEVENTFD on it, so a ring kick wakes the backend from
     #: inside KVM without an exit to the VMM (xen/sendstub.py); false: the plain 3-byte patch
     kernel_kicks: bool = True
+    #: FIFO event channels offered (EVTCHNOP_init_control, expand_array, set_priority); false:
+    #: those answer -ENOSYS as in QEMU's Xen emulation and Linux stays on 2-level channels,
+    #: whose backend notifies C delivers without Python (xen/evtchn/cdeliver.py)
+    fifo_events: bool = True
 
 
 XEN_FIELDS = {f.name for f in dataclasses.fields(XenConfig)}
@@ -319,7 +324,7 @@ def _xen(raw: Any) -> XenConfig:
         if not isinstance(raw["test_device"], bool):
             raise ConfigError(f"xen.test_device: expected true or false, got {raw['test_device']!r}")
         kw["test_device"] = raw["test_device"]
-    for key in ("platform_pci", "pv_time", "fast_path", "kernel_kicks"):
+    for key in ("platform_pci", "pv_time", "fast_path", "kernel_kicks", "fifo_events"):
         if key in raw:
             if not isinstance(raw[key], bool):
                 raise ConfigError(f"xen.{key}: expected true or false, got {raw[key]!r}")

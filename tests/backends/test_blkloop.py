@@ -229,3 +229,65 @@ def test_the_policy_follows_the_requests_each_wakeup_finds(make_loop):
     assert not t.is_alive(), "the loop slept with work queued"
     assert seen == [(1, os.SCHED_BATCH), (0, os.SCHED_OTHER)]
     assert loop.c.switches == 2
+
+
+def test_notifies_go_to_the_c_delivery_function_and_only_its_leftovers_to_python(make_loop):
+    """With ``notify_fn`` (xkd_notify in the VMM: xen/evtchn/cdeliver.py) a notify C finishes
+    never returns to Python; what it leaves (its answer) comes back with the port."""
+    answers, calls = [0], []
+
+    @ffi.callback("int(void *, uint32_t)")
+    def notify(ctx, port):
+        calls.append((int(ffi.cast("uintptr_t", ctx)), port))
+        return answers[0]
+
+    f = Front(port=6)
+    loop = make_loop([f])
+    loop.c.notify_fn, loop.c.notify_ctx = ffi.cast("void *", notify), ffi.cast("void *", 0x1234)
+    f.read(0, 0, 1)
+    loop.q[0].pending = 1
+    os.eventfd_write(loop.ctl, 1)
+    assert loop.run() == lib.XKB_LOOP_EVENT                 # served, notified in C, asleep, the event
+    assert calls == [(0x1234, 6)] and loop.c.c_notifies == 1 and loop.c.nnotify == 0
+    os.eventfd_read(loop.ctl)
+    f.consumed()
+    answers[0] = 6                                          # C left something to Python
+    f.read(8, 1, 2)
+    os.eventfd_write(loop.kick, 1)
+    assert loop.run() == lib.XKB_LOOP_NOTIFY
+    assert loop.notified() == [6] and loop.c.notify_r[0] == 6 and loop.c.c_notifies == 1
+
+
+def test_the_policy_probes_batch_and_keeps_it_only_for_a_deep_queue(make_loop):
+    """A worker that finds one request a wake-up tries SCHED_BATCH every ``probe_every`` wake-ups
+    (under SCHED_OTHER it would find one whatever the queue depth): one request a wake-up brings
+    it back within a few; several a wake-up keep it."""
+    f = Front(port=3, npages=8)
+    loop = make_loop([f])
+    loop.c.probe_every = 4
+    trace = []
+
+    def wake(n):
+        for i in range(n):
+            f.read(i, i, i)
+        os.eventfd_write(loop.kick, 1)
+        assert loop.run() == lib.XKB_LOOP_NOTIFY
+        f.consumed()
+        trace.append(loop.c.batch)
+
+    def worker():
+        for _ in range(12):
+            wake(1)
+        for _ in range(6):
+            wake(6)
+        trace.append(os.sched_getscheduler(0))
+
+    t = threading.Thread(target=worker, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive()
+    # the policy runs when a wake-up's passes are done, i.e. at the next call: the flag seen after
+    # call k is the decision taken after wake-up k-1
+    single, deep, sched = trace[:12], trace[12:18], trace[18]
+    assert 1 in single and single[-1] == 0 and loop.c.probes >= 1     # tried, and left again
+    assert deep[-1] == 1 and sched == os.SCHED_BATCH                   # kept with a deep queue

@@ -110,10 +110,12 @@ struct xkb_queue {
 struct xkb_loop {
     int kick_fd; int ctl_fd; int fd; int readonly; uint64_t nsectors;
     uint32_t nq; struct xkb_queue *q;
-    uint32_t at; uint32_t nnotify; uint32_t notify[...];
+    uint32_t at; uint32_t nnotify; uint32_t notify[...]; int32_t notify_r[...];
+    void *notify_fn; void *notify_ctx; uint64_t c_notifies;
     int err;
     uint64_t requests; uint64_t wakeups; uint64_t busy_ns; uint64_t wake_requests; uint64_t woke_ns;
-    double batch_at; double other_below; double average; int32_t batch; uint32_t switches; ...;
+    double batch_at; double other_below; double average; int32_t batch; uint32_t switches;
+    uint32_t probe_every; uint32_t since_probe; uint32_t probes; ...;
 };
 int xkb_loop(struct xkb_loop *L);
 """
@@ -364,10 +366,11 @@ int xkb_pass(char **pages, unsigned nr_ents, uint32_t *req_cons, uint32_t *rsp_p
  * (cffi releases the GIL) and C sleeps on the kick eventfd the rings' ports are bound to, drains it,
  * makes one xkb_pass over every queue marked `pending`, and sleeps again; Python gets the thread
  * back only for what it must do itself, and calls again:
- *   XKB_LOOP_NOTIFY  ports in notify[0..nnotify) to notify (the event channel's delivery is
- *                    Python's); a queue's notify waits until it is empty and re-armed, or a
- *                    ring's worth of requests was served (then it stays pending: the next call
- *                    passes it again), so requests streaming in share one upcall;
+ *   XKB_LOOP_NOTIFY  ports in notify[0..nnotify) owed a notify by Python: notify_fn (C delivery)
+ *                    declined them or left part of the work (notify_r), or there is none; a
+ *                    queue's notify waits until it is empty and re-armed, or a ring's worth of
+ *                    requests was served (then it stays pending: the next call passes it again),
+ *                    so requests streaming in share one upcall;
  *   XKB_LOOP_SLOW    queue `at` holds a batch the fast path left (xkb_pass's XKB_PASS_SLOW);
  *   XKB_LOOP_BROKEN  queue `at`'s req_prod ran more than a ring ahead: it is not served again;
  *   XKB_LOOP_EVENT   ctl_fd (the worker's xenbus events: frontend state, unplug, park) is readable;
@@ -401,8 +404,12 @@ struct xkb_loop {
     uint32_t nq;
     struct xkb_queue *q;
     uint32_t at;                             /* out: the queue of a SLOW or BROKEN return */
-    uint32_t nnotify;                        /* out: ports owed a notify */
+    uint32_t nnotify;                        /* out: ports owed a notify by Python */
     uint32_t notify[XKB_LOOP_MAX_QUEUES];
+    int32_t notify_r[XKB_LOOP_MAX_QUEUES];   /* out: what notify_fn answered for each (-1: not called) */
+    void *notify_fn;                         /* int fn(void *ctx, uint32_t port): the notify in C, or NULL */
+    void *notify_ctx;                        /*   (xen/_fast_build.py xkd_notify: 0 done, else Python's part) */
+    uint64_t c_notifies;                     /* notifies notify_fn finished (statistics) */
     int err;                                 /* out: poll's errno (XKB_LOOP_ERROR) */
     uint64_t requests, wakeups, busy_ns;     /* statistics: requests served, kick wake-ups, ns serving */
     uint64_t wake_requests;                  /* requests of the current wake-up (the policy's input) */
@@ -410,6 +417,8 @@ struct xkb_loop {
     double batch_at, other_below, average;   /* the policy (PassPolicy's constants and EWMA) */
     int32_t batch;
     uint32_t switches;
+    uint32_t probe_every;                    /* SCHED_OTHER wake-ups between two tries of SCHED_BATCH (0: none) */
+    uint32_t since_probe, probes;
 };
 
 static uint64_t xkb_now_ns(void)
@@ -420,27 +429,57 @@ static uint64_t xkb_now_ns(void)
 }
 
 /* One wake-up ended with every queue empty: PassPolicy.after_pass. */
+static void xkb_set_batch(struct xkb_loop *L, int batch)
+{
+    struct sched_param sp;
+    memset(&sp, 0, sizeof(sp));
+    L->batch = batch;
+    L->switches++;
+    L->since_probe = 0;
+    sched_setscheduler(0, batch ? SCHED_BATCH : SCHED_OTHER, &sp);   /* refused: nothing changes */
+}
+
+/* PassPolicy's rule, and a probe: under SCHED_OTHER a worker whose passes are fast enough wakes
+ * at every kick and finds one request whatever the guest's queue depth (it preempts the vCPU
+ * that kicked before the guest queues more), so its average alone never shows a deep queue.
+ * Every `probe_every` wake-ups it tries SCHED_BATCH with the average set to `batch_at`: a guest
+ * with one request at a time brings it under `other_below` in ~6 wake-ups, a deep queue keeps it. */
 static void xkb_policy(struct xkb_loop *L)
 {
     L->average += ((double)L->wake_requests - L->average) / 4;
     L->wake_requests = 0;
-    int want = L->batch ? L->average >= L->other_below : L->average >= L->batch_at;
-    if (want != L->batch) {
-        struct sched_param sp;
-        memset(&sp, 0, sizeof(sp));
-        L->batch = want;
-        L->switches++;
-        sched_setscheduler(0, want ? SCHED_BATCH : SCHED_OTHER, &sp);   /* refused: nothing changes */
+    if (L->batch) {
+        if (L->average < L->other_below)
+            xkb_set_batch(L, 0);
+    } else if (L->average >= L->batch_at) {
+        xkb_set_batch(L, 1);
+    } else if (L->probe_every && ++L->since_probe >= L->probe_every) {
+        L->probes++;
+        L->average = L->batch_at;
+        xkb_set_batch(L, 1);
     }
 }
 
-static void xkb_owe_notify(struct xkb_loop *L, uint32_t port)
+/* Notify `port`: in C through notify_fn when there is one and it finishes it (0), else listed
+   for Python with notify_fn's answer (or -1).  1 if Python is owed something. */
+static int xkb_owe_notify(struct xkb_loop *L, uint32_t port)
 {
+    int r = -1;
+    if (L->notify_fn != NULL) {
+        r = ((int (*)(void *, uint32_t))L->notify_fn)(L->notify_ctx, port);
+        if (r == 0) {
+            L->c_notifies++;
+            return 0;
+        }
+    }
     for (uint32_t i = 0; i < L->nnotify; i++)
         if (L->notify[i] == port)
-            return;
-    if (L->nnotify < XKB_LOOP_MAX_QUEUES)
+            return 1;
+    if (L->nnotify < XKB_LOOP_MAX_QUEUES) {
+        L->notify_r[L->nnotify] = r;
         L->notify[L->nnotify++] = port;
+    }
+    return 1;
 }
 
 /* One pass over each pending queue: -1 when all are empty and re-armed, else an XKB_LOOP_ code. */
@@ -452,7 +491,7 @@ static int xkb_loop_pass(struct xkb_loop *L)
         struct xkb_queue *q = &L->q[i];
         if (!q->pending || q->broken)
             continue;
-        int r;
+        int r, notify_owed = 0;
         uint32_t served = 0;
         for (;;) {      /* the notify waits until the queue is empty or a ring's worth was served */
             r = xkb_pass(q->pages, q->nr_ents, q->req_cons, q->rsp_prod, L->fd, L->nsectors, L->readonly,
@@ -462,11 +501,12 @@ static int xkb_loop_pass(struct xkb_loop *L)
             served += (uint32_t)q->counts[0];
             if (r != XKB_PASS_NOTIFY)
                 break;
-            xkb_owe_notify(L, q->port);
-            code = XKB_LOOP_NOTIFY;
+            notify_owed = 1;
             if (served >= q->nr_ents)
                 break;
         }
+        if (notify_owed && xkb_owe_notify(L, q->port))      /* once the queue is empty: see above */
+            code = XKB_LOOP_NOTIFY;
         if (r == XKB_PASS_DONE) {
             q->pending = 0;
         } else if (r != XKB_PASS_NOTIFY) {
@@ -483,6 +523,15 @@ static int xkb_loop_pass(struct xkb_loop *L)
     return code;
 }
 
+/* A queue stopped at a ring's worth with its notify done in C: it still has to be passed. */
+static int xkb_any_pending(const struct xkb_loop *L)
+{
+    for (uint32_t i = 0; i < L->nq && i < XKB_LOOP_MAX_QUEUES; i++)
+        if (L->q[i].pending && !L->q[i].broken)
+            return 1;
+    return 0;
+}
+
 int xkb_loop(struct xkb_loop *L)
 {
     L->nnotify = 0;
@@ -490,6 +539,8 @@ int xkb_loop(struct xkb_loop *L)
         int code = xkb_loop_pass(L);
         if (code >= 0)
             return code;
+        if (xkb_any_pending(L))
+            continue;
         xkb_policy(L);
         struct pollfd p[2] = {{L->ctl_fd, POLLIN, 0}, {L->kick_fd, POLLIN, 0}};
         while (poll(p, 2, -1) < 0) {

@@ -113,7 +113,9 @@ class CostWindow:
         fast = getattr(d, "fast", None)
         in_c = fast.sends if fast is not None else 0
         ops[FAST_OP] = ops.get(FAST_OP, 0) + in_c   # sends completed in C (xen/fastpath.py) count alike
-        return self.clock(), ops, d.upcalls.delivered, d.upcalls.eoi_rounds, d.io.passes, in_c
+        cdeliver = getattr(d, "cdeliver", None)     # upcalls C delivery injected count alike
+        upcalls = d.upcalls.delivered + (cdeliver.upcalls if cdeliver is not None else 0)
+        return self.clock(), ops, upcalls, d.upcalls.eoi_rounds, d.io.passes, in_c
 
     def sample(self, requests: int, extra: dict[str, int] | None = None) -> str:
         """The line for the window that ends now; ``extra``: the device's own counts in it."""

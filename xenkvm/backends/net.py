@@ -52,6 +52,7 @@ import time
 from collections.abc import Callable
 
 from xenkvm.vifspec import VifSpec
+from xenkvm.xen.evtchn.cdeliver import notify
 
 from . import netpkt
 from ._netif_cffi import ffi, lib
@@ -300,7 +301,7 @@ class VifDevice(XenbusDevice):
             used = self._tx_batch(r, n)
             if used and lib.xkn_tx_push(r.tx_page, r.tx_rsp_prod, r.tx_rsps, used):
                 t = time.perf_counter_ns()
-                self.domain.evtchn.notify(r.tx_port)
+                notify(self.domain, r.tx_port)
                 self.latency["tx"].notified(t)
             if used < n and not lib.xkn_tx_arm_after(r.tx_page, r.tx_cons + n - used):
                 return      # the last packet is not complete: the frontend notifies when it is
@@ -496,7 +497,7 @@ class RxWorker:
             raise OSError(c.err, f"reading tap queue {r.index}: {os.strerror(c.err)}")
         if c.nrsp and lib.xkn_rx_push(r.rx_page, r.rx_rsp_prod, r.rx_rsps, c.nrsp):
             t = time.perf_counter_ns()
-            self.dev.domain.evtchn.notify(r.rx_port)
+            notify(self.dev.domain, r.rx_port)
             lat.notified(t)
             self.dev.latency["turn"].notified(t)
         return code in (lib.XKN_RX_TAP_EMPTY, lib.XKN_RX_RING_FULL)

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from cffi import FFI
 
+from xenkvm.xen._abi_build import HELPERS_SRC
+
 CDEF = """
 struct kvm_run;
 struct xkf_region { uint64_t gpa; uint64_t size; uint64_t hva; };
@@ -72,11 +74,33 @@ void xkf_timer_publish(struct xkf_domain *d, uint32_t on, int64_t boot_ns, int64
                        int64_t num, int64_t den);
 void xkf_set_port(struct xkf_domain *d, uint32_t port, int32_t fd);
 uint64_t xkf_monotonic_ns(void);
+
+#define XKD_NPORTS ...
+#define XKD_MAX_VCPUS ...
+#define XKD_PYTHON ...
+#define XKD_POLLERS ...
+#define XKD_RAISE ...
+#define XKD_KICK ...
+struct xkd;
+struct xkd_load {
+    void *shinfo; uint32_t nvcpus; void *vcpu_info[...]; uint8_t vector[...]; uint8_t port_vcpu[...]; ...;
+};
+struct xkd *xkd_new(int vm_fd);
+void xkd_free(struct xkd *d);
+void xkd_hold(struct xkd *d);
+void xkd_load(struct xkd *d, const struct xkd_load *l);
+void xkd_port_off(struct xkd *d, uint32_t port);
+void xkd_pollers(struct xkd *d, int delta);
+void xkd_close(struct xkd *d);
+int xkd_notify(void *ctx, uint32_t port);
+uint64_t xkd_count(struct xkd *d, int which);
 """
 
 SOURCE = r"""
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -87,6 +111,9 @@ SOURCE = r"""
 #include <xen/xen.h>
 #include <xen/event_channel.h>
 #include <xen/vcpu.h>
+#ifndef XEN_PAGE_SIZE
+#define XEN_PAGE_SIZE 4096
+#endif
 
 #define XKF_MAX_REGIONS 8
 #define XKF_EFER_LMA (1ULL << 10)
@@ -117,6 +144,7 @@ struct xkf_domain {
     uint64_t timer_ops;       /* timer set/stop calls completed here (statistics) */
 };
 
+%HELPERS%
 _Static_assert(sizeof(evtchn_port_t) == 4, "evtchn_port_t");
 _Static_assert(__HYPERVISOR_event_channel_op == 32, "the current event_channel_op, not the compat one");
 _Static_assert(offsetof(struct evtchn_send, port) == 0, "evtchn_send.port");
@@ -367,6 +395,138 @@ static int fast_send(int vcpu_fd, const struct xkf_call *c, struct kvm_run *run,
     return complete(run, 0);
 }
 
+/*
+ * 2-level event delivery from C (xen/evtchn/cdeliver.py): a backend's thread notifies its ring's
+ * port without Python.  Xen's evtchn_2l_set_pending (the shared helpers of xen/_abi_build.py)
+ * on shared_info and the port's vCPU's vcpu_info, then the vCPU's upcall vector as an MSI.
+ * What it needs is loaded by Python under the domain's lock (xkd_load) and withdrawn while a
+ * hypercall that may change it runs (xkd_hold); `mu` orders both against a notify in flight.
+ * The 2-level rule itself needs no lock against Python's own deliveries: every step is an
+ * atomic bit operation on guest memory, as the guest's own are.
+ */
+#define XKD_NPORTS 4096
+#define XKD_MAX_VCPUS 256
+#define XKD_PYTHON 1          /* declined: the caller delivers through Python (the reference) */
+#define XKD_POLLERS 2         /* delivered; vCPUs wait in SCHEDOP_poll: Python wakes them */
+#define XKD_RAISE 4           /* pending and upcall_pending set, KVM refused the MSI: Python raises it */
+#define XKD_KICK 8            /* the event reached the vCPU: its poll returns (Python kicks it) */
+
+struct xkd_load {
+    void *shinfo;                          /* NULL: not 2-level, or shared_info not mapped */
+    uint32_t nvcpus;
+    void *vcpu_info[XKD_MAX_VCPUS];        /* NULL: C declines that vCPU */
+    uint8_t vector[XKD_MAX_VCPUS];         /* the per-vCPU upcall vector; 0: C declines */
+    uint8_t port_vcpu[XKD_NPORTS];         /* the vCPU + 1 a VMM port delivers to; 0: not C's */
+};
+
+struct xkd {
+    pthread_mutex_t mu;
+    int vm_fd;
+    int on;                                /* loaded, and no hypercall that may change it runs */
+    int closed;                            /* the VM went: never again */
+    int pollers;                           /* vCPU threads in SCHEDOP_poll (Python counts them) */
+    uint64_t notifies, upcalls, declined;
+    struct xkd_load l;
+};
+
+struct xkd *xkd_new(int vm_fd)
+{
+    struct xkd *d = calloc(1, sizeof(*d));
+    if (d == NULL)
+        return NULL;
+    pthread_mutex_init(&d->mu, NULL);
+    d->vm_fd = vm_fd;
+    return d;
+}
+
+void xkd_free(struct xkd *d)
+{
+    if (d != NULL) {
+        pthread_mutex_destroy(&d->mu);
+        free(d);
+    }
+}
+
+void xkd_hold(struct xkd *d)
+{
+    pthread_mutex_lock(&d->mu);
+    d->on = 0;
+    pthread_mutex_unlock(&d->mu);
+}
+
+void xkd_load(struct xkd *d, const struct xkd_load *l)
+{
+    pthread_mutex_lock(&d->mu);
+    memcpy(&d->l, l, sizeof(*l));
+    if (d->l.nvcpus > XKD_MAX_VCPUS)
+        d->l.nvcpus = XKD_MAX_VCPUS;
+    d->on = !d->closed;
+    pthread_mutex_unlock(&d->mu);
+}
+
+void xkd_port_off(struct xkd *d, uint32_t port)
+{
+    pthread_mutex_lock(&d->mu);
+    if (port < XKD_NPORTS)
+        d->l.port_vcpu[port] = 0;
+    pthread_mutex_unlock(&d->mu);
+}
+
+void xkd_pollers(struct xkd *d, int delta)
+{
+    __atomic_fetch_add(&d->pollers, delta, __ATOMIC_SEQ_CST);
+}
+
+/* The VM goes (its fd closes next): never deliver again, and no MSI is in flight after this. */
+void xkd_close(struct xkd *d)
+{
+    pthread_mutex_lock(&d->mu);
+    d->on = 0;
+    d->closed = 1;
+    d->vm_fd = -1;
+    pthread_mutex_unlock(&d->mu);
+}
+
+uint64_t xkd_count(struct xkd *d, int which)
+{
+    uint64_t *c = which == 0 ? &d->notifies : which == 1 ? &d->upcalls : &d->declined;
+    return __atomic_load_n(c, __ATOMIC_RELAXED);
+}
+
+/* Signal VMM port `port` as VmmPorts.notify would: 0 if done, else XKD_* bits for the caller
+   (with the vCPU in bits 8 and up).  `ctx` is the struct xkd (a backend's C loop calls it).
+   Without a VM fd (unit tests' domains) the upcall is XKD_RAISE: Python raises it. */
+int xkd_notify(void *ctx, uint32_t port)
+{
+    struct xkd *d = ctx;
+    int ret = 0;
+    pthread_mutex_lock(&d->mu);
+    uint32_t v = port < XKD_NPORTS ? d->l.port_vcpu[port] : 0;
+    if (!d->on || v == 0 || v > d->l.nvcpus || d->l.shinfo == NULL || d->l.vcpu_info[v - 1] == NULL
+        || d->l.vector[v - 1] == 0) {
+        d->declined++;
+        pthread_mutex_unlock(&d->mu);
+        return XKD_PYTHON;
+    }
+    v -= 1;
+    d->notifies++;
+    int r = xk_evtchn_2l_set_pending(d->l.shinfo, d->l.vcpu_info[v], port);
+    if (r == XK_UPCALL) {
+        struct kvm_msi msi;
+        memset(&msi, 0, sizeof(msi));
+        msi.address_lo = 0xFEE00000u | (v & 0xFFu) << 12;      /* fixed, physical: the vCPU's LAPIC */
+        msi.data = d->l.vector[v];
+        if (d->vm_fd >= 0 && ioctl(d->vm_fd, KVM_SIGNAL_MSI, &msi) > 0)
+            d->upcalls++;
+        else
+            ret |= XKD_RAISE;
+    }
+    if (r != XK_2L_WAS_PENDING && __atomic_load_n(&d->pollers, __ATOMIC_SEQ_CST) > 0)
+        ret |= XKD_POLLERS | (r >= XK_2L_NO_VCPU_INFO ? XKD_KICK : 0);   /* as Signal.done */
+    pthread_mutex_unlock(&d->mu);
+    return ret ? ret | (int)(v << 8) : 0;
+}
+
 /* KVM_RUN until an exit Python must see: its exit reason, or -errno. */
 long xkf_run(int vcpu_fd, struct kvm_run *run, struct xkf_domain *d, uint32_t vcpu_id)
 {
@@ -383,6 +543,8 @@ long xkf_run(int vcpu_fd, struct kvm_run *run, struct xkf_domain *d, uint32_t vc
     }
 }
 """
+
+SOURCE = SOURCE.replace("%HELPERS%", HELPERS_SRC)     # Xen's delivery rules, the same C as the Xen layer's
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)

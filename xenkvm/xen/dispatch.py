@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable
 
 from xenkvm.xen.abi import Errno, Hypercall
 from xenkvm.xen.errors import HypercallError
+from xenkvm.xen.evtchn.cdeliver import changes_delivery
 from xenkvm.xen.guestmem import GuestVirtual
 
 if TYPE_CHECKING:
@@ -127,6 +128,9 @@ class Dispatcher:
     def _invoke(self, handler: Handler, call: Call) -> int:
         try:
             with self.domain.lock:
+                cdeliver = getattr(self.domain, "cdeliver", None)
+                if cdeliver is not None and cdeliver.loaded and changes_delivery(call.nr, call.args):
+                    return self._held(cdeliver, handler, call)
                 return int(handler(call))
         except HypercallError as e:
             if log.isEnabledFor(logging.DEBUG):
@@ -135,6 +139,16 @@ class Dispatcher:
         except Exception:
             log.exception("vcpu%d %s%s failed inside the VMM", call.vcpu_id, _name(call.nr), call.args[:2])
             return -Errno.EINVAL
+
+    @staticmethod
+    def _held(cdeliver, handler: Handler, call: Call) -> int:
+        """Run a handler that may change what C delivery knows (cdeliver.py): C declines every
+        notify meanwhile, and gets the state as the handler left it (under the lock)."""
+        cdeliver.hold()
+        try:
+            return int(handler(call))
+        finally:
+            cdeliver.reload()
 
     def unknown(self, nr: int, cmd: int | None) -> None:
         """One log line per unknown (hypercall, sub-op), for the first MAX_UNKNOWN_LOGGED of them."""

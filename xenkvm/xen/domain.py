@@ -35,6 +35,7 @@ from xenkvm.xen.console import ConsoleIo, HypervisorLog, PrimaryConsole
 from xenkvm.xen.cpuid import xen_leaves
 from xenkvm.xen.dispatch import Dispatcher
 from xenkvm.xen.evtchn import EventChannels
+from xenkvm.xen.evtchn.cdeliver import CDelivery
 from xenkvm.xen.fastpath import FastSend
 from xenkvm.xen.gnttab import GrantTable
 from xenkvm.xen.hypercalls import table
@@ -160,6 +161,9 @@ class XenDomain(MachineExtension):
         #: ring kicks completed in C on the vCPU thread (xen/fastpath.py); used once a port trap is in
         self.fast = FastSend(self.mem, layout.HYPERCALL_PORT)
         self.evtchn = EventChannels(self)
+        #: backends' notifies delivered in C (2-level channels; xen/evtchn/cdeliver.py)
+        self.cdeliver = CDelivery(self, self.machine.vm.fd)
+        self.evtchn.pollers.on_count = self.cdeliver.pollers
         self.timers = VcpuTimers(self)
         self.gnttab = GrantTable(self)
         self.reservation = Reservation(self.mem)   # tot/max pages, populated RAM frames
@@ -241,6 +245,10 @@ class XenDomain(MachineExtension):
 
     def close(self) -> None:
         """Stop the embedded xenstored and remove its socket; close the kick eventfds."""
+        self.cdeliver.close()       # before the VM's fd: no MSI from C after this
+        if self.cdeliver.loaded:
+            log.info("event delivery in C: %d backend notifies, %d upcalls; %d left to Python",
+                     self.cdeliver.notifies, self.cdeliver.upcalls, self.cdeliver.declined)
         self.store.close()
         if self.machine.vcpu_run is not None:
             log.info("hypercall fast path: %d EVTCHNOP_send, %d single-shot timer calls completed in C;"

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from xenkvm.xen.abi import EvtchnOp, XenStruct, ffi, lib
+from xenkvm.xen.abi import Errno, EvtchnOp, XenStruct, ffi, lib
+from xenkvm.xen.errors import HypercallError
 from xenkvm.xen.evtchn.ports import PortState
 
 if TYPE_CHECKING:
@@ -145,7 +146,15 @@ def reset(call: "Call", arg: int) -> int:
     return 0
 
 
+def _fifo_offered(call: "Call") -> None:
+    """``xen.fifo_events: false``: the FIFO ops are -ENOSYS, as QEMU's (Linux stays on 2-level)."""
+    cfg = getattr(call.domain, "cfg", None)
+    if cfg is not None and not getattr(cfg, "fifo_events", True):
+        raise HypercallError(Errno.ENOSYS, "FIFO event channels are off (xen.fifo_events: false)")
+
+
 def init_control(call: "Call", arg: int) -> int:
+    _fifo_offered(call)
     buf, req = INIT_CONTROL.load(call, arg)
     call.domain.evtchn.init_control(req.control_gfn, req.offset, req.vcpu)
     # Xen copies the struct back (link_bits is an output) only on success.
@@ -155,11 +164,13 @@ def init_control(call: "Call", arg: int) -> int:
 
 
 def expand_array(call: "Call", arg: int) -> int:
+    _fifo_offered(call)
     call.domain.evtchn.expand_array(EXPAND_ARRAY.read(call, arg).array_gfn)
     return 0
 
 
 def set_priority(call: "Call", arg: int) -> int:
+    _fifo_offered(call)
     req = SET_PRIORITY.read(call, arg)
     call.domain.evtchn.set_priority(req.port, req.priority)
     return 0

@@ -38,6 +38,8 @@ class Pollers:
         self._cond = threading.Condition(lock)
         self._kicks = [0] * nr_vcpus
         self.waiting = 0              #: threads blocked now (a cheap test for the senders)
+        #: told +1/-1 as ``waiting`` changes (C delivery's count: cdeliver.py), before the look
+        self.on_count: Callable[[int], None] | None = None
 
     def wake(self) -> None:
         """A port became pending: every poller re-checks its ports (caller holds the lock)."""
@@ -59,6 +61,8 @@ class Pollers:
         """Block until ``any_pending()``, a kick of ``vcpu`` or ``deadline_ns`` (monotonic)."""
         kicks = self._kicks[vcpu] if 0 <= vcpu < len(self._kicks) else 0
         self.waiting += 1
+        if self.on_count is not None:
+            self.on_count(1)
         try:
             while True:
                 left = deadline_ns - time.monotonic_ns()
@@ -69,6 +73,8 @@ class Pollers:
                     return 0
         finally:
             self.waiting -= 1
+            if self.on_count is not None:
+                self.on_count(-1)
 
 
 def poll(channels, vcpu: int, ports: Iterable[int], timeout_abs_ns: int = 0) -> int:

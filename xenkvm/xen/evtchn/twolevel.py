@@ -86,6 +86,10 @@ class TwoLevel:
                 self._flush_saved()
         return self._bits
 
+    def c_shinfo(self):
+        """The C pointer to shared_info C delivery uses (cdeliver.py), or None while unmapped."""
+        return self._sh if self._shinfo() is not None else None
+
     def _flush_saved(self) -> None:
         """Raise the events sent while shared_info was not mapped."""
         for p in [p for p in self.table if p.saved_pending]:

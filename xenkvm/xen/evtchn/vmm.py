@@ -119,6 +119,16 @@ class VmmPorts:
         fast, port = self.ch.d.fast, end.port
         end.on_notify, end.direct = (lambda: fast.signal(port)), True
         fast.register(port, kick_fd)
+        cdeliver = getattr(self.ch.d, "cdeliver", None)
+        if cdeliver is not None:
+            cdeliver.reload()       # the service's notifies on it may now be C's
+
+    def _withdraw(self, port: int) -> None:
+        """The VMM end of ``port`` is gone: neither the C send path nor C delivery has it."""
+        cdeliver = getattr(self.ch.d, "cdeliver", None)
+        if cdeliver is not None:
+            cdeliver.port_off(port)
+        self.ch.d.fast.withdraw(port)
 
     def close(self, port: int) -> None:
         """Xen's rule for closing one end: the other becomes unbound (to the closer)."""
@@ -128,7 +138,7 @@ class VmmPorts:
                 return
             self.ends.pop(p.vmm.id, None)
             p.vmm = None
-            self.ch.d.fast.withdraw(port)
+            self._withdraw(port)
             p.state, p.remote_dom, p.remote_port = PortState.UNBOUND, 0, 0
 
     def notify(self, port: int) -> None:
@@ -202,7 +212,7 @@ class VmmPorts:
         """``p``'s guest end is closing: the VMM end goes; on_close runs if the guest closed it."""
         end, p.vmm = p.vmm, None
         self.ends.pop(end.id, None)
-        self.ch.d.fast.withdraw(p.port)
+        self._withdraw(p.port)
         if from_guest and end.on_close is not None:
             self.ch.d.io.call_soon(end.on_close)
 
