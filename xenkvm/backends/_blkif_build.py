@@ -428,7 +428,7 @@ static uint64_t xkb_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
-/* One wake-up ended with every queue empty: PassPolicy.after_pass. */
+/* The calling thread's policy: SCHED_BATCH (never a wakeup preemptor) or SCHED_OTHER. */
 static void xkb_set_batch(struct xkb_loop *L, int batch)
 {
     struct sched_param sp;
@@ -444,7 +444,7 @@ static void xkb_set_batch(struct xkb_loop *L, int batch)
  * that kicked before the guest queues more), so its average alone never shows a deep queue.
  * Every `probe_every` wake-ups it tries SCHED_BATCH with the average set to `batch_at`: a guest
  * with one request at a time brings it under `other_below` in ~6 wake-ups, a deep queue keeps it. */
-static void xkb_policy(struct xkb_loop *L)
+static void xkb_policy(struct xkb_loop *L)      /* a wake-up ended, every queue empty */
 {
     L->average += ((double)L->wake_requests - L->average) / 4;
     L->wake_requests = 0;

@@ -242,12 +242,8 @@ class BlockDevice(XenbusDevice):
                 return
             if code == lib.XKB_PASS_BROKEN:
                 return self._broken(ring)
-            if code == lib.XKB_PASS_SLOW:
-                for k in range(counts[2]):
-                    i = ring.slow[k]
-                    self._serve(ring.reqs[i], ring.rsps[i])
-                if not lib.xkb_push(ring.pages, ring.nr_ents, ring.rsp_prod, ring.rsps, counts[1]):
-                    continue
+            if code == lib.XKB_PASS_SLOW and not self._serve_slow(ring, counts):
+                continue
             self._notify(ring)
 
     # -- the C serve loop (xkb_loop) ----------------------------------------------------------
@@ -261,6 +257,15 @@ class BlockDevice(XenbusDevice):
             self._loop = CLoop(self, ctl_fd)
         self._loop.run()
         return True
+
+    def _serve_slow(self, ring: BlkifRing, counts) -> bool:
+        """Serve the requests of a batch the C path left (``ring.slow``) and push the whole batch;
+        True if the push asks for a notify."""
+        self.ring = ring
+        for k in range(counts[2]):
+            i = ring.slow[k]
+            self._serve(ring.reqs[i], ring.rsps[i])
+        return bool(lib.xkb_push(ring.pages, ring.nr_ents, ring.rsp_prod, ring.rsps, counts[1]))
 
     def _drain_pipelined(self, ring: BlkifRing) -> None:
         """An image over NBD: every request through Python, reads and writes kept in flight."""
@@ -514,7 +519,9 @@ class CLoop:
                 if code == lib.XKB_LOOP_EVENT:
                     return
                 if code == lib.XKB_LOOP_SLOW:
-                    self._slow(dev.rings[L.at], self.queues[L.at].counts)
+                    ring = dev.rings[L.at]
+                    if dev._serve_slow(ring, ring.counts):
+                        dev._notify(ring)
                 elif code == lib.XKB_LOOP_BROKEN:
                     dev._broken(dev.rings[L.at])
                 elif code == lib.XKB_LOOP_ERROR:
@@ -554,13 +561,3 @@ class CLoop:
         if now - dev._latency_logged > LATENCY_LOG_NS:
             dev._latency_logged = now
             dev._log_latency()
-
-    def _slow(self, ring: BlkifRing, counts) -> None:
-        """A batch C left requests of: serve them here, push the batch, notify if asked."""
-        dev = self.dev
-        dev.ring = ring
-        for k in range(counts[2]):
-            i = ring.slow[k]
-            dev._serve(ring.reqs[i], ring.rsps[i])
-        if lib.xkb_push(ring.pages, ring.nr_ents, ring.rsp_prod, ring.rsps, counts[1]):
-            dev._notify(ring)
