@@ -275,3 +275,31 @@ def test_stopping_the_machine_does_not_wait():
     dev.release.set()
     until(lambda: all(b.removed.is_set() for b in mgr.backends.values()), "the devices removed")
     assert dev.calls[-1] == "close"
+
+
+def test_an_event_put_while_the_worker_closes_its_inbox_is_not_an_error():
+    """``put`` from another thread (an unplug, a watch) may meet the worker's ``close`` (the
+    worker took an earlier event and ended): the event is dropped, never written to a closed,
+    or another device's reused, eventfd number."""
+    import sys
+    from xenkvm.backends.xenbus import Inbox
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)         # switch threads as often as CPython allows
+    try:
+        for _ in range(300):
+            inbox, errors = Inbox(SimpleNamespace(domid=DOMID)), []
+
+            def putter():
+                try:
+                    for _ in range(50):
+                        inbox.put("frontend")
+                        inbox.kick()
+                except OSError as e:
+                    errors.append(e)
+            t = threading.Thread(target=putter)
+            t.start()
+            inbox.close()
+            t.join()
+            assert not errors
+    finally:
+        sys.setswitchinterval(old)

@@ -167,16 +167,21 @@ class Inbox:
         self._poll.register(self.fd, select.POLLIN)
         self._poll.register(self.ctl, select.POLLIN)
         self._closed = False
+        #: put/kick against close: another thread's write must not meet a closed (or by then
+        #: another device's, reused) eventfd number
+        self._lock = threading.Lock()
         self.idle = False       #: the worker sleeps in :meth:`wait` with nothing owed to it
 
     def put(self, what: str) -> None:
-        self._events.append(what)
-        if not self._closed:
-            os.eventfd_write(self.ctl, 1)
+        with self._lock:
+            self._events.append(what)
+            if not self._closed:
+                os.eventfd_write(self.ctl, 1)
 
     def kick(self) -> None:
-        if not self._closed:
-            os.eventfd_write(self.fd, 1)
+        with self._lock:
+            if not self._closed:
+                os.eventfd_write(self.fd, 1)
 
     def take(self) -> list[str]:
         """The events queued so far (without waiting)."""
@@ -197,12 +202,13 @@ class Inbox:
 
     def close(self) -> None:
         """The worker has ended: the eventfd back to the pool (or closed, if the inbox's own)."""
-        self._closed = True
-        if self._fast is not None:
-            self._fast.release_fd(self.fd)
-        else:
-            os.close(self.fd)
-        os.close(self.ctl)
+        with self._lock:
+            self._closed = True
+            if self._fast is not None:
+                self._fast.release_fd(self.fd)
+            else:
+                os.close(self.fd)
+            os.close(self.ctl)
 
 
 def _set_policy(batch: bool) -> None:
