@@ -53,6 +53,11 @@ static long connect(bool fifo)
     rc = rc ? rc : HYPERVISOR_vcpu_op(VCPUOP_set_periodic_timer, xen_vcpu_id(0), &per);
     rc = rc ? rc : xen_evtchn_alloc_unbound(DOMID_SELF, &lo_a);
     rc = rc ? rc : xen_evtchn_bind_interdomain(DOMID_SELF, lo_a, &lo_b);
+    /* a new domain's ports start masked (libxc's restore masks every 2-level port): Linux
+     * unmasks each IRQ it enables again (resume_irqs); at boot this changes nothing */
+    rc = rc ? rc : xen_evtchn_unmask(timer_port);
+    rc = rc ? rc : xen_evtchn_unmask(lo_a);
+    rc = rc ? rc : xen_evtchn_unmask(lo_b);
     rc = rc ? rc : xen_add_to_physmap(XENMAPSPACE_grant_table, 0, GRANT_GPFN);
     rc = rc ? rc : xs_init();
     if (!rc && !(watch("control/shutdown", "ctl") && watch("data/ping", "ping")))

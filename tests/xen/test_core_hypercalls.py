@@ -8,7 +8,7 @@ import time
 import pytest
 
 from xenkvm.machine.machine import ExitStatus
-from xenkvm.xen.abi import Errno, HvmOp, HvmParam, Hypercall, MemOp, SchedOp, VcpuOp, XenVer, ffi, lib
+from xenkvm.xen.abi import Errno, EvtchnOp, HvmOp, HvmParam, Hypercall, MemOp, SchedOp, VcpuOp, XenVer, ffi, lib
 from xenkvm.xen.shinfo import MSR_IA32_TSC, PVCLOCK_TSC_STABLE, TscScale, host_tsc_stable
 
 pytestmark = pytest.mark.kvm
@@ -235,6 +235,41 @@ def test_a_guest_resumed_as_a_new_domain_gets_host_input_on_its_console(xen_mach
     xen.console.connected = False           # as a new domain's console starts
     xen.restore_state(st)
     assert xen.resumed_new and xen.input_sink() is xen.console
+
+
+def test_a_new_domain_after_a_cooperative_save_starts_with_every_2level_port_masked(hcall, xen_machine):
+    """libxc's restore hands the new domain a shared_info with every port masked and none
+    pending; Linux 6.1's resume re-binds its VIRQs and IPIs without masking them and unmasks
+    only the IRQs it enables again.  With the ports left unmasked, a restored Debian guest on
+    2-level channels hit ``kernel BUG at arch/x86/xen/spinlock.c:62`` (the PV spinlock
+    kicker's IPI, disabled for good, fired).  A booted domain's page is cleared, as Xen's."""
+    from xenkvm.xen import snapshot as xensnap
+    mem, xen = xen_machine.mem, xen_machine.xen
+    base = SHINFO_PFN << 12
+    pending = base + ffi.offsetof("struct shared_info", "evtchn_pending")
+    mask = base + ffi.offsetof("struct shared_info", "evtchn_mask")
+    assert map_shinfo(hcall, mem) == 0
+    assert mem.read(mask, 512) == bytes(512)            # the guest masks what it wants (Linux at boot)
+    mem.write(pending, b"\x5a" * 512)                    # what the guest left in the page
+    st = xensnap.save(xen)
+    st["suspended_vcpu"] = 0                            # saved in SHUTDOWN_suspend
+    xen.restore_state(st)
+    assert map_shinfo(hcall, mem) == 0                  # xen_hvm_post_suspend maps it again
+    assert mem.read(mask, 512) == b"\xff" * 512 and mem.read(pending, 512) == bytes(512)
+
+    def evtchn(cmd, ctype, **fields):
+        obj = ffi.new(f"struct {ctype} *", fields)
+        mem.write(BUF, bytes(ffi.buffer(obj)))
+        assert hcall(Hypercall.event_channel_op, cmd, BUF) == 0
+        return ffi.cast(f"struct {ctype} *", ffi.from_buffer(mem.read(BUF, ffi.sizeof(obj[0]))))
+
+    port = evtchn(EvtchnOp.bind_ipi, "evtchn_bind_ipi", vcpu=0).port
+    evtchn(EvtchnOp.send, "evtchn_send", port=port)
+    upcall_pending = base + ffi.offsetof("struct vcpu_info", "evtchn_upcall_pending")
+    assert mem.read(pending + port // 8, 1)[0] >> (port % 8) & 1     # pending ...
+    assert mem.read(upcall_pending, 1) == b"\0"                       # ... but masked: no upcall
+    evtchn(EvtchnOp.unmask, "evtchn_unmask", port=port)
+    assert mem.read(upcall_pending, 1) == b"\1"                       # the guest said it is live
 
 
 def test_vm_assist_and_console_io(hcall, xen_machine):

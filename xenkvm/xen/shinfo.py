@@ -58,6 +58,8 @@ MSR_IA32_TSC = 0x10
 #: (two reads an ioctl apart differ by a few microseconds of ticks): no republish.
 RESYNC_SLACK_US = 50
 VCPU_INFO_TIME = VCPU_INFO.offset("time")
+SH_MASK = SHARED_INFO.offset("evtchn_mask")
+SH_MASK_BYTES = ffi.sizeof(dict(ffi.typeof(SHARED_INFO.ctype).fields)["evtchn_mask"].type)
 LEGACY_VCPUS = lib.XEN_LEGACY_MAX_VCPUS
 #: A reading bracketed by host TSC reads further apart than this is taken again (up to
 #: BRACKET_TRIES times, keeping the narrowest): its thread was preempted meanwhile.
@@ -146,6 +148,8 @@ class SharedInfo:
             raise einval(f"shared_info gpfn {gpfn:#x} is not guest RAM")
         if self.gpa is None:
             self.domain.mem.fill(gpa, 4096)
+            if getattr(self.domain, "resumed_new", False):
+                self._mask_all(gpa)
         elif self.gpa != gpa:  # moving it keeps pending/mask bits and vcpu_info slots, as in Xen
             self.domain.mem.view(gpa, 4096)[:] = self.domain.mem.view(self.gpa, 4096)
         self.gpa = gpa
@@ -153,6 +157,15 @@ class SharedInfo:
         for state in self.domain.vcpus:
             self.update_time(state.id)
         log.info("shared_info mapped at %#x", gpa)
+
+    def _mask_all(self, gpa: int) -> None:
+        """A domain restored as a new one (a cooperative save) gets shared_info with every 2-level
+        port masked and none pending, as libxc's restore writes the new domain's (memset of
+        ``evtchn_mask`` to 0xff): the new event-channel space is not live until the guest says so.
+        Linux (6.1) relies on it: its resume re-binds VIRQs and IPIs without masking them, and
+        unmasks only the IRQs it enables again, so a port left unmasked here fires an IRQ that
+        must never fire (the PV spinlock kicker: ``kernel BUG at arch/x86/xen/spinlock.c``)."""
+        self.domain.mem.view(gpa + SH_MASK, SH_MASK_BYTES)[:] = b"\xff" * SH_MASK_BYTES
 
     def restored(self, gpa: int | None) -> None:
         """A snapshot was loaded: shared_info is at ``gpa`` again (its content came back with
