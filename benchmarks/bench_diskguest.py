@@ -24,8 +24,9 @@ L1's KVM exits per request (``/sys/kernel/debug/kvm``'s counters, read at each
 ``--pv-time-off`` adds the xenkvm row again with ``xen.pv_time: false``, ``--fast-path-off`` with
 ``xen.fast_path: false`` (ring kicks and single-shot timers through Python, not C: xen/fastpath.py),
 ``--kernel-kicks-off`` with ``xen.kernel_kicks: false`` (no send stub: kicks exit to the C loop
-instead of KVM's ioeventfds, xen/sendstub.py), ``--fifo-off`` with ``xen.fifo_events: false``
-(2-level event channels, whose backend notifies are delivered in C: xen/evtchn/cdeliver.py),
+instead of KVM's ioeventfds, xen/sendstub.py), ``--fifo-on`` with ``xen.fifo_events: true``
+(FIFO event channels, whose backend notifies go through Python; the default 2-level ones' are
+delivered in C: xen/evtchn/cdeliver.py),
 ``--persistent`` with both disks offering persistent grants (blkfront then copies every byte
 between its persistent pages and the bio's), ``--guest-arg ARG`` with ARG on the guest's
 command line (``xen_blkfront.max_indirect_segments=256``).  ``--compare DIR`` adds the xenkvm
@@ -212,7 +213,7 @@ def qemu_cmd(root: Path, disk: Path) -> list[str]:
 VARIANTS = {"pv_time_off": ("pv_time=false", {"xen_extra": "pv_time: false"}),
             "fast_path_off": ("fast_path=false", {"xen_extra": "fast_path: false"}),
             "kernel_kicks_off": ("kernel_kicks=false", {"xen_extra": "kernel_kicks: false"}),
-            "fifo_off": ("fifo_events=false", {"xen_extra": "fifo_events: false"}),
+            "fifo_on": ("fifo_events=true", {"xen_extra": "fifo_events: true"}),
             "persistent": ("disk=persistent", {"disk_flags": "persistent"})}
 
 
@@ -275,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the xenkvm row with xen.fast_path: false (kicks and timers through Python)")
     p.add_argument("--kernel-kicks-off", action="store_true",
                    help="also run the xenkvm row with xen.kernel_kicks: false (kicks exit to the C loop)")
-    p.add_argument("--fifo-off", action="store_true",
-                   help="also run the xenkvm row with xen.fifo_events: false (2-level channels: notifies in C)")
+    p.add_argument("--fifo-on", action="store_true",
+                   help="also run the xenkvm row with xen.fifo_events: true (FIFO channels: notifies through Python)")
     p.add_argument("--persistent", action="store_true",
                    help="also run the xenkvm row with both disks offering persistent grants (`persistent`)")
     p.add_argument("--guest-arg", action="append", default=[], metavar="ARG",

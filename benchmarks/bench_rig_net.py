@@ -129,7 +129,7 @@ def cost_lines(run: netboot.NetRun) -> list[str]:
 
 #: the variant rows: option -> the ``xen:`` key it sets
 VARIANTS = {"pv_time_off": "pv_time: false", "fast_path_off": "fast_path: false",
-            "kernel_kicks_off": "kernel_kicks: false", "fifo_off": "fifo_events: false"}
+            "kernel_kicks_off": "kernel_kicks: false", "fifo_on": "fifo_events: true"}
 
 
 #: The first VMM run after L1's boot reads its Python and the guest's images through 9p as it
@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the xenkvm row with xen.fast_path: false (kicks and timers through Python)")
     p.add_argument("--kernel-kicks-off", action="store_true",
                    help="also run the xenkvm row with xen.kernel_kicks: false (kicks exit to the C loop)")
-    p.add_argument("--fifo-off", action="store_true",
-                   help="also run the xenkvm row with xen.fifo_events: false (2-level channels, notifies in C)")
+    p.add_argument("--fifo-on", action="store_true",
+                   help="also run the xenkvm row with xen.fifo_events: true (FIFO channels, notifies through Python)")
     p.add_argument("--profile", type=Path,
                    help="py-spy the first xenkvm row's VMM into this file (raw stacks; needs py-spy in the venv)")
     a = p.parse_args(argv)

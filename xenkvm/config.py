@@ -21,7 +21,7 @@ file and the key; the CLI prints it and exits non-zero, never a traceback.
       pv_time: true            # Xen PV time (XENFEAT_hvm_safe_pvclock); false: the guest's LAPIC timer and TSC
       fast_path: true          # ring kicks (EVTCHNOP_send to a PV backend) and the vCPUs' single-shot timers done in C; false: all in Python
       kernel_kicks: true       # with fast_path and the patch trap on Linux: ring kicks signal the backend inside KVM (KVM_IOEVENTFD), no VMM exit
-      fifo_events: true        # FIFO event channels (EVTCHNOP_init_control); false: 2-level only, as QEMU, whose backend notifies are done in C
+      fifo_events: false       # true: FIFO event channels offered (EVTCHNOP_init_control), as Xen; false: 2-level only, as QEMU (backend notifies done in C)
     disks:                     # optional, Xen guests: PV disks in xl.cfg(5) spelling (xenkvm/diskspec.py)
       - "format=raw, vdev=xvda, access=rw, target=root.img"
     vifs:                      # optional, Xen guests: PV NICs in xl.cfg(5) spelling (xenkvm/vifspec.py)
@@ -115,10 +115,11 @@ class XenConfig:
     #: backend's ring port gets a KVM_IOEVENTFD on it, so a ring kick wakes the backend from
     #: inside KVM without an exit to the VMM (xen/sendstub.py); false: the plain 3-byte patch
     kernel_kicks: bool = True
-    #: FIFO event channels offered (EVTCHNOP_init_control, expand_array, set_priority); false:
-    #: those answer -ENOSYS as in QEMU's Xen emulation and Linux stays on 2-level channels,
-    #: whose backend notifies C delivers without Python (xen/evtchn/cdeliver.py)
-    fifo_events: bool = True
+    #: FIFO event channels offered (EVTCHNOP_init_control, expand_array, set_priority), as Xen
+    #: does; false (the default): those answer -ENOSYS as in QEMU's Xen emulation and Linux
+    #: stays on 2-level channels, whose backend notifies C delivers without Python
+    #: (xen/evtchn/cdeliver.py): a QD1 disk request or a TCP segment costs no Python there
+    fifo_events: bool = False
 
 
 XEN_FIELDS = {f.name for f in dataclasses.fields(XenConfig)}

@@ -110,7 +110,8 @@ class FakeDomain:
         self.limits = limits or Limits()
         self.lock = threading.RLock()
         self.domid = domid
-        self.cfg = XenConfig(domid=domid, hypervisor_log="none")
+        # FIFO offered (the default is 2-level only): these tests drive both ABIs
+        self.cfg = XenConfig(domid=domid, hypervisor_log="none", fifo_events=True)
         self.vcpus = [SimpleNamespace(id=i, vcpu_info_gpa=None, up=i == 0) for i in range(nvcpus)]
         self.params: dict[int, int] = dict(params or {})
         self.clock = GuestClock(host=clock)

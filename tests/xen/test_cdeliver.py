@@ -204,7 +204,8 @@ def test_which_hypercalls_hold_c_off():
 
 
 def test_fifo_events_false_answers_the_fifo_ops_enosys(pair):
-    """``xen.fifo_events: false``: Linux's init_control fails (it then stays on 2-level, as under QEMU)."""
+    """``xen.fifo_events: false`` (the default): Linux's init_control fails (it then stays on
+    2-level, as under QEMU)."""
     import dataclasses
     c, _ = pair
     c.cfg = dataclasses.replace(c.cfg, fifo_events=False)
@@ -219,6 +220,7 @@ def test_fifo_events_false_answers_the_fifo_ops_enosys(pair):
 def test_fifo_events_is_a_boolean_key():
     from xenkvm.config import ConfigError, _xen as parse_xen
     assert parse_xen({"fifo_events": False}).fifo_events is False
-    assert parse_xen({}).fifo_events is True
+    assert parse_xen({}).fifo_events is False        # 2-level by default, as QEMU
+    assert parse_xen({"fifo_events": True}).fifo_events is True
     with pytest.raises(ConfigError, match="xen.fifo_events"):
         parse_xen({"fifo_events": "no"})

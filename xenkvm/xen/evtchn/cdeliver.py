@@ -10,8 +10,8 @@ vCPU's vcpu_info (the guest's own operations on them are atomic too), so C and P
 deliver at once with no lock between them.  FIFO delivery appends to per-queue tails the
 hypervisor keeps; sharing those with Python's appends needs a lock both take (an attempt that
 moved the tails into C was reverted: docs/pv-backends.md), so a FIFO guest keeps the Python path
-(C declines).  ``xen.fifo_events: false`` makes a guest use 2-level (QEMU's Xen emulation
-offers only 2-level).
+(C declines).  So xenkvm offers only 2-level by default (``xen.fifo_events: false``, as QEMU's
+Xen emulation); ``true`` offers FIFO as Xen does, and Linux then takes it.
 
 What C needs is loaded from Python under the big lock (:meth:`reload`): shared_info, each
 vCPU's vcpu_info and per-vCPU upcall vector, each VMM kick port's vCPU.  All of it changes only
