@@ -148,7 +148,7 @@ class SharedInfo:
             raise einval(f"shared_info gpfn {gpfn:#x} is not guest RAM")
         if self.gpa is None:
             self.domain.mem.fill(gpa, 4096)
-            if getattr(self.domain, "resumed_new", False):
+            if self.domain.resumed_new:
                 self._mask_all(gpa)
         elif self.gpa != gpa:  # moving it keeps pending/mask bits and vcpu_info slots, as in Xen
             self.domain.mem.view(gpa, 4096)[:] = self.domain.mem.view(self.gpa, 4096)
