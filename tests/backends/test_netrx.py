@@ -7,11 +7,17 @@ on guest RAM pages.  The pass must answer as netif.h says (a page a slot, NETRXF
 between slots, the GSO extra in slot 1, offload flags from the frame's virtio_net_hdr), drop
 what the frontend cannot take, arm req_event when the buffers run out and keep the frame,
 refuse a producer index more than a ring ahead, and leave to Python a frame whose grant
-someone holds.
+someone holds.  The rx thread's loop around it (``xkn_rx_loop``) sleeps on the kick eventfd
+(and the tap while it has buffers), pushes once per pass and notifies through a C function,
+and returns to Python only for what it cannot do.
 """
 from __future__ import annotations
 
+import errno
+import os
+import queue
 import socket
+import threading
 
 import pytest
 from tests.xen.evtchnfakes import FakeDomain
@@ -180,3 +186,142 @@ def test_a_grant_someone_holds_is_left_to_python(dom):
     assert rx.copy._python_path(1, True) == {}
     assert rx.page(1, 70) == frame(70, 2) and rx.page(0, 50) == frame(50, 1)
     m.unmap()
+
+
+# -- the rx thread's loop in C (xkn_rx_loop) --------------------------------------------------
+class Loop:
+    """An ``xkn_rx_loop`` over an :class:`Rx` queue: its wake eventfd, its private rsp_prod, and
+    a thread to run it in when it is to sleep."""
+
+    def __init__(self, rx: Rx, notify_fn=None):
+        self.rx = rx
+        self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.rsp_prod = ffi.new("uint32_t *")
+        rx.copy.snapshot.sync()
+        self.c = ffi.new("struct xkn_rx_loop *", {"c": rx.c, "g": rx.copy.snapshot.ptr, "rsp_prod": self.rsp_prod,
+                                                  "wake_fd": self.wake, "port": 9})
+        if notify_fn is not None:
+            self.c.notify_fn, self.c.notify_ctx = ffi.cast("void *", notify_fn), ffi.cast("void *", 0x77)
+        self.codes: queue.Queue[int] = queue.Queue()
+
+    def run(self) -> int:
+        return lib.xkn_rx_loop(self.c)
+
+    def start(self) -> None:
+        threading.Thread(target=lambda: self.codes.put(self.run()), daemon=True).start()
+
+    def returned(self, timeout: float = 30) -> int:
+        return self.codes.get(timeout=timeout)
+
+    def asleep(self) -> bool:
+        """Still blocked after a moment (an honest negative: a return would be in ``codes``)."""
+        try:
+            self.codes.get(timeout=0.3)
+        except queue.Empty:
+            return True
+        return False
+
+    def stop(self) -> int:
+        self.c.stop = 1
+        os.eventfd_write(self.wake, 1)
+        return self.returned()
+
+    def close(self) -> None:
+        os.close(self.wake)
+
+
+@pytest.fixture
+def loops():
+    made = []
+    yield lambda rx, fn=None: made.append(Loop(rx, fn)) or made[-1]
+    for lp in made:
+        lp.close()
+
+
+def want_notify(rx: Rx) -> None:
+    """The frontend asks for a notify at the next response (rsp_event = rsp_cons + 1)."""
+    rx.sring.rsp_event = rx.sring.rsp_prod + 1
+
+
+def test_the_loop_serves_pushes_and_hands_python_the_notify_it_cannot_do(dom, loops):
+    rx = Rx(dom)
+    lp = loops(rx)
+    rx.post(4)
+    want_notify(rx)
+    rx.frame(frame(60, 1))
+    rx.frame(frame(70, 2))
+    assert lp.run() == lib.XKN_LOOP_NOTIFY          # no notify_fn: Python's (-1)
+    assert (lp.c.notify_r, rx.sring.rsp_prod, lp.rsp_prod[0], rx.c.cons, rx.c.nrsp) == (-1, 2, 2, 2, 0)
+    assert [lib.xkn_rx_entry(rx.ring, i).rsp.status for i in range(2)] == [60, 70]
+    assert rx.page(1, 70) == frame(70, 2)
+    lp.start()                                      # nothing left: it sleeps on the kick and the tap
+    assert lp.asleep()
+    rx.frame(frame(80, 3))                          # a frame wakes it; no notify asked: it sleeps again
+    assert lp.asleep() and rx.sring.rsp_prod == 3 and rx.page(2, 80) == frame(80, 3)
+    assert lp.c.wakeups >= 1
+    assert lp.stop() == lib.XKN_LOOP_STOP
+
+
+def test_without_buffers_only_a_kick_wakes_it(dom, loops):
+    rx = Rx(dom)
+    lp = loops(rx)
+    rx.frame(frame(90, 1))
+    lp.start()
+    assert lp.asleep() and rx.c.len == 90 + netpkt.VNET_HDR_LEN and rx.sring.req_event == 1
+    rx.frame(frame(91, 2))                          # the tap is not watched now
+    assert lp.asleep() and lp.c.wakeups == 0
+    rx.post(2)
+    want_notify(rx)
+    os.eventfd_write(lp.wake, 1)                    # the frontend's kick
+    assert lp.returned() == lib.XKN_LOOP_NOTIFY and rx.sring.rsp_prod == 2
+    assert rx.page(0, 90) == frame(90, 1) and rx.page(1, 91) == frame(91, 2)
+
+
+def test_notifies_go_to_the_c_delivery_function(dom, loops):
+    answers, calls = [0], []
+
+    @ffi.callback("int(void *, uint32_t)")
+    def notify(ctx, port):
+        calls.append((int(ffi.cast("uintptr_t", ctx)), port))
+        return answers[0]
+
+    rx = Rx(dom)
+    lp = loops(rx, notify)
+    rx.post(4)
+    want_notify(rx)
+    rx.frame(frame(40, 1))
+    lp.start()
+    assert lp.asleep()                              # notified in C: no return to Python
+    assert calls == [(0x77, 9)] and lp.c.c_notifies == 1 and lp.c.notified_ns > 0
+    answers[0] = 0x105                              # C delivery leaves a part to Python
+    want_notify(rx)
+    rx.frame(frame(41, 2))
+    assert lp.returned() == lib.XKN_LOOP_NOTIFY and lp.c.notify_r == 0x105 and lp.c.c_notifies == 1
+
+
+def test_what_the_pass_leaves_comes_back_unpushed_or_pushed(dom, loops):
+    rx = Rx(dom)
+    lp = loops(rx)
+    rx.post(2)
+    m = dom.gnttab.map(dom.domid, 11, False)        # buffer 1's grant, held: its copy is Python's
+    rx.frame(frame(50, 1))
+    rx.frame(frame(70, 2))
+    assert lp.run() == lib.XKN_LOOP_PASS and lp.c.code == lib.XKN_RX_COPY_LEFT
+    assert rx.c.nrsp == 2 and rx.sring.rsp_prod == 0          # Python finishes the frame, then C pushes
+    m.unmap()
+    want_notify(rx)
+    lp.c.stop = 1                                              # a park right then: pushed before it stops
+    assert lp.run() == lib.XKN_LOOP_NOTIFY and rx.sring.rsp_prod == 2 and rx.c.nrsp == 0
+    assert lp.run() == lib.XKN_LOOP_STOP
+    lp.c.stop = 0
+    rx.sring.req_prod = rx.c.cons + RING + 1                   # a producer index far ahead
+    rx.frame(frame(60, 3))
+    assert lp.run() == lib.XKN_LOOP_PASS and lp.c.code == lib.XKN_RX_BAD_INDEX
+    assert rx.sring.rsp_prod == 2 and lp.c.notify_r == -2      # nothing new to push: no notify owed
+
+
+def test_a_closed_wake_fd_is_an_error_not_a_spin(dom):
+    rx = Rx(dom)
+    lp = Loop(rx)
+    os.close(lp.wake)
+    assert lp.run() == lib.XKN_LOOP_ERROR and lp.c.err == errno.EBADF

@@ -103,6 +103,15 @@ struct xkn_rx {
     uint64_t packets; uint64_t bytes; uint64_t gso_frames; uint64_t dropped;
     uint32_t drop_size; uint8_t drop_gso_type; ...; };
 int xkn_rx_pass(struct xkn_rx *c, const struct xk_grants *g);
+#define XKN_LOOP_STOP ...
+#define XKN_LOOP_PASS ...
+#define XKN_LOOP_NOTIFY ...
+#define XKN_LOOP_ERROR ...
+struct xkn_rx_loop {
+    struct xkn_rx *c; const struct xk_grants *g; uint32_t *rsp_prod; int32_t wake_fd; uint32_t port;
+    int32_t stop; int32_t code; int32_t notify_r; void *notify_fn; void *notify_ctx; int32_t err;
+    uint64_t c_notifies; uint64_t wakeups; uint64_t busy_ns; uint64_t notified_ns; ...; };
+int xkn_rx_loop(struct xkn_rx_loop *L);
 struct netif_rx_sring { uint32_t req_prod; uint32_t req_event; uint32_t rsp_prod; uint32_t rsp_event; ...; };
 union netif_rx_sring_entry { netif_rx_request_t req; netif_rx_response_t rsp; };
 union netif_rx_sring_entry *xkn_rx_entry(char *page, uint32_t idx);
@@ -397,6 +406,123 @@ int xkn_rx_pass(struct xkn_rx *c, const struct xk_grants *g)
             return XKN_RX_COPY_LEFT;
     }
     return XKN_RX_RING_FULL;
+}
+
+/*
+ * The rx thread's serve loop: its wake-ups without Python.  RxWorker calls xkn_rx_loop (cffi
+ * releases the GIL); C sleeps on the queue's wake eventfd (its rx port is bound to it: the
+ * frontend posted buffers) and, while the last pass ended on an empty tap, on the tap; each
+ * wake-up makes passes (xkn_rx_pass) until the tap is empty or the buffers run out, pushes the
+ * responses and notifies the rx port through notify_fn (C delivery) once per pass.  Python gets
+ * the thread back only for what it must do itself, and calls again:
+ *   XKN_LOOP_STOP    `stop` was set (the thread ends, or a snapshot parks it): every response
+ *                    is pushed and notified (a notify owed to Python returns NOTIFY first); a
+ *                    frame read with no buffer yet stays in `len`;
+ *   XKN_LOOP_PASS    the pass ended with `code` XKN_RX_COPY_LEFT (nothing pushed yet: Python
+ *                    finishes the frame's copy and calls again), XKN_RX_BAD_INDEX or XKN_RX_ERRNO
+ *                    (the responses so far pushed; a notify they need is owed if notify_r != -2);
+ *   XKN_LOOP_NOTIFY  a notify is owed to Python: notify_fn declined or left part of it (notify_r,
+ *                    -1 when there is no notify_fn);
+ *   XKN_LOOP_ERROR   poll failed or an fd is gone (errno in `err`).
+ * `stop` is written by another thread, then the wake eventfd: C reads it after every wake-up.
+ */
+#include <poll.h>
+#include <time.h>
+#define XKN_LOOP_STOP 0
+#define XKN_LOOP_PASS 1
+#define XKN_LOOP_NOTIFY 2
+#define XKN_LOOP_ERROR 3
+
+struct xkn_rx_loop {
+    struct xkn_rx *c;              /* the pass's state (RxWorker's) */
+    const struct xk_grants *g;     /* the grant claims' view of the table (synced by Python per call) */
+    uint32_t *rsp_prod;            /* the queue's private rx rsp_prod */
+    int32_t wake_fd;               /* the rx port's eventfd, also written to deliver `stop` */
+    uint32_t port;                 /* the rx port notified */
+    int32_t stop;                  /* set by Python: return XKN_LOOP_STOP at the next look */
+    int32_t code;                  /* out: the last pass's XKN_RX_ code */
+    int32_t notify_r;              /* out: -2 no notify owed; else what notify_fn answered (-1: none) */
+    void *notify_fn;               /* int fn(void *ctx, uint32_t port): the notify in C, or NULL */
+    void *notify_ctx;
+    int32_t err;                   /* out: XKN_LOOP_ERROR's errno */
+    uint64_t c_notifies, wakeups;  /* statistics: notifies finished in C, wake-ups */
+    uint64_t busy_ns;              /* this thread's CPU time in passes (CLOCK_THREAD_CPUTIME_ID) */
+    uint64_t notified_ns;          /* CLOCK_MONOTONIC of the latest notify finished in C */
+};
+
+static uint64_t xkn_clock_ns(clockid_t clock)
+{
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* Push the pass's responses; 1 if a notify is owed to Python (notify_r says what C did). */
+static int xkn_rx_flush(struct xkn_rx_loop *L)
+{
+    struct xkn_rx *c = L->c;
+    L->notify_r = -2;
+    if (!c->nrsp)
+        return 0;
+    int need = xkn_rx_push(c->page, L->rsp_prod, c->rsps, (int)c->nrsp);
+    c->nrsp = 0;
+    if (!need)
+        return 0;
+    if (L->notify_fn != NULL) {
+        int r = ((int (*)(void *, uint32_t))L->notify_fn)(L->notify_ctx, L->port);
+        if (r == 0) {
+            L->c_notifies++;
+            L->notified_ns = xkn_clock_ns(CLOCK_MONOTONIC);
+            return 0;
+        }
+        L->notify_r = r;
+    } else {
+        L->notify_r = -1;
+    }
+    return 1;
+}
+
+int xkn_rx_loop(struct xkn_rx_loop *L)
+{
+    struct xkn_rx *c = L->c;
+    for (;;) {
+        if (__atomic_load_n(&L->stop, __ATOMIC_ACQUIRE))    /* responses a COPY_LEFT return left go first */
+            return c->nrsp && xkn_rx_flush(L) ? XKN_LOOP_NOTIFY : XKN_LOOP_STOP;
+        uint64_t t0 = xkn_clock_ns(CLOCK_THREAD_CPUTIME_ID);
+        int code = L->code = xkn_rx_pass(c, L->g);
+        if (code == XKN_RX_COPY_LEFT) {
+            L->busy_ns += xkn_clock_ns(CLOCK_THREAD_CPUTIME_ID) - t0;
+            return XKN_LOOP_PASS;
+        }
+        int owed = xkn_rx_flush(L);
+        L->busy_ns += xkn_clock_ns(CLOCK_THREAD_CPUTIME_ID) - t0;
+        if (code == XKN_RX_BAD_INDEX || code == XKN_RX_ERRNO)
+            return XKN_LOOP_PASS;
+        if (owed)
+            return XKN_LOOP_NOTIFY;
+        if (code == XKN_RX_RING_FULL)
+            continue;
+        /* TAP_EMPTY: wait for a frame or a kick; NO_BUFFERS: for the frontend's kick alone */
+        struct pollfd p[2] = {{L->wake_fd, POLLIN, 0}, {c->fd, POLLIN, 0}};
+        while (poll(p, code == XKN_RX_TAP_EMPTY ? 2 : 1, -1) < 0) {
+            if (errno != EINTR) {
+                L->err = errno;
+                return XKN_LOOP_ERROR;
+            }
+        }
+        if ((p[0].revents | p[1].revents) & POLLNVAL) {
+            L->err = EBADF;
+            return XKN_LOOP_ERROR;
+        }
+        if (p[0].revents) {
+            uint64_t count;
+            if (read(L->wake_fd, &count, sizeof(count)) < 0 && errno != EAGAIN) {
+                L->err = errno;
+                return XKN_LOOP_ERROR;
+            }
+        }
+        L->wakeups++;
+    }
 }
 """
 

@@ -73,6 +73,11 @@ class EventLatency:
         self.samples["notify_call"].append(now - started)
         self._pushed = now
 
+    def pushed(self, at: int) -> None:
+        """Responses were pushed and their notify finished at ``at`` (``clock()``'s ns) by C,
+        whose notify call is not timed: the start of the next ``response_to_kick``."""
+        self._pushed = at
+
     def summary(self) -> dict[str, tuple[int, float, float]]:
         """name -> (samples, median us, 90th percentile us) for the intervals that have samples."""
         out = {}

@@ -34,8 +34,11 @@ them; without ``feature-sg`` a frame must fit one page), a GSO frame with its
 extra slot; the offload flags come from the frame's ``virtio_net_hdr``.  With no
 posted buffer it re-arms ``req_event`` (``feature-rx-notify``) and stops reading:
 frames wait in the tap's queue (and the kernel drops past it), as in netback.
-Python finishes a frame whose copy C left (the exact grant error in its slot),
-pushes the responses and notifies once per pass.
+The thread sleeps and serves in C (``xkn_rx_loop``): it pushes the responses and
+notifies once per pass through C delivery (2-level channels: xen/evtchn/cdeliver.py),
+so a frame costs no Python; Python runs only for a frame whose copy C left (the
+exact grant error in its slot), a notify C declined (FIFO channels), a bad ring
+index, a tap error, and to park the thread for a snapshot (it pushes first).
 (A thread of its own, not the I/O thread: a tap busy with host traffic must
 not delay vCPU timers and other devices' kicks.)
 
@@ -46,7 +49,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import threading
 import time
 from collections.abc import Callable
@@ -93,7 +95,7 @@ class VifDevice(XenbusDevice):
         self.queues: list[NetifRings] = []
         self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_gso": 0, "tx_malformed": 0, "tx_dropped": 0,
                       "tx_bad_index": 0, "rx_packets": 0, "rx_bytes": 0, "rx_gso": 0, "rx_dropped": 0,
-                      "rx_bad_index": 0,
+                      "rx_bad_index": 0, "rx_c_notifies": 0,
                       "tx_busy_ns": 0, "rx_busy_ns": 0}   #: busy: CPU time serving (bench_netback.py)
         self._tx_buf = bytearray(HDR + 65536)
         self._tx_mv = memoryview(self._tx_buf)
@@ -185,13 +187,13 @@ class VifDevice(XenbusDevice):
         return {p for q in self.queues for p in (q.tx_port, q.rx_port)}
 
     def quiesce(self) -> None:
-        """Each rx thread finishes its pass and waits (the xenbus worker, tx, is parked)."""
+        """Each rx thread pushes what it served and waits (the xenbus worker, tx, is parked)."""
         for rx in self._rx:
-            rx.busy.acquire()
+            rx.pause()
 
     def unquiesce(self) -> None:
         for rx in self._rx:
-            rx.busy.release()
+            rx.resume()
 
     def save_state(self) -> dict:
         """The tap's name and per queue the private tx/rx indexes.  A frame an rx thread read from
@@ -238,6 +240,10 @@ class VifDevice(XenbusDevice):
     def service(self) -> None:
         """Send every complete packet the frontend queued; re-arm ``req_event``."""
         start = time.thread_time_ns()
+        for w in self._rx:
+            ns = w.c_notified()
+            if ns is not None:
+                self.latency["turn"].pushed(ns)
         for q in self.queues:
             ns = self.kick_stamp(q.tx_port)
             if ns is not None:
@@ -418,14 +424,20 @@ class _Incomplete(Exception):
 
 
 class RxWorker:
-    """The rx thread of one connection: tap frames into the guest's posted buffers."""
+    """The rx thread of one connection: tap frames into the guest's posted buffers.
+
+    The thread serves in C (``xkn_rx_loop``: it sleeps on the rx port's eventfd and the tap,
+    makes the passes, pushes and notifies through C delivery) and runs Python only for what C
+    hands back: a frame whose grant copy it left, a ring index or tap error, a notify C delivery
+    declined, a stop or a park."""
 
     def __init__(self, dev: VifDevice, rings: NetifRings):
         self.dev, self.r = dev, rings
         self.features = rings.features
         self._wake_fd = dev.rx_wake_fd(rings.index)   #: a stale count costs one pass; the first pass is owed anyway
         self._stop = False
-        self.busy = threading.Lock()       #: held by each pass; a snapshot holds it to quiesce rx
+        self._parked = threading.Event()   #: set by the thread once it is parked (or ended)
+        self._resume = threading.Event()   #: set by :meth:`resume`
         self._copy = BatchCopy(dev.domain, MAX_SLOTS)     #: its segments are C's; its Python path, ours
         self._snapshot = self._copy.snapshot
         self._buf = ffi.new("char[]", FRAME_MAX)
@@ -433,7 +445,16 @@ class RxWorker:
         #: the pass's state; ``len`` keeps a frame read and not delivered yet (no rx buffers)
         self._rx = ffi.new("struct xkn_rx *", {
             "page": rings.rx_page, "reqs": self._reqs, "rsps": rings.rx_rsps, "segs": self._copy.segs,
-            "buf": self._buf, "buf_size": FRAME_MAX, "fd": rings.fd, "sg": rings.features.sg})
+            "buf": self._buf, "buf_size": FRAME_MAX, "fd": rings.fd, "sg": rings.features.sg,
+            "cons": rings.rx_cons & 0xFFFFFFFF})
+        self._loop = ffi.new("struct xkn_rx_loop *", {
+            "c": self._rx, "g": self._snapshot.ptr, "rsp_prod": rings.rx_rsp_prod, "wake_fd": self._wake_fd,
+            "port": rings.rx_port})
+        cdeliver = getattr(dev.domain, "cdeliver", None)
+        if cdeliver is not None:        # notifies in C (2-level channels: xen/evtchn/cdeliver.py)
+            self._loop.notify_fn, self._loop.notify_ctx = cdeliver.for_c()
+        self._seen = (0, 0)        #: (busy_ns, C notifies) already in the vif's stats (this thread's)
+        self._notified_seen = 0    #: the latest C notify's time already stamped (the tx worker's)
         self._thread = threading.Thread(target=self._run, name=f"{dev.backend.label}-rx{rings.index}", daemon=True)
         self._thread.start()
 
@@ -443,64 +464,88 @@ class RxWorker:
     def stop(self) -> None:
         """End the thread before the rings are unmapped."""
         self._stop = True
+        self._loop.stop = 1
+        self._resume.set()
         self.wake()
         self._thread.join()
+
+    def pause(self) -> None:
+        """Snapshots: return when the thread has pushed what it served and waits for :meth:`resume`
+        (it touches no ring or guest page meanwhile)."""
+        self._parked.clear()
+        self._loop.stop = 1
+        self.wake()
+        while not self._parked.wait(1.0):
+            if not self._thread.is_alive():
+                return
+
+    def resume(self) -> None:
+        self._loop.stop = 0
+        self._resume.set()
 
     def close(self) -> None:
         """Nothing to free: the wake-up eventfd is the device's (``rx_wake_fd``), reused by the next
         connection's thread and released with the device."""
 
     def _run(self) -> None:
-        poll = select.poll()
-        poll.register(self._wake_fd, select.POLLIN)
-        tap_fd, polling_tap = self.r.fd, False
+        L, lat = self._loop, self.dev.latency["rx"]
         try:
-            while not self._stop:
-                start = time.thread_time_ns()
-                with self.busy:
-                    want_tap = self._deliver()
-                self.dev.stats["rx_busy_ns"] += time.thread_time_ns() - start
-                if want_tap != polling_tap:
-                    if want_tap:
-                        poll.register(tap_fd, select.POLLIN)
-                    else:
-                        poll.unregister(tap_fd)
-                    polling_tap = want_tap
-                poll.poll()
-                try:
-                    os.eventfd_read(self._wake_fd)
-                except BlockingIOError:
-                    pass
+            while True:
+                self._snapshot.sync()
+                code = lib.xkn_rx_loop(L)
+                self.r.rx_cons = self._rx.cons
+                self._account()
+                if code == lib.XKN_LOOP_STOP:
+                    if self._stop:
+                        return
+                    self._parked.set()
+                    self._resume.wait()
+                    self._resume.clear()
+                elif code == lib.XKN_LOOP_NOTIFY:
+                    self._notify(L.notify_r)
+                elif code == lib.XKN_LOOP_PASS:
+                    self._pass_left(L.code)
+                else:
+                    raise OSError(L.err, f"the rx loop's poll: {os.strerror(L.err)}")
+                ns = self.dev.kick_stamp(self.r.rx_port) if self.r.rx_port != self.r.tx_port else None
+                if ns is not None:
+                    lat.kicked(at=ns)
+                    lat.serving()
         except Exception:
             log.exception("%s: rx thread failed; rx stopped", self.dev.backend.label)
+        finally:
+            self._parked.set()
 
-    def _deliver(self) -> bool:
-        """Frames into buffers while both last (``xkn_rx_pass``, C, without the GIL); True: wait for
-        the tap, False: wait for the frontend."""
-        r, c, lat = self.r, self._rx, self.dev.latency["rx"]
-        ns = self.dev.kick_stamp(r.rx_port) if r.rx_port != r.tx_port else None
-        if ns is not None:
-            lat.kicked(at=ns)
-        lat.serving()
-        c.cons, c.nrsp = r.rx_cons & 0xFFFFFFFF, 0
-        self._snapshot.sync()
-        while True:
-            code = lib.xkn_rx_pass(c, self._snapshot.ptr)
-            if code != lib.XKN_RX_COPY_LEFT:
-                break
-            self._finish_copy()
-        r.rx_cons = c.cons
-        self._account()
+    def _pass_left(self, code: int) -> None:
+        """What a pass left to Python: a frame's copy, or a ring index or tap error (the
+        responses before it are pushed; their notify may be owed)."""
+        if code == lib.XKN_RX_COPY_LEFT:
+            return self._finish_copy()
+        if self._loop.notify_r != -2:
+            self._notify(self._loop.notify_r)
         if code == lib.XKN_RX_BAD_INDEX:
             self.dev._count("rx_bad_index", "rx req_prod more than a ring ahead; waiting for a sane one and a kick")
         elif code == lib.XKN_RX_ERRNO:
-            raise OSError(c.err, f"reading tap queue {r.index}: {os.strerror(c.err)}")
-        if c.nrsp and lib.xkn_rx_push(r.rx_page, r.rx_rsp_prod, r.rx_rsps, c.nrsp):
-            t = time.perf_counter_ns()
-            notify(self.dev.domain, r.rx_port)
-            lat.notified(t)
-            self.dev.latency["turn"].notified(t)
-        return code in (lib.XKN_RX_TAP_EMPTY, lib.XKN_RX_RING_FULL)
+            raise OSError(self._rx.err, f"reading tap queue {self.r.index}: {os.strerror(self._rx.err)}")
+
+    def _notify(self, answer: int) -> None:
+        """A notify of the rx port C did not finish: all of it (no C delivery: -1), or the part
+        C delivery leaves to Python."""
+        t = time.perf_counter_ns()
+        if answer >= 0:
+            self.dev.domain.cdeliver.finish(self.r.rx_port, answer)
+        else:
+            notify(self.dev.domain, self.r.rx_port)
+        self.dev.latency["rx"].notified(t)
+        self.dev.latency["turn"].notified(t)
+
+    def c_notified(self) -> int | None:
+        """The latest notify C delivery finished, if new since the last look (``turn``'s stamp)."""
+        ns = self._loop.notified_ns
+        if not ns or ns == self._notified_seen:
+            return None
+        self._notified_seen = ns
+        return ns
 
     def _finish_copy(self) -> None:
         """The segments of the last frame C left: GrantTable's copy, or an error in that slot."""
@@ -519,3 +564,7 @@ class RxWorker:
             self.dev._count("rx_dropped", f"a {c.drop_size}-byte frame (gso {c.drop_gso_type}) "
                                           "the frontend cannot take")
         c.packets = c.bytes = c.gso_frames = c.dropped = 0
+        L, (busy, cn) = self._loop, self._seen
+        stats["rx_busy_ns"] += L.busy_ns - busy
+        stats["rx_c_notifies"] += L.c_notifies - cn
+        self._seen = (L.busy_ns, L.c_notifies)
