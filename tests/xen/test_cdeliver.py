@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import pytest
 from tests.xen.evtchnfakes import SHINFO, FakeDomain, hc
@@ -196,6 +197,7 @@ def test_which_hypercalls_hold_c_off():
     op = xlib.__HYPERVISOR_event_channel_op
     assert not changes_delivery(op, (EvtchnOp.send, 0))
     assert changes_delivery(op, (EvtchnOp.bind_vcpu, 0)) and changes_delivery(op, (EvtchnOp.close, 0))
+    assert changes_delivery(op, (EvtchnOp.bind_virq, 0))                   # VIRQ_TIMER: the timer thread's
     assert changes_delivery(xlib.__HYPERVISOR_memory_op, (7, 0))          # shared_info may move
     assert changes_delivery(xlib.__HYPERVISOR_hvm_op, (0, 0))             # upcall vectors, callback
     assert changes_delivery(xlib.__HYPERVISOR_sched_op, (xlib.SCHEDOP_shutdown, 0))
@@ -224,3 +226,103 @@ def test_fifo_events_is_a_boolean_key():
     assert parse_xen({"fifo_events": True}).fifo_events is True
     with pytest.raises(ConfigError, match="xen.fifo_events"):
         parse_xen({"fifo_events": "no"})
+
+
+# -- VIRQ_TIMER fired by the timer thread in C (xen/timers.py CTimerThread, ``xkt_wait``) ----------
+def bind_timer(d: FakeDomain, vcpu: int) -> int:
+    """The guest binds VIRQ_TIMER of ``vcpu`` (through the dispatcher: C reloads after it)."""
+    req = ffi.new("struct evtchn_bind_virq *", {"virq": xlib.VIRQ_TIMER, "vcpu": vcpu})
+    d.mem.write(0x9000, bytes(ffi.buffer(req)))
+    assert hc(d, Hypercall.event_channel_op, EvtchnOp.bind_virq, 0x9000) == 0
+    return int(ffi.cast("struct evtchn_bind_virq *", ffi.from_buffer(d.mem.view(0x9000, ffi.sizeof(req)))).port)
+
+
+def with_c_timers(d: FakeDomain) -> None:
+    d.timers.use_fast(d.fast)
+    d.fast.publish_clock((d.clock.boot_ns, 0, 1, 1))
+
+
+def wait_for(cond, seconds: float = 20.0) -> bool:
+    """Real time only bounds the wait (the thread runs on CLOCK_MONOTONIC); the test asserts the outcome."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+@pytest.fixture
+def timed_pair(pair):
+    for d in pair:
+        with_c_timers(d)
+    yield pair
+    for d in pair:
+        d.timers.detach_fast()
+        d.fast.close()
+
+
+def test_a_c_timer_fires_virq_timer_as_python_would(timed_pair):
+    from xenkvm.xen._fast_cffi import lib
+    c, py = timed_pair
+    assert bind_timer(c, 1) == bind_timer(py, 1)
+    assert lib.xkf_timer_arm(c.fast.c, 1, c.now_ns() + 2_000_000)
+    assert wait_for(lambda: c.timers.fired_in_c() == 1)
+    py.timers._fire(1)                                  # the Python path: raise_virq
+    assert guest_state(c) == guest_state(py) and c.upcalls.calls == [1]
+    assert c.timers.fired == [0, 1] and c.fast.timer_deadline(1) is None      # taken: fires once
+
+
+def test_a_timer_c_cannot_deliver_goes_to_python_untaken(timed_pair):
+    """Held off (a hypercall or a snapshot) or nothing bound: the thread hands the vCPU to
+    Python's look, which takes the deadline and fires under the domain's lock."""
+    from xenkvm.xen._fast_cffi import lib
+    c, py = timed_pair
+    bind_timer(c, 0)
+    bind_timer(py, 0)
+    c.cdeliver.hold()
+    assert lib.xkf_timer_arm(c.fast.c, 0, c.now_ns() + 2_000_000)
+    assert wait_for(lambda: c.timers.fired == [1, 0])
+    assert c.timers.fired_in_c() == 0 and c.fast.timer_deadline(0) is None
+    py.timers._fire(0)
+    assert guest_state(c) == guest_state(py)
+    with c.lock:
+        c.cdeliver.reload()
+    before = guest_state(c)
+    assert lib.xkf_timer_arm(c.fast.c, 1, c.now_ns() + 2_000_000)   # vCPU 1: no VIRQ_TIMER bound
+    assert wait_for(lambda: c.timers.fired == [1, 1])                # Python's look took it...
+    assert c.timers.fired_in_c() == 0 and guest_state(c) == before  # ...and had nothing to raise
+
+
+def test_a_rearmed_timer_fires_for_its_new_deadline_only(timed_pair):
+    from xenkvm.xen._fast_cffi import lib
+    c, _ = timed_pair
+    bind_timer(c, 0)
+    assert lib.xkf_timer_arm(c.fast.c, 0, c.now_ns() + 3_000_000)
+    assert lib.xkf_timer_arm(c.fast.c, 0, c.now_ns() + 3_600 * 10**9)      # re-armed an hour away
+    time.sleep(0.05)                                    # past the first deadline: it must not fire
+    assert c.timers.fired == [0, 0] and c.fast.timer_deadline(0) is not None
+    assert lib.xkf_timer_arm(c.fast.c, 0, c.now_ns() + 1_000_000)
+    assert wait_for(lambda: c.timers.fired == [1, 0])
+
+
+def test_timers_held_by_the_snapshot_lock_stay_armed_or_are_delivered():
+    """snapshot_begin holds C delivery off: a timer due meanwhile is left armed for Python,
+    which waits for the domain's lock, so the saved state has it either armed or pending."""
+    d = make_domain()
+    with_c_timers(d)
+    from xenkvm.xen._fast_cffi import lib
+    try:
+        bind_timer(d, 0)
+        with d.lock:
+            d.cdeliver.hold()
+            assert lib.xkf_timer_arm(d.fast.c, 0, d.now_ns() + 1_000_000)
+            time.sleep(0.05)
+            assert d.timers.fired == [0, 0] and d.fast.timer_deadline(0) is not None
+            d.cdeliver.reload()
+        assert wait_for(lambda: d.timers.fired == [1, 0])
+    finally:
+        d.timers.detach_fast()
+        d.fast.close()
+        d.cdeliver.close()
+        d.close()

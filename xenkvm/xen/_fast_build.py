@@ -70,6 +70,7 @@ int64_t xkf_timer_deadline(struct xkf_domain *d, uint32_t vcpu);
 uint64_t xkf_timer_gen(struct xkf_domain *d, uint32_t vcpu);
 int xkf_timer_take(struct xkf_domain *d, uint32_t vcpu, int64_t deadline);
 void xkf_timer_clear(struct xkf_domain *d, uint32_t vcpu);
+int xkf_timer_arm(struct xkf_domain *d, uint32_t vcpu, int64_t deadline);
 void xkf_timer_publish(struct xkf_domain *d, uint32_t on, int64_t boot_ns, int64_t paused_ns,
                        int64_t num, int64_t den);
 void xkf_set_port(struct xkf_domain *d, uint32_t port, int32_t fd);
@@ -83,7 +84,8 @@ uint64_t xkf_monotonic_ns(void);
 #define XKD_KICK ...
 struct xkd;
 struct xkd_load {
-    void *shinfo; uint32_t nvcpus; void *vcpu_info[...]; uint8_t vector[...]; uint8_t port_vcpu[...]; ...;
+    void *shinfo; uint32_t nvcpus; void *vcpu_info[...]; uint8_t vector[...]; uint8_t port_vcpu[...];
+    uint32_t timer_port[...]; uint16_t timer_vcpu[...]; ...;
 };
 struct xkd *xkd_new(int vm_fd);
 void xkd_free(struct xkd *d);
@@ -94,10 +96,22 @@ void xkd_pollers(struct xkd *d, int delta);
 void xkd_close(struct xkd *d);
 int xkd_notify(void *ctx, uint32_t port);
 uint64_t xkd_count(struct xkd *d, int which);
+
+#define XKT_EVENT ...
+#define XKT_CHECK ...
+#define XKT_FIRE ...
+#define XKT_ERROR ...
+struct xkt {
+    struct xkf_domain *d; struct xkd *x; int32_t ctl_fd; int32_t vcpu; int32_t answer; int32_t err;
+    uint64_t *fired; ...;
+};
+int xkt_wait(struct xkt *t);
+int xkd_virq_timer(struct xkd *x, struct xkf_domain *d, uint32_t vcpu, int64_t deadline);
 """
 
 SOURCE = r"""
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -336,6 +350,28 @@ static int complete(struct kvm_run *run, uint64_t result)
     return 1;
 }
 
+/* Arm `vcpu`'s single-shot timer for `deadline` (Xen system time): its timerfd at the host
+   instant the published clock gives.  1 if armed; 0 if the clock is off or the deadline is not
+   in the future (it fires at once or is -ETIME: Python's) or the timerfd refused. */
+int xkf_timer_arm(struct xkf_domain *d, uint32_t vcpu, int64_t deadline)
+{
+    int64_t now;
+    uint64_t host;
+    if (vcpu >= d->nvcpus || d->timer_fd[vcpu] < 0 || !system_clock(d, deadline, &now, &host)
+        || deadline <= now)
+        return 0;
+    struct itimerspec at;
+    memset(&at, 0, sizeof(at));
+    at.it_value.tv_sec = (time_t)(host / 1000000000ULL);
+    at.it_value.tv_nsec = (long)(host % 1000000000ULL);
+    __atomic_store_n(&d->timer_deadline[vcpu], deadline, __ATOMIC_SEQ_CST);
+    if (timerfd_settime(d->timer_fd[vcpu], TFD_TIMER_ABSTIME, &at, NULL) < 0) {
+        __atomic_store_n(&d->timer_deadline[vcpu], XKF_NO_DEADLINE, __ATOMIC_SEQ_CST);
+        return 0;
+    }
+    return 1;
+}
+
 /* VCPUOP_{set,stop}_singleshot_timer on the calling vCPU: 1 if done, 0 for Python. */
 static int fast_timer(int vcpu_fd, const struct xkf_call *c, struct kvm_run *run,
                       struct xkf_domain *d, uint32_t vcpu_id)
@@ -351,21 +387,8 @@ static int fast_timer(int vcpu_fd, const struct xkf_call *c, struct kvm_run *run
             return 0;
         if (req.flags & ~VCPU_SSHOTTMR_future)
             return 0;
-        int64_t deadline = (int64_t)req.timeout_abs_ns, now;
-        uint64_t host;
-        if (!system_clock(d, deadline, &now, &host))
+        if (!xkf_timer_arm(d, vcpu_id, (int64_t)req.timeout_abs_ns))
             return 0;
-        if (deadline <= now)
-            return 0;             /* due already (or "negative"): fires at once or -ETIME, in Python */
-        struct itimerspec at;
-        memset(&at, 0, sizeof(at));
-        at.it_value.tv_sec = (time_t)(host / 1000000000ULL);
-        at.it_value.tv_nsec = (long)(host % 1000000000ULL);
-        __atomic_store_n(&d->timer_deadline[vcpu_id], deadline, __ATOMIC_SEQ_CST);
-        if (timerfd_settime(d->timer_fd[vcpu_id], TFD_TIMER_ABSTIME, &at, NULL) < 0) {
-            __atomic_store_n(&d->timer_deadline[vcpu_id], XKF_NO_DEADLINE, __ATOMIC_SEQ_CST);
-            return 0;
-        }
     } else {
         return 0;
     }
@@ -417,6 +440,8 @@ struct xkd_load {
     void *vcpu_info[XKD_MAX_VCPUS];        /* NULL: C declines that vCPU */
     uint8_t vector[XKD_MAX_VCPUS];         /* the per-vCPU upcall vector; 0: C declines */
     uint8_t port_vcpu[XKD_NPORTS];         /* the vCPU + 1 a VMM port delivers to; 0: not C's */
+    uint32_t timer_port[XKD_MAX_VCPUS];    /* the port each vCPU's VIRQ_TIMER is bound to; 0: none */
+    uint16_t timer_vcpu[XKD_MAX_VCPUS];    /*   the vCPU + 1 that port delivers to */
 };
 
 struct xkd {
@@ -496,19 +521,35 @@ uint64_t xkd_count(struct xkd *d, int which)
 /* Signal VMM port `port` as VmmPorts.notify would: 0 if done, else XKD_* bits for the caller
    (with the vCPU in bits 8 and up).  `ctx` is the struct xkd (a backend's C loop calls it).
    Without a VM fd (unit tests' domains) the upcall is XKD_RAISE: Python raises it. */
+/* Whether C can deliver to vCPU `v` + 1 (0: no vCPU) now (caller holds mu). */
+static int xkd_can(const struct xkd *d, uint32_t v)
+{
+    return d->on && v != 0 && v <= d->l.nvcpus && d->l.shinfo != NULL && d->l.vcpu_info[v - 1] != NULL
+           && d->l.vector[v - 1] != 0;
+}
+
+static int xkd_deliver(struct xkd *d, uint32_t port, uint32_t v);
+
 int xkd_notify(void *ctx, uint32_t port)
 {
     struct xkd *d = ctx;
-    int ret = 0;
     pthread_mutex_lock(&d->mu);
     uint32_t v = port < XKD_NPORTS ? d->l.port_vcpu[port] : 0;
-    if (!d->on || v == 0 || v > d->l.nvcpus || d->l.shinfo == NULL || d->l.vcpu_info[v - 1] == NULL
-        || d->l.vector[v - 1] == 0) {
+    if (!xkd_can(d, v)) {
         d->declined++;
         pthread_mutex_unlock(&d->mu);
         return XKD_PYTHON;
     }
-    v -= 1;
+    int ret = xkd_deliver(d, port, v - 1);
+    pthread_mutex_unlock(&d->mu);
+    return ret;
+}
+
+/* Set `port` pending for vCPU `v` and raise its upcall (caller holds mu, xkd_can said yes):
+   0, or XKD_* bits for Python with the vCPU in bits 8 and up. */
+static int xkd_deliver(struct xkd *d, uint32_t port, uint32_t v)
+{
+    int ret = 0;
     d->notifies++;
     int r = xk_evtchn_2l_set_pending(d->l.shinfo, d->l.vcpu_info[v], port);
     if (r == XK_UPCALL) {
@@ -523,8 +564,115 @@ int xkd_notify(void *ctx, uint32_t port)
     }
     if (r != XK_2L_WAS_PENDING && __atomic_load_n(&d->pollers, __ATOMIC_SEQ_CST) > 0)
         ret |= XKD_POLLERS | (r >= XK_2L_NO_VCPU_INFO ? XKD_KICK : 0);   /* as Signal.done */
-    pthread_mutex_unlock(&d->mu);
     return ret ? ret | (int)(v << 8) : 0;
+}
+
+/*
+ * VIRQ_TIMER from C: the timer thread's delivery of an expired single-shot timer C armed.
+ * The claim (xkf_timer_take) and the delivery are one step under `mu`, and only while C may
+ * deliver (`on`): a snapshot or a hypercall that may change the bindings holds C off
+ * (xkd_hold), so a timer is either still armed for Python (which takes and fires it under the
+ * domain's lock) or already pending in shared_info, never taken and not yet delivered.
+ * -1: declined, nothing taken (Python's look: xen/timers.py _check_fast); 0: fired; 1: the
+ * timer was re-armed or stopped meanwhile; else XKD_* bits (fired, Python finishes the upcall).
+ */
+int xkd_virq_timer(struct xkd *x, struct xkf_domain *d, uint32_t vcpu, int64_t deadline)
+{
+    pthread_mutex_lock(&x->mu);
+    uint32_t port = vcpu < XKD_MAX_VCPUS ? x->l.timer_port[vcpu] : 0;
+    uint32_t v = vcpu < XKD_MAX_VCPUS ? x->l.timer_vcpu[vcpu] : 0;
+    if (port == 0 || !xkd_can(x, v)) {
+        pthread_mutex_unlock(&x->mu);
+        return -1;
+    }
+    if (!xkf_timer_take(d, vcpu, deadline)) {
+        pthread_mutex_unlock(&x->mu);
+        return 1;
+    }
+    int ret = xkd_deliver(x, port, v - 1);
+    pthread_mutex_unlock(&x->mu);
+    return ret;
+}
+
+/*
+ * The timer thread (xen/timers.py TimerThread): it sleeps on every vCPU's timerfd and fires
+ * VIRQ_TIMER in C when the deadline C armed is due (xkd_virq_timer), so a guest tick costs no
+ * Python; it returns to Python only for
+ *   XKT_EVENT  ctl_fd is readable (the domain closes);
+ *   XKT_CHECK  vCPU `vcpu`'s timer needs Python's look: C delivery declined (FIFO channels,
+ *              nothing bound, C held off), or the clock is off or not at the deadline yet;
+ *   XKT_FIRE   vCPU `vcpu`'s timer fired here, `answer` (XKD_* bits) left for Python;
+ *   XKT_ERROR  poll failed (errno in `err`).
+ * Without a struct xkd (`x` NULL) every expiry is XKT_CHECK: Python's own path.
+ */
+#define XKT_EVENT 0
+#define XKT_CHECK 1
+#define XKT_FIRE 2
+#define XKT_ERROR 3
+
+struct xkt {
+    struct xkf_domain *d;
+    struct xkd *x;             /* C delivery, or NULL */
+    int32_t ctl_fd;
+    int32_t vcpu;              /* out: XKT_CHECK's and XKT_FIRE's vCPU */
+    int32_t answer;            /* out: XKT_FIRE's XKD_* bits */
+    int32_t err;               /* out: XKT_ERROR's errno */
+    uint64_t *fired;           /* per vCPU: VIRQ_TIMERs fired here (statistics) */
+};
+
+int xkt_wait(struct xkt *t)
+{
+    struct xkf_domain *d = t->d;
+    uint32_t n = d->nvcpus < XKD_MAX_VCPUS ? d->nvcpus : XKD_MAX_VCPUS;
+    struct pollfd p[XKD_MAX_VCPUS + 1];
+    for (;;) {
+        p[0].fd = t->ctl_fd;
+        p[0].events = POLLIN;
+        for (uint32_t v = 0; v < n; v++) {
+            p[v + 1].fd = d->timer_fd[v];
+            p[v + 1].events = POLLIN;
+        }
+        if (poll(p, n + 1, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            t->err = errno;
+            return XKT_ERROR;
+        }
+        if (p[0].revents)
+            return XKT_EVENT;
+        for (uint32_t v = 0; v < n; v++) {
+            if (!p[v + 1].revents)
+                continue;
+            if (p[v + 1].revents & POLLNVAL) {
+                t->err = EBADF;
+                return XKT_ERROR;
+            }
+            uint64_t count;
+            if (read(d->timer_fd[v], &count, sizeof(count)) < 0) {
+                if (errno == EAGAIN)
+                    continue;                     /* re-armed or stopped since it expired */
+                t->err = errno;
+                return XKT_ERROR;
+            }
+            int64_t deadline = xkf_timer_deadline(d, v), now;
+            uint64_t host;
+            if (deadline == XKF_NO_DEADLINE)
+                continue;                         /* stopped, or taken: nothing to fire */
+            int r = -1;
+            if (t->x != NULL && system_clock(d, deadline, &now, &host) && deadline <= now)
+                r = xkd_virq_timer(t->x, d, v, deadline);
+            t->vcpu = (int32_t)v;
+            if (r < 0)
+                return XKT_CHECK;
+            if (r == 1)
+                continue;
+            t->fired[v]++;
+            if (r != 0) {
+                t->answer = r;
+                return XKT_FIRE;
+            }
+        }
+    }
 }
 
 /* KVM_RUN until an exit Python must see: its exit reason, or -errno. */

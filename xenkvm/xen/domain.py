@@ -254,6 +254,10 @@ class XenDomain(MachineExtension):
             log.info("hypercall fast path: %d EVTCHNOP_send, %d single-shot timer calls completed in C;"
                      " %d ring port bindings kicked inside KVM", self.fast.sends, self.fast.timer_ops,
                      self.fast.kernel_binds)
+        if self.timers.fast is not None:
+            c = self.timers.fired_in_c()
+            log.info("timers: %d VIRQ_TIMER fired by the timer thread in C, %d through Python",
+                     c, sum(self.timers.fired) - c)
         self.timers.detach_fast()
         self.fast.close()
 
@@ -262,13 +266,17 @@ class XenDomain(MachineExtension):
         return xensnap.save(self)
 
     def snapshot_begin(self) -> None:
-        """Hold the domain and the xenstored still (timers, rings) until guest RAM is written."""
+        """Hold the domain and the xenstored still (timers, rings) until guest RAM is written:
+        C delivery too (the timer thread's VIRQ_TIMERs then wait for Python, and the lock)."""
         self.lock.acquire()
         self.store.lock.acquire()
+        self.cdeliver.hold()
 
     def snapshot_end(self) -> None:
         if not self.store.owns_server:
             self.store.resume()     # the shared xenstored may touch the ring page again
+        if self.cdeliver.loaded:
+            self.cdeliver.reload()
         self.store.lock.release()
         self.lock.release()
 

@@ -26,7 +26,10 @@ the hypercalls are decoded in ``xen/hypercalls/vcpu.py``, which calls the VMM AP
 
 With the fast path (xen/fastpath.py, ``use_fast``) a vCPU's own ``set_singleshot_timer``
 and ``stop_singleshot_timer`` are done in C on its thread: C records the deadline and
-arms the vCPU's timerfd, which the I/O thread watches (:meth:`_fast_expired`).  Python's
+arms the vCPU's timerfd, which a thread of the domain's watches in C (:class:`CTimerThread`:
+it claims the expired deadline and raises VIRQ_TIMER through C delivery, 2-level channels,
+so a guest tick costs no Python; what C delivery declines comes back to :meth:`_check_fast`,
+Python's path, which takes the domain's lock as every other firing does).  Python's
 own arming (the other hypercalls, deadlines already past, a paused clock, restore)
 first clears C's, and C's set/stop makes an older Python arm stale (``timer_gen``), so
 one timer is armed per vCPU, whichever side armed it.
@@ -40,7 +43,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
+from xenkvm.xen._fast_cffi import ffi as fast_ffi, lib as fast_lib
 from xenkvm.xen.abi import lib
 
 
@@ -76,25 +81,52 @@ class VcpuTimers:
         n = len(domain.vcpus)
         self._oneshot: list[_Arm | None] = [None] * n
         self._periodic: list[_Arm | None] = [None] * n
-        self.fired = [0] * n        #: VIRQ_TIMER raises per vCPU (statistics)
+        self._fired = [0] * n       #: VIRQ_TIMER raises per vCPU through Python (statistics)
         self.fast = None            #: the domain's FastSend once C keeps single-shot timers
+        self._thread: CTimerThread | None = None     #: fires C's timers (with ``fast``)
+
+    @property
+    def fired(self) -> list[int]:
+        """VIRQ_TIMER raises per vCPU, Python's and the timer thread's."""
+        c = self._thread.fired if self._thread is not None else None
+        return [n + (c[v] if c is not None else 0) for v, n in enumerate(self._fired)]
+
+    def fired_in_c(self) -> int:
+        """VIRQ_TIMER raises the timer thread made in C (all vCPUs)."""
+        c = self._thread.fired if self._thread is not None else None
+        return sum(c[v] for v in range(len(self._fired))) if c is not None else 0
 
     # -- the fast path -----------------------------------------------------------------
     def use_fast(self, fast) -> None:
-        """Let C keep each vCPU's own single-shot timer (before the vCPUs run in C): watch the
-        timerfds it arms.  C arms nothing until the domain publishes its clock."""
+        """Let C keep each vCPU's own single-shot timer (before the vCPUs run in C): a thread
+        fires the timerfds it arms.  C arms nothing until the domain publishes its clock."""
+        cdeliver = getattr(self.d, "cdeliver", None)
+        if cdeliver is not None:
+            with self.d.lock:
+                cdeliver.reload()      # loaded: hypercalls that bind VIRQ_TIMER reload it from now on
         if self.fast is fast:
             return
-        for vcpu, fd in enumerate(fast.enable_timers(len(self._oneshot))):
-            self.d.io.add_reader(fd, lambda v=vcpu, f=fd: self._fast_expired(v, f))
+        fast.enable_timers(len(self._oneshot))
         self.fast = fast
+        self._thread = CTimerThread(self, fast, cdeliver)
 
     def detach_fast(self) -> None:
-        """The domain closes: stop watching the timerfds (FastSend.close closes them)."""
-        if self.fast is not None:
-            for fd in self.fast.timer_fds:
-                self.d.io.remove_reader(fd)
-            self.fast = None
+        """The domain closes: stop the timer thread (FastSend.close closes the timerfds)."""
+        if self._thread is not None:
+            self._thread.stop()
+            fired, self._thread = self.fired, None
+            self._fired = fired
+        self.fast = None
+
+    def _watch_on_io(self) -> None:
+        """The timer thread failed: the I/O thread watches the timerfds instead."""
+        for vcpu, fd in enumerate(self.fast.timer_fds if self.fast is not None else ()):
+            self.d.io.add_reader(fd, lambda v=vcpu, f=fd: self._fast_expired(v, f))
+
+    def _finish_fire(self, vcpu: int, answer: int) -> None:
+        """The timer thread fired ``vcpu``'s timer; C delivery left ``answer`` (the upcall it
+        could not inject, pollers to wake) to Python."""
+        self.d.cdeliver.finish(0, answer)
 
     def _fast_expired(self, vcpu: int, fd: int) -> None:
         """I/O thread: a timerfd C armed has expired."""
@@ -221,7 +253,7 @@ class VcpuTimers:
         return self.d.io.call_at(self.d.monotonic_at(at), fn)
 
     def _fire(self, vcpu: int) -> None:
-        self.fired[vcpu] += 1
+        self._fired[vcpu] += 1
         self.d.evtchn.raise_virq(lib.VIRQ_TIMER, vcpu)
 
     def _expire_oneshot(self, vcpu: int, arm: _Arm) -> None:
@@ -244,3 +276,43 @@ class VcpuTimers:
             self._fire(vcpu)
             # Xen re-anchors at the expiry time: no burst of catch-up ticks.
             self._arm_periodic(vcpu, self.d.now_ns() + arm.period, arm.period)
+
+
+class CTimerThread:
+    """The thread that fires the single-shot timers C armed (``xkt_wait``, xen/_fast_build.py):
+    it sleeps in C on every vCPU's timerfd and raises VIRQ_TIMER there (``xkd_virq_timer``);
+    Python runs only for an expiry C leaves (:meth:`VcpuTimers._check_fast`) or an upcall C
+    delivery could not finish.  (Not the I/O thread: in the rig's one-CPU L1 a tick there cost
+    ~0.9 ms of Python, a tenth of the CPU while a disk streams.)"""
+
+    def __init__(self, timers: VcpuTimers, fast, cdeliver):
+        self.timers = timers
+        self._ctl = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.fired = fast_ffi.new("uint64_t[]", max(len(fast.timer_fds), 1))
+        self.c = fast_ffi.new("struct xkt *", {
+            "d": fast.c, "x": cdeliver.c if cdeliver is not None else fast_ffi.NULL,
+            "ctl_fd": self._ctl, "fired": self.fired})
+        self._thread = threading.Thread(target=self._run, name=f"d{timers.d.domid}-timers", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        os.eventfd_write(self._ctl, 1)
+        self._thread.join()
+        os.close(self._ctl)
+
+    def _run(self) -> None:
+        c, timers = self.c, self.timers
+        try:
+            while True:
+                code = fast_lib.xkt_wait(c)
+                if code == fast_lib.XKT_EVENT:
+                    return
+                if code == fast_lib.XKT_CHECK:
+                    timers._check_fast(c.vcpu)
+                elif code == fast_lib.XKT_FIRE:
+                    timers._finish_fire(c.vcpu, c.answer)
+                else:
+                    raise OSError(c.err, f"the timer thread's poll: {os.strerror(c.err)}")
+        except Exception:
+            log.exception("d%d: timer thread failed; the I/O thread fires the timers", timers.d.domid)
+            timers._watch_on_io()

@@ -14,7 +14,8 @@ moved the tails into C was reverted: docs/pv-backends.md), so a FIFO guest keeps
 Xen emulation); ``true`` offers FIFO as Xen does, and Linux then takes it.
 
 What C needs is loaded from Python under the big lock (:meth:`reload`): shared_info, each
-vCPU's vcpu_info and per-vCPU upcall vector, each VMM kick port's vCPU.  All of it changes only
+vCPU's vcpu_info and per-vCPU upcall vector, each VMM kick port's vCPU, and each vCPU's
+VIRQ_TIMER port (the timer thread fires the single-shot timers C armed: xen/timers.py).  All of it changes only
 through a hypercall, a VMM port bound or closed, or a restore: the dispatcher holds C off
 (:meth:`hold`) around every hypercall not known to leave it alone (:func:`changes_delivery`) and
 reloads after it; binding reloads, closing withdraws the port.  C declines
@@ -58,7 +59,7 @@ SAFE_CALLS: dict[int, frozenset[int] | None] = {
         xlib.VCPUOP_get_runstate_info}),
     EVTCHNOP: frozenset({                        # not bind_vcpu, close, reset, init_control...
         xlib.EVTCHNOP_send, xlib.EVTCHNOP_unmask, xlib.EVTCHNOP_status, xlib.EVTCHNOP_alloc_unbound,
-        xlib.EVTCHNOP_bind_virq, xlib.EVTCHNOP_bind_ipi}),
+        xlib.EVTCHNOP_bind_ipi}),                # (bind_virq binds VIRQ_TIMER: C fires it)
 }
 
 
@@ -118,6 +119,10 @@ class CDelivery:
             p = ch.table.get(port)
             if 0 <= port < NPORTS and p is not None and p.vmm is not None and p.vcpu < n:
                 load.port_vcpu[port] = p.vcpu + 1
+        for v in range(n):          # the timer thread's VIRQ_TIMERs (xen/timers.py CTimerThread)
+            p = ch.table.virq_port(xlib.VIRQ_TIMER, v)
+            if p is not None and p.vcpu < n:
+                load.timer_port[v], load.timer_vcpu[v] = p.port, p.vcpu + 1
         self._keep = keep
         self.loaded = True
         lib.xkd_load(self.c, load)
