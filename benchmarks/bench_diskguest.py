@@ -119,7 +119,7 @@ def run_streaming(cmd: list[str], timeout: float, cwd: Path | None,
             m = MARK.search(line)
             if m:
                 marks.append((m.group(1), int(m.group(2)), kvm_counters()))
-                if window is not None and m.group(1) == "rand-qd1":
+                if window is not None and m.group(1) == TRACE_PHASE:
                     window.start()
         proc.wait()
     finally:
@@ -143,6 +143,8 @@ def exits_per_request(marks: list) -> list[str]:
 
 #: where the inner run saves L1 traces (``--trace-qd1``): the rig's results share, inside L1
 TRACE_DIR: Path | None = None
+#: the phase whose start opens the trace window (``--trace-phase``)
+TRACE_PHASE = "rand-qd1"
 
 
 def run_bench(label: str, cmd: list[str], timeout: float, cwd: Path | None = None) -> dict[str, str]:
@@ -163,7 +165,7 @@ def run_bench(label: str, cmd: list[str], timeout: float, cwd: Path | None = Non
     if trace is not None and trace.is_file():
         from l1trace import summarize
         for line in summarize(trace.read_text(errors="replace")):
-            print(f"  L1 trace (rand-qd1): {line}", flush=True)
+            print(f"  L1 trace ({TRACE_PHASE}): {line}", flush=True)
     if len(rows) < 4:
         print(f"  {label}: incomplete; output tail:\n  " + "\n  ".join(text.splitlines()[-15:]), flush=True)
     return rows
@@ -284,12 +286,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the xenkvm row with ARG on the guest's command line (repeatable)")
     p.add_argument("--trace-qd1", type=Path, metavar="DIR",
                    help="save a window of L1's ftrace in each row's QD1 phase to DIR (benchmarks/l1trace.py)")
+    p.add_argument("--trace-phase", default="rand-qd1", choices=("seq-write", "seq-read", "rand-qd1", "rand-qd32"),
+                   help="the phase --trace-qd1 traces instead of rand-qd1 (its first 0.4 s)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.inner:
         if a.trace_qd1 is not None:
-            global TRACE_DIR
-            TRACE_DIR = a.trace_qd1
+            global TRACE_DIR, TRACE_PHASE
+            TRACE_DIR, TRACE_PHASE = a.trace_qd1, a.trace_phase
         return inner(a.size, a.seconds, a.timeout / 3, a.compare, tuple(v for v in VARIANTS if getattr(a, v)),
                      tuple(a.guest_arg))
     for f in ("vmlinuz", "initramfs-disk.cpio.gz", "rootfs.ext4"):
@@ -312,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += [f"--{v.replace('_', '-')}" for v in VARIANTS if getattr(a, v)]
             cmd += [f"--guest-arg={arg}" for arg in a.guest_arg]
             if a.trace_qd1 is not None:
-                cmd += ["--trace-qd1", image.CHROOT_OUT]
+                cmd += ["--trace-qd1", image.CHROOT_OUT, "--trace-phase", a.trace_phase]
             res = runner.run(l1, cmd, cwd=ROOT, out_dir=Path(tmp), timeout=a.timeout, echo=sys.stdout)
             if a.trace_qd1 is not None:
                 a.trace_qd1.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,13 @@ def parse(text: str):
             yield m.group(1).strip(), int(m.group(2)), float(m.group(3)) * 1e6, m.group(4), m.group(5)
 
 
+def _thread(comm: str, pid) -> str:
+    """A task's name in the summary: the command without its per-CPU suffix, and the thread id
+    for Python's (every thread of the VMM is "python": the id tells the vCPU, I/O and worker apart)."""
+    name = re.sub(r'[0-9/]+$', '', comm.strip())
+    return f"{name}/{pid}" if name.startswith("python") else name
+
+
 def summarize(text: str) -> list[str]:
     """Where the CPU went over the window: time per task, exits by reason (and how many reached
     userspace), syscalls per task (count, total time), injections; all divided by the guest's
@@ -112,7 +119,7 @@ def summarize(text: str) -> list[str]:
             if m:
                 if running is not None:
                     run_us[running] += t - since
-                running, since = f"{re.sub(r'[0-9/]+$', '', m.group(3))}", t
+                running, since = _thread(m.group(3), m.group(4)), t
         elif ev == "kvm_entry":
             entry_at = t
         elif ev == "kvm_exit":
@@ -125,7 +132,7 @@ def summarize(text: str) -> list[str]:
             m = SYSCALL.search(detail)
             if m:
                 nr = int(m.group(1))
-                open_call[pid] = (f"{re.sub(r'[0-9/]+$', '', task)}:{SYSCALLS.get(nr, nr)}", t)
+                open_call[pid] = (f"{_thread(task, pid)}:{SYSCALLS.get(nr, nr)}", t)
         elif ev == "sys_exit" and pid in open_call:
             name, at = open_call.pop(pid)
             calls[name] += 1
