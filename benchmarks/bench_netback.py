@@ -78,7 +78,7 @@ class Bench(ConsoleLines):
         self._cur: dict | None = None
 
     def line(self, line: str) -> None:
-        st = self.device.stats
+        st = self.device.sync_stats()
         if line.startswith("BENCH-START"):
             _, way, size, count = line.split()
             self._cur = {"way": way, "size": int(size), "count": int(count), "t0": time.perf_counter(),
@@ -99,7 +99,7 @@ class Bench(ConsoleLines):
     def inject(self, size: int, count: int, burst: int = 48) -> None:
         """Send ``count`` frames on the tap, a burst at a time, each once the backend delivered the last."""
         hdr, body = frame(size)
-        st = self.device.stats
+        st = self.device.sync_stats()
         with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as s:
             s.setsockopt(263, 15, 1)                       # SOL_PACKET, PACKET_VNET_HDR
             s.bind((self.device.name, 0))
@@ -110,7 +110,7 @@ class Bench(ConsoleLines):
                     s.send(hdr + body)
                 sent += n
                 end = time.monotonic() + 30
-                while st["rx_packets"] - start < sent and time.monotonic() < end:
+                while self.device.sync_stats()["rx_packets"] - start < sent and time.monotonic() < end:
                     time.sleep(0.0005)
 
 

@@ -256,6 +256,13 @@ class VifDevice(XenbusDevice):
             self.stats["tx_busy_ns"] += time.thread_time_ns() - start
             self._log_costs()
 
+    def sync_stats(self) -> dict[str, int]:
+        """``stats`` with the rx threads' C counters folded in (their loops fold them only when
+        they return to Python)."""
+        for w in self._rx:
+            w.account()
+        return self.stats
+
     def kick_stamp(self, port: int) -> int | None:
         """The guest's latest send on ``port`` as the fast path stamped it, if new since the last look."""
         ns = self.domain.fast.last_send_ns(port)
@@ -270,6 +277,7 @@ class VifDevice(XenbusDevice):
         now = time.perf_counter_ns()
         if self.costs is None or now - at < COST_LOG_NS:
             return
+        self.sync_stats()
         tx, rx = self.stats["tx_packets"], self.stats["rx_packets"]
         self._window = (now, tx, rx)
         log.info("%s: costs: %s", self.backend.label,
@@ -453,7 +461,9 @@ class RxWorker:
         cdeliver = getattr(dev.domain, "cdeliver", None)
         if cdeliver is not None:        # notifies in C (2-level channels: xen/evtchn/cdeliver.py)
             self._loop.notify_fn, self._loop.notify_ctx = cdeliver.for_c()
-        self._seen = (0, 0)        #: (busy_ns, C notifies) already in the vif's stats (this thread's)
+        #: C's counters already in the vif's stats (packets, bytes, GSO frames, drops, busy_ns, C notifies)
+        self._seen = (0, 0, 0, 0, 0, 0)
+        self._account_lock = threading.Lock()
         self._notified_seen = 0    #: the latest C notify's time already stamped (the tx worker's)
         self._thread = threading.Thread(target=self._run, name=f"{dev.backend.label}-rx{rings.index}", daemon=True)
         self._thread.start()
@@ -494,7 +504,7 @@ class RxWorker:
                 self._snapshot.sync()
                 code = lib.xkn_rx_loop(L)
                 self.r.rx_cons = self._rx.cons
-                self._account()
+                self.account()
                 if code == lib.XKN_LOOP_STOP:
                     if self._stop:
                         return
@@ -554,17 +564,20 @@ class RxWorker:
             rsps[c.at + (i + 1 if c.gso and i else i)].status = ERROR     # the GSO extra is slot 1
             self.dev._count("rx_dropped", f"rx buffer grant {self._copy.segs[i].ref}: {e}")
 
-    def _account(self) -> None:
-        """C's counters of the pass into the vif's stats (and the drop log line)."""
-        c, stats = self._rx, self.dev.stats
-        stats["rx_packets"] += c.packets
-        stats["rx_bytes"] += c.bytes
-        stats["rx_gso"] += c.gso_frames
-        for _ in range(c.dropped):
+    def account(self) -> None:
+        """C's counters into the vif's stats (and the drop log line): the thread's, at each
+        return, and any thread's that reads the stats while the loop runs (cost lines).  C's
+        counters only grow; what was taken is remembered, under a lock."""
+        c, L, stats = self._rx, self._loop, self.dev.stats
+        with self._account_lock:
+            now = (c.packets, c.bytes, c.gso_frames, c.dropped, L.busy_ns, L.c_notifies)
+            packets, nbytes, gso, dropped, busy, cn = (a - b for a, b in zip(now, self._seen))
+            self._seen = now
+            stats["rx_packets"] += packets
+            stats["rx_bytes"] += nbytes
+            stats["rx_gso"] += gso
+            stats["rx_busy_ns"] += busy
+            stats["rx_c_notifies"] += cn
+        for _ in range(dropped):
             self.dev._count("rx_dropped", f"a {c.drop_size}-byte frame (gso {c.drop_gso_type}) "
                                           "the frontend cannot take")
-        c.packets = c.bytes = c.gso_frames = c.dropped = 0
-        L, (busy, cn) = self._loop, self._seen
-        stats["rx_busy_ns"] += L.busy_ns - busy
-        stats["rx_c_notifies"] += L.c_notifies - cn
-        self._seen = (L.busy_ns, L.c_notifies)
