@@ -1,6 +1,6 @@
 """TCP throughput guest<->host in the rig: xenkvm's vif vs QEMU virtio-net on a tap, beside loopback.
 
-    python benchmarks/bench_rig_net.py [--bytes N] [--timeout 3000] [--compare DIR]   # boots the rig (docs/hw-rig.md)
+    python benchmarks/bench_rig_net.py [--bytes N] [--timeout 3000] [--compare DIR]...   # boots the rig (docs/hw-rig.md)
     python benchmarks/bench_rig_net.py --inner                        # inside L1 (or any hardware KVM host)
 
 In one L1 (QEMU TCG with SVM), side by side, with the same Debian cloud kernel and
@@ -18,7 +18,8 @@ the host and receives N back, both checksummed):
 Figures are MB/s as the host side timed them (accept to close).  L1 is emulated,
 so absolute figures depend on how busy the host's CPUs are; the ratios between the
 rows of one run are what to read.  ``--compare DIR`` adds the xenkvm row again with the
-xenkvm package of another built checkout (the commit before a change), in the same L1;
+xenkvm package of another built checkout (the commit before a change), in the same L1
+(repeatable: several checkouts side by side);
 ``--pv-time-off`` adds it with ``xen.pv_time: false``, ``--fast-path-off`` with ``xen.fast_path: false``
 (ring kicks and single-shot timers completed in C, xen/fastpath.py), ``--kernel-kicks-off`` with
 ``xen.kernel_kicks: false`` (kicks exit to the C loop instead of KVM's ioeventfds, xen/sendstub.py).
@@ -146,10 +147,10 @@ def profiler(out: Path) -> tuple[str, ...]:
     return (str(spy), "record", "-r", "250", "-f", "raw", "--threads", "-o", str(out), "--")
 
 
-def inner(size: int, timeout: float, compare: Path | None = None, variants: tuple[str, ...] = (),
+def inner(size: int, timeout: float, compare: tuple[Path, ...] = (), variants: tuple[str, ...] = (),
           profile: Path | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-rig-net-"))
-    for sub in "wxqc" + "".join(str(i) for i in range(len(variants))):
+    for sub in ["w", "x", "q"] + [str(i) for i in range(len(variants))] + [f"c{i}" for i in range(len(compare))]:
         (tmp / sub).mkdir()
     with netboot.netns(f"xkw{os.getpid()}") as ns:
         w = run_xenkvm(ns, tmp / "w", vifs=VIF, size=WARM_UP, timeout=timeout)
@@ -161,10 +162,10 @@ def inner(size: int, timeout: float, compare: Path | None = None, variants: tupl
         with netboot.netns(f"xkp{i}{os.getpid()}") as ns:
             rows.append((VARIANTS[v], run_xenkvm(ns, tmp / str(i), vifs=VIF, size=size, timeout=timeout,
                                                  xen_extra=VARIANTS[v])))
-    c = None
-    if compare is not None:
-        with netboot.netns(f"xkc{os.getpid()}") as ns:
-            c = run_other_xenkvm(ns, tmp / "c", compare, size, timeout)
+    others = []
+    for i, tree in enumerate(compare):
+        with netboot.netns(f"xkc{i}{os.getpid()}") as ns:
+            others.append((tree, run_other_xenkvm(ns, tmp / f"c{i}", tree, size, timeout)))
     with netboot.netns(f"xkq{os.getpid()}") as ns:
         q = run_qemu(ns, tmp / "q", size, timeout)
     print(f"TCP, {size >> 10} KiB each way, MB/s as the host timed it (guest runs: xenkvm {x.elapsed:.0f} s, "
@@ -177,8 +178,8 @@ def inner(size: int, timeout: float, compare: Path | None = None, variants: tupl
         print(row(f"xenkvm vif, {key.replace(': ', '=')}", size, p.seconds("10.90.0"),
                   p.transfers("eth0", "10.90.0", size)))
         print("\n".join(cost_lines(p)))
-    if c is not None:
-        print(row(f"xenkvm from {compare.name}"[:28], size, c.seconds("10.90.0"), c.transfers("eth0", "10.90.0", size)))
+    for tree, c in others:
+        print(row(f"xenkvm from {tree.name}"[:28], size, c.seconds("10.90.0"), c.transfers("eth0", "10.90.0", size)))
         print("\n".join(cost_lines(c)))
     print(row("QEMU virtio-net + tap", size, q.seconds("10.92.0"), q.transfers("eth0", "10.92.0", size)))
     print("\n".join(cost_lines(q)))
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3000, help="seconds for the whole rig run")
     p.add_argument("--inner", action="store_true", help="measure here (inside L1)")
     p.add_argument("--loopback", action="store_true", help="only the loopback floor here: print its seconds")
-    p.add_argument("--compare", type=Path, help="also run the xenkvm row with this checkout's xenkvm (built)")
+    p.add_argument("--compare", type=Path, action="append", default=[],
+                   help="also run the xenkvm row with this checkout's xenkvm (built; repeatable)")
     p.add_argument("--pv-time-off", action="store_true",
                    help="also run the xenkvm row with xen.pv_time: false (docs/linux-xen.md)")
     p.add_argument("--fast-path-off", action="store_true",
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_rig_net: needs root (namespaces, taps); skipped")
         return 0
     if a.inner:
-        return inner(a.bytes, a.timeout, a.compare, tuple(v for v in VARIANTS if getattr(a, v)), a.profile)
+        return inner(a.bytes, a.timeout, tuple(a.compare), tuple(v for v in VARIANTS if getattr(a, v)), a.profile)
     for need in (netboot.IMAGE, netboot.KERNEL):
         if not need.is_file():
             print(f"bench_rig_net: {need} missing: run `make linux-xen-image` first")
@@ -220,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     l1 = image.build(ROOT / ".cache" / "rig")
     with tempfile.TemporaryDirectory(prefix="bench-rig-net-") as out:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--inner", "--bytes", str(a.bytes)]
-        if a.compare is not None:
-            cmd += ["--compare", str(a.compare.resolve())]
+        for tree in a.compare:
+            cmd += ["--compare", str(tree.resolve())]
         cmd += [f"--{v.replace('_', '-')}" for v in VARIANTS if getattr(a, v)]
         if a.profile:
             profiler(a.profile)          # fails here, before L1 boots, without py-spy
