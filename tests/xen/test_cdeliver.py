@@ -326,3 +326,24 @@ def test_timers_held_by_the_snapshot_lock_stay_armed_or_are_delivered():
         d.fast.close()
         d.cdeliver.close()
         d.close()
+
+
+def test_if_the_timer_thread_ends_the_io_thread_fires_the_timers():
+    """The fallback of a failed timer thread (its poll errored): the I/O thread watches the
+    timerfds again, and detaching removes them from its loop before they are closed."""
+    d = make_domain()
+    with_c_timers(d)
+    from xenkvm.xen._fast_cffi import lib
+    try:
+        bind_timer(d, 0)
+        d.timers._thread.stop()                     # as if it had died
+        d.timers._watch_on_io()
+        assert lib.xkf_timer_arm(d.fast.c, 0, d.now_ns() + 1_000_000)
+        assert wait_for(lambda: d.timers.fired == [1, 0]) and d.timers.fired_in_c() == 0
+    finally:
+        d.timers._thread = None
+        d.timers.detach_fast()
+        assert not d.timers._on_io
+        d.fast.close()
+        d.cdeliver.close()
+        d.close()

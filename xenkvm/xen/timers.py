@@ -84,6 +84,7 @@ class VcpuTimers:
         self._fired = [0] * n       #: VIRQ_TIMER raises per vCPU through Python (statistics)
         self.fast = None            #: the domain's FastSend once C keeps single-shot timers
         self._thread: CTimerThread | None = None     #: fires C's timers (with ``fast``)
+        self._on_io = False         #: the I/O thread watches the timerfds (the timer thread failed)
 
     @property
     def fired(self) -> list[int]:
@@ -116,12 +117,17 @@ class VcpuTimers:
             self._thread.stop()
             fired, self._thread = self.fired, None
             self._fired = fired
+        if self.fast is not None and self._on_io:
+            for fd in self.fast.timer_fds:
+                self.d.io.remove_reader(fd)
+        self._on_io = False
         self.fast = None
 
     def _watch_on_io(self) -> None:
         """The timer thread failed: the I/O thread watches the timerfds instead."""
         for vcpu, fd in enumerate(self.fast.timer_fds if self.fast is not None else ()):
             self.d.io.add_reader(fd, lambda v=vcpu, f=fd: self._fast_expired(v, f))
+        self._on_io = True
 
     def _finish_fire(self, vcpu: int, answer: int) -> None:
         """The timer thread fired ``vcpu``'s timer; C delivery left ``answer`` (the upcall it
