@@ -320,6 +320,25 @@ def test_what_the_pass_leaves_comes_back_unpushed_or_pushed(dom, loops):
     assert rx.sring.rsp_prod == 2 and lp.c.notify_r == -2      # nothing new to push: no notify owed
 
 
+def test_a_refused_ring_is_looked_at_again_only_after_a_kick(dom, loops):
+    """A producer index far ahead ends in Python once; the next call sleeps on the kick alone
+    (a hostile frontend must not make the thread spin), then serves a sane ring again."""
+    rx = Rx(dom)
+    lp = loops(rx)
+    rx.sring.req_prod = RING + 5
+    rx.frame(frame(60, 1))
+    assert lp.run() == lib.XKN_LOOP_PASS and lp.c.code == lib.XKN_RX_BAD_INDEX and lp.c.wait_kick == 1
+    lp.start()
+    rx.frame(frame(61, 2))                          # frames do not wake it, and no pass is made
+    assert lp.asleep() and lp.c.wakeups == 0
+    rx.sring.req_prod = 0
+    rx.post(2)
+    want_notify(rx)
+    os.eventfd_write(lp.wake, 1)
+    assert lp.returned() == lib.XKN_LOOP_NOTIFY and rx.sring.rsp_prod == 2 and lp.c.wait_kick == 0
+    assert rx.page(0, 60) == frame(60, 1) and rx.page(1, 61) == frame(61, 2)
+
+
 def test_a_closed_wake_fd_is_an_error_not_a_spin(dom):
     rx = Rx(dom)
     lp = Loop(rx)

@@ -110,6 +110,7 @@ int xkn_rx_pass(struct xkn_rx *c, const struct xk_grants *g);
 struct xkn_rx_loop {
     struct xkn_rx *c; const struct xk_grants *g; uint32_t *rsp_prod; int32_t wake_fd; uint32_t port;
     int32_t stop; int32_t code; int32_t notify_r; void *notify_fn; void *notify_ctx; int32_t err;
+    int32_t wait_kick;
     uint64_t c_notifies; uint64_t wakeups; uint64_t busy_ns; uint64_t notified_ns; ...; };
 int xkn_rx_loop(struct xkn_rx_loop *L);
 struct netif_rx_sring { uint32_t req_prod; uint32_t req_event; uint32_t rsp_prod; uint32_t rsp_event; ...; };
@@ -421,6 +422,8 @@ int xkn_rx_pass(struct xkn_rx *c, const struct xk_grants *g)
  *   XKN_LOOP_PASS    the pass ended with `code` XKN_RX_COPY_LEFT (nothing pushed yet: Python
  *                    finishes the frame's copy and calls again), XKN_RX_BAD_INDEX or XKN_RX_ERRNO
  *                    (the responses so far pushed; a notify they need is owed if notify_r != -2);
+ *                    after BAD_INDEX the next call sleeps until a kick (`wait_kick`) before it
+ *                    looks at the ring again, so a producer index far ahead costs one pass a kick;
  *   XKN_LOOP_NOTIFY  a notify is owed to Python: notify_fn declined or left part of it (notify_r,
  *                    -1 when there is no notify_fn);
  *   XKN_LOOP_ERROR   poll failed or an fd is gone (errno in `err`).
@@ -445,6 +448,7 @@ struct xkn_rx_loop {
     void *notify_fn;               /* int fn(void *ctx, uint32_t port): the notify in C, or NULL */
     void *notify_ctx;
     int32_t err;                   /* out: XKN_LOOP_ERROR's errno */
+    int32_t wait_kick;             /* the ring was refused (BAD_INDEX): no pass before a kick */
     uint64_t c_notifies, wakeups;  /* statistics: notifies finished in C, wake-ups */
     uint64_t busy_ns;              /* this thread's CPU time in passes (CLOCK_THREAD_CPUTIME_ID) */
     uint64_t notified_ns;          /* CLOCK_MONOTONIC of the latest notify finished in C */
@@ -482,12 +486,43 @@ static int xkn_rx_flush(struct xkn_rx_loop *L)
     return 1;
 }
 
+/* Sleep until a kick (and, after an empty tap, a frame): 0, or XKN_LOOP_ERROR. */
+static int xkn_rx_sleep(struct xkn_rx_loop *L, int code)
+{
+    struct pollfd p[2] = {{L->wake_fd, POLLIN, 0}, {L->c->fd, POLLIN, 0}};
+    while (poll(p, code == XKN_RX_TAP_EMPTY ? 2 : 1, -1) < 0) {
+        if (errno != EINTR) {
+            L->err = errno;
+            return XKN_LOOP_ERROR;
+        }
+    }
+    if ((p[0].revents | p[1].revents) & POLLNVAL) {
+        L->err = EBADF;
+        return XKN_LOOP_ERROR;
+    }
+    if (p[0].revents) {
+        uint64_t count;
+        if (read(L->wake_fd, &count, sizeof(count)) < 0 && errno != EAGAIN) {
+            L->err = errno;
+            return XKN_LOOP_ERROR;
+        }
+        L->wait_kick = 0;
+    }
+    L->wakeups++;
+    return 0;
+}
+
 int xkn_rx_loop(struct xkn_rx_loop *L)
 {
     struct xkn_rx *c = L->c;
     for (;;) {
         if (__atomic_load_n(&L->stop, __ATOMIC_ACQUIRE))    /* responses a COPY_LEFT return left go first */
             return c->nrsp && xkn_rx_flush(L) ? XKN_LOOP_NOTIFY : XKN_LOOP_STOP;
+        if (L->wait_kick) {             /* the ring was refused: look again only after a kick */
+            if (xkn_rx_sleep(L, XKN_RX_BAD_INDEX))
+                return XKN_LOOP_ERROR;
+            continue;
+        }
         uint64_t t0 = xkn_clock_ns(CLOCK_THREAD_CPUTIME_ID);
         int code = L->code = xkn_rx_pass(c, L->g);
         if (code == XKN_RX_COPY_LEFT) {
@@ -496,6 +531,8 @@ int xkn_rx_loop(struct xkn_rx_loop *L)
         }
         int owed = xkn_rx_flush(L);
         L->busy_ns += xkn_clock_ns(CLOCK_THREAD_CPUTIME_ID) - t0;
+        if (code == XKN_RX_BAD_INDEX)
+            L->wait_kick = 1;
         if (code == XKN_RX_BAD_INDEX || code == XKN_RX_ERRNO)
             return XKN_LOOP_PASS;
         if (owed)
@@ -503,25 +540,8 @@ int xkn_rx_loop(struct xkn_rx_loop *L)
         if (code == XKN_RX_RING_FULL)
             continue;
         /* TAP_EMPTY: wait for a frame or a kick; NO_BUFFERS: for the frontend's kick alone */
-        struct pollfd p[2] = {{L->wake_fd, POLLIN, 0}, {c->fd, POLLIN, 0}};
-        while (poll(p, code == XKN_RX_TAP_EMPTY ? 2 : 1, -1) < 0) {
-            if (errno != EINTR) {
-                L->err = errno;
-                return XKN_LOOP_ERROR;
-            }
-        }
-        if ((p[0].revents | p[1].revents) & POLLNVAL) {
-            L->err = EBADF;
+        if (xkn_rx_sleep(L, code))
             return XKN_LOOP_ERROR;
-        }
-        if (p[0].revents) {
-            uint64_t count;
-            if (read(L->wake_fd, &count, sizeof(count)) < 0 && errno != EAGAIN) {
-                L->err = errno;
-                return XKN_LOOP_ERROR;
-            }
-        }
-        L->wakeups++;
     }
 }
 """
