@@ -518,9 +518,6 @@ uint64_t xkd_count(struct xkd *d, int which)
     return __atomic_load_n(c, __ATOMIC_RELAXED);
 }
 
-/* Signal VMM port `port` as VmmPorts.notify would: 0 if done, else XKD_* bits for the caller
-   (with the vCPU in bits 8 and up).  `ctx` is the struct xkd (a backend's C loop calls it).
-   Without a VM fd (unit tests' domains) the upcall is XKD_RAISE: Python raises it. */
 /* Whether C can deliver to vCPU `v` + 1 (0: no vCPU) now (caller holds mu). */
 static int xkd_can(const struct xkd *d, uint32_t v)
 {
@@ -530,6 +527,9 @@ static int xkd_can(const struct xkd *d, uint32_t v)
 
 static int xkd_deliver(struct xkd *d, uint32_t port, uint32_t v);
 
+/* Signal VMM port `port` as VmmPorts.notify would: 0 if done, else XKD_* bits for the caller
+   (with the vCPU in bits 8 and up).  `ctx` is the struct xkd (a backend's C loop calls it).
+   Without a VM fd (unit tests' domains) the upcall is XKD_RAISE: Python raises it. */
 int xkd_notify(void *ctx, uint32_t port)
 {
     struct xkd *d = ctx;
@@ -595,7 +595,7 @@ int xkd_virq_timer(struct xkd *x, struct xkf_domain *d, uint32_t vcpu, int64_t d
 }
 
 /*
- * The timer thread (xen/timers.py TimerThread): it sleeps on every vCPU's timerfd and fires
+ * The timer thread (xen/timers.py CTimerThread): it sleeps on every vCPU's timerfd and fires
  * VIRQ_TIMER in C when the deadline C armed is due (xkd_virq_timer), so a guest tick costs no
  * Python; it returns to Python only for
  *   XKT_EVENT  ctl_fd is readable (the domain closes);
@@ -625,13 +625,13 @@ int xkt_wait(struct xkt *t)
     struct xkf_domain *d = t->d;
     uint32_t n = d->nvcpus < XKD_MAX_VCPUS ? d->nvcpus : XKD_MAX_VCPUS;
     struct pollfd p[XKD_MAX_VCPUS + 1];
+    p[0].fd = t->ctl_fd;
+    p[0].events = POLLIN;
+    for (uint32_t v = 0; v < n; v++) {
+        p[v + 1].fd = d->timer_fd[v];
+        p[v + 1].events = POLLIN;
+    }
     for (;;) {
-        p[0].fd = t->ctl_fd;
-        p[0].events = POLLIN;
-        for (uint32_t v = 0; v < n; v++) {
-            p[v + 1].fd = d->timer_fd[v];
-            p[v + 1].events = POLLIN;
-        }
         if (poll(p, n + 1, -1) < 0) {
             if (errno == EINTR)
                 continue;

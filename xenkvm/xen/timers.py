@@ -94,8 +94,7 @@ class VcpuTimers:
 
     def fired_in_c(self) -> int:
         """VIRQ_TIMER raises the timer thread made in C (all vCPUs)."""
-        c = self._thread.fired if self._thread is not None else None
-        return sum(c[v] for v in range(len(self._fired))) if c is not None else 0
+        return sum(self.fired) - sum(self._fired)
 
     # -- the fast path -----------------------------------------------------------------
     def use_fast(self, fast) -> None:

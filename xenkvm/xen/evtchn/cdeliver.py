@@ -15,8 +15,8 @@ Xen emulation); ``true`` offers FIFO as Xen does, and Linux then takes it.
 
 What C needs is loaded from Python under the big lock (:meth:`reload`): shared_info, each
 vCPU's vcpu_info and per-vCPU upcall vector, each VMM kick port's vCPU, and each vCPU's
-VIRQ_TIMER port (the timer thread fires the single-shot timers C armed: xen/timers.py).  All of it changes only
-through a hypercall, a VMM port bound or closed, or a restore: the dispatcher holds C off
+VIRQ_TIMER port (the timer thread fires the single-shot timers C armed: xen/timers.py).  All of
+it changes only through a hypercall, a VMM port bound or closed, or a restore: the dispatcher holds C off
 (:meth:`hold`) around every hypercall not known to leave it alone (:func:`changes_delivery`) and
 reloads after it; binding reloads, closing withdraws the port.  C declines
 (``XKD_PYTHON``) whatever it cannot do as the Python path would (FIFO, shared_info not mapped,
