@@ -20,7 +20,8 @@ so absolute figures depend on how busy the host's CPUs are; the ratios between t
 rows of one run are what to read.  ``--compare DIR`` adds the xenkvm row again with the
 xenkvm package of another built checkout (the commit before a change), in the same L1
 (repeatable: several checkouts side by side);
-``--pv-time-off`` adds it with ``xen.pv_time: false``, ``--fast-path-off`` with ``xen.fast_path: false``
+``--vif-opt KEY=VALUE`` adds it with that key in its vif spec (``txcoalesce=500``: tx completions
+held up to 500 us, docs/pv-backends.md), ``--pv-time-off`` adds it with ``xen.pv_time: false``, ``--fast-path-off`` with ``xen.fast_path: false``
 (ring kicks and single-shot timers completed in C, xen/fastpath.py), ``--kernel-kicks-off`` with
 ``xen.kernel_kicks: false`` (kicks exit to the C loop instead of KVM's ioeventfds, xen/sendstub.py).
 Under the rows, the vif's cost lines (hypercalls and upcalls per packet, 5-s windows) and
@@ -160,8 +161,12 @@ def inner(size: int, timeout: float, compare: tuple[Path, ...] = (), variants: t
     rows = []
     for i, v in enumerate(variants):
         with netboot.netns(f"xkp{i}{os.getpid()}") as ns:
-            rows.append((VARIANTS[v], run_xenkvm(ns, tmp / str(i), vifs=VIF, size=size, timeout=timeout,
-                                                 xen_extra=VARIANTS[v])))
+            if v.startswith("vif:"):        # --vif-opt: a key added to the vif's spec
+                vif = ((*VIF[0][:3], f"{VIF[0][3]}, {v[4:]}"),)
+                rows.append((v[4:], run_xenkvm(ns, tmp / str(i), vifs=vif, size=size, timeout=timeout)))
+            else:
+                rows.append((VARIANTS[v], run_xenkvm(ns, tmp / str(i), vifs=VIF, size=size, timeout=timeout,
+                                                     xen_extra=VARIANTS[v])))
     others = []
     for i, tree in enumerate(compare):
         with netboot.netns(f"xkc{i}{os.getpid()}") as ns:
@@ -203,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the xenkvm row with xen.kernel_kicks: false (kicks exit to the C loop)")
     p.add_argument("--fifo-on", action="store_true",
                    help="also run the xenkvm row with xen.fifo_events: true (FIFO channels, notifies through Python)")
+    p.add_argument("--vif-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="also run the xenkvm row with KEY=VALUE added to its vif (txcoalesce=500; repeatable)")
     p.add_argument("--profile", type=Path,
                    help="py-spy the first xenkvm row's VMM into this file (raw stacks; needs py-spy in the venv)")
     a = p.parse_args(argv)
@@ -213,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_rig_net: needs root (namespaces, taps); skipped")
         return 0
     if a.inner:
-        return inner(a.bytes, a.timeout, tuple(a.compare), tuple(v for v in VARIANTS if getattr(a, v)), a.profile)
+        variants = tuple(v for v in VARIANTS if getattr(a, v)) + tuple(f"vif:{o}" for o in a.vif_opt)
+        return inner(a.bytes, a.timeout, tuple(a.compare), variants, a.profile)
     for need in (netboot.IMAGE, netboot.KERNEL):
         if not need.is_file():
             print(f"bench_rig_net: {need} missing: run `make linux-xen-image` first")
@@ -225,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         for tree in a.compare:
             cmd += ["--compare", str(tree.resolve())]
         cmd += [f"--{v.replace('_', '-')}" for v in VARIANTS if getattr(a, v)]
+        for opt in a.vif_opt:
+            cmd += ["--vif-opt", opt]
         if a.profile:
             profiler(a.profile)          # fails here, before L1 boots, without py-spy
             cmd += ["--profile", f"{image.CHROOT_OUT}/profile.txt"]

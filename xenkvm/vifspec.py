@@ -11,7 +11,10 @@ characters, no ``/``, ``:`` or white space), ``ip`` (written to the backend
 node as libxl does; not enforced), ``offload`` (``on``, the default, or
 ``off``: xenkvm's own key; the backend then offers no GSO/TSO and no IPv6
 checksum offload and the tap hands it only finished frames; Linux netfront
-still leaves IPv4 checksums to every backend, which the backend completes), ``type`` (``vif`` or ``ioemu``: both get
+still leaves IPv4 checksums to every backend, which the backend completes), ``txcoalesce``
+(xenkvm's own: microseconds, 0 to 100000, that the backend may hold the guest's tx completions
+before it publishes them, as a NIC's tx interrupt coalescing does; docs/pv-backends.md,
+"Tx completion coalescing"), ``type`` (``vif`` or ``ioemu``: both get
 the PV device), ``model`` and ``script`` (accepted for existing
 configurations; the VMM plugs the tap itself).  Every problem is a
 ConfigError naming the key.
@@ -29,7 +32,8 @@ from dataclasses import dataclass
 
 from xenkvm.config import ConfigError
 
-KEYS = ("mac", "bridge", "vifname", "ip", "type", "model", "script", "offload")
+KEYS = ("mac", "bridge", "vifname", "ip", "type", "model", "script", "offload", "txcoalesce")
+TX_COALESCE_MAX_US = 100_000
 XEN_OUI = (0x00, 0x16, 0x3E)
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 IFNAMSIZ = 16
@@ -45,6 +49,7 @@ class VifSpec:
     vifname: str | None = None
     ip: str | None = None
     offload: bool = True      #: offer GSO/TSO v4/v6 and IPv6 checksum offload (``offload=off``: none)
+    tx_coalesce_us: int = 0   #: how long tx completions may be held before they are published
 
 
 def generated_mac(name: str, devid: int) -> str:
@@ -102,7 +107,13 @@ def parse_vif(text: object, devid: int, domain_name: str) -> VifSpec:
     if keys.get("offload", "on") not in ("on", "off"):
         raise ConfigError(f"vifs: offload={keys['offload']!r}: expected on or off")
     return VifSpec(devid=devid, mac=mac, bridge=bridge, vifname=vifname, ip=keys.get("ip") or None,
-                   offload=keys.get("offload", "on") == "on")
+                   offload=keys.get("offload", "on") == "on", tx_coalesce_us=_coalesce(keys.get("txcoalesce", "0")))
+
+
+def _coalesce(value: str) -> int:
+    if not value.isdigit() or int(value) > TX_COALESCE_MAX_US:
+        raise ConfigError(f"vifs: txcoalesce={value!r}: expected microseconds, 0 to {TX_COALESCE_MAX_US}")
+    return int(value)
 
 
 def parse_vifs(value: object, domain_name: str) -> tuple[VifSpec, ...]:

@@ -23,7 +23,8 @@ def test_generated_mac_is_xen_prefix_and_stable():
 @pytest.mark.parametrize("spec,needle", [
     ("mac=00:16:3e:01:02", "mac="), ("mac=01:16:3e:01:02:03", "multicast"), ("macc=00:16:3e:01:02:03", "'macc'"),
     ("vifname=a/b", "vifname="), ("vifname=abcdefghijklmnop", "vifname="), ("bridge=br 0", "bridge="),
-    ("type=tap", "type="), ("offload=no", "offload="), ("bridge", "key=value"), ("bridge=a, bridge=b", "twice"), (42, "expected a string"),
+    ("type=tap", "type="), ("offload=no", "offload="), ("txcoalesce=-1", "txcoalesce="), ("txcoalesce=100001", "0 to 100000"),
+    ("txcoalesce=1ms", "microseconds"), ("bridge", "key=value"), ("bridge=a, bridge=b", "twice"), (42, "expected a string"),
 ])
 def test_bad_specs_name_the_key(spec, needle):
     with pytest.raises(ConfigError) as e:
@@ -34,6 +35,11 @@ def test_bad_specs_name_the_key(spec, needle):
 def test_offload_key():
     assert parse_vif("", 0, "d").offload and parse_vif("offload=on", 0, "d").offload
     assert not parse_vif("offload=off, bridge=br0", 0, "d").offload
+
+
+def test_txcoalesce_key():
+    assert parse_vif("", 0, "d").tx_coalesce_us == 0
+    assert parse_vif("txcoalesce=250, bridge=br0", 0, "d").tx_coalesce_us == 250
 
 
 def test_duplicates_and_list():

@@ -113,9 +113,31 @@ struct xkn_rx_loop {
     int32_t wait_kick;
     uint64_t c_notifies; uint64_t wakeups; uint64_t busy_ns; uint64_t notified_ns; ...; };
 int xkn_rx_loop(struct xkn_rx_loop *L);
+#define XKN_TX_IDLE ...
+#define XKN_TX_AGAIN ...
+#define XKN_TX_PYTHON ...
+#define XKN_TX_BAD_INDEX ...
+#define XKN_LOOP_EVENT ...
+#define XKN_LOOP_REPORT ...
+struct xkn_tx {
+    char *page; netif_tx_request_t *reqs; netif_tx_response_t *rsps; uint32_t *rsp_prod;
+    struct xkg_seg *segs; char *buf; int32_t fd; uint32_t port; uint32_t cons; uint32_t n; uint32_t at;
+    uint32_t nrsp; uint8_t gso_ok; uint8_t pending; uint8_t wait_kick; int32_t drop_errno;
+    uint64_t packets; uint64_t bytes; uint64_t gso_frames; uint64_t dropped; uint32_t held;
+    uint64_t held_since; ...; };
+int xkn_tx_pass(struct xkn_tx *c, const struct xk_grants *g);
+struct xkn_tx_loop {
+    struct xkn_tx *q; uint32_t nq; const struct xk_grants *g; int32_t kick_fd; int32_t ctl_fd;
+    uint32_t at; int32_t code; int32_t notify_r; void *notify_fn; void *notify_ctx; int32_t err;
+    uint64_t report_ns; uint64_t hold_ns; uint64_t c_notifies; uint64_t wakeups; uint64_t busy_ns;
+    uint64_t notified_ns; uint64_t woke_ns; uint64_t publishes; ...; };
+int xkn_tx_loop(struct xkn_tx_loop *L);
 struct netif_rx_sring { uint32_t req_prod; uint32_t req_event; uint32_t rsp_prod; uint32_t rsp_event; ...; };
 union netif_rx_sring_entry { netif_rx_request_t req; netif_rx_response_t rsp; };
 union netif_rx_sring_entry *xkn_rx_entry(char *page, uint32_t idx);
+struct netif_tx_sring { uint32_t req_prod; uint32_t req_event; uint32_t rsp_prod; uint32_t rsp_event; ...; };
+union netif_tx_sring_entry { netif_tx_request_t req; netif_tx_response_t rsp; };
+union netif_tx_sring_entry *xkn_tx_entry(char *page, uint32_t idx);
 int xkn_tx_segs(const netif_tx_request_t *reqs, int first, int rest, int nrest, char *base, struct xkg_seg *segs);
 int xkn_rx_segs(const netif_rx_request_t *reqs, int need, uint32_t size, uint16_t first_flags, uint8_t gso,
                 uint16_t gso_size, char *data, netif_rx_response_t *rsps, struct xkg_seg *segs);
@@ -300,10 +322,15 @@ int xkn_rx_segs(const netif_rx_request_t *reqs, int need, uint32_t size, uint16_
     return n;
 }
 
-/* For tests, playing the frontend: entry `idx` of an rx ring page. */
+/* For tests, playing the frontend: entry `idx` of an rx or tx ring page. */
 union netif_rx_sring_entry *xkn_rx_entry(char *page, uint32_t idx)
 {
     return &((struct netif_rx_sring *)page)->ring[idx & (XKN_RING_SIZE - 1)];
+}
+
+union netif_tx_sring_entry *xkn_tx_entry(char *page, uint32_t idx)
+{
+    return &((struct netif_tx_sring *)page)->ring[idx & (XKN_RING_SIZE - 1)];
 }
 
 /* --- the rx path (net.py RxWorker): tap frames into the guest's posted buffers --------------- */
@@ -461,6 +488,20 @@ static uint64_t xkn_clock_ns(clockid_t clock)
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
+/* Notify `port` through notify_fn (C delivery, xen/_fast_build.py xkd_notify): 0 when C finished
+ * it (counted, its time kept), else what is owed to Python: notify_fn's answer, or -1 without one. */
+static int32_t xkn_notify(void *fn, void *ctx, uint32_t port, uint64_t *c_notifies, uint64_t *notified_ns)
+{
+    if (fn == NULL)
+        return -1;
+    int r = ((int (*)(void *, uint32_t))fn)(ctx, port);
+    if (r == 0) {
+        (*c_notifies)++;
+        *notified_ns = xkn_clock_ns(CLOCK_MONOTONIC);
+    }
+    return r;
+}
+
 /* Push the pass's responses; 1 if a notify is owed to Python (notify_r says what C did). */
 static int xkn_rx_flush(struct xkn_rx_loop *L)
 {
@@ -472,18 +513,8 @@ static int xkn_rx_flush(struct xkn_rx_loop *L)
     c->nrsp = 0;
     if (!need)
         return 0;
-    if (L->notify_fn != NULL) {
-        int r = ((int (*)(void *, uint32_t))L->notify_fn)(L->notify_ctx, L->port);
-        if (r == 0) {
-            L->c_notifies++;
-            L->notified_ns = xkn_clock_ns(CLOCK_MONOTONIC);
-            return 0;
-        }
-        L->notify_r = r;
-    } else {
-        L->notify_r = -1;
-    }
-    return 1;
+    L->notify_r = xkn_notify(L->notify_fn, L->notify_ctx, L->port, &L->c_notifies, &L->notified_ns);
+    return L->notify_r != 0;
 }
 
 /* Sleep until a kick (and, after an empty tap, a frame): 0, or XKN_LOOP_ERROR. */
@@ -542,6 +573,342 @@ int xkn_rx_loop(struct xkn_rx_loop *L)
         /* TAP_EMPTY: wait for a frame or a kick; NO_BUFFERS: for the frontend's kick alone */
         if (xkn_rx_sleep(L, code))
             return XKN_LOOP_ERROR;
+    }
+}
+
+/* --- the tx path (net.py TxLoop): the guest's packets onto the tap, on the device's worker ----- */
+#define XKN_TX_IDLE 0        /* the ring is empty, or waits for a packet's last slots: req_event armed */
+#define XKN_TX_AGAIN 1       /* a batch consumed (rsps[0..nrsp) to push); the ring may hold more */
+#define XKN_TX_PYTHON 2      /* the packet at reqs[at] is Python's: a check C leaves, or a copy left */
+#define XKN_TX_BAD_INDEX 3   /* req_prod more than a ring ahead: nothing consumed, req_event armed */
+#define XKN_LOOP_EVENT 4     /* the tx loop: the worker has an event (ctl_fd readable) */
+#define XKN_LOOP_REPORT 5    /* the tx loop: report_ns has passed (statistics, cost lines) */
+
+struct xkn_tx {
+    char *page;                    /* the tx shared ring */
+    netif_tx_request_t *reqs;      /* the batch peeked from `cons` (XKN_RING_SIZE) */
+    netif_tx_response_t *rsps;     /* its responses, index for index (NetifRings' arrays) */
+    uint32_t *rsp_prod;            /* the queue's private tx rsp_prod */
+    struct xkg_seg *segs;          /* one packet's copy segments (XEN_NETIF_NR_SLOTS_MIN) */
+    char *buf;                     /* one packet: its virtio_net_hdr, then up to 65535 bytes */
+    int32_t fd;                    /* the tap queue */
+    uint32_t port;                 /* the tx port notified */
+    uint32_t cons;                 /* tx req_cons: reqs[0]'s index */
+    uint32_t n, at;                /* requests in the batch; the next packet's first */
+    uint32_t nrsp;                 /* AGAIN / IDLE: responses to push */
+    uint8_t gso_ok;                /* 1 << XEN_NETIF_GSO_TYPE_* for each type negotiated */
+    uint8_t pending, wait_kick;    /* the loop's: serve this wake-up; refused ring, wait for a kick */
+    int32_t drop_errno;            /* the last tap write that failed */
+    uint64_t packets, bytes, gso_frames, dropped;
+    uint32_t held;                 /* the loop's: responses written to the ring, rsp_prod not moved yet */
+    uint64_t held_since;           /* CLOCK_MONOTONIC of the oldest */
+};
+
+static uint16_t xkn_be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+
+struct xkn_l4 { uint32_t start, hlen; uint8_t proto, ipv6; };
+
+static int xkn_l4_at(const uint8_t *h, uint32_t len, uint32_t start, uint8_t proto, uint8_t ipv6, struct xkn_l4 *o)
+{
+    o->start = start;
+    o->proto = proto;
+    o->ipv6 = ipv6;
+    if (proto == 17 && len >= start + 8) {
+        o->hlen = 8;
+        return 1;
+    }
+    if (proto == 6 && len >= start + 20) {
+        o->hlen = (uint32_t)(h[start + 12] >> 4) * 4;
+        return o->hlen >= 20;
+    }
+    return 0;
+}
+
+/* netpkt.find_l4: the TCP/UDP header of an Ethernet frame from its first `len` (<= 128) bytes, past
+ * VLAN tags, IPv4 (not a fragment) or IPv6 and its hop-by-hop, routing and destination options
+ * (what Linux netback's skb_checksum_setup reads); 0 if it is not there. */
+static int xkn_find_l4(const uint8_t *h, uint32_t len, struct xkn_l4 *o)
+{
+    if (len < 14)
+        return 0;
+    uint32_t off = 14;
+    uint16_t et = xkn_be16(h + 12);
+    while ((et == 0x8100 || et == 0x88A8) && len >= off + 4) {
+        et = xkn_be16(h + off + 2);
+        off += 4;
+    }
+    if (et == 0x0800 && len >= off + 20) {
+        uint8_t vihl = h[off];
+        if (vihl >> 4 != 4 || (vihl & 15) < 5 || (xkn_be16(h + off + 6) & 0x3FFF))
+            return 0;
+        return xkn_l4_at(h, len, off + (uint32_t)(vihl & 15) * 4, h[off + 9], 0, o);
+    }
+    if (et == 0x86DD && len >= off + 40) {
+        uint8_t nxt = h[off + 6];
+        off += 40;
+        while ((nxt == 0 || nxt == 43 || nxt == 60) && len >= off + 8) {
+            nxt = h[off];
+            off += ((uint32_t)h[off + 1] + 1) * 8;
+        }
+        return xkn_l4_at(h, len, off, nxt, 1, o);
+    }
+    return 0;
+}
+
+/* netpkt.tx_vnet_hdr: the tap's header for a packet of `total` bytes at buf + XKN_VNET_HDR; 0 if it
+ * asks for an offload whose headers cannot be found (Python then drops it with the reason). */
+static int xkn_tx_hdr(char *buf, uint32_t total, int csum_blank, uint8_t gso_type, uint16_t gso_size)
+{
+    struct virtio_net_hdr *vh = (struct virtio_net_hdr *)buf;
+    struct xkn_l4 l4;
+    memset(vh, 0, sizeof(*vh));
+    if (!csum_blank && !gso_type)
+        return 1;
+    if (!xkn_find_l4((const uint8_t *)buf + XKN_VNET_HDR, total < 128 ? total : 128, &l4))
+        return 0;
+    if (gso_type) {
+        if (l4.proto != 6 || gso_size == 0)
+            return 0;
+        vh->gso_type = l4.ipv6 ? VIRTIO_NET_HDR_GSO_TCPV6 : VIRTIO_NET_HDR_GSO_TCPV4;
+        vh->hdr_len = (uint16_t)(l4.start + l4.hlen);
+        vh->gso_size = gso_size;
+    }
+    vh->flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    vh->csum_start = (uint16_t)l4.start;
+    vh->csum_offset = l4.proto == 6 ? 16 : 6;
+    return 1;
+}
+
+/* The packet at reqs[at] (net.py _tx_packet's rules): its extras (a GSO one of a negotiated type;
+ * others known to netif.h are skipped), its data slots (NETTXF_more_data), at most
+ * XEN_NETIF_NR_SLOTS_MIN; sizes and pages checked (xkn_tx_segs), gathered by grant copy, its
+ * virtio_net_hdr built, written to the tap (a failed write drops it, counted: the host side is
+ * congested or down), its responses written (extras NETIF_RSP_NULL).  Returns the requests used; 0
+ * if its slots are not all produced; -1 if it is Python's (any check failed, any copy left: Python
+ * redoes it and answers with the exact reason). */
+static int xkn_tx_packet(struct xkn_tx *c, const struct xk_grants *g)
+{
+    const netif_tx_request_t *r = c->reqs;
+    uint32_t i = c->at, j = i + 1, rest, python = 0;
+    uint8_t gso_type = 0;
+    uint16_t gso_size = 0;
+    int more = r[i].flags & NETTXF_extra_info;
+    while (more) {
+        if (j >= c->n)
+            return 0;
+        const struct netif_extra_info *e = (const struct netif_extra_info *)&r[j++];
+        more = e->flags & XEN_NETIF_EXTRA_FLAG_MORE;
+        if (e->type == XEN_NETIF_EXTRA_TYPE_GSO) {
+            gso_type = e->u.gso.type;
+            gso_size = e->u.gso.size;
+            python |= gso_type >= 8 || !(c->gso_ok >> gso_type & 1);
+        } else {
+            python |= e->type == XEN_NETIF_EXTRA_TYPE_NONE || e->type >= XEN_NETIF_EXTRA_TYPE_MAX;
+        }
+    }
+    uint32_t first_extra = i + 1, end_extra = j;
+    rest = j;
+    for (more = r[i].flags & NETTXF_more_data; more; j++) {
+        if (j >= c->n)
+            return 0;
+        more = r[j].flags & NETTXF_more_data;
+    }
+    uint32_t nrest = j - rest;
+    if (python || nrest + 1 > XEN_NETIF_NR_SLOTS_MIN)
+        return -1;
+    int total = xkn_tx_segs(r, (int)i, (int)rest, (int)nrest, c->buf + XKN_VNET_HDR, c->segs);
+    if (total < 0 || xkg_copy(g, c->segs, nrest + 1, 0)
+        || !xkn_tx_hdr(c->buf, (uint32_t)total, r[i].flags & NETTXF_csum_blank, gso_type, gso_size))
+        return -1;
+    ssize_t w;
+    while ((w = write(c->fd, c->buf, (size_t)total + XKN_VNET_HDR)) < 0 && errno == EINTR)
+        ;
+    if (w < 0) {
+        c->dropped++;
+        c->drop_errno = errno;
+    } else {
+        c->packets++;
+        c->bytes += (uint32_t)total;
+        c->gso_frames += gso_type != 0;
+    }
+    for (uint32_t k = i; k < j; k++) {
+        c->rsps[k].id = r[k].id;
+        c->rsps[k].status = k >= first_extra && k < end_extra ? NETIF_RSP_NULL : NETIF_RSP_OKAY;
+    }
+    return (int)(j - i);
+}
+
+/* One batch of a queue (net.py _tx_queue's rules): peek every request from `cons` (unless a batch
+ * Python interrupted is in progress), serve the complete packets, consume them (rsps[0..nrsp) to
+ * push); the last packet not complete: req_event armed after what was seen. */
+int xkn_tx_pass(struct xkn_tx *c, const struct xk_grants *g)
+{
+    c->nrsp = 0;
+    if (!c->n) {
+        int n = xkn_tx_peek(c->page, c->cons, c->reqs, XKN_RING_SIZE);
+        if (n < 0) {
+            xkn_tx_arm_after(c->page, c->cons);      /* any sane push from cons notifies */
+            return XKN_TX_BAD_INDEX;
+        }
+        if (!n)
+            return xkn_tx_final_check(c->page, c->cons) ? XKN_TX_AGAIN : XKN_TX_IDLE;
+        c->n = (uint32_t)n;
+        c->at = 0;
+    }
+    while (c->at < c->n) {
+        int used = xkn_tx_packet(c, g);
+        if (used < 0)
+            return XKN_TX_PYTHON;
+        if (!used)
+            break;
+        c->at += (uint32_t)used;
+    }
+    uint32_t seen = c->cons + c->n;
+    c->nrsp = c->at;
+    c->cons += c->at;
+    c->n = c->at = 0;
+    if (c->cons != seen && !xkn_tx_arm_after(c->page, seen))
+        return XKN_TX_IDLE;       /* the frontend notifies when the last packet is complete */
+    return XKN_TX_AGAIN;
+}
+
+/*
+ * The vif's tx serve loop, on the device's xenbus worker (as the vbd's xkb_loop): it sleeps on the
+ * worker's kick eventfd (every queue's tx port is bound to it) and its events eventfd, and at each
+ * kick serves every queue until its ring is empty, pushing and notifying (notify_fn) per batch.
+ * Python gets the thread back, and calls again, for:
+ *   XKN_LOOP_PASS    queue `at`'s pass ended with `code` XKN_TX_PYTHON (Python serves the packet at
+ *                    reqs[at], adds the requests it used to `at`; the batch goes on in C) or
+ *                    XKN_TX_BAD_INDEX (counted; the queue waits for a kick, `wait_kick`);
+ *   XKN_LOOP_NOTIFY  queue `at`'s notify is owed to Python (notify_r: notify_fn's answer, -1: none);
+ *   XKN_LOOP_REPORT  every queue idle past report_ns (Python folds statistics, sets the next);
+ *   XKN_LOOP_EVENT   the worker has an event (ctl_fd); every queue's batch is consumed;
+ *   XKN_LOOP_ERROR   poll failed or the kick fd is gone (`err`).
+ */
+struct xkn_tx_loop {
+    struct xkn_tx *q;              /* the queues */
+    uint32_t nq;
+    const struct xk_grants *g;     /* the grant claims' view of the table (synced by Python per call) */
+    int32_t kick_fd, ctl_fd;
+    uint32_t at;                   /* out: the queue of a PASS or NOTIFY return */
+    int32_t code;                  /* out: PASS's XKN_TX_ code */
+    int32_t notify_r;              /* out: NOTIFY's answer */
+    void *notify_fn;               /* int fn(void *ctx, uint32_t port): the notify in C, or NULL */
+    void *notify_ctx;
+    int32_t err;
+    uint64_t report_ns;            /* CLOCK_MONOTONIC: return REPORT once idle past it (0: never) */
+    uint64_t hold_ns;              /* tx completion coalescing: publish responses this late at most (0: at once) */
+    uint64_t c_notifies, wakeups, busy_ns, notified_ns, woke_ns;
+    uint64_t publishes;            /* statistics: rsp_prod moves */
+};
+
+/* Write a batch's responses into the ring after the private rsp_prod, without publishing them. */
+static void xkn_tx_write(struct xkn_tx *c)
+{
+    volatile struct netif_tx_sring *s = (volatile struct netif_tx_sring *)c->page;
+    for (uint32_t i = 0; i < c->nrsp; i++, (*c->rsp_prod)++)
+        memcpy((void *)&s->ring[*c->rsp_prod & (XKN_RING_SIZE - 1)].rsp, &c->rsps[i], sizeof(c->rsps[i]));
+    if (c->nrsp && !c->held)
+        c->held_since = xkn_clock_ns(CLOCK_MONOTONIC);
+    c->held += c->nrsp;
+    c->nrsp = 0;
+}
+
+/* Publish the held responses (RING_PUSH_RESPONSES_AND_CHECK_NOTIFY) and notify if the frontend
+ * asked: 0, or what is owed to Python (xkn_notify). */
+static int32_t xkn_tx_publish(struct xkn_tx_loop *L, struct xkn_tx *c)
+{
+    c->held = 0;
+    L->publishes++;
+    if (!xkn_tx_push(c->page, c->rsp_prod, c->rsps, 0))
+        return 0;
+    return xkn_notify(L->notify_fn, L->notify_ctx, c->port, &L->c_notifies, &L->notified_ns);
+}
+
+/* Whether queue c's held responses are due: coalescing is off, they are half a ring, or the
+ * oldest has waited hold_ns. */
+static int xkn_tx_due(const struct xkn_tx_loop *L, const struct xkn_tx *c)
+{
+    return c->held && (!L->hold_ns || c->held >= XKN_RING_SIZE / 2
+                       || xkn_clock_ns(CLOCK_MONOTONIC) - c->held_since >= L->hold_ns);
+}
+
+/* One queue until it is idle: an XKN_LOOP_ code to return, or -1 when it is idle.  Its
+ * responses are published when due (xkn_tx_due), or all of them with `all`. */
+static int xkn_tx_serve(struct xkn_tx_loop *L, uint32_t i, int all)
+{
+    struct xkn_tx *c = &L->q[i];
+    L->at = i;
+    while (c->pending && !c->wait_kick) {
+        uint64_t t0 = xkn_clock_ns(CLOCK_THREAD_CPUTIME_ID);
+        int code = L->code = xkn_tx_pass(c, L->g);
+        xkn_tx_write(c);
+        L->busy_ns += xkn_clock_ns(CLOCK_THREAD_CPUTIME_ID) - t0;
+        c->pending = code != XKN_TX_IDLE && code != XKN_TX_BAD_INDEX;
+        c->wait_kick = code == XKN_TX_BAD_INDEX;
+        if (code == XKN_TX_PYTHON || code == XKN_TX_BAD_INDEX)
+            return XKN_LOOP_PASS;
+        if (xkn_tx_due(L, c) && (L->notify_r = xkn_tx_publish(L, c)))
+            return XKN_LOOP_NOTIFY;
+    }
+    if ((all ? c->held != 0 : xkn_tx_due(L, c)) && (L->notify_r = xkn_tx_publish(L, c)))
+        return XKN_LOOP_NOTIFY;
+    return -1;
+}
+
+/* The poll timeout: until the first held response is due (-1: none held). */
+static int xkn_tx_timeout(const struct xkn_tx_loop *L, struct timespec *ts)
+{
+    uint64_t now = xkn_clock_ns(CLOCK_MONOTONIC), first = UINT64_MAX;
+    for (uint32_t i = 0; i < L->nq; i++)
+        if (L->q[i].held && L->q[i].held_since + L->hold_ns < first)
+            first = L->q[i].held_since + L->hold_ns;
+    if (first == UINT64_MAX)
+        return 0;
+    uint64_t left = first > now ? first - now : 0;
+    ts->tv_sec = (time_t)(left / 1000000000ULL);
+    ts->tv_nsec = (long)(left % 1000000000ULL);
+    return 1;
+}
+
+int xkn_tx_loop(struct xkn_tx_loop *L)
+{
+    for (int event = 0;;) {
+        for (uint32_t i = 0; i < L->nq; i++) {
+            int code = xkn_tx_serve(L, i, event);
+            if (code >= 0)
+                return code;
+        }
+        if (event)          /* every response published: nothing is held while Python runs */
+            return XKN_LOOP_EVENT;
+        if (L->report_ns && xkn_clock_ns(CLOCK_MONOTONIC) >= L->report_ns)
+            return XKN_LOOP_REPORT;
+        struct pollfd p[2] = {{L->ctl_fd, POLLIN, 0}, {L->kick_fd, POLLIN, 0}};
+        struct timespec ts;
+        int n;
+        while ((n = ppoll(p, 2, xkn_tx_timeout(L, &ts) ? &ts : NULL, NULL)) < 0) {
+            if (errno != EINTR) {
+                L->err = errno;
+                return XKN_LOOP_ERROR;
+            }
+        }
+        if (n == 0)         /* held responses are due */
+            continue;
+        if (p[0].revents) {
+            event = 1;
+            continue;
+        }
+        uint64_t count;
+        if ((p[1].revents & POLLNVAL) || (read(L->kick_fd, &count, sizeof(count)) < 0 && errno != EAGAIN)) {
+            L->err = (p[1].revents & POLLNVAL) ? EBADF : errno;
+            return XKN_LOOP_ERROR;
+        }
+        L->wakeups++;
+        L->woke_ns = xkn_clock_ns(CLOCK_MONOTONIC);
+        for (uint32_t i = 0; i < L->nq; i++) {
+            L->q[i].pending = 1;
+            L->q[i].wait_kick = 0;
+        }
     }
 }
 """

@@ -13,7 +13,9 @@ every queue: every request up to ``req_prod`` is copied out of the ring (C),
 each packet's slots are checked, gathered by grant copy into one
 preallocated buffer behind the ``virtio_net_hdr`` netpkt.py builds (checksum
 and GSO offload) and written to the tap in one ``write``.  Responses go back
-in one push per batch.  io/netif.h's wire format: fragment 1's ``size`` is
+in one push per batch.  The worker does this in C (nettx.py, ``xkn_tx_loop``,
+the same rules) and hands Python only the packets C refuses, which
+``_tx_packet`` below serves with the exact reason.  io/netif.h's wire format: fragment 1's ``size`` is
 the total packet size, extras follow it, and "the actual size of fragment 1
 can only be determined by subtracting the sizes of fragments 2..N from the
 total packet size"; a frontend may use "slots up to" XEN_NETIF_NR_SLOTS_MIN
@@ -61,6 +63,7 @@ from ._netif_cffi import ffi, lib
 from .gntcopy import BatchCopy
 from .latency import CostWindow, EventLatency
 from .netring import RING, NetifRings, open_queues
+from .nettx import TxLoop
 from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap
 from .xenbus import ConnectError, XenbusDevice
 
@@ -95,12 +98,13 @@ class VifDevice(XenbusDevice):
         self.queues: list[NetifRings] = []
         self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_gso": 0, "tx_malformed": 0, "tx_dropped": 0,
                       "tx_bad_index": 0, "rx_packets": 0, "rx_bytes": 0, "rx_gso": 0, "rx_dropped": 0,
-                      "rx_bad_index": 0, "rx_c_notifies": 0,
+                      "rx_bad_index": 0, "rx_c_notifies": 0, "tx_c_notifies": 0,
                       "tx_busy_ns": 0, "rx_busy_ns": 0}   #: busy: CPU time serving (bench_netback.py)
         self._tx_buf = bytearray(HDR + 65536)
         self._tx_mv = memoryview(self._tx_buf)
         self._tx_ptr = ffi.from_buffer(self._tx_buf)
         self._tx_copy: BatchCopy | None = None       #: the tx worker's (connect)
+        self._tx_loop: TxLoop | None = None          #: the worker's C serve loop over the connection's queues
         self._gso = ffi.new("struct xkn_gso *")
         self._rx: list[RxWorker] = []
         #: per queue index: the rx thread's wake-up eventfd, leased from the domain's fast-path pool
@@ -159,6 +163,9 @@ class VifDevice(XenbusDevice):
                  ", ".join(k for k, v in vars(f).items() if v) or "no offloads")
 
     def disconnect(self) -> None:
+        if self._tx_loop is not None:       # the worker's: it is not in the loop while it disconnects
+            self._tx_loop.account()
+            self._tx_loop = None
         workers, self._rx = self._rx, []
         for rx in workers:
             rx.stop()
@@ -237,8 +244,18 @@ class VifDevice(XenbusDevice):
             workers[queue].wake()
 
     # -- tx --------------------------------------------------------------------------------
+    def serve_loop(self, ctl_fd: int) -> bool:
+        """The worker sleeps and serves tx in C until it has an event (nettx.py)."""
+        if not self.queues:
+            return False
+        if self._tx_loop is None or self._tx_loop.queues is not self.queues:
+            self._tx_loop = TxLoop(self, ctl_fd, COST_LOG_NS)
+        self._tx_loop.run()
+        return True
+
     def service(self) -> None:
-        """Send every complete packet the frontend queued; re-arm ``req_event``."""
+        """Send every complete packet the frontend queued; re-arm ``req_event`` (Python's pass:
+        the worker's first after an event; then it serves in C, :meth:`serve_loop`)."""
         start = time.thread_time_ns()
         for w in self._rx:
             ns = w.c_notified()
@@ -261,6 +278,8 @@ class VifDevice(XenbusDevice):
         they return to Python)."""
         for w in self._rx:
             w.account()
+        if self._tx_loop is not None:
+            self._tx_loop.account()
         return self.stats
 
     def kick_stamp(self, port: int) -> int | None:
@@ -314,11 +333,19 @@ class VifDevice(XenbusDevice):
                 continue
             used = self._tx_batch(r, n)
             if used and lib.xkn_tx_push(r.tx_page, r.tx_rsp_prod, r.tx_rsps, used):
-                t = time.perf_counter_ns()
-                notify(self.domain, r.tx_port)
-                self.latency["tx"].notified(t)
+                self._notify_tx(r.tx_port, -1)
             if used < n and not lib.xkn_tx_arm_after(r.tx_page, r.tx_cons + n - used):
                 return      # the last packet is not complete: the frontend notifies when it is
+
+    def _notify_tx(self, port: int, answer: int) -> None:
+        """Notify a tx port: all of it (``answer`` -1: no C delivery), or the part C delivery
+        left to Python."""
+        t = time.perf_counter_ns()
+        if answer >= 0:
+            self.domain.cdeliver.finish(port, answer)
+        else:
+            notify(self.domain, port)
+        self.latency["tx"].notified(t)
 
     def _tx_batch(self, r: NetifRings, n: int) -> int:
         """Send the complete packets among the ``n`` requests copied out; how many requests were used."""
@@ -404,7 +431,7 @@ class VifDevice(XenbusDevice):
         if errors:
             i, e = next(iter(errors.items()))
             raise Malformed(f"grant {copy.segs[i].ref}: {e}")
-        head = bytes(buf[HDR:HDR + 128])
+        head = bytes(buf[HDR:min(pos, HDR + 128)])     # the packet's own bytes, not a former one's
         hdr = netpkt.tx_vnet_hdr(head, bool(reqs[slots[0]].flags & CSUM_BLANK), gso[0], gso[1])
         if hdr is None:
             raise Malformed("checksum/GSO offload asked for a packet without a TCP/UDP header")
