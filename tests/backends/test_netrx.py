@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import errno
 import os
-import queue
 import socket
-import threading
 
 import pytest
+from tests.backends.cloops import LoopRunner, NotifyRecorder, closing
 from tests.xen.evtchnfakes import FakeDomain
 
 from xenkvm.backends import netpkt
@@ -77,8 +76,8 @@ class Rx:
         return self.dom.mem.read((FIRST_PAGE + i) << 12, n)
 
 
-@pytest.fixture
-def dom():
+def granted_domain():
+    """A domain whose grant refs 10.. grant guest pages FIRST_PAGE.. (NBUF of them) to dom0."""
     d = FakeDomain(nvcpus=1, ram=64 << 20, gnttab=True)
     assert d.gnttab.set_version(1) == 0
     d.gnttab.map_frame(0, F0)
@@ -87,6 +86,11 @@ def dom():
                     + (FIRST_PAGE + i).to_bytes(4, "little"))
     yield d
     d.close()
+
+
+@pytest.fixture
+def dom():
+    yield from granted_domain()
 
 
 def frame(n: int, seed: int) -> bytes:
@@ -189,11 +193,12 @@ def test_a_grant_someone_holds_is_left_to_python(dom):
 
 
 # -- the rx thread's loop in C (xkn_rx_loop) --------------------------------------------------
-class Loop:
+class Loop(LoopRunner):
     """An ``xkn_rx_loop`` over an :class:`Rx` queue: its wake eventfd, its private rsp_prod, and
     a thread to run it in when it is to sleep."""
 
     def __init__(self, rx: Rx, notify_fn=None):
+        super().__init__()
         self.rx = rx
         self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.rsp_prod = ffi.new("uint32_t *")
@@ -202,24 +207,9 @@ class Loop:
                                                   "wake_fd": self.wake, "port": 9})
         if notify_fn is not None:
             self.c.notify_fn, self.c.notify_ctx = ffi.cast("void *", notify_fn), ffi.cast("void *", 0x77)
-        self.codes: queue.Queue[int] = queue.Queue()
 
     def run(self) -> int:
         return lib.xkn_rx_loop(self.c)
-
-    def start(self) -> None:
-        threading.Thread(target=lambda: self.codes.put(self.run()), daemon=True).start()
-
-    def returned(self, timeout: float = 30) -> int:
-        return self.codes.get(timeout=timeout)
-
-    def asleep(self) -> bool:
-        """Still blocked after a moment (an honest negative: a return would be in ``codes``)."""
-        try:
-            self.codes.get(timeout=0.3)
-        except queue.Empty:
-            return True
-        return False
 
     def stop(self) -> int:
         self.c.stop = 1
@@ -232,10 +222,7 @@ class Loop:
 
 @pytest.fixture
 def loops():
-    made = []
-    yield lambda rx, fn=None: made.append(Loop(rx, fn)) or made[-1]
-    for lp in made:
-        lp.close()
+    yield from closing(Loop)
 
 
 def want_notify(rx: Rx) -> None:
@@ -278,22 +265,16 @@ def test_without_buffers_only_a_kick_wakes_it(dom, loops):
 
 
 def test_notifies_go_to_the_c_delivery_function(dom, loops):
-    answers, calls = [0], []
-
-    @ffi.callback("int(void *, uint32_t)")
-    def notify(ctx, port):
-        calls.append((int(ffi.cast("uintptr_t", ctx)), port))
-        return answers[0]
-
+    rec = NotifyRecorder(ffi)
     rx = Rx(dom)
-    lp = loops(rx, notify)
+    lp = loops(rx, rec.fn)
     rx.post(4)
     want_notify(rx)
     rx.frame(frame(40, 1))
     lp.start()
     assert lp.asleep()                              # notified in C: no return to Python
-    assert calls == [(0x77, 9)] and lp.c.c_notifies == 1 and lp.c.notified_ns > 0
-    answers[0] = 0x105                              # C delivery leaves a part to Python
+    assert rec.calls == [(0x77, 9)] and lp.c.c_notifies == 1 and lp.c.notified_ns > 0
+    rec.answer = 0x105                              # C delivery leaves a part to Python
     want_notify(rx)
     rx.frame(frame(41, 2))
     assert lp.returned() == lib.XKN_LOOP_NOTIFY and lp.c.notify_r == 0x105 and lp.c.c_notifies == 1

@@ -15,23 +15,20 @@ from __future__ import annotations
 
 import errno
 import os
-import queue
 import random
 import socket
 import struct
 import threading
 
 import pytest
-from tests.xen.evtchnfakes import FakeDomain
+from tests.backends.cloops import LoopRunner, NotifyRecorder, closing
+from tests.backends.test_netrx import FIRST_PAGE, granted_domain
+from tests.backends.test_netrx import NBUF as NPAGES
 
 from xenkvm.backends import netpkt
 from xenkvm.backends._netif_cffi import ffi, lib
 from xenkvm.backends.gntcopy import BatchCopy
-from xenkvm.xen.abi import lib as xlib
 
-F0 = 0x3000                     #: the grant table's frame 0
-FIRST_PAGE = 0x2000             #: page i is guest page FIRST_PAGE + i, granted as ref 10 + i
-NPAGES = 24
 RING = lib.XKN_RING_SIZE
 HDR = netpkt.VNET_HDR_LEN
 SLOTS = lib.XEN_NETIF_NR_SLOTS_MIN
@@ -112,14 +109,7 @@ class Tx:
 
 @pytest.fixture
 def dom():
-    d = FakeDomain(nvcpus=1, ram=64 << 20, gnttab=True)
-    assert d.gnttab.set_version(1) == 0
-    d.gnttab.map_frame(0, F0)
-    for i in range(NPAGES):
-        d.mem.write((F0 << 12) + (10 + i) * 8, (xlib.GTF_permit_access | (0 << 16)).to_bytes(4, "little")
-                    + (FIRST_PAGE + i).to_bytes(4, "little"))
-    yield d
-    d.close()
+    yield from granted_domain()      # refs 10.. grant guest pages FIRST_PAGE.., NPAGES of them
 
 
 def eth_frame(n: int, seed: int, etype: int = 0x88B5) -> bytes:
@@ -285,11 +275,12 @@ def test_a_failed_tap_write_drops_and_counts_the_packet(dom):
 
 
 # -- the worker's loop in C (xkn_tx_loop) ---------------------------------------------------------
-class Loop:
+class Loop(LoopRunner):
     """An ``xkn_tx_loop`` over :class:`Tx` queues: the kick and events eventfds, and a thread to
     run it in when it is to sleep."""
 
     def __init__(self, txs: list[Tx], notify_fn=None):
+        super().__init__()
         self.txs = txs
         self.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.ctl = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -302,24 +293,9 @@ class Loop:
                                                   "kick_fd": self.kick, "ctl_fd": self.ctl})
         if notify_fn is not None:
             self.c.notify_fn, self.c.notify_ctx = ffi.cast("void *", notify_fn), ffi.cast("void *", 0x77)
-        self.codes: queue.Queue[int] = queue.Queue()
 
     def run(self) -> int:
         return lib.xkn_tx_loop(self.c)
-
-    def start(self) -> None:
-        threading.Thread(target=lambda: self.codes.put(self.run()), daemon=True).start()
-
-    def returned(self, timeout: float = 30) -> int:
-        return self.codes.get(timeout=timeout)
-
-    def asleep(self) -> bool:
-        """Still blocked after a moment (an honest negative: a return would be in ``codes``)."""
-        try:
-            self.codes.get(timeout=0.3)
-        except queue.Empty:
-            return True
-        return False
 
     def event(self) -> int:
         os.eventfd_write(self.ctl, 1)
@@ -334,10 +310,7 @@ class Loop:
 
 @pytest.fixture
 def loops():
-    made = []
-    yield lambda txs, fn=None: made.append(Loop(txs, fn)) or made[-1]
-    for lp in made:
-        lp.close()
+    yield from closing(Loop)
 
 
 def test_the_loop_serves_every_queue_pushes_and_returns_on_an_event(dom, loops):
@@ -360,20 +333,14 @@ def test_the_loop_serves_every_queue_pushes_and_returns_on_an_event(dom, loops):
 
 
 def test_notifies_go_to_the_c_delivery_function(dom, loops):
-    answers, calls = [0], []
-
-    @ffi.callback("int(void *, uint32_t)")
-    def notify(ctx, port):
-        calls.append((int(ffi.cast("uintptr_t", ctx)), port))
-        return answers[0]
-
+    rec = NotifyRecorder(ffi)
     tx = Tx(dom)
-    lp = loops([tx], notify)
+    lp = loops([tx], rec.fn)
     tx.packet(eth_frame(60, 1))
     tx.sring.rsp_event = 1
     lp.start()
-    assert lp.asleep() and calls == [(0x77, 7)] and lp.c.c_notifies == 1 and lp.c.notified_ns > 0
-    answers[0] = 0x105                                   # C delivery leaves a part to Python
+    assert lp.asleep() and rec.calls == [(0x77, 7)] and lp.c.c_notifies == 1 and lp.c.notified_ns > 0
+    rec.answer = 0x105                                   # C delivery leaves a part to Python
     tx.packet(eth_frame(61, 2), page=1)
     tx.sring.rsp_event = 2
     os.eventfd_write(lp.kick, 1)
