@@ -38,7 +38,7 @@ $(CACHE)/deps.stamp: Makefile
 	@touch $@
 
 venv: $(VENV)/stamp
-$(VENV)/stamp: pyproject.toml setup.py xenkvm/_cffi_modules.py xenkvm/kvm/_build.py xenkvm/machine/boot/_abi_build.py xenkvm/xen/_abi_build.py xenkvm/backends/_blkif_build.py xenkvm/backends/_netif_build.py xenkvm/backends/_nbd_build.py xenkvm/backends/xk_grants.h xenkvm/xen/_fast_build.py $(CACHE)/deps.stamp
+$(VENV)/stamp: pyproject.toml setup.py xenkvm/_cffi_modules.py xenkvm/kvm/_build.py xenkvm/machine/boot/_abi_build.py xenkvm/xen/_abi_build.py xenkvm/backends/_blkif_build.py xenkvm/backends/_netif_build.py xenkvm/backends/_nbd_build.py xenkvm/backends/xk_grants.h xenkvm/backends/xk_policy.h xenkvm/xen/_fast_build.py $(CACHE)/deps.stamp
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

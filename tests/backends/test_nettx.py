@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import random
 import socket
 import struct
@@ -290,7 +291,8 @@ class Loop(LoopRunner):
             self.q[k].pending = 1
         txs[0].copy.snapshot.sync()
         self.c = ffi.new("struct xkn_tx_loop *", {"q": self.q, "nq": len(txs), "g": txs[0].copy.snapshot.ptr,
-                                                  "kick_fd": self.kick, "ctl_fd": self.ctl})
+                                                  "kick_fd": self.kick, "ctl_fd": self.ctl,
+                                                  "batch_at": 1.25, "other_below": 1.05, "average": 1.0})
         if notify_fn is not None:
             self.c.notify_fn, self.c.notify_ctx = ffi.cast("void *", notify_fn), ffi.cast("void *", 0x77)
 
@@ -437,3 +439,38 @@ def test_half_a_ring_of_held_responses_is_published_at_once(dom, loops):
     tx.publish()
     lp.start()
     assert lp.asleep() and tx.sring.rsp_prod == RING // 2 + 2 and len(tx.sent()) == RING // 2 + 2
+
+
+def test_the_worker_turns_sched_batch_while_kicks_find_several_packets(dom, loops):
+    """xk_policy.h in the tx loop (as the vbd's): SCHED_BATCH once kick wake-ups average 1.25 ring
+    requests or more, SCHED_OTHER again below 1.05, applied to the loop's own thread.  Without it
+    a kick made the worker preempt the vCPU that kicked: one packet a kick, an interrupt-window
+    exit for each notify."""
+    tx = Tx(dom)
+    lp = loops([tx])
+    lp.q[0].pending = 0
+    seen: queue.Queue = queue.Queue()
+
+    def worker():
+        for _ in range(2):                          # a phase ends with an event
+            assert lp.run() == lib.XKN_LOOP_EVENT
+            os.eventfd_read(lp.ctl)
+            seen.put((lp.c.batch, os.sched_getscheduler(0)))
+
+    def phase(kicks: int, per_kick: int) -> tuple[int, int]:
+        for _ in range(kicks):
+            for i in range(per_kick):
+                tx.packet(eth_frame(60, i), page=i % 4, publish=False)
+            tx.publish()
+            os.eventfd_write(lp.kick, 1)
+            for _ in range(3000):                   # the loop serves it (generous real-time bound)
+                if tx.sring.rsp_prod == tx.prod:
+                    break
+                threading.Event().wait(0.01)
+        os.eventfd_write(lp.ctl, 1)
+        return seen.get(timeout=30)
+
+    threading.Thread(target=worker, daemon=True).start()
+    assert phase(4, 8) == (1, os.SCHED_BATCH)
+    assert phase(24, 1) == (0, os.SCHED_OTHER)
+    assert lp.c.switches == 2 and lp.c.wakeups == 28 and len(tx.sent()) == 56

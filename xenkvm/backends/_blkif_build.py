@@ -428,37 +428,8 @@ static uint64_t xkb_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
-/* The calling thread's policy: SCHED_BATCH (never a wakeup preemptor) or SCHED_OTHER. */
-static void xkb_set_batch(struct xkb_loop *L, int batch)
-{
-    struct sched_param sp;
-    memset(&sp, 0, sizeof(sp));
-    L->batch = batch;
-    L->switches++;
-    L->since_probe = 0;
-    sched_setscheduler(0, batch ? SCHED_BATCH : SCHED_OTHER, &sp);   /* refused: nothing changes */
-}
-
-/* PassPolicy's rule, and a probe: under SCHED_OTHER a worker whose passes are fast enough wakes
- * at every kick and finds one request whatever the guest's queue depth (it preempts the vCPU
- * that kicked before the guest queues more), so its average alone never shows a deep queue.
- * Every `probe_every` wake-ups it tries SCHED_BATCH with the average set to `batch_at`: a guest
- * with one request at a time brings it under `other_below` in ~6 wake-ups, a deep queue keeps it. */
-static void xkb_policy(struct xkb_loop *L)      /* a wake-up ended, every queue empty */
-{
-    L->average += ((double)L->wake_requests - L->average) / 4;
-    L->wake_requests = 0;
-    if (L->batch) {
-        if (L->average < L->other_below)
-            xkb_set_batch(L, 0);
-    } else if (L->average >= L->batch_at) {
-        xkb_set_batch(L, 1);
-    } else if (L->probe_every && ++L->since_probe >= L->probe_every) {
-        L->probes++;
-        L->average = L->batch_at;
-        xkb_set_batch(L, 1);
-    }
-}
+#include "xk_policy.h"
+XK_POLICY_FNS(xkb, struct xkb_loop)     /* xkb_set_batch, xkb_policy */
 
 /* Notify `port`: in C through notify_fn when there is one and it finishes it (0), else listed
    for Python with notify_fn's answer (or -1).  1 if Python is owed something. */

@@ -130,7 +130,9 @@ struct xkn_tx_loop {
     struct xkn_tx *q; uint32_t nq; const struct xk_grants *g; int32_t kick_fd; int32_t ctl_fd;
     uint32_t at; int32_t code; int32_t notify_r; void *notify_fn; void *notify_ctx; int32_t err;
     uint64_t report_ns; uint64_t hold_ns; uint64_t c_notifies; uint64_t wakeups; uint64_t busy_ns;
-    uint64_t notified_ns; uint64_t woke_ns; uint64_t publishes; ...; };
+    uint64_t notified_ns; uint64_t woke_ns; uint64_t publishes; uint64_t wake_requests;
+    double batch_at; double other_below; double average; int32_t batch;
+    uint32_t switches; uint32_t probe_every; uint32_t since_probe; uint32_t probes; ...; };
 int xkn_tx_loop(struct xkn_tx_loop *L);
 struct netif_rx_sring { uint32_t req_prod; uint32_t req_event; uint32_t rsp_prod; uint32_t rsp_event; ...; };
 union netif_rx_sring_entry { netif_rx_request_t req; netif_rx_response_t rsp; };
@@ -800,7 +802,15 @@ struct xkn_tx_loop {
     uint64_t hold_ns;              /* tx completion coalescing: publish responses this late at most (0: at once) */
     uint64_t c_notifies, wakeups, busy_ns, notified_ns, woke_ns;
     uint64_t publishes;            /* statistics: rsp_prod moves */
+    uint64_t wake_requests;                  /* the worker's scheduling policy (xk_policy.h): its input, */
+    double batch_at, other_below, average;   /* PassPolicy's constants and EWMA, */
+    int32_t batch;                           /* SCHED_BATCH now, */
+    uint32_t switches, probe_every, since_probe, probes;
+    uint64_t policy_seen;                    /* the wake-up the policy last counted */
 };
+
+#include "xk_policy.h"
+XK_POLICY_FNS(xkn_tx, struct xkn_tx_loop)     /* xkn_tx_set_batch, xkn_tx_policy */
 
 /* Write a batch's responses into the ring after the private rsp_prod, without publishing them. */
 static void xkn_tx_write(struct xkn_tx *c)
@@ -842,6 +852,7 @@ static int xkn_tx_serve(struct xkn_tx_loop *L, uint32_t i, int all)
     while (c->pending && !c->wait_kick) {
         uint64_t t0 = xkn_clock_ns(CLOCK_THREAD_CPUTIME_ID);
         int code = L->code = xkn_tx_pass(c, L->g);
+        L->wake_requests += c->nrsp;
         xkn_tx_write(c);
         L->busy_ns += xkn_clock_ns(CLOCK_THREAD_CPUTIME_ID) - t0;
         c->pending = code != XKN_TX_IDLE && code != XKN_TX_BAD_INDEX;
@@ -883,6 +894,10 @@ int xkn_tx_loop(struct xkn_tx_loop *L)
             return XKN_LOOP_EVENT;
         if (L->report_ns && xkn_clock_ns(CLOCK_MONOTONIC) >= L->report_ns)
             return XKN_LOOP_REPORT;
+        if (L->wakeups != L->policy_seen) {     /* a kick's wake-up ended: every queue idle */
+            L->policy_seen = L->wakeups;
+            xkn_tx_policy(L);
+        }
         struct pollfd p[2] = {{L->ctl_fd, POLLIN, 0}, {L->kick_fd, POLLIN, 0}};
         struct timespec ts;
         int n;

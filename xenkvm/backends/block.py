@@ -54,10 +54,6 @@ MAX_INDIRECT_SEGS = lib.XKB_MAX_INDIRECT   #: feature-max-indirect-segments (Lin
 SEGS_PER_INDIRECT_PAGE = PAGE // ffi.sizeof("struct blkif_request_segment")
 MAX_SEGS = lib.BLKIF_MAX_SEGMENTS_PER_REQUEST
 PENDING = -0x8000   #: _io's status for a request handed to a pipelined disk, answered in _complete
-#: the C loop tries SCHED_BATCH every this many SCHED_OTHER wake-ups (``xkb_policy``: its passes
-#: are quick enough to find one request a kick whatever the guest's queue depth; the rig's QD32
-#: fell from 3324 to 746 IOPS without the probe once notifies were in C too)
-PROBE_EVERY = 64
 LATENCY_LOG_NS = 5_000_000_000   #: while busy, log the event-path latencies this often (at -v)
 
 
@@ -493,7 +489,7 @@ class CLoop:
         L.readonly, L.nsectors = int(dev.spec.readonly), dev.disk.sectors
         L.nq, L.q = n, self.queues
         pol = dev.backend.policy
-        L.batch_at, L.other_below, L.probe_every = pol.BATCH_AT, pol.OTHER_BELOW, PROBE_EVERY
+        L.batch_at, L.other_below, L.probe_every = pol.BATCH_AT, pol.OTHER_BELOW, pol.PROBE_EVERY
         cdeliver = getattr(dev.domain, "cdeliver", None)
         if cdeliver is not None:        # notifies in C (2-level channels: xen/evtchn/cdeliver.py)
             L.notify_fn, L.notify_ctx = cdeliver.for_c()

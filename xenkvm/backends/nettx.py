@@ -12,7 +12,10 @@ whose grant copy C cannot claim (``_tx_packet`` serves it, dropping and
 counting it with the exact reason, then C goes on with the batch), a producer
 index more than a ring ahead (counted; the queue waits for the next kick), a
 notify C delivery declines (FIFO channels), a worker event (connect, unplug,
-snapshot park), and every ``COST_LOG_NS`` while busy for the cost lines.
+snapshot park), and every ``COST_LOG_NS`` while busy for the cost lines.  The worker's
+scheduling class follows the vbd's rule (xk_policy.h, xenbus.PassPolicy): SCHED_BATCH while its
+wake-ups find more than one request on average, so that on a CPU it shares with the guest's vCPU
+a kick does not preempt the vCPU (an interrupt-window exit for the notify, one packet per kick).
 Before, every packet (the guest's TCP ACKs too) woke a Python thread and cost
 a Python pass: the ACK's trip back to the sender is part of every host->guest
 round trip.
@@ -53,6 +56,8 @@ class TxLoop:
         L.q, L.nq, L.g = self.tx, len(self.queues), self.snapshot.ptr
         L.kick_fd, L.ctl_fd = dev.backend.kick_fd, ctl_fd
         L.hold_ns = dev.spec.tx_coalesce_us * 1000
+        pol = dev.backend.policy        # the worker's scheduling policy, kept per wake-up in C
+        L.batch_at, L.other_below, L.probe_every = pol.BATCH_AT, pol.OTHER_BELOW, pol.PROBE_EVERY
         cdeliver = getattr(dev.domain, "cdeliver", None)
         if cdeliver is not None:        # notifies in C (2-level channels: xen/evtchn/cdeliver.py)
             L.notify_fn, L.notify_ctx = cdeliver.for_c()
@@ -70,6 +75,8 @@ class TxLoop:
         for c, r in zip(self.tx, self.queues):
             c.cons, c.n, c.at, c.pending, c.wait_kick = r.tx_cons & 0xFFFFFFFF, 0, 0, 1, 0
         L.report_ns = time.perf_counter_ns() + self.report_every_ns
+        pol = dev.backend.policy
+        L.batch, L.average, L.switches = pol.batch, pol.average, pol.switches
         try:
             while True:
                 self.snapshot.sync()
@@ -90,6 +97,7 @@ class TxLoop:
         finally:
             for c, r in zip(self.tx, self.queues):
                 r.tx_cons = c.cons
+            pol.batch, pol.average, pol.switches = bool(L.batch), L.average, L.switches
             self.stamp()
 
     def _pass_left(self, i: int, code: int) -> None:
