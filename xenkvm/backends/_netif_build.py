@@ -708,8 +708,7 @@ static int xkn_tx_packet(struct xkn_tx *c, const struct xk_grants *g)
             python |= e->type == XEN_NETIF_EXTRA_TYPE_NONE || e->type >= XEN_NETIF_EXTRA_TYPE_MAX;
         }
     }
-    uint32_t first_extra = i + 1, end_extra = j;
-    rest = j;
+    rest = j;                         /* the extras are reqs[i+1 .. rest) */
     for (more = r[i].flags & NETTXF_more_data; more; j++) {
         if (j >= c->n)
             return 0;
@@ -735,7 +734,7 @@ static int xkn_tx_packet(struct xkn_tx *c, const struct xk_grants *g)
     }
     for (uint32_t k = i; k < j; k++) {
         c->rsps[k].id = r[k].id;
-        c->rsps[k].status = k >= first_extra && k < end_extra ? NETIF_RSP_NULL : NETIF_RSP_OKAY;
+        c->rsps[k].status = k > i && k < rest ? NETIF_RSP_NULL : NETIF_RSP_OKAY;
     }
     return (int)(j - i);
 }
@@ -812,13 +811,14 @@ struct xkn_tx_loop {
 #include "xk_policy.h"
 XK_POLICY_FNS(xkn_tx, struct xkn_tx_loop)     /* xkn_tx_set_batch, xkn_tx_policy */
 
-/* Write a batch's responses into the ring after the private rsp_prod, without publishing them. */
-static void xkn_tx_write(struct xkn_tx *c)
+/* Write a batch's responses into the ring after the private rsp_prod, without publishing them
+ * (the oldest's time kept only when coalescing: `stamp`). */
+static void xkn_tx_write(struct xkn_tx *c, int stamp)
 {
     volatile struct netif_tx_sring *s = (volatile struct netif_tx_sring *)c->page;
     for (uint32_t i = 0; i < c->nrsp; i++, (*c->rsp_prod)++)
         memcpy((void *)&s->ring[*c->rsp_prod & (XKN_RING_SIZE - 1)].rsp, &c->rsps[i], sizeof(c->rsps[i]));
-    if (c->nrsp && !c->held)
+    if (stamp && c->nrsp && !c->held)
         c->held_since = xkn_clock_ns(CLOCK_MONOTONIC);
     c->held += c->nrsp;
     c->nrsp = 0;
@@ -853,7 +853,7 @@ static int xkn_tx_serve(struct xkn_tx_loop *L, uint32_t i, int all)
         uint64_t t0 = xkn_clock_ns(CLOCK_THREAD_CPUTIME_ID);
         int code = L->code = xkn_tx_pass(c, L->g);
         L->wake_requests += c->nrsp;
-        xkn_tx_write(c);
+        xkn_tx_write(c, L->hold_ns != 0);
         L->busy_ns += xkn_clock_ns(CLOCK_THREAD_CPUTIME_ID) - t0;
         c->pending = code != XKN_TX_IDLE && code != XKN_TX_BAD_INDEX;
         c->wait_kick = code == XKN_TX_BAD_INDEX;
@@ -867,7 +867,7 @@ static int xkn_tx_serve(struct xkn_tx_loop *L, uint32_t i, int all)
     return -1;
 }
 
-/* The poll timeout: until the first held response is due (-1: none held). */
+/* The poll timeout: until the first held response is due; 0 if none is held (no timeout). */
 static int xkn_tx_timeout(const struct xkn_tx_loop *L, struct timespec *ts)
 {
     uint64_t now = xkn_clock_ns(CLOCK_MONOTONIC), first = UINT64_MAX;
