@@ -399,17 +399,22 @@ def test_a_heartbeat_that_comes_back_after_the_nmi_is_alive(tmp_path, caplog):
     assert watch.check(runner.HEARTBEAT_LOST_S + runner.HEARTBEAT_GRACE_S + 20) == ""
 
 
-def test_the_command_script_beats(tmp_path):
-    """command.sh writes L1's uptime to the heartbeat file while the command runs (atomically:
-    a rename), and stops when it ends; run here with /proc/uptime standing in for L1's."""
-    script = runner.command_script(["sh", "-c", "sleep 0.3; echo done"], tmp_path, {"A": "1"})
+def test_the_command_script_beats(tmp_path, monkeypatch):
+    """command.sh writes L1's uptime to the heartbeat file as it starts and then every
+    HEARTBEAT_EVERY_S while the command runs (atomically: a rename), and stops when it ends;
+    run here with /proc/uptime standing in for L1's."""
+    monkeypatch.setattr(runner, "HEARTBEAT_EVERY_S", 0.1)
+    beats = tmp_path / "beats"
+    watch = f"for i in 1 2 3 4 5 6 7 8 9 10; do cat {tmp_path}/{runner.HEARTBEAT} >> {beats}; sleep 0.3; done"
+    script = runner.command_script(["sh", "-c", watch], tmp_path, {"A": "1"})
     script = script.replace(image.CHROOT_OUT, str(tmp_path))
-    r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and (tmp_path / "status").read_text() == "0\n"
-    first = (tmp_path / runner.HEARTBEAT).read_text()
-    assert float(first.split()[0]) > 0
-    time.sleep(runner.HEARTBEAT_EVERY_S + 1)
-    assert (tmp_path / runner.HEARTBEAT).read_text() == first      # killed with the command's end
+    seen = [float(line.split()[0]) for line in beats.read_text().splitlines()]
+    assert len(seen) == 10 and seen[0] > 0 and len(set(seen)) >= 5, seen    # beating while it ran
+    last = (tmp_path / runner.HEARTBEAT).read_text()
+    time.sleep(1)
+    assert (tmp_path / runner.HEARTBEAT).read_text() == last      # killed with the command's end
 
 
 def test_a_dead_l1_is_retried_once_then_reported(l1, tmp_path, monkeypatch, capsys):
