@@ -29,7 +29,8 @@ instead of KVM's ioeventfds, xen/sendstub.py), ``--fifo-on`` with ``xen.fifo_eve
 delivered in C: xen/evtchn/cdeliver.py),
 ``--persistent`` with both disks offering persistent grants (blkfront then copies every byte
 between its persistent pages and the bio's), ``--guest-arg ARG`` with ARG on the guest's
-command line (``xen_blkfront.max_indirect_segments=256``).  ``--compare DIR`` adds the xenkvm
+command line after the default's (``xen_blkfront.max_indirect_segments=32``: blkfront's own
+default, 128-KiB requests, instead of the 256 of xenkvm's guests).  ``--compare DIR`` adds the xenkvm
 row again with the xenkvm package of another built checkout (the commit before a change,
 say), in the same L1 boot, so a change is measured side by side.
 
@@ -187,7 +188,7 @@ def guest_image(work: Path, size_mib: int, seconds: float) -> tuple[Path, Path]:
 def xenkvm_cmd(work: Path, root: Path, disk: Path, xen_extra: str = "", cmdline_extra: str = "",
                disk_flags: str = "") -> list[str]:
     """``xen_extra``: more ``xen:`` keys (a variant row), e.g. ``pv_time: false``; ``cmdline_extra``:
-    more guest kernel arguments (a guest-side variant row), e.g. ``xen_blkfront.max_indirect_segments=256``;
+    more guest kernel arguments (a guest-side variant row), e.g. ``xen_blkfront.max_indirect_segments=32``;
     ``disk_flags``: more disk spec words for both disks, e.g. ``persistent``."""
     flags = f" {disk_flags}," if disk_flags else ""
     from xenkvm.images import XEN_CMDLINE

@@ -164,7 +164,7 @@ SBIN_SCRIPTS = {
 #: docs/linux-xen.md explains each; pci=off only for PVH (HVM needs the platform device).
 XEN_CMDLINE = ("console=hvc0 earlyprintk=xen rdinit=/init panic=-1 quiet loglevel=4 nokaslr "
                "mitigations=off nowatchdog nmi_watchdog=0 no_timer_check cryptomgr.notests "
-               "random.trust_cpu=on printk.devkmsg=off")
+               "random.trust_cpu=on printk.devkmsg=off xen_blkfront.max_indirect_segments=256")
 
 XEN_GUEST_YAML = """\
 # Written by `make linux-xen-image` (python -m xenkvm.images linux-xen): Debian bookworm's
