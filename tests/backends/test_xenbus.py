@@ -7,14 +7,16 @@ connection to the same Xenstored, so permissions apply as on the guest's ring.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from types import SimpleNamespace
 
 import pytest
 
+from xenkvm.backends.block import BlockDevice
 from xenkvm.backends.devices import DeviceManager
-from xenkvm.backends.xenbus import ConnectError, XenbusBackend, XenbusDevice, XenbusState
+from xenkvm.backends.xenbus import WORKER_NICE_BOOST, ConnectError, XenbusBackend, XenbusDevice, XenbusState
 from xenkvm.backends.xsclient import VmmXsClient
 from xenkvm.xen.fastpath import drain
 from xenkvm.xenstore import XenstoreError, Xenstored
@@ -219,6 +221,21 @@ def test_kicks_are_coalesced_and_served_on_the_worker(rig):
     until(lambda: b._events.idle, "the worker back asleep")
     assert dev.calls.count("gated") == 2
     assert drain(b.kick_fd) == 0       # the flood was drained before that pass: nothing owed
+
+
+def test_a_device_asks_for_its_workers_nice(rig):
+    """A device's worker runs ``worker_nice_boost`` below the VMM's nice (the vbd's preempts the
+    vCPU that kicks it: xenbus.WORKER_NICE_BOOST); a device that asks nothing keeps it."""
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    plain = rig.make(RecordingDevice())
+    boosted_dev = RecordingDevice()
+    boosted_dev.devid, boosted_dev.worker_nice_boost = 52, WORKER_NICE_BOOST
+    boosted = rig.make(boosted_dev)
+    want = max(-20, base - WORKER_NICE_BOOST) if os.geteuid() == 0 else base
+    until(lambda: boosted._thread.native_id is not None and plain._thread.native_id is not None, "started")
+    until(lambda: os.getpriority(os.PRIO_PROCESS, boosted._thread.native_id) == want, f"nice {want}")
+    assert os.getpriority(os.PRIO_PROCESS, plain._thread.native_id) == base
+    assert BlockDevice.worker_nice_boost == WORKER_NICE_BOOST
 
 
 class SlowClosingDevice(RecordingDevice):

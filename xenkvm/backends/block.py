@@ -42,7 +42,7 @@ from xenkvm.xen.gnttab import GrantError
 from ._blkif_cffi import ffi, lib
 from .latency import CostWindow, EventLatency
 from .blkring import MAX_QUEUES, MAX_RING_PAGE_ORDER, PAGE, SECTOR, BlkifRing, open_disk, open_rings
-from .xenbus import XenbusDevice
+from .xenbus import WORKER_NICE_BOOST, XenbusDevice
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class BlockDevice(XenbusDevice):
     """A vbd: ``connect`` maps the ring, ``service`` serves it."""
 
     type = "vbd"
+    worker_nice_boost = WORKER_NICE_BOOST     # preempts the kicking vCPU even after a long copy
 
     def __init__(self, spec: DiskSpec):
         super().__init__(spec.devid, spec.vdev)
