@@ -30,6 +30,9 @@ next tx kick), its
 counters when it closed, the namespace's (TCP retransmissions, the tap's drops), and per
 direction L1 KVM's exits per data frame (``KVMSTAT``, tests/linux/nethost.py), for the
 virtio-net row too.
+``--trace DIR``: a 0.4-s window of L1's ftrace in each row's host->guest transfer, 1 s after
+its start (tests/linux/nethost.py), saved to DIR and summarised under the row
+(benchmarks/l1trace.py).
 ``--profile FILE``: py-spy (``.venv/bin/pip install py-spy``) samples the first xenkvm row's
 VMM, every thread, into FILE (raw collapsed stacks: one ``thread;frame;...;frame count`` a line).
 Needs root.
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -148,18 +152,38 @@ def profiler(out: Path) -> tuple[str, ...]:
     return (str(spy), "record", "-r", "250", "-f", "raw", "--threads", "-o", str(out), "--")
 
 
+def traced(trace: Path | None, label: str) -> Path | None:
+    """The row's trace file (``--trace``), handed to the host helper (nethost.py) through its
+    environment; None without ``--trace``."""
+    if trace is None:
+        os.environ.pop("XENKVM_L1TRACE", None)
+        return None
+    dest = trace / ("trace-" + re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-") + "-h2g.txt")
+    os.environ["XENKVM_L1TRACE"] = str(dest)
+    return dest
+
+
+def trace_lines(dest: Path | None) -> list[str]:
+    if dest is None or not dest.is_file():
+        return []
+    from l1trace import summarize
+    return [f"  L1 trace (h->g): {line}" for line in summarize(dest.read_text(errors="replace"))]
+
+
 def inner(size: int, timeout: float, compare: tuple[Path, ...] = (), variants: tuple[str, ...] = (),
-          profile: Path | None = None) -> int:
+          profile: Path | None = None, trace: Path | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-rig-net-"))
     for sub in ["w", "x", "q"] + [str(i) for i in range(len(variants))] + [f"c{i}" for i in range(len(compare))]:
         (tmp / sub).mkdir()
     with netboot.netns(f"xkw{os.getpid()}") as ns:
         w = run_xenkvm(ns, tmp / "w", vifs=VIF, size=WARM_UP, timeout=timeout)
+    traces = {"x": traced(trace, "xenkvm")}
     with netboot.netns(f"xkb{os.getpid()}") as ns:
         x = run_xenkvm(ns, tmp / "x", vifs=VIF, size=size, timeout=timeout,
                        prefix=profiler(profile) if profile else ())
     rows = []
     for i, v in enumerate(variants):
+        traces[f"v{i}"] = traced(trace, f"variant{i}")
         with netboot.netns(f"xkp{i}{os.getpid()}") as ns:
             if v.startswith("vif:"):        # --vif-opt: a key added to the vif's spec
                 vif = ((*VIF[0][:3], f"{VIF[0][3]}, {v[4:]}"),)
@@ -169,25 +193,28 @@ def inner(size: int, timeout: float, compare: tuple[Path, ...] = (), variants: t
                                                      xen_extra=VARIANTS[v])))
     others = []
     for i, tree in enumerate(compare):
+        traces[f"c{i}"] = traced(trace, f"compare{i}")
         with netboot.netns(f"xkc{i}{os.getpid()}") as ns:
             others.append((tree, run_other_xenkvm(ns, tmp / f"c{i}", tree, size, timeout)))
+    traces["q"] = traced(trace, "qemu")
     with netboot.netns(f"xkq{os.getpid()}") as ns:
         q = run_qemu(ns, tmp / "q", size, timeout)
+    traced(None, "")
     print(f"TCP, {size >> 10} KiB each way, MB/s as the host timed it (guest runs: xenkvm {x.elapsed:.0f} s, "
           f"QEMU {q.elapsed:.0f} s wall, {q.stderr.strip().splitlines()[-1]})")
     print(f"{'row':<28} {'guest->host':>10} {'host->guest':>10}  checks")
     print(row(f"(warm-up, {WARM_UP >> 10} KiB)", WARM_UP, w.seconds("10.90.0"), w.transfers("eth0", "10.90.0", WARM_UP)))
     print(row("xenkvm vif (Xen PVH)", size, x.seconds("10.90.0"), x.transfers("eth0", "10.90.0", size)))
-    print("\n".join(cost_lines(x)))
-    for key, p in rows:
+    print("\n".join(cost_lines(x) + trace_lines(traces["x"])))
+    for i, (key, p) in enumerate(rows):
         print(row(f"xenkvm vif, {key.replace(': ', '=')}", size, p.seconds("10.90.0"),
                   p.transfers("eth0", "10.90.0", size)))
-        print("\n".join(cost_lines(p)))
-    for tree, c in others:
+        print("\n".join(cost_lines(p) + trace_lines(traces[f"v{i}"])))
+    for i, (tree, c) in enumerate(others):
         print(row(f"xenkvm from {tree.name}"[:28], size, c.seconds("10.90.0"), c.transfers("eth0", "10.90.0", size)))
-        print("\n".join(cost_lines(c)))
+        print("\n".join(cost_lines(c) + trace_lines(traces[f"c{i}"])))
     print(row("QEMU virtio-net + tap", size, q.seconds("10.92.0"), q.transfers("eth0", "10.92.0", size)))
-    print("\n".join(cost_lines(q)))
+    print("\n".join(cost_lines(q) + trace_lines(traces["q"])))
     print(row("loopback floor (L1, Python)", size, loopback_in_ns(size), []))
     return 0
 
@@ -210,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the xenkvm row with xen.fifo_events: true (FIFO channels, notifies through Python)")
     p.add_argument("--vif-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="also run the xenkvm row with KEY=VALUE added to its vif (txcoalesce=500; repeatable)")
+    p.add_argument("--trace", type=Path, metavar="DIR",
+                   help="save a window of L1's ftrace in each row's host->guest transfer to DIR (benchmarks/l1trace.py)")
     p.add_argument("--profile", type=Path,
                    help="py-spy the first xenkvm row's VMM into this file (raw stacks; needs py-spy in the venv)")
     a = p.parse_args(argv)
@@ -221,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.inner:
         variants = tuple(v for v in VARIANTS if getattr(a, v)) + tuple(f"vif:{o}" for o in a.vif_opt)
-        return inner(a.bytes, a.timeout, tuple(a.compare), variants, a.profile)
+        return inner(a.bytes, a.timeout, tuple(a.compare), variants, a.profile, a.trace)
     for need in (netboot.IMAGE, netboot.KERNEL):
         if not need.is_file():
             print(f"bench_rig_net: {need} missing: run `make linux-xen-image` first")
@@ -238,9 +267,15 @@ def main(argv: list[str] | None = None) -> int:
         if a.profile:
             profiler(a.profile)          # fails here, before L1 boots, without py-spy
             cmd += ["--profile", f"{image.CHROOT_OUT}/profile.txt"]
+        if a.trace is not None:
+            cmd += ["--trace", image.CHROOT_OUT]
         res = runner.run(l1, cmd, cwd=ROOT, out_dir=Path(out), timeout=a.timeout)
         if a.profile and (Path(out) / "profile.txt").is_file():
             shutil.copyfile(Path(out) / "profile.txt", a.profile)
+        if a.trace is not None:
+            a.trace.mkdir(parents=True, exist_ok=True)
+            for f in Path(out).glob("trace-*.txt"):
+                shutil.copy(f, a.trace / f.name)
     print(res.output, end="")
     print(f"(rig: L1 ready after {res.ready_s:.1f} s, {res.total_s:.0f} s in all)")
     return res.status

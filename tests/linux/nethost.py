@@ -14,6 +14,10 @@ TCP ports on that address until killed:
   (what the guest must get), sends them to the first client, shuts its side and waits
   for the client to close (then every byte is in), prints ``SENT <addr> <bytes> <seconds>``.
 
+With ``XENKVM_L1TRACE=FILE`` in its environment (benchmarks/bench_rig_net.py ``--trace``), the
+host->guest transfer records a window of L1's ftrace (benchmarks/l1trace.py) into FILE, from
+1 s after its start: the steady state, not the slow start.
+
 Each transfer also prints ``KVMSTAT <direction> <tap>: ...``: the frames the tap moved each
 way during it and L1 KVM's exit counters (debugfs; mounted here if it is not: ``ip netns
 exec`` gives the helper a mount namespace of its own) divided by the data frames, where
@@ -33,6 +37,7 @@ import sys
 import termios
 import threading
 import time
+from pathlib import Path
 
 SINK_PORT, SOURCE_PORT = 5001, 5002
 WAIT_S = 600.0            #: for the VMM to create a tap (the rig's L1 is a slow TCG machine)
@@ -142,6 +147,7 @@ def source(addr: str, tap: str, size: int) -> None:
         conn, _ = s.accept()
         with conn:
             t0, before = time.monotonic(), snapshot(tap)
+            trace_window(os.environ.get("XENKVM_L1TRACE"))
             conn.sendall(data)
             conn.shutdown(socket.SHUT_WR)
             conn.recv(1)              # the guest's close: it has every byte (sendall left a send buffer's worth)
@@ -150,6 +156,17 @@ def source(addr: str, tap: str, size: int) -> None:
         line = kvm_line("h->g", tap, before, snapshot(tap))
         if line:
             say(line)
+
+
+def trace_window(dest: str | None, after_s: float = 1.0) -> None:
+    """With ``dest``: L1's ftrace window (benchmarks/l1trace.py) into it, ``after_s`` from now."""
+    if not dest:
+        return
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
+    from l1trace import Window
+    timer = threading.Timer(after_s, Window(Path(dest)).start)
+    timer.daemon = True
+    timer.start()
 
 
 def counters(taps: list[str]) -> str:
