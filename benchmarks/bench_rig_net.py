@@ -129,7 +129,7 @@ def cost_lines(run: netboot.NetRun) -> list[str]:
     """The vif's hypercalls/upcalls per packet (5-s windows) from the VMM's log."""
     lines = [line for line in run.stderr.splitlines()
              if "vif" in line and any(k in line for k in (": costs: ", ": tap ", ": event latency: "))]
-    host = [line for line in run.host.splitlines() if line.startswith(("NETSTAT", "KVMSTAT"))]
+    host = [line for line in run.host.splitlines() if line.startswith(("NETSTAT", "KVMSTAT", "TRACE"))]
     return ["  " + line.strip() for line in lines + host]
 
 

@@ -164,7 +164,16 @@ def trace_window(dest: str | None, after_s: float = 1.0) -> None:
         return
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
     from l1trace import Window
-    timer = threading.Timer(after_s, Window(Path(dest)).start)
+    if not os.path.exists("/sys/kernel/tracing/tracing_on"):     # ip netns exec remounted /sys
+        subprocess.run(["mount", "-t", "tracefs", "tracefs", "/sys/kernel/tracing"], check=False,
+                       stderr=subprocess.DEVNULL)
+    window = Window(Path(dest))
+
+    def start() -> None:
+        if not window.start():
+            say(f"TRACE none: no tracefs for {dest}")
+
+    timer = threading.Timer(after_s, start)
     timer.daemon = True
     timer.start()
 
