@@ -30,7 +30,7 @@ next tx kick), its
 counters when it closed, the namespace's (TCP retransmissions, the tap's drops), and per
 direction L1 KVM's exits per data frame (``KVMSTAT``, tests/linux/nethost.py), for the
 virtio-net row too.
-``--trace DIR``: a 0.4-s window of L1's ftrace in each row's host->guest transfer, 1 s after
+``--trace DIR``: a 0.4-s window of L1's ftrace in each row's host->guest transfer, 0.5 s after
 its start (tests/linux/nethost.py), saved to DIR and summarised under the row
 (benchmarks/l1trace.py).
 ``--profile FILE``: py-spy (``.venv/bin/pip install py-spy``) samples the first xenkvm row's

@@ -16,7 +16,7 @@ TCP ports on that address until killed:
 
 With ``XENKVM_L1TRACE=FILE`` in its environment (benchmarks/bench_rig_net.py ``--trace``), the
 host->guest transfer records a window of L1's ftrace (benchmarks/l1trace.py) into FILE, from
-1 s after its start: the steady state, not the slow start.
+0.5 s after its start: past the slow start.
 
 Each transfer also prints ``KVMSTAT <direction> <tap>: ...``: the frames the tap moved each
 way during it and L1 KVM's exit counters (debugfs; mounted here if it is not: ``ip netns
@@ -147,21 +147,24 @@ def source(addr: str, tap: str, size: int) -> None:
         conn, _ = s.accept()
         with conn:
             t0, before = time.monotonic(), snapshot(tap)
-            trace_window(os.environ.get("XENKVM_L1TRACE"))
+            traced = trace_window(os.environ.get("XENKVM_L1TRACE"))
             conn.sendall(data)
             conn.shutdown(socket.SHUT_WR)
             conn.recv(1)              # the guest's close: it has every byte (sendall left a send buffer's worth)
             elapsed = time.monotonic() - t0
+            traced()
         say(f"SENT {addr} {size} {elapsed:.3f}")
         line = kvm_line("h->g", tap, before, snapshot(tap))
         if line:
             say(line)
 
 
-def trace_window(dest: str | None, after_s: float = 1.0) -> None:
-    """With ``dest``: L1's ftrace window (benchmarks/l1trace.py) into it, ``after_s`` from now."""
+def trace_window(dest: str | None, after_s: float = 0.5):
+    """With ``dest``: L1's ftrace window (benchmarks/l1trace.py) into it, ``after_s`` from now.
+    Returns what to call when the transfer ends: it waits until the window is written (a window
+    not yet open by then is not opened), so the helper never exits with L1's tracing left on."""
     if not dest:
-        return
+        return lambda: None
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
     from l1trace import Window
     if not os.path.exists("/sys/kernel/tracing/tracing_on"):     # ip netns exec remounted /sys
@@ -176,6 +179,12 @@ def trace_window(dest: str | None, after_s: float = 1.0) -> None:
     timer = threading.Timer(after_s, start)
     timer.daemon = True
     timer.start()
+
+    def finish() -> None:
+        timer.cancel()
+        timer.join()
+        window.join()
+    return finish
 
 
 def counters(taps: list[str]) -> str:
