@@ -1,6 +1,6 @@
 """Disk throughput inside Debian's kernel: xenkvm's block backend vs QEMU virtio-blk, in one rig run.
 
-    python benchmarks/bench_diskguest.py [--size 128] [--seconds 5] [--timeout 3000] [--compare DIR]
+    python benchmarks/bench_diskguest.py [--size 256] [--seconds 5] [--timeout 3000] [--compare DIR]
 
 benchmarks/diskbench.c (built here with ``gcc -static``) measures sequential 1 MiB
 write and read MB/s and 4 KiB random-read IOPS at queue depth 1 and 32 (32 threads),
@@ -268,7 +268,8 @@ def variant_row(sub: Path, label: str, extra: dict[str, str], size: int, seconds
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, default=128, help="MiB written and read sequentially (default 128)")
+    p.add_argument("--size", type=int, default=256,
+                   help="MiB written and read sequentially (default 256: 64-MiB phases, ~0.3 s, moved 10-15%% between boots)")
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per random-read phase (default 5)")
     p.add_argument("--timeout", type=float, default=3000, help="seconds for the whole rig run")
     p.add_argument("--compare", type=Path, help="also run the xenkvm row with this checkout's xenkvm "

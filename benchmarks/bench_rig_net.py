@@ -221,7 +221,7 @@ def inner(size: int, timeout: float, compare: tuple[Path, ...] = (), variants: t
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bytes", type=int, default=2 << 20, help="bytes each way (default 2 MiB)")
+    p.add_argument("--bytes", type=int, default=32 << 20, help="bytes each way (default 32 MiB, the docs' figures)")
     p.add_argument("--timeout", type=float, default=3000, help="seconds for the whole rig run")
     p.add_argument("--inner", action="store_true", help="measure here (inside L1)")
     p.add_argument("--loopback", action="store_true", help="only the loopback floor here: print its seconds")
