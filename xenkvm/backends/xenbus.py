@@ -221,8 +221,8 @@ class Inbox:
 #: idle and halts, and pays for it: the halt, the guest's tick stopped and restarted (two timer
 #: hypercalls), its tick landing inside the copy (the timer thread preempts the worker, every
 #: other 1-MiB read in a rig trace).  With the weight the worker preempts at the kick, as
-#: QEMU's I/O thread does for virtio-blk.  The rig's sequential read went from 192 to 241 MB/s
-#: in one boot (docs/linux-disk.md, "The vbd worker's nice").  Not the vif's threads: a guest
+#: QEMU's I/O thread does for virtio-blk: the rig's sequential read 1.08-1.26x, write
+#: 1.16-1.29x in three boots (docs/linux-disk.md, "The vbd worker's nice").  Not the vif's threads: a guest
 #: receiving TCP has work of its own between frames, and with the boost on the rx thread and the
 #: tx worker host->guest fell from 25.3 to 21.0 MB/s in the same boot.  Needs CAP_SYS_NICE (or
 #: RLIMIT_NICE); refused, the worker keeps the VMM's nice.
