@@ -59,7 +59,7 @@ class Marks(ConsoleLines):
         self._cur: dict | None = None
 
     def line(self, line: str) -> None:
-        stats = self.device.stats if self.device is not None else {"busy_ns": 0, "requests": 0}
+        stats = self.device.sync_stats() if self.device is not None else {"busy_ns": 0, "requests": 0}
         if line.startswith("BENCH-START"):
             _, op, kib, count = line.split()
             self._cur = {"op": op, "kib": int(kib), "count": int(count), "t0": time.perf_counter(),

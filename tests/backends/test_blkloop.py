@@ -291,3 +291,30 @@ def test_the_policy_probes_batch_and_keeps_it_only_for_a_deep_queue(make_loop):
     single, deep, sched = trace[:12], trace[12:18], trace[18]
     assert 1 in single and single[-1] == 0 and loop.c.probes >= 1     # tried, and left again
     assert deep[-1] == 1 and sched == os.SCHED_BATCH                   # kept with a deep queue
+
+
+def test_the_loops_counters_reach_the_stats_once_whichever_thread_folds_them(make_loop):
+    """block.LoopCounters: the worker folds C's counters at each return of the loop, a reader
+    (BlockDevice.sync_stats: benchmarks, cost lines) while it runs; each count arrives once."""
+    from xenkvm.backends.block import LoopCounters
+    f = Front(port=5)
+    loop = make_loop([f])
+    stats = {"requests": 0, "busy_ns": 0, "notifies": 0, "kicks": 0, "loop_kicks": 0}
+    counters = LoopCounters(loop.c, stats)
+    for i in range(3):
+        f.read(sector=8 * i, page=i, req_id=i)
+    loop.q[0].pending = 1
+    assert loop.run() == lib.XKB_LOOP_NOTIFY
+    folders = [threading.Thread(target=counters.fold) for _ in range(8)]
+    for t in folders:
+        t.start()
+    for t in folders:
+        t.join()
+    counters.fold()
+    assert stats["requests"] == 3 and stats["busy_ns"] == loop.c.busy_ns > 0
+    f.consumed()
+    f.read(sector=0, page=0, req_id=9)
+    os.eventfd_write(loop.kick, 1)
+    assert loop.run() == lib.XKB_LOOP_NOTIFY
+    counters.fold()
+    assert stats["requests"] == 4 and stats["kicks"] == stats["loop_kicks"] == loop.c.wakeups == 1

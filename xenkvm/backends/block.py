@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 from xenkvm.diskspec import DiskSpec
@@ -255,6 +256,14 @@ class BlockDevice(XenbusDevice):
         self._loop.run()
         return True
 
+    def sync_stats(self) -> dict[str, int]:
+        """``stats`` with the C serve loop's counters folded in: the loop folds them only when it
+        returns to Python, which with notifies in C (2-level channels) is seldom."""
+        loop = self._loop
+        if loop is not None:
+            loop.counters.fold()
+        return self.stats
+
     def _serve_slow(self, ring: BlkifRing, counts) -> bool:
         """Serve the requests of a batch the C path left (``ring.slow``) and push the whole batch;
         True if the push asks for a notify."""
@@ -467,6 +476,30 @@ class BlockDevice(XenbusDevice):
             return ERROR
 
 
+class LoopCounters:
+    """A C serve loop's counters (``struct xkb_loop``: requests, wake-ups, busy ns, C notifies)
+    folded into a device's ``stats``: by the worker at each return of the loop, and by any
+    thread that reads the stats while the loop runs (``BlockDevice.sync_stats``).  C's counters
+    only grow; what was taken is remembered, under a lock."""
+
+    def __init__(self, loop, stats: dict[str, int]):
+        self.c, self.stats = loop, stats
+        self._seen = (0, 0, 0, 0)
+        self._lock = threading.Lock()
+
+    def fold(self) -> None:
+        L, st = self.c, self.stats
+        with self._lock:
+            now = (L.requests, L.wakeups, L.busy_ns, L.c_notifies)
+            requests, wakeups, busy, notifies = (a - b for a, b in zip(now, self._seen))
+            self._seen = now
+            st["requests"] += requests
+            st["busy_ns"] += busy
+            st["notifies"] += notifies
+            st["kicks"] += wakeups
+            st["loop_kicks"] += wakeups
+
+
 class CLoop:
     """One ``struct xkb_loop`` over a device's rings (_blkif_build.py ``xkb_loop``) and the Python
     around its returns: notifies, the slow requests, a broken ring, statistics and the policy."""
@@ -494,7 +527,8 @@ class CLoop:
         cdeliver = getattr(dev.domain, "cdeliver", None)
         if cdeliver is not None:        # notifies in C (2-level channels: xen/evtchn/cdeliver.py)
             L.notify_fn, L.notify_ctx = cdeliver.for_c()
-        self._seen = (0, 0, 0, 0)   #: (requests, wakeups, busy_ns, C notifies) already in the device's stats
+        self.counters = LoopCounters(L, dev.stats)
+        self._stamped = 0           #: the wake-up count whose kicks the latencies have
         #: notify_to_service is sampled only where it is logged (-v): its stamps cost Python each return
         self.timed = log.isEnabledFor(logging.INFO)
 
@@ -542,18 +576,12 @@ class CLoop:
     def _account(self) -> None:
         """The device's statistics and latency stamps, from the loop's counters."""
         L, dev = self.c, self.dev
-        requests, wakeups, busy, notifies = self._seen
-        st = dev.stats
-        st["requests"] += L.requests - requests
-        st["busy_ns"] += L.busy_ns - busy
-        st["notifies"] += L.c_notifies - notifies
-        if L.wakeups != wakeups:
-            st["kicks"] += L.wakeups - wakeups
-            st["loop_kicks"] += L.wakeups - wakeups
+        self.counters.fold()
+        if L.wakeups != self._stamped:
+            self._stamped = L.wakeups
             if self.timed:
                 dev._stamp_kicks()
                 dev.latency.serving(at=L.woke_ns)
-        self._seen = (L.requests, L.wakeups, L.busy_ns, L.c_notifies)
         now = time.perf_counter_ns()
         if now - dev._latency_logged > LATENCY_LOG_NS:
             dev._latency_logged = now
