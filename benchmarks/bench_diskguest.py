@@ -151,7 +151,8 @@ TRACE_PHASE = "rand-qd1"
 def run_bench(label: str, cmd: list[str], timeout: float, cwd: Path | None = None) -> dict[str, str]:
     """Run ``cmd`` (which prints DISKBENCH lines somewhere in its output) and report its figures."""
     t = time.monotonic()
-    trace = TRACE_DIR / ("trace-" + re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-") + ".txt") if TRACE_DIR else None
+    from l1trace import file_name
+    trace = TRACE_DIR / file_name(label) if TRACE_DIR else None
     text, marks = run_streaming(cmd, timeout, cwd, trace)
     rows = {name: f"{value} {unit}" + ("" if direct == "1" else " (buffered)")
             for name, value, unit, direct in LINE.findall(text)}

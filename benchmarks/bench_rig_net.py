@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -158,7 +157,8 @@ def traced(trace: Path | None, label: str) -> Path | None:
     if trace is None:
         os.environ.pop("XENKVM_L1TRACE", None)
         return None
-    dest = trace / ("trace-" + re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-") + "-h2g.txt")
+    from l1trace import file_name
+    dest = trace / file_name(label, "-h2g")
     os.environ["XENKVM_L1TRACE"] = str(dest)
     return dest
 

@@ -30,6 +30,11 @@ def tracefs() -> Path | None:
     return None
 
 
+def file_name(label: str, suffix: str = "") -> str:
+    """The file a benchmark row's trace is saved as: ``trace-<label as a slug><suffix>.txt``."""
+    return "trace-" + re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-") + suffix + ".txt"
+
+
 class Window:
     """Record L1's trace for ``seconds`` from :meth:`start`, then write it to ``dest``."""
 
